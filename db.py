@@ -1,0 +1,410 @@
+"""All SQL of the killmail sync worker. Functions take the connection first and never commit: the caller does."""
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+
+# Session-level advisory locks are keyed per kind so a character id and a corporation id never collide.
+LOCK_CHARACTER = 1
+LOCK_CORPORATION = 2
+
+
+def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
+    """Open a connection whose rows are dicts."""
+    return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row, connect_timeout=connect_timeout)
+
+
+def apply_schema(conn: psycopg.Connection) -> None:
+    """Create or complete every table; harmless to run again."""
+    # One advisory lock so two processes applying the schema at once do not race on CREATE IF NOT EXISTS.
+    conn.execute("SELECT pg_advisory_xact_lock(0, 0)")
+    conn.execute(SCHEMA_PATH.read_text())
+
+
+def token_fingerprint(refresh_token: str) -> str:
+    """The sha256 of a refresh token, as stored for a revoked grant (never the token itself)."""
+    return hashlib.sha256(refresh_token.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- users
+
+# A user is due when it has a usable grant and its last sync is older than its interval. A pilot with no new
+# killmail for a week is polled four times less often (as zKillboard does), a month: sixteen times less often,
+# never more than once a day less often than its own interval.
+_DUE_SQL = """
+    refresh_token IS NOT NULL AND refresh_token <> ''
+    AND (revoked_token_sha256 IS NULL
+         OR revoked_token_sha256 <> encode(sha256(convert_to(refresh_token, 'UTF8')), 'hex'))
+    AND (last_sync_at IS NULL OR last_sync_at <= %(now)s - make_interval(secs =>
+         LEAST(86400, COALESCE(sync_interval_seconds, %(interval)s) *
+           CASE WHEN last_new_killmail_at IS NULL AND last_sync_at IS NULL THEN 1
+                WHEN COALESCE(last_new_killmail_at, created_at) < %(now)s - interval '30 days' THEN 16
+                WHEN COALESCE(last_new_killmail_at, created_at) < %(now)s - interval '7 days' THEN 4
+                ELSE 1 END)))
+"""
+
+
+def claim_due_users(conn, now: datetime, *, interval: int, stale_after: int, limit: int = 100000) -> list[dict]:
+    """Mark every due user that is not already queued as queued now, and return them (first syncs first)."""
+    return conn.execute(
+        f"""
+        UPDATE users SET queued_at = %(now)s
+        WHERE character_id IN (
+            SELECT character_id FROM users
+            WHERE {_DUE_SQL}
+              AND (queued_at IS NULL OR queued_at < %(now)s - make_interval(secs => %(stale)s))
+            ORDER BY last_sync_at NULLS FIRST, character_id
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED)
+        RETURNING character_id, character_name, last_sync_at
+        """,
+        {"now": now, "interval": interval, "stale": stale_after, "limit": limit},
+    ).fetchall()
+
+
+def due_users(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+    """The users claim_due_users would queue, without claiming them."""
+    return conn.execute(
+        f"""
+        SELECT character_id, character_name, last_sync_at FROM users
+        WHERE {_DUE_SQL}
+          AND (queued_at IS NULL OR queued_at < %(now)s - make_interval(secs => %(stale)s))
+        ORDER BY last_sync_at NULLS FIRST, character_id
+        """,
+        {"now": now, "interval": interval, "stale": stale_after},
+    ).fetchall()
+
+
+def claim_user(conn, character_id: int, now: datetime, *, stale_after: int) -> dict | None:
+    """Mark one user as queued now unless it already is; None when unknown or already queued."""
+    return conn.execute(
+        """
+        UPDATE users SET queued_at = %(now)s
+        WHERE character_id = %(id)s
+          AND (queued_at IS NULL OR queued_at < %(now)s - make_interval(secs => %(stale)s))
+        RETURNING character_id, character_name, last_sync_at
+        """,
+        {"now": now, "id": character_id, "stale": stale_after},
+    ).fetchone()
+
+
+def release_user(conn, character_id: int) -> None:
+    """Forget that a user is queued (its message was not handed to the broker, or its job ended)."""
+    conn.execute("UPDATE users SET queued_at = NULL WHERE character_id = %s", (character_id,))
+
+
+def get_user(conn, character_id: int) -> dict | None:
+    """One user's row, with `revoked` telling whether its current refresh token is known to be dead."""
+    return conn.execute(
+        """
+        SELECT *, (revoked_token_sha256 IS NOT NULL AND refresh_token IS NOT NULL
+                   AND revoked_token_sha256 = encode(sha256(convert_to(refresh_token, 'UTF8')), 'hex')) AS revoked
+        FROM users WHERE character_id = %s
+        """,
+        (character_id,),
+    ).fetchone()
+
+
+def try_lock(conn, kind: int, key: int) -> bool:
+    """Take the session-level lock on a character or corporation without waiting; False when another holds it."""
+    return conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (kind, _lock_key(key))).fetchone()["ok"]
+
+
+def unlock(conn, kind: int, key: int) -> None:
+    """Release a lock taken by try_lock."""
+    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (kind, _lock_key(key)))
+
+
+def _lock_key(key: int) -> int:
+    # The two-key advisory lock takes int4 keys; EVE ids fit, but fold larger ones rather than fail.
+    return key if -(2**31) <= key < 2**31 else (key % (2**31))
+
+
+def store_tokens(conn, character_id: int, access_token: str, refresh_token: str, expires_at: datetime) -> None:
+    """Record a refreshed access token and the rotated refresh token together."""
+    conn.execute(
+        """
+        UPDATE users SET access_token = %s, refresh_token = %s, expires_at = %s, token_error = NULL
+        WHERE character_id = %s
+        """,
+        (access_token, refresh_token, expires_at, character_id),
+    )
+
+
+def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> None:
+    """Remember that this refresh token is dead, so the user is not queued until it logs in again."""
+    conn.execute(
+        """
+        UPDATE users SET revoked_token_sha256 = %s, token_error = %s, queued_at = NULL,
+                         last_sync_status = 'needs_relogin'
+        WHERE character_id = %s
+        """,
+        (token_fingerprint(refresh_token), error, character_id),
+    )
+
+
+def save_list_cache(conn, character_id: int, etag: str | None, expires_at: datetime | None) -> None:
+    """Keep the recent list's ETag and Expires for the next poll."""
+    conn.execute(
+        "UPDATE users SET list_etag = %s, list_expires_at = %s WHERE character_id = %s",
+        (etag, expires_at, character_id),
+    )
+
+
+def finish_user_sync(conn, character_id: int, now: datetime, status: str, *, found_new: bool) -> None:
+    """Record the end of a user's sync and free it for the next producer run."""
+    conn.execute(
+        """
+        UPDATE users SET last_sync_at = %(now)s, last_sync_status = %(status)s, queued_at = NULL,
+               last_new_killmail_at = CASE WHEN %(new)s THEN %(now)s ELSE last_new_killmail_at END
+        WHERE character_id = %(id)s
+        """,
+        {"now": now, "status": status, "new": found_new, "id": character_id},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+def store_refs(conn, character_id: int, refs: Sequence[tuple[int, str]]) -> None:
+    """Store listed (killmail_id, killmail_hash) pairs and link them to the pilot; known ones are kept."""
+    if not refs:
+        return
+    ids = [r[0] for r in refs]
+    hashes = [r[1] for r in refs]
+    conn.execute(
+        """
+        INSERT INTO killmail_refs (killmail_id, killmail_hash)
+        SELECT * FROM unnest(%s::bigint[], %s::text[])
+        ON CONFLICT (killmail_id) DO NOTHING
+        """,
+        (ids, hashes),
+    )
+    conn.execute(
+        """
+        INSERT INTO character_killmails (character_id, killmail_id)
+        SELECT %s, unnest(%s::bigint[])
+        ON CONFLICT DO NOTHING
+        """,
+        (character_id, ids),
+    )
+
+
+def pending_refs(conn, character_id: int, now: datetime, *, max_attempts: int) -> list[dict]:
+    """This pilot's references with no stored killmail that may be fetched now, newest first, in one query."""
+    return conn.execute(
+        """
+        SELECT r.killmail_id, r.killmail_hash
+        FROM character_killmails c
+        JOIN killmail_refs r USING (killmail_id)
+        WHERE c.character_id = %(id)s
+          AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+          AND r.attempts < %(max)s
+          AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= %(now)s)
+        ORDER BY r.killmail_id DESC
+        """,
+        {"id": character_id, "now": now, "max": max_attempts},
+    ).fetchall()
+
+
+def claim_refs(conn, killmail_ids: Sequence[int], now: datetime, *, seconds: int) -> list[dict]:
+    """Claim references for fetching; those another process holds, or already stored, are not returned."""
+    if not killmail_ids:
+        return []
+    return conn.execute(
+        """
+        UPDATE killmail_refs r SET claimed_until = %(until)s
+        WHERE r.killmail_id = ANY(%(ids)s)
+          AND (r.claimed_until IS NULL OR r.claimed_until < %(now)s)
+          AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+        RETURNING r.killmail_id, r.killmail_hash
+        """,
+        {"ids": list(killmail_ids), "now": now, "until": now + timedelta(seconds=seconds)},
+    ).fetchall()
+
+
+def release_refs(conn, killmail_ids: Sequence[int]) -> None:
+    """Give up claims (a job that stopped early), so the next sync may fetch them."""
+    if killmail_ids:
+        conn.execute(
+            "UPDATE killmail_refs SET claimed_until = NULL WHERE killmail_id = ANY(%s)", (list(killmail_ids),)
+        )
+
+
+def record_ref_failure(conn, killmail_id: int, error: str, now: datetime, *, permanent: bool,
+                       max_attempts: int) -> None:
+    """Count a failed detail fetch or save; the next try waits 1, 2, 4 ... minutes (at most 6 hours), and a
+    permanent failure uses up every attempt at once."""
+    conn.execute(
+        """
+        UPDATE killmail_refs
+        SET attempts = CASE WHEN %(permanent)s THEN GREATEST(attempts + 1, %(max)s) ELSE attempts + 1 END,
+            last_error = %(error)s, claimed_until = NULL,
+            next_attempt_at = %(now)s + make_interval(mins => LEAST(360, power(2, attempts)::int))
+        WHERE killmail_id = %(id)s
+        """,
+        {"permanent": permanent, "max": max_attempts, "error": error[:1000], "now": now, "id": killmail_id},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- killmails
+
+_KILLMAIL_COLUMNS = (
+    "killmail_id, killmail_hash, killmail_time, solar_system_id, moon_id, war_id, victim_character_id, "
+    "victim_corporation_id, victim_alliance_id, victim_faction_id, victim_ship_type_id, victim_damage_taken, "
+    "position_x, position_y, position_z, raw"
+)
+_ATTACKER_COLUMNS = (
+    "killmail_id, attacker_index, character_id, corporation_id, alliance_id, faction_id, ship_type_id, "
+    "weapon_type_id, damage_done, final_blow, security_status"
+)
+_ITEM_COLUMNS = (
+    "killmail_id, item_index, parent_index, flag, item_type_id, singleton, quantity_destroyed, quantity_dropped"
+)
+
+
+def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
+    """Store validated killmails (objects from killmail_rows) with attackers and items; returns the new ids.
+
+    A killmail already stored is left as it is, with its children: the insert of the parent row decides, and a
+    concurrent insert of the same id waits for the other transaction, so nothing is ever stored twice.
+    """
+    if not killmails:
+        return []
+    columns = list(zip(*(k.row for k in killmails)))
+    inserted = conn.execute(
+        f"""
+        INSERT INTO killmails ({_KILLMAIL_COLUMNS})
+        SELECT * FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[], %s::bigint[], %s::bigint[],
+                             %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],
+                             %s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::jsonb[])
+        ON CONFLICT (killmail_id) DO NOTHING
+        RETURNING killmail_id
+        """,
+        [list(c) for c in columns[:-1]] + [[Jsonb(raw) for raw in columns[-1]]],
+    ).fetchall()
+    new_ids = {row["killmail_id"] for row in inserted}
+    with conn.cursor() as cur:
+        with cur.copy(f"COPY attackers ({_ATTACKER_COLUMNS}) FROM STDIN") as copy:
+            for k in killmails:
+                if k.killmail_id in new_ids:
+                    for row in k.attackers:
+                        copy.write_row(row)
+        with cur.copy(f"COPY killmail_items ({_ITEM_COLUMNS}) FROM STDIN") as copy:
+            for k in killmails:
+                if k.killmail_id in new_ids:
+                    for row in k.items:
+                        copy.write_row(row)
+    return sorted(new_ids)
+
+
+def save_killmail_row_by_row(conn, killmail: Any) -> bool:
+    """Store one killmail with a statement per row (the slow path the benchmark compares against)."""
+    row = killmail.row
+    inserted = conn.execute(
+        f"INSERT INTO killmails ({_KILLMAIL_COLUMNS}) VALUES ({', '.join(['%s'] * 16)}) "
+        "ON CONFLICT (killmail_id) DO NOTHING RETURNING killmail_id",
+        (*row[:-1], Jsonb(row[-1])),
+    ).fetchone()
+    if inserted is None:
+        return False
+    for attacker in killmail.attackers:
+        conn.execute(f"INSERT INTO attackers ({_ATTACKER_COLUMNS}) VALUES ({', '.join(['%s'] * 11)})", attacker)
+    for item in killmail.items:
+        conn.execute(f"INSERT INTO killmail_items ({_ITEM_COLUMNS}) VALUES ({', '.join(['%s'] * 8)})", item)
+    return True
+
+
+def stored_killmail_ids(conn, killmail_ids: Iterable[int]) -> set[int]:
+    """Which of these killmails are already stored."""
+    rows = conn.execute(
+        "SELECT killmail_id FROM killmails WHERE killmail_id = ANY(%s)", (list(killmail_ids),)
+    ).fetchall()
+    return {row["killmail_id"] for row in rows}
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def record_run(conn, run: dict) -> int:
+    """Insert one sync_runs row and return its id."""
+    return conn.execute(
+        """
+        INSERT INTO sync_runs (character_id, corporation_id, kind, started_at, finished_at, status, listed, new,
+                               saved, skipped, failed, esi_calls, attempt, worker, error)
+        VALUES (%(character_id)s, %(corporation_id)s, %(kind)s, %(started_at)s, %(finished_at)s, %(status)s,
+                %(listed)s, %(new)s, %(saved)s, %(skipped)s, %(failed)s, %(esi_calls)s, %(attempt)s, %(worker)s,
+                %(error)s)
+        RETURNING id
+        """,
+        run,
+    ).fetchone()["id"]
+
+
+def add_esi_calls(conn, counts: dict[tuple[str, int], int]) -> None:
+    """Add a job's ESI calls, by route group and status, to the running totals."""
+    if not counts:
+        return
+    groups, statuses, calls = zip(*((g, s, n) for (g, s), n in sorted(counts.items())))
+    conn.execute(
+        """
+        INSERT INTO esi_calls (route_group, status, calls)
+        SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[])
+        ON CONFLICT (route_group, status) DO UPDATE SET calls = esi_calls.calls + EXCLUDED.calls
+        """,
+        (list(groups), list(statuses), list(calls)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- ESI limits
+
+
+def limit_state(conn, buckets: Sequence[str]) -> list[dict]:
+    """The shared state of these buckets (missing ones have no row)."""
+    return conn.execute("SELECT * FROM esi_limits WHERE bucket = ANY(%s)", (list(buckets),)).fetchall()
+
+
+def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds: int | None,
+                 remaining: int | None, paused_until: datetime | None, status: int | None) -> None:
+    """Store what a response said about a bucket; a pause only ever extends."""
+    conn.execute(
+        """
+        INSERT INTO esi_limits (bucket, limit_tokens, window_seconds, remaining, paused_until, last_status,
+                                updated_at)
+        VALUES (%(bucket)s, %(limit)s, %(window)s, %(remaining)s, %(paused)s, %(status)s, now())
+        ON CONFLICT (bucket) DO UPDATE SET
+            limit_tokens = COALESCE(EXCLUDED.limit_tokens, esi_limits.limit_tokens),
+            window_seconds = COALESCE(EXCLUDED.window_seconds, esi_limits.window_seconds),
+            remaining = COALESCE(EXCLUDED.remaining, esi_limits.remaining),
+            paused_until = GREATEST(esi_limits.paused_until, EXCLUDED.paused_until),
+            last_status = COALESCE(EXCLUDED.last_status, esi_limits.last_status),
+            updated_at = now()
+        """,
+        {"bucket": bucket, "limit": limit_tokens, "window": window_seconds, "remaining": remaining,
+         "paused": paused_until, "status": status},
+    )
+
+
+def reserve_slot(conn, bucket: str, now: datetime, *, spacing: float, burst: int) -> datetime:
+    """Reserve the next send time of a paced bucket (GCRA over every process) and return it."""
+    row = conn.execute(
+        """
+        INSERT INTO esi_limits (bucket, next_slot) VALUES (%(bucket)s, %(now)s + make_interval(secs => %(spacing)s))
+        ON CONFLICT (bucket) DO UPDATE SET next_slot =
+            GREATEST(COALESCE(esi_limits.next_slot, %(now)s),
+                     %(now)s - make_interval(secs => %(spacing)s * %(burst)s))
+            + make_interval(secs => %(spacing)s)
+        RETURNING next_slot - make_interval(secs => %(spacing)s) AS slot
+        """,
+        {"bucket": bucket, "now": now, "spacing": spacing, "burst": burst},
+    ).fetchone()
+    return row["slot"]
+

@@ -1,0 +1,131 @@
+"""`make demo`: the whole pipeline end to end on a local ESI simulator, real PostgreSQL and real RabbitMQ.
+
+Creates a demo database, starts the simulator with a few dozen pilots (some with expired access tokens, one
+revoked), writes them to `users` as the web app would, runs the producer and two burst workers, and prints a
+summary. Exits 0 when every killmail of every pilot with a valid grant is stored exactly once.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pika
+import psycopg
+
+import db
+from esi_simulator import Simulator
+
+ROOT = Path(__file__).resolve().parent
+ADMIN_URL = os.environ.get("DEMO_ADMIN_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
+DEMO_DB = os.environ.get("DEMO_DATABASE_NAME", "killmails_demo")
+RABBITMQ_URL = os.environ.get("DEMO_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+QUEUE = "killmail_demo_queue"
+CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
+START_HINT = ("start them with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start; "
+              "rabbitmq-server -detached   (or: make services)")
+
+
+def check_services() -> str | None:
+    """One line saying which service is unreachable, or None when both answer."""
+    try:
+        psycopg.connect(ADMIN_URL, connect_timeout=5).close()
+    except psycopg.OperationalError:
+        return f"❌ PostgreSQL is not reachable at {ADMIN_URL}; {START_HINT}"
+    try:
+        parameters = pika.URLParameters(RABBITMQ_URL)
+        parameters.socket_timeout = parameters.blocked_connection_timeout = 5
+        pika.BlockingConnection(parameters).close()
+    except pika.exceptions.AMQPError:
+        return f"❌ RabbitMQ is not reachable at {RABBITMQ_URL}; {START_HINT}"
+    return None
+
+
+def fresh_database() -> str:
+    """Drop and create the demo database, apply the schema, return its URL."""
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{DEMO_DB}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{DEMO_DB}"')
+    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + DEMO_DB
+    with db.connect(url) as conn:
+        db.apply_schema(conn)
+    return url
+
+
+def purge_queues() -> None:
+    """Start from empty demo queues."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    for name in [QUEUE, f"{QUEUE}.dead"] + [f"{QUEUE}.retry.{n}" for n in range(1, 51)]:
+        channel.queue_delete(name)
+    connection.close()
+
+
+def main() -> int:
+    problem = check_services()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    url = fresh_database()
+    purge_queues()
+    sim = Simulator(seed=2026, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    sim.add_pilots(n_pilots=36, n_killmails=1200, share=3, expired_fraction=0.3, revoked=1, corporations=4)
+    base_url = sim.start(port=0)
+    pilots = sim.pilots()
+    with db.connect(url) as conn:
+        for p in pilots:
+            conn.execute("INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at)"
+                         " VALUES (%s, %s, %s, %s, %s)",
+                         (p["character_id"], p["character_name"], p["access_token"], p["refresh_token"],
+                          p["expires_at"]))
+    env = dict(os.environ, DATABASE_URL=url, RABBITMQ_URL=RABBITMQ_URL, QUEUE_NAME=QUEUE, PREFETCH_COUNT="5",
+               ESI_BASE_URL=base_url, SSO_TOKEN_URL=f"{base_url}/v2/oauth/token", EVE_CLIENT_ID=CLIENT_ID,
+               EVE_CLIENT_SECRET=CLIENT_SECRET, ESI_USER_AGENT="killmail-worker-demo/1.0 (demo@example.org)",
+               PYTHONUNBUFFERED="1")
+    print(f"🛰️  ESI simulator at {base_url}: {len(pilots)} pilots, "
+          f"{sum(1 for p in pilots if p['expires_at'] <= datetime.now(timezone.utc))} with expired access tokens, "
+          f"{sum(1 for p in pilots if p['revoked'])} revoked")
+    started = time.monotonic()
+    producer = subprocess.run([sys.executable, "queue_killmails.py"], cwd=ROOT, env=env)
+    if producer.returncode != 0:
+        print("❌ the producer failed", file=sys.stderr)
+        return 1
+    workers = [subprocess.Popen([sys.executable, "killmail_worker.py", "--burst"], cwd=ROOT, env=env)
+               for _ in range(2)]
+    codes = [w.wait(timeout=600) for w in workers]
+    elapsed = time.monotonic() - started
+    stats = sim.stats()
+    sim.stop()
+    return summarize(url, sim, pilots, stats, codes, elapsed)
+
+
+def summarize(url: str, sim: Simulator, pilots: list[dict], stats: dict, codes: list[int], elapsed: float) -> int:
+    """Print the demo's summary and return its exit code."""
+    expected = set(sim.expected_killmails(valid_only=True))
+    with db.connect(url) as conn:
+        stored = {r["killmail_id"] for r in conn.execute("SELECT killmail_id FROM killmails")}
+        runs = conn.execute("SELECT status, count(*) AS n FROM sync_runs GROUP BY status").fetchall()
+        relogin = conn.execute("SELECT count(*) AS n FROM users WHERE revoked_token_sha256 IS NOT NULL").fetchone()
+        attackers = conn.execute("SELECT count(*) AS n FROM attackers").fetchone()["n"]
+        items = conn.execute("SELECT count(*) AS n FROM killmail_items").fetchone()["n"]
+    by_status = {r["status"]: r["n"] for r in runs}
+    synced = by_status.get("ok", 0) + by_status.get("partial", 0)
+    missing = expected - stored
+    print("━" * 60)
+    print(f"📊 Users synced: {synced} of {len(pilots)} (needing a new login: {relogin['n']}); runs by status: {by_status}")
+    print(f"📊 Killmails saved: {len(stored)} of {len(expected)} expected, {attackers} attackers, {items} items; "
+          f"missing: {len(missing)}")
+    print(f"📊 ESI calls made: {stats['requests']} ({stats['by_route']}), duplicate detail fetches: "
+          f"{stats['duplicate_detail_fetches']}, early list fetches: {stats['early_list_fetches']}, "
+          f"420: {stats['status_420']}, 429: {stats['status_429']}")
+    print(f"📊 Time: {elapsed:.1f} s; workers exited with {codes}")
+    ok = not missing and all(c == 0 for c in codes) and stats["duplicate_detail_fetches"] == 0
+    print("✅ Demo complete" if ok else "❌ Demo found problems (see above)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

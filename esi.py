@@ -1,0 +1,403 @@
+"""ESI and EVE SSO over HTTPS: one Session per process, typed outcomes, shared limits on every call."""
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, Callable, Protocol
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_PAGES = 100         # 90 days of kills at 1000 a page; a wilder X-Pages is a broken answer, not a loop
+MAX_WALK_RESTARTS = 3   # the cache turned over mid-walk this many times: give up for this run
+SERVER_RETRIES = 3      # 5xx and timeouts are retried this often inside one call
+
+
+class EsiError(Exception):
+    """An ESI or SSO call did not give what was asked for."""
+
+    status: int | None = None
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class NotModified(EsiError):
+    """304: the list is unchanged since the ETag we sent."""
+
+    status = 304
+
+    def __init__(self, message: str = "not modified", *, expires_in: float | None = None):
+        super().__init__(message)
+        self.expires_in = expires_in
+
+
+class BadRequest(EsiError):
+    """A 4xx with no class of its own."""
+
+
+class Unauthorized(EsiError):
+    """401: no or an unusable access token."""
+
+    status = 401
+
+
+class Forbidden(EsiError):
+    """403: the token lacks the scope or the character the role (a corporation list without Director)."""
+
+    status = 403
+
+
+class NotFound(EsiError):
+    """404: no such thing."""
+
+    status = 404
+
+
+class InvalidHash(EsiError):
+    """422: the killmail id and hash do not belong together."""
+
+    status = 422
+
+
+class ErrorLimited(EsiError):
+    """420: the error limit is spent; every route refuses until the window resets."""
+
+    status = 420
+
+    def __init__(self, message: str, *, reset: float):
+        super().__init__(message)
+        self.reset = reset
+
+
+class RateLimited(EsiError):
+    """429: the route group's token bucket is empty."""
+
+    status = 429
+
+    def __init__(self, message: str, *, group: str, retry_after: float):
+        super().__init__(message)
+        self.group = group
+        self.retry_after = retry_after
+
+
+class ServerError(EsiError):
+    """5xx, a timeout or a broken connection, after the retries."""
+
+
+class MalformedResponse(EsiError):
+    """A 2xx whose body is not what the spec says."""
+
+
+class Paused(EsiError):
+    """The shared limits say this bucket may not be called before `until`, too long to wait inline."""
+
+    def __init__(self, message: str, *, bucket: str, until: datetime):
+        super().__init__(message)
+        self.bucket = bucket
+        self.until = until
+
+
+class SsoError(EsiError):
+    """EVE SSO refused or failed a token refresh."""
+
+
+class InvalidGrant(SsoError):
+    """The refresh token is dead for good (revoked, expired, character transferred): the user must log in."""
+
+
+class InvalidClient(SsoError):
+    """The app's client id or secret is wrong: a configuration error of the whole app."""
+
+
+# Status code -> outcome, in one table; everything >= 500 is a ServerError, any other 4xx a BadRequest.
+STATUS_ERRORS: dict[int, type[EsiError]] = {
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    422: InvalidHash,
+}
+
+
+class Limits(Protocol):
+    """Shared rate and error limit state (limits.SharedLimits); the client calls it around every request."""
+
+    def before(self, bucket: str, *, pace: bool) -> None: ...
+
+    def after(self, bucket: str, status: int, headers: Any) -> None: ...
+
+
+class NoLimits:
+    """Limits that never wait: for unit tests and one-off scripts."""
+
+    def before(self, bucket: str, *, pace: bool) -> None:
+        """Never wait."""
+
+    def after(self, bucket: str, status: int, headers: Any) -> None:
+        """Remember nothing."""
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """A refreshed access token and the rotated refresh token that replaces the old one."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_in: int
+
+
+@dataclass(frozen=True)
+class KillmailList:
+    """Every page of a recent-killmails list: (id, hash) pairs, the first page's ETag and the cache lifetime."""
+
+    refs: list[tuple[int, str]]
+    etag: str | None
+    expires_in: float | None
+    pages: int
+
+
+def parse_http_date(value: str | None) -> datetime | None:
+    """An HTTP date header as an aware datetime, or None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def cache_lifetime(headers: Any) -> float | None:
+    """Seconds until the response's Expires, measured on the server's own clock (Expires - Date)."""
+    expires = parse_http_date(headers.get("Expires"))
+    if expires is None:
+        return None
+    date = parse_http_date(headers.get("Date")) or datetime.now(timezone.utc)
+    return max(0.0, (expires - date).total_seconds())
+
+
+def parse_pages(value: str | None) -> int:
+    """X-Pages as a page count from 1 to MAX_PAGES; absent, zero, negative or junk means one page."""
+    try:
+        pages = int(value) if value is not None else 1
+    except ValueError:
+        return 1
+    return min(max(pages, 1), MAX_PAGES)
+
+
+def parse_refs(body: Any) -> list[tuple[int, str]]:
+    """The (killmail_id, killmail_hash) pairs of a list page; entries that cannot be a killmail are dropped."""
+    if not isinstance(body, list):
+        raise MalformedResponse(f"recent killmails: expected a list, got {type(body).__name__}")
+    refs = []
+    for entry in body:
+        if not isinstance(entry, dict):
+            continue
+        killmail_id, killmail_hash = entry.get("killmail_id"), entry.get("killmail_hash")
+        if isinstance(killmail_id, int) and not isinstance(killmail_id, bool) and killmail_id > 0 \
+                and isinstance(killmail_hash, str) and killmail_hash:
+            refs.append((killmail_id, killmail_hash))
+        else:
+            log.warning("ignoring a list entry that is no killmail reference: %r", entry)
+    return refs
+
+
+class EsiClient:
+    """ESI and SSO calls for one process; safe to share between the threads of one job."""
+
+    def __init__(self, settings: Settings, *, limits: Limits | None = None, session: requests.Session | None = None,
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+        self.settings = settings
+        self.limits = limits or NoLimits()
+        self.session = session or new_session(settings)
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self.calls: Counter[tuple[str, int]] = Counter()  # (route group, status) -> responses, for sync_runs
+
+    def take_calls(self) -> Counter:
+        """Return the calls counted since the last take and start counting afresh."""
+        with self._lock:
+            calls, self.calls = self.calls, Counter()
+        return calls
+
+    def list_recent(self, *, character_id: int, token: str, etag: str | None = None,
+                    corporation_id: int | None = None) -> KillmailList:
+        """Walk every page of a character's (or, with corporation_id, its corporation's) recent killmails.
+
+        Raises NotModified when the first page still has our ETag. If Last-Modified differs between pages the
+        cache turned over mid-walk, so the walk starts again.
+        """
+        if corporation_id is None:
+            path, group = f"/characters/{character_id}/killmails/recent/", "char-killmail"
+        else:
+            path, group = f"/corporations/{corporation_id}/killmails/recent/", "corp-killmail"
+        bucket = f"{group}:{character_id}"  # both list buckets are per app + the character whose token is used
+        for _ in range(MAX_WALK_RESTARTS):
+            first = self._get(path, group=group, bucket=bucket, token=token, etag=etag, params={"page": 1})
+            pages = parse_pages(first.headers.get("X-Pages"))
+            last_modified = first.headers.get("Last-Modified")
+            refs = parse_refs(_json(first))
+            expires_in = cache_lifetime(first.headers)
+            turned_over = False
+            for page in range(2, pages + 1):
+                response = self._get(path, group=group, bucket=bucket, token=token, params={"page": page})
+                if response.headers.get("Last-Modified") != last_modified:
+                    turned_over = True
+                    break
+                refs.extend(parse_refs(_json(response)))
+                lifetime = cache_lifetime(response.headers)
+                if lifetime is not None:
+                    expires_in = lifetime if expires_in is None else min(expires_in, lifetime)
+            if not turned_over:
+                unique = list(dict.fromkeys(refs))
+                return KillmailList(unique, first.headers.get("ETag"), expires_in, pages)
+            log.info("list of %s changed while paging; walking it again", character_id)
+            etag = None
+        raise ServerError(f"list of {character_id} kept changing while paging")
+
+    def get_killmail(self, killmail_id: int, killmail_hash: str) -> dict:
+        """One killmail as ESI sent it (the caller validates it)."""
+        response = self._get(f"/killmails/{killmail_id}/{killmail_hash}/", group="killmail", bucket="killmail",
+                             pace=True)
+        body = _json(response)
+        if not isinstance(body, dict):
+            raise MalformedResponse(f"killmail {killmail_id}: expected an object, got {type(body).__name__}")
+        return body
+
+    def get_character(self, character_id: int) -> dict:
+        """A pilot's public record (name, corporation_id, alliance_id)."""
+        response = self._get(f"/characters/{character_id}/", group="character", bucket="character")
+        body = _json(response)
+        if not isinstance(body, dict):
+            raise MalformedResponse(f"character {character_id}: expected an object")
+        return body
+
+    def refresh(self, refresh_token: str) -> TokenGrant:
+        """Trade a refresh token for a new access token and the new refresh token that replaces it."""
+        credentials = f"{self.settings.eve_client_id}:{self.settings.eve_client_secret}".encode()
+        headers = {"Authorization": "Basic " + base64.b64encode(credentials).decode(),
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        response = self._send("POST", self.settings.sso_token_url, group="sso", headers=headers,
+                              data={"grant_type": "refresh_token", "refresh_token": refresh_token})
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        if response.status_code == 200:
+            try:
+                return TokenGrant(str(body["access_token"]), str(body["refresh_token"]), int(body["expires_in"]))
+            except (KeyError, TypeError, ValueError):
+                raise SsoError("SSO answered 200 without access_token, refresh_token and expires_in") from None
+        error = body.get("error") if isinstance(body, dict) else None
+        if error == "invalid_grant":
+            raise InvalidGrant(f"invalid_grant: {body.get('error_description', 'grant is gone')}",
+                               status=response.status_code)
+        if error == "invalid_client" or response.status_code == 401:
+            raise InvalidClient("SSO rejected EVE_CLIENT_ID / EVE_CLIENT_SECRET (invalid_client)",
+                                status=response.status_code)
+        raise SsoError(f"SSO answered {response.status_code}: {error or 'no error code'}", status=response.status_code)
+
+    # ---------------------------------------------------------------------------------------------- transport
+
+    def _get(self, path: str, *, group: str, bucket: str, token: str | None = None, etag: str | None = None,
+             params: dict | None = None, pace: bool = False) -> requests.Response:
+        headers = {"X-Compatibility-Date": self.settings.esi_compatibility_date}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if etag:
+            headers["If-None-Match"] = etag
+        response = self._send("GET", self.settings.esi_base_url + path, group=group, bucket=bucket, pace=pace,
+                              headers=headers, params=params)
+        status = response.status_code
+        if status == 200:
+            return response
+        if status == 304:
+            raise NotModified(expires_in=cache_lifetime(response.headers))
+        message = f"GET {path} -> {status}: {_error_text(response)}"
+        if status == 420:
+            raise ErrorLimited(message, reset=_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60))
+        if status == 429:
+            raise RateLimited(message, group=response.headers.get("X-Ratelimit-Group", group),
+                              retry_after=_seconds(response.headers.get("Retry-After"), 60))
+        if status >= 500:
+            raise ServerError(message, status=status)
+        raise STATUS_ERRORS.get(status, BadRequest)(message, status=status)
+
+    def _send(self, method: str, url: str, *, group: str, bucket: str | None = None, pace: bool = False,
+              **kwargs: Any) -> requests.Response:
+        """Send with the shared limits around it; 5xx and timeouts are retried with backoff and jitter."""
+        for attempt in range(1, SERVER_RETRIES + 1):
+            if bucket:
+                self.limits.before(bucket, pace=pace)
+            try:
+                response = self.session.request(method, url, timeout=self.settings.http_timeout_seconds, **kwargs)
+            except (requests.Timeout, requests.ConnectionError) as exc:
+                self._count(group, 0)
+                if bucket:
+                    self.limits.after(bucket, 0, {})  # a timeout counts against the error limit too
+                if attempt == SERVER_RETRIES:
+                    raise ServerError(f"{method} {url.split('?')[0]}: {type(exc).__name__}") from exc
+            else:
+                self._count(group, response.status_code)
+                if bucket:
+                    self.limits.after(bucket, response.status_code, response.headers)
+                if response.status_code < 500 or attempt == SERVER_RETRIES:
+                    return response
+            self.sleep(backoff_seconds(attempt, base=0.5, cap=8.0, rng=self.rng))
+        raise AssertionError("unreachable")
+
+    def _count(self, group: str, status: int) -> None:
+        with self._lock:
+            self.calls[(group, status)] += 1
+
+
+def backoff_seconds(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: a random time up to base * 2**(attempt-1), at most cap."""
+    return rng.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def new_session(settings: Settings) -> requests.Session:
+    """A Session with the app's User-Agent and a connection pool big enough for the detail threads."""
+    session = requests.Session()
+    session.headers["User-Agent"] = settings.esi_user_agent
+    session.headers["Accept"] = "application/json"
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(4, settings.detail_concurrency * 2))
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def _json(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise MalformedResponse(f"{response.url.split('?')[0]}: body is not JSON") from exc
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    return str(body.get("error", body))[:200] if isinstance(body, dict) else str(body)[:200]
+
+
+def _seconds(value: str | None, default: float) -> float:
+    try:
+        return max(0.0, float(value)) if value is not None else default
+    except ValueError:
+        return default

@@ -1,0 +1,880 @@
+"""A local ESI + EVE SSO simulator for the demo, integration tests and benchmarks (never the production path).
+
+It serves the killmail routes, the public character route and the SSO token endpoint over real HTTP, with ESI's
+caching (Expires, ETag, 304), paging, error limit (420) and token-bucket rate limit (429), rotating refresh tokens,
+and injectable faults. Its clock is the real clock plus whatever `advance()` added, so tests need no sleeps.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from email.utils import formatdate, parsedate_to_datetime
+from http import HTTPStatus
+from typing import Any, Callable, Iterable
+
+from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.wrappers import Request
+
+log = logging.getLogger(__name__)
+
+COMPATIBILITY_DATE = "2026-08-18"
+CHAR_SCOPE = "esi-killmails.read_killmails.v1"
+CORP_SCOPE = "esi-killmails.read_corporation_killmails.v1"
+ACCESS_TOKEN_SECONDS = 1199
+DETAIL_CACHE_SECONDS = 30 * 86400
+CHARACTER_CACHE_SECONDS = 86400
+ROUTES = ("list_character", "list_corporation", "detail", "token", "character", "other")
+GROUPS = ("char-killmail", "corp-killmail", "killmail")
+DEFAULTS: dict[str, Any] = {
+    "page_size": 1000, "cache_seconds": 300, "latency_ms": 0, "error_rate_5xx": 0.0, "rate_429": 0.0,
+    "detail_bucket": (3600, 900), "list_bucket": (30, 900), "error_limit": 100, "error_window": 60,
+    "rate_limits": True,
+}
+
+# ESI paths may carry a version prefix (/latest, /v5, ...) and a trailing slash.
+_PREFIX = r"^(?:/(?:latest|legacy|dev|v\d+))?"
+_ESI_ROUTES = [
+    ("list_character", re.compile(_PREFIX + r"/characters/(?P<id>\d+)/killmails/recent/?$")),
+    ("list_corporation", re.compile(_PREFIX + r"/corporations/(?P<id>\d+)/killmails/recent/?$")),
+    ("detail", re.compile(_PREFIX + r"/killmails/(?P<id>\d+)/(?P<hash>[^/]+)/?$")),
+    ("character", re.compile(_PREFIX + r"/characters/(?P<id>\d+)/?$")),
+]
+_TOKEN_PATH = re.compile(r"^/v2/oauth/token/?$")
+_BARE_REQUESTS_AGENT = re.compile(r"^python-requests/[\w.]+$", re.IGNORECASE)
+_REASONS = {420: "Error Limited"}
+
+# Type ids that look like the real thing; the worker treats them as opaque numbers.
+_SHIPS = [587, 603, 11377, 17478, 24690, 29984, 33468, 12005, 11987, 22852, 17738, 670]
+_STRUCTURES = [35832, 35833, 35825]
+_NPC_SHIPS = [23707, 23708, 45879, 16236]
+_NPC_CORPS = [1000125, 1000127, 1000134, 1000135]
+_WEAPONS = [3178, 2873, 2977, 3001, 25715, 2488, 27371]
+_ITEMS = [17482, 22542, 32817, 578, 31766, 2488, 31790, 82313, 82315, 82312, 82164, 377, 2048, 3841, 438]
+_CONTAINERS = [3467, 3465, 11489]
+_FLAGS = [5, 11, 12, 13, 19, 20, 27, 28, 87, 92, 93, 94, 134]
+
+
+@dataclass
+class Pilot:
+    """One SSO grant: a character, its corporation and its current tokens."""
+
+    character_id: int
+    name: str
+    corporation_id: int
+    director: bool
+    scopes: list[str]
+    refresh_token: str = ""
+    access_token: str = ""
+    expires_at: float = 0.0
+    revoked: bool = False
+
+
+@dataclass
+class Killmail:
+    """A killmail as stored: its list reference, time (for ordering) and body."""
+
+    killmail_id: int
+    killmail_hash: str
+    when: int
+    body: dict
+    created: int
+
+
+@dataclass
+class ListCache:
+    """One cached result of a list route: every page shares its build time and Expires."""
+
+    built: int
+    expires: int
+    items: list[tuple[int, str]]
+
+
+@dataclass
+class Reply:
+    """An answer under construction; `remember` and `detail_id` drive accounting once the status is final."""
+
+    status: int
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    remember: tuple[tuple, int] | None = None
+    detail_id: int | None = None
+
+
+class Bucket:
+    """A floating-window token bucket: each spend returns `window` seconds after it was made."""
+
+    def __init__(self) -> None:
+        self.spent: deque[tuple[float, int]] = deque()
+
+    def used(self, now: float, window: int) -> int:
+        """Tokens spent within the window ending now."""
+        while self.spent and self.spent[0][0] + window <= now:
+            self.spent.popleft()
+        return sum(cost for _, cost in self.spent)
+
+    def retry_after(self, now: float, window: int, limit: int, cost: int) -> int:
+        """Whole seconds until enough tokens have returned to pay `cost`."""
+        missing, freed = self.used(now, window) + cost - limit, 0
+        for spent_at, spent in self.spent:
+            freed += spent
+            if freed >= missing:
+                return max(1, math.ceil(spent_at + window - now))
+        return window
+
+
+class QuietHandler(WSGIRequestHandler):
+    """Werkzeug's handler without a log line per request (benchmarks make thousands)."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+class Simulator:
+    """ESI + SSO state behind one lock, and the WSGI app that serves it."""
+
+    def __init__(self, seed: int, client_id: str, client_secret: str, **options: Any) -> None:
+        self.client_id, self.client_secret = client_id, client_secret
+        self._lock = threading.Lock()
+        self._rng = random.Random(f"{seed}:data")  # data alone, so faults never change the generated world
+        self._token_rng = random.Random(f"{seed}:tokens")
+        self._fault_rng = random.Random(f"{seed}:faults")
+        self._config = dict(DEFAULTS)
+        self._offset = 0.0
+        self._pilots: dict[int, Pilot] = {}
+        self._by_refresh: dict[str, int] = {}
+        self._issued: dict[str, int] = {}  # every access token ever issued -> its character
+        self._alliances: dict[int, int | None] = {}
+        self._killmails: dict[int, Killmail] = {}
+        self._links: dict[int, set[int]] = {}
+        self._malformed: set[int] = set()
+        self._last_id = 134_000_000
+        self._lists: dict[tuple[str, int], ListCache] = {}
+        self._given_expires: dict[tuple, int] = {}
+        self._served_details: set[int] = set()
+        self._buckets: dict[tuple[str, Any], Bucket] = {}
+        self._faults: list[dict] = []
+        self._error_window_start, self._error_count = 0, 0
+        self._in_flight = 0
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.configure(**options)
+        self._stats = self._fresh_stats()
+
+    # ---- set-up and control -------------------------------------------------------------------------------
+
+    def configure(self, **options: Any) -> None:
+        """Change any constructor option (page_size, cache_seconds, latency_ms, buckets, ...) at runtime."""
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown simulator option(s): {', '.join(sorted(unknown))}")
+        with self._lock:
+            for name, value in options.items():
+                if name.endswith("_bucket"):
+                    limit, window = (int(v) for v in value)
+                    if limit < 1 or window < 1:
+                        raise ValueError(f"{name} needs a positive limit and window, got {value!r}")
+                    value = (limit, window)
+                elif name == "rate_limits":
+                    value = bool(value)
+                else:
+                    value = type(DEFAULTS[name])(value)
+                    if value < 0 or (name in ("page_size", "error_window", "error_limit") and value < 1):
+                        raise ValueError(f"{name} out of range: {value!r}")
+                self._config[name] = value
+
+    def add_pilots(self, n_pilots: int = 40, n_killmails: int = 1500, share: int = 3, expired_fraction: float = 0.25,
+                   revoked: int = 1, corporations: int = 4) -> list[int]:
+        """Create pilots and killmails shared among them, deterministically from the seed; return the pilots' ids."""
+        if n_killmails and not n_pilots:
+            raise ValueError("killmails need at least one pilot to link them to")
+        with self._lock:
+            now = int(self._now())
+            pilots = self._create_pilots(n_pilots, max(1, corporations), expired_fraction, revoked, now)
+            times = sorted(now - self._rng.randint(60, 90 * 86400 - 600) for _ in range(n_killmails))
+            for when in times:
+                count = min(len(pilots), self._rng.randint(1, max(1, 2 * share - 1)))
+                self._create_killmail(when, self._rng.sample(pilots, count), now)
+            return [p.character_id for p in pilots]
+
+    def add_killmails(self, character_id: int, n: int) -> list[int]:
+        """Give a pilot n new killmails; they show in its lists once the current cache turns over."""
+        with self._lock:
+            pilot = self._pilot(character_id)
+            now = int(self._now())
+            return [self._create_killmail(now - self._rng.randint(0, 120), [pilot], now) for _ in range(n)]
+
+    def make_malformed(self, killmail_id: int) -> None:
+        """Serve that killmail's detail without its required `victim` field from now on."""
+        with self._lock:
+            if killmail_id not in self._killmails:
+                raise KeyError(killmail_id)
+            self._malformed.add(killmail_id)
+
+    def revoke(self, character_id: int) -> None:
+        """Revoke a pilot's grant now: its refresh token gives invalid_grant and its access token stops working."""
+        with self._lock:
+            self._pilot(character_id).revoked = True
+
+    def advance(self, seconds: float) -> None:
+        """Move the simulator's clock forward (Expires, token expiry, cache turnover, limit windows)."""
+        if seconds < 0:
+            raise ValueError("the clock only moves forward")
+        with self._lock:
+            self._offset += seconds
+
+    def fail_next(self, path_regex: str, status: int, count: int = 1, *, retry_after: int | None = None,
+                  body: dict | None = None) -> None:
+        """Answer the next `count` requests whose path matches `path_regex` with `status` (before any other check)."""
+        if status < 400:
+            raise ValueError("fail_next needs an error status (>= 400)")
+        with self._lock:
+            self._faults.append({"regex": re.compile(path_regex), "status": int(status), "count": int(count),
+                                 "retry_after": retry_after, "body": body})
+
+    # ---- inspection ---------------------------------------------------------------------------------------
+
+    def pilots(self) -> list[dict]:
+        """Every pilot as the web app would have written it to the users table at login (current tokens)."""
+        with self._lock:
+            return [{
+                "character_id": p.character_id, "character_name": p.name, "corporation_id": p.corporation_id,
+                "access_token": p.access_token, "refresh_token": p.refresh_token,
+                "expires_at": datetime.fromtimestamp(p.expires_at, timezone.utc), "revoked": p.revoked,
+                "scopes": " ".join(p.scopes),
+            } for p in self._pilots.values()]
+
+    def killmail_ids_for(self, character_id: int) -> set[int]:
+        """Ids of every killmail linked to that pilot (whether or not its list cache shows them yet)."""
+        with self._lock:
+            return set(self._links.get(character_id, ()))
+
+    def expected_killmails(self, valid_only: bool = True, *, corporations: bool = False) -> dict[int, dict]:
+        """Bodies a correct worker ends up storing: killmails of pilots with a valid grant, malformed ones left out.
+
+        With corporations=True, kills reachable through the corporation list of a valid director count too.
+        """
+        with self._lock:
+            ids: set[int] = set()
+            for pilot in self._pilots.values():
+                if valid_only and pilot.revoked:
+                    continue
+                ids |= self._links.get(pilot.character_id, set())
+                if corporations and pilot.director:
+                    ids |= self._corporation_ids(pilot.corporation_id)
+            return {i: copy.deepcopy(self._killmails[i].body) for i in sorted(ids - self._malformed)}
+
+    def stats(self) -> dict:
+        """A copy of the counters (see _fresh_stats for the keys)."""
+        with self._lock:
+            return copy.deepcopy(self._stats)
+
+    def reset_stats(self) -> None:
+        """Zero the counters; which details were served and which Expires were given are still remembered."""
+        with self._lock:
+            self._stats = self._fresh_stats()
+
+    # ---- server -------------------------------------------------------------------------------------------
+
+    def start(self, port: int = 0, *, host: str = "127.0.0.1") -> str:
+        """Serve on a threaded WSGI server in a daemon thread; return the base URL."""
+        self._server = make_server(host, port, self.wsgi_app, threaded=True, request_handler=QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="esi-simulator", daemon=True)
+        self._thread.start()
+        return f"http://{host}:{self._server.server_port}"
+
+    def stop(self) -> None:
+        """Stop the server started by start() (harmless when not running)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+            self._server.server_close()
+            self._server = self._thread = None
+
+    def wsgi_app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        """The WSGI entry point: /_sim/ control API, SSO token endpoint, ESI routes."""
+        request = Request(environ)
+        if request.path.startswith("/_sim/"):
+            reply = self._control(request)
+        else:
+            reply = self._serve(request)
+        body = reply.body or b""
+        headers = list(reply.headers.items())
+        if reply.body is not None:
+            headers += [("Content-Type", "application/json; charset=utf-8"), ("Content-Length", str(len(body)))]
+        reason = _REASONS.get(reply.status) or HTTPStatus(reply.status).phrase
+        start_response(f"{reply.status} {reason}", headers)
+        return [body]
+
+    # ---- request pipeline ---------------------------------------------------------------------------------
+
+    def _serve(self, request: Request) -> Reply:
+        route, params = _match(request.path)
+        with self._lock:
+            self._stats["requests"] += 1
+            self._stats["by_route"][route] += 1
+            self._in_flight += 1
+            self._stats["max_in_flight"] = max(self._stats["max_in_flight"], self._in_flight)
+            latency = self._config["latency_ms"]
+        try:
+            if latency:
+                time.sleep(latency / 1000)  # outside the lock, so concurrent requests overlap
+            with self._lock:
+                now = self._now()
+                reply = self._token(request, now) if route == "token" else self._esi(route, params, request, now)
+                status = str(reply.status)
+                self._stats["by_status"][status] = self._stats["by_status"].get(status, 0) + 1
+                self._stats["status_420"] += reply.status == 420
+                self._stats["status_429"] += reply.status == 429
+                return reply
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _esi(self, route: str, params: dict, request: Request, now: float) -> Reply:
+        if self._error_state(now)[0] == 0:
+            reply = _error(420, "error limited")
+        else:
+            group, key = self._group(route, params, request)
+            if route == "detail":
+                fetches = self._stats["detail_fetches"]
+                fetches[params["id"]] = fetches.get(params["id"], 0) + 1
+            if route.startswith("list_"):
+                self._note_early(route, params, request, now)
+            reply = self._take_fault(request.path) or self._random_fault() or self._check_headers(request)
+            if reply is None:
+                reply = getattr(self, f"_route_{route}")(params, request, now)
+            if group and self._config["rate_limits"]:
+                reply = self._charge(group, key, reply, now)
+            self._account(reply)
+        if reply.status >= 400:
+            self._error_count += 1
+        remain, reset = self._error_state(now)
+        self._stats["min_error_limit_remain"] = min(self._stats["min_error_limit_remain"], remain)
+        reply.headers.update({"X-ESI-Error-Limit-Remain": str(remain), "X-ESI-Error-Limit-Reset": str(reset),
+                              "Date": _http_date(now)})
+        return reply
+
+    def _group(self, route: str, params: dict, request: Request) -> tuple[str | None, Any]:
+        """The rate-limit group of a route and whose bucket pays for it."""
+        if route == "list_character":
+            return "char-killmail", params["id"]
+        if route == "list_corporation":
+            return "corp-killmail", self._issued.get(_bearer_token(request))
+        if route == "detail":
+            return "killmail", request.remote_addr  # per source IP: every local client shares one bucket
+        return None, None
+
+    def _note_early(self, route: str, params: dict, request: Request, now: float) -> None:
+        owner = self._issued.get(_bearer_token(request))
+        key = (route, params["id"], request.args.get("page", "1"), owner)
+        if owner is not None and now < self._given_expires.get(key, 0):
+            self._stats["early_list_fetches"] += 1
+
+    def _take_fault(self, path: str) -> Reply | None:
+        for fault in self._faults:
+            if fault["regex"].search(path):
+                fault["count"] -= 1
+                if fault["count"] <= 0:
+                    self._faults.remove(fault)
+                self._stats["faults_injected"] += 1
+                reply = Reply(fault["status"], _json(fault["body"] or {"error": "injected fault"}))
+                if fault["retry_after"] is not None:
+                    reply.headers["Retry-After"] = str(fault["retry_after"])
+                return reply
+        return None
+
+    def _random_fault(self) -> Reply | None:
+        rng = self._fault_rng
+        if self._config["error_rate_5xx"] and rng.random() < self._config["error_rate_5xx"]:
+            self._stats["faults_injected"] += 1
+            return _error(rng.choice((500, 502, 503, 504)), "Internal server error")
+        if self._config["rate_429"] and rng.random() < self._config["rate_429"]:
+            self._stats["faults_injected"] += 1
+            return Reply(429, _json({"error": "Too many requests"}), {"Retry-After": str(rng.randint(1, 5))})
+        return None
+
+    def _check_headers(self, request: Request) -> Reply | None:
+        agent = request.headers.get("User-Agent", "").strip()
+        if not agent or _BARE_REQUESTS_AGENT.match(agent):
+            self._stats["bad_user_agent"] += 1
+            return _error(400, "User-Agent must name the application, its version and a contact")
+        value = request.headers.get("X-Compatibility-Date", "")
+        try:
+            valid = date.fromisoformat(value).isoformat() == value and value <= COMPATIBILITY_DATE
+        except ValueError:
+            valid = False
+        if not valid:
+            self._stats["bad_compatibility_date"] += 1
+            return _error(400, f"X-Compatibility-Date must be a date no later than {COMPATIBILITY_DATE}")
+        return None
+
+    def _charge(self, group: str, key: Any, reply: Reply, now: float) -> Reply:
+        """Pay for a response from its group's bucket, or turn it into a 429 when the bucket cannot pay."""
+        limit, window = self._config["list_bucket" if group != "killmail" else "detail_bucket"]
+        bucket = self._buckets.setdefault((group, key), Bucket())
+        used, cost = bucket.used(now, window), _cost(reply.status)
+        if cost and used and used + cost > limit:
+            retry = bucket.retry_after(now, window, limit, cost)
+            reply = Reply(429, _json({"error": "Too many requests"}), {"Retry-After": str(retry)})
+        elif cost:
+            bucket.spent.append((now, cost))
+            used += cost
+            self._stats["tokens_spent"][group] += cost
+        reply.headers.update({"X-Ratelimit-Group": group, "X-Ratelimit-Limit": f"{limit}/{_window_text(window)}",
+                              "X-Ratelimit-Remaining": str(max(0, limit - used)), "X-Ratelimit-Used": str(used)})
+        return reply
+
+    def _account(self, reply: Reply) -> None:
+        """Remember what a final answer gave away: list Expires (for early fetches) and served details."""
+        if reply.remember and reply.status in (200, 304):
+            self._given_expires[reply.remember[0]] = reply.remember[1]
+        if reply.detail_id is not None and 200 <= reply.status < 300:
+            if reply.detail_id in self._served_details:
+                self._stats["duplicate_detail_fetches"] += 1
+            self._served_details.add(reply.detail_id)
+
+    def _error_state(self, now: float) -> tuple[int, int]:
+        """(remaining errors, seconds to reset) of the fixed error window containing now."""
+        window = self._config["error_window"]
+        start = math.floor(now / window) * window
+        if start != self._error_window_start:
+            self._error_window_start, self._error_count = start, 0
+        remain = max(0, self._config["error_limit"] - self._error_count)
+        return remain, max(1, math.ceil(start + window - now))
+
+    # ---- ESI routes ---------------------------------------------------------------------------------------
+
+    def _route_list_character(self, params: dict, request: Request, now: float) -> Reply:
+        pilot, denied = self._authorise(request, now)
+        if denied:
+            return denied
+        if pilot.character_id != params["id"]:
+            return _error(403, "token is not valid for this character")
+        if CHAR_SCOPE not in pilot.scopes:
+            return _error(403, f"token is missing the scope {CHAR_SCOPE}")
+        return self._list_page(("character", params["id"]), request, now, pilot.character_id)
+
+    def _route_list_corporation(self, params: dict, request: Request, now: float) -> Reply:
+        pilot, denied = self._authorise(request, now)
+        if denied:
+            return denied
+        if pilot.corporation_id != params["id"]:
+            return _error(403, "character is not a member of this corporation")
+        if CORP_SCOPE not in pilot.scopes:
+            return _error(403, f"token is missing the scope {CORP_SCOPE}")
+        if not pilot.director:
+            return _error(403, "Character does not have required role(s): Director")
+        return self._list_page(("corporation", params["id"]), request, now, pilot.character_id)
+
+    def _route_detail(self, params: dict, request: Request, now: float) -> Reply:
+        killmail = self._killmails.get(params["id"])
+        if killmail is None:
+            return _error(404, "Killmail not found")
+        if params["hash"] != killmail.killmail_hash:
+            return _error(422, "Invalid killmail_id and/or killmail_hash")
+        body = killmail.body
+        if killmail.killmail_id in self._malformed:
+            body = {k: v for k, v in body.items() if k != "victim"}
+        reply = _cached(request, _json(body), killmail.created, int(now) + DETAIL_CACHE_SECONDS, "public", now)
+        reply.detail_id = killmail.killmail_id
+        return reply
+
+    def _route_character(self, params: dict, request: Request, now: float) -> Reply:
+        pilot = self._pilots.get(params["id"])
+        if pilot is None:
+            return _error(404, "Character not found")
+        rng = random.Random(pilot.character_id)  # stable per character, independent of the world's generator
+        body = {"name": pilot.name, "corporation_id": pilot.corporation_id, "birthday": "2015-03-24T11:37:00Z",
+                "bloodline_id": rng.randint(1, 14), "race_id": rng.choice((1, 2, 4, 8)),
+                "gender": rng.choice(("male", "female")), "security_status": round(rng.uniform(-5, 5), 2),
+                "description": ""}
+        if self._alliances.get(pilot.corporation_id):
+            body["alliance_id"] = self._alliances[pilot.corporation_id]
+        return _cached(request, _json(body), int(now), int(now) + CHARACTER_CACHE_SECONDS, "public", now)
+
+    def _route_other(self, params: dict, request: Request, now: float) -> Reply:
+        return _error(404, "Not found")
+
+    def _authorise(self, request: Request, now: float) -> tuple[Pilot | None, Reply | None]:
+        """The pilot behind a valid Bearer token, or the 401 that answers an absent, stale or expired one."""
+        token = _bearer_token(request)
+        if not token:
+            return None, _error(401, "authentication required")
+        owner = self._issued.get(token)
+        pilot = self._pilots.get(owner) if owner else None
+        if pilot is None or token != pilot.access_token or pilot.revoked:
+            return None, _error(401, "invalid token")
+        if now >= pilot.expires_at:
+            return None, _error(401, "token is expired")
+        return pilot, None
+
+    def _list_page(self, key: tuple[str, int], request: Request, now: float, owner: int) -> Reply:
+        raw = request.args.get("page", "1")
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+            return _error(400, f"page must be a whole number from 1, got {raw!r}")
+        page, cache = int(raw), self._list_cache(key, now)
+        size = self._config["page_size"]
+        pages = max(1, math.ceil(len(cache.items) / size))
+        if page > pages:
+            return _error(404, "Requested page does not exist!", {"X-Pages": str(pages)})
+        chunk = cache.items[(page - 1) * size:page * size]
+        body = _json([{"killmail_hash": h, "killmail_id": i} for i, h in chunk])
+        reply = _cached(request, body, cache.built, cache.expires, "private", now)
+        reply.headers["X-Pages"] = str(pages)
+        route = "list_character" if key[0] == "character" else "list_corporation"
+        reply.remember = ((route, key[1], raw, owner), cache.expires)
+        return reply
+
+    def _list_cache(self, key: tuple[str, int], now: float) -> ListCache:
+        """The cached result, rebuilt only once its Expires has passed (so new kills wait for the turnover)."""
+        cache = self._lists.get(key)
+        if cache is None or now >= cache.expires:
+            ids = self._links.get(key[1], set()) if key[0] == "character" else self._corporation_ids(key[1])
+            found = sorted((self._killmails[i] for i in ids), key=lambda k: (k.when, k.killmail_id), reverse=True)
+            built = int(now)  # whole seconds: the Expires header must not round below the real expiry
+            cache = ListCache(built, built + self._config["cache_seconds"], [(k.killmail_id, k.killmail_hash)
+                                                                            for k in found])
+            self._lists[key] = cache
+        return cache
+
+    def _corporation_ids(self, corporation_id: int) -> set[int]:
+        ids: set[int] = set()
+        for pilot in self._pilots.values():
+            if pilot.corporation_id == corporation_id:
+                ids |= self._links.get(pilot.character_id, set())
+        return ids
+
+    # ---- SSO ----------------------------------------------------------------------------------------------
+
+    def _token(self, request: Request, now: float) -> Reply:
+        """POST /v2/oauth/token: refresh_token grant with rotation; not under ESI's limits."""
+        if not request.headers.get("User-Agent") or _BARE_REQUESTS_AGENT.match(request.headers["User-Agent"]):
+            self._stats["bad_user_agent"] += 1  # counted, not refused: SSO does not enforce it
+        fault = self._take_fault(request.path)
+        if fault:
+            return fault
+        if request.method != "POST":
+            return _error(405, "method not allowed")
+        expected = base64.b64encode(f"{self.client_id}:{self.client_secret}".encode()).decode()
+        if request.headers.get("Authorization", "") != f"Basic {expected}":
+            self._stats["invalid_client"] += 1
+            return Reply(401, _json({"error": "invalid_client", "error_description": "Client authentication failed"}))
+        if request.form.get("grant_type") != "refresh_token":
+            return Reply(400, _json({"error": "unsupported_grant_type",
+                                     "error_description": "only refresh_token is simulated"}))
+        owner = self._by_refresh.get(request.form.get("refresh_token", ""))
+        pilot = self._pilots.get(owner) if owner else None
+        if pilot is None or pilot.revoked:
+            self._stats["invalid_grants"] += 1
+            return Reply(400, _json({"error": "invalid_grant",
+                                     "error_description": "Invalid refresh token. Token missing/expired."}))
+        self._issue_tokens(pilot, int(now) + ACCESS_TOKEN_SECONDS, now)
+        self._stats["refreshes"] += 1
+        return Reply(200, _json({"access_token": pilot.access_token, "expires_in": ACCESS_TOKEN_SECONDS,
+                                 "token_type": "Bearer", "refresh_token": pilot.refresh_token}),
+                     {"Cache-Control": "no-store"})
+
+    def _issue_tokens(self, pilot: Pilot, expires_at: float, now: float) -> None:
+        """Rotate both tokens: the old refresh token and the old access token stop working at once."""
+        rng = self._token_rng
+        self._by_refresh.pop(pilot.refresh_token, None)
+        pilot.refresh_token = _b64(rng.randbytes(18))
+        self._by_refresh[pilot.refresh_token] = pilot.character_id
+        claims = {"scp": pilot.scopes, "jti": f"{rng.getrandbits(128):032x}", "kid": "JWT-Signature-Key",
+                  "sub": f"CHARACTER:EVE:{pilot.character_id}", "azp": self.client_id, "tenant": "tranquility",
+                  "tier": "live", "region": "world", "aud": [self.client_id, "EVE Online"], "name": pilot.name,
+                  "owner": _b64(rng.randbytes(20)), "exp": int(expires_at), "iat": int(now),
+                  "iss": "login.eveonline.com"}
+        pilot.access_token = ".".join([_b64(_json({"alg": "RS256", "kid": "JWT-Signature-Key", "typ": "JWT"})),
+                                       _b64(_json(claims)), _b64(rng.randbytes(64))])
+        pilot.expires_at = expires_at
+        self._issued[pilot.access_token] = pilot.character_id
+
+    # ---- world generation ---------------------------------------------------------------------------------
+
+    def _create_pilots(self, n: int, corporations: int, expired_fraction: float, revoked: int,
+                       now: int) -> list[Pilot]:
+        rng, first = self._rng, 98_000_001 + len(self._alliances)
+        corps = [first + i for i in range(corporations)]
+        for i, corp in enumerate(corps):
+            self._alliances[corp] = 99_000_001 + i // 2 if i % 3 != 2 else None  # some corporations have none
+        pilots = []
+        for i in range(n):
+            number = len(self._pilots) + 1
+            director = i < corporations  # the first pilot of each corporation
+            scopes = [CHAR_SCOPE, CORP_SCOPE] if director else [CHAR_SCOPE]
+            pilot = Pilot(90_000_000 + number, f"Pilot {number}", corps[i % corporations], director, scopes)
+            self._pilots[pilot.character_id] = pilot
+            self._links[pilot.character_id] = set()
+            pilots.append(pilot)
+        members = [p for p in pilots if not p.director] or pilots
+        gone = rng.sample(members, min(revoked, len(members)))
+        alive = [p for p in pilots if p not in gone]
+        expired = rng.sample(alive, min(len(alive), round(expired_fraction * n)))
+        for pilot in pilots:
+            pilot.revoked = pilot in gone
+            # revoked grants also hold an expired access token, so no request can succeed for them
+            stale = pilot.revoked or pilot in expired
+            expiry = now - rng.randint(60, 86400) if stale else now + rng.randint(600, ACCESS_TOKEN_SECONDS)
+            self._issue_tokens(pilot, expiry, now)
+        return pilots
+
+    def _create_killmail(self, when: int, linked: list[Pilot], now: int) -> int:
+        rng = self._rng
+        self._last_id += rng.randint(1, 400)
+        victim = linked[0] if rng.random() < 0.35 else None
+        attackers = linked[1:] if victim else linked
+        body = make_killmail_body(rng, self._last_id, when, victim, attackers, self._alliances)
+        self._killmails[self._last_id] = Killmail(self._last_id, f"{rng.getrandbits(160):040x}", when, body, now)
+        for pilot in linked:
+            self._links[pilot.character_id].add(self._last_id)
+        return self._last_id
+
+    def _pilot(self, character_id: int) -> Pilot:
+        if character_id not in self._pilots:
+            raise KeyError(f"no pilot {character_id}")
+        return self._pilots[character_id]
+
+    def _now(self) -> float:
+        return time.time() + self._offset
+
+    def _fresh_stats(self) -> dict:
+        return {"requests": 0, "by_route": dict.fromkeys(ROUTES, 0), "by_status": {}, "detail_fetches": {},
+                "duplicate_detail_fetches": 0, "early_list_fetches": 0, "status_420": 0, "status_429": 0,
+                "min_error_limit_remain": self._config["error_limit"], "tokens_spent": dict.fromkeys(GROUPS, 0),
+                "refreshes": 0, "invalid_grants": 0, "invalid_client": 0, "bad_user_agent": 0,
+                "bad_compatibility_date": 0, "faults_injected": 0, "max_in_flight": 0}
+
+    # ---- control API --------------------------------------------------------------------------------------
+
+    def _control(self, request: Request) -> Reply:
+        """The /_sim/ API for a simulator running in another process; outside stats, limits and faults."""
+        action = (request.method, request.path[len("/_sim/"):].strip("/"))
+        data = request.get_json(silent=True) or {}
+        try:
+            if action == ("GET", "stats"):
+                return Reply(200, _json(self.stats()))
+            if action == ("GET", "pilots"):
+                pilots = [dict(p, expires_at=p["expires_at"].isoformat()) for p in self.pilots()]
+                return Reply(200, _json(pilots))
+            if action == ("GET", "expected"):
+                valid_only = request.args.get("valid_only", "1") not in ("0", "false")
+                return Reply(200, _json(sorted(self.expected_killmails(valid_only))))
+            if action == ("POST", "add_killmails"):
+                return Reply(200, _json(self.add_killmails(int(data["character_id"]), int(data.get("n", 1)))))
+            handlers = {"reset_stats": lambda: self.reset_stats(), "configure": lambda: self.configure(**data),
+                        "advance": lambda: self.advance(float(data["seconds"])),
+                        "fail_next": lambda: self.fail_next(**data),
+                        "make_malformed": lambda: self.make_malformed(int(data["killmail_id"])),
+                        "revoke": lambda: self.revoke(int(data["character_id"]))}
+            if action[0] != "POST" or action[1] not in handlers:
+                return _error(404, "unknown control action")
+            handlers[action[1]]()
+            return Reply(200, _json({"ok": True}))
+        except (KeyError, TypeError, ValueError, re.error) as exc:
+            return _error(400, f"bad control request: {exc}")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+def make_killmail_body(rng: random.Random, killmail_id: int, when: int, victim: Pilot | None,
+                       attackers: list[Pilot], alliances: dict[int, int | None]) -> dict:
+    """A killmail shaped like samples/killmail_134265477.json, with the awkward cases ESI really produces."""
+    body: dict[str, Any] = {"killmail_id": killmail_id, "solar_system_id": rng.randint(30_000_001, 30_005_000),
+                            "killmail_time": datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if rng.random() < 0.05:
+        body["moon_id"] = rng.randint(40_000_001, 40_400_000)
+    if rng.random() < 0.05:
+        body["war_id"] = rng.randint(700_000, 760_000)
+    body["attackers"] = _make_attackers(rng, attackers, alliances)
+    damage = sum(a["damage_done"] for a in body["attackers"])
+    if victim is not None:
+        who = _person(rng, victim.character_id, victim.corporation_id, alliances.get(victim.corporation_id))
+        ship = rng.choice(_SHIPS)
+    elif rng.random() < 0.15:  # a structure or NPC victim has no character_id
+        who, ship = {"corporation_id": rng.randint(98_100_000, 98_700_000)}, rng.choice(_STRUCTURES)
+    else:
+        who, ship = _person(rng, rng.randint(2_112_000_000, 2_124_000_000)), rng.choice(_SHIPS)
+    body["victim"] = {**who, "damage_taken": damage, "ship_type_id": ship, "items": _make_items(rng)}
+    if rng.random() < 0.9:
+        body["victim"]["position"] = {axis: rng.uniform(-1e11, 1e11) for axis in "xyz"}
+    return body
+
+
+def _person(rng: random.Random, character_id: int, corporation_id: int | None = None,
+            alliance_id: int | None = None) -> dict:
+    person = {"character_id": character_id, "corporation_id": corporation_id or rng.randint(98_100_000, 98_700_000)}
+    if alliance_id or (corporation_id is None and rng.random() < 0.5):
+        person["alliance_id"] = alliance_id or rng.randint(99_000_100, 99_013_600)
+    return person
+
+
+def _make_attackers(rng: random.Random, pilots: list[Pilot], alliances: dict[int, int | None]) -> list[dict]:
+    total = rng.randint(max(1, len(pilots)), 30)
+    players = [_person(rng, p.character_id, p.corporation_id, alliances.get(p.corporation_id)) for p in pilots]
+    out: list[dict] = []
+    while len(players) + len(out) < total:
+        if rng.random() < 0.25:  # identical NPCs are separate entries: a client must keep every one
+            npc = {"corporation_id": rng.choice(_NPC_CORPS), "ship_type_id": rng.choice(_NPC_SHIPS),
+                   "damage_done": rng.randint(0, 800), "final_blow": False, "security_status": 0}
+            out += [dict(npc) for _ in range(min(rng.randint(2, 5), total - len(players) - len(out)))]
+        else:
+            players.append(_person(rng, rng.randint(2_112_000_000, 2_124_000_000)))
+    for player in players:
+        player.update({"damage_done": rng.randint(0, 5000), "final_blow": False,
+                       "security_status": rng.choice([5, round(rng.uniform(-10, 5), 1)]),
+                       "ship_type_id": rng.choice(_SHIPS), "weapon_type_id": rng.choice(_WEAPONS)})
+    out = players + out
+    rng.shuffle(out)
+    rng.choice(players or out)["final_blow"] = True
+    return out
+
+
+def _make_items(rng: random.Random) -> list[dict]:
+    total, items = rng.randint(0, 40), []
+    while len(items) < total:
+        roll, flag, type_id = rng.random(), rng.choice(_FLAGS), rng.choice(_ITEMS)
+        if roll < 0.15 and len(items) + 2 <= total:  # one type under one flag, once destroyed and once dropped
+            items.append({"flag": flag, "item_type_id": type_id, "quantity_destroyed": rng.randint(1, 20000),
+                          "singleton": 0})
+            items.append({"flag": flag, "item_type_id": type_id, "quantity_dropped": rng.randint(1, 20000),
+                          "singleton": 0})
+        elif roll < 0.22:  # a container with its contents one level down
+            container = _item(rng, 5, rng.choice(_CONTAINERS))
+            container.update(singleton=1, items=[_item(rng, 5, rng.choice(_ITEMS)) for _ in range(rng.randint(1, 5))])
+            items.append(container)
+        else:
+            items.append(_item(rng, flag, type_id))
+    return items
+
+
+def _item(rng: random.Random, flag: int, type_id: int) -> dict:
+    quantity = "quantity_destroyed" if rng.random() < 0.6 else "quantity_dropped"
+    return {"flag": flag, "item_type_id": type_id, quantity: rng.randint(1, 100), "singleton": 0}
+
+
+def _match(path: str) -> tuple[str, dict]:
+    if _TOKEN_PATH.match(path):
+        return "token", {}
+    for name, pattern in _ESI_ROUTES:
+        found = pattern.match(path)
+        if found:
+            params = found.groupdict()
+            return name, {**params, "id": int(params["id"])}
+    return "other", {}
+
+
+def _cached(request: Request, body: bytes, last_modified: int, expires: int, scope: str, now: float) -> Reply:
+    """A 200 with ESI's cache headers, or a bodiless 304 when If-None-Match / If-Modified-Since say unchanged."""
+    etag = f'"{hashlib.sha256(body).hexdigest()[:56]}"'
+    max_age = max(0, expires - int(now))
+    headers = {"ETag": etag, "Last-Modified": _http_date(last_modified), "Expires": _http_date(expires),
+               "Cache-Control": f"{scope}, max-age={max_age}"}
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None:
+        tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+        unchanged = "*" in tags or etag in tags
+    else:
+        unchanged = _not_modified_since(request.headers.get("If-Modified-Since"), last_modified)
+    return Reply(304, None, headers) if unchanged else Reply(200, body, headers)
+
+
+def _not_modified_since(header: str | None, last_modified: int) -> bool:
+    try:
+        return header is not None and last_modified <= parsedate_to_datetime(header).timestamp()
+    except (TypeError, ValueError):
+        return False
+
+
+def _bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _cost(status: int) -> int:
+    """Tokens a response costs: 2xx 2, 304 1, 4xx 5 (429 nothing), 5xx nothing."""
+    if status < 300:
+        return 2
+    if status < 400:
+        return 1
+    return 5 if status < 500 and status != 429 else 0
+
+
+def _window_text(seconds: int) -> str:
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, _json({"error": message}), dict(headers or {}))
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _http_date(timestamp: float) -> str:
+    return formatdate(int(timestamp), usegmt=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the simulator in the foreground until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--pilots", type=int, default=40)
+    parser.add_argument("--killmails", type=int, default=1500)
+    parser.add_argument("--share", type=int, default=3)
+    parser.add_argument("--expired-fraction", type=float, default=0.25)
+    parser.add_argument("--revoked", type=int, default=1)
+    parser.add_argument("--corporations", type=int, default=4)
+    parser.add_argument("--client-id", default="demo-client")
+    parser.add_argument("--client-secret", default="demo-secret")
+    for name, default in DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, tuple):
+            parser.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=default,
+                                metavar="LIMIT,WINDOW")
+        elif isinstance(default, bool):
+            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false")
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sim = Simulator(args.seed, args.client_id, args.client_secret, **{k: getattr(args, k) for k in DEFAULTS})
+    sim.add_pilots(args.pilots, args.killmails, args.share, args.expired_fraction, args.revoked, args.corporations)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    base_url = sim.start(args.port, host=args.host)
+    log.info("ESI simulator at %s: %d pilots, %d killmails, seed %d", base_url, args.pilots, args.killmails,
+             args.seed)
+    while not stop.wait(0.5):
+        pass
+    sim.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

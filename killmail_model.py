@@ -1,0 +1,130 @@
+"""Validate an ESI killmail body and flatten it into the rows of killmails, attackers and killmail_items."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+class InvalidKillmail(ValueError):
+    """A killmail body that does not match ESI's schema (missing required field, wrong type)."""
+
+
+@dataclass(frozen=True)
+class Killmail:
+    """One validated killmail: its killmails row (raw body last), attacker rows and item rows."""
+
+    killmail_id: int
+    row: tuple
+    attackers: list[tuple]
+    items: list[tuple]
+
+
+def _int(obj: dict, key: str, where: str, *, required: bool = False) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise InvalidKillmail(f"{where}.{key} is missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidKillmail(f"{where}.{key} must be an integer, got {value!r}")
+    return value
+
+
+def _number(obj: dict, key: str, where: str) -> float:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidKillmail(f"{where}.{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _object(obj: dict, key: str, where: str, *, required: bool = True) -> dict | None:
+    value = obj.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidKillmail(f"{where}.{key} must be an object")
+    return value
+
+
+def _list(obj: dict, key: str, where: str, *, required: bool) -> list:
+    value = obj.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list):
+        raise InvalidKillmail(f"{where}.{key} must be a list")
+    return value
+
+
+def _time(obj: dict, key: str) -> datetime:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise InvalidKillmail(f"killmail.{key} is missing")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidKillmail(f"killmail.{key} is not an ISO 8601 time: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise InvalidKillmail(f"killmail.{key} has no time zone: {value!r}")
+    return parsed
+
+
+def parse_killmail(body: Any, *, killmail_id: int, killmail_hash: str) -> Killmail:
+    """Check a detail body against ESI's schema and the id it was fetched for; raise InvalidKillmail if off."""
+    if not isinstance(body, dict):
+        raise InvalidKillmail("killmail must be an object")
+    if _int(body, "killmail_id", "killmail", required=True) != killmail_id:
+        raise InvalidKillmail(f"killmail.killmail_id is {body.get('killmail_id')}, fetched as {killmail_id}")
+    victim = _object(body, "victim", "killmail")
+    position = _object(victim, "position", "victim", required=False)
+    if position is not None:
+        coords = [_number(position, axis, "victim.position") for axis in ("x", "y", "z")]
+    else:
+        coords = [None, None, None]
+    row = (
+        killmail_id, killmail_hash, _time(body, "killmail_time"),
+        _int(body, "solar_system_id", "killmail", required=True),
+        _int(body, "moon_id", "killmail"), _int(body, "war_id", "killmail"),
+        _int(victim, "character_id", "victim"), _int(victim, "corporation_id", "victim"),
+        _int(victim, "alliance_id", "victim"), _int(victim, "faction_id", "victim"),
+        _int(victim, "ship_type_id", "victim", required=True),
+        _int(victim, "damage_taken", "victim", required=True),
+        *coords, body,
+    )
+    attackers = [_attacker_row(killmail_id, index, entry)
+                 for index, entry in enumerate(_list(body, "attackers", "killmail", required=True))]
+    items: list[tuple] = []
+    for entry in _list(victim, "items", "victim", required=False):
+        parent_index = len(items)
+        items.append(_item_row(killmail_id, parent_index, None, entry, "victim.items"))
+        for child in _list(entry, "items", "victim.items[]", required=False):
+            items.append(_item_row(killmail_id, len(items), parent_index, child, "victim.items[].items"))
+    return Killmail(killmail_id, row, attackers, items)
+
+
+def _attacker_row(killmail_id: int, index: int, entry: Any) -> tuple:
+    where = f"attackers[{index}]"
+    if not isinstance(entry, dict):
+        raise InvalidKillmail(f"{where} must be an object")
+    final_blow = entry.get("final_blow")
+    if not isinstance(final_blow, bool):
+        raise InvalidKillmail(f"{where}.final_blow must be true or false")
+    return (
+        killmail_id, index,
+        _int(entry, "character_id", where), _int(entry, "corporation_id", where),
+        _int(entry, "alliance_id", where), _int(entry, "faction_id", where),
+        _int(entry, "ship_type_id", where), _int(entry, "weapon_type_id", where),
+        _int(entry, "damage_done", where, required=True), final_blow,
+        _number(entry, "security_status", where),
+    )
+
+
+def _item_row(killmail_id: int, index: int, parent_index: int | None, entry: Any, where: str) -> tuple:
+    if not isinstance(entry, dict):
+        raise InvalidKillmail(f"{where} entries must be objects")
+    return (
+        killmail_id, index, parent_index,
+        _int(entry, "flag", where, required=True), _int(entry, "item_type_id", where, required=True),
+        _int(entry, "singleton", where, required=True),
+        _int(entry, "quantity_destroyed", where), _int(entry, "quantity_dropped", where),
+    )

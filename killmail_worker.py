@@ -1,0 +1,401 @@
+"""The killmail sync worker: a parent that forks PREFETCH_COUNT children, each consuming one job at a time.
+
+Each child opens its own RabbitMQ and PostgreSQL connections after the fork. pika's I/O loop runs in the
+child's main thread; the job runs in a worker thread, whose only call into pika is add_callback_threadsafe,
+so heartbeats keep flowing during a long sync. A job is acked only after its database commit; a failed job
+is republished to a delay queue with backoff (or, after the last attempt, to the dead-letter queue) and acked.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+
+import pika
+import pika.exceptions
+import psycopg
+
+import broker
+import db
+import sync
+from esi import EsiClient
+from limits import SharedLimits
+from settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+RULE = "━" * 60
+DB_RETRIES_PER_JOB = 3          # a job whose database connection died is run again this often in place
+RESTART_BACKOFF_CAP = 30.0      # seconds between restarts of a child that keeps dying
+BROKER_ERRORS = (pika.exceptions.AMQPError, OSError, broker.NotDelivered)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the I/O thread does with a delivered message once its job ended."""
+
+    action: str                 # "ack", "retry", "dead", "return"
+    reason: str = ""
+    delay: float = 0.0
+
+
+def reconnect_delay(failures: int, rng: random.Random) -> float:
+    """Backoff with jitter between reconnect attempts: up to 1, 2, 4 ... 30 seconds."""
+    return min(30.0, 2 ** min(failures, 5)) * rng.uniform(0.5, 1.0)
+
+
+class Child:
+    """One forked worker process: a pika consumer with prefetch 1 and a thread for the running job."""
+
+    def __init__(self, settings: Settings, *, burst: bool):
+        self.settings = settings
+        self.burst = burst
+        self.stopping = threading.Event()
+        self.rng = random.Random()
+        self.conn = None                            # the job's psycopg connection
+        self.job_thread: threading.Thread | None = None
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+        self.limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True))
+        self.esi = EsiClient(settings, limits=self.limits)
+
+    def run(self) -> int:
+        """Consume until stopped (or, in burst mode, until the queue is empty); reconnect on broker loss."""
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                if self.consume():
+                    return 0
+                failures = 0
+            except BROKER_ERRORS as exc:
+                failures += 1
+                self.wait_for_job()
+                delay = reconnect_delay(failures, self.rng)
+                log.warning("⚠️  RabbitMQ connection lost (%r); reconnecting in %.1f s", exc, delay)
+                self.stopping.wait(delay)
+        self.wait_for_job()
+        return 0
+
+    def consume(self) -> bool:
+        """One broker connection's life; True when the child is done (stopped, or burst and queue empty)."""
+        connection = broker.connect(self.settings.rabbitmq_url)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            broker.declare_topology(channel, self.settings.queue_name, max_attempts=self.settings.max_attempts)
+            channel.basic_qos(prefetch_count=1)
+            tag = channel.basic_consume(self.settings.queue_name,
+                                        on_message_callback=partial(self.on_message, connection))
+            while True:
+                connection.process_data_events(time_limit=0.5)
+                if self.job_thread is not None:
+                    continue
+                if self.stopping.is_set() or (self.burst and self.queue_empty(channel)):
+                    channel.basic_cancel(tag)
+                    return True
+        finally:
+            if connection.is_open:
+                try:
+                    connection.close()
+                except BROKER_ERRORS:
+                    pass
+
+    def queue_empty(self, channel) -> bool:
+        """Whether the job queue has no ready message (burst mode's end)."""
+        return channel.queue_declare(self.settings.queue_name, passive=True).method.message_count == 0
+
+    def on_message(self, connection, channel, method, properties, body: bytes) -> None:
+        """pika delivered a job: run it in a worker thread so the I/O loop keeps serving heartbeats."""
+        if self.stopping.is_set():
+            channel.basic_reject(method.delivery_tag, requeue=True)  # untouched; another worker takes it
+            return
+        self.job_thread = threading.Thread(
+            target=self.run_job, args=(connection, channel, method.delivery_tag, properties, body),
+            name="job", daemon=True)
+        self.job_thread.start()
+
+    def run_job(self, connection, channel, delivery_tag: int, properties, body: bytes) -> None:
+        """The job thread: do the work, then hand the outcome to the I/O thread."""
+        attempt = int((properties.headers or {}).get(broker.ATTEMPT_HEADER, 1))
+        try:
+            outcome = self.process(body, attempt)
+        except Exception as exc:  # a bug must not kill the child with the message unaccounted for
+            log.exception("job crashed")
+            outcome = self.failure(None, attempt, f"worker error: {exc!r}")
+        try:
+            connection.add_callback_threadsafe(partial(self.on_job_done, channel, delivery_tag, properties, body,
+                                                       attempt, outcome))
+        except BROKER_ERRORS:
+            log.warning("connection lost before the ack; the job will be redelivered")
+
+    def process(self, body: bytes, attempt: int) -> Outcome:
+        """Decode and run one job, with the database connection retried in place if it dies."""
+        try:
+            job = broker.decode_job(body)
+        except broker.BadMessage as exc:
+            log.error("❌ bad message, dead-lettered: %s", exc)
+            return Outcome("dead", str(exc))
+        log.info(RULE)
+        log.info("👤 Processing: %s (ID: %s)", job.character_name or "unknown", job.character_id)
+        log.info("📅 Queued at: %s", job.queued_at)
+        for tries in range(1, DB_RETRIES_PER_JOB + 1):
+            now = datetime.now(timezone.utc)
+            result = sync.SyncResult(job.character_id, started_at=now, attempt=attempt, worker=self.worker_name)
+            try:
+                self.ensure_db()
+                if job.corporation_id is not None:
+                    return self.failure(job, attempt, "corporation jobs are not supported by this worker",
+                                        permanent=True)
+                options = sync.SyncOptions(max_attempts=self.settings.max_attempts,
+                                           detail_concurrency=self.settings.detail_concurrency,
+                                           full=job.full, attempt=attempt, worker=self.worker_name)
+                result = sync.sync_character(self.conn, self.esi, job.character_id, now, options=options)
+            except psycopg.OperationalError as exc:
+                log.warning("⚠️  database connection lost during the job (%s); running it again", exc)
+                self.conn = None
+                if tries == DB_RETRIES_PER_JOB:
+                    return self.failure(job, attempt, f"database: {exc}", result=result)
+                continue
+            except sync.PermanentJobError as exc:
+                return self.failure(job, attempt, str(exc), permanent=True, result=result)
+            except sync.JobError as exc:
+                return self.failure(job, attempt, str(exc), result=result,
+                                    delay=getattr(exc, "retry_after", None))
+            if result.status not in ("locked",):
+                log.info("✅ Completed: %s", result.character_name or job.character_id)
+            return Outcome("ack")
+        raise AssertionError("unreachable")
+
+    def failure(self, job: broker.Job | None, attempt: int, reason: str, *, permanent: bool = False,
+                result: sync.SyncResult | None = None, delay: float | None = None) -> Outcome:
+        """Record a failed run and decide between the retry ladder and the dead-letter queue."""
+        last = permanent or attempt >= self.settings.max_attempts
+        log.error("❌ Failed: %s (attempt %d of %d): %s%s", job.character_name if job else "?", attempt,
+                  self.settings.max_attempts, reason, " -> dead-letter queue" if last else "")
+        if job is not None and result is not None:
+            try:
+                self.ensure_db()
+                sync.record_failed_run(self.conn, self.esi, result, reason)
+                if last:
+                    db.release_user(self.conn, job.character_id)
+                    self.conn.commit()
+            except psycopg.Error as exc:
+                log.warning("could not record the failed run: %s", exc)
+                self.conn = None
+        if last:
+            return Outcome("dead", reason)
+        wait = broker.retry_delay(attempt, self.settings.retry_base_seconds, self.rng)
+        return Outcome("retry", reason, max(wait, delay or 0.0))
+
+    def on_job_done(self, channel, delivery_tag: int, properties, body: bytes, attempt: int,
+                    outcome: Outcome) -> None:
+        """In the I/O thread: publish a retry or dead letter if needed, then ack (after the job's commit)."""
+        self.job_thread = None
+        if not channel.is_open:
+            log.warning("channel closed before the ack; the job will be redelivered")
+            return
+        if outcome.action == "retry":
+            broker.publish(channel, broker.retry_queue(self.settings.queue_name, attempt), body,
+                           priority=properties.priority or 0, headers={broker.ATTEMPT_HEADER: attempt + 1},
+                           message_id=properties.message_id, expiration_ms=int(outcome.delay * 1000))
+        elif outcome.action == "dead":
+            broker.publish(channel, broker.dead_queue(self.settings.queue_name), body,
+                           priority=properties.priority or 0, message_id=properties.message_id,
+                           headers={broker.ATTEMPT_HEADER: attempt, "x-death-reason": outcome.reason[:500],
+                                    "x-failed-at": datetime.now(timezone.utc).isoformat()})
+        channel.basic_ack(delivery_tag)
+
+    def ensure_db(self) -> None:
+        """Open the job connection if there is none, retrying with backoff until PostgreSQL answers."""
+        failures = 0
+        while self.conn is None or self.conn.closed or self.conn.broken:
+            try:
+                self.conn = db.connect(self.settings.database_url)
+            except psycopg.OperationalError as exc:
+                failures += 1
+                if self.stopping.is_set():
+                    raise
+                delay = reconnect_delay(failures, self.rng)
+                log.warning("⚠️  PostgreSQL unreachable (%s); retrying in %.1f s",
+                            str(exc).strip().splitlines()[0], delay)
+                time.sleep(delay)
+
+    def wait_for_job(self) -> None:
+        """Let a running job finish (its ack may be lost with the connection; it is then redelivered)."""
+        thread = self.job_thread
+        if thread is not None:
+            thread.join()
+            self.job_thread = None
+
+
+# ---------------------------------------------------------------------------------------------- the parent
+
+
+class Supervisor:
+    """The parent: forks the children, restarts one that dies, relays SIGTERM and waits for them."""
+
+    def __init__(self, settings: Settings, *, burst: bool):
+        self.settings = settings
+        self.burst = burst
+        self.children: dict[int, int] = {}   # pid -> slot
+        self.signals = 0
+        self.restarts = 0
+
+    def on_signal(self, signum, frame) -> None:
+        """Signal handler: only counts; the loop does the work."""
+        self.signals += 1
+
+    def run(self) -> int:
+        """Run the children until stopped (or, in burst mode, until all have finished)."""
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        for slot in range(self.settings.prefetch_count):
+            self.spawn(slot)
+        relayed = 0
+        failures = 0
+        while self.children:
+            if self.signals > relayed:
+                relayed = self.signals
+                sig = signal.SIGTERM if relayed == 1 else signal.SIGKILL
+                if relayed == 1:
+                    log.info("🛑 Stopping: finishing current jobs...")
+                for pid in list(self.children):
+                    _kill(pid, sig)
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.2)
+                continue
+            slot = self.children.pop(pid, None)
+            code = os.waitstatus_to_exitcode(status)
+            if slot is None or self.signals or (self.burst and code == 0):
+                continue
+            failures += 1
+            self.restarts += 1
+            delay = min(RESTART_BACKOFF_CAP, 0.5 * 2 ** min(failures, 6))
+            log.warning("⚠️  worker process %d exited with %s; starting another in %.1f s", pid, code, delay)
+            time.sleep(delay)
+            if not self.signals:
+                self.spawn(slot)
+        return 0 if self.signals <= 1 else 1
+
+    def spawn(self, slot: int) -> None:
+        """Fork one child; it makes its own connections."""
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = child_main(self.settings, burst=self.burst)
+            except BaseException:
+                log.exception("worker process crashed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = slot
+
+
+def child_main(settings: Settings, *, burst: bool) -> int:
+    """Entry point of a forked child."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C goes to the parent, which relays SIGTERM
+    child = Child(settings, burst=burst)
+
+    def on_term(signum, frame):
+        if child.stopping.is_set():
+            os._exit(1)  # a second signal means now; unacked messages are redelivered
+        child.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    return child.run()
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def replay_dead(settings: Settings, limit: int | None) -> int:
+    """Move dead-lettered jobs back to the job queue, attempts reset; returns how many moved."""
+    connection = broker.connect(settings.rabbitmq_url)
+    moved = 0
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
+        while limit is None or moved < limit:
+            method, properties, body = channel.basic_get(broker.dead_queue(settings.queue_name))
+            if method is None:
+                break
+            broker.publish(channel, settings.queue_name, body, priority=properties.priority or 0,
+                           message_id=properties.message_id)
+            channel.basic_ack(method.delivery_tag)
+            moved += 1
+    finally:
+        if connection.is_open:
+            connection.close()
+    return moved
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Sync killmails from ESI for queued users.")
+    parser.add_argument("--burst", action="store_true", help="exit 0 once the queue is empty and nothing is in flight")
+    parser.add_argument("--replay-dead", action="store_true", help="move dead-lettered jobs back to the queue")
+    parser.add_argument("--limit", type=int, metavar="N", help="with --replay-dead: move at most N jobs")
+    parser.add_argument("--verbose", action="store_true", help="log with time, level and pid")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s" if args.verbose else "%(message)s")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.replay_dead:
+        try:
+            moved = replay_dead(settings, args.limit)
+        except BROKER_ERRORS as exc:
+            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {exc!r}", file=sys.stderr)
+            return 1
+        log.info("♻️  Moved %d dead jobs back to %s", moved, settings.queue_name)
+        return 0
+    log.info("🔄 Killmail Worker Started")
+    log.info("📦 Queue: %s", settings.queue_name)
+    log.info("⚡ Prefetch: %d concurrent users", settings.prefetch_count)
+    # The parent checks the broker and declares the queues, then closes: it holds no connection at the fork.
+    try:
+        connection = broker.connect(settings.rabbitmq_url)
+        broker.declare_topology(connection.channel(), settings.queue_name, max_attempts=settings.max_attempts)
+        connection.close()
+        with db.connect(settings.database_url) as conn:
+            conn.execute("SELECT 1")
+    except BROKER_ERRORS as exc:
+        print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {exc!r}", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as exc:
+        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    log.info("✅ Connected to RabbitMQ")
+    log.info("⏳ Waiting for killmail sync jobs...")
+    return Supervisor(settings, burst=args.burst).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

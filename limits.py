@@ -1,0 +1,179 @@
+"""ESI's error limit and rate-limit buckets as one state shared by every worker process, kept in PostgreSQL.
+
+Every response's limit headers feed the state; every call first reads it. A 420, a 429 or a remaining count
+under the safety margin pauses the bucket for all processes on all hosts until the reset, and the killmail
+detail bucket is paced (a shared GCRA schedule) so that a backlog spends it smoothly instead of meeting a 429.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+import db
+from esi import Paused
+
+log = logging.getLogger(__name__)
+
+ERROR_LIMIT_BUCKET = "error-limit"
+ERROR_MARGIN = 20          # stop calling ESI while fewer than this many errors are left in the window
+PACE_SHARE = 0.95          # paced calls spend at most this share of a bucket per window
+BURST_SHARE = 0.02         # a rested bucket may spend this share at once, on top of the paced rate
+FLOOR_SHARE = 0.02         # below this share remaining, pause the bucket (other apps, our own 4xx costs)
+MAX_INLINE_WAIT = 30.0     # a longer pause fails the job into the retry queue rather than holding a process
+STATE_TTL = 1.0            # seconds a process trusts its last read of the shared state
+WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count
+
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_rate_limit(value: str | None) -> tuple[int, int] | None:
+    """`X-Ratelimit-Limit` such as '3600/15m' as (tokens, window seconds); None when absent or unreadable."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*([smh]?)\s*", value or "")
+    if not match:
+        return None
+    tokens, amount, unit = int(match[1]), int(match[2]), match[3] or "s"
+    window = amount * _WINDOW_UNITS[unit]
+    return (tokens, window) if tokens > 0 and window > 0 else None
+
+
+def detail_spacing(limit_tokens: int, window_seconds: int, *, cost: int = 2) -> float:
+    """Seconds between paced calls so that, with a burst allowance, a bucket is never spent past its margin."""
+    return cost * window_seconds / (limit_tokens * PACE_SHARE)
+
+
+def burst_allowance(limit_tokens: int, *, cost: int = 2) -> int:
+    """Calls a rested bucket may take at once; burst plus the paced rate stay above the floor."""
+    return max(1, int(limit_tokens * BURST_SHARE / cost))
+
+
+def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]:
+    """Which buckets a response pauses, and until when (a pure function of the response and the clock)."""
+    pauses: dict[str, datetime] = {}
+    remain = _int(headers.get("X-ESI-Error-Limit-Remain"))
+    reset = _int(headers.get("X-ESI-Error-Limit-Reset"))
+    if status == 420 or (remain is not None and remain < ERROR_MARGIN):
+        pauses[ERROR_LIMIT_BUCKET] = now + timedelta(seconds=(reset if reset is not None else 60) + 1)
+    if status == 429:
+        retry_after = _int(headers.get("Retry-After"))
+        pauses["bucket"] = now + timedelta(seconds=(retry_after if retry_after is not None else 60) + 1)
+    else:
+        limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
+        remaining = _int(headers.get("X-Ratelimit-Remaining"))
+        if limit and remaining is not None and remaining < limit[0] * FLOOR_SHARE:
+            # Spent tokens come back one window after they were spent; wait for the margin's worth.
+            missing = limit[0] * FLOOR_SHARE - remaining
+            pauses["bucket"] = now + timedelta(seconds=limit[1] * missing / limit[0])
+    return pauses
+
+
+class SharedLimits:
+    """The shared limit state for one process, read through a short cache, written on what matters."""
+
+    def __init__(self, connect: Callable[[], Any], *, clock: Callable[[], datetime] | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self._connect = connect
+        self._conn = None
+        self._lock = threading.Lock()
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._sleep = sleep
+        self._state: dict[str, dict] = {}
+        self._read_at: dict[str, float] = {}
+        self._written_at: dict[str, float] = {}
+
+    def before(self, bucket: str, *, pace: bool) -> None:
+        """Wait while the error limit or this bucket is paused, then take a paced slot where asked."""
+        keys = [ERROR_LIMIT_BUCKET, bucket]
+        state = self._read(keys)
+        now = self._clock()
+        until = max((s["paused_until"] for s in state if s.get("paused_until")), default=None)
+        if until and until > now:
+            wait = (until - now).total_seconds()
+            if wait > MAX_INLINE_WAIT:
+                raise Paused(f"{bucket} paused until {until.isoformat()}", bucket=bucket, until=until)
+            log.info("ESI limits: %s paused for %.1f s", bucket, wait)
+            self._sleep(wait)
+        if pace:
+            self._wait_for_slot(bucket, state)
+
+    def after(self, bucket: str, status: int, headers: Any) -> None:
+        """Feed a response's limit headers into the shared state."""
+        now = self._clock()
+        pauses = pause_after(status, headers, now)
+        limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
+        remaining = _int(headers.get("X-Ratelimit-Remaining"))
+        known = self._state.get(bucket, {})
+        due = time.monotonic() - self._written_at.get(bucket, 0.0) > WRITE_EVERY
+        changed = limit is not None and (known.get("limit_tokens"), known.get("window_seconds")) != limit
+        if ERROR_LIMIT_BUCKET in pauses:
+            log.warning("ESI error limit nearly spent: pausing every route until %s",
+                        pauses[ERROR_LIMIT_BUCKET].isoformat())
+            self._write(ERROR_LIMIT_BUCKET, paused_until=pauses[ERROR_LIMIT_BUCKET], status=status,
+                        remaining=_int(headers.get("X-ESI-Error-Limit-Remain")))
+        if "bucket" in pauses:
+            log.warning("ESI bucket %s: pausing until %s (status %s)", bucket, pauses["bucket"].isoformat(), status)
+        if "bucket" in pauses or changed or (due and (limit or remaining is not None)):
+            self._write(bucket, limit=limit, remaining=remaining, paused_until=pauses.get("bucket"), status=status)
+
+    # ---------------------------------------------------------------------------------------------- state
+
+    def _wait_for_slot(self, bucket: str, state: list[dict]) -> None:
+        row = next((s for s in state if s["bucket"] == bucket), None)
+        if not row or not row.get("limit_tokens") or not row.get("window_seconds"):
+            return  # no limit seen yet for this bucket: nothing to pace against
+        spacing = detail_spacing(row["limit_tokens"], row["window_seconds"])
+        with self._lock:
+            slot = self._with_conn(lambda c: db.reserve_slot(c, bucket, self._clock(), spacing=spacing,
+                                                              burst=burst_allowance(row["limit_tokens"])))
+        wait = (slot - self._clock()).total_seconds()
+        if wait > 0:
+            self._sleep(wait)
+
+    def _read(self, keys: list[str]) -> list[dict]:
+        stale = [k for k in keys if time.monotonic() - self._read_at.get(k, -STATE_TTL) >= STATE_TTL]
+        if stale:
+            with self._lock:
+                rows = self._with_conn(lambda c: db.limit_state(c, stale))
+            for key in stale:
+                self._state[key] = next((r for r in rows if r["bucket"] == key), {"bucket": key})
+                self._read_at[key] = time.monotonic()
+        return [self._state[k] for k in keys]
+
+    def _write(self, bucket: str, *, limit: tuple[int, int] | None = None, remaining: int | None = None,
+               paused_until: datetime | None = None, status: int | None = None) -> None:
+        with self._lock:
+            self._with_conn(lambda c: db.record_limit(
+                c, bucket, limit_tokens=limit[0] if limit else None, window_seconds=limit[1] if limit else None,
+                remaining=remaining, paused_until=paused_until, status=status))
+        self._written_at[bucket] = time.monotonic()
+        self._read_at.pop(bucket, None)  # read our own write (and everyone else's) next time
+        if paused_until is not None:
+            self._read_at.pop(ERROR_LIMIT_BUCKET, None)
+
+    def _with_conn(self, work: Callable[[Any], Any]) -> Any:
+        """Run work on this process's autocommit connection, reconnecting once if it was lost."""
+        for attempt in (1, 2):
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect()
+            try:
+                return work(self._conn)
+            except db.psycopg.OperationalError:
+                self._conn = None
+                if attempt == 2:
+                    raise
+
+    def close(self) -> None:
+        """Close the process's limits connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(float(value)) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,138 @@
+"""Queue every user that is due for a killmail sync (run by cron every few minutes)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime, timezone
+
+import pika.exceptions
+import psycopg
+
+import broker
+import db
+from settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+# A claim older than this is taken to belong to a job that was lost (longer than a job's whole retry ladder).
+CLAIM_STALE_SECONDS = 7200
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--character-id", type=int, metavar="N", help="queue this one character now, at high priority")
+    parser.add_argument("--full", action="store_true",
+                        help="with --character-id: re-read the character's whole 90 days, ignoring stored ETags")
+    parser.add_argument("--dry-run", action="store_true", help="say what would be queued, queue nothing")
+    parser.add_argument("--verbose", action="store_true", help="log with time, level and pid")
+    return parser.parse_args(argv)
+
+
+def queue_due_users(conn, channel, settings: Settings, now: datetime) -> tuple[int, list[str]]:
+    """Claim and publish every due user; returns (queued, problems). A user whose message the broker did not
+    take is released again, so the next run retries it."""
+    users = db.claim_due_users(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
+    conn.commit()
+    log.info("✓ Found %d active users", len(users))
+    if users:
+        log.info("📤 Adding to queue...")
+    queued, problems = 0, []
+    for user in users:
+        priority = broker.PRIORITY_FIRST if user["last_sync_at"] is None else broker.PRIORITY_ROUTINE
+        job = broker.new_job(user["character_id"], user["character_name"], now=now)
+        try:
+            broker.publish(channel, settings.queue_name, broker.encode_job(job), priority=priority)
+        except broker.NotDelivered as exc:
+            db.release_user(conn, user["character_id"])
+            conn.commit()
+            problems.append(f"{user['character_name'] or user['character_id']}: {exc}")
+            continue
+        queued += 1
+    return queued, problems
+
+
+def queue_one(conn, channel, settings: Settings, character_id: int, now: datetime, *, full: bool) -> str:
+    """Queue one character at high priority; returns what happened, for the operator."""
+    user = db.claim_user(conn, character_id, now, stale_after=CLAIM_STALE_SECONDS)
+    conn.commit()
+    if user is None:
+        existing = db.get_user(conn, character_id)
+        conn.commit()
+        if existing is None:
+            raise LookupError(f"no user with character id {character_id}")
+        return f"⏳ {existing['character_name'] or character_id} is already queued (since {existing['queued_at']})"
+    job = broker.new_job(character_id, user["character_name"], now=now, full=full)
+    try:
+        broker.publish(channel, settings.queue_name, broker.encode_job(job), priority=broker.PRIORITY_NOW)
+    except broker.NotDelivered:
+        db.release_user(conn, character_id)
+        conn.commit()
+        raise
+    return f"✅ Queued {user['character_name'] or character_id} at high priority"
+
+
+def dry_run(conn, settings: Settings, now: datetime, character_id: int | None) -> int:
+    """Print what a real run would queue."""
+    users = db.due_users(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
+    if character_id is not None:
+        users = [u for u in users if u["character_id"] == character_id] or \
+            ([u] if (u := db.get_user(conn, character_id)) else [])
+    log.info("✓ Found %d active users (dry run: nothing queued)", len(users))
+    for user in users:
+        first = "first sync" if user["last_sync_at"] is None else f"last sync {user['last_sync_at'].isoformat()}"
+        log.info("  would queue %s (ID: %s), %s", user["character_name"], user["character_id"], first)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s" if args.verbose else "%(message)s")
+    try:
+        settings = load_settings(need_esi=False)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    log.info("📡 Queueing users for killmail sync...")
+    now = datetime.now(timezone.utc)
+    try:
+        conn = db.connect(settings.database_url)
+    except psycopg.OperationalError as exc:
+        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    with conn:
+        if args.dry_run:
+            return dry_run(conn, settings, now, args.character_id)
+        try:
+            connection = broker.connect(settings.rabbitmq_url)
+        except pika.exceptions.AMQPError as exc:
+            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {exc!r}", file=sys.stderr)
+            return 1
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
+            if args.character_id is not None:
+                try:
+                    log.info(queue_one(conn, channel, settings, args.character_id, now, full=args.full))
+                except LookupError as exc:
+                    print(f"❌ {exc}", file=sys.stderr)
+                    return 1
+                return 0
+            queued, problems = queue_due_users(conn, channel, settings, now)
+        finally:
+            if connection.is_open:
+                connection.close()
+    for problem in problems:
+        log.error("❌ not queued: %s", problem)
+    if problems:
+        log.error("❌ %d users could not be queued; they will be retried on the next run", len(problems))
+        return 1
+    log.info("✅ All %d users queued successfully!", queued)
+    log.info("💡 Now run the worker to process them: python killmail_worker.py")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

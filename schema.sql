@@ -1,0 +1,145 @@
+-- The one schema of the killmail sync worker. Idempotent: applying it again changes nothing and loses nothing.
+
+-- Written by the web app at SSO login (the first five columns); the worker adds its own state with defaults,
+-- so a row with only the web app's columns is a valid user.
+CREATE TABLE IF NOT EXISTS users (
+    character_id   BIGINT UNIQUE NOT NULL,
+    character_name TEXT,
+    access_token   TEXT,
+    refresh_token  TEXT,
+    expires_at     TIMESTAMPTZ
+);
+ALTER TABLE users ADD COLUMN IF NOT EXISTS corporation_id        BIGINT;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS scopes                TEXT;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS is_director           BOOLEAN;
+-- sha256 of the refresh token that SSO answered invalid_grant for: the user needs a new login until the web
+-- app writes a different refresh token (no trigger and no cooperation from the web app needed).
+ALTER TABLE users ADD COLUMN IF NOT EXISTS revoked_token_sha256  TEXT;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS token_error           TEXT;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS sync_interval_seconds INTEGER;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS queued_at             TIMESTAMPTZ;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS last_sync_at          TIMESTAMPTZ;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS last_sync_status      TEXT;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS last_new_killmail_at  TIMESTAMPTZ;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS list_etag             TEXT;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS list_expires_at       TIMESTAMPTZ;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS created_at            TIMESTAMPTZ NOT NULL DEFAULT now();
+
+-- Stage one: every (id, hash) pair a list returned. A reference without a row in killmails is pending;
+-- attempts/last_error/next_attempt_at keep the failures of its detail fetch, claimed_until keeps two processes
+-- from fetching the same detail at once.
+CREATE TABLE IF NOT EXISTS killmail_refs (
+    killmail_id     BIGINT PRIMARY KEY,
+    killmail_hash   TEXT NOT NULL,
+    first_seen_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    next_attempt_at TIMESTAMPTZ,
+    claimed_until   TIMESTAMPTZ
+);
+
+-- Which pilot's list (kills and losses) a killmail came from.
+CREATE TABLE IF NOT EXISTS character_killmails (
+    character_id BIGINT NOT NULL,
+    killmail_id  BIGINT NOT NULL,
+    PRIMARY KEY (character_id, killmail_id)
+);
+CREATE INDEX IF NOT EXISTS character_killmails_killmail ON character_killmails (killmail_id);
+
+-- Stage two: one row per killmail, shared by every pilot who saw it.
+CREATE TABLE IF NOT EXISTS killmails (
+    killmail_id           BIGINT PRIMARY KEY,
+    killmail_hash         TEXT NOT NULL,
+    killmail_time         TIMESTAMPTZ NOT NULL,
+    solar_system_id       BIGINT NOT NULL,
+    moon_id               BIGINT,
+    war_id                BIGINT,
+    victim_character_id   BIGINT,
+    victim_corporation_id BIGINT,
+    victim_alliance_id    BIGINT,
+    victim_faction_id     BIGINT,
+    victim_ship_type_id   BIGINT NOT NULL,
+    victim_damage_taken   BIGINT NOT NULL,
+    position_x            DOUBLE PRECISION,
+    position_y            DOUBLE PRECISION,
+    position_z            DOUBLE PRECISION,
+    raw                   JSONB NOT NULL,
+    stored_at             TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS killmails_time ON killmails (killmail_time);
+CREATE INDEX IF NOT EXISTS killmails_stored_at ON killmails (stored_at);
+
+-- One row per attacker entry, in ESI's order: identical NPC attackers stay separate rows.
+CREATE TABLE IF NOT EXISTS attackers (
+    killmail_id     BIGINT NOT NULL REFERENCES killmails (killmail_id),
+    attacker_index  INTEGER NOT NULL,
+    character_id    BIGINT,
+    corporation_id  BIGINT,
+    alliance_id     BIGINT,
+    faction_id      BIGINT,
+    ship_type_id    BIGINT,
+    weapon_type_id  BIGINT,
+    damage_done     BIGINT NOT NULL,
+    final_blow      BOOLEAN NOT NULL,
+    security_status DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (killmail_id, attacker_index)
+);
+CREATE INDEX IF NOT EXISTS attackers_character ON attackers (character_id) WHERE character_id IS NOT NULL;
+
+-- One row per item entry, in ESI's order; items inside a container point at the container's item_index.
+-- The same type may stand twice under one flag (destroyed and dropped), so items are keyed on position.
+CREATE TABLE IF NOT EXISTS killmail_items (
+    killmail_id        BIGINT NOT NULL REFERENCES killmails (killmail_id),
+    item_index         INTEGER NOT NULL,
+    parent_index       INTEGER,
+    flag               INTEGER NOT NULL,
+    item_type_id       BIGINT NOT NULL,
+    singleton          INTEGER NOT NULL,
+    quantity_destroyed BIGINT,
+    quantity_dropped   BIGINT,
+    PRIMARY KEY (killmail_id, item_index)
+);
+
+-- One row per job run; the status page reads it.
+CREATE TABLE IF NOT EXISTS sync_runs (
+    id             BIGSERIAL PRIMARY KEY,
+    character_id   BIGINT NOT NULL,
+    corporation_id BIGINT,
+    kind           TEXT NOT NULL DEFAULT 'character',
+    started_at     TIMESTAMPTZ NOT NULL,
+    finished_at    TIMESTAMPTZ,
+    status         TEXT NOT NULL,
+    listed         INTEGER NOT NULL DEFAULT 0,
+    new            INTEGER NOT NULL DEFAULT 0,
+    saved          INTEGER NOT NULL DEFAULT 0,
+    skipped        INTEGER NOT NULL DEFAULT 0,
+    failed         INTEGER NOT NULL DEFAULT 0,
+    esi_calls      INTEGER NOT NULL DEFAULT 0,
+    attempt        INTEGER NOT NULL DEFAULT 1,
+    worker         TEXT,
+    error          TEXT
+);
+CREATE INDEX IF NOT EXISTS sync_runs_finished ON sync_runs (finished_at DESC);
+CREATE INDEX IF NOT EXISTS sync_runs_character ON sync_runs (character_id, started_at DESC);
+
+-- ESI's limits as every process on every host last saw them, one row per bucket key ('error-limit',
+-- 'killmail', 'char-killmail:<character id>', ...). paused_until stops every caller of that bucket;
+-- next_slot paces the bucket's callers (a shared GCRA schedule) so a backlog never meets a 429.
+CREATE TABLE IF NOT EXISTS esi_limits (
+    bucket         TEXT PRIMARY KEY,
+    limit_tokens   INTEGER,
+    window_seconds INTEGER,
+    remaining      INTEGER,
+    paused_until   TIMESTAMPTZ,
+    next_slot      TIMESTAMPTZ,
+    last_status    INTEGER,
+    updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Every ESI call by route group and status, for /metrics and /status.
+CREATE TABLE IF NOT EXISTS esi_calls (
+    route_group TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    calls       BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (route_group, status)
+);

@@ -1,0 +1,131 @@
+"""Configuration: read the environment once, validate every value, return a frozen Settings."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Mapping
+from urllib.parse import urlparse
+
+from dotenv import load_dotenv
+
+# The date of the spec in ../shared/esi (the one this client was built and tested against).
+DEFAULT_COMPATIBILITY_DATE = "2026-08-18"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str):
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the programs need from the environment, validated."""
+
+    database_url: str = "postgresql:///killmails"
+    rabbitmq_url: str = "amqp://guest:guest@localhost:5672/%2F"
+    queue_name: str = "killmail_sync_queue"
+    prefetch_count: int = 5
+    esi_base_url: str = "https://esi.evetech.net"
+    sso_token_url: str = "https://login.eveonline.com/v2/oauth/token"
+    eve_client_id: str = ""
+    eve_client_secret: str = ""
+    esi_user_agent: str = ""
+    sync_interval_seconds: int = 300
+    esi_compatibility_date: str = DEFAULT_COMPATIBILITY_DATE
+    detail_concurrency: int = 4
+    max_attempts: int = 8
+    retry_base_seconds: int = 30
+    http_timeout_seconds: float = 20.0
+    status_basic_auth: str = field(default="", repr=False)
+    app_api_token: str = field(default="", repr=False)
+    health_max_sync_age_seconds: int = 1800
+
+
+def _text(env: Mapping[str, str], name: str, default: str | None) -> str:
+    value = env.get(name, "").strip()
+    if value:
+        return value
+    if default is None:
+        raise ConfigError(name, "is required but not set")
+    return default
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a whole number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(name, f"must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    value = _text(env, name, default)
+    parsed = urlparse(value)
+    if parsed.scheme not in schemes or (not parsed.netloc and parsed.scheme not in ("postgresql", "postgres")):
+        raise ConfigError(name, f"must be a {' or '.join(schemes)} URL, got {value!r}")
+    return value.rstrip("/") if parsed.scheme.startswith("http") else value
+
+
+def _compatibility_date(env: Mapping[str, str], today: date) -> str:
+    value = _text(env, "ESI_COMPATIBILITY_DATE", DEFAULT_COMPATIBILITY_DATE)
+    try:
+        parsed = date.fromisoformat(value)
+    except ValueError:
+        raise ConfigError("ESI_COMPATIBILITY_DATE", f"must be a date like 2026-08-18, got {value!r}") from None
+    if parsed > today:
+        raise ConfigError("ESI_COMPATIBILITY_DATE", f"must not be in the future, got {value}")
+    return value
+
+
+def _basic_auth(env: Mapping[str, str]) -> str:
+    value = env.get("STATUS_BASIC_AUTH", "").strip()
+    if value and ":" not in value:
+        raise ConfigError("STATUS_BASIC_AUTH", "must look like user:password")
+    return value
+
+
+def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi: bool = True) -> Settings:
+    """Build Settings from a mapping of environment variables, raising ConfigError on the first bad value."""
+    today = today or date.today()
+    queue = _text(env, "QUEUE_NAME", "killmail_sync_queue")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", queue):
+        raise ConfigError("QUEUE_NAME", f"may hold only letters, digits and _.:- , got {queue!r}")
+    user_agent = _text(env, "ESI_USER_AGENT", None if need_esi else "")
+    if need_esi and user_agent.lower().startswith("python-requests"):
+        raise ConfigError("ESI_USER_AGENT", "must name the app, its version and a contact, not requests' default")
+    return Settings(
+        database_url=_url(env, "DATABASE_URL", "postgresql:///killmails", ("postgresql", "postgres")),
+        rabbitmq_url=_url(env, "RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps")),
+        queue_name=queue,
+        prefetch_count=_integer(env, "PREFETCH_COUNT", 5, 1, 64),
+        esi_base_url=_url(env, "ESI_BASE_URL", "https://esi.evetech.net", ("http", "https")),
+        sso_token_url=_url(env, "SSO_TOKEN_URL", "https://login.eveonline.com/v2/oauth/token", ("http", "https")),
+        eve_client_id=_text(env, "EVE_CLIENT_ID", None if need_esi else ""),
+        eve_client_secret=_text(env, "EVE_CLIENT_SECRET", None if need_esi else ""),
+        esi_user_agent=user_agent,
+        sync_interval_seconds=_integer(env, "SYNC_INTERVAL_SECONDS", 300, 30, 86400 * 7),
+        esi_compatibility_date=_compatibility_date(env, today),
+        detail_concurrency=_integer(env, "DETAIL_CONCURRENCY", 4, 1, 16),
+        max_attempts=_integer(env, "MAX_ATTEMPTS", 8, 1, 50),
+        retry_base_seconds=_integer(env, "RETRY_BASE_SECONDS", 30, 1, 3600),
+        http_timeout_seconds=float(_integer(env, "HTTP_TIMEOUT_SECONDS", 20, 1, 300)),
+        status_basic_auth=_basic_auth(env),
+        app_api_token=env.get("APP_API_TOKEN", "").strip(),
+        health_max_sync_age_seconds=_integer(env, "HEALTH_MAX_SYNC_AGE_SECONDS", 1800, 10, 86400 * 7),
+    )
+
+
+def load_settings(*, need_esi: bool = True) -> Settings:
+    """Read `.env` (without overriding the real environment) and the environment into Settings."""
+    load_dotenv(override=False)
+    return settings_from(os.environ, need_esi=need_esi)

@@ -1,0 +1,310 @@
+"""One sync job as plain functions: lock, token, list, references, details, save, record. Nothing from pika here."""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+import db
+import esi as esi_errors
+from esi import EsiClient
+from killmail_model import InvalidKillmail, Killmail, parse_killmail
+
+log = logging.getLogger(__name__)
+
+REFRESH_MARGIN = timedelta(seconds=60)  # refresh a little before expiry, never after a failed call
+CLAIM_SECONDS = 600                     # a detail claim outlives any job; a dead worker's claims lapse after it
+SAVE_BATCH = 50                         # killmails per insert transaction
+
+
+class JobError(Exception):
+    """A job that could not finish now; the worker retries it later with backoff."""
+
+
+class PermanentJobError(Exception):
+    """A job that can never succeed as sent (unknown user, bad message); never retried."""
+
+
+@dataclass
+class SyncResult:
+    """What one job did; becomes a sync_runs row."""
+
+    character_id: int
+    character_name: str | None = None
+    corporation_id: int | None = None
+    kind: str = "character"
+    status: str = "ok"
+    listed: int = 0
+    new: int = 0
+    saved: int = 0
+    skipped: int = 0
+    failed: int = 0
+    esi_calls: int = 0
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempt: int = 1
+    worker: str | None = None
+    retry_after: float | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    """How a job runs: limits on retries and concurrency, the clock, and whether to ignore stored ETags."""
+
+    max_attempts: int = 8
+    detail_concurrency: int = 4
+    full: bool = False
+    attempt: int = 1
+    worker: str | None = None
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+
+
+def needs_refresh(expires_at: datetime | None, now: datetime) -> bool:
+    """Whether an access token must be refreshed before use (absent, expired, or expiring within a minute)."""
+    return expires_at is None or expires_at <= now + REFRESH_MARGIN
+
+
+def list_is_fresh(expires_at: datetime | None, now: datetime, *, full: bool) -> bool:
+    """Whether the stored list is still inside ESI's Expires, so asking again would circumvent the cache."""
+    return not full and expires_at is not None and expires_at > now
+
+
+def sync_character(conn, esi: EsiClient, character_id: int, now: datetime, *,
+                   options: SyncOptions = SyncOptions()) -> SyncResult:
+    """Sync one pilot's kills and losses, holding its lock; returns the result already recorded in sync_runs."""
+    result = SyncResult(character_id, started_at=now, attempt=options.attempt, worker=options.worker)
+    if not db.try_lock(conn, db.LOCK_CHARACTER, character_id):
+        conn.commit()
+        result.status = "locked"
+        log.info("  🔒 %s is being synced by another process; skipping", character_id)
+        return result
+    try:
+        conn.commit()
+        _sync_locked(conn, esi, character_id, now, options, result)
+    finally:
+        _release(conn, character_id)
+    return result
+
+
+def _release(conn, character_id: int) -> None:
+    if conn.closed or conn.broken:
+        return  # the lock died with the session
+    try:
+        conn.rollback()
+        db.unlock(conn, db.LOCK_CHARACTER, character_id)
+        conn.commit()
+    except db.psycopg.Error:
+        log.warning("could not release the lock of %s; it ends with the connection", character_id)
+
+
+def _sync_locked(conn, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
+                 result: SyncResult) -> None:
+    user = db.get_user(conn, character_id)
+    conn.commit()
+    if user is None:
+        raise PermanentJobError(f"unknown character {character_id}: no such user")
+    result.character_name = user["character_name"]
+    if user["revoked"]:
+        result.status = "needs_relogin"
+        log.info("  🔑 %s needs a new login; skipping", user["character_name"] or character_id)
+        _finish(conn, esi, result, options, found_new=False)
+        return
+    token = _usable_token(conn, esi, user, now, result)
+    if token is None:
+        _finish(conn, esi, result, options, found_new=False)
+        return
+    _list_references(conn, esi, user, token, now, options, result)
+    fetch_killmails(conn, esi, character_id, now, options, result)
+    _finish(conn, esi, result, options, found_new=result.saved > 0)
+
+
+def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncResult) -> str | None:
+    """The user's access token, refreshed under the lock when it is about to expire; None if the grant is gone."""
+    if not needs_refresh(user["expires_at"], now):
+        return user["access_token"]
+    try:
+        grant = esi.refresh(user["refresh_token"])
+    except esi_errors.InvalidGrant as exc:
+        db.mark_revoked(conn, user["character_id"], user["refresh_token"], str(exc))
+        conn.commit()
+        result.status = "needs_relogin"
+        result.error = str(exc)
+        log.warning("  🔑 %s: refresh token no longer valid (%s); marked as needing a new login",
+                    user["character_name"] or user["character_id"], exc)
+        return None
+    except esi_errors.InvalidClient as exc:
+        raise JobError(f"SSO configuration error: {exc}") from exc
+    except esi_errors.EsiError as exc:
+        raise JobError(f"token refresh failed: {exc}") from exc
+    # The old refresh token is dead from this moment: store the new one before anything else can fail.
+    db.store_tokens(conn, user["character_id"], grant.access_token, grant.refresh_token,
+                    now + timedelta(seconds=grant.expires_in))
+    conn.commit()
+    return grant.access_token
+
+
+def _list_references(conn, esi: EsiClient, user: dict, token: str, now: datetime, options: SyncOptions,
+                     result: SyncResult) -> None:
+    """Store the pilot's listed references, unless the stored list is still fresh."""
+    character_id = user["character_id"]
+    if list_is_fresh(user["list_expires_at"], now, full=options.full):
+        return
+    etag = None if options.full else user["list_etag"]
+    try:
+        listing = esi.list_recent(character_id=character_id, token=token, etag=etag)
+    except esi_errors.NotModified as exc:
+        db.save_list_cache(conn, character_id, etag, _expiry(now, exc.expires_in))
+        conn.commit()
+        return
+    except esi_errors.Forbidden as exc:
+        # The token lacks the killmail scope: asking again only spends the error limit. A new login fixes it.
+        db.mark_revoked(conn, character_id, user["refresh_token"], f"killmail list forbidden: {exc}")
+        conn.commit()
+        result.status, result.error = "needs_relogin", str(exc)
+        return
+    except esi_errors.Unauthorized as exc:
+        db.store_tokens(conn, character_id, token, user["refresh_token"], now)  # refresh on the next try
+        conn.commit()
+        raise JobError(f"access token refused: {exc}") from exc
+    except esi_errors.EsiError as exc:
+        raise _job_error("recent killmails", exc) from exc
+    db.store_refs(conn, character_id, listing.refs)
+    db.save_list_cache(conn, character_id, listing.etag, _expiry(now, listing.expires_in))
+    conn.commit()
+    result.listed = len(listing.refs)
+    log.info("  📥 Found %d killmails", result.listed)
+
+
+def fetch_killmails(conn, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
+                    result: SyncResult) -> None:
+    """Fetch and save the details of this pilot's references that no process has stored or is fetching."""
+    pending = db.pending_refs(conn, character_id, now, max_attempts=options.max_attempts)
+    claimed = db.claim_refs(conn, [r["killmail_id"] for r in pending], now, seconds=CLAIM_SECONDS)
+    conn.commit()
+    result.new = len(pending)
+    result.skipped = max(0, result.listed - len(pending)) + len(pending) - len(claimed)
+    if not claimed:
+        if result.listed:
+            log.info("  ✅ Saved: 0, Skipped: %d", result.skipped)
+        return
+    stop: esi_errors.EsiError | None = None
+    fetched: list[Killmail] = []
+    unfetched = {r["killmail_id"] for r in claimed}
+    with ThreadPoolExecutor(max_workers=options.detail_concurrency, thread_name_prefix="detail") as pool:
+        futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"]) for r in claimed]
+        for ref, future in zip(claimed, futures):
+            killmail_id = ref["killmail_id"]
+            try:
+                killmail = future.result()
+            except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
+                stop = stop or exc  # the rest stay claimed-then-released and are fetched on the retry
+                continue
+            except (esi_errors.EsiError, InvalidKillmail) as exc:
+                unfetched.discard(killmail_id)
+                _record_failure(conn, killmail_id, exc, now, options, result)
+                continue
+            unfetched.discard(killmail_id)
+            fetched.append(killmail)
+            if len(fetched) >= SAVE_BATCH:
+                _save(conn, fetched, now, options, result)
+                fetched = []
+            if stop:
+                for other in futures:
+                    other.cancel()
+    _save(conn, fetched, now, options, result)
+    db.release_refs(conn, sorted(unfetched))
+    conn.commit()
+    log.info("  ✅ Saved: %d, Skipped: %d%s", result.saved, result.skipped,
+             f", Failed: {result.failed}" if result.failed else "")
+    if stop is not None:
+        raise _job_error("killmail details", stop)
+
+
+def _fetch_one(esi: EsiClient, killmail_id: int, killmail_hash: str) -> Killmail:
+    body = esi.get_killmail(killmail_id, killmail_hash)
+    return parse_killmail(body, killmail_id=killmail_id, killmail_hash=killmail_hash)
+
+
+def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, result: SyncResult) -> None:
+    """Save a batch in one transaction; if the batch fails, save one by one so one bad killmail loses no other."""
+    if not killmails:
+        return
+    try:
+        result.saved += len(db.save_killmails(conn, killmails))
+        conn.commit()
+        return
+    except db.psycopg.OperationalError:
+        raise
+    except db.psycopg.Error:
+        conn.rollback()
+    for killmail in killmails:
+        try:
+            result.saved += len(db.save_killmails(conn, [killmail]))
+            conn.commit()
+        except db.psycopg.OperationalError:
+            raise
+        except db.psycopg.Error as exc:
+            conn.rollback()
+            _record_failure(conn, killmail.killmail_id, exc, now, options, result)
+
+
+def _record_failure(conn, killmail_id: int, exc: Exception, now: datetime, options: SyncOptions,
+                    result: SyncResult) -> None:
+    # A wrong hash never becomes right; anything else (a 5xx, a malformed body, a row the database refused)
+    # is retried by later syncs a bounded number of times.
+    permanent = isinstance(exc, esi_errors.InvalidHash)
+    db.record_ref_failure(conn, killmail_id, f"{type(exc).__name__}: {exc}", now,
+                          permanent=permanent, max_attempts=options.max_attempts)
+    conn.commit()
+    result.failed += 1
+    log.warning("  ⚠️  killmail %s not saved: %s", killmail_id, exc)
+
+
+def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, *, found_new: bool) -> None:
+    """Record the run, the ESI calls and the user's sync state in one transaction."""
+    result.finished_at = options.clock()
+    if result.status == "ok" and result.failed:
+        result.status = "partial"
+    calls = esi.take_calls()
+    result.esi_calls = sum(calls.values())
+    db.add_esi_calls(conn, calls)
+    db.finish_user_sync(conn, result.character_id, result.finished_at, result.status, found_new=found_new)
+    db.record_run(conn, run_row(result))
+    conn.commit()
+
+
+def record_failed_run(conn, esi: EsiClient, result: SyncResult, error: str, *, status: str = "error") -> None:
+    """Record a job that failed (it will be retried or dead-lettered) and free the user for the producer."""
+    result.status, result.error = status, error[:2000]
+    result.finished_at = datetime.now(timezone.utc)
+    calls = esi.take_calls()
+    result.esi_calls = sum(calls.values())
+    db.add_esi_calls(conn, calls)
+    db.record_run(conn, run_row(result))
+    conn.commit()
+
+
+def run_row(result: SyncResult) -> dict:
+    """A SyncResult as the columns of sync_runs."""
+    row = asdict(result)
+    row.pop("character_name")
+    row.pop("retry_after")
+    return row
+
+
+def _expiry(now: datetime, expires_in: float | None) -> datetime | None:
+    return now + timedelta(seconds=expires_in) if expires_in is not None else None
+
+
+def _job_error(what: str, exc: esi_errors.EsiError) -> JobError:
+    error = JobError(f"{what}: {exc}")
+    if isinstance(exc, esi_errors.RateLimited):
+        error.retry_after = exc.retry_after
+    elif isinstance(exc, esi_errors.ErrorLimited):
+        error.retry_after = exc.reset
+    elif isinstance(exc, esi_errors.Paused):
+        error.retry_after = max(0.0, (exc.until - datetime.now(timezone.utc)).total_seconds())
+    return error
