@@ -397,7 +397,8 @@ def reserve_slot(conn, bucket: str, now: datetime, *, spacing: float, burst: int
     """Reserve the next send time of a paced bucket (GCRA over every process) and return it."""
     row = conn.execute(
         """
-        INSERT INTO esi_limits (bucket, next_slot) VALUES (%(bucket)s, %(now)s + make_interval(secs => %(spacing)s))
+        INSERT INTO esi_limits (bucket, next_slot)
+        VALUES (%(bucket)s, %(now)s - make_interval(secs => %(spacing)s * (%(burst)s - 1)))
         ON CONFLICT (bucket) DO UPDATE SET next_slot =
             GREATEST(COALESCE(esi_limits.next_slot, %(now)s),
                      %(now)s - make_interval(secs => %(spacing)s * %(burst)s))

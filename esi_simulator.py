@@ -137,10 +137,15 @@ class Bucket:
 
 
 class QuietHandler(WSGIRequestHandler):
-    """Werkzeug's handler without a log line per request (benchmarks make thousands)."""
+    """Werkzeug's handler without a log line per request (benchmarks make thousands) and without its own Date."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # The app sends Date from the simulator's clock; the stock handler would add a second, real-time one.
+        self.send_response_only(code, message)
+        self.send_header("Server", self.version_string())
 
 
 class Simulator:
@@ -215,7 +220,8 @@ class Simulator:
         with self._lock:
             pilot = self._pilot(character_id)
             now = int(self._now())
-            return [self._create_killmail(now - self._rng.randint(0, 120), [pilot], now) for _ in range(n)]
+            # within the last 30 s, so newer than every generated kill (those are at least 60 s old)
+            return [self._create_killmail(now - self._rng.randint(0, 30), [pilot], now) for _ in range(n)]
 
     def make_malformed(self, killmail_id: int) -> None:
         """Serve that killmail's detail without its required `victim` field from now on."""
@@ -261,6 +267,16 @@ class Simulator:
         """Ids of every killmail linked to that pilot (whether or not its list cache shows them yet)."""
         with self._lock:
             return set(self._links.get(character_id, ()))
+
+    def killmail_hash(self, killmail_id: int) -> str:
+        """The hash that lists give for a killmail."""
+        with self._lock:
+            return self._killmails[killmail_id].killmail_hash
+
+    def now(self) -> datetime:
+        """The simulator's clock (real time plus everything advance() added), as an aware UTC datetime."""
+        with self._lock:
+            return datetime.fromtimestamp(self._now(), timezone.utc)
 
     def expected_killmails(self, valid_only: bool = True, *, corporations: bool = False) -> dict[int, dict]:
         """Bodies a correct worker ends up storing: killmails of pilots with a valid grant, malformed ones left out.
@@ -313,6 +329,7 @@ class Simulator:
         else:
             reply = self._serve(request)
         body = reply.body or b""
+        reply.headers.setdefault("Date", _http_date(self._now()))
         headers = list(reply.headers.items())
         if reply.body is not None:
             headers += [("Content-Type", "application/json; charset=utf-8"), ("Content-Length", str(len(body)))]

@@ -29,7 +29,7 @@ import db
 import sync
 from esi import EsiClient
 from limits import SharedLimits
-from settings import ConfigError, Settings, load_settings
+from settings import ConfigError, Settings, load_settings, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +361,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s" if args.verbose else "%(message)s")
+    setup_logging(verbose=args.verbose)
     try:
         settings = load_settings()
     except ConfigError as exc:

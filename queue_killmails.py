@@ -11,7 +11,7 @@ import psycopg
 
 import broker
 import db
-from settings import ConfigError, Settings, load_settings
+from settings import ConfigError, Settings, load_settings, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ def dry_run(conn, settings: Settings, now: datetime, character_id: int | None) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s" if args.verbose else "%(message)s")
+    setup_logging(verbose=args.verbose)
     try:
         settings = load_settings(need_esi=False)
     except ConfigError as exc:

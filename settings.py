@@ -1,7 +1,9 @@
 """Configuration: read the environment once, validate every value, return a frozen Settings."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import re
 from dataclasses import dataclass, field
 from datetime import date
@@ -129,3 +131,11 @@ def load_settings(*, need_esi: bool = True) -> Settings:
     """Read `.env` (without overriding the real environment) and the environment into Settings."""
     load_dotenv(override=False)
     return settings_from(os.environ, need_esi=need_esi)
+
+
+def setup_logging(*, verbose: bool) -> None:
+    """Log INFO records to stdout: the bare message for operators, or with time, level and pid when verbose."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s" if verbose
+                        else "%(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)  # pika narrates every connection at INFO

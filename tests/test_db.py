@@ -1,0 +1,152 @@
+"""db.py and schema.sql against the real PostgreSQL."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+import db
+from killmail_model import parse_killmail
+
+SAMPLE = json.loads((Path(__file__).resolve().parents[2] / "shared/esi/samples/killmail_134265477.json").read_text())
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def add_user(conn, character_id, **columns):
+    values = {"character_id": character_id, "character_name": f"Pilot {character_id}", "access_token": "a",
+              "refresh_token": f"r{character_id}", "expires_at": NOW + timedelta(minutes=20), **columns}
+    names = ", ".join(values)
+    conn.execute(f"INSERT INTO users ({names}) VALUES ({', '.join(['%s'] * len(values))})", list(values.values()))
+    conn.commit()
+
+
+def sample(killmail_id=SAMPLE["killmail_id"]):
+    body = dict(SAMPLE, killmail_id=killmail_id)
+    return parse_killmail(body, killmail_id=killmail_id, killmail_hash="h" * 40)
+
+
+def test_schema_applies_twice_and_keeps_rows(conn):
+    add_user(conn, 1)
+    db.apply_schema(conn)
+    conn.commit()
+    assert conn.execute("SELECT count(*) AS n FROM users").fetchone()["n"] == 1
+
+
+def test_a_row_with_only_the_web_apps_columns_is_a_due_user(conn):
+    conn.execute("INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at) "
+                 "VALUES (5, 'Five', 'a', 'r', now())")
+    conn.commit()
+    due = db.claim_due_users(conn, NOW, interval=300, stale_after=7200)
+    assert [u["character_id"] for u in due] == [5]
+
+
+def test_claim_due_users_claims_once_until_released_or_stale(conn):
+    add_user(conn, 1)
+    add_user(conn, 2, last_sync_at=NOW - timedelta(seconds=100))  # not due at 300 s
+    add_user(conn, 3, last_sync_at=NOW - timedelta(seconds=400))
+    first = db.claim_due_users(conn, NOW, interval=300, stale_after=7200)
+    assert sorted(u["character_id"] for u in first) == [1, 3]
+    assert db.claim_due_users(conn, NOW, interval=300, stale_after=7200) == []
+    db.release_user(conn, 3)
+    assert [u["character_id"] for u in db.claim_due_users(conn, NOW, interval=300, stale_after=7200)] == [3]
+    later = NOW + timedelta(hours=3)
+    assert sorted(u["character_id"] for u in db.claim_due_users(conn, later, interval=300, stale_after=7200)) \
+        == [1, 2, 3]
+
+
+def test_own_interval_wins_and_quiet_pilots_are_polled_less(conn):
+    add_user(conn, 1, last_sync_at=NOW - timedelta(seconds=400), sync_interval_seconds=600)
+    add_user(conn, 2, last_sync_at=NOW - timedelta(seconds=400), sync_interval_seconds=60)
+    add_user(conn, 3, last_sync_at=NOW - timedelta(seconds=400), created_at=NOW - timedelta(days=10),
+             last_new_killmail_at=NOW - timedelta(days=8))
+    add_user(conn, 4, last_sync_at=NOW - timedelta(seconds=1300), created_at=NOW - timedelta(days=10),
+             last_new_killmail_at=NOW - timedelta(days=8))
+    due = {u["character_id"] for u in db.due_users(conn, NOW, interval=300, stale_after=7200)}
+    assert due == {2, 4}
+
+
+def test_a_revoked_token_is_not_due_until_a_new_one_is_written(conn):
+    add_user(conn, 1)
+    db.mark_revoked(conn, 1, "r1", "invalid_grant")
+    conn.commit()
+    assert db.get_user(conn, 1)["revoked"] is True
+    assert db.due_users(conn, NOW, interval=300, stale_after=7200) == []
+    conn.execute("UPDATE users SET refresh_token = 'new-login' WHERE character_id = 1")
+    assert db.get_user(conn, 1)["revoked"] is False
+    assert [u["character_id"] for u in db.due_users(conn, NOW, interval=300, stale_after=7200)] == [1]
+    stored = conn.execute("SELECT revoked_token_sha256 FROM users").fetchone()["revoked_token_sha256"]
+    assert "r1" not in stored and len(stored) == 64
+
+
+def test_refs_pending_claimed_once_and_failures_bounded(conn):
+    add_user(conn, 1)
+    add_user(conn, 2)
+    db.store_refs(conn, 1, [(10, "a"), (11, "b")])
+    db.store_refs(conn, 2, [(11, "b"), (12, "c")])
+    assert [r["killmail_id"] for r in db.pending_refs(conn, 1, NOW, max_attempts=3)] == [11, 10]
+    first = db.claim_refs(conn, [10, 11], NOW, seconds=600)
+    assert sorted(r["killmail_id"] for r in first) == [10, 11]
+    assert [r["killmail_id"] for r in db.claim_refs(conn, [11, 12], NOW, seconds=600)] == [12]
+    assert [r["killmail_id"] for r in db.claim_refs(conn, [11], NOW + timedelta(seconds=601), seconds=600)] == [11]
+    db.record_ref_failure(conn, 10, "InvalidHash: 422", NOW, permanent=True, max_attempts=3)
+    assert [r["killmail_id"] for r in db.pending_refs(conn, 1, NOW + timedelta(days=1), max_attempts=3)] == [11]
+    db.record_ref_failure(conn, 11, "ServerError", NOW, permanent=False, max_attempts=3)
+    assert db.pending_refs(conn, 1, NOW, max_attempts=3) == []
+    assert [r["killmail_id"] for r in db.pending_refs(conn, 1, NOW + timedelta(minutes=2), max_attempts=3)] == [11]
+
+
+def test_save_killmails_stores_everything_once(conn):
+    killmail = sample()
+    assert db.save_killmails(conn, [killmail]) == [killmail.killmail_id]
+    assert db.save_killmails(conn, [killmail]) == []
+    conn.commit()
+    row = conn.execute("SELECT * FROM killmails").fetchone()
+    assert row["raw"] == SAMPLE
+    assert row["victim_character_id"] == 2121652582 and row["position_x"] == SAMPLE["victim"]["position"]["x"]
+    assert conn.execute("SELECT count(*) AS n FROM attackers").fetchone()["n"] == 1
+    items = conn.execute("SELECT item_type_id, flag, quantity_destroyed, quantity_dropped FROM killmail_items "
+                         "WHERE item_type_id = 82313 ORDER BY item_index").fetchall()
+    assert [(i["quantity_destroyed"], i["quantity_dropped"]) for i in items] == [(16379, None), (None, 14108)]
+    assert conn.execute("SELECT count(*) AS n FROM killmail_items").fetchone()["n"] == 18
+
+
+def test_row_by_row_path_matches_the_batch_path(conn):
+    assert db.save_killmail_row_by_row(conn, sample(1)) is True
+    assert db.save_killmail_row_by_row(conn, sample(1)) is False
+    db.save_killmails(conn, [sample(2)])
+    counts = conn.execute("SELECT killmail_id, count(*) AS n FROM killmail_items GROUP BY 1 ORDER BY 1").fetchall()
+    assert [c["n"] for c in counts] == [18, 18]
+
+
+def test_reserve_slot_allows_a_burst_then_paces(conn):
+    slots = [db.reserve_slot(conn, "killmail", NOW, spacing=0.5, burst=2) for _ in range(5)]
+    # A rested bucket: the burst starts in the past (send now), then every slot is 0.5 s after the last.
+    waits = [(s - NOW).total_seconds() for s in slots]
+    assert waits == [-1.0, -0.5, 0.0, 0.5, 1.0]
+
+
+def test_record_limit_only_extends_a_pause(conn):
+    db.record_limit(conn, "error-limit", limit_tokens=None, window_seconds=None, remaining=5,
+                    paused_until=NOW + timedelta(seconds=30), status=420)
+    db.record_limit(conn, "error-limit", limit_tokens=None, window_seconds=None, remaining=90,
+                    paused_until=None, status=200)
+    (row,) = db.limit_state(conn, ["error-limit"])
+    assert row["paused_until"] == NOW + timedelta(seconds=30) and row["remaining"] == 90
+
+
+def test_advisory_lock_is_exclusive_between_sessions(conn, database_url):
+    assert db.try_lock(conn, db.LOCK_CHARACTER, 42)
+    with db.connect(database_url) as other:
+        assert not db.try_lock(other, db.LOCK_CHARACTER, 42)
+        assert db.try_lock(other, db.LOCK_CORPORATION, 42)
+    db.unlock(conn, db.LOCK_CHARACTER, 42)
+
+
+def test_esi_calls_accumulate(conn):
+    db.add_esi_calls(conn, {("killmail", 200): 3, ("char-killmail", 304): 1})
+    db.add_esi_calls(conn, {("killmail", 200): 2})
+    rows = conn.execute("SELECT route_group, status, calls FROM esi_calls ORDER BY 1").fetchall()
+    assert [(r["route_group"], r["status"], r["calls"]) for r in rows] == [("char-killmail", 304, 1),
+                                                                          ("killmail", 200, 5)]

@@ -1,0 +1,332 @@
+"""Tests of the local ESI + SSO simulator, over real HTTP against sim.start(port=0)."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+import pytest
+import requests
+
+from esi_simulator import CHAR_SCOPE, CORP_SCOPE, Simulator
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HEADERS = {"User-Agent": "esi-simulator-tests/1.0 (dev@example.org)", "X-Compatibility-Date": "2026-08-18"}
+CLIENT_AUTH = "Basic " + base64.b64encode(b"demo-client:demo-secret").decode()
+
+
+class Esi:
+    """A tiny test client: the simulator, its base URL and request helpers."""
+
+    def __init__(self, sim: Simulator, base: str) -> None:
+        self.sim, self.base = sim, base
+
+    def get(self, path: str, token: str | None = None, **headers: str) -> requests.Response:
+        all_headers = {**HEADERS, **headers}
+        if token:
+            all_headers["Authorization"] = f"Bearer {token}"
+        return requests.get(self.base + path, headers=all_headers, timeout=5)
+
+    def refresh(self, refresh_token: str, auth: str = CLIENT_AUTH) -> requests.Response:
+        return requests.post(self.base + "/v2/oauth/token", timeout=5,
+                             headers={"Authorization": auth, "User-Agent": HEADERS["User-Agent"]},
+                             data={"grant_type": "refresh_token", "refresh_token": refresh_token})
+
+    def pilot(self, *, director: bool = False) -> dict:
+        """A pilot with a valid grant and a working access token (refreshed only when it has expired)."""
+        candidates = [p for p in self.sim.pilots() if not p["revoked"] and (CORP_SCOPE in p["scopes"]) == director]
+        pilot = max(candidates, key=lambda p: p["expires_at"])
+        if pilot["expires_at"] <= self.sim.now():
+            tokens = self.refresh(pilot["refresh_token"]).json()
+            pilot.update(access_token=tokens["access_token"], refresh_token=tokens["refresh_token"])
+        return pilot
+
+    def detail_path(self, killmail_id: int) -> str:
+        return f"/killmails/{killmail_id}/{self.sim.killmail_hash(killmail_id)}/"
+
+    def recent(self, pilot: dict, page: int = 1, **headers: str) -> requests.Response:
+        return self.get(f"/characters/{pilot['character_id']}/killmails/recent?page={page}",
+                        pilot["access_token"], **headers)
+
+
+@pytest.fixture
+def esi():
+    sim = Simulator(seed=7, client_id="demo-client", client_secret="demo-secret", page_size=10)
+    sim.add_pilots(n_pilots=8, n_killmails=120, share=3, expired_fraction=0.25, revoked=1, corporations=2)
+    yield Esi(sim, sim.start(port=0))
+    sim.stop()
+
+
+def test_generated_world_matches_the_brief(esi):
+    pilots = esi.sim.pilots()
+    now = datetime.now(timezone.utc)
+    assert len(pilots) == 8 and all(90_000_000 < p["character_id"] for p in pilots)
+    assert sum(p["revoked"] for p in pilots) == 1
+    assert sum(p["expires_at"] <= now and not p["revoked"] for p in pilots) == 2
+    assert sum(CORP_SCOPE in p["scopes"] for p in pilots) == 2
+    assert all(CHAR_SCOPE in p["scopes"] and p["character_name"].startswith("Pilot ") for p in pilots)
+    bodies = esi.sim.expected_killmails(valid_only=False)
+    assert len(bodies) == 120
+    assert 1 < sum(len(esi.sim.killmail_ids_for(p["character_id"])) for p in pilots) / 120 < 5
+    attackers = [b["attackers"] for b in bodies.values()]
+    assert all(1 <= len(a) <= 30 and sum(x["final_blow"] for x in a) == 1 for a in attackers)
+    assert any(len({json.dumps(x, sort_keys=True) for x in a if "character_id" not in x})
+               < sum("character_id" not in x for x in a) for a in attackers)  # identical NPC entries
+    items = [b["victim"]["items"] for b in bodies.values()]
+    assert all(0 <= len(i) <= 40 for i in items)
+    assert any(any("items" in x for x in i) for i in items)
+    assert any(len({(x["item_type_id"], x["flag"]) for x in i}) < len(i) for i in items)
+    assert any("character_id" not in b["victim"] for b in bodies.values())
+    assert any("moon_id" in b or "war_id" in b for b in bodies.values())
+    assert all(len(esi.sim.killmail_hash(k)) == 40 for k in bodies)
+
+
+def test_same_seed_gives_the_same_world():
+    worlds = []
+    for _ in range(2):
+        sim = Simulator(seed=3, client_id="c", client_secret="s")
+        sim.add_pilots(n_pilots=5, n_killmails=40, corporations=2)
+        worlds.append(({k: sim.killmail_hash(k) for k in sim.expected_killmails(False)},
+                       [p["refresh_token"] for p in sim.pilots()]))
+    assert worlds[0] == worlds[1]
+
+
+def test_paging_x_pages_and_order(esi):
+    pilot = esi.pilot()
+    expected = esi.sim.killmail_ids_for(pilot["character_id"])
+    first = esi.recent(pilot)
+    pages = int(first.headers["X-Pages"])
+    assert pages == math.ceil(len(expected) / 10) and len(first.json()) == 10
+    listed = [r for page in range(1, pages + 1) for r in esi.recent(pilot, page).json()]
+    assert {r["killmail_id"] for r in listed} == expected and len(listed) == len(expected)
+    bodies = esi.sim.expected_killmails(valid_only=False)
+    keys = [(bodies[r["killmail_id"]]["killmail_time"], r["killmail_id"]) for r in listed]
+    assert keys == sorted(keys, reverse=True)
+    assert len({esi.recent(pilot, p).headers["Last-Modified"] for p in (1, pages)}) == 1
+    beyond = esi.recent(pilot, pages + 1)
+    assert beyond.status_code == 404 and beyond.headers["X-Pages"] == str(pages)
+    assert esi.recent(pilot, 0).status_code == 400
+    assert esi.get(f"/latest/characters/{pilot['character_id']}/killmails/recent/", pilot["access_token"]).ok
+
+
+def test_etag_gives_304_and_costs_one_token(esi):
+    pilot = esi.pilot()
+    first = esi.recent(pilot)
+    assert first.headers["ETag"].startswith('"')
+    again = esi.recent(pilot, **{"If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304 and again.content == b""
+    assert again.headers["ETag"] == first.headers["ETag"] and again.headers["Expires"] == first.headers["Expires"]
+    assert esi.sim.stats()["tokens_spent"]["char-killmail"] == 3
+    assert again.headers["X-Ratelimit-Used"] == "3"
+
+
+def test_expires_and_early_fetch_counter(esi):
+    pilot = esi.pilot()
+    first = esi.recent(pilot)
+    expires = parsedate_to_datetime(first.headers["Expires"])
+    assert (expires - parsedate_to_datetime(first.headers["Date"])).total_seconds() == 300
+    assert first.headers["Cache-Control"] == "private, max-age=300"
+    esi.recent(pilot, **{"If-None-Match": first.headers["ETag"]})
+    assert esi.sim.stats()["early_list_fetches"] == 1
+    esi.sim.advance(300)
+    later = esi.recent(pilot, **{"If-None-Match": first.headers["ETag"]})
+    assert later.status_code == 304 and esi.sim.stats()["early_list_fetches"] == 1
+    assert parsedate_to_datetime(later.headers["Expires"]) > expires
+
+
+def test_new_killmails_wait_for_the_cache_turnover(esi):
+    pilot = esi.pilot()
+    first = esi.recent(pilot)
+    new_ids = esi.sim.add_killmails(pilot["character_id"], 3)
+    assert set(new_ids) <= esi.sim.killmail_ids_for(pilot["character_id"])
+    cached = esi.recent(pilot)
+    assert cached.headers["ETag"] == first.headers["ETag"]
+    esi.sim.advance(300)
+    fresh = esi.recent(pilot, **{"If-None-Match": first.headers["ETag"]})
+    assert fresh.status_code == 200 and fresh.headers["ETag"] != first.headers["ETag"]
+    assert {r["killmail_id"] for r in fresh.json()[:3]} == set(new_ids)
+
+
+def test_token_rotation_and_invalid_grant(esi):
+    pilot = esi.pilot()
+    answer = esi.refresh(pilot["refresh_token"])
+    assert answer.status_code == 200
+    tokens = answer.json()
+    assert tokens["expires_in"] == 1199 and tokens["token_type"] == "Bearer"
+    assert tokens["refresh_token"] != pilot["refresh_token"]
+    claims = json.loads(base64.urlsafe_b64decode(tokens["access_token"].split(".")[1] + "=="))
+    assert claims["sub"] == f"CHARACTER:EVE:{pilot['character_id']}" and claims["iss"] == "login.eveonline.com"
+    assert CHAR_SCOPE in claims["scp"] and claims["name"] == pilot["character_name"]
+    old = esi.refresh(pilot["refresh_token"])
+    assert old.status_code == 400 and old.json()["error"] == "invalid_grant"
+    assert esi.recent(pilot).status_code == 401  # only the newest access token works
+    assert esi.recent({**pilot, "access_token": tokens["access_token"]}).status_code == 200
+    current = next(p for p in esi.sim.pilots() if p["character_id"] == pilot["character_id"])
+    assert current["refresh_token"] == tokens["refresh_token"]
+    esi.sim.advance(1199)
+    assert esi.recent(current).json() == {"error": "token is expired"}
+    assert esi.sim.stats()["refreshes"] == 1 and esi.sim.stats()["invalid_grants"] == 1
+
+
+def test_revoked_pilot_and_invalid_client(esi):
+    revoked = next(p for p in esi.sim.pilots() if p["revoked"])
+    assert esi.recent(revoked).status_code == 401
+    assert esi.refresh(revoked["refresh_token"]).json()["error"] == "invalid_grant"
+    wrong = "Basic " + base64.b64encode(b"demo-client:nope").decode()
+    answer = esi.refresh(esi.pilot()["refresh_token"], auth=wrong)
+    assert answer.status_code == 401 and answer.json()["error"] == "invalid_client"
+    valid = set().union(*(esi.sim.killmail_ids_for(p["character_id"]) for p in esi.sim.pilots() if not p["revoked"]))
+    assert set(esi.sim.expected_killmails()) == valid
+    assert valid < set(esi.sim.expected_killmails(valid_only=False))
+
+
+def test_auth_scope_and_roles(esi):
+    pilot, director = esi.pilot(), esi.pilot(director=True)
+    assert esi.get(f"/characters/{pilot['character_id']}/killmails/recent").status_code == 401
+    assert esi.get(f"/characters/{director['character_id']}/killmails/recent", pilot["access_token"]).status_code == 403
+    corp = f"/corporations/{director['corporation_id']}/killmails/recent"
+    answer = esi.get(corp, director["access_token"])
+    assert answer.status_code == 200 and answer.headers["X-Ratelimit-Group"] == "corp-killmail"
+    member = next(p for p in esi.sim.pilots() if p["corporation_id"] == director["corporation_id"]
+                  and p["character_id"] != director["character_id"] and not p["revoked"])
+    member = {**member, "access_token": esi.refresh(member["refresh_token"]).json()["access_token"]}
+    assert esi.get(corp, member["access_token"]).status_code == 403
+    public = esi.get(f"/characters/{pilot['character_id']}/").json()
+    assert public["name"] == pilot["character_name"] and public["corporation_id"] == pilot["corporation_id"]
+
+
+def test_details_hash_checks_and_duplicates(esi):
+    killmail_id, body = next(iter(esi.sim.expected_killmails().items()))
+    good = esi.detail_path(killmail_id)
+    first = esi.get(good)
+    assert first.json() == body
+    expires = parsedate_to_datetime(first.headers["Expires"]) - parsedate_to_datetime(first.headers["Date"])
+    assert expires.days == 30 and first.headers["ETag"]
+    wrong = esi.get(f"/killmails/{killmail_id}/{'0' * 40}/")
+    assert wrong.status_code == 422 and wrong.json() == {"error": "Invalid killmail_id and/or killmail_hash"}
+    assert esi.get(f"/killmails/1/{'0' * 40}/").status_code == 404
+    esi.get(good)
+    stats = esi.sim.stats()
+    assert stats["detail_fetches"][killmail_id] == 3 and stats["duplicate_detail_fetches"] == 1
+
+
+def test_malformed_body(esi):
+    killmail_id = next(iter(esi.sim.expected_killmails()))
+    esi.sim.make_malformed(killmail_id)
+    body = esi.get(esi.detail_path(killmail_id)).json()
+    assert "victim" not in body and body["killmail_id"] == killmail_id
+    assert killmail_id not in esi.sim.expected_killmails()
+
+
+def test_required_headers(esi):
+    path = f"/killmails/{next(iter(esi.sim.expected_killmails()))}/x"
+    assert esi.get(path, **{"User-Agent": "python-requests/2.32.3"}).status_code == 400
+    assert esi.get(path, **{"X-Compatibility-Date": "2099-01-01"}).status_code == 400
+    assert requests.get(esi.base + path, headers={"User-Agent": HEADERS["User-Agent"]}).status_code == 400
+    assert esi.get(path, **{"X-Compatibility-Date": "2025-01-01"}).status_code == 422
+    stats = esi.sim.stats()
+    assert stats["bad_user_agent"] == 1 and stats["bad_compatibility_date"] == 2
+
+
+def test_error_limit_gives_420_until_the_window_ends(esi):
+    esi.sim.configure(error_limit=3, error_window=60)
+    esi.sim.advance(60.5 - esi.sim.now().timestamp() % 60)  # start just inside a fresh window
+    remains = [esi.get("/killmails/1/x").headers["X-ESI-Error-Limit-Remain"] for _ in range(3)]
+    assert remains == ["2", "1", "0"]
+    limited = esi.get(f"/characters/{esi.pilot()['character_id']}/")
+    assert limited.status_code == 420 and limited.json() == {"error": "error limited"}
+    assert 0 < int(limited.headers["X-ESI-Error-Limit-Reset"]) <= 60
+    esi.sim.advance(int(limited.headers["X-ESI-Error-Limit-Reset"]))
+    assert esi.get(f"/characters/{esi.pilot()['character_id']}/").status_code == 200
+    stats = esi.sim.stats()
+    assert stats["status_420"] == 1 and stats["min_error_limit_remain"] == 0
+
+
+def test_rate_limit_429_with_retry_after(esi):
+    esi.sim.configure(detail_bucket=(4, 60))
+    killmail_id = next(iter(esi.sim.expected_killmails()))
+    path = esi.detail_path(killmail_id)
+    answers = [esi.get(path) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[0].headers["X-Ratelimit-Limit"] == "4/1m" and answers[0].headers["X-Ratelimit-Remaining"] == "2"
+    assert answers[1].headers["X-Ratelimit-Used"] == "4"
+    assert 55 <= int(answers[2].headers["Retry-After"]) <= 60
+    esi.sim.advance(int(answers[2].headers["Retry-After"]))
+    assert esi.get(path).status_code == 200
+    stats = esi.sim.stats()
+    assert stats["status_429"] == 1 and stats["tokens_spent"]["killmail"] == 6
+
+
+def test_fail_next_and_random_faults(esi):
+    killmail_id = next(iter(esi.sim.expected_killmails()))
+    path = esi.detail_path(killmail_id)
+    esi.sim.fail_next(r"^/killmails/", 503, count=2)
+    esi.sim.fail_next(r"^/killmails/", 429, retry_after=7)
+    statuses = [esi.get(path) for _ in range(4)]
+    assert [a.status_code for a in statuses] == [503, 503, 429, 200]
+    assert statuses[2].headers["Retry-After"] == "7" and "error" in statuses[0].json()
+    esi.sim.fail_next("oauth", 502)
+    assert esi.refresh(esi.sim.pilots()[0]["refresh_token"]).status_code == 502
+    esi.sim.configure(error_rate_5xx=1.0)
+    assert esi.get(path).status_code in (500, 502, 503, 504)
+    esi.sim.configure(error_rate_5xx=0.0, rate_429=1.0)
+    random_429 = esi.get(path)
+    assert random_429.status_code == 429 and 1 <= int(random_429.headers["Retry-After"]) <= 5
+
+
+def test_latency_overlaps_across_concurrent_requests(esi):
+    esi.sim.configure(latency_ms=100)
+    path = f"/characters/{esi.pilot()['character_id']}/"
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(esi.get(path).status_code)) for _ in range(20)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 20 and time.monotonic() - started < 1.0
+    assert esi.sim.stats()["max_in_flight"] > 1
+
+
+def test_control_api(esi):
+    base = esi.base + "/_sim"
+    pilot = esi.pilot()
+    assert requests.post(base + "/configure", json={"page_size": 5, "detail_bucket": [10, 60]}).ok
+    assert len(esi.recent(pilot).json()) == 5
+    stats = requests.get(base + "/stats").json()
+    assert stats["by_route"]["list_character"] == 1 and stats["by_status"]["200"] >= 1
+    pilots = requests.get(base + "/pilots").json()
+    assert datetime.fromisoformat(pilots[0]["expires_at"]).tzinfo is not None
+    new = requests.post(base + "/add_killmails", json={"character_id": pilot["character_id"], "n": 2}).json()
+    assert set(new) <= set(requests.get(base + "/expected").json())
+    assert requests.post(base + "/fail_next", json={"path_regex": "/characters/", "status": 500}).ok
+    assert esi.get(f"/characters/{pilot['character_id']}").status_code == 500
+    before = esi.recent(pilot)
+    assert requests.post(base + "/advance", json={"seconds": 300}).ok
+    assert esi.recent(pilot).headers["ETag"] != before.headers["ETag"]
+    assert requests.post(base + "/reset_stats").ok
+    assert requests.get(base + "/stats").json()["requests"] == 0
+    assert requests.post(base + "/configure", json={"nope": 1}).status_code == 400
+
+
+def test_cli_runs_until_sigterm():
+    command = [sys.executable, "esi_simulator.py", "--port", "0", "--pilots", "3", "--killmails", "10"]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()  # the one start line, logged once the server listens
+        base_url = re.search(r"http://127\.0\.0\.1:\d+", line).group()
+        assert requests.get(base_url + "/_sim/pilots", timeout=5).json()[0]["character_name"] == "Pilot 1"
+        assert "token" not in line
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        process.kill()
