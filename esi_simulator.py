@@ -2,7 +2,14 @@
 
 It serves the killmail routes, the public character route and the SSO token endpoint over real HTTP, with ESI's
 caching (Expires, ETag, 304), paging, error limit (420) and token-bucket rate limit (429), rotating refresh tokens,
-and injectable faults. Its clock is the real clock plus whatever `advance()` added, so tests need no sleeps.
+and injectable faults, following ../shared/esi/ESI.md. Where ESI leaves a choice open, the simulator answers:
+- a missing, unknown, superseded or expired Bearer token: 401; a token of another character, a missing scope or
+  the missing Director role: 403;
+- a page past the last one: 404 "Requested page does not exist!" (still with X-Pages); an unknown killmail id:
+  404; a known id with the wrong hash: 422;
+- SSO is a separate service: it is outside the error limit and the buckets, and a bare User-Agent is only counted.
+Its clock is the real clock plus whatever `advance()` added, so tests need no sleeps; Date, Expires, token expiry,
+cache turnover and the limit windows all follow it.
 """
 from __future__ import annotations
 
@@ -174,6 +181,7 @@ class Simulator:
         self._faults: list[dict] = []
         self._error_window_start, self._error_count = 0, 0
         self._in_flight = 0
+        self.base_url: str | None = None  # set by start()
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.configure(**options)
@@ -311,7 +319,8 @@ class Simulator:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="esi-simulator", daemon=True)
         self._thread.start()
-        return f"http://{host}:{self._server.server_port}"
+        self.base_url = f"http://{host}:{self._server.server_port}"
+        return self.base_url
 
     def stop(self) -> None:
         """Stop the server started by start() (harmless when not running)."""
@@ -319,7 +328,7 @@ class Simulator:
             self._server.shutdown()
             self._thread.join(timeout=5)
             self._server.server_close()
-            self._server = self._thread = None
+            self._server = self._thread = self.base_url = None
 
     def wsgi_app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         """The WSGI entry point: /_sim/ control API, SSO token endpoint, ESI routes."""
@@ -363,16 +372,16 @@ class Simulator:
                 self._in_flight -= 1
 
     def _esi(self, route: str, params: dict, request: Request, now: float) -> Reply:
+        if route == "detail":
+            fetches = self._stats["detail_fetches"]
+            fetches[params["id"]] = fetches.get(params["id"], 0) + 1
+        if route.startswith("list_"):
+            self._note_early(route, params, request, now)
         if self._error_state(now)[0] == 0:
             reply = _error(420, "error limited")
         else:
             group, key = self._group(route, params, request)
-            if route == "detail":
-                fetches = self._stats["detail_fetches"]
-                fetches[params["id"]] = fetches.get(params["id"], 0) + 1
-            if route.startswith("list_"):
-                self._note_early(route, params, request, now)
-            reply = self._take_fault(request.path) or self._random_fault() or self._check_headers(request)
+            reply = self._take_fault(request.path) or self._random_fault() or self._check_request(request)
             if reply is None:
                 reply = getattr(self, f"_route_{route}")(params, request, now)
             if group and self._config["rate_limits"]:
@@ -397,12 +406,14 @@ class Simulator:
         return None, None
 
     def _note_early(self, route: str, params: dict, request: Request, now: float) -> None:
+        """Count a list request made before the Expires this page last got for the same token owner."""
         owner = self._issued.get(_bearer_token(request))
         key = (route, params["id"], request.args.get("page", "1"), owner)
         if owner is not None and now < self._given_expires.get(key, 0):
             self._stats["early_list_fetches"] += 1
 
     def _take_fault(self, path: str) -> Reply | None:
+        """The first queued fail_next fault whose regex matches the path, used up once per request."""
         for fault in self._faults:
             if fault["regex"].search(path):
                 fault["count"] -= 1
@@ -425,7 +436,10 @@ class Simulator:
             return Reply(429, _json({"error": "Too many requests"}), {"Retry-After": str(rng.randint(1, 5))})
         return None
 
-    def _check_headers(self, request: Request) -> Reply | None:
+    def _check_request(self, request: Request) -> Reply | None:
+        """A 400 for a request without a proper User-Agent or X-Compatibility-Date (and 405 for a non-GET)."""
+        if request.method != "GET":
+            return _error(405, "Method not allowed")
         agent = request.headers.get("User-Agent", "").strip()
         if not agent or _BARE_REQUESTS_AGENT.match(agent):
             self._stats["bad_user_agent"] += 1

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 
 import pytest
@@ -68,7 +68,7 @@ def esi():
 
 def test_generated_world_matches_the_brief(esi):
     pilots = esi.sim.pilots()
-    now = datetime.now(timezone.utc)
+    now = esi.sim.now()
     assert len(pilots) == 8 and all(90_000_000 < p["character_id"] for p in pilots)
     assert sum(p["revoked"] for p in pilots) == 1
     assert sum(p["expires_at"] <= now and not p["revoked"] for p in pilots) == 2
@@ -196,6 +196,10 @@ def test_auth_scope_and_roles(esi):
     corp = f"/corporations/{director['corporation_id']}/killmails/recent"
     answer = esi.get(corp, director["access_token"])
     assert answer.status_code == 200 and answer.headers["X-Ratelimit-Group"] == "corp-killmail"
+    members = [p["character_id"] for p in esi.sim.pilots() if p["corporation_id"] == director["corporation_id"]]
+    expected = set().union(*(esi.sim.killmail_ids_for(m) for m in members))
+    assert answer.headers["X-Pages"] == str(math.ceil(len(expected) / 10))
+    assert expected <= set(esi.sim.expected_killmails(corporations=True))
     member = next(p for p in esi.sim.pilots() if p["corporation_id"] == director["corporation_id"]
                   and p["character_id"] != director["character_id"] and not p["revoked"])
     member = {**member, "access_token": esi.refresh(member["refresh_token"]).json()["access_token"]}

@@ -1,0 +1,185 @@
+"""sync.py end to end: real PostgreSQL, real HTTP to the local ESI simulator."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import db
+import sync
+from conftest import insert_users, make_settings
+from esi import EsiClient
+from limits import SharedLimits
+
+
+@pytest.fixture
+def world(sim, conn, database_url):
+    """Ten pilots sharing 300 killmails, a fast detail bucket, users written as the web app does."""
+    sim.configure(detail_bucket=(200_000, 900))
+    sim.add_pilots(n_pilots=10, n_killmails=300, share=3, expired_fraction=0.3, revoked=1, corporations=2)
+    insert_users(conn, sim.pilots())
+    settings = make_settings(database_url, sim.base_url)
+    limits = SharedLimits(lambda: db.connect(database_url, autocommit=True), sleep=lambda s: None)
+    client = EsiClient(settings, limits=limits, sleep=lambda s: None)
+    yield client
+    limits.close()
+
+
+def now_for(sim) -> datetime:
+    return sim.now()
+
+
+def sync_all(conn, client, sim, now=None):
+    return {p["character_id"]: sync.sync_character(conn, client, p["character_id"], now or now_for(sim))
+            for p in sim.pilots()}
+
+
+def stored_ids(conn) -> set[int]:
+    return {r["killmail_id"] for r in conn.execute("SELECT killmail_id FROM killmails")}
+
+
+def test_cold_sync_stores_every_killmail_once_with_all_rows(conn, world, sim):
+    results = sync_all(conn, world, sim)
+    expected = sim.expected_killmails(valid_only=True)
+    assert stored_ids(conn) == set(expected)
+    stats = sim.stats()
+    assert stats["duplicate_detail_fetches"] == 0
+    assert stats["by_route"]["detail"] == len(expected)  # one detail per distinct killmail, shared ones once
+    for killmail_id in list(expected)[:40]:
+        body = expected[killmail_id]
+        n_attackers = conn.execute("SELECT count(*) AS n FROM attackers WHERE killmail_id = %s",
+                                   (killmail_id,)).fetchone()["n"]
+        n_items = conn.execute("SELECT count(*) AS n FROM killmail_items WHERE killmail_id = %s",
+                               (killmail_id,)).fetchone()["n"]
+        flat_items = sum(1 + len(i.get("items", [])) for i in body["victim"].get("items", []))
+        raw = conn.execute("SELECT raw FROM killmails WHERE killmail_id = %s", (killmail_id,)).fetchone()["raw"]
+        assert (n_attackers, n_items, raw) == (len(body["attackers"]), flat_items, body)
+    statuses = sorted(r.status for r in results.values())
+    assert statuses.count("needs_relogin") == 1 and statuses.count("ok") == 9
+    runs = conn.execute("SELECT count(*) AS n, sum(saved) AS saved FROM sync_runs").fetchone()
+    assert runs["n"] == 10 and runs["saved"] == len(expected)
+
+
+def test_expired_tokens_are_refreshed_and_the_rotated_token_stored(conn, world, sim):
+    before = {p["character_id"]: p for p in sim.pilots()}
+    sync_all(conn, world, sim)
+    after = {p["character_id"]: p for p in sim.pilots()}
+    refreshed = [cid for cid in before if before[cid]["refresh_token"] != after[cid]["refresh_token"]]
+    assert refreshed and sim.stats()["refreshes"] == len(refreshed)
+    for cid in refreshed:
+        user = db.get_user(conn, cid)
+        assert user["refresh_token"] == after[cid]["refresh_token"]
+        assert user["access_token"] == after[cid]["access_token"]
+    # Twenty-one minutes later every token has expired; the rotated refresh tokens work (the old ones would not).
+    sim.advance(21 * 60)
+    sim.reset_stats()
+    results = sync_all(conn, world, sim, now=now_for(sim))
+    stats = sim.stats()
+    assert stats["refreshes"] == 9 and stats["invalid_grants"] == 0  # the revoked pilot is not asked again
+    assert sum(r.status == "ok" for r in results.values()) == 9
+
+
+def test_revoked_grant_marks_the_user_and_it_is_not_due_again(conn, world, sim):
+    revoked = next(p for p in sim.pilots() if p["revoked"])
+    result = sync.sync_character(conn, world, revoked["character_id"], now_for(sim))
+    assert result.status == "needs_relogin" and "invalid_grant" in result.error
+    assert db.get_user(conn, revoked["character_id"])["revoked"]
+    due = db.due_users(conn, now_for(sim) + timedelta(hours=1), interval=300, stale_after=7200)
+    assert revoked["character_id"] not in {u["character_id"] for u in due}
+    sim.reset_stats()
+    again = sync.sync_character(conn, world, revoked["character_id"], now_for(sim))
+    assert again.status == "needs_relogin" and sim.stats()["requests"] == 0  # not asked again
+
+
+def test_second_run_makes_no_call_before_expires_and_gets_304_after(conn, world, sim):
+    sync_all(conn, world, sim)
+    sim.reset_stats()
+    sync_all(conn, world, sim)
+    assert sim.stats()["requests"] == 0
+    sim.advance(301)
+    sync_all(conn, world, sim, now=now_for(sim))
+    stats = sim.stats()
+    assert stats["by_route"]["list_character"] == 9 and stats["by_status"] == {"304": 9}
+    assert stats["early_list_fetches"] == 0 and stats["by_route"]["detail"] == 0
+
+
+def test_new_killmails_after_expires_are_fetched(conn, world, sim):
+    sync_all(conn, world, sim)
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    new_ids = sim.add_killmails(pilot["character_id"], 3)
+    sim.advance(301)
+    sim.reset_stats()
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.saved == 3 and set(new_ids) <= stored_ids(conn)
+    assert sim.stats()["by_route"]["detail"] == 3
+
+
+def test_paging_walks_every_page(conn, world, sim):
+    sim.configure(page_size=50)
+    pilot = max((p for p in sim.pilots() if not p["revoked"]),
+                key=lambda p: len(sim.killmail_ids_for(p["character_id"])))
+    ids = sim.killmail_ids_for(pilot["character_id"])
+    assert len(ids) > 100
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.listed == len(ids) and ids <= stored_ids(conn)
+    assert sim.stats()["by_route"]["list_character"] == -(-len(ids) // 50)
+
+
+def test_malformed_killmail_is_a_failed_reference_and_the_rest_are_saved(conn, world, sim):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    ids = sorted(sim.killmail_ids_for(pilot["character_id"]))
+    sim.make_malformed(ids[0])
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "partial" and result.failed == 1 and result.saved == len(ids) - 1
+    ref = conn.execute("SELECT attempts, last_error FROM killmail_refs WHERE killmail_id = %s", (ids[0],)).fetchone()
+    assert ref["attempts"] == 1 and "victim" in ref["last_error"]
+    # The sweep: later syncs retry it with backoff, a bounded number of times, then leave it alone.
+    sim.reset_stats()
+    later = now_for(sim)
+    for _ in range(10):
+        later += timedelta(hours=7)
+        sync.sync_character(conn, world, pilot["character_id"], later)
+    assert sim.stats()["detail_fetches"].get(ids[0], 0) == sync.SyncOptions().max_attempts - 1
+
+
+def test_wrong_hash_is_not_retried(conn, world, sim):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    first = sorted(sim.killmail_ids_for(pilot["character_id"]))[0]
+    sim.fail_next(rf"/killmails/{first}/", 422)
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.failed == 1
+    sim.reset_stats()
+    sync.sync_character(conn, world, pilot["character_id"], now_for(sim) + timedelta(days=1))
+    assert sim.stats()["detail_fetches"].get(first, 0) == 0
+
+
+def test_server_errors_are_retried_inside_the_call(conn, world, sim):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    sim.fail_next(r"/killmails/", 502, count=2)
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.failed == 0 and sim.killmail_ids_for(pilot["character_id"]) <= stored_ids(conn)
+
+
+def test_rate_limited_list_fails_the_job_and_pauses_the_bucket_for_everyone(conn, world, sim, database_url):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    sim.fail_next(r"/killmails/recent", 429, retry_after=120)
+    with pytest.raises(sync.JobError) as caught:
+        sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert caught.value.retry_after == 120
+    (state,) = db.limit_state(conn, [f"char-killmail:{pilot['character_id']}"])
+    assert state["paused_until"] > datetime.now(timezone.utc) + timedelta(seconds=100)
+    assert db.get_user(conn, pilot["character_id"])["list_etag"] is None  # nothing half-recorded
+
+
+def test_a_locked_character_is_skipped_without_calls(conn, world, sim, database_url):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    with db.connect(database_url) as other:
+        assert db.try_lock(other, db.LOCK_CHARACTER, pilot["character_id"])
+        sim.reset_stats()
+        result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "locked" and sim.stats()["requests"] == 0
+
+
+def test_unknown_user_is_a_permanent_error(conn, world, sim):
+    with pytest.raises(sync.PermanentJobError):
+        sync.sync_character(conn, world, 12345, now_for(sim))
