@@ -216,14 +216,16 @@ def pending_refs(conn, character_id: int, now: datetime, *, max_attempts: int) -
 
 
 def claim_refs(conn, killmail_ids: Sequence[int], now: datetime, *, seconds: int) -> list[dict]:
-    """Claim references for fetching; those another process holds, or already stored, are not returned."""
+    """Claim references for fetching; those another live process holds, or already stored, are not returned."""
     if not killmail_ids:
         return []
     return conn.execute(
         """
-        UPDATE killmail_refs r SET claimed_until = %(until)s
+        UPDATE killmail_refs r SET claimed_until = %(until)s, claimed_by = pg_backend_pid()
         WHERE r.killmail_id = ANY(%(ids)s)
-          AND (r.claimed_until IS NULL OR r.claimed_until < %(now)s)
+          AND (r.claimed_until IS NULL OR r.claimed_until < %(now)s OR r.claimed_by = pg_backend_pid()
+               -- a claim dies with the process that made it: a killed worker's connection is gone at once
+               OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.claimed_by))
           AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
         RETURNING r.killmail_id, r.killmail_hash
         """,
@@ -409,3 +411,133 @@ def reserve_slot(conn, bucket: str, now: datetime, *, spacing: float, burst: int
     ).fetchone()
     return row["slot"]
 
+
+
+# --- status page
+# Read-only queries of status_app.py. None of them selects a token column; times come back as timestamptz.
+
+USER_STATES = ("active", "due", "queued", "never_synced", "needs_relogin")
+
+# No usable grant: no refresh token at all, or the very one SSO answered invalid_grant for (see get_user).
+_NEEDS_RELOGIN_SQL = """
+    refresh_token IS NULL OR refresh_token = ''
+    OR revoked_token_sha256 = encode(sha256(convert_to(refresh_token, 'UTF8')), 'hex')
+"""
+
+
+def ping(conn) -> None:
+    """Run a trivial query, to show the database answers."""
+    conn.execute("SELECT 1").fetchone()
+
+
+def latest_run(conn) -> dict | None:
+    """The most recently finished run's start, end and duration in seconds; None before the first run."""
+    return conn.execute(
+        """
+        SELECT started_at, finished_at, extract(epoch FROM finished_at - started_at)::float8 AS duration
+        FROM sync_runs WHERE finished_at IS NOT NULL
+        ORDER BY finished_at DESC LIMIT 1
+        """
+    ).fetchone()
+
+
+def run_stats(conn, since: datetime) -> dict:
+    """Runs finished since a time: how many, how many succeeded (ok, partial) or failed (error), durations."""
+    return conn.execute(
+        """
+        SELECT count(*) AS runs,
+               count(*) FILTER (WHERE status IN ('ok', 'partial')) AS succeeded,
+               count(*) FILTER (WHERE status = 'error') AS failed,
+               avg(extract(epoch FROM finished_at - started_at))::float8 AS avg_duration,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
+                   AS p95_duration
+        FROM sync_runs WHERE finished_at >= %s
+        """,
+        (since,),
+    ).fetchone()
+
+
+def runs_by_status(conn) -> list[dict]:
+    """Every run recorded so far, counted by status."""
+    return conn.execute("SELECT status, count(*) AS runs FROM sync_runs GROUP BY status ORDER BY status").fetchall()
+
+
+def killmail_growth(conn, now: datetime) -> dict:
+    """Stored killmails: in all, and stored in the last hour and the last 24 hours."""
+    return conn.execute(
+        """
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE stored_at >= %(now)s - interval '1 hour') AS last_hour,
+               count(*) FILTER (WHERE stored_at >= %(now)s - interval '24 hours') AS last_day
+        FROM killmails
+        """,
+        {"now": now},
+    ).fetchone()
+
+
+def user_states(conn, now: datetime, *, interval: int, stale_after: int) -> dict[str, int]:
+    """Users counted by state, each user in one: needs_relogin, else queued, else never_synced, else due, else
+    active (synced within its interval). A claim older than stale_after no longer counts as queued."""
+    rows = conn.execute(
+        f"""
+        SELECT CASE WHEN {_NEEDS_RELOGIN_SQL} THEN 'needs_relogin'
+                    WHEN queued_at >= %(now)s - make_interval(secs => %(stale)s) THEN 'queued'
+                    WHEN last_sync_at IS NULL THEN 'never_synced'
+                    WHEN {_DUE_SQL} THEN 'due'
+                    ELSE 'active' END AS state,
+               count(*) AS users
+        FROM users GROUP BY 1
+        """,
+        {"now": now, "interval": interval, "stale": stale_after},
+    ).fetchall()
+    counts = dict.fromkeys(USER_STATES, 0)
+    counts.update((row["state"], row["users"]) for row in rows)
+    return counts
+
+
+def recent_runs(conn, *, limit: int) -> list[dict]:
+    """The latest runs, newest first, with the pilot's name and the duration in seconds."""
+    return conn.execute(
+        """
+        SELECT r.id, r.character_id, u.character_name, r.kind, r.status, r.started_at, r.finished_at,
+               extract(epoch FROM r.finished_at - r.started_at)::float8 AS duration, r.listed, r.new, r.saved,
+               r.skipped, r.failed, r.esi_calls, r.attempt, r.worker, r.error
+        FROM sync_runs r LEFT JOIN users u USING (character_id)
+        ORDER BY r.id DESC LIMIT %s
+        """,
+        (limit,),
+    ).fetchall()
+
+
+def failed_refs(conn, *, limit: int) -> list[dict]:
+    """References whose detail fetch failed and that are still not stored, latest failure first; each row
+    also carries `total`, the number of such references."""
+    return conn.execute(
+        """
+        SELECT r.killmail_id, r.attempts, r.last_error, r.next_attempt_at, r.first_seen_at, count(*) OVER () AS total
+        FROM killmail_refs r
+        WHERE r.attempts > 0 AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+        ORDER BY r.next_attempt_at DESC NULLS LAST, r.killmail_id DESC LIMIT %s
+        """,
+        (limit,),
+    ).fetchall()
+
+
+def esi_limit_buckets(conn, now: datetime) -> list[dict]:
+    """ESI limit state by bucket. Per-character buckets ('<group>:<character id>') fold into their group: the
+    lowest remaining count, the latest pause still running, and how many of them are paused."""
+    return conn.execute(
+        """
+        SELECT split_part(bucket, ':', 1) AS bucket, count(*) AS buckets, min(remaining) AS remaining,
+               max(limit_tokens) AS limit_tokens, max(window_seconds) AS window_seconds,
+               max(paused_until) FILTER (WHERE paused_until > %(now)s) AS paused_until,
+               count(*) FILTER (WHERE paused_until > %(now)s) AS paused, max(updated_at) AS updated_at
+        FROM esi_limits GROUP BY 1 ORDER BY 1
+        """,
+        {"now": now},
+    ).fetchall()
+
+
+def esi_call_counts(conn) -> list[dict]:
+    """ESI calls so far by route group and status."""
+    return conn.execute("SELECT route_group, status, calls FROM esi_calls ORDER BY route_group, status").fetchall()

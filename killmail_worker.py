@@ -98,9 +98,16 @@ class Child:
                 connection.process_data_events(time_limit=0.5)
                 if self.job_thread is not None:
                     continue
-                if self.stopping.is_set() or (self.burst and self.queue_empty(channel)):
-                    channel.basic_cancel(tag)
+                if self.stopping.is_set():
+                    channel.basic_cancel(tag)  # pika nacks (requeues) anything delivered but not yet dispatched
                     return True
+                if self.burst and self.queue_empty(channel):
+                    # A delivery may have arrived during the check (the queue then counts it as unacked, not
+                    # ready): dispatch it before deciding that this child is done.
+                    connection.process_data_events(time_limit=0)
+                    if self.job_thread is None:
+                        channel.basic_cancel(tag)
+                        return True
         finally:
             if connection.is_open:
                 try:

@@ -26,8 +26,8 @@ ALTER TABLE users ADD COLUMN IF NOT EXISTS list_expires_at       TIMESTAMPTZ;
 ALTER TABLE users ADD COLUMN IF NOT EXISTS created_at            TIMESTAMPTZ NOT NULL DEFAULT now();
 
 -- Stage one: every (id, hash) pair a list returned. A reference without a row in killmails is pending;
--- attempts/last_error/next_attempt_at keep the failures of its detail fetch, claimed_until keeps two processes
--- from fetching the same detail at once.
+-- attempts/last_error/next_attempt_at keep the failures of its detail fetch; claimed_until and claimed_by (the
+-- claiming PostgreSQL backend) keep two processes from fetching the same detail at once.
 CREATE TABLE IF NOT EXISTS killmail_refs (
     killmail_id     BIGINT PRIMARY KEY,
     killmail_hash   TEXT NOT NULL,
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS killmail_refs (
     next_attempt_at TIMESTAMPTZ,
     claimed_until   TIMESTAMPTZ
 );
+ALTER TABLE killmail_refs ADD COLUMN IF NOT EXISTS claimed_by INTEGER;
 
 -- Which pilot's list (kills and losses) a killmail came from.
 CREATE TABLE IF NOT EXISTS character_killmails (

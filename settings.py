@@ -35,7 +35,7 @@ class Settings:
     esi_base_url: str = "https://esi.evetech.net"
     sso_token_url: str = "https://login.eveonline.com/v2/oauth/token"
     eve_client_id: str = ""
-    eve_client_secret: str = ""
+    eve_client_secret: str = field(default="", repr=False)
     esi_user_agent: str = ""
     sync_interval_seconds: int = 300
     esi_compatibility_date: str = DEFAULT_COMPATIBILITY_DATE

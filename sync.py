@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -16,7 +17,9 @@ log = logging.getLogger(__name__)
 
 REFRESH_MARGIN = timedelta(seconds=60)  # refresh a little before expiry, never after a failed call
 CLAIM_SECONDS = 600                     # a detail claim outlives any job; a dead worker's claims lapse after it
-SAVE_BATCH = 50                         # killmails per insert transaction
+SAVE_BATCH = 20                         # killmails per insert transaction at the most
+SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for its batch at the most: a killed
+                                        # process loses (and its redelivered job fetches again) only that much
 
 
 class JobError(Exception):
@@ -207,8 +210,10 @@ def fetch_killmails(conn, esi: EsiClient, character_id: int, now: datetime, opti
                 _record_failure(conn, killmail_id, exc, now, options, result)
                 continue
             unfetched.discard(killmail_id)
+            if not fetched:
+                batch_started = time.monotonic()
             fetched.append(killmail)
-            if len(fetched) >= SAVE_BATCH:
+            if len(fetched) >= SAVE_BATCH or time.monotonic() - batch_started >= SAVE_EVERY:
                 _save(conn, fetched, now, options, result)
                 fetched = []
             if stop:

@@ -80,16 +80,24 @@ def test_a_revoked_token_is_not_due_until_a_new_one_is_written(conn):
     assert "r1" not in stored and len(stored) == 64
 
 
-def test_refs_pending_claimed_once_and_failures_bounded(conn):
+def test_refs_pending_claimed_once_and_failures_bounded(conn, database_url):
     add_user(conn, 1)
     add_user(conn, 2)
     db.store_refs(conn, 1, [(10, "a"), (11, "b")])
     db.store_refs(conn, 2, [(11, "b"), (12, "c")])
+    conn.commit()
     assert [r["killmail_id"] for r in db.pending_refs(conn, 1, NOW, max_attempts=3)] == [11, 10]
-    first = db.claim_refs(conn, [10, 11], NOW, seconds=600)
-    assert sorted(r["killmail_id"] for r in first) == [10, 11]
-    assert [r["killmail_id"] for r in db.claim_refs(conn, [11, 12], NOW, seconds=600)] == [12]
-    assert [r["killmail_id"] for r in db.claim_refs(conn, [11], NOW + timedelta(seconds=601), seconds=600)] == [11]
+    with db.connect(database_url) as other:
+        first = db.claim_refs(other, [10, 11], NOW, seconds=600)
+        other.commit()
+        assert sorted(r["killmail_id"] for r in first) == [10, 11]
+        assert [r["killmail_id"] for r in db.claim_refs(conn, [11, 12], NOW, seconds=600)] == [12]
+        later = NOW + timedelta(seconds=601)
+        assert [r["killmail_id"] for r in db.claim_refs(conn, [11], later, seconds=600)] == [11]
+        db.release_refs(conn, [11])
+        conn.commit()
+    # The claiming process is gone (its connection closed): its claim on 10 is void at once.
+    assert [r["killmail_id"] for r in db.claim_refs(conn, [10], NOW, seconds=600)] == [10]
     db.record_ref_failure(conn, 10, "InvalidHash: 422", NOW, permanent=True, max_attempts=3)
     assert [r["killmail_id"] for r in db.pending_refs(conn, 1, NOW + timedelta(days=1), max_attempts=3)] == [11]
     db.record_ref_failure(conn, 11, "ServerError", NOW, permanent=False, max_attempts=3)

@@ -1,0 +1,42 @@
+"""gunicorn settings of the status app: `gunicorn -c gunicorn.conf.py status_app:app`.
+
+STATUS_BIND (host:port) says where to listen; else PORT (all interfaces, as platforms that set PORT expect);
+else 127.0.0.1:8000. Command-line flags still win over this file.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from settings import ConfigError, load_settings  # noqa: E402
+
+bind = os.environ.get("STATUS_BIND") or (f"0.0.0.0:{os.environ['PORT']}" if os.environ.get("PORT") else
+                                         "127.0.0.1:8000")
+
+# Two processes of four threads: a slow /status or /metrics never keeps a load balancer's /health waiting.
+workers = 2
+worker_class = "gthread"
+threads = 4
+# Each worker opens its own pool at its first request; loading the app in the master would gain nothing.
+preload_app = False
+
+# /health answers within about two seconds even with the database or the broker gone (the app bounds it);
+# a worker silent for longer than this is stuck and is replaced.
+timeout = 15
+graceful_timeout = 10
+keepalive = 5  # seconds a probe's or a browser's idle connection is kept for its next request
+
+accesslog = "-"
+errorlog = "-"
+loglevel = "info"
+# client, request line, status, bytes, milliseconds taken, user agent
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
+
+
+def on_starting(server):
+    """Refuse to start on a bad environment with one line naming the variable, as the other commands do."""
+    try:
+        load_settings(need_esi=False)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

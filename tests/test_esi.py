@@ -1,0 +1,576 @@
+"""esi.py against HTTP answers faked with `responses`: headers, paging, caching, status mapping, retries, SSO."""
+from __future__ import annotations
+
+import base64
+import random
+from collections import Counter
+from urllib.parse import parse_qs
+
+import pytest
+import requests
+import responses
+from responses import matchers
+
+import esi
+from esi import (BadRequest, EsiClient, ErrorLimited, Forbidden, InvalidClient, InvalidGrant, InvalidHash,
+                 KillmailList, MalformedResponse, NotFound, NotModified, Paused, RateLimited, ServerError, SsoError,
+                 TokenGrant, Unauthorized)
+from settings import Settings
+
+SETTINGS = Settings(esi_base_url="https://esi.example", sso_token_url="https://sso.example/v2/oauth/token",
+                    eve_client_id="id", eve_client_secret="secret", esi_user_agent="test/1.0 (t@example.org)")
+TOKEN = "access-token-SECRET-1"
+REFRESH = "refresh+token/SECRET=2"   # characters that must be form-encoded
+LIST_URL = "https://esi.example/characters/42/killmails/recent/"
+CORP_LIST_URL = "https://esi.example/corporations/77/killmails/recent/"
+DETAIL_URL = "https://esi.example/killmails/1001/abc123/"
+CHARACTER_URL = "https://esi.example/characters/42/"
+SSO_URL = SETTINGS.sso_token_url
+DATE = "Sun, 29 Nov 2026 04:00:00 GMT"
+EXPIRES = "Sun, 29 Nov 2026 04:02:00 GMT"   # two minutes after DATE
+KILLMAIL = {"killmail_id": 1001, "killmail_time": "2026-03-25T14:26:36Z", "solar_system_id": 30000743,
+            "victim": {"damage_taken": 1, "ship_type_id": 2}, "attackers": []}
+GRANT = {"access_token": "new-access-SECRET-3", "expires_in": 1199, "token_type": "Bearer",
+         "refresh_token": "new-refresh-SECRET-4"}
+
+
+class RecordingLimits:
+    """A Limits that remembers every before() and after() call."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def before(self, bucket, *, pace):
+        self.events.append(("before", bucket, pace))
+
+    def after(self, bucket, status, headers):
+        self.events.append(("after", bucket, status, dict(headers)))
+
+
+@pytest.fixture
+def http():
+    """Every HTTP call of the test answered by `responses`; an unregistered call fails the test."""
+    with responses.RequestsMock() as mock:
+        yield mock
+
+
+@pytest.fixture
+def sleeps():
+    return []
+
+
+@pytest.fixture
+def client(sleeps):
+    return EsiClient(SETTINGS, sleep=sleeps.append, rng=random.Random(1))
+
+
+def refs(*ids):
+    return [{"killmail_id": i, "killmail_hash": f"h{i}"} for i in ids]
+
+
+def add_page(http, page, body, url=LIST_URL, **headers):
+    http.add(responses.GET, url, json=body, headers=headers,
+             match=[matchers.query_param_matcher({"page": str(page)})])
+
+
+# ------------------------------------------------------------------------------------------------ headers
+
+def test_every_call_sends_user_agent_and_esi_calls_send_compatibility_date(http, client):
+    add_page(http, 1, refs(1))
+    http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
+    http.add(responses.GET, CHARACTER_URL, json={"name": "Pilot", "corporation_id": 77})
+    http.add(responses.POST, SSO_URL, json=GRANT)
+
+    client.list_recent(character_id=42, token=TOKEN)
+    client.get_killmail(1001, "abc123")
+    client.get_character(42)
+    client.refresh(REFRESH)
+
+    assert len(http.calls) == 4
+    for call in http.calls:
+        assert call.request.headers["User-Agent"] == SETTINGS.esi_user_agent
+    for call in http.calls[:3]:
+        assert call.request.headers["X-Compatibility-Date"] == SETTINGS.esi_compatibility_date
+
+
+def test_list_sends_bearer_token_and_public_routes_do_not(http, client):
+    add_page(http, 1, refs(1))
+    http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
+    client.list_recent(character_id=42, token=TOKEN)
+    client.get_killmail(1001, "abc123")
+    assert http.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert "Authorization" not in http.calls[1].request.headers
+
+
+# ------------------------------------------------------------------------------------------------ paging
+
+def test_paging_follows_x_pages_and_collects_every_ref(http, client):
+    add_page(http, 1, refs(1, 2), **{"X-Pages": "3", "ETag": '"etag-1"', "Last-Modified": DATE})
+    add_page(http, 2, refs(3, 4), **{"X-Pages": "3", "Last-Modified": DATE})
+    add_page(http, 3, refs(5), **{"X-Pages": "3", "Last-Modified": DATE})
+
+    result = client.list_recent(character_id=42, token=TOKEN)
+
+    assert result.refs == [(1, "h1"), (2, "h2"), (3, "h3"), (4, "h4"), (5, "h5")]
+    assert result.pages == 3
+    assert result.etag == '"etag-1"'
+    assert [c.request.url.split("page=")[1] for c in http.calls] == ["1", "2", "3"]
+
+
+def test_corporation_list_uses_the_corporation_route(http, client):
+    add_page(http, 1, refs(9), url=CORP_LIST_URL)
+    result = client.list_recent(character_id=42, token=TOKEN, corporation_id=77)
+    assert result.refs == [(9, "h9")]
+
+
+def test_a_ref_listed_on_two_pages_is_kept_once(http, client):
+    add_page(http, 1, refs(1, 2), **{"X-Pages": "2"})
+    add_page(http, 2, refs(2, 3), **{"X-Pages": "2"})
+    assert client.list_recent(character_id=42, token=TOKEN).refs == [(1, "h1"), (2, "h2"), (3, "h3")]
+
+
+@pytest.mark.parametrize("x_pages", ["abc", "0", "-1", "", "1.5", None])
+def test_unusable_x_pages_means_one_page(http, client, x_pages):
+    headers = {} if x_pages is None else {"X-Pages": x_pages}
+    add_page(http, 1, refs(1), **headers)
+    result = client.list_recent(character_id=42, token=TOKEN)
+    assert result.pages == 1
+    assert result.refs == [(1, "h1")]
+    assert len(http.calls) == 1
+
+
+@pytest.mark.parametrize("value, pages", [
+    (None, 1), ("1", 1), ("3", 3), (" 7 ", 7), ("0", 1), ("-1", 1), ("junk", 1), ("", 1),
+    (str(esi.MAX_PAGES), esi.MAX_PAGES), ("100000", esi.MAX_PAGES),
+])
+def test_parse_pages(value, pages):
+    assert esi.parse_pages(value) == pages
+
+
+# ------------------------------------------------------------------------------------------------ caching
+
+def test_etag_is_sent_and_304_is_not_modified_with_cache_lifetime(http, client):
+    http.add(responses.GET, LIST_URL, status=304, headers={"Date": DATE, "Expires": EXPIRES})
+    with pytest.raises(NotModified) as caught:
+        client.list_recent(character_id=42, token=TOKEN, etag='"etag-1"')
+    assert http.calls[0].request.headers["If-None-Match"] == '"etag-1"'
+    assert caught.value.expires_in == 120
+    assert caught.value.status == 304
+
+
+def test_no_if_none_match_without_an_etag(http, client):
+    add_page(http, 1, refs(1), Date=DATE, Expires=EXPIRES)
+    result = client.list_recent(character_id=42, token=TOKEN)
+    assert "If-None-Match" not in http.calls[0].request.headers
+    assert result.expires_in == 120
+
+
+def test_list_lifetime_is_the_shortest_of_its_pages(http, client):
+    add_page(http, 1, refs(1), **{"X-Pages": "2", "Date": DATE, "Expires": EXPIRES})
+    add_page(http, 2, refs(2), **{"X-Pages": "2", "Date": DATE, "Expires": "Sun, 29 Nov 2026 04:00:30 GMT"})
+    assert client.list_recent(character_id=42, token=TOKEN).expires_in == 30
+
+
+@pytest.mark.parametrize("headers, lifetime", [
+    ({"Date": DATE, "Expires": EXPIRES}, 120.0),
+    ({"Date": EXPIRES, "Expires": DATE}, 0.0),        # already expired: never negative
+    ({"Date": DATE}, None),
+    ({"Date": DATE, "Expires": "not a date"}, None),
+    ({}, None),
+])
+def test_cache_lifetime(headers, lifetime):
+    assert esi.cache_lifetime(headers) == lifetime
+
+
+@pytest.mark.parametrize("value, ok", [
+    (DATE, True), ("Sun, 29 Nov 2026 04:00:00", True), ("", False), (None, False), ("garbage", False),
+])
+def test_parse_http_date(value, ok):
+    parsed = esi.parse_http_date(value)
+    assert (parsed is not None) == ok
+    if ok:
+        assert parsed.tzinfo is not None
+
+
+def test_last_modified_change_between_pages_restarts_the_walk(http, client):
+    old, new = DATE, EXPIRES
+    add_page(http, 1, refs(1, 2), **{"X-Pages": "2", "Last-Modified": old, "ETag": '"old"'})
+    add_page(http, 2, refs(3), **{"X-Pages": "2", "Last-Modified": new})          # cache turned over
+    add_page(http, 1, refs(7, 1), **{"X-Pages": "2", "Last-Modified": new, "ETag": '"new"'})
+    add_page(http, 2, refs(2, 3), **{"X-Pages": "2", "Last-Modified": new})
+
+    result = client.list_recent(character_id=42, token=TOKEN, etag='"older"')
+
+    assert len(http.calls) == 4
+    assert result.refs == [(7, "h7"), (1, "h1"), (2, "h2"), (3, "h3")]
+    assert result.etag == '"new"'
+    assert http.calls[0].request.headers["If-None-Match"] == '"older"'
+    # The second walk must not send the ETag: a 304 would answer for a list we never finished reading.
+    assert "If-None-Match" not in http.calls[2].request.headers
+
+
+def test_a_list_that_keeps_changing_gives_up_with_server_error(http, client):
+    for _ in range(esi.MAX_WALK_RESTARTS):
+        add_page(http, 1, refs(1), **{"X-Pages": "2", "Last-Modified": DATE})
+        add_page(http, 2, refs(2), **{"X-Pages": "2", "Last-Modified": EXPIRES})
+    with pytest.raises(ServerError, match="kept changing"):
+        client.list_recent(character_id=42, token=TOKEN)
+    assert len(http.calls) == 2 * esi.MAX_WALK_RESTARTS
+
+
+# ------------------------------------------------------------------------------------------------ list entries
+
+def test_invalid_list_entries_are_dropped(http, client):
+    body = [
+        {"killmail_id": 0, "killmail_hash": "zero"},      # the spec's own example
+        {"killmail_id": 5},                                # no hash
+        {"killmail_id": 6, "killmail_hash": ""},
+        {"killmail_id": -1, "killmail_hash": "neg"},
+        {"killmail_id": True, "killmail_hash": "bool"},
+        {"killmail_id": "8", "killmail_hash": "str"},
+        {"killmail_hash": "no id"},
+        "junk", None, 17,
+        {"killmail_id": 9, "killmail_hash": "h9"},
+    ]
+    add_page(http, 1, body)
+    assert client.list_recent(character_id=42, token=TOKEN).refs == [(9, "h9")]
+
+
+@pytest.mark.parametrize("body, expected", [
+    ([], []),
+    ([{"killmail_id": 1, "killmail_hash": "a"}], [(1, "a")]),
+    ([{"killmail_id": 0, "killmail_hash": "a"}], []),
+    ([{"killmail_id": 1}], []),
+    ([{"killmail_id": 1, "killmail_hash": None}], []),
+    ([{"killmail_id": 1.0, "killmail_hash": "a"}], []),
+    ([{"killmail_id": False, "killmail_hash": "a"}], []),
+    ([["1", "a"]], []),
+    ([{"killmail_id": 2 ** 40, "killmail_hash": "big"}], [(2 ** 40, "big")]),   # int64 ids
+])
+def test_parse_refs(body, expected):
+    assert esi.parse_refs(body) == expected
+
+
+@pytest.mark.parametrize("body", [{}, {"killmail_id": 1}, "text", None, 3])
+def test_parse_refs_rejects_a_body_that_is_not_a_list(body):
+    with pytest.raises(MalformedResponse):
+        esi.parse_refs(body)
+
+
+# ------------------------------------------------------------------------------------------------ statuses
+
+@pytest.mark.parametrize("status, error", [
+    (400, BadRequest), (401, Unauthorized), (403, Forbidden), (404, NotFound), (405, BadRequest),
+    (409, BadRequest), (422, InvalidHash),
+])
+def test_4xx_maps_to_its_class_and_is_not_retried(http, client, sleeps, status, error):
+    http.add(responses.GET, DETAIL_URL, status=status, json={"error": "nope"})
+    with pytest.raises(error) as caught:
+        client.get_killmail(1001, "abc123")
+    assert type(caught.value) is error
+    assert caught.value.status == status
+    assert len(http.calls) == 1
+    assert sleeps == []
+
+
+def test_403_on_a_corporation_list_is_forbidden(http, client):
+    http.add(responses.GET, CORP_LIST_URL, status=403, json={"error": "Character does not have required role(s)"})
+    with pytest.raises(Forbidden):
+        client.list_recent(character_id=42, token=TOKEN, corporation_id=77)
+
+
+@pytest.mark.parametrize("headers, reset", [
+    ({"X-ESI-Error-Limit-Reset": "37", "X-ESI-Error-Limit-Remain": "0"}, 37.0),
+    ({}, 60.0),                                       # no header: a full window
+    ({"X-ESI-Error-Limit-Reset": "soon"}, 60.0),
+])
+def test_420_is_error_limited_with_the_reset(http, client, headers, reset):
+    http.add(responses.GET, DETAIL_URL, status=420, json={"error": "error limited"}, headers=headers)
+    with pytest.raises(ErrorLimited) as caught:
+        client.get_killmail(1001, "abc123")
+    assert caught.value.reset == reset
+    assert caught.value.status == 420
+    assert len(http.calls) == 1
+
+
+@pytest.mark.parametrize("headers, group, retry_after", [
+    ({"Retry-After": "12", "X-Ratelimit-Group": "killmail"}, "killmail", 12.0),
+    ({"Retry-After": "3"}, "killmail", 3.0),           # no group header: the route's own group
+    ({}, "killmail", 60.0),
+])
+def test_429_is_rate_limited_with_group_and_retry_after(http, client, headers, group, retry_after):
+    http.add(responses.GET, DETAIL_URL, status=429, json={"error": "too many requests"}, headers=headers)
+    with pytest.raises(RateLimited) as caught:
+        client.get_killmail(1001, "abc123")
+    assert caught.value.group == group
+    assert caught.value.retry_after == retry_after
+    assert len(http.calls) == 1
+
+
+def test_429_on_a_list_names_the_list_group(http, client):
+    http.add(responses.GET, LIST_URL, status=429, headers={"Retry-After": "900"})
+    with pytest.raises(RateLimited) as caught:
+        client.list_recent(character_id=42, token=TOKEN)
+    assert (caught.value.group, caught.value.retry_after) == ("char-killmail", 900.0)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_5xx_is_retried_then_server_error(http, client, sleeps, status):
+    http.add(responses.GET, DETAIL_URL, status=status, json={"error": "down"})
+    with pytest.raises(ServerError) as caught:
+        client.get_killmail(1001, "abc123")
+    assert caught.value.status == status
+    assert len(http.calls) == esi.SERVER_RETRIES
+    assert len(sleeps) == esi.SERVER_RETRIES - 1      # no sleep after the last attempt
+
+
+def test_5xx_then_200_succeeds(http, client, sleeps):
+    http.add(responses.GET, DETAIL_URL, status=502)
+    http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
+    assert client.get_killmail(1001, "abc123") == KILLMAIL
+    assert len(http.calls) == 2
+    assert len(sleeps) == 1
+
+
+@pytest.mark.parametrize("exc", [requests.Timeout("read timed out"), requests.ConnectionError("reset by peer")])
+def test_timeouts_and_broken_connections_are_retried_then_server_error(http, client, sleeps, exc):
+    http.add(responses.GET, DETAIL_URL, body=exc)
+    with pytest.raises(ServerError) as caught:
+        client.get_killmail(1001, "abc123")
+    assert isinstance(caught.value.__cause__, type(exc))
+    assert len(http.calls) == esi.SERVER_RETRIES
+    assert len(sleeps) == esi.SERVER_RETRIES - 1
+
+
+def test_a_timeout_then_200_succeeds(http, client):
+    http.add(responses.GET, DETAIL_URL, body=requests.Timeout("slow"))
+    http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
+    assert client.get_killmail(1001, "abc123") == KILLMAIL
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 4, 10])
+def test_backoff_stays_within_full_jitter_bounds(attempt):
+    rng = random.Random(attempt)
+    for _ in range(200):
+        delay = esi.backoff_seconds(attempt, base=0.5, cap=8.0, rng=rng)
+        assert 0 <= delay <= min(8.0, 0.5 * 2 ** (attempt - 1))
+
+
+@pytest.mark.parametrize("url, body, method", [
+    (DETAIL_URL, "<html>bad gateway</html>", "get_killmail"),
+    (DETAIL_URL, "[1, 2]", "get_killmail"),           # JSON, but not an object
+    (CHARACTER_URL, "not json", "get_character"),
+    (CHARACTER_URL, '"a string"', "get_character"),
+])
+def test_a_body_that_is_not_the_expected_json_is_malformed(http, client, url, body, method):
+    http.add(responses.GET, url, body=body, status=200)
+    with pytest.raises(MalformedResponse):
+        if method == "get_killmail":
+            client.get_killmail(1001, "abc123")
+        else:
+            client.get_character(42)
+
+
+@pytest.mark.parametrize("body", ["<html></html>", '{"killmail_id": 1}'])
+def test_a_list_page_that_is_not_a_json_list_is_malformed(http, client, body):
+    http.add(responses.GET, LIST_URL, body=body)
+    with pytest.raises(MalformedResponse):
+        client.list_recent(character_id=42, token=TOKEN)
+
+
+# ------------------------------------------------------------------------------------------------ SSO
+
+def test_refresh_sends_basic_auth_and_form_and_returns_the_rotated_token(http, client):
+    http.add(responses.POST, SSO_URL, json=GRANT)
+
+    grant = client.refresh(REFRESH)
+
+    request = http.calls[0].request
+    assert request.headers["Authorization"] == "Basic " + base64.b64encode(b"id:secret").decode()
+    assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert parse_qs(request.body) == {"grant_type": ["refresh_token"], "refresh_token": [REFRESH]}
+    assert grant == TokenGrant(GRANT["access_token"], GRANT["refresh_token"], 1199)
+    assert grant.refresh_token != REFRESH
+
+
+@pytest.mark.parametrize("status, body, error", [
+    (400, {"error": "invalid_grant", "error_description": "Invalid refresh token. Token missing/expired."},
+     InvalidGrant),
+    (400, {"error": "invalid_grant"}, InvalidGrant),
+    (401, {"error": "invalid_client", "error_description": "Client authentication failed"}, InvalidClient),
+    (400, {"error": "invalid_client"}, InvalidClient),
+    (401, None, InvalidClient),
+    (400, {"error": "invalid_request"}, SsoError),
+    (200, {"access_token": "only half"}, SsoError),
+    (200, None, SsoError),
+])
+def test_refresh_failures(http, client, status, body, error):
+    if body is None:
+        http.add(responses.POST, SSO_URL, status=status, body="not json")
+    else:
+        http.add(responses.POST, SSO_URL, status=status, json=body)
+    with pytest.raises(error) as caught:
+        client.refresh(REFRESH)
+    assert type(caught.value) is error
+    assert len(http.calls) == 1
+
+
+def test_invalid_grant_is_not_an_invalid_client_and_vice_versa():
+    assert not issubclass(InvalidGrant, InvalidClient) and not issubclass(InvalidClient, InvalidGrant)
+    assert issubclass(InvalidGrant, SsoError) and issubclass(InvalidClient, SsoError)
+
+
+def test_refresh_5xx_is_retried_then_an_sso_error(http, client):
+    http.add(responses.POST, SSO_URL, status=503, body="busy")
+    with pytest.raises(SsoError) as caught:
+        client.refresh(REFRESH)
+    assert caught.value.status == 503
+    assert len(http.calls) == esi.SERVER_RETRIES
+
+
+def test_token_grant_repr_hides_the_tokens():
+    text = repr(TokenGrant("access-SECRET", "refresh-SECRET", 1199))
+    assert "SECRET" not in text and "1199" in text
+
+
+# ------------------------------------------------------------------------------------------------ limits
+
+def test_limits_are_told_about_every_list_call_under_the_character_bucket(http, sleeps):
+    limits = RecordingLimits()
+    client = EsiClient(SETTINGS, limits=limits, sleep=sleeps.append)
+    add_page(http, 1, refs(1), **{"X-Pages": "2", "X-Ratelimit-Remaining": "28"})
+    add_page(http, 2, refs(2), **{"X-Pages": "2", "X-Ratelimit-Remaining": "26"})
+
+    client.list_recent(character_id=42, token=TOKEN)
+
+    assert [e[:3] for e in limits.events] == [
+        ("before", "char-killmail:42", False), ("after", "char-killmail:42", 200),
+        ("before", "char-killmail:42", False), ("after", "char-killmail:42", 200),
+    ]
+    assert [e[3]["X-Ratelimit-Remaining"] for e in limits.events if e[0] == "after"] == ["28", "26"]
+
+
+def test_corporation_list_bucket_is_per_character_whose_token_is_used(http):
+    limits = RecordingLimits()
+    client = EsiClient(SETTINGS, limits=limits)
+    add_page(http, 1, refs(1), url=CORP_LIST_URL)
+    client.list_recent(character_id=42, token=TOKEN, corporation_id=77)
+    assert limits.events[0] == ("before", "corp-killmail:42", False)
+
+
+def test_detail_calls_are_paced_in_the_killmail_bucket(http):
+    limits = RecordingLimits()
+    client = EsiClient(SETTINGS, limits=limits)
+    http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
+    client.get_killmail(1001, "abc123")
+    assert [e[:3] for e in limits.events] == [("before", "killmail", True), ("after", "killmail", 200)]
+
+
+def test_limits_see_error_statuses_every_retry_and_timeouts_as_zero(http, sleeps):
+    limits = RecordingLimits()
+    client = EsiClient(SETTINGS, limits=limits, sleep=sleeps.append)
+    http.add(responses.GET, DETAIL_URL, status=502)
+    http.add(responses.GET, DETAIL_URL, body=requests.Timeout("slow"))
+    http.add(responses.GET, DETAIL_URL, status=429, headers={"Retry-After": "5"})
+
+    with pytest.raises(RateLimited):
+        client.get_killmail(1001, "abc123")
+
+    assert [e[:3] for e in limits.events] == [
+        ("before", "killmail", True), ("after", "killmail", 502),
+        ("before", "killmail", True), ("after", "killmail", 0),
+        ("before", "killmail", True), ("after", "killmail", 429),
+    ]
+    assert limits.events[-1][3]["Retry-After"] == "5"
+
+
+def test_sso_calls_do_not_touch_the_esi_limits(http):
+    limits = RecordingLimits()
+    client = EsiClient(SETTINGS, limits=limits)
+    http.add(responses.POST, SSO_URL, json=GRANT)
+    client.refresh(REFRESH)
+    assert limits.events == []
+
+
+def test_a_paused_bucket_stops_the_call_before_it_is_sent(http):
+    class PausedLimits(RecordingLimits):
+        def before(self, bucket, *, pace):
+            raise Paused("paused", bucket=bucket, until=None)
+
+    client = EsiClient(SETTINGS, limits=PausedLimits())
+    with pytest.raises(Paused):
+        client.get_killmail(1001, "abc123")
+    assert len(http.calls) == 0
+
+
+# ------------------------------------------------------------------------------------------------ counting
+
+def test_take_calls_counts_by_group_and_status_and_resets(http, sleeps):
+    client = EsiClient(SETTINGS, sleep=sleeps.append)
+    add_page(http, 1, refs(1))
+    http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
+    http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
+    http.add(responses.GET, "https://esi.example/killmails/1002/bad/", status=422)
+    http.add(responses.GET, CHARACTER_URL, body=requests.Timeout("slow"))
+    http.add(responses.GET, CHARACTER_URL, json={"name": "Pilot"})
+    http.add(responses.POST, SSO_URL, json=GRANT)
+
+    client.list_recent(character_id=42, token=TOKEN)
+    client.get_killmail(1001, "abc123")
+    client.get_killmail(1001, "abc123")
+    with pytest.raises(InvalidHash):
+        client.get_killmail(1002, "bad")
+    client.get_character(42)
+    client.refresh(REFRESH)
+
+    assert client.take_calls() == Counter({
+        ("char-killmail", 200): 1, ("killmail", 200): 2, ("killmail", 422): 1,
+        ("character", 0): 1, ("character", 200): 1, ("sso", 200): 1,
+    })
+    assert client.take_calls() == Counter()
+
+
+# ------------------------------------------------------------------------------------------------ no tokens
+
+def _failures(http, client):
+    """Run every failing call once, yielding the exception of each."""
+    http.add(responses.GET, LIST_URL, status=403, json={"error": "token is not valid for scope(s)"})
+    http.add(responses.GET, LIST_URL, status=401, json={"error": "authorization not valid"})
+    http.add(responses.GET, LIST_URL, status=500, json={"error": "oops"})
+    http.add(responses.GET, LIST_URL, status=500, json={"error": "oops"})
+    http.add(responses.GET, LIST_URL, status=500, json={"error": "oops"})
+    for _ in range(esi.SERVER_RETRIES):
+        http.add(responses.GET, LIST_URL, body=requests.Timeout("slow"))
+    http.add(responses.GET, LIST_URL, body="not json")
+    http.add(responses.GET, LIST_URL, status=420, json={"error": "error limited"})
+    http.add(responses.GET, LIST_URL, status=429)
+    for _ in range(7):
+        try:
+            client.list_recent(character_id=42, token=TOKEN, etag='"e"')
+        except esi.EsiError as exc:
+            yield exc
+    http.add(responses.POST, SSO_URL, status=400, json={"error": "invalid_grant", "error_description": "expired"})
+    http.add(responses.POST, SSO_URL, status=401, json={"error": "invalid_client"})
+    http.add(responses.POST, SSO_URL, status=400, json={"error": "invalid_request"})
+    http.add(responses.POST, SSO_URL, status=200, json={"access_token": GRANT["access_token"]})
+    for _ in range(4):
+        try:
+            client.refresh(REFRESH)
+        except esi.EsiError as exc:
+            yield exc
+
+
+def test_no_token_appears_in_exception_messages(http, client):
+    errors = list(_failures(http, client))
+    assert len(errors) == 11
+    secrets = [TOKEN, REFRESH, GRANT["access_token"], SETTINGS.eve_client_secret,
+               base64.b64encode(b"id:secret").decode()]
+    for exc in errors:
+        for text in (str(exc), repr(exc)):
+            for secret in secrets:
+                assert secret not in text, (type(exc).__name__, text)
+
+
+def test_killmail_list_is_plain_data():
+    listing = KillmailList([(1, "a")], '"e"', 300.0, 1)
+    assert listing.refs == [(1, "a")] and listing.pages == 1

@@ -1,0 +1,176 @@
+"""killmail_worker.py as operators run it: subprocesses on the real broker and database, ESI simulated."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pika
+import pytest
+
+import broker
+import sync
+from conftest import RABBITMQ_URL, ROOT, insert_users, make_settings, run_script, settings_env
+
+
+def start_worker(settings, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "killmail_worker.py"), *args], cwd=ROOT,
+                            env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(predicate, *, timeout: float = 60.0, what: str = "condition"):
+    """Poll a condition with a deadline (the condition is the synchronisation, not the interval)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def queue_counts(*queues: str) -> list[int]:
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    counts = []
+    for queue in queues:
+        try:
+            counts.append(channel.queue_declare(queue, passive=True).method.message_count)
+        except pika.exceptions.ChannelClosedByBroker:
+            counts.append(0)
+            channel = connection.channel()
+    connection.close()
+    return counts
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def stored(conn) -> dict[int, int]:
+    """killmail id -> attacker rows stored."""
+    rows = conn.execute("SELECT k.killmail_id, count(a.*) AS n FROM killmails k "
+                        "LEFT JOIN attackers a USING (killmail_id) GROUP BY 1").fetchall()
+    return {r["killmail_id"]: r["n"] for r in rows}
+
+
+def assert_complete(conn, sim, *, duplicates: int = 0):
+    expected = sim.expected_killmails(valid_only=True)
+    got = stored(conn)
+    assert set(got) == set(expected)
+    assert all(got[i] == len(expected[i]["attackers"]) for i in expected)  # nothing half-saved
+    assert sim.stats()["duplicate_detail_fetches"] <= duplicates
+
+
+@pytest.fixture
+def settings(database_url, queue_name, sim):
+    sim.configure(detail_bucket=(2_000_000, 900))  # pacing is tested in test_limits; here it would only slow
+    return make_settings(database_url, sim.base_url, queue_name=queue_name, prefetch_count=3)
+
+
+@pytest.mark.parametrize("page_size", [1000, 50])
+def test_two_burst_workers_store_every_killmail_once(conn, sim, settings, page_size):
+    sim.configure(page_size=page_size)
+    sim.add_pilots(n_pilots=40, n_killmails=1500, share=3, expired_fraction=0.25, revoked=1, corporations=4)
+    insert_users(conn, sim.pilots())
+    assert run_script("queue_killmails.py", settings).returncode == 0
+    workers = [start_worker(settings, "--burst") for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert_complete(conn, sim)
+    stats = sim.stats()
+    assert stats["by_route"]["detail"] == len(sim.expected_killmails())
+    assert stats["status_420"] == stats["status_429"] == 0
+    assert "👤 Processing: Pilot" in "".join(outputs) and "✅ Completed: Pilot" in "".join(outputs)
+    # Right after: nothing is due, and a forced job makes neither a list call (before Expires) nor a detail call.
+    sim.reset_stats()
+    again = run_script("queue_killmails.py", settings)
+    assert "✓ Found 0 active users" in again.stdout
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    run_script("queue_killmails.py", settings, "--character-id", str(pilot["character_id"]))
+    worker = start_worker(settings, "--burst")
+    worker.communicate(timeout=120)
+    assert sim.stats()["requests"] == 0
+    assert conn.execute("SELECT count(*) AS n FROM sync_runs WHERE character_id = %s",
+                        (pilot["character_id"],)).fetchone()["n"] == 2
+
+
+def test_sigterm_finishes_running_jobs_and_loses_nothing(conn, sim, settings):
+    sim.configure(latency_ms=30)
+    sim.add_pilots(n_pilots=12, n_killmails=400, share=2, expired_fraction=0.0, revoked=0, corporations=2)
+    insert_users(conn, sim.pilots())
+    run_script("queue_killmails.py", settings)
+    worker = start_worker(settings)
+    wait_until(lambda: sim.stats()["by_route"]["detail"] >= 5, what="a job in the middle of its details")
+    worker.send_signal(signal.SIGTERM)
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 0, output
+    partial = stored(conn)
+    expected = sim.expected_killmails()
+    assert all(partial[i] == len(expected[i]["attackers"]) for i in partial)  # each saved whole or not at all
+    assert len(partial) < len(expected)  # it stopped early: the rest is still queued
+    finisher = start_worker(settings, "--burst")
+    finisher.communicate(timeout=300)
+    assert_complete(conn, sim)
+    assert queue_counts(settings.queue_name) == [0]
+
+
+def test_bad_message_is_dead_lettered_and_the_others_processed(conn, sim, settings):
+    sim.add_pilots(n_pilots=3, n_killmails=30, share=1, expired_fraction=0.0, revoked=0, corporations=1)
+    insert_users(conn, sim.pilots())
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
+    channel.basic_publish("", settings.queue_name, b"{not json")
+    channel.basic_publish("", settings.queue_name, b'{"character_id": "x"}')
+    connection.close()
+    run_script("queue_killmails.py", settings)
+    worker = start_worker(settings, "--burst")
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 0
+    assert "bad message, dead-lettered: message is not JSON" in output
+    assert_complete(conn, sim)
+    assert queue_counts(settings.queue_name, broker.dead_queue(settings.queue_name)) == [0, 2]
+
+
+def test_failing_job_backs_off_then_dead_letters_and_replays(conn, sim, database_url, queue_name):
+    settings = make_settings(database_url, sim.base_url, queue_name=queue_name, prefetch_count=1, max_attempts=2)
+    sim.add_pilots(n_pilots=1, n_killmails=5, share=1, expired_fraction=0.0, revoked=0, corporations=1)
+    insert_users(conn, sim.pilots())
+    sim.fail_next(r"/killmails/recent", 503, count=6)  # three tries per attempt, two attempts
+    run_script("queue_killmails.py", settings)
+    start_worker(settings, "--burst").communicate(timeout=120)
+    retry, dead = broker.retry_queue(queue_name, 1), broker.dead_queue(queue_name)
+    assert queue_counts(queue_name, retry, dead) in ([0, 1, 0], [1, 0, 0])
+    wait_until(lambda: queue_counts(queue_name) == [1], what="the retry to come back after its delay")
+    start_worker(settings, "--burst").communicate(timeout=120)
+    assert queue_counts(queue_name, retry, dead) == [0, 0, 1]
+    runs = conn.execute("SELECT status, attempt, error FROM sync_runs ORDER BY id").fetchall()
+    assert [(r["status"], r["attempt"]) for r in runs] == [("error", 1), ("error", 2)]
+    assert "503" in runs[0]["error"]
+    replay = run_script("killmail_worker.py", settings, "--replay-dead")
+    assert replay.returncode == 0 and "Moved 1 dead jobs back" in replay.stdout
+    start_worker(settings, "--burst").communicate(timeout=120)
+    assert_complete(conn, sim)
+
+
+def test_a_killed_child_is_replaced_and_its_job_redelivered(conn, sim, settings):
+    sim.configure(latency_ms=20)
+    sim.add_pilots(n_pilots=6, n_killmails=300, share=1, expired_fraction=0.0, revoked=0, corporations=1)
+    insert_users(conn, sim.pilots())
+    run_script("queue_killmails.py", settings)
+    worker = start_worker(settings, "--burst")
+    wait_until(lambda: sim.stats()["by_route"]["detail"] >= 10, what="jobs in progress")
+    victims = children_of(worker.pid)
+    assert len(victims) == 3
+    os.kill(victims[0], signal.SIGKILL)
+    output = worker.communicate(timeout=300)[0]
+    assert worker.returncode == 0, output
+    assert "exited with -9; starting another" in output
+    # Details the killed process had fetched but not yet saved are fetched again: at most one batch and the
+    # fetches in flight.
+    assert_complete(conn, sim, duplicates=sync.SAVE_BATCH + settings.detail_concurrency)

@@ -1,0 +1,108 @@
+"""queue_killmails.py as cron runs it: a subprocess against the real database and broker."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pika
+import pytest
+
+import broker
+from conftest import RABBITMQ_URL, insert_users, make_settings, run_script
+
+NOW = datetime.now(timezone.utc)
+
+
+def pilots(n, **extra):
+    return [{"character_id": 1000 + i, "character_name": f"Pilot {i}", "access_token": f"ACCESS-{i}",
+             "refresh_token": f"REFRESH-{i}", "expires_at": NOW + timedelta(minutes=20), **extra} for i in range(n)]
+
+
+def drain(queue: str) -> list[tuple]:
+    """Every message in a queue as (priority, headers, body dict), acked."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    messages = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        messages.append((properties.priority, properties.delivery_mode, json.loads(body)))
+    connection.close()
+    return messages
+
+
+@pytest.fixture
+def settings(database_url, queue_name):
+    return make_settings(database_url, queue_name=queue_name)
+
+
+def test_queues_every_due_user_once_with_ids_only(conn, settings):
+    insert_users(conn, pilots(3))
+    conn.execute("UPDATE users SET last_sync_at = now() - interval '1 hour' WHERE character_id = 1000")
+    conn.execute("UPDATE users SET last_sync_at = now() WHERE character_id = 1001")  # not due
+    conn.commit()
+    run = run_script("queue_killmails.py", settings)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "📡 Queueing users for killmail sync...",
+        "✓ Found 2 active users",
+        "📤 Adding to queue...",
+        "✅ All 2 users queued successfully!",
+        "💡 Now run the worker to process them: python killmail_worker.py",
+    ]
+    messages = drain(settings.queue_name)
+    by_id = {m[2]["character_id"]: m for m in messages}
+    assert set(by_id) == {1000, 1002}
+    assert by_id[1002][0] == broker.PRIORITY_FIRST and by_id[1000][0] == broker.PRIORITY_ROUTINE
+    assert all(m[1] == 2 for m in messages)  # persistent
+    assert "ACCESS" not in json.dumps([m[2] for m in messages]) and "REFRESH" not in json.dumps(messages)
+    assert set(by_id[1000][2]) == {"character_id", "character_name", "queued_at"}
+
+
+def test_a_queued_user_is_not_queued_again(conn, settings):
+    insert_users(conn, pilots(2))
+    assert run_script("queue_killmails.py", settings).returncode == 0
+    second = run_script("queue_killmails.py", settings)
+    assert "✓ Found 0 active users" in second.stdout
+    assert len(drain(settings.queue_name)) == 2
+
+
+def test_revoked_users_are_skipped(conn, settings):
+    import db
+    insert_users(conn, pilots(2))
+    db.mark_revoked(conn, 1000, "REFRESH-0", "invalid_grant")
+    conn.commit()
+    run_script("queue_killmails.py", settings)
+    assert [m[2]["character_id"] for m in drain(settings.queue_name)] == [1001]
+
+
+def test_dry_run_publishes_nothing_and_claims_nothing(conn, settings):
+    insert_users(conn, pilots(2))
+    run = run_script("queue_killmails.py", settings, "--dry-run")
+    assert run.returncode == 0 and "would queue Pilot 0 (ID: 1000), first sync" in run.stdout
+    assert conn.execute("SELECT count(*) AS n FROM users WHERE queued_at IS NOT NULL").fetchone()["n"] == 0
+    assert run_script("queue_killmails.py", settings).returncode == 0
+    assert len(drain(settings.queue_name)) == 2
+
+
+def test_one_character_at_high_priority(conn, settings):
+    insert_users(conn, pilots(2))
+    conn.execute("UPDATE users SET last_sync_at = now()")  # not due: asked for anyway
+    conn.commit()
+    run = run_script("queue_killmails.py", settings, "--character-id", "1001")
+    assert run.returncode == 0 and "Queued Pilot 1 at high priority" in run.stdout
+    (message,) = drain(settings.queue_name)
+    assert message[0] == broker.PRIORITY_NOW and message[2]["character_id"] == 1001
+    unknown = run_script("queue_killmails.py", settings, "--character-id", "42")
+    assert unknown.returncode == 1 and "no user with character id 42" in unknown.stderr
+
+
+def test_unreachable_broker_is_one_clear_line(conn, settings):
+    insert_users(conn, pilots(1))
+    bad = make_settings(settings.database_url, queue_name=settings.queue_name,
+                        rabbitmq_url="amqp://guest:guest@127.0.0.1:1/%2F")
+    run = run_script("queue_killmails.py", bad)
+    assert run.returncode == 1 and "cannot reach RabbitMQ" in run.stderr and "Traceback" not in run.stderr
+    # Nothing was claimed, so the next run queues the user.
+    assert conn.execute("SELECT queued_at FROM users").fetchone()["queued_at"] is None

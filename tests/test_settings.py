@@ -1,0 +1,202 @@
+"""settings.py: defaults from DESIGN.md, one ConfigError naming each bad variable, and how the commands report it."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from settings import DEFAULT_COMPATIBILITY_DATE, ConfigError, Settings, settings_from
+
+ROOT = Path(__file__).resolve().parent.parent
+TODAY = date(2026, 11, 29)
+ESI_ENV = {"ESI_USER_AGENT": "killmail-worker/1.0 (ops@example.org)", "EVE_CLIENT_ID": "id",
+           "EVE_CLIENT_SECRET": "secret"}
+
+
+def load(**env: str) -> Settings:
+    return settings_from({**ESI_ENV, **env}, today=TODAY)
+
+
+def config_error(env: dict, **kwargs) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        settings_from(env, today=TODAY, **kwargs)
+    return caught.value
+
+
+# ------------------------------------------------------------------------------------------------ defaults
+
+@pytest.mark.parametrize("attribute, default", [      # the table in DESIGN.md
+    ("database_url", "postgresql:///killmails"),
+    ("rabbitmq_url", "amqp://guest:guest@localhost:5672/%2F"),
+    ("queue_name", "killmail_sync_queue"),
+    ("prefetch_count", 5),
+    ("esi_base_url", "https://esi.evetech.net"),
+    ("sso_token_url", "https://login.eveonline.com/v2/oauth/token"),
+    ("sync_interval_seconds", 300),
+    ("esi_compatibility_date", "2026-08-18"),
+])
+def test_defaults(attribute, default):
+    assert getattr(load(), attribute) == default
+    assert getattr(Settings(), attribute) == default
+
+
+def test_esi_values_are_read():
+    settings = load()
+    assert (settings.esi_user_agent, settings.eve_client_id, settings.eve_client_secret) == \
+        ("killmail-worker/1.0 (ops@example.org)", "id", "secret")
+
+
+@pytest.mark.parametrize("variable, raw, attribute, value", [
+    ("DATABASE_URL", "postgresql://u@db.example:5432/km", "database_url", "postgresql://u@db.example:5432/km"),
+    ("DATABASE_URL", "postgres:///km", "database_url", "postgres:///km"),
+    ("RABBITMQ_URL", "amqps://u:p@mq.example/vh", "rabbitmq_url", "amqps://u:p@mq.example/vh"),
+    ("QUEUE_NAME", "test.queue-1:a", "queue_name", "test.queue-1:a"),
+    ("PREFETCH_COUNT", "1", "prefetch_count", 1),
+    ("PREFETCH_COUNT", " 12 ", "prefetch_count", 12),
+    ("ESI_BASE_URL", "http://127.0.0.1:8080/", "esi_base_url", "http://127.0.0.1:8080"),   # no double slash
+    ("ESI_BASE_URL", "https://esi.evetech.net/latest/", "esi_base_url", "https://esi.evetech.net/latest"),
+    ("SSO_TOKEN_URL", "http://127.0.0.1:8080/v2/oauth/token", "sso_token_url",
+     "http://127.0.0.1:8080/v2/oauth/token"),
+    ("SYNC_INTERVAL_SECONDS", "600", "sync_interval_seconds", 600),
+    ("ESI_COMPATIBILITY_DATE", "2025-01-01", "esi_compatibility_date", "2025-01-01"),
+    ("ESI_COMPATIBILITY_DATE", TODAY.isoformat(), "esi_compatibility_date", TODAY.isoformat()),
+    ("HTTP_TIMEOUT_SECONDS", "5", "http_timeout_seconds", 5.0),
+    ("STATUS_BASIC_AUTH", "ops:pw", "status_basic_auth", "ops:pw"),
+    ("PREFETCH_COUNT", "", "prefetch_count", 5),     # empty is the default, as in a copied .env.example
+])
+def test_values_are_read_and_normalised(variable, raw, attribute, value):
+    assert getattr(load(**{variable: raw}), attribute) == value
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("variable", ["ESI_USER_AGENT", "EVE_CLIENT_ID", "EVE_CLIENT_SECRET"])
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_missing_esi_value_names_the_variable(variable, value):
+    env = dict(ESI_ENV)
+    if value is None:
+        del env[variable]
+    else:
+        env[variable] = value
+    error = config_error(env)
+    assert error.variable == variable
+    assert variable in str(error)
+
+
+def test_requests_default_user_agent_is_refused():
+    error = config_error({**ESI_ENV, "ESI_USER_AGENT": "python-requests/2.32.0"})
+    assert error.variable == "ESI_USER_AGENT"
+
+
+@pytest.mark.parametrize("variable, raw", [
+    ("PREFETCH_COUNT", "abc"),
+    ("PREFETCH_COUNT", "0"),
+    ("PREFETCH_COUNT", "-1"),
+    ("PREFETCH_COUNT", "1.5"),
+    ("PREFETCH_COUNT", "65"),
+    ("SYNC_INTERVAL_SECONDS", "five minutes"),
+    ("SYNC_INTERVAL_SECONDS", "1"),
+    ("DETAIL_CONCURRENCY", "0"),
+    ("MAX_ATTEMPTS", "x"),
+    ("RETRY_BASE_SECONDS", "0"),
+    ("HTTP_TIMEOUT_SECONDS", "0"),
+    ("ESI_BASE_URL", "esi.evetech.net"),
+    ("ESI_BASE_URL", "ftp://esi.evetech.net"),
+    ("ESI_BASE_URL", "https://"),
+    ("SSO_TOKEN_URL", "not a url"),
+    ("DATABASE_URL", "mysql://localhost/km"),
+    ("DATABASE_URL", "killmails"),
+    ("RABBITMQ_URL", "http://localhost:5672"),
+    ("RABBITMQ_URL", "amqp://"),
+    ("QUEUE_NAME", "has space"),
+    ("QUEUE_NAME", "a/b"),
+    ("ESI_COMPATIBILITY_DATE", "2026-11-30"),      # tomorrow: never send a future date
+    ("ESI_COMPATIBILITY_DATE", "2099-01-01"),
+    ("ESI_COMPATIBILITY_DATE", "2026-13-01"),
+    ("ESI_COMPATIBILITY_DATE", "18.08.2026"),
+    ("STATUS_BASIC_AUTH", "no-colon"),
+])
+def test_bad_value_names_the_variable(variable, raw):
+    error = config_error({**ESI_ENV, variable: raw})
+    assert error.variable == variable
+    assert str(error).startswith(f"{variable}:")
+    assert "\n" not in str(error)
+
+
+def test_the_default_compatibility_date_is_not_in_the_future_of_the_spec():
+    assert date.fromisoformat(DEFAULT_COMPATIBILITY_DATE) == date(2026, 8, 18)
+
+
+def test_need_esi_false_does_not_need_the_esi_values():
+    settings = settings_from({}, today=TODAY, need_esi=False)
+    assert (settings.esi_user_agent, settings.eve_client_id, settings.eve_client_secret) == ("", "", "")
+    assert settings.prefetch_count == 5
+
+
+def test_need_esi_false_still_checks_everything_else():
+    assert config_error({"PREFETCH_COUNT": "abc"}, need_esi=False).variable == "PREFETCH_COUNT"
+
+
+# ------------------------------------------------------------------------------------------------ the object
+
+def test_settings_is_frozen():
+    settings = load()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.prefetch_count = 10
+
+
+def test_repr_shows_no_secret():
+    settings = load(EVE_CLIENT_SECRET="client-SECRET", STATUS_BASIC_AUTH="ops:basic-SECRET",
+                    APP_API_TOKEN="api-SECRET")
+    assert "SECRET" not in repr(settings)
+
+
+# ------------------------------------------------------------------------------------------------ the commands
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The test's environment without any project variable, then the overrides.
+
+    Every variable the check reaches is set explicitly (possibly empty), so a stray `.env` cannot fill it in:
+    load_dotenv(override=False) leaves set variables alone.
+    """
+    prefixes = ("ESI_", "EVE_", "DATABASE_", "RABBITMQ_", "QUEUE_", "PREFETCH_", "SSO_", "SYNC_", "DETAIL_",
+                "MAX_", "RETRY_", "HTTP_", "STATUS_", "APP_", "HEALTH_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update({"DATABASE_URL": "postgresql:///killmails", "RABBITMQ_URL": "amqp://guest:guest@localhost:5672/%2F",
+                "QUEUE_NAME": "killmail_sync_queue", "PREFETCH_COUNT": "5", "ESI_COMPATIBILITY_DATE": "2026-08-18",
+                **ESI_ENV, "PYTHONUNBUFFERED": "1"})
+    env.update(overrides)
+    return env
+
+
+@pytest.mark.parametrize("script, overrides, variable", [
+    ("killmail_worker.py", {"ESI_USER_AGENT": ""}, "ESI_USER_AGENT"),
+    ("killmail_worker.py", {"EVE_CLIENT_ID": ""}, "EVE_CLIENT_ID"),
+    ("killmail_worker.py", {"PREFETCH_COUNT": "abc"}, "PREFETCH_COUNT"),
+    ("queue_killmails.py", {"PREFETCH_COUNT": "abc"}, "PREFETCH_COUNT"),
+    ("queue_killmails.py", {"DATABASE_URL": "mysql://localhost/km"}, "DATABASE_URL"),
+])
+def test_a_bad_setting_stops_the_command_with_one_line_and_exit_2(script, overrides, variable):
+    result = subprocess.run([sys.executable, str(ROOT / script)], env=clean_env(**overrides), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_queue_killmails_does_not_need_the_esi_values():
+    """The producer never calls ESI: with no ESI values it gets past the settings (and fails later, not with 2)."""
+    env = clean_env(ESI_USER_AGENT="", EVE_CLIENT_ID="", EVE_CLIENT_SECRET="",
+                    DATABASE_URL="postgresql://nobody@127.0.0.1:9/none")
+    result = subprocess.run([sys.executable, str(ROOT / "queue_killmails.py")], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
