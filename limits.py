@@ -19,7 +19,8 @@ from esi import Paused
 log = logging.getLogger(__name__)
 
 ERROR_LIMIT_BUCKET = "error-limit"
-ERROR_MARGIN = 20          # stop calling ESI while fewer than this many errors are left in the window
+ERROR_MARGIN = 60          # pause every route while fewer than this many of the window's 100 errors are left:
+                           # in-flight calls of every process still land, and half the budget stays unspent
 PACE_SHARE = 0.95          # paced calls spend at most this share of a bucket per window
 BURST_SHARE = 0.02         # a rested bucket may spend this share at once, on top of the paced rate
 FLOOR_SHARE = 0.02         # below this share remaining, pause the bucket (other apps, our own 4xx costs)

@@ -312,14 +312,18 @@ def ago(moment: datetime | None, now: datetime) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    """Seconds as a short duration: '850 ms', '4.2 s', '3 min 5 s'."""
+    """Seconds as a short duration: '850 ms', '4.2 s', '3 min 5 s', '15 min', '2 h 10 min'."""
     if seconds is None:
         return "–"
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 60:
         return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    minutes, rest = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def authorized(request_: Request, expected: str) -> bool:

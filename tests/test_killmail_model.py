@@ -1,0 +1,225 @@
+"""killmail_model.py: the real sample flattens into rows; bodies off ESI's schema raise InvalidKillmail."""
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from killmail_model import InvalidKillmail, parse_killmail
+
+SAMPLE_PATH = Path(__file__).resolve().parents[2] / "shared/esi/samples/killmail_134265477.json"
+SAMPLE = json.loads(SAMPLE_PATH.read_text())
+SAMPLE_ID = 134265477
+HASH = "f" * 40
+
+# Row layouts (the column order db.py inserts).
+ROW = ("killmail_id", "killmail_hash", "killmail_time", "solar_system_id", "moon_id", "war_id",
+       "victim_character_id", "victim_corporation_id", "victim_alliance_id", "victim_faction_id",
+       "victim_ship_type_id", "victim_damage_taken", "position_x", "position_y", "position_z", "raw")
+ATTACKER = ("killmail_id", "index", "character_id", "corporation_id", "alliance_id", "faction_id", "ship_type_id",
+            "weapon_type_id", "damage_done", "final_blow", "security_status")
+ITEM = ("killmail_id", "index", "parent_index", "flag", "item_type_id", "singleton", "quantity_destroyed",
+        "quantity_dropped")
+
+
+def parse(body, killmail_id=SAMPLE_ID):
+    return parse_killmail(body, killmail_id=killmail_id, killmail_hash=HASH)
+
+
+def named(layout, row):
+    assert len(row) == len(layout)
+    return dict(zip(layout, row))
+
+
+def sample():
+    return copy.deepcopy(SAMPLE)
+
+
+def minimal(**top):
+    body = {"killmail_id": 1, "killmail_time": "2026-01-01T00:00:00Z", "solar_system_id": 30000142,
+            "victim": {"damage_taken": 100, "ship_type_id": 587}, "attackers": []}
+    body.update(top)
+    return body
+
+
+# ------------------------------------------------------------------------------------------------ the sample
+
+def test_the_real_sample_parses_into_one_killmail_row():
+    killmail = parse(sample())
+    row = named(ROW, killmail.row)
+    assert killmail.killmail_id == SAMPLE_ID
+    assert row["killmail_id"] == SAMPLE_ID and row["killmail_hash"] == HASH
+    assert row["killmail_time"] == datetime(2026, 3, 25, 14, 26, 36, tzinfo=timezone.utc)
+    assert row["solar_system_id"] == 30000743
+    assert (row["moon_id"], row["war_id"]) == (None, None)
+    assert row["victim_character_id"] == 2121652582
+    assert row["victim_corporation_id"] == 98366055
+    assert row["victim_alliance_id"] == 1354830081
+    assert row["victim_faction_id"] is None
+    assert (row["victim_ship_type_id"], row["victim_damage_taken"]) == (17478, 14136)
+    assert (row["position_x"], row["position_y"], row["position_z"]) == \
+        (-84679075260.99292, -37815568744.85742, 84616162342.0539)
+
+
+def test_the_raw_body_is_kept_as_sent():
+    body = sample()
+    killmail = parse(body)
+    assert named(ROW, killmail.row)["raw"] == SAMPLE
+    assert body == SAMPLE    # parsing does not change the body
+
+
+def test_the_sample_has_one_attacker_and_security_status_5_is_a_number():
+    attackers = parse(sample()).attackers
+    assert len(attackers) == 1
+    assert named(ATTACKER, attackers[0]) == {
+        "killmail_id": SAMPLE_ID, "index": 0, "character_id": 96424385, "corporation_id": 98601573,
+        "alliance_id": 99013537, "faction_id": None, "ship_type_id": 35683, "weapon_type_id": 3178,
+        "damage_done": 14136, "final_blow": True, "security_status": 5.0,
+    }
+
+
+def test_the_sample_has_18_item_rows_with_duplicate_type_and_flag_kept_apart():
+    items = [named(ITEM, row) for row in parse(sample()).items]
+    assert len(items) == 18
+    assert [item["index"] for item in items] == list(range(18))
+    assert all(item["parent_index"] is None for item in items)
+    same = [(i["quantity_destroyed"], i["quantity_dropped"]) for i in items
+            if (i["item_type_id"], i["flag"]) == (82313, 134)]
+    assert same == [(16379, None), (None, 14108)]
+    pairs = [(i["item_type_id"], i["flag"]) for i in items]
+    assert len(set(pairs)) == 15       # three (type, flag) pairs appear twice, once destroyed and once dropped
+
+
+@pytest.mark.parametrize("security_status", [5, -9.9, 0, 0.0, 4.97])
+def test_security_status_accepts_ints_and_floats(security_status):
+    body = minimal(attackers=[{"damage_done": 1, "final_blow": True, "security_status": security_status}])
+    assert named(ATTACKER, parse(body, 1).attackers[0])["security_status"] == float(security_status)
+
+
+@pytest.mark.parametrize("stamp", ["2026-03-25T14:26:36Z", "2026-03-25T14:26:36+00:00", "2026-03-25T14:26:36.000Z"])
+def test_killmail_time_forms(stamp):
+    body = minimal(killmail_time=stamp)
+    assert named(ROW, parse(body, 1).row)["killmail_time"] == datetime(2026, 3, 25, 14, 26, 36, tzinfo=timezone.utc)
+
+
+def test_big_ids_are_kept():
+    body = minimal(killmail_id=2 ** 40, war_id=2 ** 33, moon_id=40000001)
+    row = named(ROW, parse(body, 2 ** 40).row)
+    assert (row["killmail_id"], row["war_id"], row["moon_id"]) == (2 ** 40, 2 ** 33, 40000001)
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+def test_nested_container_items_point_at_their_parent():
+    body = minimal(victim={"damage_taken": 1, "ship_type_id": 2, "items": [
+        {"flag": 5, "item_type_id": 10, "singleton": 0, "quantity_destroyed": 1},
+        {"flag": 5, "item_type_id": 11, "singleton": 0, "quantity_dropped": 1, "items": [
+            {"flag": 5, "item_type_id": 12, "singleton": 0, "quantity_destroyed": 3},
+            {"flag": 5, "item_type_id": 12, "singleton": 0, "quantity_dropped": 4},
+        ]},
+        {"flag": 27, "item_type_id": 13, "singleton": 1, "quantity_destroyed": 1, "items": []},
+    ]})
+    items = [named(ITEM, row) for row in parse(body, 1).items]
+    assert [(i["index"], i["parent_index"], i["item_type_id"]) for i in items] == [
+        (0, None, 10), (1, None, 11), (2, 1, 12), (3, 1, 12), (4, None, 13),
+    ]
+    assert [(i["quantity_destroyed"], i["quantity_dropped"]) for i in items[2:4]] == [(3, None), (None, 4)]
+
+
+def test_identical_npc_attackers_stay_separate_rows():
+    npc = {"corporation_id": 1000125, "faction_id": 500021, "ship_type_id": 3789, "damage_done": 50,
+           "final_blow": False, "security_status": 0}
+    body = minimal(attackers=[dict(npc), dict(npc), dict(npc, final_blow=True)])
+    attackers = [named(ATTACKER, row) for row in parse(body, 1).attackers]
+    assert [a["index"] for a in attackers] == [0, 1, 2]
+    assert all(a["character_id"] is None for a in attackers)
+    assert attackers[0] == dict(attackers[1], index=0)
+
+
+def test_a_victim_without_character_is_fine():
+    body = minimal(victim={"damage_taken": 5000, "ship_type_id": 35832, "corporation_id": 98000001})
+    row = named(ROW, parse(body, 1).row)
+    assert row["victim_character_id"] is None
+    assert row["victim_corporation_id"] == 98000001
+    assert (row["position_x"], row["position_y"], row["position_z"]) == (None, None, None)
+
+
+def test_no_attackers_and_no_items_are_empty_lists():
+    killmail = parse(minimal(), 1)
+    assert killmail.attackers == [] and killmail.items == []
+
+
+# ------------------------------------------------------------------------------------------------ invalid bodies
+
+def without(path):
+    """The sample with one key removed; path is a tuple of keys and list indexes."""
+    body = sample()
+    target = body
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return body
+
+
+def replaced(path, value):
+    """The sample with one value replaced."""
+    body = sample()
+    target = body
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return body
+
+
+@pytest.mark.parametrize("body, field", [
+    (without(("victim",)), "killmail.victim"),
+    (without(("attackers",)), "killmail.attackers"),
+    (replaced(("killmail_id",), SAMPLE_ID + 1), "killmail_id"),
+    (without(("killmail_id",)), "killmail_id"),
+    (replaced(("victim", "damage_taken"), "14136"), "victim.damage_taken"),
+    (without(("victim", "damage_taken")), "damage_taken"),
+    (replaced(("victim", "ship_type_id"), True), "ship_type_id"),
+    (replaced(("solar_system_id",), True), "killmail.solar_system_id"),
+    (without(("solar_system_id",)), "solar_system_id"),
+    (replaced(("victim", "character_id"), 1.5), "character_id"),
+    (replaced(("attackers", 0, "damage_done"), False), "attackers[0].damage_done"),
+    (replaced(("victim", "items", 0, "flag"), True), "victim.items.flag"),
+    (without(("victim", "items", 0, "item_type_id")), "victim.items.item_type_id"),
+    (without(("victim", "items", 0, "singleton")), "victim.items.singleton"),
+    (replaced(("killmail_time",), "yesterday"), "killmail.killmail_time"),
+    (replaced(("killmail_time",), "2026-03-25T14:26:36"), "killmail_time"),   # no time zone
+    (replaced(("killmail_time",), 1774448796), "killmail_time"),
+    (without(("killmail_time",)), "killmail_time"),
+    (replaced(("attackers", 0, "final_blow"), "true"), "attackers[0].final_blow"),
+    (replaced(("attackers", 0, "final_blow"), 1), "final_blow"),
+    (without(("attackers", 0, "final_blow")), "final_blow"),
+    (without(("attackers", 0, "security_status")), "security_status"),
+    (replaced(("attackers", 0, "security_status"), "5"), "attackers[0].security_status"),
+    (replaced(("attackers", 0, "security_status"), True), "security_status"),
+    (replaced(("victim", "position", "x"), "1.0"), "victim.position.x"),
+    (without(("victim", "position", "z")), "victim.position.z"),
+    (replaced(("victim", "position"), [1, 2, 3]), "victim.position"),
+    (replaced(("victim",), []), "killmail.victim"),
+    (replaced(("attackers",), {}), "killmail.attackers"),
+    (replaced(("attackers", 0), "npc"), "attackers[0]"),
+    (replaced(("victim", "items"), {}), "victim.items"),
+    (replaced(("victim", "items", 0), 17482), "victim.items"),
+    (replaced(("victim", "items", 0, "items"), "none"), "victim.items[].items"),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_invalid_body_names_the_field(body, field):
+    with pytest.raises(InvalidKillmail) as caught:
+        parse(body)
+    assert field in str(caught.value)
+
+
+@pytest.mark.parametrize("body", [None, [], "killmail", 134265477])
+def test_a_body_that_is_not_an_object_is_invalid(body):
+    with pytest.raises(InvalidKillmail, match="killmail"):
+        parse(body)
+
+
+def test_invalid_killmail_is_a_value_error():
+    assert issubclass(InvalidKillmail, ValueError)
