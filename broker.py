@@ -97,7 +97,8 @@ def decode_job(body: bytes) -> Job:
     if isinstance(character_id, bool) or not isinstance(character_id, int) or character_id <= 0:
         raise BadMessage(f"message has no valid character_id: {character_id!r}")
     corporation_id = data.get("corporation_id")
-    if corporation_id is not None and (isinstance(corporation_id, bool) or not isinstance(corporation_id, int)):
+    if corporation_id is not None and (isinstance(corporation_id, bool) or not isinstance(corporation_id, int)
+                                       or corporation_id <= 0):
         raise BadMessage(f"message has an invalid corporation_id: {corporation_id!r}")
     name = data.get("character_name")
     return Job(character_id, name if isinstance(name, str) else None, str(data.get("queued_at", "")),
@@ -135,3 +136,28 @@ def connect(url: str, *, heartbeat: int = 30) -> pika.BlockingConnection:
     parameters.socket_timeout = 10
     parameters.connection_attempts = 1
     return pika.BlockingConnection(parameters)
+
+
+def queue_depths(connection, queue: str, *, max_attempts: int) -> dict[str, int]:
+    """Jobs ready in the queue, its consumers, jobs waiting in its retry queues and jobs in its dead-letter
+    queue, by passive declares (a queue never declared counts 0)."""
+    retries = [retry_queue(queue, n) for n in range(1, max_attempts)]
+    counts = _passive_counts(connection, [queue, *retries, dead_queue(queue)])
+    return {"depth": counts[queue][0], "consumers": counts[queue][1],
+            "retrying": sum(counts[q][0] for q in retries), "dead": counts[dead_queue(queue)][0]}
+
+
+def _passive_counts(connection, queues: list[str]) -> dict[str, tuple[int, int]]:
+    channel = connection.channel()
+    counts = {}
+    for name in queues:
+        try:
+            method = channel.queue_declare(name, passive=True).method
+            counts[name] = (method.message_count, method.consumer_count)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            counts[name] = (0, 0)
+            channel = connection.channel()  # a failed passive declare closes the channel
+    channel.close()
+    return counts

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -139,6 +140,11 @@ def store_tokens(conn, character_id: int, access_token: str, refresh_token: str,
     )
 
 
+def expire_access_token(conn, character_id: int, now: datetime) -> None:
+    """Make the next job refresh the access token (ESI refused it before its time)."""
+    conn.execute("UPDATE users SET expires_at = %s WHERE character_id = %s", (now, character_id))
+
+
 def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> None:
     """Remember that this refresh token is dead, so the user is not queued until it logs in again."""
     conn.execute(
@@ -171,11 +177,100 @@ def finish_user_sync(conn, character_id: int, now: datetime, status: str, *, fou
     )
 
 
+def save_profile(conn, character_id: int, *, corporation_id: int | None = None, scopes: str | None = None,
+                 checked_at: datetime | None = None) -> None:
+    """Record what the worker learned of a pilot: its corporation (from ESI) and its token's scopes."""
+    conn.execute(
+        """
+        UPDATE users SET corporation_id = COALESCE(%(corp)s, corporation_id), scopes = COALESCE(%(scopes)s, scopes),
+               corporation_checked_at = COALESCE(%(checked)s, corporation_checked_at)
+        WHERE character_id = %(id)s
+        """,
+        {"corp": corporation_id, "scopes": scopes, "checked": checked_at, "id": character_id},
+    )
+
+
+def set_director(conn, character_id: int, is_director: bool) -> None:
+    """Record whether a pilot may read its corporation's killmails (a 403 says it may not)."""
+    conn.execute("UPDATE users SET is_director = %s WHERE character_id = %s", (is_director, character_id))
+
+
+# ---------------------------------------------------------------------------------------------- corporations
+
+CORPORATION_SCOPE = "esi-killmails.read_corporation_killmails.v1"
+
+# A member who may read the corporation's killmails: a live grant with the corporation scope, not known to
+# lack the Director role. Known directors first.
+_ELIGIBLE_SQL = f"""
+    SELECT DISTINCT ON (u.corporation_id) u.corporation_id, u.character_id, u.character_name
+    FROM users u
+    WHERE u.corporation_id IS NOT NULL AND u.is_director IS NOT FALSE
+      AND '{CORPORATION_SCOPE}' = ANY(string_to_array(COALESCE(u.scopes, ''), ' '))
+      AND u.refresh_token IS NOT NULL
+      AND (u.revoked_token_sha256 IS NULL
+           OR u.revoked_token_sha256 <> encode(sha256(convert_to(u.refresh_token, 'UTF8')), 'hex'))
+    ORDER BY u.corporation_id, u.is_director DESC NULLS LAST, u.character_id
+"""
+
+
+def claim_due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+    """Mark every due corporation that has an eligible member as queued now; returns them with that member."""
+    conn.execute(f"""
+        INSERT INTO corporations (corporation_id)
+        SELECT corporation_id FROM ({_ELIGIBLE_SQL}) e
+        ON CONFLICT DO NOTHING
+    """)
+    return conn.execute(
+        f"""
+        UPDATE corporations c SET queued_at = %(now)s, director_character_id = e.character_id
+        FROM ({_ELIGIBLE_SQL}) e
+        WHERE c.corporation_id = e.corporation_id
+          AND (c.last_sync_at IS NULL OR c.last_sync_at <= %(now)s - make_interval(secs => %(interval)s))
+          AND (c.queued_at IS NULL OR c.queued_at < %(now)s - make_interval(secs => %(stale)s))
+        RETURNING c.corporation_id, e.character_id, e.character_name, c.last_sync_at
+        """,
+        {"now": now, "interval": interval, "stale": stale_after},
+    ).fetchall()
+
+
+def get_corporation(conn, corporation_id: int) -> dict | None:
+    """One corporation's sync state."""
+    return conn.execute("SELECT * FROM corporations WHERE corporation_id = %s", (corporation_id,)).fetchone()
+
+
+def save_corporation_list_cache(conn, corporation_id: int, etag: str | None, expires_at: datetime | None) -> None:
+    """Keep the corporation list's ETag and Expires for the next poll."""
+    conn.execute("UPDATE corporations SET list_etag = %s, list_expires_at = %s WHERE corporation_id = %s",
+                 (etag, expires_at, corporation_id))
+
+
+def finish_corporation_sync(conn, corporation_id: int, now: datetime, status: str, *, found_new: bool) -> None:
+    """Record the end of a corporation's sync and free it for the next producer run."""
+    conn.execute(
+        """
+        UPDATE corporations SET last_sync_at = %(now)s, last_sync_status = %(status)s, queued_at = NULL,
+               last_new_killmail_at = CASE WHEN %(new)s THEN %(now)s ELSE last_new_killmail_at END
+        WHERE corporation_id = %(id)s
+        """,
+        {"now": now, "status": status, "new": found_new, "id": corporation_id},
+    )
+
+
+def release_corporation(conn, corporation_id: int) -> None:
+    """Forget that a corporation is queued."""
+    conn.execute("UPDATE corporations SET queued_at = NULL WHERE corporation_id = %s", (corporation_id,))
+
+
 # ---------------------------------------------------------------------------------------------- references
 
 
-def store_refs(conn, character_id: int, refs: Sequence[tuple[int, str]]) -> None:
-    """Store listed (killmail_id, killmail_hash) pairs and link them to the pilot; known ones are kept."""
+# Where a reference came from: a pilot's own list or its corporation's. Identifiers come from this table only.
+_LINKS = {"character": ("character_killmails", "character_id"),
+          "corporation": ("corporation_killmails", "corporation_id")}
+
+
+def store_refs(conn, owner: str, owner_id: int, refs: Sequence[tuple[int, str]]) -> None:
+    """Store listed (killmail_id, killmail_hash) pairs and link them to their pilot or corporation."""
     if not refs:
         return
     ids = [r[0] for r in refs]
@@ -188,30 +283,29 @@ def store_refs(conn, character_id: int, refs: Sequence[tuple[int, str]]) -> None
         """,
         (ids, hashes),
     )
+    table, column = _LINKS[owner]
     conn.execute(
-        """
-        INSERT INTO character_killmails (character_id, killmail_id)
-        SELECT %s, unnest(%s::bigint[])
-        ON CONFLICT DO NOTHING
-        """,
-        (character_id, ids),
+        sql.SQL("INSERT INTO {} ({}, killmail_id) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING")
+        .format(sql.Identifier(table), sql.Identifier(column)),
+        (owner_id, ids),
     )
 
 
-def pending_refs(conn, character_id: int, now: datetime, *, max_attempts: int) -> list[dict]:
-    """This pilot's references with no stored killmail that may be fetched now, newest first, in one query."""
+def pending_refs(conn, owner: str, owner_id: int, now: datetime, *, max_attempts: int) -> list[dict]:
+    """A pilot's (or corporation's) references with no stored killmail that may be fetched now, newest first."""
+    table, column = _LINKS[owner]
     return conn.execute(
-        """
+        sql.SQL("""
         SELECT r.killmail_id, r.killmail_hash
-        FROM character_killmails c
+        FROM {} c
         JOIN killmail_refs r USING (killmail_id)
-        WHERE c.character_id = %(id)s
+        WHERE c.{} = %(id)s
           AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
           AND r.attempts < %(max)s
           AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= %(now)s)
         ORDER BY r.killmail_id DESC
-        """,
-        {"id": character_id, "now": now, "max": max_attempts},
+        """).format(sql.Identifier(table), sql.Identifier(column)),
+        {"id": owner_id, "now": now, "max": max_attempts},
     ).fetchall()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import random
 import threading
@@ -213,6 +214,19 @@ def parse_refs(body: Any) -> list[tuple[int, str]]:
         else:
             log.warning("ignoring a list entry that is no killmail reference: %r", entry)
     return refs
+
+
+def token_scopes(access_token: str | None) -> list[str]:
+    """The `scp` claim of an SSO access token (a JWT), unverified: the worker got it from SSO itself."""
+    try:
+        payload = access_token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (AttributeError, IndexError, ValueError):
+        return []
+    scopes = claims.get("scp", []) if isinstance(claims, dict) else []
+    if isinstance(scopes, str):
+        return [scopes]
+    return [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else []
 
 
 class EsiClient:

@@ -243,6 +243,14 @@ class Simulator:
         with self._lock:
             self._pilot(character_id).revoked = True
 
+    def set_director(self, character_id: int, director: bool) -> None:
+        """Give or take a pilot's Director role (giving it also grants the corporation killmail scope)."""
+        with self._lock:
+            pilot = self._pilot(character_id)
+            pilot.director = director
+            if director and CORP_SCOPE not in pilot.scopes:
+                pilot.scopes.append(CORP_SCOPE)
+
     def advance(self, seconds: float) -> None:
         """Move the simulator's clock forward (Expires, token expiry, cache turnover, limit windows)."""
         if seconds < 0:

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from settings import ConfigError, load_settings  # noqa: E402
+from settings import ConfigError, load_settings, setup_logging  # noqa: E402
 
 bind = os.environ.get("STATUS_BIND") or (f"0.0.0.0:{os.environ['PORT']}" if os.environ.get("PORT") else
                                          "127.0.0.1:8000")
@@ -19,6 +19,9 @@ worker_class = "gthread"
 threads = 4
 # Each worker opens its own pool at its first request; loading the app in the master would gain nothing.
 preload_app = False
+# gunicorn's runtime control socket lives at one path per user: several status apps on one host (or a test run
+# beside a real one) would take it from each other, and nothing here needs it.
+control_socket_disable = True
 
 # /health answers within about two seconds even with the database or the broker gone (the app bounds it);
 # a worker silent for longer than this is stuck and is replaced.
@@ -40,3 +43,8 @@ def on_starting(server):
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def post_fork(server, worker):
+    """Each worker logs the app's records with time, level and pid (the other commands' --verbose format)."""
+    setup_logging(verbose=True)

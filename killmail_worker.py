@@ -155,16 +155,18 @@ class Child:
         log.info("📅 Queued at: %s", job.queued_at)
         for tries in range(1, DB_RETRIES_PER_JOB + 1):
             now = datetime.now(timezone.utc)
-            result = sync.SyncResult(job.character_id, started_at=now, attempt=attempt, worker=self.worker_name)
+            result = sync.SyncResult(job.character_id, corporation_id=job.corporation_id, kind=job.kind,
+                                     started_at=now, attempt=attempt, worker=self.worker_name)
+            options = sync.SyncOptions(max_attempts=self.settings.max_attempts,
+                                       detail_concurrency=self.settings.detail_concurrency,
+                                       full=job.full, attempt=attempt, worker=self.worker_name)
             try:
                 self.ensure_db()
                 if job.corporation_id is not None:
-                    return self.failure(job, attempt, "corporation jobs are not supported by this worker",
-                                        permanent=True)
-                options = sync.SyncOptions(max_attempts=self.settings.max_attempts,
-                                           detail_concurrency=self.settings.detail_concurrency,
-                                           full=job.full, attempt=attempt, worker=self.worker_name)
-                result = sync.sync_character(self.conn, self.esi, job.character_id, now, options=options)
+                    result = sync.sync_corporation(self.conn, self.esi, job.corporation_id, job.character_id, now,
+                                                   options=options)
+                else:
+                    result = sync.sync_character(self.conn, self.esi, job.character_id, now, options=options)
             except psycopg.OperationalError as exc:
                 log.warning("⚠️  database connection lost during the job (%s); running it again", exc)
                 self.conn = None
@@ -192,7 +194,10 @@ class Child:
                 self.ensure_db()
                 sync.record_failed_run(self.conn, self.esi, result, reason)
                 if last:
-                    db.release_user(self.conn, job.character_id)
+                    if job.corporation_id is not None:
+                        db.release_corporation(self.conn, job.corporation_id)
+                    else:
+                        db.release_user(self.conn, job.character_id)
                     self.conn.commit()
             except psycopg.Error as exc:
                 log.warning("could not record the failed run: %s", exc)

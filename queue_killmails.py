@@ -25,31 +25,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true",
                         help="with --character-id: re-read the character's whole 90 days, ignoring stored ETags")
     parser.add_argument("--dry-run", action="store_true", help="say what would be queued, queue nothing")
+    parser.add_argument("--corporations", action="store_true",
+                        help="queue only the due corporations (a plain run queues users and corporations)")
+    parser.add_argument("--stats", action="store_true", help="print what is due, queued, retrying and dead")
     parser.add_argument("--verbose", action="store_true", help="log with time, level and pid")
     return parser.parse_args(argv)
 
 
-def queue_due_users(conn, channel, settings: Settings, now: datetime) -> tuple[int, list[str]]:
-    """Claim and publish every due user; returns (queued, problems). A user whose message the broker did not
-    take is released again, so the next run retries it."""
-    users = db.claim_due_users(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
-    conn.commit()
-    log.info("✓ Found %d active users", len(users))
+def queue_due(conn, channel, settings: Settings, now: datetime, *, users: bool = True,
+              corporations: bool = True) -> tuple[dict[str, int], list[str]]:
+    """Claim and publish every due user and corporation; returns ({"users": n, "corporations": m}, problems).
+    One whose message the broker did not take is released again, so the next run retries it."""
+    claimed: list[tuple[broker.Job, int, str]] = []
     if users:
+        rows = db.claim_due_users(conn, now, interval=settings.sync_interval_seconds,
+                                  stale_after=CLAIM_STALE_SECONDS)
+        conn.commit()
+        log.info("✓ Found %d active users", len(rows))
+        claimed += [(broker.new_job(r["character_id"], r["character_name"], now=now), _priority(r),
+                     r["character_name"] or str(r["character_id"])) for r in rows]
+    if corporations:
+        rows = db.claim_due_corporations(conn, now, interval=settings.sync_interval_seconds,
+                                         stale_after=CLAIM_STALE_SECONDS)
+        conn.commit()
+        if rows or not users:
+            log.info("✓ Found %d corporations to sync through a director", len(rows))
+        claimed += [(broker.new_job(r["character_id"], r["character_name"], corporation_id=r["corporation_id"],
+                                    now=now), _priority(r), f"corporation {r['corporation_id']}") for r in rows]
+    if claimed:
         log.info("📤 Adding to queue...")
-    queued, problems = 0, []
-    for user in users:
-        priority = broker.PRIORITY_FIRST if user["last_sync_at"] is None else broker.PRIORITY_ROUTINE
-        job = broker.new_job(user["character_id"], user["character_name"], now=now)
+    queued, problems = {"users": 0, "corporations": 0}, []
+    for job, priority, label in claimed:
         try:
             broker.publish(channel, settings.queue_name, broker.encode_job(job), priority=priority)
         except broker.NotDelivered as exc:
-            db.release_user(conn, user["character_id"])
+            if job.corporation_id is not None:
+                db.release_corporation(conn, job.corporation_id)
+            else:
+                db.release_user(conn, job.character_id)
             conn.commit()
-            problems.append(f"{user['character_name'] or user['character_id']}: {exc}")
+            problems.append(f"{label}: {exc}")
             continue
-        queued += 1
+        queued["users" if job.corporation_id is None else "corporations"] += 1
     return queued, problems
+
+
+def _priority(row: dict) -> int:
+    """First syncs of new users come before routine polls."""
+    return broker.PRIORITY_FIRST if row["last_sync_at"] is None else broker.PRIORITY_ROUTINE
+
+
+def print_stats(conn, connection, settings: Settings, now: datetime) -> None:
+    """What is due, queued, waiting for a retry and dead, for an operator."""
+    users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
+    log.info("👥 Users: %d in all; due now: %d, queued or running: %d, synced within their interval: %d, "
+             "never synced: %d, needing a new login: %d", sum(users.values()), users["due"], users["queued"],
+             users["active"], users["never_synced"], users["needs_relogin"])
+    queue = broker.queue_depths(connection, settings.queue_name, max_attempts=settings.max_attempts)
+    log.info("📦 Queue %s: %d ready, %d consumers; waiting for a retry: %d; dead: %d", settings.queue_name,
+             queue["depth"], queue["consumers"], queue["retrying"], queue["dead"])
 
 
 def queue_one(conn, channel, settings: Settings, character_id: int, now: datetime, *, full: bool) -> str:
@@ -112,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             channel = connection.channel()
             channel.confirm_delivery()
             broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
+            if args.stats:
+                print_stats(conn, connection, settings, now)
+                return 0
             if args.character_id is not None:
                 try:
                     log.info(queue_one(conn, channel, settings, args.character_id, now, full=args.full))
@@ -119,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"❌ {exc}", file=sys.stderr)
                     return 1
                 return 0
-            queued, problems = queue_due_users(conn, channel, settings, now)
+            queued, problems = queue_due(conn, channel, settings, now, users=not args.corporations)
         finally:
             if connection.is_open:
                 connection.close()
@@ -128,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         log.error("❌ %d users could not be queued; they will be retried on the next run", len(problems))
         return 1
-    log.info("✅ All %d users queued successfully!", queued)
+    if args.corporations:
+        log.info("✅ All %d corporations queued successfully!", queued["corporations"])
+    else:
+        log.info("✅ All %d users queued successfully!", queued["users"])
+        if queued["corporations"]:
+            log.info("✅ And %d corporations, each through a director", queued["corporations"])
     log.info("💡 Now run the worker to process them: python killmail_worker.py")
     return 0
 

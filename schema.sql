@@ -24,6 +24,20 @@ ALTER TABLE users ADD COLUMN IF NOT EXISTS last_new_killmail_at  TIMESTAMPTZ;
 ALTER TABLE users ADD COLUMN IF NOT EXISTS list_etag             TEXT;
 ALTER TABLE users ADD COLUMN IF NOT EXISTS list_expires_at       TIMESTAMPTZ;
 ALTER TABLE users ADD COLUMN IF NOT EXISTS created_at            TIMESTAMPTZ NOT NULL DEFAULT now();
+ALTER TABLE users ADD COLUMN IF NOT EXISTS corporation_checked_at TIMESTAMPTZ;
+
+-- Corporations whose killmails are synced through a member with the corporation scope and the Director role.
+CREATE TABLE IF NOT EXISTS corporations (
+    corporation_id        BIGINT PRIMARY KEY,
+    director_character_id BIGINT,
+    queued_at             TIMESTAMPTZ,
+    last_sync_at          TIMESTAMPTZ,
+    last_sync_status      TEXT,
+    last_new_killmail_at  TIMESTAMPTZ,
+    list_etag             TEXT,
+    list_expires_at       TIMESTAMPTZ,
+    created_at            TIMESTAMPTZ NOT NULL DEFAULT now()
+);
 
 -- Stage one: every (id, hash) pair a list returned. A reference without a row in killmails is pending;
 -- attempts/last_error/next_attempt_at keep the failures of its detail fetch; claimed_until and claimed_by (the
@@ -46,6 +60,13 @@ CREATE TABLE IF NOT EXISTS character_killmails (
     PRIMARY KEY (character_id, killmail_id)
 );
 CREATE INDEX IF NOT EXISTS character_killmails_killmail ON character_killmails (killmail_id);
+
+-- Which corporation's list a killmail came from.
+CREATE TABLE IF NOT EXISTS corporation_killmails (
+    corporation_id BIGINT NOT NULL,
+    killmail_id    BIGINT NOT NULL,
+    PRIMARY KEY (corporation_id, killmail_id)
+);
 
 -- Stage two: one row per killmail, shared by every pilot who saw it.
 CREATE TABLE IF NOT EXISTS killmails (

@@ -2,284 +2,30 @@
 
 Serve it with `gunicorn -c gunicorn.conf.py status_app:app`, or locally with `python status_app.py --port 8000`.
 Each process opens its small connection pool at its first request (after gunicorn's fork, so the master holds
-none) and checks the broker with a short-timeout connection whose answer it keeps for a second. Nothing here
-ever reads a token column: pages and metrics carry ids, names, counts and times.
+none) and checks the broker with a short-timeout connection whose answer it keeps for a second; the numbers
+themselves come from status_report.py. The page is templates/status.html.
 """
 from __future__ import annotations
 
 import argparse
 import hmac
 import logging
-import math
-import os
 import sys
-import threading
-import time
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from datetime import datetime, timezone
+from typing import Any
 
-import pika
-import pika.exceptions
 import psycopg
 from flask import Flask, Request, Response, jsonify, render_template, request
 from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
 
-import broker
 import db
-from queue_killmails import CLAIM_STALE_SECONDS
 from settings import ConfigError, Settings, load_settings, setup_logging
+from status_report import Sources, StatusCollector, build_report, describe, queue_state
 
 log = logging.getLogger(__name__)
 
-POOL_WAIT_SECONDS = 1.0       # a request waits this long for a pooled connection, then reports the database down
-CONNECT_TIMEOUT_SECONDS = 2   # libpq connect_timeout, for a host that drops packets rather than refusing
-# A pool retries a lost database in the background with growing delays; giving up after a few seconds lets the
-# next request start a fresh attempt at once, so a restarted database is seen again within seconds, not minutes.
-POOL_RECONNECT_SECONDS = 5.0
-STATEMENT_TIMEOUT_MS = 5000   # no status query may hold a connection longer
-BROKER_TIMEOUT_SECONDS = 1.0  # TCP connect and AMQP handshake, each
-BROKER_CACHE_SECONDS = 1.0    # a probe every few ms must not open a broker connection each time
-RUNNING_WINDOW = timedelta(minutes=5)   # a run finished this recently means the worker is running
-METRICS_WINDOW = timedelta(hours=24)    # success rate, error rate, durations and growth are over this window
-RECENT_RUNS = 20
-FAILED_REFS_SHOWN = 20
 PROTECTED = ("/status", "/metrics")     # /health never asks for a password: load balancers probe it
-
-
-class Sources:
-    """Where the numbers come from, each made at first use in this process: settings, pool, broker probe."""
-
-    def __init__(self, settings: Settings | None = None):
-        self._settings = settings
-        self._pool: ConnectionPool | None = None
-        self._pool_pid = 0
-        self._pool_lock = threading.Lock()
-        self._broker_lock = threading.Lock()
-        self._broker_checked = -math.inf
-        self._broker_error: str | None = None
-
-    @property
-    def settings(self) -> Settings:
-        """The settings given, or read from the environment at first use (ConfigError names a bad variable)."""
-        if self._settings is None:
-            self._settings = load_settings(need_esi=False)
-        return self._settings
-
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled autocommit connection with dict rows; psycopg_pool.PoolTimeout when none comes in time."""
-        with self._get_pool().connection(timeout=POOL_WAIT_SECONDS) as conn:
-            yield conn
-
-    def _get_pool(self) -> ConnectionPool:
-        with self._pool_lock:
-            # A pool belongs to the process that opened it: after a fork, the child opens its own.
-            if self._pool is None or self._pool_pid != os.getpid():
-                self._pool = ConnectionPool(
-                    self.settings.database_url, min_size=1, max_size=4, open=False, name="status",
-                    timeout=POOL_WAIT_SECONDS, reconnect_timeout=POOL_RECONNECT_SECONDS,
-                    check=ConnectionPool.check_connection,
-                    kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-                            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
-                )
-                self._pool.open(wait=False)
-                self._pool_pid = os.getpid()
-            return self._pool
-
-    def broker_error(self) -> str | None:
-        """Why the broker refused a connection, or None when it accepted one (an answer kept for a second)."""
-        with self._broker_lock:
-            if time.monotonic() - self._broker_checked >= BROKER_CACHE_SECONDS:
-                try:
-                    open_broker(self.settings.rabbitmq_url).close()
-                    self._broker_error = None
-                except (pika.exceptions.AMQPError, OSError) as exc:
-                    self._broker_error = describe(exc)
-                    log.warning("health: broker unreachable: %s", self._broker_error)
-                self._broker_checked = time.monotonic()
-            return self._broker_error
-
-    def close(self) -> None:
-        """Close this process's pool (tests; a worker process simply exits)."""
-        with self._pool_lock:
-            if self._pool is not None and self._pool_pid == os.getpid():
-                self._pool.close()
-            self._pool = None
-
-
-def open_broker(url: str) -> pika.BlockingConnection:
-    """A broker connection that gives up within about two seconds."""
-    parameters = pika.URLParameters(url)
-    parameters.socket_timeout = BROKER_TIMEOUT_SECONDS
-    parameters.stack_timeout = 2 * BROKER_TIMEOUT_SECONDS  # bounds TCP, TLS and the AMQP handshake together
-    parameters.blocked_connection_timeout = 2 * BROKER_TIMEOUT_SECONDS
-    parameters.connection_attempts = 1
-    return pika.BlockingConnection(parameters)
-
-
-def describe(exc: BaseException) -> str:
-    """An exception as one short line for a log or a page (never carries a URL's password: pika and libpq
-    do not put it in their messages)."""
-    text = " ".join(str(exc).split()) or repr(exc)
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
-# ---------------------------------------------------------------------------------------------- numbers
-
-
-def queue_state(settings: Settings) -> dict[str, Any]:
-    """Jobs waiting in the queue, its consumers, jobs in its retry queues and in its dead-letter queue; the
-    numbers are None, with an error, when the broker cannot be reached."""
-    state: dict[str, Any] = {"name": settings.queue_name, "depth": None, "consumers": None, "retrying": None,
-                             "dead": None, "error": None}
-    retries = [broker.retry_queue(settings.queue_name, n) for n in range(1, settings.max_attempts)]
-    dead = broker.dead_queue(settings.queue_name)
-    try:
-        connection = open_broker(settings.rabbitmq_url)
-        try:
-            counts = passive_counts(connection, [settings.queue_name, *retries, dead])
-        finally:
-            connection.close()
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        state["error"] = f"broker unreachable: {describe(exc)}"
-        return state
-    state.update(depth=counts[settings.queue_name][0], consumers=counts[settings.queue_name][1],
-                 retrying=sum(counts[q][0] for q in retries), dead=counts[dead][0])
-    return state
-
-
-def passive_counts(connection: pika.BlockingConnection, queues: list[str]) -> dict[str, tuple[int, int]]:
-    """(messages, consumers) of each queue by passive declare; a queue never declared counts (0, 0)."""
-    channel = connection.channel()
-    counts = {}
-    for queue in queues:
-        try:
-            method = channel.queue_declare(queue, passive=True).method
-            counts[queue] = (method.message_count, method.consumer_count)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != 404:
-                raise
-            counts[queue] = (0, 0)
-            channel = connection.channel()  # a failed passive declare closes the channel
-    channel.close()
-    return counts
-
-
-def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """Everything /status shows, as plain data (times as aware datetimes)."""
-    latest = db.latest_run(conn)
-    stats = db.run_stats(conn, now - METRICS_WINDOW)
-    growth = db.killmail_growth(conn, now)
-    users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
-    refs = db.failed_refs(conn, limit=FAILED_REFS_SHOWN)
-    last_sync = latest["finished_at"] if latest else None
-    return {
-        "generated_at": now,
-        # The seed's WorkerStatus, under its own names (the web app reads them); lastSyncDuration in seconds.
-        "worker": {"isRunning": is_running(last_sync, queue["consumers"], now), "lastSync": last_sync,
-                   "totalUsers": sum(users.values()), "lastSyncDuration": latest["duration"] if latest else None},
-        "metrics": {
-            "window_hours": METRICS_WINDOW / timedelta(hours=1),
-            "runs": stats["runs"],
-            "success_rate": share(stats["succeeded"], stats["runs"]),
-            "error_rate": share(stats["failed"], stats["runs"]),
-            "sync_duration_avg_seconds": stats["avg_duration"],
-            "sync_duration_p95_seconds": stats["p95_duration"],
-            "killmails_total": growth["total"],
-            "killmails_last_hour": growth["last_hour"],
-            "killmails_per_hour": round(growth["last_day"] / (METRICS_WINDOW / timedelta(hours=1)), 2),
-        },
-        "queue": queue,
-        "users": users,
-        "runs": db.recent_runs(conn, limit=RECENT_RUNS),
-        "failed_killmails": {"total": refs[0]["total"] if refs else 0,
-                             "latest": [{k: v for k, v in ref.items() if k != "total"} for ref in refs]},
-        "esi_limits": db.esi_limit_buckets(conn, now),
-        "esi_calls": db.esi_call_counts(conn),
-    }
-
-
-def is_running(last_sync: datetime | None, consumers: int | None, now: datetime) -> bool:
-    """A worker consumes the queue, or a run finished within RUNNING_WINDOW (a run is recorded when it ends)."""
-    return bool(consumers) or (last_sync is not None and now - last_sync <= RUNNING_WINDOW)
-
-
-def share(part: int, whole: int) -> float | None:
-    """part / whole rounded to four places; None when there is no whole."""
-    return round(part / whole, 4) if whole else None
-
-
-class StatusCollector:
-    """Prometheus metrics read from the database and the broker at each scrape."""
-
-    def __init__(self, sources: Sources):
-        self.sources = sources
-
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        """Yield every metric family; a component that cannot be reached shows as killmail_status_up 0."""
-        settings = self.sources.settings
-        up = GaugeMetricFamily("killmail_status_up", "Whether the status app reached the component (1) or not (0)",
-                               labels=["component"])
-        try:
-            with self.sources.connection() as conn:
-                families = list(database_metrics(conn, settings, datetime.now(timezone.utc)))
-            up.add_metric(["database"], 1)
-        except psycopg.Error as exc:
-            log.warning("metrics: database unavailable: %s", describe(exc))
-            families = []
-            up.add_metric(["database"], 0)
-        queue = queue_state(settings)
-        up.add_metric(["broker"], 0 if queue["error"] else 1)
-        yield up
-        yield from families
-        if not queue["error"]:
-            for name, key, text in (("killmail_queue_depth", "depth", "Jobs waiting in the queue"),
-                                    ("killmail_queue_consumers", "consumers", "Consumers of the queue"),
-                                    ("killmail_queue_retrying", "retrying", "Jobs waiting in the retry queues"),
-                                    ("killmail_dead_letters", "dead", "Jobs in the dead-letter queue")):
-                yield GaugeMetricFamily(name, text, value=queue[key])
-
-
-def database_metrics(conn, settings: Settings, now: datetime) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-    """The metric families read from the database."""
-    runs = CounterMetricFamily("killmail_sync_runs", "Sync runs recorded, by status", labels=["status"])
-    for row in db.runs_by_status(conn):
-        runs.add_metric([row["status"]], row["runs"])
-    yield runs
-    yield CounterMetricFamily("killmail_killmails_saved", "Killmails stored",
-                              value=db.killmail_growth(conn, now)["total"])
-    calls = CounterMetricFamily("killmail_esi_calls", "ESI calls by route group and status",
-                                labels=["group", "status"])
-    for row in db.esi_call_counts(conn):
-        calls.add_metric([row["route_group"], str(row["status"])], row["calls"])
-    yield calls
-    users = GaugeMetricFamily("killmail_users", "Users by state", labels=["state"])
-    for state, count in db.user_states(conn, now, interval=settings.sync_interval_seconds,
-                                       stale_after=CLAIM_STALE_SECONDS).items():
-        users.add_metric([state], count)
-    yield users
-    latest = db.latest_run(conn)
-    # +Inf before the first run, so an alert on "age > N" fires for a worker that never ran.
-    age = (now - latest["finished_at"]).total_seconds() if latest else math.inf
-    yield GaugeMetricFamily("killmail_last_sync_age_seconds", "Seconds since the last run finished", value=age)
-    remaining = GaugeMetricFamily("killmail_esi_limit_remaining",
-                                  "Tokens left in an ESI limit bucket (lowest of a per-character group)",
-                                  labels=["bucket"])
-    paused = GaugeMetricFamily("killmail_esi_limit_paused", "ESI limit buckets paused now", labels=["bucket"])
-    for row in db.esi_limit_buckets(conn, now):
-        if row["remaining"] is not None:
-            remaining.add_metric([row["bucket"]], row["remaining"])
-        paused.add_metric([row["bucket"]], row["paused"])
-    yield remaining
-    yield paused
-
-
-# ---------------------------------------------------------------------------------------------- HTTP
 
 
 class UtcJsonProvider(DefaultJSONProvider):
@@ -369,7 +115,7 @@ def check_health(sources: Sources, *, deep: bool, now: datetime) -> tuple[dict[s
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The Flask app; settings are read from the environment at the first request when not given."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.json = UtcJsonProvider(app)
     sources = Sources(settings)
     app.extensions["status_sources"] = sources

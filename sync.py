@@ -16,6 +16,7 @@ from killmail_model import InvalidKillmail, Killmail, parse_killmail
 log = logging.getLogger(__name__)
 
 REFRESH_MARGIN = timedelta(seconds=60)  # refresh a little before expiry, never after a failed call
+PROFILE_MAX_AGE = timedelta(days=1)     # how often a pilot's corporation is read again
 CLAIM_SECONDS = 600                     # a detail claim outlives any job; a dead worker's claims lapse after it
 SAVE_BATCH = 20                         # killmails per insert transaction at the most
 SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for its batch at the most: a killed
@@ -79,49 +80,138 @@ def sync_character(conn, esi: EsiClient, character_id: int, now: datetime, *,
                    options: SyncOptions = SyncOptions()) -> SyncResult:
     """Sync one pilot's kills and losses, holding its lock; returns the result already recorded in sync_runs."""
     result = SyncResult(character_id, started_at=now, attempt=options.attempt, worker=options.worker)
-    if not db.try_lock(conn, db.LOCK_CHARACTER, character_id):
-        conn.commit()
+    locks = _lock(conn, [(db.LOCK_CHARACTER, character_id)])
+    if locks is None:
         result.status = "locked"
         log.info("  🔒 %s is being synced by another process; skipping", character_id)
         return result
     try:
-        conn.commit()
-        _sync_locked(conn, esi, character_id, now, options, result)
+        _sync_character_locked(conn, esi, character_id, now, options, result)
     finally:
-        _release(conn, character_id)
+        _release(conn, locks)
     return result
 
 
-def _release(conn, character_id: int) -> None:
+def sync_corporation(conn, esi: EsiClient, corporation_id: int, character_id: int, now: datetime, *,
+                     options: SyncOptions = SyncOptions()) -> SyncResult:
+    """Sync a corporation's kills and losses with a director's token, holding the corporation's and the
+    director's locks (the token may be refreshed); returns the recorded result."""
+    result = SyncResult(character_id, corporation_id=corporation_id, kind="corporation", started_at=now,
+                        attempt=options.attempt, worker=options.worker)
+    locks = _lock(conn, [(db.LOCK_CORPORATION, corporation_id), (db.LOCK_CHARACTER, character_id)])
+    if locks is None:
+        # The director's own sync (or this corporation's) is running: free the corporation for the next run.
+        db.release_corporation(conn, corporation_id)
+        conn.commit()
+        result.status = "locked"
+        log.info("  🔒 corporation %s or its director is being synced; skipping", corporation_id)
+        return result
+    try:
+        _sync_corporation_locked(conn, esi, corporation_id, character_id, now, options, result)
+    finally:
+        _release(conn, locks)
+    return result
+
+
+def _lock(conn, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """Take every lock or none; None when another process holds one of them."""
+    taken = []
+    for kind, key in keys:
+        if not db.try_lock(conn, kind, key):
+            _release(conn, taken)
+            return None
+        taken.append((kind, key))
+    conn.commit()
+    return taken
+
+
+def _release(conn, locks: list[tuple[int, int]]) -> None:
     if conn.closed or conn.broken:
-        return  # the lock died with the session
+        return  # the locks died with the session
     try:
         conn.rollback()
-        db.unlock(conn, db.LOCK_CHARACTER, character_id)
+        for kind, key in reversed(locks):
+            db.unlock(conn, kind, key)
         conn.commit()
     except db.psycopg.Error:
-        log.warning("could not release the lock of %s; it ends with the connection", character_id)
+        log.warning("could not release the locks %s; they end with the connection", locks)
 
 
-def _sync_locked(conn, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
-                 result: SyncResult) -> None:
+def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
+                           result: SyncResult) -> None:
     user = db.get_user(conn, character_id)
     conn.commit()
     if user is None:
         raise PermanentJobError(f"unknown character {character_id}: no such user")
     result.character_name = user["character_name"]
+    token = _live_token(conn, esi, user, now, result)
+    if token is not None:
+        _learn_profile(conn, esi, user, token, now)
+        try:
+            _list_references(conn, esi, "character", character_id, user, token, user, now, options, result)
+        except esi_errors.Forbidden as exc:
+            # The token lacks the killmail scope: asking again only spends the error limit. A new login fixes it.
+            db.mark_revoked(conn, character_id, user["refresh_token"], f"killmail list forbidden: {exc}")
+            conn.commit()
+            result.status, result.error = "needs_relogin", str(exc)
+        else:
+            fetch_killmails(conn, esi, "character", character_id, now, options, result)
+    _finish(conn, esi, result, options)
+
+
+def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, character_id: int, now: datetime,
+                             options: SyncOptions, result: SyncResult) -> None:
+    corporation = db.get_corporation(conn, corporation_id)
+    user = db.get_user(conn, character_id)
+    conn.commit()
+    if corporation is None or user is None:
+        raise PermanentJobError(f"unknown corporation {corporation_id} or director {character_id}")
+    result.character_name = user["character_name"]
+    log.info("  🏢 Corporation %s through %s", corporation_id, user["character_name"] or character_id)
+    token = _live_token(conn, esi, user, now, result)
+    if token is not None:
+        try:
+            _list_references(conn, esi, "corporation", corporation_id, user, token, corporation, now, options,
+                             result)
+        except esi_errors.Forbidden as exc:
+            # The Director role is gone (or never was): another eligible member is tried on the next run.
+            db.set_director(conn, character_id, False)
+            conn.commit()
+            result.status, result.error = "forbidden", str(exc)
+            log.warning("  🏢 %s may not read corporation %s's killmails: %s", user["character_name"],
+                        corporation_id, exc)
+        else:
+            db.set_director(conn, character_id, True)
+            fetch_killmails(conn, esi, "corporation", corporation_id, now, options, result)
+    _finish(conn, esi, result, options)
+
+
+def _live_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncResult) -> str | None:
+    """A usable access token, or None (and the result says why) when the user needs a new login."""
     if user["revoked"]:
         result.status = "needs_relogin"
-        log.info("  🔑 %s needs a new login; skipping", user["character_name"] or character_id)
-        _finish(conn, esi, result, options, found_new=False)
-        return
-    token = _usable_token(conn, esi, user, now, result)
-    if token is None:
-        _finish(conn, esi, result, options, found_new=False)
-        return
-    _list_references(conn, esi, user, token, now, options, result)
-    fetch_killmails(conn, esi, character_id, now, options, result)
-    _finish(conn, esi, result, options, found_new=result.saved > 0)
+        log.info("  🔑 %s needs a new login; skipping", user["character_name"] or user["character_id"])
+        return None
+    return _usable_token(conn, esi, user, now, result)
+
+
+def _learn_profile(conn, esi: EsiClient, user: dict, token: str, now: datetime) -> None:
+    """Keep the pilot's token scopes and (daily, for directors) its corporation, which corporation syncs need."""
+    scopes = " ".join(esi_errors.token_scopes(token)) or None
+    checked = user["corporation_checked_at"]
+    corporation_id = None
+    # Only a pilot who may read its corporation's killmails needs its corporation (one public call a day).
+    may_read_corporation = db.CORPORATION_SCOPE in (scopes or user["scopes"] or "").split()
+    if may_read_corporation and (checked is None or checked < now - PROFILE_MAX_AGE):
+        try:
+            corporation_id = esi.get_character(user["character_id"]).get("corporation_id")
+        except esi_errors.EsiError as exc:
+            log.warning("  could not read the public record of %s: %s", user["character_id"], exc)
+    if scopes != user["scopes"] or corporation_id is not None:
+        db.save_profile(conn, user["character_id"], scopes=scopes,
+                        corporation_id=corporation_id if isinstance(corporation_id, int) else None,
+                        checked_at=now if corporation_id is not None else None)
+        conn.commit()
 
 
 def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncResult) -> str | None:
@@ -149,42 +239,44 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
     return grant.access_token
 
 
-def _list_references(conn, esi: EsiClient, user: dict, token: str, now: datetime, options: SyncOptions,
-                     result: SyncResult) -> None:
-    """Store the pilot's listed references, unless the stored list is still fresh."""
-    character_id = user["character_id"]
-    if list_is_fresh(user["list_expires_at"], now, full=options.full):
+def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict, token: str, cache: dict,
+                     now: datetime, options: SyncOptions, result: SyncResult) -> None:
+    """Store a pilot's (or its corporation's) listed references, unless the stored list is still fresh.
+
+    `cache` holds the list's stored ETag and Expires (the users or the corporations row). A 403 is raised as
+    esi.Forbidden for the caller: what it means depends on whose list it was.
+    """
+    if list_is_fresh(cache["list_expires_at"], now, full=options.full):
         return
-    etag = None if options.full else user["list_etag"]
+    etag = None if options.full else cache["list_etag"]
+    save_cache = db.save_list_cache if owner == "character" else db.save_corporation_list_cache
     try:
-        listing = esi.list_recent(character_id=character_id, token=token, etag=etag)
+        listing = esi.list_recent(character_id=user["character_id"], token=token, etag=etag,
+                                  corporation_id=owner_id if owner == "corporation" else None)
     except esi_errors.NotModified as exc:
-        db.save_list_cache(conn, character_id, etag, _expiry(now, exc.expires_in))
+        save_cache(conn, owner_id, etag, _expiry(now, exc.expires_in))
         conn.commit()
         return
-    except esi_errors.Forbidden as exc:
-        # The token lacks the killmail scope: asking again only spends the error limit. A new login fixes it.
-        db.mark_revoked(conn, character_id, user["refresh_token"], f"killmail list forbidden: {exc}")
-        conn.commit()
-        result.status, result.error = "needs_relogin", str(exc)
-        return
+    except esi_errors.Forbidden:
+        raise
     except esi_errors.Unauthorized as exc:
-        db.store_tokens(conn, character_id, token, user["refresh_token"], now)  # refresh on the next try
+        db.expire_access_token(conn, user["character_id"], now)  # refresh it on the next try
         conn.commit()
         raise JobError(f"access token refused: {exc}") from exc
     except esi_errors.EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
-    db.store_refs(conn, character_id, listing.refs)
-    db.save_list_cache(conn, character_id, listing.etag, _expiry(now, listing.expires_in))
+    db.store_refs(conn, owner, owner_id, listing.refs)
+    save_cache(conn, owner_id, listing.etag, _expiry(now, listing.expires_in))
     conn.commit()
     result.listed = len(listing.refs)
     log.info("  📥 Found %d killmails", result.listed)
 
 
-def fetch_killmails(conn, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
+def fetch_killmails(conn, esi: EsiClient, owner: str, owner_id: int, now: datetime, options: SyncOptions,
                     result: SyncResult) -> None:
-    """Fetch and save the details of this pilot's references that no process has stored or is fetching."""
-    pending = db.pending_refs(conn, character_id, now, max_attempts=options.max_attempts)
+    """Fetch and save the details of a pilot's (or corporation's) references that no process has stored or
+    is fetching."""
+    pending = db.pending_refs(conn, owner, owner_id, now, max_attempts=options.max_attempts)
     claimed = db.claim_refs(conn, [r["killmail_id"] for r in pending], now, seconds=CLAIM_SECONDS)
     conn.commit()
     result.new = len(pending)
@@ -268,15 +360,20 @@ def _record_failure(conn, killmail_id: int, exc: Exception, now: datetime, optio
     log.warning("  ⚠️  killmail %s not saved: %s", killmail_id, exc)
 
 
-def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, *, found_new: bool) -> None:
-    """Record the run, the ESI calls and the user's sync state in one transaction."""
+def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions) -> None:
+    """Record the run, the ESI calls and the user's (or corporation's) sync state in one transaction."""
     result.finished_at = options.clock()
     if result.status == "ok" and result.failed:
         result.status = "partial"
     calls = esi.take_calls()
     result.esi_calls = sum(calls.values())
     db.add_esi_calls(conn, calls)
-    db.finish_user_sync(conn, result.character_id, result.finished_at, result.status, found_new=found_new)
+    if result.kind == "corporation":
+        db.finish_corporation_sync(conn, result.corporation_id, result.finished_at, result.status,
+                                   found_new=result.saved > 0)
+    else:
+        db.finish_user_sync(conn, result.character_id, result.finished_at, result.status,
+                            found_new=result.saved > 0)
     db.record_run(conn, run_row(result))
     conn.commit()
 

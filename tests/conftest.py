@@ -27,8 +27,6 @@ ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://root@127.0.0
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 CLIENT_ID, CLIENT_SECRET = "test-client", "test-secret"
 USER_AGENT = "killmail-worker-tests/1.0 (tests@example.org)"
-TABLES = ("users", "killmail_refs", "character_killmails", "attackers", "killmail_items", "killmails",
-          "sync_runs", "esi_limits", "esi_calls")
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +47,9 @@ def database_url():
 def conn(database_url):
     """A connection to an emptied test database."""
     with db.connect(database_url) as connection:
-        connection.execute("TRUNCATE " + ", ".join(TABLES))
+        tables = [r["tablename"] for r in connection.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        connection.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables))
         connection.commit()
         yield connection
 

@@ -13,7 +13,6 @@ limit buckets (two per-character ones, one paused) and six ESI call counters.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -38,6 +37,7 @@ import broker  # noqa: E402
 import db  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
+GUNICORN = Path(sys.executable).with_name("gunicorn")  # the one installed beside this Python (.venv/bin)
 ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 # Distinctive tokens: no response of the status app may ever contain them.
@@ -94,8 +94,9 @@ def seed_status_rows(conn, now: datetime) -> None:
             (130_000_001, 3, "ServerError: ESI answered 502 Bad Gateway", now + timedelta(minutes=8)),
             (130_000_002, 8, "InvalidHash: 422 Invalid killmail_id and/or killmail_hash", now + timedelta(hours=6)),
             (130_000_003, 0, None, None)):  # pending, never tried: not a failure
-        conn.execute("INSERT INTO killmail_refs (killmail_id, killmail_hash, attempts, last_error, next_attempt_at) "
-                     "VALUES (%s, %s, %s, %s, %s)", (killmail_id, f"hash{killmail_id}", attempts, error, next_attempt))
+        conn.execute("INSERT INTO killmail_refs (killmail_id, killmail_hash, attempts, last_error, next_attempt_at, "
+                     "first_seen_at) VALUES (%s, %s, %s, %s, %s, %s)",
+                     (killmail_id, f"hash{killmail_id}", attempts, error, next_attempt, ago(hours=attempts)))
     for bucket, limit, window, remaining, paused in (
             ("error-limit", 100, 60, 97, None), ("killmail", 3600, 900, 3412, None),
             ("char-killmail:1001", 20, 900, 18, None), ("char-killmail:1006", 20, 900, 2, now + timedelta(minutes=4))):
@@ -148,7 +149,7 @@ def serve(env: dict[str, str], *, deadline: float = 20.0, log_path: Path | None 
     port = free_port()
     log = open(log_path or os.devnull, "wb")
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("gunicorn")), "-c", "gunicorn.conf.py", "status_app:app"],
+        [str(GUNICORN), "-c", "gunicorn.conf.py", "status_app:app"],
         cwd=ROOT, env={**env, "STATUS_BIND": f"127.0.0.1:{port}"}, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

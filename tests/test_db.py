@@ -83,10 +83,10 @@ def test_a_revoked_token_is_not_due_until_a_new_one_is_written(conn):
 def test_refs_pending_claimed_once_and_failures_bounded(conn, database_url):
     add_user(conn, 1)
     add_user(conn, 2)
-    db.store_refs(conn, 1, [(10, "a"), (11, "b")])
-    db.store_refs(conn, 2, [(11, "b"), (12, "c")])
+    db.store_refs(conn, "character", 1, [(10, "a"), (11, "b")])
+    db.store_refs(conn, "character", 2, [(11, "b"), (12, "c")])
     conn.commit()
-    assert [r["killmail_id"] for r in db.pending_refs(conn, 1, NOW, max_attempts=3)] == [11, 10]
+    assert [r["killmail_id"] for r in db.pending_refs(conn, "character", 1, NOW, max_attempts=3)] == [11, 10]
     with db.connect(database_url) as other:
         first = db.claim_refs(other, [10, 11], NOW, seconds=600)
         other.commit()
@@ -99,10 +99,10 @@ def test_refs_pending_claimed_once_and_failures_bounded(conn, database_url):
     # The claiming process is gone (its connection closed): its claim on 10 is void at once.
     assert [r["killmail_id"] for r in db.claim_refs(conn, [10], NOW, seconds=600)] == [10]
     db.record_ref_failure(conn, 10, "InvalidHash: 422", NOW, permanent=True, max_attempts=3)
-    assert [r["killmail_id"] for r in db.pending_refs(conn, 1, NOW + timedelta(days=1), max_attempts=3)] == [11]
+    assert [r["killmail_id"] for r in db.pending_refs(conn, "character", 1, NOW + timedelta(days=1), max_attempts=3)] == [11]
     db.record_ref_failure(conn, 11, "ServerError", NOW, permanent=False, max_attempts=3)
-    assert db.pending_refs(conn, 1, NOW, max_attempts=3) == []
-    assert [r["killmail_id"] for r in db.pending_refs(conn, 1, NOW + timedelta(minutes=2), max_attempts=3)] == [11]
+    assert db.pending_refs(conn, "character", 1, NOW, max_attempts=3) == []
+    assert [r["killmail_id"] for r in db.pending_refs(conn, "character", 1, NOW + timedelta(minutes=2), max_attempts=3)] == [11]
 
 
 def test_save_killmails_stores_everything_once(conn):

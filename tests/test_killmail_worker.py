@@ -174,3 +174,19 @@ def test_a_killed_child_is_replaced_and_its_job_redelivered(conn, sim, settings)
     # Details the killed process had fetched but not yet saved are fetched again: at most one batch and the
     # fetches in flight.
     assert_complete(conn, sim, duplicates=sync.SAVE_BATCH + settings.detail_concurrency)
+
+
+def test_corporations_are_queued_and_synced_through_their_directors(conn, sim, settings):
+    sim.add_pilots(n_pilots=8, n_killmails=200, share=2, expired_fraction=0.25, revoked=0, corporations=2)
+    insert_users(conn, sim.pilots())
+    run_script("queue_killmails.py", settings)
+    start_worker(settings, "--burst").communicate(timeout=120)
+    # The first syncs learned which pilots are directors and of which corporation.
+    second = run_script("queue_killmails.py", settings)
+    assert "✓ Found 0 active users" in second.stdout and "And 2 corporations" in second.stdout
+    output = start_worker(settings, "--burst").communicate(timeout=120)[0]
+    assert "🏢 Corporation" in output
+    assert set(stored(conn)) == set(sim.expected_killmails(valid_only=True, corporations=True))
+    assert sim.stats()["duplicate_detail_fetches"] == 0
+    kinds = conn.execute("SELECT kind, status, count(*) AS n FROM sync_runs GROUP BY 1, 2 ORDER BY 1").fetchall()
+    assert [(k["kind"], k["status"], k["n"]) for k in kinds] == [("character", "ok", 8), ("corporation", "ok", 2)]

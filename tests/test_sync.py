@@ -183,3 +183,55 @@ def test_a_locked_character_is_skipped_without_calls(conn, world, sim, database_
 def test_unknown_user_is_a_permanent_error(conn, world, sim):
     with pytest.raises(sync.PermanentJobError):
         sync.sync_character(conn, world, 12345, now_for(sim))
+
+
+# ---------------------------------------------------------------------------------------------- corporations
+
+
+def sync_corporations(conn, client, sim, now=None):
+    now = now or now_for(sim)
+    due = db.claim_due_corporations(conn, now, interval=300, stale_after=7200)
+    conn.commit()
+    return [sync.sync_corporation(conn, client, c["corporation_id"], c["character_id"], now) for c in due]
+
+
+def test_directors_sync_their_corporations_and_shared_kills_are_fetched_once(conn, world, sim):
+    sync_all(conn, world, sim)
+    directors = [p for p in sim.pilots() if "read_corporation_killmails" in p["scopes"] and not p["revoked"]]
+    for p in directors:  # learned from the token's scopes and the public character route
+        user = db.get_user(conn, p["character_id"])
+        assert user["corporation_id"] == p["corporation_id"] and db.CORPORATION_SCOPE in user["scopes"].split()
+    results = sync_corporations(conn, world, sim)
+    assert sorted(r.corporation_id for r in results) == sorted({p["corporation_id"] for p in directors})
+    assert all(r.status == "ok" and r.kind == "corporation" for r in results)
+    assert stored_ids(conn) == set(sim.expected_killmails(valid_only=True, corporations=True))
+    assert sim.stats()["duplicate_detail_fetches"] == 0
+    runs = conn.execute("SELECT count(*) AS n FROM sync_runs WHERE kind = 'corporation'").fetchone()["n"]
+    assert runs == len(results)
+    assert sync_corporations(conn, world, sim) == []  # synced just now: not due
+
+
+def test_a_director_who_lost_the_role_is_not_asked_again(conn, world, sim):
+    sync_all(conn, world, sim)
+    director = next(p for p in sim.pilots() if "read_corporation_killmails" in p["scopes"] and not p["revoked"])
+    sim.set_director(director["character_id"], False)
+    due = db.claim_due_corporations(conn, now_for(sim), interval=300, stale_after=7200)
+    conn.commit()
+    corporation = next(c for c in due if c["character_id"] == director["character_id"])
+    result = sync.sync_corporation(conn, world, corporation["corporation_id"], director["character_id"],
+                                   now_for(sim))
+    assert result.status == "forbidden" and "Director" in result.error
+    assert db.get_user(conn, director["character_id"])["is_director"] is False
+    later = now_for(sim) + timedelta(hours=1)
+    again = db.claim_due_corporations(conn, later, interval=300, stale_after=7200)
+    assert corporation["corporation_id"] not in {c["corporation_id"] for c in again}
+    # Another member gains the role and the scope (a new login): the corporation is synced through it.
+    member = next(p for p in sim.pilots() if p["corporation_id"] == corporation["corporation_id"]
+                  and p["character_id"] != director["character_id"] and not p["revoked"])
+    sim.set_director(member["character_id"], True)
+    db.save_profile(conn, member["character_id"], corporation_id=member["corporation_id"],
+                    scopes=f"esi-killmails.read_killmails.v1 {db.CORPORATION_SCOPE}")
+    conn.commit()
+    (picked,) = [c for c in db.claim_due_corporations(conn, later, interval=300, stale_after=7200)
+                 if c["corporation_id"] == corporation["corporation_id"]]
+    assert picked["character_id"] == member["character_id"]

@@ -1,0 +1,311 @@
+"""What every bench scenario needs: a database and queue of its own, the ESI simulator, the project's commands
+run as operators run them (subprocesses with an environment), and a look at the worker children's memory."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pika
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import broker  # noqa: E402
+import db  # noqa: E402
+from esi_simulator import Simulator  # noqa: E402
+
+ADMIN_URL = os.environ.get("BENCH_ADMIN_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
+RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret"
+USER_AGENT = "killmail-worker-bench/1.0 (bench@example.org)"
+MAX_ATTEMPTS = 8
+LOG_DIR = Path(tempfile.gettempdir()) / "killmail-bench"
+TABLES = ("users", "killmail_refs", "character_killmails", "attackers", "killmail_items", "killmails",
+          "sync_runs", "esi_limits", "esi_calls")
+
+
+class BenchError(Exception):
+    """A scenario could not be measured (a command failed, a deadline passed)."""
+
+
+def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, every: float = 0.1) -> object:
+    """Poll a condition until it holds; raise BenchError naming it when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def rss_mb(pid: int) -> float | None:
+    """A process's resident set (VmRSS) in MB, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is pid (a worker's forked children)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+class Worker:
+    """One `killmail_worker.py` process (the parent; it forks PREFETCH_COUNT children), its output in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "killmail_worker.py"), *args], cwd=ROOT,
+                                        env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def children(self) -> list[int]:
+        """The forked children now alive."""
+        return children_of(self.pid)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the worker to exit by itself (burst mode); BenchError if it does not in time or fails."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise BenchError(f"worker {self.pid} still running after {timeout:.0f} s (log: {self.log_path})")
+        self._log.close()
+        if code != 0:
+            raise BenchError(f"worker exited with {code} (log: {self.log_path})")
+        return code
+
+    def stop(self, *, timeout: float = 60) -> int | None:
+        """SIGTERM (finish running jobs, ack, exit); what is still running after the timeout is killed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """Stop now: a second SIGTERM makes the parent SIGKILL its children; then the parent itself goes."""
+        if self.process.poll() is None:
+            children = self.children()
+            self.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            for child in children:  # a child the parent could not reach
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._log.close()
+
+
+class MemoryWatch:
+    """Samples the RSS of the children of some worker parents in a background thread."""
+
+    def __init__(self, parents: list[int], *, every: float = 1.0):
+        self.parents = parents
+        self.every = every
+        self.samples: list[tuple[float, int, float]] = []  # (monotonic time, child pid, MB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+
+    def __enter__(self) -> "MemoryWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> dict[int, float]:
+        """Read every child's RSS now; returns pid -> MB."""
+        now, seen = time.monotonic(), {}
+        for parent in self.parents:
+            for child in children_of(parent):
+                mb = rss_mb(child)
+                if mb is not None:
+                    seen[child] = mb
+                    self.samples.append((now, child, mb))
+        return seen
+
+    def peak_by_child(self) -> dict[int, float]:
+        """The highest RSS seen per child."""
+        peaks: dict[int, float] = {}
+        for _, pid, mb in self.samples:
+            peaks[pid] = max(mb, peaks.get(pid, 0.0))
+        return peaks
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.sample()
+
+
+@dataclass
+class Lab:
+    """One scenario's world: its own database, queue names and (usually) a running simulator."""
+
+    name: str
+    database_url: str
+    queue: str
+    sim: Simulator | None
+    workers: list[Worker] = field(default_factory=list)
+
+    def connect(self, **kwargs) -> psycopg.Connection:
+        """A connection to this scenario's database (rows are dicts)."""
+        return db.connect(self.database_url, **kwargs)
+
+    def env(self, *, prefetch: int = 5, detail_concurrency: int | None = None,
+            sync_interval: int = 300) -> dict[str, str]:
+        """The environment that points the project's commands at this scenario."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("DATABASE_", "RABBITMQ_", "ESI_", "EVE_", "SSO_", "QUEUE_", "PREFETCH_",
+                                    "DETAIL_", "SYNC_", "MAX_", "RETRY_"))}
+        base = self.sim.base_url if self.sim else "http://127.0.0.1:9"
+        env.update({
+            "DATABASE_URL": self.database_url, "RABBITMQ_URL": RABBITMQ_URL, "QUEUE_NAME": self.queue,
+            "PREFETCH_COUNT": str(prefetch), "ESI_BASE_URL": base, "SSO_TOKEN_URL": f"{base}/v2/oauth/token",
+            "EVE_CLIENT_ID": CLIENT_ID, "EVE_CLIENT_SECRET": CLIENT_SECRET, "ESI_USER_AGENT": USER_AGENT,
+            "SYNC_INTERVAL_SECONDS": str(sync_interval), "MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "RETRY_BASE_SECONDS": "5", "PYTHONUNBUFFERED": "1",
+        })
+        if detail_concurrency is not None:
+            env["DETAIL_CONCURRENCY"] = str(detail_concurrency)
+        return env
+
+    def run_producer(self, **env_options) -> subprocess.CompletedProcess:
+        """Run `queue_killmails.py` once, as cron does; BenchError if it fails."""
+        done = subprocess.run([sys.executable, str(ROOT / "queue_killmails.py")], cwd=ROOT,
+                              env=self.env(**env_options), capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise BenchError(f"producer exited with {done.returncode}: {done.stderr or done.stdout}")
+        return done
+
+    def start_worker(self, *args: str, **env_options) -> Worker:
+        """Start one `killmail_worker.py` with these arguments (e.g. --burst)."""
+        LOG_DIR.mkdir(exist_ok=True)
+        log_path = LOG_DIR / f"{self.queue}-worker{len(self.workers) + 1}.log"
+        worker = Worker(self.env(**env_options), log_path, *args)
+        self.workers.append(worker)
+        return worker
+
+    def insert_users(self, pilots: list[dict]) -> None:
+        """Write users as the web app does at login: only its five columns."""
+        with self.connect() as conn:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    [(p["character_id"], p["character_name"], p["access_token"], p["refresh_token"],
+                      p["expires_at"]) for p in pilots])
+
+    def count(self, sql: str, *params) -> int:
+        """The single number a counting query returns."""
+        with self.connect() as conn:
+            return list(conn.execute(sql, params).fetchone().values())[0]
+
+    def advance_world(self, seconds: float) -> None:
+        """Let `seconds` pass for everything that follows the simulator's clock: the simulator itself, and the
+        times the worker stored from it (token expiry, list Expires, last sync)."""
+        self.sim.advance(seconds)
+        with self.connect() as conn:
+            conn.execute(
+                "UPDATE users SET expires_at = expires_at - %(s)s, list_expires_at = list_expires_at - %(s)s, "
+                "last_sync_at = last_sync_at - %(s)s", {"s": timedelta(seconds=seconds)})
+
+
+@contextmanager
+def lab(name: str, *, seed: int = 2026, sim_options: dict | None = None, world: dict | None = None,
+        simulator: bool = True) -> Iterator[Lab]:
+    """A scenario's database (created, schema applied, dropped after), queue names (deleted after) and simulator
+    (with `world` passed to add_pilots, its pilots written to users)."""
+    tag = f"{name}_{uuid.uuid4().hex[:8]}"
+    database = f"killmails_bench_{tag}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + database
+    sim = None
+    here = Lab(name, url, f"bench_{tag}", None)
+    try:
+        with db.connect(url) as conn:
+            db.apply_schema(conn)
+        if simulator:
+            sim = Simulator(seed=seed, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, **(sim_options or {}))
+            if world:
+                sim.add_pilots(**world)
+            sim.start(port=0)
+            here.sim = sim
+            here.insert_users(sim.pilots())
+        yield here
+    finally:
+        for worker in here.workers:
+            worker.kill()
+        if sim is not None:
+            sim.stop()
+        delete_queues(here.queue)
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def delete_queues(queue: str) -> None:
+    """Delete a job queue with its retry and dead-letter queues."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    for name in [queue, broker.dead_queue(queue)] + [broker.retry_queue(queue, n) for n in range(1, MAX_ATTEMPTS)]:
+        channel.queue_delete(name)
+    connection.close()
+
+
+def queue_depth(queue: str) -> int:
+    """Messages ready in a queue (0 when it does not exist)."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def check_services() -> str | None:
+    """One line naming the service that does not answer, or None when both do."""
+    try:
+        psycopg.connect(ADMIN_URL, connect_timeout=5).close()
+    except psycopg.OperationalError:
+        return f"PostgreSQL is not reachable at {ADMIN_URL} (make services)"
+    try:
+        pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL)).close()
+    except pika.exceptions.AMQPError:
+        return f"RabbitMQ is not reachable at {RABBITMQ_URL} (make services)"
+    return None

@@ -1,0 +1,166 @@
+"""limits.py's pure parts: the rate-limit header, the pacing arithmetic and which responses pause what.
+
+SharedLimits itself keeps its state in PostgreSQL and is exercised by the sync and worker tests.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from requests.structures import CaseInsensitiveDict
+
+from limits import (BURST_SHARE, ERROR_LIMIT_BUCKET, ERROR_MARGIN, FLOOR_SHARE, PACE_SHARE, burst_allowance,
+                    detail_spacing, parse_rate_limit, pause_after)
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
+HEALTHY = {"X-ESI-Error-Limit-Remain": "100", "X-ESI-Error-Limit-Reset": "40",
+           "X-Ratelimit-Group": "killmail", "X-Ratelimit-Limit": "3600/15m", "X-Ratelimit-Remaining": "3000"}
+
+
+def seconds(until: datetime) -> float:
+    return (until - NOW).total_seconds()
+
+
+# ------------------------------------------------------------------------------------------------ the header
+
+@pytest.mark.parametrize("value, parsed", [
+    ("3600/15m", (3600, 900)),
+    ("600/1m", (600, 60)),
+    ("30/15m", (30, 900)),
+    ("150/1h", (150, 3600)),
+    ("10/30s", (10, 30)),
+    ("10/30", (10, 30)),            # no unit: seconds
+    (" 3600 / 15m ", (3600, 900)),
+    (None, None),
+    ("", None),
+    ("junk", None),
+    ("3600", None),
+    ("3600/", None),
+    ("/15m", None),
+    ("0/15m", None),
+    ("3600/0m", None),
+    ("-30/15m", None),
+    ("3600/15d", None),
+    ("3600/15mm", None),
+    ("3600/1.5m", None),
+])
+def test_parse_rate_limit(value, parsed):
+    assert parse_rate_limit(value) == parsed
+
+
+# ------------------------------------------------------------------------------------------------ pacing
+
+@pytest.mark.parametrize("limit, window", [(3600, 900), (1800, 900), (7200, 900), (600, 60), (300, 900), (150, 900)])
+def test_burst_and_paced_spend_in_one_window_stay_under_the_floor(limit, window):
+    """A rested bucket lets the burst go at once (GCRA lets burst + 1 through), then one call per spacing.
+
+    Whatever the phase, one window then holds at most burst + 1 + window / spacing calls; at 2 tokens each they
+    must leave the floor share of the bucket untouched, so pause_after never has to stop the detail fetches.
+    """
+    spacing = detail_spacing(limit, window)
+    burst = burst_allowance(limit)
+    spent = 2 * (burst + 1 + window / spacing)
+    assert spent <= limit * (1 - FLOOR_SHARE)
+
+
+@pytest.mark.parametrize("limit, window, spacing", [
+    (3600, 900, 2 * 900 / (3600 * PACE_SHARE)),   # about 0.53 s: ~1.9 calls a second for the whole IP
+    (600, 60, 2 * 60 / (600 * PACE_SHARE)),
+])
+def test_detail_spacing(limit, window, spacing):
+    assert detail_spacing(limit, window) == pytest.approx(spacing)
+    assert detail_spacing(limit, window, cost=1) == pytest.approx(spacing / 2)
+
+
+@pytest.mark.parametrize("limit, burst", [(3600, int(3600 * BURST_SHARE / 2)), (1800, 18), (100, 1), (30, 1), (1, 1)])
+def test_burst_allowance_is_at_least_one_call(limit, burst):
+    assert burst_allowance(limit) == burst
+
+
+def test_paced_rate_is_below_the_bucket_refill_rate():
+    # Tokens come back one window after they were spent: pacing must spend them slower than that.
+    assert 2 / detail_spacing(3600, 900) < 3600 / 900
+
+
+# ------------------------------------------------------------------------------------------------ pauses
+
+@pytest.mark.parametrize("reset", [0, 1, 37, 60])
+def test_420_pauses_the_error_limit_until_the_reset(reset):
+    pauses = pause_after(420, {"X-ESI-Error-Limit-Remain": "0", "X-ESI-Error-Limit-Reset": str(reset)}, NOW)
+    assert set(pauses) == {ERROR_LIMIT_BUCKET}
+    assert reset <= seconds(pauses[ERROR_LIMIT_BUCKET]) <= reset + 2   # a little margin past the reset
+
+
+def test_420_without_a_reset_pauses_about_a_window():
+    pauses = pause_after(420, {}, NOW)
+    assert 60 <= seconds(pauses[ERROR_LIMIT_BUCKET]) <= 62
+
+
+@pytest.mark.parametrize("remain, paused", [
+    (0, True), (1, True), (ERROR_MARGIN - 1, True), (ERROR_MARGIN, False), (99, False), (100, False),
+])
+def test_error_limit_remain_under_the_margin_pauses(remain, paused):
+    headers = {"X-ESI-Error-Limit-Remain": str(remain), "X-ESI-Error-Limit-Reset": "25"}
+    for status in (200, 404, 502):
+        pauses = pause_after(status, headers, NOW)
+        assert (ERROR_LIMIT_BUCKET in pauses) == paused
+        if paused:
+            assert 25 <= seconds(pauses[ERROR_LIMIT_BUCKET]) <= 27
+
+
+@pytest.mark.parametrize("retry_after", [1, 12, 900])
+def test_429_pauses_the_bucket_for_retry_after(retry_after):
+    headers = {"Retry-After": str(retry_after), "X-Ratelimit-Group": "killmail", "X-Ratelimit-Limit": "3600/15m",
+               "X-Ratelimit-Remaining": "0"}
+    pauses = pause_after(429, headers, NOW)
+    assert set(pauses) == {"bucket"}
+    assert retry_after <= seconds(pauses["bucket"]) <= retry_after + 2
+
+
+def test_429_without_retry_after_pauses_about_a_minute():
+    assert 60 <= seconds(pause_after(429, {}, NOW)["bucket"]) <= 62
+
+
+@pytest.mark.parametrize("limit, remaining, pause", [
+    ("3600/15m", "0", 900 * 72 / 3600),        # the floor is 72 tokens; each comes back in 0.25 s
+    ("3600/15m", "10", 900 * 62 / 3600),
+    ("3600/15m", "71", 900 * 1 / 3600),
+    ("30/15m", "0", 900 * 0.6 / 30),
+])
+def test_low_ratelimit_remaining_pauses_the_bucket_until_the_floor_is_back(limit, remaining, pause):
+    pauses = pause_after(200, {"X-Ratelimit-Limit": limit, "X-Ratelimit-Remaining": remaining}, NOW)
+    assert set(pauses) == {"bucket"}
+    assert seconds(pauses["bucket"]) == pytest.approx(pause)
+
+
+@pytest.mark.parametrize("headers", [
+    HEALTHY,
+    {},
+    {"X-Ratelimit-Limit": "3600/15m", "X-Ratelimit-Remaining": "72"},     # exactly the floor
+    {"X-Ratelimit-Limit": "30/15m", "X-Ratelimit-Remaining": "1"},        # 1 >= 2% of 30
+    {"X-Ratelimit-Remaining": "0"},                                        # no limit: nothing to measure against
+    {"X-Ratelimit-Limit": "junk", "X-Ratelimit-Remaining": "0"},
+    {"X-ESI-Error-Limit-Remain": "junk", "X-ESI-Error-Limit-Reset": "junk"},
+    {"X-ESI-Error-Limit-Remain": ""},
+])
+def test_healthy_or_unreadable_headers_pause_nothing(headers):
+    assert pause_after(200, headers, NOW) == {}
+    assert pause_after(304, headers, NOW) == {}
+
+
+def test_headers_are_read_whatever_their_case():
+    headers = CaseInsensitiveDict({k.lower(): v for k, v in HEALTHY.items()})
+    headers["x-esi-error-limit-remain"] = "3"
+    headers["x-ratelimit-remaining"] = "0"
+    assert set(pause_after(200, headers, NOW)) == {ERROR_LIMIT_BUCKET, "bucket"}
+
+
+def test_a_420_with_low_tokens_pauses_both():
+    headers = {"X-ESI-Error-Limit-Reset": "10", "X-Ratelimit-Limit": "3600/15m", "X-Ratelimit-Remaining": "0"}
+    assert set(pause_after(420, headers, NOW)) == {ERROR_LIMIT_BUCKET, "bucket"}
+
+
+def test_pauses_are_measured_from_the_clock_given():
+    later = NOW + timedelta(hours=1)
+    pauses = pause_after(420, {"X-ESI-Error-Limit-Reset": "30"}, later)
+    assert later + timedelta(seconds=30) <= pauses[ERROR_LIMIT_BUCKET] <= later + timedelta(seconds=32)

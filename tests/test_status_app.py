@@ -1,0 +1,421 @@
+"""status_app.py and status_report.py through Flask's test client, against the real test database and broker
+with known rows."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pika
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import status_app
+import status_report
+from conftest import RABBITMQ_URL, ROOT, make_settings
+from tests.screenshot import (ACCESS_TOKEN, EXPECTED_USERS, GUNICORN, REFRESH_TOKEN, fill_queues, free_port, seed_status_rows,
+                              status_env)
+
+CLOSED_DATABASE = "postgresql://root@127.0.0.1:1/x"
+CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/%2F"
+JSON = {"Accept": "application/json"}
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def make_client(database_url, queue_name):
+    """Build test clients of apps with these settings overrides; their pools are closed afterwards."""
+    apps = []
+
+    def make(**overrides):
+        overrides = {"database_url": database_url, "queue_name": queue_name, **overrides}
+        app = status_app.create_app(make_settings(**overrides))
+        apps.append(app)
+        return app.test_client()
+
+    yield make
+    for app in apps:
+        app.extensions["status_sources"].close()
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+@pytest.fixture
+def seeded(conn):
+    """The known rows of tests/screenshot.py, written now."""
+    seed_status_rows(conn, datetime.now(timezone.utc))
+    return conn
+
+
+def timed_get(client, path, **kwargs):
+    started = time.monotonic()
+    response = client.get(path, **kwargs)
+    return response, time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------------------------- /health
+
+
+def test_health_is_ok_when_database_and_broker_answer(client, conn):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_health_is_503_within_seconds_when_the_database_is_unreachable(make_client):
+    response, took = timed_get(make_client(database_url=CLOSED_DATABASE), "/health")
+    assert response.status_code == 503
+    assert response.get_json() == {"status": "unavailable", "database": "unavailable", "broker": "ok"}
+    assert took < 3
+
+
+def test_health_is_503_within_seconds_when_the_broker_is_unreachable(make_client, conn):
+    response, took = timed_get(make_client(rabbitmq_url=CLOSED_BROKER), "/health")
+    assert response.status_code == 503
+    assert response.get_json() == {"status": "unavailable", "database": "ok", "broker": "unavailable"}
+    assert took < 3
+
+
+class Relay:
+    """A TCP relay to PostgreSQL that a test can cut and restore, as a database restart would."""
+
+    def __init__(self, target_port: int = 5432):
+        self.port, self.target_port = free_port(), target_port
+        self.sockets: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+
+    def start(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        for sock in [self.listener, *self.sockets]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self.sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+
+def test_health_follows_the_database_down_and_back_up(make_client, database_url, conn):
+    relay = Relay()
+    relay.start()
+    client = make_client(database_url=database_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}"))
+    try:
+        assert client.get("/health").status_code == 200
+        relay.stop()
+        response, took = timed_get(client, "/health")
+        assert (response.status_code, response.get_json()["database"], took < 3) == (503, "unavailable", True)
+        relay.start()
+        deadline = time.monotonic() + 15
+        while client.get("/health").status_code != 200:  # the probe itself is the synchronisation
+            assert time.monotonic() < deadline, "health did not recover after the database came back"
+    finally:
+        relay.stop()
+
+
+def test_deep_health_is_ok_after_a_recent_sync(client, seeded):
+    response = client.get("/health?deep=1")
+    body = response.get_json()
+    assert response.status_code == 200
+    assert (body["status"], body["sync"], body["max_sync_age_seconds"]) == ("ok", "ok", 1800)
+    assert 100 <= body["last_sync_age_seconds"] <= 200  # the latest run finished 2 min ago
+    assert body["last_sync"].endswith("Z")
+
+
+def test_deep_health_is_stalled_when_the_last_sync_is_too_old(make_client, seeded):
+    response = make_client(health_max_sync_age_seconds=60).get("/health?deep=1")
+    assert response.status_code == 503
+    assert (response.get_json()["status"], response.get_json()["sync"]) == ("stalled", "stalled")
+
+
+def test_deep_health_is_stalled_before_any_sync(client, conn):
+    response = client.get("/health?deep=true")
+    assert response.status_code == 503
+    assert response.get_json() == {"status": "stalled", "database": "ok", "broker": "ok", "sync": "stalled",
+                                   "last_sync": None, "last_sync_age_seconds": None, "max_sync_age_seconds": 1800}
+
+
+def test_plain_health_ignores_how_old_the_last_sync_is(client, conn):
+    assert client.get("/health").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- /status
+
+
+def test_status_json_reports_the_known_rows(client, seeded):
+    response = client.get("/status", headers=JSON)
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    assert response.headers["Cache-Control"] == "no-store"
+    report = response.get_json()
+    worker = report["worker"]
+    assert (worker["isRunning"], worker["totalUsers"], worker["lastSyncDuration"]) == (True, 6, pytest.approx(3.2))
+    assert worker["lastSync"].endswith("Z")
+    assert 100 <= (datetime.now(timezone.utc) - datetime.fromisoformat(worker["lastSync"])).total_seconds() <= 200
+    metrics = report["metrics"]
+    assert {k: metrics[k] for k in ("runs", "success_rate", "error_rate", "killmails_total", "killmails_last_hour",
+                                    "killmails_per_hour")} == {
+        "runs": 5, "success_rate": 0.6, "error_rate": 0.2, "killmails_total": 5, "killmails_last_hour": 3,
+        "killmails_per_hour": round(4 / 24, 2)}
+    assert metrics["sync_duration_avg_seconds"] == pytest.approx((0.4 + 1.1 + 2.0 + 6.5 + 3.2) / 5)
+    assert report["users"] == EXPECTED_USERS
+    assert report["queue"] == {"name": report["queue"]["name"], "depth": 0, "consumers": 0, "retrying": 0, "dead": 0,
+                               "error": None}  # queues never declared count 0
+    runs = report["runs"]
+    assert [(r["character_name"], r["status"]) for r in runs] == [
+        ("Aria Vex", "ok"), ("Fenn Ardent", "partial"), ("Eon Hale", "ok"), ("Borin Tal", "error"),
+        ("Cyra Lune", "needs_relogin"), ("Aria Vex", "ok")]
+    assert (runs[0]["saved"], runs[0]["skipped"], runs[1]["failed"]) == (2, 1, 1)
+    assert runs[3]["error"] == "ServerError: ESI answered 502 Bad Gateway"
+    assert runs[0]["finished_at"].endswith("Z") and runs[0]["started_at"].endswith("Z")
+    failed = report["failed_killmails"]
+    assert failed["total"] == 2
+    assert [(r["killmail_id"], r["attempts"]) for r in failed["latest"]] == [(130000002, 8), (130000001, 3)]
+    limits = {row["bucket"]: row for row in report["esi_limits"]}
+    assert sorted(limits) == ["char-killmail", "error-limit", "killmail"]
+    assert (limits["killmail"]["remaining"], limits["killmail"]["limit_tokens"], limits["killmail"]["paused_until"]) \
+        == (3412, 3600, None)
+    assert (limits["char-killmail"]["buckets"], limits["char-killmail"]["remaining"], limits["char-killmail"]["paused"]) \
+        == (2, 2, 1)
+    assert limits["char-killmail"]["paused_until"].endswith("Z")
+    assert {(c["route_group"], c["status"]): c["calls"] for c in report["esi_calls"]}[("killmail", 502)] == 3
+
+
+def test_status_shows_the_last_twenty_runs(client, conn):
+    now = datetime.now(timezone.utc)
+    for n in range(25):
+        conn.execute("INSERT INTO sync_runs (character_id, started_at, finished_at, status) VALUES (%s, %s, %s, 'ok')",
+                     (n, now - timedelta(minutes=60 - n, seconds=1), now - timedelta(minutes=60 - n)))
+    conn.commit()
+    runs = client.get("/status?format=json").get_json()["runs"]
+    assert [r["character_id"] for r in runs] == list(range(24, 4, -1))
+
+
+def test_status_negotiates_html_and_json(client, seeded):
+    assert client.get("/status", headers=BROWSER).mimetype == "text/html"
+    assert client.get("/status").mimetype == "text/html"  # Accept: */* (curl) reads the page
+    assert client.get("/status?format=json", headers=BROWSER).mimetype == "application/json"
+    assert client.get("/status?format=html", headers=JSON).mimetype == "text/html"
+    assert "Accept" in client.get("/status").headers["Vary"]
+
+
+def test_status_html_shows_the_numbers_with_relative_times(client, seeded):
+    response = client.get("/status", headers=BROWSER)
+    page = response.get_data(as_text=True)
+    assert response.status_code == 200
+    for fragment in ('id="total-users">6<', 'id="success-rate">60.0&thinsp;%<', 'id="error-rate">20.0&thinsp;%<',
+                     'id="killmails-total">5<', 'id="killmails-hour">3<', 'id="failed-refs">2<',
+                     'id="users-needs_relogin">1<', 'id="users-active">2<', 'id="queue-depth">0<',
+                     "Aria Vex", "2 min ago", "ServerError: ESI answered 502 Bad Gateway", "130000002",
+                     "char-killmail", "3,412", ">Running<"):
+        assert fragment in page
+    assert "<script" not in page and "<link" not in page  # one self-contained page
+
+
+def test_status_counts_the_queues(client, seeded, queue_name):
+    fill_queues(queue_name, max_attempts=8, waiting=3, retrying=2, dead=1)
+    queue = client.get("/status?format=json").get_json()["queue"]
+    assert queue == {"name": queue_name, "depth": 3, "consumers": 0, "retrying": 2, "dead": 1, "error": None}
+
+
+def test_a_consumer_means_the_worker_is_running(client, conn, queue_name):
+    assert client.get("/status?format=json").get_json()["worker"] == {
+        "isRunning": False, "lastSync": None, "totalUsers": 0, "lastSyncDuration": None}
+    fill_queues(queue_name, max_attempts=8, waiting=0, retrying=0, dead=0)
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        channel.basic_consume(queue_name, lambda *args: None)
+        report = client.get("/status?format=json").get_json()
+    finally:
+        connection.close()
+    assert (report["queue"]["consumers"], report["worker"]["isRunning"]) == (1, True)
+
+
+def test_status_still_renders_when_the_broker_is_unreachable(make_client, seeded):
+    client = make_client(rabbitmq_url=CLOSED_BROKER)
+    response, took = timed_get(client, "/status?format=json")
+    queue = response.get_json()["queue"]
+    assert response.status_code == 200 and took < 3
+    assert [queue[k] for k in ("depth", "consumers", "retrying", "dead")] == [None] * 4
+    assert queue["error"].startswith("broker unreachable")
+    assert response.get_json()["users"] == EXPECTED_USERS
+    page = client.get("/status", headers=BROWSER).get_data(as_text=True)
+    assert 'id="broker-error">broker unreachable' in page and 'id="total-users">6<' in page
+
+
+def test_status_is_503_when_the_database_is_unreachable(make_client):
+    client = make_client(database_url=CLOSED_DATABASE)
+    response, took = timed_get(client, "/status", headers=JSON)
+    assert response.status_code == 503 and took < 3
+    assert response.get_json()["error"].startswith("database unavailable")
+    page = client.get("/status", headers=BROWSER)
+    assert page.status_code == 503 and "database unavailable" in page.get_data(as_text=True)
+
+
+# ---------------------------------------------------------------------------------------------- /metrics
+
+
+def samples(response) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus text response, by name and sorted labels."""
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.get_data(as_text=True)) for s in family.samples}
+
+
+def test_metrics_report_the_known_rows(client, seeded, queue_name):
+    fill_queues(queue_name, max_attempts=8, waiting=4, retrying=1, dead=2)
+    got = samples(client.get("/metrics"))
+    assert got[("killmail_status_up", (("component", "database"),))] == 1
+    assert got[("killmail_status_up", (("component", "broker"),))] == 1
+    assert got[("killmail_sync_runs_total", (("status", "ok"),))] == 3
+    assert got[("killmail_sync_runs_total", (("status", "needs_relogin"),))] == 1
+    assert got[("killmail_killmails_saved_total", ())] == 5
+    assert got[("killmail_esi_calls_total", (("group", "killmail"), ("status", "502")))] == 3
+    assert got[("killmail_esi_calls_total", (("group", "char-killmail"), ("status", "304")))] == 140
+    for state, count in EXPECTED_USERS.items():
+        assert got[("killmail_users", (("state", state),))] == count
+    assert 100 <= got[("killmail_last_sync_age_seconds", ())] <= 200
+    assert got[("killmail_esi_limit_remaining", (("bucket", "killmail"),))] == 3412
+    assert got[("killmail_esi_limit_remaining", (("bucket", "char-killmail"),))] == 2
+    assert got[("killmail_esi_limit_paused", (("bucket", "char-killmail"),))] == 1
+    assert (got[("killmail_queue_depth", ())], got[("killmail_queue_retrying", ())],
+            got[("killmail_dead_letters", ())], got[("killmail_queue_consumers", ())]) == (4, 1, 2, 0)
+
+
+def test_metrics_before_any_run_say_the_last_sync_is_infinitely_old(client, conn):
+    assert samples(client.get("/metrics"))[("killmail_last_sync_age_seconds", ())] == float("inf")
+
+
+def test_metrics_still_answer_when_both_services_are_down(make_client):
+    got = samples(make_client(database_url=CLOSED_DATABASE, rabbitmq_url=CLOSED_BROKER).get("/metrics"))
+    assert got == {("killmail_status_up", (("component", "database"),)): 0,
+                   ("killmail_status_up", (("component", "broker"),)): 0}
+
+
+# ---------------------------------------------------------------------------------------------- protection
+
+
+@pytest.mark.parametrize("path", ["/status", "/status?format=json", "/metrics"])
+def test_basic_auth_protects_status_and_metrics(make_client, seeded, path):
+    client = make_client(status_basic_auth="ops:s3cret:with-colon")
+    for auth in (None, ("ops", "wrong"), ("someone", "s3cret:with-colon")):
+        response = client.get(path, auth=auth)
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"].startswith("Basic realm=")
+    assert client.get(path, auth=("ops", "s3cret:with-colon")).status_code == 200
+
+
+def test_health_never_asks_for_a_password(make_client, conn):
+    client = make_client(status_basic_auth="ops:s3cret")
+    assert client.get("/health").status_code == 200
+    assert client.get("/health?deep=1").status_code == 503  # stalled (no run), but not 401
+
+
+def test_no_response_ever_contains_a_token(make_client, seeded, queue_name):
+    fill_queues(queue_name, max_attempts=8, waiting=1, retrying=1, dead=1)
+    clients = [make_client(), make_client(rabbitmq_url=CLOSED_BROKER)]
+    pages = [client.get(path, headers=headers).get_data(as_text=True) for client in clients
+             for path, headers in (("/health", {}), ("/health?deep=1", {}), ("/status", JSON), ("/status", BROWSER),
+                                   ("/metrics", {}))]
+    assert len(pages) == 10 and all("Aria Vex" in page for page in pages if "<html" in page)
+    for page in pages:
+        assert ACCESS_TOKEN not in page and REFRESH_TOKEN not in page
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
+def test_settings_are_read_at_the_first_request_and_a_bad_one_is_one_line(monkeypatch, caplog):
+    monkeypatch.setenv("STATUS_BASIC_AUTH", "no-colon-here")
+    app = status_app.create_app()  # reads nothing yet
+    response = app.test_client().get("/health")
+    assert response.status_code == 500
+    assert response.get_data(as_text=True) == "configuration error in STATUS_BASIC_AUTH; see the log\n"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "configuration error: STATUS_BASIC_AUTH: must look like user:password"]
+
+
+def test_gunicorn_refuses_a_bad_environment_with_one_line(database_url):
+    env = status_env(database_url, queue="unused", STATUS_BASIC_AUTH="no-colon-here",
+                     STATUS_BIND=f"127.0.0.1:{free_port()}")
+    result = subprocess.run([str(GUNICORN), "-c", "gunicorn.conf.py", "status_app:app"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        "configuration error: STATUS_BASIC_AUTH: must look like user:password"
+
+
+def test_python_status_app_refuses_a_bad_environment_with_one_line(database_url):
+    env = status_env(database_url, queue="unused", STATUS_BASIC_AUTH="no-colon-here")
+    result = subprocess.run([sys.executable, "status_app.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert (result.returncode, result.stderr) == (2, "configuration error: STATUS_BASIC_AUTH: must look like "
+                                                     "user:password\n")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("moment, expected", [
+    (None, "never"), (NOW, "just now"), (NOW - timedelta(seconds=4), "just now"),
+    (NOW - timedelta(seconds=42), "42 s ago"), (NOW - timedelta(minutes=3, seconds=59), "3 min ago"),
+    (NOW - timedelta(hours=5), "5 h ago"), (NOW - timedelta(days=2, hours=3), "2 d ago"),
+    (NOW + timedelta(minutes=4), "in 4 min"), (NOW.astimezone(timezone(timedelta(hours=2))) - timedelta(hours=1),
+                                               "1 h ago"),
+])
+def test_ago(moment, expected):
+    assert status_app.ago(moment, NOW) == expected
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    (None, "–"), (0.25, "250 ms"), (3.21, "3.2 s"), (125, "2 min 5 s"), (900, "15 min"), (3600, "1 h"),
+    (7800, "2 h 10 min"),
+])
+def test_duration(seconds, expected):
+    assert status_app.duration(seconds) == expected
+
+
+@pytest.mark.parametrize("last_sync, consumers, running", [
+    (None, None, False), (None, 0, False), (None, 2, True), (NOW - timedelta(minutes=4), 0, True),
+    (NOW - timedelta(minutes=6), None, False),
+])
+def test_is_running(last_sync, consumers, running):
+    assert status_report.is_running(last_sync, consumers, NOW) is running
+
+
+def test_times_are_utc_iso_8601_in_json():
+    assert status_app.iso_utc(datetime(2026, 11, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))) == \
+        "2026-11-01T12:00:00Z"
