@@ -185,8 +185,9 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
         "queue": queue,
         "users": users,
         "runs": db.recent_runs(conn, limit=RECENT_RUNS),
-        "failed_killmails": {"total": refs[0]["total"] if refs else 0,
-                             "latest": [{k: v for k, v in ref.items() if k != "total"} for ref in refs]},
+        "failed_killmails": {"total": refs[0]["total"] if refs else 0, "latest": [
+            {**{k: v for k, v in ref.items() if k != "total"}, "gave_up": ref["attempts"] >= settings.max_attempts}
+            for ref in refs]},
         "esi_limits": db.esi_limit_buckets(conn, now),
         "esi_calls": db.esi_call_counts(conn),
     }

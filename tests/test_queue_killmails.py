@@ -106,3 +106,26 @@ def test_unreachable_broker_is_one_clear_line(conn, settings):
     assert run.returncode == 1 and "cannot reach RabbitMQ" in run.stderr and "Traceback" not in run.stderr
     # Nothing was claimed, so the next run queues the user.
     assert conn.execute("SELECT queued_at FROM users").fetchone()["queued_at"] is None
+
+
+def test_priorities_hold_in_the_broker(conn, settings):
+    insert_users(conn, pilots(3))
+    conn.execute("UPDATE users SET last_sync_at = now() - interval '1 hour' WHERE character_id = 1000")
+    conn.execute("UPDATE users SET last_sync_at = now() WHERE character_id = 1002")
+    conn.commit()
+    run_script("queue_killmails.py", settings)  # 1000 routine, 1001 first sync
+    run_script("queue_killmails.py", settings, "--character-id", "1002")  # asked for now, queued last
+    order = [m[2]["character_id"] for m in drain(settings.queue_name)]
+    assert order == [1002, 1001, 1000]
+
+
+def test_stats_for_an_operator(conn, settings):
+    import db
+    insert_users(conn, pilots(3))
+    db.mark_revoked(conn, 1002, "REFRESH-2", "invalid_grant")
+    conn.commit()
+    run_script("queue_killmails.py", settings)
+    stats = run_script("queue_killmails.py", settings, "--stats")
+    assert stats.returncode == 0, stats.stderr
+    assert "queued or running: 2" in stats.stdout and "needing a new login: 1" in stats.stdout
+    assert f"Queue {settings.queue_name}: 2 ready" in stats.stdout

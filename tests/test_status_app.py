@@ -201,7 +201,8 @@ def test_status_json_reports_the_known_rows(client, seeded):
     assert runs[0]["finished_at"].endswith("Z") and runs[0]["started_at"].endswith("Z")
     failed = report["failed_killmails"]
     assert failed["total"] == 2
-    assert [(r["killmail_id"], r["attempts"]) for r in failed["latest"]] == [(130000002, 8), (130000001, 3)]
+    assert [(r["killmail_id"], r["attempts"], r["gave_up"]) for r in failed["latest"]] == [
+        (130000002, 8, True), (130000001, 3, False)]  # max_attempts is 8
     limits = {row["bucket"]: row for row in report["esi_limits"]}
     assert sorted(limits) == ["char-killmail", "error-limit", "killmail"]
     assert (limits["killmail"]["remaining"], limits["killmail"]["limit_tokens"], limits["killmail"]["paused_until"]) \

@@ -1,0 +1,11 @@
+# One image for the producer, the worker and the status app; the command picks which.
+FROM python:3.11-slim
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+COPY *.py schema.sql gunicorn.conf.py ./
+COPY templates ./templates
+RUN useradd --system --uid 10001 killmail
+USER killmail
+ENV PYTHONUNBUFFERED=1
+CMD ["python", "killmail_worker.py"]

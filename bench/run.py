@@ -1,0 +1,88 @@
+"""`make bench`: every benchmark scenario of issue #5 in one go, on the local ESI simulator, the real local
+PostgreSQL and RabbitMQ. Prints one table (each figure beside its target) and writes bench/results.json.
+
+    .venv/bin/python bench/run.py [--only cold,backlog,...]
+
+Each scenario makes its own database and queue names and removes them afterwards. Exits 0 when every target is
+met, 1 when one is missed, 2 when a scenario could not be measured.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import harness  # first: puts the project root on sys.path
+import backlog
+import cold_sync
+import ingest
+import latency
+import memory
+import warm_polls
+from results import Figure, format_table, write_json
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
+
+# In the order they run: the paced backlog last but one, the soak last.
+SCENARIOS = {
+    "cold": cold_sync.run,
+    "latency": latency.run,
+    "ingest": ingest.run,
+    "warm_polls": warm_polls.run,
+    "backlog": backlog.run,
+    "memory": memory.run,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated scenarios to run: " + ", ".join(SCENARIOS))
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}")
+    args.names = names
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = harness.check_services()
+    if problem:
+        print(f"❌ {problem}", file=sys.stderr)
+        return 2
+    started, clock = datetime.now(timezone.utc), time.monotonic()
+    figures: list[Figure] = []
+    details: dict = {}
+    broken = False
+    for name in args.names:
+        print(f"▶ {name} ...", flush=True)
+        scenario_clock = time.monotonic()
+        try:
+            found, data = SCENARIOS[name]()
+        except Exception as exc:  # one scenario that cannot be measured must not lose the others' figures
+            traceback.print_exc()
+            found, data, broken = [Figure(name, "could not be measured", repr(exc)[:120], met=False)], {}, True
+        figures += found
+        details.update(data)
+        print(f"  done in {time.monotonic() - scenario_clock:.0f} s", flush=True)
+    wall = time.monotonic() - clock
+    print()
+    print(format_table(figures))
+    print(f"\nwall time: {wall:.0f} s on {os.cpu_count()} cores; results in {RESULTS_PATH}")
+    write_json(RESULTS_PATH, figures, details, {
+        "started_at": started.isoformat(), "wall_seconds": round(wall, 1), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "scenarios_run": args.names})
+    if broken:
+        return 2
+    return 0 if all(f.met is not False for f in figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

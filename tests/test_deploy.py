@@ -1,0 +1,63 @@
+"""The deploy kit parses and says what the README promises."""
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+
+
+def test_compose_file_has_services_and_workers():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "rabbitmq", "worker", "producer", "status"} <= set(services)
+    assert services["worker"]["command"][:2] == ["python", "killmail_worker.py"]
+    assert services["status"]["command"][-1] == "status_app:app"
+    assert services["worker"]["environment"]["RABBITMQ_URL"].startswith("amqp://")
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="no docker client on this machine")
+def test_compose_config_where_the_client_has_compose():
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("the docker client here has no compose plugin")
+    env = {"EVE_CLIENT_ID": "x", "EVE_CLIENT_SECRET": "y", "ESI_USER_AGENT": "z", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "docker-compose.yml"), "config"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_kubernetes_manifest_runs_three_workers_with_a_readiness_probe():
+    documents = {(d["kind"], d["metadata"]["name"]): d
+                 for d in yaml.safe_load_all((DEPLOY / "kubernetes/killmail-worker.yaml").read_text())}
+    worker = documents[("Deployment", "killmail-worker")]
+    assert worker["spec"]["replicas"] == 3
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+    status = documents[("Deployment", "killmail-status")]["spec"]["template"]["spec"]["containers"][0]
+    assert status["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert documents[("CronJob", "killmail-queue")]["spec"]["jobTemplate"]["spec"]["template"]["spec"][
+        "containers"][0]["command"] == ["python", "queue_killmails.py"]
+
+
+@pytest.mark.parametrize("unit", ["killmail-worker@.service", "killmail-status.service", "killmail-queue.service",
+                                  "killmail-queue.timer"])
+def test_systemd_units_parse(unit):
+    parser = configparser.ConfigParser(strict=True, interpolation=None)
+    parser.optionxform = str
+    parser.read(DEPLOY / "systemd" / unit)
+    assert "Unit" in parser
+    if unit.endswith(".service"):
+        assert (ROOT / parser["Service"]["ExecStart"].split()[1].split("/")[-1]).exists() \
+            or "gunicorn" in parser["Service"]["ExecStart"]
+
+
+def test_crontab_line_runs_the_producer():
+    lines = [l for l in (DEPLOY / "crontab").read_text().splitlines() if l and not l.startswith("#")]
+    assert len(lines) == 1 and lines[0].split()[:5] == ["*/5", "*", "*", "*", "*"]
+    assert "queue_killmails.py" in lines[0]
