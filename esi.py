@@ -285,7 +285,9 @@ class EsiClient:
 
     def get_killmail(self, killmail_id: int, killmail_hash: str) -> dict:
         """One killmail as ESI sent it (the caller validates it)."""
-        response = self._get(f"/killmails/{killmail_id}/{killmail_hash}/", group="killmail", bucket="killmail",
+        # The detail bucket is per source IP: workers behind one IP share it, so they share its pacing.
+        bucket = f"killmail@{self.settings.esi_egress}" if self.settings.esi_egress else "killmail"
+        response = self._get(f"/killmails/{killmail_id}/{killmail_hash}/", group="killmail", bucket=bucket,
                              pace=True)
         body = _json(response)
         if not isinstance(body, dict):

@@ -46,6 +46,7 @@ class Settings:
     status_basic_auth: str = field(default="", repr=False)
     app_api_token: str = field(default="", repr=False)
     health_max_sync_age_seconds: int = 1800
+    esi_egress: str = ""
 
 
 def _text(env: Mapping[str, str], name: str, default: str | None) -> str:
@@ -96,6 +97,13 @@ def _basic_auth(env: Mapping[str, str]) -> str:
     return value
 
 
+def _egress(env: Mapping[str, str]) -> str:
+    value = env.get("ESI_EGRESS", "").strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,100}", value):
+        raise ConfigError("ESI_EGRESS", f"may hold only letters, digits and _.:- , got {value!r}")
+    return value
+
+
 def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi: bool = True) -> Settings:
     """Build Settings from a mapping of environment variables, raising ConfigError on the first bad value."""
     today = today or date.today()
@@ -124,6 +132,7 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         status_basic_auth=_basic_auth(env),
         app_api_token=env.get("APP_API_TOKEN", "").strip(),
         health_max_sync_age_seconds=_integer(env, "HEALTH_MAX_SYNC_AGE_SECONDS", 1800, 10, 86400 * 7),
+        esi_egress=_egress(env),
     )
 
 
