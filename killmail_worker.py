@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 RULE = "━" * 60
 DB_RETRIES_PER_JOB = 3          # a job whose database connection died is run again this often in place
 RESTART_BACKOFF_CAP = 30.0      # seconds between restarts of a child that keeps dying
+BURST_RESTARTS = 10             # a burst run stops replacing children after this many deaths (a crash loop)
 BROKER_ERRORS = (pika.exceptions.AMQPError, OSError, broker.NotDelivered)
 
 
@@ -174,9 +175,9 @@ class Child:
                     return self.failure(job, attempt, f"database: {exc}", result=result)
                 continue
             except sync.PermanentJobError as exc:
-                return self.failure(job, attempt, str(exc), permanent=True, result=result)
+                return self.failure(job, attempt, str(exc), permanent=True, result=getattr(exc, "result", result))
             except sync.JobError as exc:
-                return self.failure(job, attempt, str(exc), result=result,
+                return self.failure(job, attempt, str(exc), result=getattr(exc, "result", result),
                                     delay=getattr(exc, "retry_after", None))
             if result.status not in ("locked",):
                 log.info("✅ Completed: %s", result.character_name or job.character_id)
@@ -260,6 +261,7 @@ class Supervisor:
         self.children: dict[int, int] = {}   # pid -> slot
         self.signals = 0
         self.restarts = 0
+        self.give_up = False
 
     def on_signal(self, signum, frame) -> None:
         """Signal handler: only counts; the loop does the work."""
@@ -294,12 +296,16 @@ class Supervisor:
                 continue
             failures += 1
             self.restarts += 1
+            if self.burst and failures > BURST_RESTARTS:
+                log.error("❌ worker processes keep dying; giving up this burst run")
+                self.give_up = True
+                continue
             delay = min(RESTART_BACKOFF_CAP, 0.5 * 2 ** min(failures, 6))
             log.warning("⚠️  worker process %d exited with %s; starting another in %.1f s", pid, code, delay)
             time.sleep(delay)
             if not self.signals:
                 self.spawn(slot)
-        return 0 if self.signals <= 1 else 1
+        return 0 if self.signals <= 1 and not self.give_up else 1
 
     def spawn(self, slot: int) -> None:
         """Fork one child; it makes its own connections."""

@@ -87,6 +87,9 @@ def sync_character(conn, esi: EsiClient, character_id: int, now: datetime, *,
         return result
     try:
         _sync_character_locked(conn, esi, character_id, now, options, result)
+    except (JobError, PermanentJobError) as exc:
+        exc.result = result  # what the run did before it failed, for its sync_runs row
+        raise
     finally:
         _release(conn, locks)
     return result
@@ -108,6 +111,9 @@ def sync_corporation(conn, esi: EsiClient, corporation_id: int, character_id: in
         return result
     try:
         _sync_corporation_locked(conn, esi, corporation_id, character_id, now, options, result)
+    except (JobError, PermanentJobError) as exc:
+        exc.result = result
+        raise
     finally:
         _release(conn, locks)
     return result
