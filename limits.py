@@ -116,7 +116,10 @@ class SharedLimits:
                         remaining=_int(headers.get("X-ESI-Error-Limit-Remain")))
         if "bucket" in pauses:
             log.warning("ESI bucket %s: pausing until %s (status %s)", bucket, pauses["bucket"].isoformat(), status)
-        if "bucket" in pauses or changed or (due and (limit or remaining is not None)):
+        # Per-character list buckets are only written when they pause: one row per pilot and a write per list
+        # call would cost more than they tell. Shared buckets (details) keep their limit for pacing.
+        routine = ":" not in bucket and (changed or (due and (limit or remaining is not None)))
+        if "bucket" in pauses or routine:
             self._write(bucket, limit=limit, remaining=remaining, paused_until=pauses.get("bucket"), status=status)
 
     # ---------------------------------------------------------------------------------------------- state
