@@ -37,13 +37,18 @@ def token_fingerprint(refresh_token: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- users
 
+# A usable grant: a refresh token, and not the very one SSO answered invalid_grant for (mark_revoked). The
+# web app writing a new token at login makes the user usable again.
+_LIVE_GRANT_SQL = """
+    (refresh_token IS NOT NULL AND refresh_token <> ''
+     AND (revoked_token_sha256 IS NULL
+          OR revoked_token_sha256 <> encode(sha256(convert_to(refresh_token, 'UTF8')), 'hex')))
+"""
+
 # A user is due when it has a usable grant and its last sync is older than its interval. A pilot with no new
 # killmail for a week is polled four times less often (as zKillboard does), a month: sixteen times less often,
 # never more than once a day less often than its own interval.
-_DUE_SQL = """
-    refresh_token IS NOT NULL AND refresh_token <> ''
-    AND (revoked_token_sha256 IS NULL
-         OR revoked_token_sha256 <> encode(sha256(convert_to(refresh_token, 'UTF8')), 'hex'))
+_DUE_SQL = _LIVE_GRANT_SQL + """
     AND (last_sync_at IS NULL OR last_sync_at <= %(now)s - make_interval(secs =>
          LEAST(86400, COALESCE(sync_interval_seconds, %(interval)s) *
            CASE WHEN last_new_killmail_at IS NULL AND last_sync_at IS NULL THEN 1
@@ -103,11 +108,10 @@ def release_user(conn, character_id: int) -> None:
 
 
 def get_user(conn, character_id: int) -> dict | None:
-    """One user's row, with `revoked` telling whether its current refresh token is known to be dead."""
+    """One user's row, with `revoked` telling whether it has no usable grant (a new login is needed)."""
     return conn.execute(
-        """
-        SELECT *, (revoked_token_sha256 IS NOT NULL AND refresh_token IS NOT NULL
-                   AND revoked_token_sha256 = encode(sha256(convert_to(refresh_token, 'UTF8')), 'hex')) AS revoked
+        f"""
+        SELECT *, NOT {_LIVE_GRANT_SQL} AS revoked
         FROM users WHERE character_id = %s
         """,
         (character_id,),
@@ -206,9 +210,7 @@ _ELIGIBLE_SQL = f"""
     FROM users u
     WHERE u.corporation_id IS NOT NULL AND u.is_director IS NOT FALSE
       AND '{CORPORATION_SCOPE}' = ANY(string_to_array(COALESCE(u.scopes, ''), ' '))
-      AND u.refresh_token IS NOT NULL
-      AND (u.revoked_token_sha256 IS NULL
-           OR u.revoked_token_sha256 <> encode(sha256(convert_to(u.refresh_token, 'UTF8')), 'hex'))
+      AND {_LIVE_GRANT_SQL}
     ORDER BY u.corporation_id, u.is_director DESC NULLS LAST, u.character_id
 """
 
@@ -512,11 +514,7 @@ def reserve_slot(conn, bucket: str, now: datetime, *, spacing: float, burst: int
 
 USER_STATES = ("active", "due", "queued", "never_synced", "needs_relogin")
 
-# No usable grant: no refresh token at all, or the very one SSO answered invalid_grant for (see get_user).
-_NEEDS_RELOGIN_SQL = """
-    refresh_token IS NULL OR refresh_token = ''
-    OR revoked_token_sha256 = encode(sha256(convert_to(refresh_token, 'UTF8')), 'hex')
-"""
+_NEEDS_RELOGIN_SQL = f"NOT {_LIVE_GRANT_SQL}"
 
 
 def ping(conn) -> None:

@@ -27,7 +27,7 @@ import psycopg
 import broker
 import db
 import sync
-from esi import EsiClient
+from esi import EsiClient, TokenGrant
 from limits import SharedLimits
 from settings import ConfigError, Settings, load_settings, setup_logging
 
@@ -54,6 +54,30 @@ def reconnect_delay(failures: int, rng: random.Random) -> float:
     return min(30.0, 2 ** min(failures, 5)) * rng.uniform(0.5, 1.0)
 
 
+class JobEsiClient(EsiClient):
+    """A child's ESI client, which keeps the grants SSO gave during the current job.
+
+    SSO kills the old refresh token the moment it answers. If the database connection dies before the rotated
+    token is committed, the job runs again in place and would spend the dead token: invalid_grant, and a pilot
+    wrongly marked as needing a new login. The rerun gets the grant in hand instead and stores it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._grants: dict[str, TokenGrant] = {}
+
+    def refresh(self, refresh_token: str) -> TokenGrant:
+        """The grant already given for this refresh token in this job, or a new one from SSO."""
+        grant = self._grants.get(refresh_token)
+        if grant is None:
+            grant = self._grants[refresh_token] = super().refresh(refresh_token)
+        return grant
+
+    def forget_grants(self) -> None:
+        """The job is over: its grants are stored, or lost with a connection that never came back."""
+        self._grants.clear()
+
+
 class Child:
     """One forked worker process: a pika consumer with prefetch 1 and a thread for the running job."""
 
@@ -66,7 +90,7 @@ class Child:
         self.job_thread: threading.Thread | None = None
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True))
-        self.esi = EsiClient(settings, limits=self.limits)
+        self.esi = JobEsiClient(settings, limits=self.limits)
 
     def run(self) -> int:
         """Consume until stopped (or, in burst mode, until the queue is empty); reconnect on broker loss."""
@@ -154,6 +178,13 @@ class Child:
         log.info(RULE)
         log.info("👤 Processing: %s (ID: %s)", job.character_name or "unknown", job.character_id)
         log.info("📅 Queued at: %s", job.queued_at)
+        try:
+            return self.run_sync(job, attempt)
+        finally:
+            self.esi.forget_grants()
+
+    def run_sync(self, job: broker.Job, attempt: int) -> Outcome:
+        """Run a decoded job; a lost database connection runs it again, up to DB_RETRIES_PER_JOB times."""
         for tries in range(1, DB_RETRIES_PER_JOB + 1):
             now = datetime.now(timezone.utc)
             result = sync.SyncResult(job.character_id, corporation_id=job.corporation_id, kind=job.kind,

@@ -236,12 +236,20 @@ class Lab:
 
     def advance_world(self, seconds: float) -> None:
         """Let `seconds` pass for everything that follows the simulator's clock: the simulator itself, and the
-        times the worker stored from it (token expiry, list Expires, last sync)."""
+        times the worker stored from it (token expiry, list Expires, last sync of pilots and corporations)."""
         self.sim.advance(seconds)
+        shift = {"s": timedelta(seconds=seconds)}
         with self.connect() as conn:
-            conn.execute(
-                "UPDATE users SET expires_at = expires_at - %(s)s, list_expires_at = list_expires_at - %(s)s, "
-                "last_sync_at = last_sync_at - %(s)s", {"s": timedelta(seconds=seconds)})
+            conn.execute("UPDATE users SET expires_at = expires_at - %(s)s, last_sync_at = last_sync_at - %(s)s, "
+                         "list_expires_at = list_expires_at - %(s)s", shift)
+            conn.execute("UPDATE corporations SET last_sync_at = last_sync_at - %(s)s, "
+                         "list_expires_at = list_expires_at - %(s)s", shift)
+
+    def make_due(self) -> None:
+        """Make every pilot and corporation due now (last sync an hour back), leaving their list Expires alone."""
+        with self.connect() as conn:
+            conn.execute("UPDATE users SET last_sync_at = last_sync_at - interval '1 hour'")
+            conn.execute("UPDATE corporations SET last_sync_at = last_sync_at - interval '1 hour'")
 
 
 @contextmanager

@@ -86,8 +86,8 @@ def seed_status_rows(conn, now: datetime) -> None:
         conn.execute(
             "INSERT INTO killmails (killmail_id, killmail_hash, killmail_time, solar_system_id, victim_ship_type_id, "
             "victim_damage_taken, raw, stored_at) VALUES (%s, %s, %s, 30000142, 587, 1500, %s, %s)",
-            (killmail_id, f"hash{killmail_id}", stored - timedelta(minutes=30), json.dumps({"killmail_id": killmail_id}),
-             stored))
+            (killmail_id, f"hash{killmail_id}", stored - timedelta(minutes=30),
+             json.dumps({"killmail_id": killmail_id}), stored))
         conn.execute("INSERT INTO killmail_refs (killmail_id, killmail_hash, attempts) VALUES (%s, %s, %s)",
                      (killmail_id, f"hash{killmail_id}", 1 if n == 0 else 0))  # the first failed once, then was stored
     for killmail_id, attempts, error, next_attempt in (

@@ -86,11 +86,13 @@ def test_two_burst_workers_store_every_killmail_once(conn, sim, settings, page_s
     assert stats["by_route"]["detail"] == len(sim.expected_killmails())
     assert stats["status_420"] == stats["status_429"] == 0
     assert "👤 Processing: Pilot" in "".join(outputs) and "✅ Completed: Pilot" in "".join(outputs)
-    # Right after: nothing is due, and a forced job makes neither a list call (before Expires) nor a detail call.
-    sim.reset_stats()
+    # Right after: no user is due (the directors' corporations are, now that their corporation is known) ...
     again = run_script("queue_killmails.py", settings)
-    assert "✓ Found 0 active users" in again.stdout
-    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    assert "✓ Found 0 active users" in again.stdout and "And 4 corporations" in again.stdout
+    start_worker(settings, "--burst").communicate(timeout=120)
+    # ... and a forced job makes neither a list call (before Expires) nor a detail call.
+    sim.reset_stats()
+    pilot = next(p for p in sim.pilots() if not p["revoked"] and "corporation" not in p["scopes"])
     run_script("queue_killmails.py", settings, "--character-id", str(pilot["character_id"]))
     worker = start_worker(settings, "--burst")
     worker.communicate(timeout=120)

@@ -2,11 +2,13 @@
 with known rows."""
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import pika
@@ -16,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import status_app
 import status_report
 from conftest import RABBITMQ_URL, ROOT, make_settings
-from tests.screenshot import (ACCESS_TOKEN, EXPECTED_USERS, GUNICORN, REFRESH_TOKEN, fill_queues, free_port, seed_status_rows,
-                              status_env)
+from tests.screenshot import (ACCESS_TOKEN, EXPECTED_USERS, GUNICORN, REFRESH_TOKEN, fill_queues, free_port,
+                              seed_status_rows, status_env, wait_until_answering)
 
 CLOSED_DATABASE = "postgresql://root@127.0.0.1:1/x"
 CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/%2F"
@@ -207,9 +209,9 @@ def test_status_json_reports_the_known_rows(client, seeded):
     assert sorted(limits) == ["char-killmail", "error-limit", "killmail"]
     assert (limits["killmail"]["remaining"], limits["killmail"]["limit_tokens"], limits["killmail"]["paused_until"]) \
         == (3412, 3600, None)
-    assert (limits["char-killmail"]["buckets"], limits["char-killmail"]["remaining"], limits["char-killmail"]["paused"]) \
-        == (2, 2, 1)
-    assert limits["char-killmail"]["paused_until"].endswith("Z")
+    pilots = limits["char-killmail"]
+    assert (pilots["buckets"], pilots["remaining"], pilots["paused"]) == (2, 2, 1)
+    assert pilots["paused_until"].endswith("Z")
     assert {(c["route_group"], c["status"]): c["calls"] for c in report["esi_calls"]}[("killmail", 502)] == 3
 
 
@@ -385,6 +387,20 @@ def test_python_status_app_refuses_a_bad_environment_with_one_line(database_url)
                             timeout=30)
     assert (result.returncode, result.stderr) == (2, "configuration error: STATUS_BASIC_AUTH: must look like "
                                                      "user:password\n")
+
+
+def test_python_status_app_serves_locally_on_the_given_port(database_url, queue_name):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "status_app.py", "--port", str(port)], cwd=ROOT,
+                               env=status_env(database_url, queue=queue_name), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_until_answering(f"http://127.0.0.1:{port}/health", process, deadline=20)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            assert json.load(response) == {"status": "ok", "database": "ok", "broker": "ok"}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -1,0 +1,306 @@
+"""Helpers of the fault-injection tests: workers whose output is read as it comes, broker and database faults.
+
+Not a conftest.py on purpose: a second conftest.py without a package would replace the module `conftest` that
+the tests beside tests/conftest.py import their helpers from. The fixtures of tests/conftest.py (database_url,
+conn, queue_name, sim) reach this directory anyway.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+
+import pika
+import psycopg
+import pytest
+
+import broker
+from conftest import RABBITMQ_URL, ROOT, make_settings, run_script, settings_env
+
+RABBITMQCTL_TIMEOUT = 60
+# The worker's --verbose format: "<date> <time> <LEVEL> [<pid>] <logger>: <message>"
+LOG_LINE = re.compile(r"^\S+ \S+ (\w+) \[(\d+)\] (\S+): (.*)$")
+
+
+def wait_until(predicate, *, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
+    """Poll a condition with a deadline (the condition is the synchronisation, not the interval)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def faults_line(test: str, **figures) -> str:
+    """Print the one-line summary of a fault test (visible with -s) and return it."""
+    line = "FAULTS: " + test + " " + " ".join(f"{k}={v}" for k, v in figures.items())
+    print("\n" + line, flush=True)
+    return line
+
+
+class Worker:
+    """killmail_worker.py in a subprocess (its own process group), its --verbose log read by a thread as it
+    comes, so a long run never blocks on a full pipe and the test can see which child is doing what."""
+
+    def __init__(self, settings, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "killmail_worker.py"), "--verbose", *args], cwd=ROOT,
+            env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        self.pid = self.proc.pid
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._lock:
+                self._lines.append(line.rstrip("\n"))
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    def output(self) -> str:
+        return "\n".join(self.lines())
+
+    def count(self, text: str) -> int:
+        """How many log lines contain this text."""
+        return sum(text in line for line in self.lines())
+
+    def jobs(self) -> dict[int, dict]:
+        """Per child pid, its current job: {'character': id, 'phase': 'start'|'details'|'saved'}; a child
+        whose last job ended is absent."""
+        current: dict[int, dict] = {}
+        for line in self.lines():
+            match = LOG_LINE.match(line)
+            if not match:
+                continue
+            pid, message = int(match[2]), match[4]
+            if "👤 Processing:" in message:
+                found = re.search(r"\(ID: (\d+)\)", message)
+                current[pid] = {"character": int(found[1]) if found else None, "phase": "start", "found": 0}
+            elif pid in current and "📥 Found" in message:
+                current[pid].update(phase="details", found=int(re.search(r"Found (\d+)", message)[1]))
+            elif pid in current and "✅ Saved:" in message:
+                current[pid]["phase"] = "saved"
+            elif "✅ Completed:" in message or "❌ Failed:" in message or "🔒" in message:
+                current.pop(pid, None)
+        return current
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.pid)], capture_output=True, text=True,
+                             timeout=10).stdout
+        return [int(p) for p in out.split()]
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the exit (a TimeoutExpired fails the test) and for the rest of the output."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def kill_group(self) -> None:
+        """SIGKILL the worker and every child it forked (the process group this test made), if still there."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture
+def workers():
+    """Start workers with workers(settings, *args); any still running at the end are killed with their
+    children, so a failed test leaves no process behind."""
+    started: list[Worker] = []
+
+    def start(settings, *args: str) -> Worker:
+        worker = Worker(settings, *args)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill_group()
+
+
+@pytest.fixture
+def fast(sim):
+    """The simulator with a detail bucket too big to pace against: pacing is tested in test_limits."""
+    sim.configure(detail_bucket=(2_000_000, 900))
+    return sim
+
+
+def fault_settings(database_url, sim, queue_name, **overrides):
+    """Settings for a fault run: short retry delays, three children per worker unless told otherwise."""
+    values = dict(queue_name=queue_name, prefetch_count=3, retry_base_seconds=1)
+    values.update(overrides)
+    return make_settings(database_url, sim.base_url, **values)
+
+
+def queue_all(settings) -> int:
+    """Run the producer once; returns how many jobs it queued (users and corporations)."""
+    done = run_script("queue_killmails.py", settings, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return sum(int(n) for n in re.findall(r"✓ Found (\d+)", done.stdout))
+
+
+def queue_counts(*queues: str) -> list[int]:
+    """Ready messages per queue (0 for a queue that does not exist)."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        counts = []
+        channel = connection.channel()
+        for queue in queues:
+            try:
+                counts.append(channel.queue_declare(queue, passive=True).method.message_count)
+            except pika.exceptions.ChannelClosedByBroker:
+                counts.append(0)
+                channel = connection.channel()
+        return counts
+    finally:
+        connection.close()
+
+
+def publish_raw(queue_name: str, settings, *bodies: bytes) -> None:
+    """Publish message bodies as they are (poison messages, duplicate jobs) to the job queue."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        broker.declare_topology(channel, queue_name, max_attempts=settings.max_attempts)
+        for body in bodies:
+            broker.publish(channel, queue_name, body)
+    finally:
+        connection.close()
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=RABBITMQCTL_TIMEOUT)
+    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def broker_queue_state(*queues: str) -> dict[str, tuple[int, int]]:
+    """(messages_ready, messages_unacknowledged) per queue, as the broker itself reports them."""
+    out = rabbitmqctl("list_queues", "-q", "--no-table-headers", "name", "messages_ready",
+                      "messages_unacknowledged")
+    state = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in queues:
+            state[parts[0]] = (int(parts[1]), int(parts[2]))
+    return state
+
+
+def broker_answers() -> bool:
+    try:
+        pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL)).close()
+        return True
+    except pika.exceptions.AMQPError:
+        return False
+
+
+def terminate_backends(admin, keep: set[int]) -> int:
+    """pg_terminate_backend every other session of this test's database; returns how many were ended."""
+    rows = admin.execute(
+        "SELECT pg_terminate_backend(pid) AS ended FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s))",
+        (list(keep),)).fetchall()
+    return sum(1 for r in rows if r[0])
+
+
+def admin_connection(database_url: str) -> psycopg.Connection:
+    return psycopg.connect(database_url, autocommit=True)
+
+
+def stored(conn) -> dict[int, tuple[int, int]]:
+    """killmail id -> (attacker rows, item rows) stored."""
+    rows = conn.execute(
+        "SELECT k.killmail_id, (SELECT count(*) FROM attackers a WHERE a.killmail_id = k.killmail_id) AS a, "
+        "(SELECT count(*) FROM killmail_items i WHERE i.killmail_id = k.killmail_id) AS i FROM killmails k"
+    ).fetchall()
+    conn.commit()
+    return {r["killmail_id"]: (r["a"], r["i"]) for r in rows}
+
+
+def stored_count(conn) -> int:
+    n = conn.execute("SELECT count(*) AS n FROM killmails").fetchone()["n"]
+    conn.commit()
+    return n
+
+
+def rows_of(body: dict) -> tuple[int, int]:
+    """(attacker rows, item rows) a killmail body must become: every attacker, every item and container item."""
+    items = body["victim"].get("items", [])
+    return len(body["attackers"]), sum(1 + len(i.get("items", [])) for i in items)
+
+
+def check_stored(conn, sim) -> dict:
+    """Compare the database with the simulator: every expected killmail stored whole, nothing extra, nothing
+    twice. Kills of revoked pilots may be stored (through a corporation list) but need not be."""
+    expected = sim.expected_killmails(valid_only=True)
+    reachable = sim.expected_killmails(valid_only=False, corporations=True)
+    got = stored(conn)
+    rows = conn.execute("SELECT count(*) AS n, count(DISTINCT killmail_id) AS d FROM killmails").fetchone()
+    conn.commit()
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(reachable))
+    partial = sorted(i for i in got if i in reachable and got[i] != rows_of(reachable[i]))
+    return {"expected": len(expected), "stored": len(got), "duplicated": rows["n"] - rows["d"],
+            "missing": missing, "extra": extra, "partial": partial}
+
+
+def assert_all_stored(conn, sim) -> dict:
+    check = check_stored(conn, sim)
+    assert check["missing"] == [], f"{len(check['missing'])} expected killmails not stored"
+    assert check["extra"] == [] and check["partial"] == [] and check["duplicated"] == 0, check
+    return check
+
+
+def overlapping_runs(conn) -> list[tuple]:
+    """Pairs of sync runs of one character whose [started_at, finished_at] intervals overlap (locked skips,
+    which sync nothing, left out). A corporation run holds its director's lock too, so it counts."""
+    return conn.execute(
+        """
+        SELECT a.character_id, a.id, b.id, a.started_at, a.finished_at, b.started_at, b.finished_at
+        FROM sync_runs a JOIN sync_runs b
+          ON a.character_id = b.character_id AND a.id < b.id
+         AND a.started_at < b.finished_at AND b.started_at < a.finished_at
+        WHERE a.status <> 'locked' AND b.status <> 'locked'
+          AND a.finished_at IS NOT NULL AND b.finished_at IS NOT NULL
+        """
+    ).fetchall()
+
+
+def users_idle(conn) -> bool:
+    """No user is claimed by the producer (each queued job has finished)."""
+    n = conn.execute("SELECT count(*) AS n FROM users WHERE queued_at IS NOT NULL").fetchone()["n"]
+    conn.commit()
+    return n == 0
+
+
+def per_pid(lines: list[str], text: str) -> dict[int, int]:
+    counts: dict[int, int] = defaultdict(int)
+    for line in lines:
+        match = LOG_LINE.match(line)
+        if match and text in match[4]:
+            counts[int(match[2])] += 1
+    return dict(counts)

@@ -1,0 +1,144 @@
+"""Faults of the services: RabbitMQ stopped and started under running jobs, PostgreSQL sessions terminated."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import insert_users
+from fault_helpers import (admin_connection, assert_all_stored, broker_answers, fast, fault_settings,  # noqa: F401
+                           faults_line, queue_all, queue_counts, rabbitmqctl, stored_count, terminate_backends,
+                           users_idle, wait_until, workers)
+
+pytestmark = pytest.mark.timeout(300)
+
+BROKER_RESTARTS = 2
+DB_TERMINATIONS = 4
+LOST = "RabbitMQ connection lost"
+
+
+def jobs_running(*running_workers, at_least: int = 1):
+    """A predicate: at least this many jobs are in the middle of their details across these workers."""
+    return lambda: sum(j["phase"] == "details" for w in running_workers for j in w.jobs().values()) >= at_least
+
+
+def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url, queue_name, workers):
+    sim = fast
+    sim.configure(latency_ms=20)
+    sim.add_pilots(n_pilots=24, n_killmails=2400, share=1, expired_fraction=0.2, revoked=0, corporations=3)
+    insert_users(conn, sim.pilots())
+    settings = fault_settings(database_url, sim, queue_name)
+    queued = queue_all(settings)
+    steady = workers(settings)                 # runs until stopped
+    burst = workers(settings, "--burst")       # exits once the queue is empty
+    down_for = []
+    for _ in range(BROKER_RESTARTS):
+        wait_until(jobs_running(steady, burst, at_least=2), timeout=60, what="jobs in the middle of their details",
+                   interval=0.1)
+        lost_before = steady.count(LOST), burst.count(LOST)
+        stopped_at = time.monotonic()
+        try:
+            rabbitmqctl("stop_app")  # every client gets CONNECTION_FORCED
+            # Down until both workers noticed it (and, typically, failed a reconnect), a few seconds at most.
+            wait_until(lambda: steady.count(LOST) > lost_before[0] and burst.count(LOST) > lost_before[1],
+                       timeout=10, what="both workers to notice the broker is gone", interval=0.1)
+        finally:
+            rabbitmqctl("start_app")
+        down_for.append(round(time.monotonic() - stopped_at, 1))
+        wait_until(broker_answers, timeout=60, what="RabbitMQ to answer again", interval=0.2)
+
+    code = burst.wait(timeout=240)
+    assert code == 0, burst.output()[-4000:]
+    wait_until(lambda: users_idle(conn) and queue_counts(queue_name) == [0], timeout=180,
+               what="every queued job to finish", interval=0.5)
+    assert steady.running(), steady.output()[-4000:]  # it carried on by itself
+    steady.terminate()
+    assert steady.wait(timeout=60) == 0, steady.output()[-4000:]
+    check = assert_all_stored(conn, sim)
+    done = conn.execute("SELECT count(DISTINCT character_id) AS n FROM sync_runs WHERE status IN ('ok', 'partial')"
+                        ).fetchone()["n"]
+    stats = sim.stats()
+    faults_line("broker_restart", restarts_survived=len(down_for), broker_down_seconds=down_for, jobs_queued=queued,
+                users_synced=done, reconnects=steady.count("reconnecting in") + burst.count("reconnecting in"),
+                killmails_expected=check["expected"], stored=check["stored"], duplicated_rows=check["duplicated"],
+                duplicate_detail_fetches=stats["duplicate_detail_fetches"], status_420=stats["status_420"],
+                status_429=stats["status_429"], min_error_limit_remain=stats["min_error_limit_remain"])
+    assert done == len(sim.pilots())
+    assert stats["duplicate_detail_fetches"] == 0  # a lost ack repeats a job, and a repeated job fetches nothing
+
+
+def test_database_sessions_terminated_under_running_jobs(conn, fast, database_url, queue_name, workers):
+    sim = fast
+    sim.configure(latency_ms=20)
+    sim.add_pilots(n_pilots=24, n_killmails=2400, share=1, expired_fraction=0.5, revoked=0, corporations=3)
+    insert_users(conn, sim.pilots())
+    settings = fault_settings(database_url, sim, queue_name)
+    queued = queue_all(settings)
+    steady = workers(settings)
+    burst = workers(settings, "--burst")
+    ended = []
+    with admin_connection(database_url) as admin:
+        keep = {conn.info.backend_pid}
+        for _ in range(DB_TERMINATIONS):
+            wait_until(jobs_running(steady, burst, at_least=2), timeout=60,
+                       what="jobs in the middle of their details", interval=0.1)
+            saved = stored_count(conn)
+            ended.append(terminate_backends(admin, keep))
+            # the next termination only once work has resumed: some more killmails stored
+            wait_until(lambda: stored_count(conn) > saved + 20, timeout=60, what="work to resume", interval=0.2)
+
+    code = burst.wait(timeout=240)
+    assert code == 0, burst.output()[-4000:]
+    wait_until(lambda: users_idle(conn) and queue_counts(queue_name) == [0], timeout=180,
+               what="every queued job to finish", interval=0.5)
+    assert steady.running(), steady.output()[-4000:]
+    steady.terminate()
+    assert steady.wait(timeout=60) == 0, steady.output()[-4000:]
+    import fault_helpers
+    c = fault_helpers.check_stored(conn, sim)
+    if c["missing"]:
+        print(conn.execute("SELECT attempts, last_error, claimed_until, count(*) FROM killmail_refs r WHERE NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id) GROUP BY 1,2,3").fetchall())
+        print(conn.execute("SELECT character_id, status, saved, failed, error, attempt FROM sync_runs WHERE status NOT IN ('ok') ORDER BY id").fetchall())
+        print(conn.execute("SELECT character_id, status, saved, failed, error, attempt FROM sync_runs WHERE character_id IN (SELECT c.character_id FROM character_killmails c WHERE c.killmail_id = ANY(%s)) ORDER BY id", (c["missing"],)).fetchall())
+        open("/tmp/fx/steady.log","w").write(steady.output()); open("/tmp/fx/burst.log","w").write(burst.output())
+    check = assert_all_stored(conn, sim)
+    done = conn.execute("SELECT count(DISTINCT character_id) AS n FROM sync_runs WHERE status IN ('ok', 'partial')"
+                        ).fetchone()["n"]
+    stats = sim.stats()
+    tokens = {r["character_id"]: r["refresh_token"] for r in conn.execute("SELECT character_id, refresh_token FROM users")}
+    lost_tokens = [p["character_id"] for p in sim.pilots() if tokens[p["character_id"]] != p["refresh_token"]]
+    faults_line("pg_terminate", terminations=len(ended), sessions_ended=ended, jobs_queued=queued, users_synced=done,
+                job_reruns=steady.count("running it again") + burst.count("running it again"),
+                killmails_expected=check["expected"], stored=check["stored"], duplicated_rows=check["duplicated"],
+                duplicate_detail_fetches=stats["duplicate_detail_fetches"], invalid_grants=stats["invalid_grants"],
+                refresh_tokens_lost=len(lost_tokens), status_420=stats["status_420"], status_429=stats["status_429"],
+                min_error_limit_remain=stats["min_error_limit_remain"])
+    assert all(n > 0 for n in ended)
+    assert done == len(sim.pilots())
+    assert stats["invalid_grants"] == 0 and lost_tokens == []
+
+
+def test_rotated_refresh_token_survives_a_lost_database_connection(conn, fast, database_url, queue_name, workers):
+    """The connection dies while SSO is answering a refresh: the rotated token must still be stored."""
+    sim = fast
+    sim.add_pilots(n_pilots=1, n_killmails=5, share=1, expired_fraction=1.0, revoked=0, corporations=1)
+    insert_users(conn, sim.pilots())
+    sim.configure(latency_ms=1000)  # every answer takes a second: time to cut the database under a refresh
+    settings = fault_settings(database_url, sim, queue_name, prefetch_count=1)
+    queue_all(settings)
+    worker = workers(settings, "--burst")
+    with admin_connection(database_url) as admin:
+        wait_until(lambda: sim.stats()["by_route"]["token"] == 1, timeout=30, what="the refresh to be asked",
+                   interval=0.02)
+        ended = terminate_backends(admin, {conn.info.backend_pid})  # SSO has not answered yet
+    assert worker.wait(timeout=60) == 0, worker.output()[-4000:]
+    stats = sim.stats()
+    (pilot,) = sim.pilots()
+    user = conn.execute("SELECT refresh_token, last_sync_status FROM users").fetchone()
+    faults_line("pg_terminate_during_refresh", sessions_ended=ended, refreshes=stats["refreshes"],
+                invalid_grants=stats["invalid_grants"], job_reruns=worker.count("running it again"),
+                token_kept=user["refresh_token"] == pilot["refresh_token"], status=user["last_sync_status"])
+    assert worker.count("running it again") == 1
+    assert stats["refreshes"] == 1 and stats["invalid_grants"] == 0
+    assert user["refresh_token"] == pilot["refresh_token"] and user["last_sync_status"] == "ok"
+    assert_all_stored(conn, sim)
