@@ -128,12 +128,14 @@ def publish(channel, routing_key: str, body: bytes, *, priority: int = 0, header
         raise NotDelivered(f"connection lost while publishing to {routing_key}: {exc!r}") from exc
 
 
-def connect(url: str, *, heartbeat: int = 30) -> pika.BlockingConnection:
-    """A blocking connection with a heartbeat and bounded connect timeouts."""
+def connect(url: str, *, heartbeat: int = 30, timeout: float = 10.0) -> pika.BlockingConnection:
+    """A blocking connection with a heartbeat; connecting (TCP, TLS and the AMQP handshake) gives up after
+    about twice `timeout` seconds."""
     parameters = pika.URLParameters(url)
     parameters.heartbeat = heartbeat
-    parameters.blocked_connection_timeout = 60
-    parameters.socket_timeout = 10
+    parameters.socket_timeout = timeout
+    parameters.stack_timeout = 2 * timeout
+    parameters.blocked_connection_timeout = max(60.0, 2 * timeout)
     parameters.connection_attempts = 1
     return pika.BlockingConnection(parameters)
 

@@ -633,3 +633,34 @@ def esi_limit_buckets(conn, now: datetime) -> list[dict]:
 def esi_call_counts(conn) -> list[dict]:
     """ESI calls so far by route group and status."""
     return conn.execute("SELECT route_group, status, calls FROM esi_calls ORDER BY route_group, status").fetchall()
+
+
+# --- web app API
+
+
+def user_exists(conn, character_id: int) -> bool:
+    """Whether a user with this character id exists."""
+    return conn.execute("SELECT 1 FROM users WHERE character_id = %s", (character_id,)).fetchone() is not None
+
+
+def character_killmails_page(conn, character_id: int, *, limit: int, before: int | None) -> list[dict]:
+    """A pilot's kills and losses, newest first (by killmail id, for keyset paging), with a victim summary and
+    an attacker summary (how many, and who dealt the final blow)."""
+    return conn.execute(
+        """
+        SELECT k.killmail_id, k.killmail_hash, k.killmail_time, k.solar_system_id,
+               k.victim_character_id, k.victim_corporation_id, k.victim_alliance_id, k.victim_ship_type_id,
+               k.victim_damage_taken, (k.victim_character_id = %(id)s) AS is_loss,
+               (SELECT count(*) FROM attackers a WHERE a.killmail_id = k.killmail_id) AS attacker_count,
+               fb.character_id AS final_blow_character_id, fb.corporation_id AS final_blow_corporation_id,
+               fb.ship_type_id AS final_blow_ship_type_id
+        FROM character_killmails c
+        JOIN killmails k USING (killmail_id)
+        LEFT JOIN LATERAL (SELECT * FROM attackers a WHERE a.killmail_id = k.killmail_id AND a.final_blow
+                           ORDER BY a.attacker_index LIMIT 1) fb ON true
+        WHERE c.character_id = %(id)s AND (%(before)s::bigint IS NULL OR c.killmail_id < %(before)s)
+        ORDER BY c.killmail_id DESC
+        LIMIT %(limit)s
+        """,
+        {"id": character_id, "before": before, "limit": limit},
+    ).fetchall()

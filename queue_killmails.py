@@ -86,8 +86,10 @@ def print_stats(conn, connection, settings: Settings, now: datetime) -> None:
              queue["depth"], queue["consumers"], queue["retrying"], queue["dead"])
 
 
-def queue_one(conn, channel, settings: Settings, character_id: int, now: datetime, *, full: bool) -> str:
-    """Queue one character at high priority; returns what happened, for the operator."""
+def queue_one(conn, channel, settings: Settings, character_id: int, now: datetime, *,
+              full: bool) -> tuple[bool, str]:
+    """Queue one character at high priority; returns whether it was queued now, and what happened in words.
+    LookupError for an unknown character; broker.NotDelivered if the broker did not take the message."""
     user = db.claim_user(conn, character_id, now, stale_after=CLAIM_STALE_SECONDS)
     conn.commit()
     if user is None:
@@ -95,7 +97,7 @@ def queue_one(conn, channel, settings: Settings, character_id: int, now: datetim
         conn.commit()
         if existing is None:
             raise LookupError(f"no user with character id {character_id}")
-        return f"⏳ {existing['character_name'] or character_id} is already queued (since {existing['queued_at']})"
+        return False, f"{existing['character_name'] or character_id} is already queued (since {existing['queued_at']})"
     job = broker.new_job(character_id, user["character_name"], now=now, full=full)
     try:
         broker.publish(channel, settings.queue_name, broker.encode_job(job), priority=broker.PRIORITY_NOW)
@@ -103,7 +105,7 @@ def queue_one(conn, channel, settings: Settings, character_id: int, now: datetim
         db.release_user(conn, character_id)
         conn.commit()
         raise
-    return f"✅ Queued {user['character_name'] or character_id} at high priority"
+    return True, f"Queued {user['character_name'] or character_id} at high priority"
 
 
 def dry_run(conn, settings: Settings, now: datetime, character_id: int | None) -> int:
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.character_id is not None:
                 try:
-                    log.info(queue_one(conn, channel, settings, args.character_id, now, full=args.full))
+                    queued, message = queue_one(conn, channel, settings, args.character_id, now, full=args.full)
+                    log.info("%s %s", "✅" if queued else "⏳", message)
                 except LookupError as exc:
                     print(f"❌ {exc}", file=sys.stderr)
                     return 1

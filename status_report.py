@@ -105,12 +105,7 @@ class Sources:
 
 def open_broker(url: str) -> pika.BlockingConnection:
     """A broker connection that gives up within about two seconds."""
-    parameters = pika.URLParameters(url)
-    parameters.socket_timeout = BROKER_TIMEOUT_SECONDS
-    parameters.stack_timeout = 2 * BROKER_TIMEOUT_SECONDS  # bounds TCP, TLS and the AMQP handshake together
-    parameters.blocked_connection_timeout = 2 * BROKER_TIMEOUT_SECONDS
-    parameters.connection_attempts = 1
-    return pika.BlockingConnection(parameters)
+    return broker.connect(url, timeout=BROKER_TIMEOUT_SECONDS)
 
 
 def describe(exc: BaseException) -> str:
@@ -125,37 +120,15 @@ def queue_state(settings: Settings) -> dict[str, Any]:
     numbers are None, with an error, when the broker cannot be reached."""
     state: dict[str, Any] = {"name": settings.queue_name, "depth": None, "consumers": None, "retrying": None,
                              "dead": None, "error": None}
-    retries = [broker.retry_queue(settings.queue_name, n) for n in range(1, settings.max_attempts)]
-    dead = broker.dead_queue(settings.queue_name)
     try:
         connection = open_broker(settings.rabbitmq_url)
         try:
-            counts = passive_counts(connection, [settings.queue_name, *retries, dead])
+            state.update(broker.queue_depths(connection, settings.queue_name, max_attempts=settings.max_attempts))
         finally:
             connection.close()
     except (pika.exceptions.AMQPError, OSError) as exc:
         state["error"] = f"broker unreachable: {describe(exc)}"
-        return state
-    state.update(depth=counts[settings.queue_name][0], consumers=counts[settings.queue_name][1],
-                 retrying=sum(counts[q][0] for q in retries), dead=counts[dead][0])
     return state
-
-
-def passive_counts(connection: pika.BlockingConnection, queues: list[str]) -> dict[str, tuple[int, int]]:
-    """(messages, consumers) of each queue by passive declare; a queue never declared counts (0, 0)."""
-    channel = connection.channel()
-    counts = {}
-    for queue in queues:
-        try:
-            method = channel.queue_declare(queue, passive=True).method
-            counts[queue] = (method.message_count, method.consumer_count)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code != 404:
-                raise
-            counts[queue] = (0, 0)
-            channel = connection.channel()  # a failed passive declare closes the channel
-    channel.close()
-    return counts
 
 
 def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+"""Cold sync with 50 ms latency per ESI call and no rate-limit bucket: one worker (PREFETCH_COUNT=5) against
+bench/seed_algorithm.py, start to finish, each on a fresh copy of the same world, runs alternating."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+import harness
+from results import Figure, median
+
+WORLD = dict(n_pilots=30, n_killmails=1200, share=3, expired_fraction=0.0, revoked=0, corporations=3)
+SIM = dict(latency_ms=50, rate_limits=False)
+RUNS = 3
+TARGET = 10.0
+SCENARIO = "cold sync, 50 ms latency, no bucket"
+
+
+def run() -> tuple[list[Figure], dict]:
+    """Median start-to-finish time of the worker and of the seed algorithm, and their ratio."""
+    worker_runs, seed_runs, tuned_runs = [], [], []
+    for _ in range(RUNS):
+        worker_runs.append(run_worker())
+        seed_runs.append(run_seed())
+    tuned_runs.append(run_worker(detail_concurrency=16))
+    worker = median([r["seconds"] for r in worker_runs])
+    seed = median([r["seconds"] for r in seed_runs])
+    tuned = median([r["seconds"] for r in tuned_runs])
+    ratio = seed / worker
+    data = {"world": WORLD, "sim": SIM, "runs": RUNS, "worker": worker_runs, "seed": seed_runs,
+            "worker_detail_concurrency_16": tuned_runs, "median_worker_s": worker, "median_seed_s": seed,
+            "ratio": round(ratio, 2)}
+    kms = worker_runs[0]["stored"]
+    return [
+        Figure(SCENARIO, "seed time / worker time (median)",
+               f"{ratio:.1f}x ({seed:.1f} s vs {worker:.1f} s, {kms} kms, {RUNS} runs each)", f">= {TARGET:.0f}x",
+               ratio >= TARGET, data),
+        Figure(SCENARIO, "same with DETAIL_CONCURRENCY=16 (1 run)",
+               f"{seed / tuned:.1f}x ({tuned:.1f} s)", "(setting, for comparison)"),
+    ], {"latency": data}
+
+
+def run_worker(**env_options) -> dict:
+    """Producer run to last commit (the latest sync_runs.finished_at). One producer run queues the pilots, the
+    seed's whole job (their corporations, found by these syncs, would be the next cron run's)."""
+    with harness.lab("latency", seed=5, sim_options=SIM, world=WORLD) as lab:
+        started = time.time()
+        lab.run_producer(prefetch=5, **env_options)
+        lab.start_worker("--burst", prefetch=5, **env_options).wait(timeout=300)
+        exited = time.time()
+        with lab.connect() as conn:
+            last = conn.execute("SELECT max(finished_at) AS t FROM sync_runs").fetchone()["t"]
+            stored = conn.execute("SELECT count(*) AS n FROM killmails").fetchone()["n"]
+        expected = len(lab.sim.expected_killmails(valid_only=True))
+        stats = lab.sim.stats()
+    return {"seconds": round(last.timestamp() - started, 2), "to_exit_s": round(exited - started, 2),
+            "stored": stored, "expected": expected, "requests": stats["requests"],
+            "max_in_flight": stats["max_in_flight"]}
+
+
+def run_seed() -> dict:
+    """The seed algorithm as a process of its own, launch to its last commit."""
+    with harness.lab("latency_seed", seed=5, sim_options=SIM, world=WORLD) as lab:
+        started = time.time()
+        done = subprocess.run([sys.executable, str(harness.ROOT / "bench" / "seed_algorithm.py")],
+                              env=lab.env(), cwd=harness.ROOT, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise harness.BenchError(f"seed_algorithm.py exited with {done.returncode}: {done.stderr[-500:]}")
+        tally = json.loads(done.stdout.strip().splitlines()[-1])
+        stored = lab.count("SELECT count(*) FROM killmails")
+        expected = len(lab.sim.expected_killmails(valid_only=True))
+        stats = lab.sim.stats()
+    return {"seconds": round(tally["finished"] - started, 2), "stored": stored, "expected": expected,
+            "requests": stats["requests"], "duplicate_detail_fetches": stats["duplicate_detail_fetches"],
+            "max_in_flight": stats["max_in_flight"], "tally": tally}
