@@ -75,6 +75,23 @@ def sim():
     simulator.stop()
 
 
+@pytest.fixture
+def make_client(database_url, queue_name):
+    """Build Flask test clients of status apps with these settings overrides; their pools are closed after."""
+    import status_app
+    apps = []
+
+    def make(**overrides):
+        overrides = {"database_url": database_url, "queue_name": queue_name, **overrides}
+        app = status_app.create_app(make_settings(**overrides))
+        apps.append(app)
+        return app.test_client()
+
+    yield make
+    for app in apps:
+        app.extensions["status_sources"].close()
+
+
 def make_settings(database_url: str, sim_url: str = "http://127.0.0.1:9", **overrides) -> Settings:
     """Settings pointing at the test database, broker and simulator."""
     values = dict(database_url=database_url, rabbitmq_url=RABBITMQ_URL, esi_base_url=sim_url,

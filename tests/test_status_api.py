@@ -9,7 +9,6 @@ import pytest
 
 import broker
 import db
-import status_app
 from conftest import RABBITMQ_URL, insert_users, make_settings
 from killmail_model import parse_killmail
 
@@ -17,20 +16,6 @@ TOKEN = "api-secret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SAMPLE = json.loads((Path(__file__).resolve().parents[2] / "shared/esi/samples/killmail_134265477.json").read_text())
 PILOT = 2121652582  # the sample's victim
-
-
-@pytest.fixture
-def make_client(database_url, queue_name):
-    apps = []
-
-    def make(**overrides):
-        app = status_app.create_app(make_settings(database_url, queue_name=queue_name, **overrides))
-        apps.append(app)
-        return app.test_client()
-
-    yield make
-    for app in apps:
-        app.extensions["status_sources"].close()
 
 
 @pytest.fixture

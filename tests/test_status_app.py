@@ -29,22 +29,6 @@ NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def make_client(database_url, queue_name):
-    """Build test clients of apps with these settings overrides; their pools are closed afterwards."""
-    apps = []
-
-    def make(**overrides):
-        overrides = {"database_url": database_url, "queue_name": queue_name, **overrides}
-        app = status_app.create_app(make_settings(**overrides))
-        apps.append(app)
-        return app.test_client()
-
-    yield make
-    for app in apps:
-        app.extensions["status_sources"].close()
-
-
-@pytest.fixture
 def client(make_client):
     return make_client()
 
