@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 REFRESH_MARGIN = timedelta(seconds=60)  # refresh a little before expiry, never after a failed call
 PROFILE_MAX_AGE = timedelta(days=1)     # how often a pilot's corporation is read again
-CLAIM_SECONDS = 600                     # a detail claim outlives any job; a dead worker's claims lapse after it
+CLAIM_SECONDS = 6 * 3600                # a claim holds while its process lives (a dead one's lapse at once);
+                                        # this bound only guards against a reused backend pid
 SAVE_BATCH = 20                         # killmails per insert transaction at the most
 SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for its batch at the most: a killed
                                         # process loses (and its redelivered job fetches again) only that much
@@ -300,8 +301,13 @@ def fetch_killmails(conn, esi: EsiClient, owner: str, owner_id: int, now: dateti
             killmail_id = ref["killmail_id"]
             try:
                 killmail = future.result()
+            except CancelledError:
+                continue
             except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
-                stop = stop or exc  # the rest stay claimed-then-released and are fetched on the retry
+                # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
+                stop = stop or exc
+                for other in futures:
+                    other.cancel()
                 continue
             except (esi_errors.EsiError, InvalidKillmail) as exc:
                 unfetched.discard(killmail_id)
@@ -314,9 +320,6 @@ def fetch_killmails(conn, esi: EsiClient, owner: str, owner_id: int, now: dateti
             if len(fetched) >= SAVE_BATCH or time.monotonic() - batch_started >= SAVE_EVERY:
                 _save(conn, fetched, now, options, result)
                 fetched = []
-            if stop:
-                for other in futures:
-                    other.cancel()
     _save(conn, fetched, now, options, result)
     db.release_refs(conn, sorted(unfetched))
     conn.commit()

@@ -235,3 +235,26 @@ def test_a_director_who_lost_the_role_is_not_asked_again(conn, world, sim):
     (picked,) = [c for c in db.claim_due_corporations(conn, later, interval=300, stale_after=7200)
                  if c["corporation_id"] == corporation["corporation_id"]]
     assert picked["character_id"] == member["character_id"]
+
+
+def test_a_429_on_details_stops_the_job_releases_the_rest_and_the_retry_finishes(conn, world, sim):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    ids = sim.killmail_ids_for(pilot["character_id"])
+    sim.fail_next(r"/killmails/\d+/", 429, retry_after=90)
+    with pytest.raises(sync.JobError) as caught:
+        sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert caught.value.retry_after > 60
+    assert len(stored_ids(conn)) < len(ids)
+    held = conn.execute("SELECT count(*) AS n FROM killmail_refs r WHERE claimed_until IS NOT NULL AND NOT EXISTS "
+                        "(SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)").fetchone()["n"]
+    assert held == 0
+    (state,) = db.limit_state(conn, ["killmail"])
+    assert state["paused_until"] > datetime.now(timezone.utc) + timedelta(seconds=60)
+    run = conn.execute("SELECT status, saved FROM sync_runs").fetchall()
+    assert run == []  # the worker records the failed run (sync.record_failed_run) when it retries the job
+    conn.execute("UPDATE esi_limits SET paused_until = NULL")  # the pause is over
+    conn.commit()
+    world.limits._read_at.clear()
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "ok" and ids <= stored_ids(conn)
+    assert sim.stats()["duplicate_detail_fetches"] == 0
