@@ -161,6 +161,7 @@ class Child:
             outcome = self.process(body, attempt)
         except Exception as exc:  # a bug must not kill the child with the message unaccounted for
             log.exception("job crashed")
+            self.drop_db()  # the crash may have left claims and locks in its session: they end with it
             outcome = self.failure(None, attempt, f"worker error: {exc!r}")
         try:
             connection.add_callback_threadsafe(partial(self.on_job_done, channel, delivery_tag, properties, body,
@@ -186,14 +187,16 @@ class Child:
     def run_sync(self, job: broker.Job, attempt: int) -> Outcome:
         """Run a decoded job; a lost database connection runs it again, up to DB_RETRIES_PER_JOB times."""
         for tries in range(1, DB_RETRIES_PER_JOB + 1):
-            now = datetime.now(timezone.utc)
             result = sync.SyncResult(job.character_id, corporation_id=job.corporation_id, kind=job.kind,
-                                     started_at=now, attempt=attempt, worker=self.worker_name)
+                                     attempt=attempt, worker=self.worker_name)
             options = sync.SyncOptions(max_attempts=self.settings.max_attempts,
                                        detail_concurrency=self.settings.detail_concurrency,
                                        full=job.full, attempt=attempt, worker=self.worker_name)
             try:
                 self.ensure_db()
+                # The clock is read once PostgreSQL answers: minutes spent waiting for it must not age the job's
+                # `now` (token expiry, list Expires, claims) nor its started_at.
+                now = result.started_at = datetime.now(timezone.utc)
                 if job.corporation_id is not None:
                     result = sync.sync_corporation(self.conn, self.esi, job.corporation_id, job.character_id, now,
                                                    options=options)
@@ -201,7 +204,7 @@ class Child:
                     result = sync.sync_character(self.conn, self.esi, job.character_id, now, options=options)
             except psycopg.OperationalError as exc:
                 log.warning("⚠️  database connection lost during the job (%s); running it again", exc)
-                self.conn = None
+                self.drop_db()
                 if tries == DB_RETRIES_PER_JOB:
                     return self.failure(job, attempt, f"database: {exc}", result=result)
                 continue
@@ -233,7 +236,7 @@ class Child:
                     self.conn.commit()
             except psycopg.Error as exc:
                 log.warning("could not record the failed run: %s", exc)
-                self.conn = None
+                self.drop_db()
         if last:
             return Outcome("dead", reason)
         wait = broker.retry_delay(attempt, self.settings.retry_base_seconds, self.rng)
@@ -272,6 +275,15 @@ class Child:
                             str(exc).strip().splitlines()[0], delay)
                 time.sleep(delay)
 
+    def drop_db(self) -> None:
+        """Close the job connection (a broken one, or one a failed job may have left claims and locks in)."""
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+            self.conn = None
+
     def wait_for_job(self) -> None:
         """Let a running job finish (its ack may be lost with the connection; it is then redelivered)."""
         thread = self.job_thread
@@ -290,6 +302,7 @@ class Supervisor:
         self.settings = settings
         self.burst = burst
         self.children: dict[int, int] = {}   # pid -> slot
+        self.started: dict[int, float] = {}  # pid -> when it was forked (monotonic)
         self.signals = 0
         self.restarts = 0
         self.give_up = False
@@ -322,9 +335,12 @@ class Supervisor:
                 time.sleep(0.2)
                 continue
             slot = self.children.pop(pid, None)
+            lived = time.monotonic() - self.started.pop(pid, time.monotonic())
             code = os.waitstatus_to_exitcode(status)
             if slot is None or self.signals or (self.burst and code == 0):
                 continue
+            if lived >= RESTART_BACKOFF_CAP:
+                failures = 0  # it had been running for a while: a new failure, not a child that keeps dying
             failures += 1
             self.restarts += 1
             if self.burst and failures > BURST_RESTARTS:
@@ -333,10 +349,16 @@ class Supervisor:
                 continue
             delay = min(RESTART_BACKOFF_CAP, 0.5 * 2 ** min(failures, 6))
             log.warning("⚠️  worker process %d exited with %s; starting another in %.1f s", pid, code, delay)
-            time.sleep(delay)
+            self.wait_unless_signalled(delay)
             if not self.signals:
                 self.spawn(slot)
         return 0 if self.signals <= 1 and not self.give_up else 1
+
+    def wait_unless_signalled(self, seconds: float) -> None:
+        """Sleep, but not past a signal: SIGTERM is relayed at once, not after a restart delay."""
+        deadline = time.monotonic() + seconds
+        while not self.signals and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))
 
     def spawn(self, slot: int) -> None:
         """Fork one child; it makes its own connections."""
@@ -351,6 +373,7 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         self.children[pid] = slot
+        self.started[pid] = time.monotonic()
 
 
 def child_main(settings: Settings, *, burst: bool) -> int:

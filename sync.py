@@ -86,6 +86,7 @@ def sync_character(conn, esi: EsiClient, character_id: int, now: datetime, *,
         result.status = "locked"
         log.info("  🔒 %s is being synced by another process; skipping", character_id)
         return result
+    result.started_at = max(now, options.clock())  # under the lock: runs of one character never overlap
     try:
         _sync_character_locked(conn, esi, character_id, now, options, result)
     except (JobError, PermanentJobError) as exc:
@@ -110,6 +111,7 @@ def sync_corporation(conn, esi: EsiClient, corporation_id: int, character_id: in
         result.status = "locked"
         log.info("  🔒 corporation %s or its director is being synced; skipping", corporation_id)
         return result
+    result.started_at = max(now, options.clock())
     try:
         _sync_corporation_locked(conn, esi, corporation_id, character_id, now, options, result)
     except (JobError, PermanentJobError) as exc:
@@ -292,41 +294,55 @@ def fetch_killmails(conn, esi: EsiClient, owner: str, owner_id: int, now: dateti
         if result.listed:
             log.info("  ✅ Saved: 0, Skipped: %d", result.skipped)
         return
-    stop: esi_errors.EsiError | None = None
-    fetched: list[Killmail] = []
     unfetched = {r["killmail_id"] for r in claimed}
     with ThreadPoolExecutor(max_workers=options.detail_concurrency, thread_name_prefix="detail") as pool:
         futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"]) for r in claimed]
-        for ref, future in zip(claimed, futures):
-            killmail_id = ref["killmail_id"]
-            try:
-                killmail = future.result()
-            except CancelledError:
-                continue
-            except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
-                # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
-                stop = stop or exc
-                for other in futures:
-                    other.cancel()
-                continue
-            except (esi_errors.EsiError, InvalidKillmail) as exc:
-                unfetched.discard(killmail_id)
-                _record_failure(conn, killmail_id, exc, now, options, result)
-                continue
-            unfetched.discard(killmail_id)
-            if not fetched:
-                batch_started = time.monotonic()
-            fetched.append(killmail)
-            if len(fetched) >= SAVE_BATCH or time.monotonic() - batch_started >= SAVE_EVERY:
-                _save(conn, fetched, now, options, result)
-                fetched = []
-    _save(conn, fetched, now, options, result)
+        try:
+            stop = _collect(conn, claimed, futures, unfetched, now, options, result)
+        except BaseException:
+            # The job dies (its database connection, most likely) and is run again: fetch nothing more now.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     db.release_refs(conn, sorted(unfetched))
     conn.commit()
     log.info("  ✅ Saved: %d, Skipped: %d%s", result.saved, result.skipped,
              f", Failed: {result.failed}" if result.failed else "")
     if stop is not None:
         raise _job_error("killmail details", stop)
+
+
+def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,
+             result: SyncResult) -> esi_errors.EsiError | None:
+    """Save fetched killmails in small batches as they arrive, record failures, and return the limit error
+    that stopped the fetching (None when all were tried). Ids left in `unfetched` were never fetched."""
+    stop: esi_errors.EsiError | None = None
+    fetched: list[Killmail] = []
+    batch_started = time.monotonic()
+    for ref, future in zip(claimed, futures):
+        killmail_id = ref["killmail_id"]
+        try:
+            killmail = future.result()
+        except CancelledError:
+            continue
+        except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
+            # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
+            stop = stop or exc
+            for other in futures:
+                other.cancel()
+            continue
+        except (esi_errors.EsiError, InvalidKillmail) as exc:
+            unfetched.discard(killmail_id)
+            _record_failure(conn, killmail_id, exc, now, options, result)
+            continue
+        unfetched.discard(killmail_id)
+        if not fetched:
+            batch_started = time.monotonic()
+        fetched.append(killmail)
+        if len(fetched) >= SAVE_BATCH or time.monotonic() - batch_started >= SAVE_EVERY:
+            _save(conn, fetched, now, options, result)
+            fetched = []
+    _save(conn, fetched, now, options, result)
+    return stop
 
 
 def _fetch_one(esi: EsiClient, killmail_id: int, killmail_hash: str) -> Killmail:

@@ -20,9 +20,11 @@ import psycopg
 import pytest
 
 import broker
+import sync
 from conftest import RABBITMQ_URL, ROOT, make_settings, run_script, settings_env
 
 RABBITMQCTL_TIMEOUT = 60
+# Detail fetches a lost database connection makes twice because of sync.fetch_killmails, not the worker:
 # The worker's --verbose format: "<date> <time> <LEVEL> [<pid>] <logger>: <message>"
 LOG_LINE = re.compile(r"^\S+ \S+ (\w+) \[(\d+)\] (\S+): (.*)$")
 
@@ -36,6 +38,13 @@ def wait_until(predicate, *, timeout: float = 60.0, what: str = "condition", int
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def refetch_bound(settings) -> int:
+    """Details one interrupted job can have fetched without saving them, so that its rerun fetches them again:
+    a full save batch, plus the fetches its pool finished ahead of the batch (concurrency - 1) and the ones
+    running (concurrency)."""
+    return sync.SAVE_BATCH + 2 * settings.detail_concurrency - 1
 
 
 def faults_line(test: str, **figures) -> str:
@@ -275,12 +284,15 @@ def assert_all_stored(conn, sim) -> dict:
     return check
 
 
-def overlapping_runs(conn) -> list[tuple]:
+def overlapping_runs(conn) -> list[dict]:
     """Pairs of sync runs of one character whose [started_at, finished_at] intervals overlap (locked skips,
     which sync nothing, left out). A corporation run holds its director's lock too, so it counts."""
     return conn.execute(
         """
-        SELECT a.character_id, a.id, b.id, a.started_at, a.finished_at, b.started_at, b.finished_at
+        SELECT a.character_id, a.id AS first, b.id AS second, a.kind || '/' || a.status || ' ' || a.worker AS a,
+               b.kind || '/' || b.status || ' ' || b.worker AS b,
+               extract(epoch FROM LEAST(a.finished_at, b.finished_at) - GREATEST(a.started_at, b.started_at))::float8
+                   AS overlap_seconds
         FROM sync_runs a JOIN sync_runs b
           ON a.character_id = b.character_id AND a.id < b.id
          AND a.started_at < b.finished_at AND b.started_at < a.finished_at
