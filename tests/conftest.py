@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -131,3 +132,31 @@ def run_script(script: str, settings: Settings, *args: str, timeout: float = 120
     """Run one of the project's commands in a subprocess with these settings."""
     return subprocess.run([sys.executable, str(ROOT / script), *args], env=settings_env(settings), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(predicate, *, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
+    """Poll a condition with a deadline (the condition is the synchronisation, not the interval)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def queue_counts(*queues: str) -> list[int]:
+    """Ready messages per queue (0 for a queue that does not exist)."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        counts = []
+        channel = connection.channel()
+        for queue in queues:
+            try:
+                counts.append(channel.queue_declare(queue, passive=True).method.message_count)
+            except pika.exceptions.ChannelClosedByBroker:
+                counts.append(0)
+                channel = connection.channel()
+        return counts
+    finally:
+        connection.close()

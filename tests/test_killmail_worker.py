@@ -13,37 +13,12 @@ import pytest
 
 import broker
 import sync
-from conftest import RABBITMQ_URL, ROOT, insert_users, make_settings, run_script, settings_env
+from conftest import RABBITMQ_URL, ROOT, insert_users, make_settings, queue_counts, run_script, settings_env, wait_until
 
 
 def start_worker(settings, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "killmail_worker.py"), *args], cwd=ROOT,
                             env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_until(predicate, *, timeout: float = 60.0, what: str = "condition"):
-    """Poll a condition with a deadline (the condition is the synchronisation, not the interval)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def queue_counts(*queues: str) -> list[int]:
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    channel = connection.channel()
-    counts = []
-    for queue in queues:
-        try:
-            counts.append(channel.queue_declare(queue, passive=True).method.message_count)
-        except pika.exceptions.ChannelClosedByBroker:
-            counts.append(0)
-            channel = connection.channel()
-    connection.close()
-    return counts
 
 
 def children_of(pid: int) -> list[int]:

@@ -21,23 +21,12 @@ import pytest
 
 import broker
 import sync
-from conftest import RABBITMQ_URL, ROOT, make_settings, run_script, settings_env
+from conftest import RABBITMQ_URL, ROOT, make_settings, queue_counts, run_script, settings_env, wait_until  # noqa: F401
 
 RABBITMQCTL_TIMEOUT = 60
 # Detail fetches a lost database connection makes twice because of sync.fetch_killmails, not the worker:
 # The worker's --verbose format: "<date> <time> <LEVEL> [<pid>] <logger>: <message>"
 LOG_LINE = re.compile(r"^\S+ \S+ (\w+) \[(\d+)\] (\S+): (.*)$")
-
-
-def wait_until(predicate, *, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
-    """Poll a condition with a deadline (the condition is the synchronisation, not the interval)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def refetch_bound(settings) -> int:
@@ -169,23 +158,6 @@ def queue_all(settings) -> int:
     done = run_script("queue_killmails.py", settings, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     return sum(int(n) for n in re.findall(r"✓ Found (\d+)", done.stdout))
-
-
-def queue_counts(*queues: str) -> list[int]:
-    """Ready messages per queue (0 for a queue that does not exist)."""
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    try:
-        counts = []
-        channel = connection.channel()
-        for queue in queues:
-            try:
-                counts.append(channel.queue_declare(queue, passive=True).method.message_count)
-            except pika.exceptions.ChannelClosedByBroker:
-                counts.append(0)
-                channel = connection.channel()
-        return counts
-    finally:
-        connection.close()
 
 
 def publish_raw(queue_name: str, settings, *bodies: bytes) -> None:
