@@ -95,6 +95,8 @@ def cold_sync(lab: harness.Lab) -> tuple[dict, list[Figure]]:
         Figure(SCENARIO, "killmails stored / expected",
                f"{len(stored & expected)}/{len(expected)} in {elapsed:.0f} s (2 workers x 5)", "all",
                not (expected - stored)),
+        Figure(SCENARIO, "worker child RSS, peak of every child",
+               f"{max(peaks.values()):.1f} MB ({len(peaks)} children)", "<= 80 MB", max(peaks.values()) <= 80),
     ]
 
 

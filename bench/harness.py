@@ -33,8 +33,6 @@ CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret"
 USER_AGENT = "killmail-worker-bench/1.0 (bench@example.org)"
 MAX_ATTEMPTS = 8
 LOG_DIR = Path(tempfile.gettempdir()) / "killmail-bench"
-TABLES = ("users", "killmail_refs", "character_killmails", "attackers", "killmail_items", "killmails",
-          "sync_runs", "esi_limits", "esi_calls")
 
 
 class BenchError(Exception):
@@ -185,8 +183,7 @@ class Lab:
         """A connection to this scenario's database (rows are dicts)."""
         return db.connect(self.database_url, **kwargs)
 
-    def env(self, *, prefetch: int = 5, detail_concurrency: int | None = None,
-            sync_interval: int = 300) -> dict[str, str]:
+    def env(self, *, prefetch: int = 5, detail_concurrency: int | None = None) -> dict[str, str]:
         """The environment that points the project's commands at this scenario."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("DATABASE_", "RABBITMQ_", "ESI_", "EVE_", "SSO_", "QUEUE_", "PREFETCH_",
@@ -196,7 +193,7 @@ class Lab:
             "DATABASE_URL": self.database_url, "RABBITMQ_URL": RABBITMQ_URL, "QUEUE_NAME": self.queue,
             "PREFETCH_COUNT": str(prefetch), "ESI_BASE_URL": base, "SSO_TOKEN_URL": f"{base}/v2/oauth/token",
             "EVE_CLIENT_ID": CLIENT_ID, "EVE_CLIENT_SECRET": CLIENT_SECRET, "ESI_USER_AGENT": USER_AGENT,
-            "SYNC_INTERVAL_SECONDS": str(sync_interval), "MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "SYNC_INTERVAL_SECONDS": "300", "MAX_ATTEMPTS": str(MAX_ATTEMPTS),
             "RETRY_BASE_SECONDS": "5", "PYTHONUNBUFFERED": "1",
         })
         if detail_concurrency is not None:
@@ -229,10 +226,10 @@ class Lab:
                     [(p["character_id"], p["character_name"], p["access_token"], p["refresh_token"],
                       p["expires_at"]) for p in pilots])
 
-    def count(self, sql: str, *params) -> int:
+    def count(self, sql: str) -> int:
         """The single number a counting query returns."""
         with self.connect() as conn:
-            return list(conn.execute(sql, params).fetchone().values())[0]
+            return list(conn.execute(sql).fetchone().values())[0]
 
     def advance_world(self, seconds: float) -> None:
         """Let `seconds` pass for everything that follows the simulator's clock: the simulator itself, and the
@@ -280,9 +277,11 @@ def lab(name: str, *, seed: int = 2026, sim_options: dict | None = None, world: 
             worker.kill()
         if sim is not None:
             sim.stop()
-        delete_queues(here.queue)
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        try:
+            delete_queues(here.queue)
+        finally:  # a broker that went away must not leave the database behind
+            with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def delete_queues(queue: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import db  # noqa: E402
 from killmail_model import parse_killmail  # noqa: E402
-from settings import ConfigError, Settings, settings_from  # noqa: E402
+from settings import ConfigError, Settings, load_settings  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def run(settings: Settings) -> dict:
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        settings = settings_from(os.environ)
+        settings = load_settings()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
