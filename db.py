@@ -388,6 +388,7 @@ def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
         RETURNING killmail_id
         """,
         [list(c) for c in columns[:-1]] + [[Jsonb(raw) for raw in columns[-1]]],
+        binary=True,  # in text format every quote of every raw body would be escaped inside the array
     ).fetchall()
     new_ids = {row["killmail_id"] for row in inserted}
     with conn.cursor() as cur:
