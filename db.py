@@ -30,7 +30,7 @@ def apply_schema(conn: psycopg.Connection) -> None:
     conn.execute(SCHEMA_PATH.read_text())
 
 
-def token_fingerprint(refresh_token: str) -> str:
+def token_sha256(refresh_token: str) -> str:
     """The sha256 of a refresh token, as stored for a revoked grant (never the token itself)."""
     return hashlib.sha256(refresh_token.encode()).hexdigest()
 
@@ -157,7 +157,7 @@ def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> Non
                          last_sync_status = 'needs_relogin'
         WHERE character_id = %s
         """,
-        (token_fingerprint(refresh_token), error, character_id),
+        (token_sha256(refresh_token), error, character_id),
     )
 
 

@@ -55,7 +55,7 @@ def seed_status_rows(conn, now: datetime) -> None:
     users = {  # the worker's columns of each pilot
         1001: {"last_sync_at": ago(minutes=2), "last_new_killmail_at": ago(minutes=2)},
         1002: {"last_sync_at": ago(hours=3), "last_new_killmail_at": ago(days=1)},
-        1003: {"last_sync_at": ago(days=1), "revoked_token_sha256": db.token_fingerprint(f"{REFRESH_TOKEN}-1003"),
+        1003: {"last_sync_at": ago(days=1), "revoked_token_sha256": db.token_sha256(f"{REFRESH_TOKEN}-1003"),
                "token_error": "invalid_grant"},
         1004: {},
         1005: {"last_sync_at": ago(minutes=10), "queued_at": ago(minutes=1)},
