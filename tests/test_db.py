@@ -10,7 +10,7 @@ import pytest
 import db
 from killmail_model import parse_killmail
 
-SAMPLE = json.loads((Path(__file__).resolve().parents[2] / "shared/esi/samples/killmail_134265477.json").read_text())
+SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 
 

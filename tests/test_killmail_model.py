@@ -10,7 +10,7 @@ import pytest
 
 from killmail_model import InvalidKillmail, parse_killmail
 
-SAMPLE_PATH = Path(__file__).resolve().parents[2] / "shared/esi/samples/killmail_134265477.json"
+SAMPLE_PATH = Path(__file__).resolve().parent / "data/killmail_134265477.json"
 SAMPLE = json.loads(SAMPLE_PATH.read_text())
 SAMPLE_ID = 134265477
 HASH = "f" * 40

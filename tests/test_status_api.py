@@ -14,7 +14,7 @@ from killmail_model import parse_killmail
 
 TOKEN = "api-secret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SAMPLE = json.loads((Path(__file__).resolve().parents[2] / "shared/esi/samples/killmail_134265477.json").read_text())
+SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
 PILOT = 2121652582  # the sample's victim
 
 
