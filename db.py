@@ -161,26 +161,6 @@ def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> Non
     )
 
 
-def save_list_cache(conn, character_id: int, etag: str | None, expires_at: datetime | None) -> None:
-    """Keep the recent list's ETag and Expires for the next poll."""
-    conn.execute(
-        "UPDATE users SET list_etag = %s, list_expires_at = %s WHERE character_id = %s",
-        (etag, expires_at, character_id),
-    )
-
-
-def finish_user_sync(conn, character_id: int, now: datetime, status: str, *, found_new: bool) -> None:
-    """Record the end of a user's sync and free it for the next producer run."""
-    conn.execute(
-        """
-        UPDATE users SET last_sync_at = %(now)s, last_sync_status = %(status)s, queued_at = NULL,
-               last_new_killmail_at = CASE WHEN %(new)s THEN %(now)s ELSE last_new_killmail_at END
-        WHERE character_id = %(id)s
-        """,
-        {"now": now, "status": status, "new": found_new, "id": character_id},
-    )
-
-
 def save_profile(conn, character_id: int, *, corporation_id: int | None = None, scopes: str | None = None,
                  checked_at: datetime | None = None) -> None:
     """Record what the worker learned of a pilot: its corporation (from ESI) and its token's scopes."""
@@ -240,27 +220,38 @@ def get_corporation(conn, corporation_id: int) -> dict | None:
     return conn.execute("SELECT * FROM corporations WHERE corporation_id = %s", (corporation_id,)).fetchone()
 
 
-def save_corporation_list_cache(conn, corporation_id: int, etag: str | None, expires_at: datetime | None) -> None:
-    """Keep the corporation list's ETag and Expires for the next poll."""
-    conn.execute("UPDATE corporations SET list_etag = %s, list_expires_at = %s WHERE corporation_id = %s",
-                 (etag, expires_at, corporation_id))
-
-
-def finish_corporation_sync(conn, corporation_id: int, now: datetime, status: str, *, found_new: bool) -> None:
-    """Record the end of a corporation's sync and free it for the next producer run."""
-    conn.execute(
-        """
-        UPDATE corporations SET last_sync_at = %(now)s, last_sync_status = %(status)s, queued_at = NULL,
-               last_new_killmail_at = CASE WHEN %(new)s THEN %(now)s ELSE last_new_killmail_at END
-        WHERE corporation_id = %(id)s
-        """,
-        {"now": now, "status": status, "new": found_new, "id": corporation_id},
-    )
-
-
 def release_corporation(conn, corporation_id: int) -> None:
     """Forget that a corporation is queued."""
     conn.execute("UPDATE corporations SET queued_at = NULL WHERE corporation_id = %s", (corporation_id,))
+
+
+# ---------------------------------------------------------------------------------------------- sync state
+
+# Whose sync state a job keeps: a pilot's (users) or a corporation's. Identifiers come from this table only.
+_STATE_TABLES = {"character": ("users", "character_id"), "corporation": ("corporations", "corporation_id")}
+
+
+def save_list_cache(conn, owner: str, owner_id: int, etag: str | None, expires_at: datetime | None) -> None:
+    """Keep a recent list's ETag and Expires for the next poll."""
+    table, column = _STATE_TABLES[owner]
+    conn.execute(
+        sql.SQL("UPDATE {} SET list_etag = %s, list_expires_at = %s WHERE {} = %s")
+        .format(sql.Identifier(table), sql.Identifier(column)),
+        (etag, expires_at, owner_id),
+    )
+
+
+def finish_sync(conn, owner: str, owner_id: int, now: datetime, status: str, *, found_new: bool) -> None:
+    """Record the end of a pilot's (or corporation's) sync and free it for the next producer run."""
+    table, column = _STATE_TABLES[owner]
+    conn.execute(
+        sql.SQL("""
+        UPDATE {} SET last_sync_at = %(now)s, last_sync_status = %(status)s, queued_at = NULL,
+               last_new_killmail_at = CASE WHEN %(new)s THEN %(now)s ELSE last_new_killmail_at END
+        WHERE {} = %(id)s
+        """).format(sql.Identifier(table), sql.Identifier(column)),
+        {"now": now, "status": status, "new": found_new, "id": owner_id},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -420,14 +411,6 @@ def save_killmail_row_by_row(conn, killmail: Any) -> bool:
     for item in killmail.items:
         conn.execute(f"INSERT INTO killmail_items ({_ITEM_COLUMNS}) VALUES ({', '.join(['%s'] * 8)})", item)
     return True
-
-
-def stored_killmail_ids(conn, killmail_ids: Iterable[int]) -> set[int]:
-    """Which of these killmails are already stored."""
-    rows = conn.execute(
-        "SELECT killmail_id FROM killmails WHERE killmail_id = ANY(%s)", (list(killmail_ids),)
-    ).fetchall()
-    return {row["killmail_id"] for row in rows}
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -258,12 +258,11 @@ def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict
     if list_is_fresh(cache["list_expires_at"], now, full=options.full):
         return
     etag = None if options.full else cache["list_etag"]
-    save_cache = db.save_list_cache if owner == "character" else db.save_corporation_list_cache
     try:
         listing = esi.list_recent(character_id=user["character_id"], token=token, etag=etag,
                                   corporation_id=owner_id if owner == "corporation" else None)
     except esi_errors.NotModified as exc:
-        save_cache(conn, owner_id, etag, _expiry(now, exc.expires_in))
+        db.save_list_cache(conn, owner, owner_id, etag, _expiry(now, exc.expires_in))
         conn.commit()
         return
     except esi_errors.Forbidden:
@@ -275,7 +274,7 @@ def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict
     except esi_errors.EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
     db.store_refs(conn, owner, owner_id, listing.refs)
-    save_cache(conn, owner_id, listing.etag, _expiry(now, listing.expires_in))
+    db.save_list_cache(conn, owner, owner_id, listing.etag, _expiry(now, listing.expires_in))
     conn.commit()
     result.listed = len(listing.refs)
     log.info("  📥 Found %d killmails", result.listed)
@@ -393,12 +392,9 @@ def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions) -> N
     calls = esi.take_calls()
     result.esi_calls = sum(calls.values())
     db.add_esi_calls(conn, calls)
-    if result.kind == "corporation":
-        db.finish_corporation_sync(conn, result.corporation_id, result.finished_at, result.status,
-                                   found_new=result.saved > 0)
-    else:
-        db.finish_user_sync(conn, result.character_id, result.finished_at, result.status,
-                            found_new=result.saved > 0)
+    owner_id = result.corporation_id if result.kind == "corporation" else result.character_id
+    db.finish_sync(conn, result.kind, owner_id, result.finished_at, result.status,
+                   found_new=result.saved > 0)
     db.record_run(conn, run_row(result))
     conn.commit()
 
