@@ -358,6 +358,8 @@ _ATTACKER_COLUMNS = (
 _ITEM_COLUMNS = (
     "killmail_id, item_index, parent_index, flag, item_type_id, singleton, quantity_destroyed, quantity_dropped"
 )
+_ATTACKER_TYPES = ["int8", "int4", "int8", "int8", "int8", "int8", "int8", "int8", "int8", "bool", "float8"]
+_ITEM_TYPES = ["int8", "int4", "int4", "int4", "int8", "int4", "int8", "int8"]
 
 
 def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
@@ -369,31 +371,34 @@ def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
     if not killmails:
         return []
     columns = list(zip(*(k.row for k in killmails)))
+    # Every array is bound in binary (%b): in text, each quote of each raw body would be escaped in Python.
     inserted = conn.execute(
         f"""
         INSERT INTO killmails ({_KILLMAIL_COLUMNS})
-        SELECT * FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[], %s::bigint[], %s::bigint[],
-                             %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],
-                             %s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::jsonb[])
+        SELECT * FROM unnest(%b::bigint[], %b::text[], %b::timestamptz[], %b::bigint[], %b::bigint[],
+                             %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[],
+                             %b::bigint[], %b::float8[], %b::float8[], %b::float8[], %b::jsonb[])
         ON CONFLICT (killmail_id) DO NOTHING
         RETURNING killmail_id
         """,
         [list(c) for c in columns[:-1]] + [[Jsonb(raw) for raw in columns[-1]]],
-        binary=True,  # in text format every quote of every raw body would be escaped inside the array
+        binary=True,
     ).fetchall()
     new_ids = {row["killmail_id"] for row in inserted}
     with conn.cursor() as cur:
-        with cur.copy(f"COPY attackers ({_ATTACKER_COLUMNS}) FROM STDIN") as copy:
-            for k in killmails:
-                if k.killmail_id in new_ids:
-                    for row in k.attackers:
-                        copy.write_row(row)
-        with cur.copy(f"COPY killmail_items ({_ITEM_COLUMNS}) FROM STDIN") as copy:
-            for k in killmails:
-                if k.killmail_id in new_ids:
-                    for row in k.items:
-                        copy.write_row(row)
+        _copy_rows(cur, "attackers", _ATTACKER_COLUMNS, _ATTACKER_TYPES,
+                   (row for k in killmails if k.killmail_id in new_ids for row in k.attackers))
+        _copy_rows(cur, "killmail_items", _ITEM_COLUMNS, _ITEM_TYPES,
+                   (row for k in killmails if k.killmail_id in new_ids for row in k.items))
     return sorted(new_ids)
+
+
+def _copy_rows(cur, table: str, columns: str, types: list[str], rows: Iterable[tuple]) -> None:
+    """COPY rows into a table in PostgreSQL's binary format (no text to format here or to parse there)."""
+    with cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
 
 
 def save_killmail_row_by_row(conn, killmail: Any) -> bool:

@@ -20,7 +20,11 @@ class Killmail:
     items: list[tuple]
 
 
-def _int(obj: dict, key: str, where: str, *, required: bool = False) -> int | None:
+INT64 = 2 ** 63     # ESI's integers are int64, as are the columns they go to,
+INT32 = 2 ** 31     # but for the item flag and singleton, stored as INTEGER (both small numbers)
+
+
+def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int = INT64) -> int | None:
     value = obj.get(key)
     if value is None:
         if required:
@@ -28,6 +32,8 @@ def _int(obj: dict, key: str, where: str, *, required: bool = False) -> int | No
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidKillmail(f"{where}.{key} must be an integer, got {value!r}")
+    if not -bound <= value < bound:
+        raise InvalidKillmail(f"{where}.{key} is out of range: {value}")
     return value
 
 
@@ -124,7 +130,7 @@ def _item_row(killmail_id: int, index: int, parent_index: int | None, entry: Any
         raise InvalidKillmail(f"{where} entries must be objects")
     return (
         killmail_id, index, parent_index,
-        _int(entry, "flag", where, required=True), _int(entry, "item_type_id", where, required=True),
-        _int(entry, "singleton", where, required=True),
+        _int(entry, "flag", where, required=True, bound=INT32), _int(entry, "item_type_id", where, required=True),
+        _int(entry, "singleton", where, required=True, bound=INT32),
         _int(entry, "quantity_destroyed", where), _int(entry, "quantity_dropped", where),
     )

@@ -128,6 +128,33 @@ def test_row_by_row_path_matches_the_batch_path(conn):
     assert [c["n"] for c in counts] == [18, 18]
 
 
+def test_binary_copy_stores_every_column_as_the_row_by_row_path_does(conn):
+    body = dict(SAMPLE, killmail_id=1, war_id=2 ** 63 - 1, attackers=[
+        {"character_id": 2 ** 40, "damage_done": 0, "final_blow": False, "security_status": -9.87},
+        {"corporation_id": 1000125, "faction_id": 500021, "ship_type_id": 3789, "weapon_type_id": 2 ** 62,
+         "damage_done": 2 ** 63 - 1, "final_blow": True, "security_status": 5}])
+    body["victim"] = dict(SAMPLE["victim"], items=[
+        {"flag": 2 ** 31 - 1, "item_type_id": 10, "singleton": -2 ** 31, "quantity_dropped": 2 ** 63 - 1},
+        {"flag": 5, "item_type_id": 11, "singleton": 1, "quantity_destroyed": 1, "items": [
+            {"flag": 5, "item_type_id": 12, "singleton": 0, "quantity_destroyed": 3}]}])
+    killmails = {path: parse_killmail(dict(body, killmail_id=i), killmail_id=i, killmail_hash="h" * 40)
+                 for path, i in (("batch", 1), ("row", 2))}
+    db.save_killmails(conn, [killmails["batch"]])
+    db.save_killmail_row_by_row(conn, killmails["row"])
+    for table, order in (("killmails", "killmail_id"), ("attackers", "attacker_index"),
+                         ("killmail_items", "item_index")):
+        rows = conn.execute(f"SELECT * FROM {table} ORDER BY killmail_id, {order}").fetchall()
+        by_path = [[{k: v for k, v in r.items() if k not in ("killmail_id", "stored_at", "raw")}
+                    for r in rows if r["killmail_id"] == i] for i in (1, 2)]
+        assert by_path[0] == by_path[1] and by_path[0], table
+    items = conn.execute("SELECT * FROM killmail_items WHERE killmail_id = 1 ORDER BY item_index").fetchall()
+    assert [(i["flag"], i["singleton"], i["parent_index"]) for i in items] == [(2 ** 31 - 1, -2 ** 31, None),
+                                                                               (5, 1, None), (5, 0, 1)]
+    attackers = conn.execute("SELECT * FROM attackers WHERE killmail_id = 1 ORDER BY attacker_index").fetchall()
+    assert [(a["character_id"], a["weapon_type_id"], a["security_status"], a["final_blow"]) for a in attackers] == \
+        [(2 ** 40, None, -9.87, False), (None, 2 ** 62, 5.0, True)]
+
+
 def test_reserve_slot_allows_a_burst_then_paces(conn):
     slots = [db.reserve_slot(conn, "killmail", NOW, spacing=0.5, burst=2) for _ in range(5)]
     # A rested bucket: the burst starts in the past (send now), then every slot is 0.5 s after the last.

@@ -105,6 +105,15 @@ def test_killmail_time_forms(stamp):
     assert named(ROW, parse(body, 1).row)["killmail_time"] == datetime(2026, 3, 25, 14, 26, 36, tzinfo=timezone.utc)
 
 
+def test_the_edges_of_the_stored_integer_ranges_are_kept():
+    body = minimal(war_id=2 ** 63 - 1, victim={"damage_taken": -2 ** 63, "ship_type_id": 1, "items": [
+        {"flag": 2 ** 31 - 1, "item_type_id": 2 ** 63 - 1, "singleton": -2 ** 31, "quantity_destroyed": 1}]})
+    killmail = parse(body, 1)
+    assert named(ROW, killmail.row)["war_id"] == 2 ** 63 - 1
+    item = named(ITEM, killmail.items[0])
+    assert (item["flag"], item["singleton"], item["item_type_id"]) == (2 ** 31 - 1, -2 ** 31, 2 ** 63 - 1)
+
+
 def test_big_ids_are_kept():
     body = minimal(killmail_id=2 ** 40, war_id=2 ** 33, moon_id=40000001)
     row = named(ROW, parse(body, 2 ** 40).row)
@@ -208,6 +217,10 @@ def replaced(path, value):
     (replaced(("victim", "items"), {}), "victim.items"),
     (replaced(("victim", "items", 0), 17482), "victim.items"),
     (replaced(("victim", "items", 0, "items"), "none"), "victim.items[].items"),
+    (replaced(("victim", "items", 0, "flag"), 2 ** 31), "victim.items.flag is out of range"),
+    (replaced(("victim", "items", 0, "singleton"), -2 ** 31 - 1), "victim.items.singleton is out of range"),
+    (replaced(("attackers", 0, "damage_done"), 2 ** 63), "attackers[0].damage_done is out of range"),
+    (replaced(("victim", "items", 0, "quantity_dropped"), -2 ** 63 - 1), "quantity_dropped is out of range"),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_invalid_body_names_the_field(body, field):
     with pytest.raises(InvalidKillmail) as caught:
