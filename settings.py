@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Mapping
 from urllib.parse import urlparse
+from urllib.request import proxy_bypass_environment
 
 from dotenv import load_dotenv
 
@@ -47,6 +48,10 @@ class Settings:
     app_api_token: str = field(default="", repr=False)
     health_max_sync_age_seconds: int = 1800
     esi_egress: str = ""
+    # Read here once rather than by requests on every call: {"scheme://host": proxy URL} for the ESI and SSO
+    # hosts that the standard *_PROXY / NO_PROXY variables route through a proxy, and a CA bundle if one is set.
+    http_proxies: tuple[tuple[str, str], ...] = ()
+    ca_bundle: str = ""
 
 
 def _text(env: Mapping[str, str], name: str, default: str | None) -> str:
@@ -104,6 +109,22 @@ def _egress(env: Mapping[str, str]) -> str:
     return value
 
 
+def _proxies(env: Mapping[str, str], urls: list[str]) -> tuple[tuple[str, str], ...]:
+    """Which of these URLs' hosts go through a proxy, as curl and requests read HTTPS_PROXY, HTTP_PROXY,
+    ALL_PROXY and NO_PROXY (the lower-case name wins)."""
+    found: dict[str, str] = {}
+    for name in sorted(env, key=lambda n: n.islower()):  # upper-case first, so lower-case overrides
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy") and env[name].strip():
+            found[name.lower()[:-len("_proxy")]] = env[name].strip()
+    routes = {}
+    for url in urls:
+        parsed = urlparse(url)
+        proxy = found.get(parsed.scheme) or found.get("all")
+        if proxy and not proxy_bypass_environment(parsed.hostname or "", found):
+            routes[f"{parsed.scheme}://{parsed.hostname}"] = proxy
+    return tuple(routes.items())
+
+
 def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi: bool = True) -> Settings:
     """Build Settings from a mapping of environment variables, raising ConfigError on the first bad value."""
     today = today or date.today()
@@ -113,13 +134,15 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
     user_agent = _text(env, "ESI_USER_AGENT", None if need_esi else "")
     if need_esi and user_agent.lower().startswith("python-requests"):
         raise ConfigError("ESI_USER_AGENT", "must name the app, its version and a contact, not requests' default")
+    esi_base_url = _url(env, "ESI_BASE_URL", "https://esi.evetech.net", ("http", "https"))
+    sso_token_url = _url(env, "SSO_TOKEN_URL", "https://login.eveonline.com/v2/oauth/token", ("http", "https"))
     return Settings(
         database_url=_url(env, "DATABASE_URL", "postgresql:///killmails", ("postgresql", "postgres")),
         rabbitmq_url=_url(env, "RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps")),
         queue_name=queue,
         prefetch_count=_integer(env, "PREFETCH_COUNT", 5, 1, 64),
-        esi_base_url=_url(env, "ESI_BASE_URL", "https://esi.evetech.net", ("http", "https")),
-        sso_token_url=_url(env, "SSO_TOKEN_URL", "https://login.eveonline.com/v2/oauth/token", ("http", "https")),
+        esi_base_url=esi_base_url,
+        sso_token_url=sso_token_url,
         eve_client_id=_text(env, "EVE_CLIENT_ID", None if need_esi else ""),
         eve_client_secret=_text(env, "EVE_CLIENT_SECRET", None if need_esi else ""),
         esi_user_agent=user_agent,
@@ -133,6 +156,8 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         app_api_token=env.get("APP_API_TOKEN", "").strip(),
         health_max_sync_age_seconds=_integer(env, "HEALTH_MAX_SYNC_AGE_SECONDS", 1800, 10, 86400 * 7),
         esi_egress=_egress(env),
+        http_proxies=_proxies(env, [esi_base_url, sso_token_url]),
+        ca_bundle=(env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or "").strip(),
     )
 
 

@@ -93,6 +93,17 @@ def test_every_call_sends_user_agent_and_esi_calls_send_compatibility_date(http,
         assert call.request.headers["X-Compatibility-Date"] == SETTINGS.esi_compatibility_date
 
 
+def test_the_session_takes_proxies_and_ca_bundle_from_settings_not_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://ignored:1")
+    settings = Settings(esi_user_agent="ua", http_proxies=(("https://esi.example", "http://proxy:3128"),),
+                        ca_bundle="/etc/ssl/corp.pem")
+    session = esi.new_session(settings)
+    assert session.trust_env is False
+    assert session.proxies == {"https://esi.example": "http://proxy:3128"}
+    assert session.verify == "/etc/ssl/corp.pem"
+    assert esi.new_session(Settings(esi_user_agent="ua")).verify is True
+
+
 def test_list_sends_bearer_token_and_public_routes_do_not(http, client):
     add_page(http, 1, refs(1))
     http.add(responses.GET, DETAIL_URL, json=KILLMAIL)

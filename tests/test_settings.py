@@ -144,6 +144,28 @@ def test_need_esi_false_still_checks_everything_else():
 
 # ------------------------------------------------------------------------------------------------ the object
 
+@pytest.mark.parametrize("env, routes", [
+    ({}, {}),
+    ({"HTTPS_PROXY": "http://proxy:3128"},
+     {"https://esi.evetech.net": "http://proxy:3128", "https://login.eveonline.com": "http://proxy:3128"}),
+    ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": ".evetech.net"},
+     {"https://login.eveonline.com": "http://proxy:3128"}),
+    ({"HTTPS_PROXY": "http://upper:1", "https_proxy": "http://lower:2", "no_proxy": "login.eveonline.com"},
+     {"https://esi.evetech.net": "http://lower:2"}),
+    ({"ALL_PROXY": "socks5://s:1080", "ESI_BASE_URL": "http://127.0.0.1:8080", "NO_PROXY": "127.0.0.1"},
+     {"https://login.eveonline.com": "socks5://s:1080"}),
+    ({"HTTP_PROXY": "http://proxy:3128"}, {}),          # ESI and SSO are https
+], ids=["none", "https", "no_proxy_suffix", "lower_case_wins", "all_proxy", "http_only"])
+def test_proxy_variables_are_read_once_per_host(env, routes):
+    assert dict(load(**env).http_proxies) == routes
+
+
+def test_a_ca_bundle_variable_is_kept():
+    assert load().ca_bundle == ""
+    assert load(REQUESTS_CA_BUNDLE="/etc/ssl/corp.pem").ca_bundle == "/etc/ssl/corp.pem"
+    assert load(CURL_CA_BUNDLE="/etc/ssl/curl.pem").ca_bundle == "/etc/ssl/curl.pem"
+
+
 def test_settings_is_frozen():
     settings = load()
     with pytest.raises(dataclasses.FrozenInstanceError):
