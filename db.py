@@ -421,19 +421,18 @@ def save_killmail_row_by_row(conn, killmail: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def record_run(conn, run: dict) -> int:
-    """Insert one sync_runs row and return its id."""
-    return conn.execute(
+def record_run(conn, run: dict) -> None:
+    """Insert one sync_runs row."""
+    conn.execute(
         """
         INSERT INTO sync_runs (character_id, corporation_id, kind, started_at, finished_at, status, listed, new,
                                saved, skipped, failed, esi_calls, attempt, worker, error)
         VALUES (%(character_id)s, %(corporation_id)s, %(kind)s, %(started_at)s, %(finished_at)s, %(status)s,
                 %(listed)s, %(new)s, %(saved)s, %(skipped)s, %(failed)s, %(esi_calls)s, %(attempt)s, %(worker)s,
                 %(error)s)
-        RETURNING id
         """,
         run,
-    ).fetchone()["id"]
+    )
 
 
 def add_esi_calls(conn, counts: dict[tuple[str, int], int]) -> None:
@@ -454,9 +453,13 @@ def add_esi_calls(conn, counts: dict[tuple[str, int], int]) -> None:
 # ---------------------------------------------------------------------------------------------- ESI limits
 
 
-def limit_state(conn, buckets: Sequence[str]) -> list[dict]:
-    """The shared state of these buckets (missing ones have no row)."""
-    return conn.execute("SELECT * FROM esi_limits WHERE bucket = ANY(%s)", (list(buckets),)).fetchall()
+def limit_state(conn, buckets: Sequence[str], *, paused_per_owner_at: datetime | None = None) -> list[dict]:
+    """The shared state of these buckets (missing ones have no row); with paused_per_owner_at, also every
+    per-character bucket (named '<group>:<character id>') paused beyond that time."""
+    return conn.execute(
+        "SELECT * FROM esi_limits WHERE bucket = ANY(%s) OR (bucket LIKE '%%:%%' AND paused_until > %s)",
+        (list(buckets), paused_per_owner_at),
+    ).fetchall()
 
 
 def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds: int | None,

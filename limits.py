@@ -83,6 +83,10 @@ class SharedLimits:
         self._sleep = sleep
         self._state: dict[str, dict] = {}
         self._read_at: dict[str, float] = {}
+        # Per-character buckets ('char-killmail:<id>') have a row only once paused: all paused ones are read
+        # together, at most once per STATE_TTL, instead of one read per job.
+        self._owner_pauses: dict[str, dict] = {}
+        self._owners_read_at = -STATE_TTL
         self._written_at: dict[str, float] = {}
 
     def before(self, bucket: str, *, pace: bool) -> None:
@@ -118,7 +122,7 @@ class SharedLimits:
             log.warning("ESI bucket %s: pausing until %s (status %s)", bucket, pauses["bucket"].isoformat(), status)
         # Per-character list buckets are only written when they pause: one row per pilot and a write per list
         # call would cost more than they tell. Shared buckets (details) keep their limit for pacing.
-        routine = ":" not in bucket and (changed or (due and (limit or remaining is not None)))
+        routine = not _per_owner(bucket) and (changed or (due and (limit or remaining is not None)))
         if "bucket" in pauses or routine:
             self._write(bucket, limit=limit, remaining=remaining, paused_until=pauses.get("bucket"), status=status)
 
@@ -137,14 +141,20 @@ class SharedLimits:
             self._sleep(wait)
 
     def _read(self, keys: list[str]) -> list[dict]:
-        stale = [k for k in keys if time.monotonic() - self._read_at.get(k, -STATE_TTL) >= STATE_TTL]
-        if stale:
+        now = time.monotonic()
+        stale = [k for k in keys if not _per_owner(k) and now - self._read_at.get(k, -STATE_TTL) >= STATE_TTL]
+        owners_stale = any(_per_owner(k) for k in keys) and now - self._owners_read_at >= STATE_TTL
+        if stale or owners_stale:
             with self._lock:
-                rows = self._with_conn(lambda c: db.limit_state(c, stale))
+                since = self._clock() if owners_stale else None
+                rows = self._with_conn(lambda c: db.limit_state(c, stale, paused_per_owner_at=since))
             for key in stale:
                 self._state[key] = next((r for r in rows if r["bucket"] == key), {"bucket": key})
-                self._read_at[key] = time.monotonic()
-        return [self._state[k] for k in keys]
+                self._read_at[key] = now
+            if owners_stale:
+                self._owner_pauses = {r["bucket"]: r for r in rows if _per_owner(r["bucket"])}
+                self._owners_read_at = now
+        return [self._owner_pauses.get(k, {"bucket": k}) if _per_owner(k) else self._state[k] for k in keys]
 
     def _write(self, bucket: str, *, limit: tuple[int, int] | None = None, remaining: int | None = None,
                paused_until: datetime | None = None, status: int | None = None) -> None:
@@ -154,6 +164,8 @@ class SharedLimits:
                 remaining=remaining, paused_until=paused_until, status=status))
         self._written_at[bucket] = time.monotonic()
         self._read_at.pop(bucket, None)  # read our own write (and everyone else's) next time
+        if _per_owner(bucket):
+            self._owners_read_at = -STATE_TTL
         if paused_until is not None:
             self._read_at.pop(ERROR_LIMIT_BUCKET, None)
 
@@ -174,6 +186,11 @@ class SharedLimits:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _per_owner(bucket: str) -> bool:
+    """A bucket of one character's (its list routes), as opposed to one every caller shares."""
+    return ":" in bucket
 
 
 def _int(value: Any) -> int | None:

@@ -164,3 +164,28 @@ def test_pauses_are_measured_from_the_clock_given():
     later = NOW + timedelta(hours=1)
     pauses = pause_after(420, {"X-ESI-Error-Limit-Reset": "30"}, later)
     assert later + timedelta(seconds=30) <= pauses[ERROR_LIMIT_BUCKET] <= later + timedelta(seconds=32)
+
+
+# ------------------------------------------------------------------------------------------------ shared state
+
+def test_a_characters_pause_reaches_other_processes_and_is_read_once_for_all_characters(database_url, monkeypatch):
+    import db
+    from limits import SharedLimits
+
+    reads = []
+    real_limit_state = db.limit_state
+    monkeypatch.setattr(db, "limit_state", lambda *a, **k: reads.append(a[1]) or real_limit_state(*a, **k))
+    waits: list[float] = []
+
+    def process() -> SharedLimits:
+        return SharedLimits(lambda: db.connect(database_url, autocommit=True), clock=lambda: NOW,
+                            sleep=waits.append)
+
+    one, other = process(), process()
+    one.after("char-killmail:7", 429, {"Retry-After": "20"})      # a 429 on pilot 7's list
+    for character_id in range(1, 50):
+        other.before(f"char-killmail:{character_id}", pace=False)
+    assert waits == [21.0]                                         # only pilot 7 waits, until Retry-After + 1
+    assert len(reads) == 1                                         # one read served all 49 pilots
+    one.close()
+    other.close()
