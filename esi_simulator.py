@@ -20,9 +20,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,7 +35,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any, Callable, Iterable
 
-from werkzeug.serving import WSGIRequestHandler, make_server
+from cheroot import wsgi
 from werkzeug.wrappers import Request
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ _ESI_ROUTES = [
 _TOKEN_PATH = re.compile(r"^/v2/oauth/token/?$")
 _BARE_REQUESTS_AGENT = re.compile(r"^python-requests/[\w.]+$", re.IGNORECASE)
 _REASONS = {420: "Error Limited"}
+# Server worker threads: each request sleeping for latency_ms holds one, so this many overlap; idle keep-alive
+# connections hold none (cheroot parks them in a selector until their next request arrives).
+SERVER_THREADS = 96
 
 # Type ids that look like the real thing; the worker treats them as opaque numbers.
 _SHIPS = [587, 603, 11377, 17478, 24690, 29984, 33468, 12005, 11987, 22852, 17738, 670]
@@ -99,6 +104,7 @@ class Killmail:
     when: int
     body: dict
     created: int
+    raw: tuple[bytes, str] | None = None  # the body's JSON and ETag, made on first use (bodies never change)
 
 
 @dataclass
@@ -126,12 +132,19 @@ class Bucket:
 
     def __init__(self) -> None:
         self.spent: deque[tuple[float, int]] = deque()
+        self.total = 0  # sum of the costs in `spent`, so used() needs no pass over it
 
     def used(self, now: float, window: int) -> int:
         """Tokens spent within the window ending now."""
-        while self.spent and self.spent[0][0] + window <= now:
-            self.spent.popleft()
-        return sum(cost for _, cost in self.spent)
+        spent = self.spent
+        while spent and spent[0][0] + window <= now:
+            self.total -= spent.popleft()[1]
+        return self.total
+
+    def spend(self, now: float, cost: int) -> None:
+        """Take `cost` tokens now."""
+        self.spent.append((now, cost))
+        self.total += cost
 
     def retry_after(self, now: float, window: int, limit: int, cost: int) -> int:
         """Whole seconds until enough tokens have returned to pay `cost`."""
@@ -143,16 +156,22 @@ class Bucket:
         return window
 
 
-class QuietHandler(WSGIRequestHandler):
-    """Werkzeug's handler without a log line per request (benchmarks make thousands) and without its own Date."""
+class _Server(wsgi.Server):
+    """cheroot's WSGI server (HTTP/1.1, keep-alive), logging through `logging` instead of stderr.
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
+    cheroot writes no access log; its own notes (a client that hung up, ...) go to debug, real errors stay errors.
+    """
 
-    def send_response(self, code: int, message: str | None = None) -> None:
-        # The app sends Date from the simulator's clock; the stock handler would add a second, real-time one.
-        self.send_response_only(code, message)
-        self.send_header("Server", self.version_string())
+    def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
+        log.log(level if level >= logging.WARNING else logging.DEBUG, "%s", msg, exc_info=traceback)
+
+    @staticmethod
+    def bind_socket(socket_: socket.socket, bind_addr: Any) -> socket.socket:
+        # SO_REUSEADDR for port 0 too (cheroot sets it for fixed ports only), as werkzeug did: the port it got can be
+        # bound again at once after stop(), even while closed keep-alive connections linger in TIME_WAIT/FIN_WAIT2.
+        if os.name == "posix":
+            socket_.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return wsgi.Server.bind_socket(socket_, bind_addr)
 
 
 class Simulator:
@@ -322,21 +341,44 @@ class Simulator:
     # ---- server -------------------------------------------------------------------------------------------
 
     def start(self, port: int = 0, *, host: str = "127.0.0.1") -> str:
-        """Serve on a threaded WSGI server in a daemon thread; return the base URL."""
-        self._server = make_server(host, port, self.wsgi_app, threaded=True, request_handler=QuietHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="esi-simulator", daemon=True)
-        self._thread.start()
-        self.base_url = f"http://{host}:{self._server.server_port}"
+        """Serve over HTTP/1.1 with keep-alive (cheroot) from daemon threads; return the base URL."""
+        if self._server is not None:
+            raise RuntimeError(f"the simulator is already serving at {self.base_url}")
+        server = _Server((host, port), self.wsgi_app, numthreads=SERVER_THREADS, request_queue_size=1024,
+                         shutdown_timeout=1)
+        server.keep_alive_conn_limit = None  # idle connections cost a selector slot, not a thread
+        server.expiration_interval = 0.05  # also how long stop() waits for the connection loop to notice
+        prepared, failed = threading.Event(), []
+
+        def run() -> None:
+            # prepare() here, not in the caller: cheroot's worker threads inherit this thread's daemon flag
+            try:
+                server.prepare()
+            except BaseException as exc:  # e.g. the port is taken: raised by start() in the caller
+                failed.append(exc)
+                return
+            finally:
+                prepared.set()
+            server.serve()
+
+        thread = threading.Thread(target=run, name="esi-simulator", daemon=True)
+        thread.start()
+        prepared.wait()
+        if failed:
+            thread.join()
+            raise failed[0]
+        self._server, self._thread = server, thread
+        self.base_url = f"http://{host}:{server.bind_addr[1]}"
         return self.base_url
 
     def stop(self) -> None:
-        """Stop the server started by start() (harmless when not running)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-            self._server.server_close()
-            self._server = self._thread = self.base_url = None
+        """Stop the server started by start(), close its connections and free the port (harmless when not running)."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = self.base_url = None
+        server.stop()
+        thread.join(timeout=5)
 
     def wsgi_app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         """The WSGI entry point: /_sim/ control API, SSO token endpoint, ESI routes."""
@@ -346,13 +388,16 @@ class Simulator:
         else:
             reply = self._serve(request)
         body = reply.body or b""
-        reply.headers.setdefault("Date", _http_date(self._now()))
+        if "Date" not in reply.headers:  # the one Date, from the simulator's clock (cheroot adds none then)
+            reply.headers["Date"] = _http_date(self._now())
         headers = list(reply.headers.items())
         if reply.body is not None:
             headers += [("Content-Type", "application/json; charset=utf-8"), ("Content-Length", str(len(body)))]
         reason = _REASONS.get(reply.status) or HTTPStatus(reply.status).phrase
         start_response(f"{reply.status} {reason}", headers)
-        return [body]
+        # No body for HEAD (the headers stay): werkzeug sent one and closed; on a kept-alive connection it would be
+        # read as the start of the next response. cheroot leaves that to the app.
+        return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
 
     # ---- request pipeline ---------------------------------------------------------------------------------
 
@@ -471,7 +516,7 @@ class Simulator:
             retry = bucket.retry_after(now, window, limit, cost)
             reply = Reply(429, _json({"error": "Too many requests"}), {"Retry-After": str(retry)})
         elif cost:
-            bucket.spent.append((now, cost))
+            bucket.spend(now, cost)
             used += cost
             self._stats["tokens_spent"][group] += cost
         reply.headers.update({"X-Ratelimit-Group": group, "X-Ratelimit-Limit": f"{limit}/{_window_text(window)}",
@@ -526,10 +571,15 @@ class Simulator:
             return _error(404, "Killmail not found")
         if params["hash"] != killmail.killmail_hash:
             return _error(422, "Invalid killmail_id and/or killmail_hash")
-        body = killmail.body
-        if killmail.killmail_id in self._malformed:
-            body = {k: v for k, v in body.items() if k != "victim"}
-        reply = _cached(request, _json(body), killmail.created, int(now) + DETAIL_CACHE_SECONDS, "public", now)
+        if killmail.killmail_id in self._malformed:  # rare, and may start at any time: not cached
+            body = _json({k: v for k, v in killmail.body.items() if k != "victim"})
+            etag = _etag(body)
+        else:
+            if killmail.raw is None:
+                raw = _json(killmail.body)
+                killmail.raw = (raw, _etag(raw))
+            body, etag = killmail.raw
+        reply = _cached(request, body, killmail.created, int(now) + DETAIL_CACHE_SECONDS, "public", now, etag)
         reply.detail_id = killmail.killmail_id
         return reply
 
@@ -818,9 +868,10 @@ def _match(path: str) -> tuple[str, dict]:
     return "other", {}
 
 
-def _cached(request: Request, body: bytes, last_modified: int, expires: int, scope: str, now: float) -> Reply:
+def _cached(request: Request, body: bytes, last_modified: int, expires: int, scope: str, now: float,
+            etag: str | None = None) -> Reply:
     """A 200 with ESI's cache headers, or a bodiless 304 when If-None-Match / If-Modified-Since say unchanged."""
-    etag = f'"{hashlib.sha256(body).hexdigest()[:56]}"'
+    etag = etag or _etag(body)
     max_age = max(0, expires - int(now))
     headers = {"ETag": etag, "Last-Modified": _http_date(last_modified), "Expires": _http_date(expires),
                "Cache-Control": f"{scope}, max-age={max_age}"}
@@ -831,6 +882,10 @@ def _cached(request: Request, body: bytes, last_modified: int, expires: int, sco
     else:
         unchanged = _not_modified_since(request.headers.get("If-Modified-Since"), last_modified)
     return Reply(304, None, headers) if unchanged else Reply(200, body, headers)
+
+
+def _etag(body: bytes) -> str:
+    return f'"{hashlib.sha256(body).hexdigest()[:56]}"'
 
 
 def _not_modified_since(header: str | None, last_modified: int) -> bool:

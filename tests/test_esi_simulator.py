@@ -2,22 +2,28 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import math
 import pathlib
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
 import pytest
 import requests
 
-from esi_simulator import CHAR_SCOPE, CORP_SCOPE, Simulator
+import esi_simulator
+from esi_simulator import CHAR_SCOPE, CORP_SCOPE, SERVER_THREADS, Bucket, Simulator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HEADERS = {"User-Agent": "esi-simulator-tests/1.0 (dev@example.org)", "X-Compatibility-Date": "2026-08-18"}
@@ -288,17 +294,167 @@ def test_fail_next_and_random_faults(esi):
 
 
 def test_latency_overlaps_across_concurrent_requests(esi):
-    esi.sim.configure(latency_ms=100)
+    esi.sim.configure(latency_ms=500)
     path = f"/characters/{esi.pilot()['character_id']}/"
+    n = 64
+    go = threading.Barrier(n + 1)
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(esi.get(path).status_code)) for _ in range(20)]
-    started = time.monotonic()
+
+    def call() -> None:
+        go.wait()
+        results.append(esi.get(path).status_code)  # each on a connection of its own
+
+    threads = [threading.Thread(target=call) for _ in range(n)]
     for thread in threads:
         thread.start()
+    go.wait()
+    started = time.monotonic()
     for thread in threads:
         thread.join()
-    assert results == [200] * 20 and time.monotonic() - started < 1.0
-    assert esi.sim.stats()["max_in_flight"] > 1
+    assert results == [200] * n and time.monotonic() - started < 5  # one after another would take 32 s
+    assert esi.sim.stats()["max_in_flight"] == n  # all 64 sleeping at once: none waited for a server thread
+
+
+def _recording(sim: Simulator) -> list[tuple[str, str]]:
+    """Make sim record the client address and port of every request it serves (set before sim.start)."""
+    seen: list[tuple[str, str]] = []
+    app = sim.wsgi_app
+
+    def wsgi_app(environ, start_response):
+        seen.append((environ["REMOTE_ADDR"], environ["REMOTE_PORT"]))
+        return app(environ, start_response)
+
+    sim.wsgi_app = wsgi_app
+    return seen
+
+
+def test_a_session_keeps_one_connection_alive():
+    sim = Simulator(seed=7, client_id="demo-client", client_secret="demo-secret")
+    sim.add_pilots(n_pilots=2, n_killmails=5, corporations=1)
+    seen = _recording(sim)
+    base = sim.start(port=0)
+    try:
+        killmail_id = next(iter(sim.expected_killmails(valid_only=False)))
+        url = f"{base}/killmails/{killmail_id}/{sim.killmail_hash(killmail_id)}/"
+        with requests.Session() as session:
+            answers = [session.get(url, headers=HEADERS, timeout=5) for _ in range(2)]
+            pools = session.get_adapter(url).poolmanager.pools
+            assert [(pools[k].num_connections, pools[k].num_requests) for k in pools.keys()] == [(1, 2)]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert all("close" not in a.headers.get("Connection", "").lower() for a in answers)
+        assert answers[0].content == answers[1].content and answers[0].headers["Content-Length"].isdigit()
+        assert len(seen) == 2 and seen[0] == seen[1]  # the server saw both on one TCP connection
+    finally:
+        sim.stop()
+
+
+def test_one_date_and_one_server_header_and_no_body_for_head(esi):
+    host, port = urlsplit(esi.base).hostname, urlsplit(esi.base).port
+    with socket.create_connection((host, port), timeout=5) as raw:
+        ask = "{} /nope HTTP/1.1\r\nHost: x\r\nUser-Agent: t/1 (a@b)\r\nX-Compatibility-Date: 2026-08-18\r\n\r\n"
+        raw.sendall((ask.format("HEAD") + ask.format("GET")).encode())  # two requests on one connection
+        data = b""
+        while data.count(b"\r\n\r\n") < 2 or not data.endswith(b"}"):
+            chunk = raw.recv(65536)
+            assert chunk, f"the server closed the connection after {data!r}"
+            data += chunk
+    head, get = data.split(b"HTTP/1.1 ")[1:]
+    for answer in (head, get):
+        names = [line.split(b":")[0].lower() for line in answer.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]]
+        assert names.count(b"date") == 1 and names.count(b"server") == 1 and b"connection" not in names
+    assert head.startswith(b"405 ") and head.endswith(b"\r\n\r\n") and b"Content-Length: 30" in head  # no body
+    assert get.endswith(b'\r\n\r\n{"error":"Not found"}')
+    date = re.search(rb"Date: ([^\r]+)", get).group(1).decode()
+    esi.sim.advance(86400)  # the Date follows the simulator's clock, not the real one
+    later = esi.get("/nope").headers["Date"]
+    assert (parsedate_to_datetime(later) - parsedate_to_datetime(date)).total_seconds() >= 86400
+
+
+def test_idle_keep_alive_connections_hold_no_server_thread(esi):
+    path = f"/characters/{esi.pilot()['character_id']}/"
+    host, port = urlsplit(esi.base).hostname, urlsplit(esi.base).port
+    idle = [http.client.HTTPConnection(host, port, timeout=5) for _ in range(SERVER_THREADS + 8)]
+    try:
+        for conn in idle:
+            conn.request("GET", path, headers=HEADERS)
+            answer = conn.getresponse()
+            assert answer.status == 200 and answer.getheader("Connection") is None and answer.read()
+        sockets = [conn.sock for conn in idle]
+        assert all(sockets)  # still open, now idle: more of them than the server has threads
+        assert esi.get(path).status_code == 200  # a new connection is served all the same (timeout 5 s)
+        for conn, sock in zip(idle, sockets):
+            conn.request("GET", path, headers=HEADERS)
+            answer = conn.getresponse()
+            assert answer.status == 200 and answer.read() and conn.sock is sock  # and so is each idle one
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_stop_is_prompt_frees_the_port_and_leaves_no_thread_behind():
+    sim = Simulator(seed=7, client_id="demo-client", client_secret="demo-secret")
+    sim.stop()  # harmless when not running
+    before = set(threading.enumerate())
+    base = sim.start(port=0)
+    assert sim.base_url == base
+    assert all(t.daemon for t in set(threading.enumerate()) - before)  # a forgotten stop() cannot hang the exit
+    port = urlsplit(base).port
+    with requests.Session() as session:
+        assert session.get(base + "/_sim/stats", timeout=5).ok  # leaves an idle kept-alive connection
+        started = time.monotonic()
+        sim.stop()
+        assert time.monotonic() - started < 1.0 and sim.base_url is None
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        again = sim.start(port=port)  # the same port at once, though the old connection has just closed
+        try:
+            assert again == base and session.get(base + "/_sim/stats", timeout=5).ok  # the client reconnects
+        finally:
+            sim.stop()
+    sim.stop()
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=5)
+    assert set(threading.enumerate()) <= before
+
+
+def test_bucket_running_total_matches_the_spends_in_the_window():
+    rng, bucket, spends = random.Random(4), Bucket(), deque()
+    now = 1000.0
+    for _ in range(3000):
+        now += rng.choice([0, 0, 0.5, 1, 7, 40])
+        window = rng.choice([60, 60, 60, 30])  # shrinking the window drops more entries at once
+        while spends and spends[0][0] + window <= now:
+            spends.popleft()
+        assert bucket.used(now, window) == sum(cost for _, cost in spends)
+        cost = rng.choice([1, 2, 5])
+        bucket.spend(now, cost)
+        spends.append((now, cost))
+
+
+def test_detail_json_is_made_once_and_malformed_bodies_still_lose_victim(esi, monkeypatch):
+    made: list[int] = []
+    real_json = esi_simulator._json
+
+    def counting_json(value):
+        if isinstance(value, dict) and "killmail_time" in value:
+            made.append(value["killmail_id"])
+        return real_json(value)
+
+    monkeypatch.setattr(esi_simulator, "_json", counting_json)
+    first, second = list(esi.sim.expected_killmails())[:2]
+    answers = [esi.get(esi.detail_path(first)) for _ in range(3)]
+    assert made == [first] and all(a.json() == esi.sim.expected_killmails()[first] for a in answers)
+    assert len({a.headers["ETag"] for a in answers}) == 1 and len({a.content for a in answers}) == 1
+    cached = esi.get(esi.detail_path(first), **{"If-None-Match": answers[0].headers["ETag"]})
+    assert cached.status_code == 304 and made == [first]
+    whole = esi.get(esi.detail_path(second))  # its JSON cached, then the killmail is made malformed
+    assert "victim" in whole.json()
+    esi.sim.make_malformed(second)
+    malformed = esi.get(esi.detail_path(second), **{"If-None-Match": whole.headers["ETag"]})
+    assert malformed.status_code == 200 and malformed.headers["ETag"] != whole.headers["ETag"]
+    assert malformed.json() == {k: v for k, v in whole.json().items() if k != "victim"}
+    esi.sim.make_malformed(first)
+    assert "victim" not in esi.get(esi.detail_path(first)).json()
 
 
 def test_control_api(esi):
