@@ -33,7 +33,6 @@ from settings import ConfigError, Settings, load_settings, setup_logging
 
 log = logging.getLogger(__name__)
 
-RULE = "━" * 60
 DB_RETRIES_PER_JOB = 3          # a job whose database connection died is run again this often in place
 RESTART_BACKOFF_CAP = 30.0      # seconds between restarts of a child that keeps dying
 BURST_RESTARTS = 10             # a burst run stops replacing children after this many deaths (a crash loop)
@@ -176,9 +175,8 @@ class Child:
         except broker.BadMessage as exc:
             log.error("❌ bad message, dead-lettered: %s", exc)
             return Outcome("dead", str(exc))
-        log.info(RULE)
-        log.info("👤 Processing: %s (ID: %s)", job.character_name or "unknown", job.character_id)
-        log.info("📅 Queued at: %s", job.queued_at)
+        log.info("👤 Processing: %s (ID: %s), queued at %s", job.character_name or "unknown", job.character_id,
+                 job.queued_at)
         try:
             return self.run_sync(job, attempt)
         finally:

@@ -127,6 +127,7 @@ def _lock(conn, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
     taken = []
     for kind, key in keys:
         if not db.try_lock(conn, kind, key):
+            conn.rollback()
             _release(conn, taken)
             return None
         taken.append((kind, key))

@@ -178,6 +178,16 @@ def test_a_locked_character_is_skipped_without_calls(conn, world, sim, database_
         sim.reset_stats()
         result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
     assert result.status == "locked" and sim.stats()["requests"] == 0
+    assert conn.info.transaction_status == db.psycopg.pq.TransactionStatus.IDLE  # nothing left open
+
+
+def test_a_finished_job_leaves_no_lock_and_no_open_transaction(conn, world, sim, database_url):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "ok"
+    assert conn.info.transaction_status == db.psycopg.pq.TransactionStatus.IDLE
+    with db.connect(database_url) as other:
+        assert db.try_lock(other, db.LOCK_CHARACTER, pilot["character_id"])
 
 
 def test_unknown_user_is_a_permanent_error(conn, world, sim):
