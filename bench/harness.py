@@ -3,6 +3,7 @@ run as operators run them (subprocesses with an environment), and a look at the 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,6 +217,27 @@ class Lab:
         self.workers.append(worker)
         return worker
 
+    def start_ready_worker(self, *, prefetch: int, **env_options) -> Worker:
+        """Start a worker as a service runs (no --burst) and wait until all its children consume the queue."""
+        worker = self.start_worker(prefetch=prefetch, **env_options)
+        wait_until(lambda: consumers(self.queue) >= prefetch, timeout=60, what=f"{prefetch} consumers",
+                   every=0.05)
+        return worker
+
+    def queue_and_drain(self, *, prefetch: int, **env_options) -> int:
+        """Run the producer once and wait until the running workers recorded a run for every job it queued;
+        returns how many it queued."""
+        runs_before = self.count("SELECT count(*) FROM sync_runs")
+        jobs = queued_jobs(self.run_producer(prefetch=prefetch, **env_options).stdout)
+        wait_until(lambda: self.count("SELECT count(*) FROM sync_runs") - runs_before >= jobs, timeout=300,
+                   what=f"{jobs} sync runs", every=0.02)
+        return jobs
+
+    def last_commit(self) -> float:
+        """When the last sync run was recorded (its finished_at, as a Unix time)."""
+        with self.connect() as conn:
+            return conn.execute("SELECT max(finished_at) AS t FROM sync_runs").fetchone()["t"].timestamp()
+
     def insert_users(self, pilots: list[dict]) -> None:
         """Write users as the web app does at login: only its five columns."""
         with self.connect() as conn:
@@ -295,14 +317,33 @@ def delete_queues(queue: str) -> None:
 
 def queue_depth(queue: str) -> int:
     """Messages ready in a queue (0 when it does not exist)."""
+    return _queue_counts(queue)[0]
+
+
+def consumers(queue: str) -> int:
+    """Consumers of a queue (0 when it does not exist)."""
+    return _queue_counts(queue)[1]
+
+
+def _queue_counts(queue: str) -> tuple[int, int]:
     connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
     try:
-        return connection.channel().queue_declare(queue, passive=True).method.message_count
+        method = connection.channel().queue_declare(queue, passive=True).method
+        return method.message_count, method.consumer_count
     except pika.exceptions.ChannelClosedByBroker:
-        return 0
+        return 0, 0
     finally:
         if connection.is_open:
             connection.close()
+
+
+def queued_jobs(producer_output: str) -> int:
+    """How many jobs (pilots and corporations) the producer says it queued."""
+    users = re.search(r"All (\d+) users queued", producer_output)
+    corporations = re.search(r"And (\d+) corporations", producer_output)
+    if users is None:
+        raise BenchError(f"cannot read what the producer queued: {producer_output[-300:]}")
+    return int(users[1]) + (int(corporations[1]) if corporations else 0)
 
 
 def check_services() -> str | None:

@@ -8,7 +8,6 @@ run throughout; a pass is timed from the producer's launch to the last sync_runs
 """
 from __future__ import annotations
 
-import re
 import time
 
 import harness
@@ -28,7 +27,7 @@ def run() -> tuple[list[Figure], dict]:
     with harness.lab("warm", seed=17, sim_options=SIM, world=WORLD) as lab:
         workers = [lab.start_worker(prefetch=CHILDREN) for _ in range(WORKERS)]
         clock = time.monotonic()
-        jobs = queue_and_drain(lab)
+        jobs = lab.queue_and_drain(prefetch=CHILDREN)
         cold = {"jobs": jobs, "seconds": round(time.monotonic() - clock, 1)}
         passes = [warm_pass(lab) for _ in range(PASSES)]
         for worker in workers:
@@ -48,32 +47,11 @@ def warm_pass(lab: harness.Lab) -> dict:
                        timeout=CACHE_SECONDS + 30, what="the lists' Expires to pass")
     lab.make_due()
     lab.sim.reset_stats()
-    runs_before = lab.count("SELECT count(*) FROM sync_runs")
     started = time.time()
-    jobs = queue_and_drain(lab, runs_before=runs_before)
-    with lab.connect() as conn:
-        last = conn.execute("SELECT max(finished_at) AS t FROM sync_runs").fetchone()["t"].timestamp()
+    jobs = lab.queue_and_drain(prefetch=CHILDREN)
+    last = lab.last_commit()
     stats = lab.sim.stats()
     return {"jobs": jobs, "seconds": round(last - started, 2), "pilots_per_s": round(jobs / (last - started), 1),
             "list_calls": stats["by_route"]["list_character"] + stats["by_route"]["list_corporation"],
             "by_status": stats["by_status"], "detail_calls": stats["by_route"]["detail"],
             "token_calls": stats["by_route"]["token"]}
-
-
-def queue_and_drain(lab: harness.Lab, *, runs_before: int | None = None) -> int:
-    """Run the producer and wait until the running workers recorded a run for every job it queued."""
-    if runs_before is None:
-        runs_before = lab.count("SELECT count(*) FROM sync_runs")
-    jobs = queued_jobs(lab.run_producer(prefetch=CHILDREN).stdout)
-    harness.wait_until(lambda: lab.count("SELECT count(*) FROM sync_runs") - runs_before >= jobs, timeout=300,
-                       what=f"{jobs} sync runs", every=0.05)
-    return jobs
-
-
-def queued_jobs(producer_output: str) -> int:
-    """How many jobs (pilots and corporations) the producer says it queued."""
-    users = re.search(r"All (\d+) users queued", producer_output)
-    corporations = re.search(r"And (\d+) corporations", producer_output)
-    if users is None:
-        raise harness.BenchError(f"cannot read what the producer queued: {producer_output[-300:]}")
-    return int(users[1]) + (int(corporations[1]) if corporations else 0)
