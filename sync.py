@@ -19,7 +19,7 @@ REFRESH_MARGIN = timedelta(seconds=60)  # refresh a little before expiry, never 
 PROFILE_MAX_AGE = timedelta(days=1)     # how often a pilot's corporation is read again
 CLAIM_SECONDS = 6 * 3600                # a claim holds while its process lives (a dead one's lapse at once);
                                         # this bound only guards against a reused backend pid
-SAVE_BATCH = 20                         # killmails per insert transaction at the most
+SAVE_BATCH = 50                         # killmails per insert transaction at the most
 SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for its batch at the most: a killed
                                         # process loses (and its redelivered job fetches again) only that much
 
