@@ -381,7 +381,7 @@ def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
         ON CONFLICT (killmail_id) DO NOTHING
         RETURNING killmail_id
         """,
-        [list(c) for c in columns[:-1]] + [[Jsonb(raw) for raw in columns[-1]]],
+        [list(c) for c in columns[:-1]] + [[Jsonb(raw, dumps=_as_sent) for raw in columns[-1]]],
         binary=True,
     ).fetchall()
     new_ids = {row["killmail_id"] for row in inserted}
@@ -391,6 +391,11 @@ def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
         _copy_rows(cur, "killmail_items", _ITEM_COLUMNS, _ITEM_TYPES,
                    (row for k in killmails if k.killmail_id in new_ids for row in k.items))
     return sorted(new_ids)
+
+
+def _as_sent(text: str) -> str:
+    """A raw body is already JSON text: psycopg sends it as it is instead of serialising it again."""
+    return text
 
 
 def _copy_rows(cur, table: str, columns: str, types: list[str], rows: Iterable[tuple]) -> None:
@@ -407,7 +412,7 @@ def save_killmail_row_by_row(conn, killmail: Any) -> bool:
     inserted = conn.execute(
         f"INSERT INTO killmails ({_KILLMAIL_COLUMNS}) VALUES ({', '.join(['%s'] * 16)}) "
         "ON CONFLICT (killmail_id) DO NOTHING RETURNING killmail_id",
-        (*row[:-1], Jsonb(row[-1])),
+        (*row[:-1], Jsonb(row[-1], dumps=_as_sent)),
     ).fetchone()
     if inserted is None:
         return False

@@ -283,8 +283,8 @@ class EsiClient:
             etag = None
         raise ServerError(f"list of {character_id} kept changing while paging")
 
-    def get_killmail(self, killmail_id: int, killmail_hash: str) -> dict:
-        """One killmail as ESI sent it (the caller validates it)."""
+    def get_killmail(self, killmail_id: int, killmail_hash: str) -> tuple[dict, str]:
+        """One killmail: the decoded body (the caller validates it) and its JSON text as ESI sent it."""
         # The detail bucket is per source IP: workers behind one IP share it, so they share its pacing.
         bucket = f"killmail@{self.settings.esi_egress}" if self.settings.esi_egress else "killmail"
         response = self._get(f"/killmails/{killmail_id}/{killmail_hash}/", group="killmail", bucket=bucket,
@@ -292,7 +292,10 @@ class EsiClient:
         body = _json(response)
         if not isinstance(body, dict):
             raise MalformedResponse(f"killmail {killmail_id}: expected an object, got {type(body).__name__}")
-        return body
+        try:
+            return body, response.content.decode("utf-8")  # JSON is UTF-8 (RFC 8259); ESI says so too
+        except UnicodeDecodeError as exc:
+            raise MalformedResponse(f"killmail {killmail_id}: body is not UTF-8") from exc
 
     def get_character(self, character_id: int) -> dict:
         """A pilot's public record (name, corporation_id, alliance_id)."""

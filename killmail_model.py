@@ -1,6 +1,7 @@
 """Validate an ESI killmail body and flatten it into the rows of killmails, attackers and killmail_items."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,7 +13,7 @@ class InvalidKillmail(ValueError):
 
 @dataclass(frozen=True)
 class Killmail:
-    """One validated killmail: its killmails row (raw body last), attacker rows and item rows."""
+    """One validated killmail: its killmails row (the raw JSON text last), attacker rows and item rows."""
 
     killmail_id: int
     row: tuple
@@ -75,8 +76,11 @@ def _time(obj: dict, key: str) -> datetime:
     return parsed
 
 
-def parse_killmail(body: Any, *, killmail_id: int, killmail_hash: str) -> Killmail:
-    """Check a detail body against ESI's schema and the id it was fetched for; raise InvalidKillmail if off."""
+def parse_killmail(body: Any, *, killmail_id: int, killmail_hash: str, raw: str | None = None) -> Killmail:
+    """Check a detail body against ESI's schema and the id it was fetched for; raise InvalidKillmail if off.
+
+    `raw` is the body's JSON text as ESI sent it, stored as it is; without it the body is serialised here.
+    """
     if not isinstance(body, dict):
         raise InvalidKillmail("killmail must be an object")
     if _int(body, "killmail_id", "killmail", required=True) != killmail_id:
@@ -95,7 +99,7 @@ def parse_killmail(body: Any, *, killmail_id: int, killmail_hash: str) -> Killma
         _int(victim, "alliance_id", "victim"), _int(victim, "faction_id", "victim"),
         _int(victim, "ship_type_id", "victim", required=True),
         _int(victim, "damage_taken", "victim", required=True),
-        *coords, body,
+        *coords, raw if raw is not None else json.dumps(body),
     )
     attackers = [_attacker_row(killmail_id, index, entry)
                  for index, entry in enumerate(_list(body, "attackers", "killmail", required=True))]

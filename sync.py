@@ -344,8 +344,8 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
 
 
 def _fetch_one(esi: EsiClient, killmail_id: int, killmail_hash: str) -> Killmail:
-    body = esi.get_killmail(killmail_id, killmail_hash)
-    return parse_killmail(body, killmail_id=killmail_id, killmail_hash=killmail_hash)
+    body, raw = esi.get_killmail(killmail_id, killmail_hash)
+    return parse_killmail(body, killmail_id=killmail_id, killmail_hash=killmail_hash, raw=raw)
 
 
 def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, result: SyncResult) -> None:

@@ -103,7 +103,8 @@ def _ingest(database_url: str, part: list[tuple[int, str, bytes]], save, go) -> 
 
 def _parsed(entry: tuple[int, str, bytes]):
     killmail_id, killmail_hash, text = entry
-    return parse_killmail(json.loads(text), killmail_id=killmail_id, killmail_hash=killmail_hash)
+    return parse_killmail(json.loads(text), killmail_id=killmail_id, killmail_hash=killmail_hash,
+                          raw=text.decode())
 
 
 def save_batched(conn, prefetched: list[tuple[int, str, bytes]]) -> None:

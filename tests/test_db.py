@@ -185,3 +185,11 @@ def test_esi_calls_accumulate(conn):
     rows = conn.execute("SELECT route_group, status, calls FROM esi_calls ORDER BY 1").fetchall()
     assert [(r["route_group"], r["status"], r["calls"]) for r in rows] == [("char-killmail", 304, 1),
                                                                           ("killmail", 200, 5)]
+
+
+def test_raw_bodies_are_compressed_with_lz4(conn):
+    db.save_killmails(conn, [sample()])
+    row = conn.execute("SELECT pg_column_compression(raw) AS method, attcompression FROM killmails, pg_attribute "
+                       "WHERE attrelid = 'killmails'::regclass AND attname = 'raw'").fetchone()
+    assert row["attcompression"] == "l"
+    assert row["method"] in ("lz4", None)   # None: a body too small to be compressed at all

@@ -335,10 +335,23 @@ def test_5xx_is_retried_then_server_error(http, client, sleeps, status):
     assert len(sleeps) == esi.SERVER_RETRIES - 1      # no sleep after the last attempt
 
 
+def test_a_killmail_comes_with_its_json_text_as_sent(http, client):
+    text = '{"killmail_id": 1001,  "killmail_time": "2026-01-01T00:00:00Z", "name": "\u00c9ve \u2013 \u00e9"}'
+    http.add(responses.GET, DETAIL_URL, body=text.encode(), content_type="application/json")
+    body, raw = client.get_killmail(1001, "abc123")
+    assert raw == text and body["name"] == "\u00c9ve \u2013 \u00e9"
+
+
+def test_a_killmail_that_is_not_utf8_is_malformed(http, client):
+    http.add(responses.GET, DETAIL_URL, body='{"name": "\u00e9"}'.encode("latin-1"), content_type="application/json")
+    with pytest.raises(MalformedResponse):
+        client.get_killmail(1001, "abc123")
+
+
 def test_5xx_then_200_succeeds(http, client, sleeps):
     http.add(responses.GET, DETAIL_URL, status=502)
     http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
-    assert client.get_killmail(1001, "abc123") == KILLMAIL
+    assert client.get_killmail(1001, "abc123")[0] == KILLMAIL
     assert len(http.calls) == 2
     assert len(sleeps) == 1
 
@@ -356,7 +369,7 @@ def test_timeouts_and_broken_connections_are_retried_then_server_error(http, cli
 def test_a_timeout_then_200_succeeds(http, client):
     http.add(responses.GET, DETAIL_URL, body=requests.Timeout("slow"))
     http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
-    assert client.get_killmail(1001, "abc123") == KILLMAIL
+    assert client.get_killmail(1001, "abc123")[0] == KILLMAIL
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3, 4, 10])

@@ -67,8 +67,11 @@ def test_the_real_sample_parses_into_one_killmail_row():
 def test_the_raw_body_is_kept_as_sent():
     body = sample()
     killmail = parse(body)
-    assert named(ROW, killmail.row)["raw"] == SAMPLE
+    assert json.loads(named(ROW, killmail.row)["raw"]) == SAMPLE
     assert body == SAMPLE    # parsing does not change the body
+    text = SAMPLE_PATH.read_text()
+    as_sent = parse_killmail(body, killmail_id=SAMPLE_ID, killmail_hash=HASH, raw=text)
+    assert named(ROW, as_sent.row)["raw"] is text   # the text ESI sent is stored as it is
 
 
 def test_the_sample_has_one_attacker_and_security_status_5_is_a_number():
