@@ -289,13 +289,14 @@ class EsiClient:
         bucket = f"killmail@{self.settings.esi_egress}" if self.settings.esi_egress else "killmail"
         response = self._get(f"/killmails/{killmail_id}/{killmail_hash}/", group="killmail", bucket=bucket,
                              pace=True)
-        body = _json(response)
+        try:
+            raw = response.content.decode("utf-8")  # JSON is UTF-8 (RFC 8259); ESI says so too
+            body = json.loads(raw)
+        except ValueError as exc:  # not UTF-8, or not JSON
+            raise MalformedResponse(f"killmail {killmail_id}: body is not UTF-8 JSON") from exc
         if not isinstance(body, dict):
             raise MalformedResponse(f"killmail {killmail_id}: expected an object, got {type(body).__name__}")
-        try:
-            return body, response.content.decode("utf-8")  # JSON is UTF-8 (RFC 8259); ESI says so too
-        except UnicodeDecodeError as exc:
-            raise MalformedResponse(f"killmail {killmail_id}: body is not UTF-8") from exc
+        return body, raw
 
     def get_character(self, character_id: int) -> dict:
         """A pilot's public record (name, corporation_id, alliance_id)."""
