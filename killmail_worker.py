@@ -101,9 +101,10 @@ class Child:
                 failures = 0
             except BROKER_ERRORS as exc:
                 failures += 1
-                self.wait_for_job()
+                log.warning("⚠️  RabbitMQ connection lost (%r)", exc)
+                self.wait_for_job()  # its ack, if lost, comes back as a redelivery
                 delay = reconnect_delay(failures, self.rng)
-                log.warning("⚠️  RabbitMQ connection lost (%r); reconnecting in %.1f s", exc, delay)
+                log.info("reconnecting in %.1f s", delay)
                 self.stopping.wait(delay)
         self.wait_for_job()
         return 0

@@ -33,15 +33,18 @@ def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url
     burst = workers(settings, "--burst")       # exits once the queue is empty
     down_for = []
     for _ in range(BROKER_RESTARTS):
-        wait_until(jobs_running(steady, burst, at_least=2), timeout=60, what="jobs in the middle of their details",
-                   interval=0.1)
+        # Jobs in flight, one at least in each worker still running (the burst one may have run out of jobs).
+        wait_until(lambda: jobs_running(steady, burst, at_least=2)()
+                   and all(w.jobs() for w in (steady, burst) if w.running()),
+                   timeout=60, what="jobs in the middle of their details", interval=0.1)
         lost_before = steady.count(LOST), burst.count(LOST)
         stopped_at = time.monotonic()
         try:
             rabbitmqctl("stop_app")  # every client gets CONNECTION_FORCED
-            # Down until both workers noticed it (and, typically, failed a reconnect), a few seconds at most.
-            wait_until(lambda: steady.count(LOST) > lost_before[0] and burst.count(LOST) > lost_before[1],
-                       timeout=10, what="both workers to notice the broker is gone", interval=0.1)
+            # Down until both workers noticed it (a burst worker whose last job ended meanwhile has exited).
+            wait_until(lambda: steady.count(LOST) > lost_before[0]
+                       and (burst.count(LOST) > lost_before[1] or not burst.running()),
+                       timeout=20, what="both workers to notice the broker is gone", interval=0.1)
         finally:
             rabbitmqctl("start_app")
         down_for.append(round(time.monotonic() - stopped_at, 1))
@@ -64,6 +67,7 @@ def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url
                 duplicate_detail_fetches=stats["duplicate_detail_fetches"], status_420=stats["status_420"],
                 status_429=stats["status_429"], min_error_limit_remain=stats["min_error_limit_remain"])
     assert done == len(sim.pilots())
+    assert steady.count(LOST) >= BROKER_RESTARTS and burst.count(LOST) >= 1
     assert stats["duplicate_detail_fetches"] == 0  # a lost ack repeats a job, and a repeated job fetches nothing
 
 
