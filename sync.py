@@ -83,8 +83,11 @@ def sync_character(conn, esi: EsiClient, character_id: int, now: datetime, *,
     result = SyncResult(character_id, started_at=now, attempt=options.attempt, worker=options.worker)
     locks = _lock(conn, [(db.LOCK_CHARACTER, character_id)])
     if locks is None:
-        result.status = "locked"
+        # Its own run (a duplicate job) or its corporation's run with its token holds the lock: free the user
+        # for the next producer run, or the claim would keep it unsynced until the claim goes stale.
         log.info("  🔒 %s is being synced by another process; skipping", character_id)
+        db.release_user(conn, character_id)
+        record_failed_run(conn, esi, result, "being synced by another process", status="locked")
         return result
     result.started_at = max(now, options.clock())  # under the lock: runs of one character never overlap
     try:
@@ -106,10 +109,10 @@ def sync_corporation(conn, esi: EsiClient, corporation_id: int, character_id: in
     locks = _lock(conn, [(db.LOCK_CORPORATION, corporation_id), (db.LOCK_CHARACTER, character_id)])
     if locks is None:
         # The director's own sync (or this corporation's) is running: free the corporation for the next run.
-        db.release_corporation(conn, corporation_id)
-        conn.commit()
-        result.status = "locked"
         log.info("  🔒 corporation %s or its director is being synced; skipping", corporation_id)
+        db.release_corporation(conn, corporation_id)
+        record_failed_run(conn, esi, result, "corporation or director being synced by another process",
+                          status="locked")
         return result
     result.started_at = max(now, options.clock())
     try:
@@ -405,7 +408,7 @@ def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, lock
 
 
 def record_failed_run(conn, esi: EsiClient, result: SyncResult, error: str, *, status: str = "error") -> None:
-    """Record a job that failed (it will be retried or dead-lettered) and free the user for the producer."""
+    """Record a run that did not sync: failed (it will be retried or dead-lettered), or skipped as locked."""
     result.status, result.error = status, error[:2000]
     result.finished_at = datetime.now(timezone.utc)
     calls = esi.take_calls()

@@ -171,14 +171,22 @@ def test_rate_limited_list_fails_the_job_and_pauses_the_bucket_for_everyone(conn
     assert db.get_user(conn, pilot["character_id"])["list_etag"] is None  # nothing half-recorded
 
 
-def test_a_locked_character_is_skipped_without_calls(conn, world, sim, database_url):
+def test_a_locked_character_is_skipped_without_calls_and_freed_for_the_next_producer_run(conn, world, sim,
+                                                                                          database_url):
     pilot = next(p for p in sim.pilots() if not p["revoked"])
+    claimed = db.claim_user(conn, pilot["character_id"], now_for(sim), stale_after=7200)
+    conn.commit()
+    assert claimed is not None
     with db.connect(database_url) as other:
-        assert db.try_lock(other, db.LOCK_CHARACTER, pilot["character_id"])
+        assert db.try_lock(other, db.LOCK_CHARACTER, pilot["character_id"])  # e.g. its corporation's run
         sim.reset_stats()
         result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
     assert result.status == "locked" and sim.stats()["requests"] == 0
     assert conn.info.transaction_status == db.psycopg.pq.TransactionStatus.IDLE  # nothing left open
+    assert db.get_user(conn, pilot["character_id"])["queued_at"] is None  # not stuck until the claim is stale
+    (run,) = conn.execute("SELECT status, error, esi_calls FROM sync_runs WHERE character_id = %s",
+                          (pilot["character_id"],)).fetchall()
+    assert run == {"status": "locked", "error": "being synced by another process", "esi_calls": 0}
 
 
 def test_a_finished_job_leaves_no_lock_and_no_open_transaction(conn, world, sim, database_url):
@@ -219,6 +227,24 @@ def test_directors_sync_their_corporations_and_shared_kills_are_fetched_once(con
     runs = conn.execute("SELECT count(*) AS n FROM sync_runs WHERE kind = 'corporation'").fetchone()["n"]
     assert runs == len(results)
     assert sync_corporations(conn, world, sim) == []  # synced just now: not due
+
+
+def test_a_corporation_whose_director_is_being_synced_is_skipped_and_freed(conn, world, sim, database_url):
+    sync_all(conn, world, sim)
+    due = db.claim_due_corporations(conn, now_for(sim), interval=300, stale_after=7200)
+    conn.commit()
+    corporation = due[0]
+    with db.connect(database_url) as other:
+        assert db.try_lock(other, db.LOCK_CHARACTER, corporation["character_id"])  # the director's own run
+        sim.reset_stats()
+        result = sync.sync_corporation(conn, world, corporation["corporation_id"], corporation["character_id"],
+                                       now_for(sim))
+    assert result.status == "locked" and sim.stats()["requests"] == 0
+    queued = conn.execute("SELECT queued_at FROM corporations WHERE corporation_id = %s",
+                          (corporation["corporation_id"],)).fetchone()["queued_at"]
+    assert queued is None
+    runs = conn.execute("SELECT status FROM sync_runs WHERE kind = 'corporation'").fetchall()
+    assert runs == [{"status": "locked"}]
 
 
 def test_a_director_who_lost_the_role_is_not_asked_again(conn, world, sim):
