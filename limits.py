@@ -93,6 +93,13 @@ class SharedLimits:
         """Wait while the error limit or this bucket is paused, then take a paced slot where asked."""
         keys = [ERROR_LIMIT_BUCKET, bucket]
         state = self._read(keys)
+        self._wait_out_pause(bucket, state)
+        if pace and self._wait_for_slot(bucket, state):
+            # A 429 or 420 seen elsewhere while this call waited for its slot holds it back too.
+            self._wait_out_pause(bucket, self._read(keys))
+
+    def _wait_out_pause(self, bucket: str, state: list[dict]) -> None:
+        """Sleep through a short pause of these buckets; Paused for a long one."""
         now = self._clock()
         until = max((s["paused_until"] for s in state if s.get("paused_until")), default=None)
         if until and until > now:
@@ -101,8 +108,6 @@ class SharedLimits:
                 raise Paused(f"{bucket} paused until {until.isoformat()}", bucket=bucket, until=until)
             log.info("ESI limits: %s paused for %.1f s", bucket, wait)
             self._sleep(wait)
-        if pace:
-            self._wait_for_slot(bucket, state)
 
     def after(self, bucket: str, status: int, headers: Any) -> None:
         """Feed a response's limit headers into the shared state."""
@@ -128,10 +133,11 @@ class SharedLimits:
 
     # ---------------------------------------------------------------------------------------------- state
 
-    def _wait_for_slot(self, bucket: str, state: list[dict]) -> None:
+    def _wait_for_slot(self, bucket: str, state: list[dict]) -> bool:
+        """Take the bucket's next shared slot and sleep until it; True if that meant waiting."""
         row = next((s for s in state if s["bucket"] == bucket), None)
         if not row or not row.get("limit_tokens") or not row.get("window_seconds"):
-            return  # no limit seen yet for this bucket: nothing to pace against
+            return False  # no limit seen yet for this bucket: nothing to pace against
         spacing = detail_spacing(row["limit_tokens"], row["window_seconds"])
         with self._lock:
             slot = self._with_conn(lambda c: db.reserve_slot(c, bucket, self._clock(), spacing=spacing,
@@ -139,6 +145,7 @@ class SharedLimits:
         wait = (slot - self._clock()).total_seconds()
         if wait > 0:
             self._sleep(wait)
+        return wait > 0
 
     def _read(self, keys: list[str]) -> list[dict]:
         now = time.monotonic()

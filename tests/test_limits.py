@@ -189,3 +189,29 @@ def test_a_characters_pause_reaches_other_processes_and_is_read_once_for_all_cha
     assert len(reads) == 1                                         # one read served all 49 pilots
     one.close()
     other.close()
+
+
+def test_a_pause_set_while_a_call_waited_for_its_slot_holds_that_call_back(database_url, monkeypatch):
+    import db
+    import limits
+    from limits import Paused, SharedLimits
+
+    monkeypatch.setattr(limits, "STATE_TTL", 0.0)  # every check reads the shared state (no 1 s cache)
+    waits: list[float] = []
+
+    def process(sleep) -> SharedLimits:
+        return SharedLimits(lambda: db.connect(database_url, autocommit=True), clock=lambda: NOW, sleep=sleep)
+
+    other = process(waits.append)
+    # Another process's detail call is answered 429 while this one sleeps until its slot.
+    this = process(lambda seconds: waits.append(seconds) or other.after("killmail", 429, {"Retry-After": "300"}))
+    this.after("killmail", 200, HEALTHY)  # the bucket's limit is known: detail calls are paced
+    sent_after_the_wait = 0
+    with pytest.raises(Paused):
+        for _ in range(limits.burst_allowance(3600) + 2):  # what the bucket allows at once; then a call waits
+            this.before("killmail", pace=True)
+            sent_after_the_wait += bool(waits)
+    assert len(waits) == 1 and waits[0] > 0
+    assert sent_after_the_wait == 0  # the call that slept for its slot saw the 429 and was not sent
+    this.close()
+    other.close()
