@@ -16,6 +16,8 @@ SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 # Session-level advisory locks are keyed per kind so a character id and a corporation id never collide.
 LOCK_CHARACTER = 1
 LOCK_CORPORATION = 2
+# ESI's rate-limit groups whose buckets are per character: esi_limits names them '<group>:<character id>'.
+OWNER_BUCKET_GROUPS = ("char-killmail", "corp-killmail")
 
 
 def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
@@ -462,8 +464,9 @@ def limit_state(conn, buckets: Sequence[str], *, paused_per_owner_at: datetime |
     """The shared state of these buckets (missing ones have no row); with paused_per_owner_at, also every
     per-character bucket (named '<group>:<character id>') paused beyond that time."""
     return conn.execute(
-        "SELECT * FROM esi_limits WHERE bucket = ANY(%s) OR (bucket LIKE '%%:%%' AND paused_until > %s)",
-        (list(buckets), paused_per_owner_at),
+        "SELECT * FROM esi_limits WHERE bucket = ANY(%s) "
+        "OR (split_part(bucket, ':', 1) = ANY(%s) AND paused_until > %s)",
+        (list(buckets), list(OWNER_BUCKET_GROUPS), paused_per_owner_at),
     ).fetchall()
 
 

@@ -196,8 +196,9 @@ class SharedLimits:
 
 
 def _per_owner(bucket: str) -> bool:
-    """A bucket of one character's (its list routes), as opposed to one every caller shares."""
-    return ":" in bucket
+    """A bucket of one character's (its list routes, '<group>:<character id>'), as opposed to one every caller
+    shares (the detail bucket, 'killmail' or 'killmail@<egress>', whose egress may be an IPv6 address)."""
+    return bucket.partition(":")[0] in db.OWNER_BUCKET_GROUPS
 
 
 def _int(value: Any) -> int | None:

@@ -215,3 +215,26 @@ def test_a_pause_set_while_a_call_waited_for_its_slot_holds_that_call_back(datab
     assert sent_after_the_wait == 0  # the call that slept for its slot saw the 429 and was not sent
     this.close()
     other.close()
+
+
+@pytest.mark.parametrize("egress", ["", "203.0.113.7", "2001:db8::7", "nat-1"])
+def test_the_detail_bucket_is_shared_and_paced_whatever_the_egress_name(database_url, egress):
+    """An IPv6 egress puts ':' in the detail bucket's name; it must still be paced, not taken for a pilot's."""
+    import db
+    import limits
+    from limits import SharedLimits
+
+    bucket = f"killmail@{egress}" if egress else "killmail"
+    waits: list[float] = []
+    shared = SharedLimits(lambda: db.connect(database_url, autocommit=True), clock=lambda: NOW,
+                          sleep=waits.append)
+    shared.after(bucket, 200, HEALTHY)  # its limit is stored for every process to pace against
+    for _ in range(limits.burst_allowance(3600) + 2):
+        shared.before(bucket, pace=True)
+    assert waits and waits[-1] == pytest.approx(limits.detail_spacing(3600, 900) * len(waits), rel=0.01)
+    with db.connect(database_url) as conn:
+        (row,) = db.limit_state(conn, [bucket])
+        assert (row["limit_tokens"], row["window_seconds"]) == (3600, 900)
+        conn.execute("DELETE FROM esi_limits")
+        conn.commit()
+    shared.close()
