@@ -1,14 +1,16 @@
 """Memory of a worker child: RSS (VmRSS) after the child itself stored 10 000 killmails, and whether it stays
 flat over a soak of repeated polls that keep bringing new killmails.
 
-One worker with PREFETCH_COUNT=1, so its one child does every job. The soak lasts SOAK seconds (the issue asks
-for 10 minutes; the benchmark's whole budget is 15): each round gives a few pilots new killmails, waits for the
-lists' short Expires, makes everyone due and runs the producer, as cron would. "Flat" means the RSS trend over
-the soak (least squares), extrapolated to 10 minutes, grows less than FLAT_MB.
+One worker with PREFETCH_COUNT=1, so its one child does every job. The soak lasts 10 minutes: a round every
+ROUND_EVERY seconds gives a few pilots new killmails, waits for the lists' short Expires, makes everyone due and
+runs the producer, as cron would. "Flat" means the RSS trend over the soak (least squares) grows less than
+FLAT_MB in 10 minutes. bench/run.py runs the soak in the background, beside the other scenarios (a round costs
+about half a second of CPU); the cold part runs alone.
 """
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import harness
@@ -17,31 +19,38 @@ from results import Figure
 WORLD = dict(n_pilots=40, n_killmails=10_400, share=1, expired_fraction=0.25, revoked=1, corporations=2)
 CACHE_SECONDS = 2
 SIM = dict(cache_seconds=CACHE_SECONDS, detail_bucket=(10_000_000, 900))
-SOAK = 75
+SOAK = 600
+ROUND_EVERY = 10.0
 NEW_PER_ROUND = 10
 TARGET_MB, FLAT_MB = 80.0, 5.0
 SCENARIO = "memory, worker child"
 
 
-def run() -> tuple[list[Figure], dict]:
-    with harness.lab("memory", seed=29, sim_options=SIM, world=WORLD) as lab:
-        worker = lab.start_worker(prefetch=1)
-        with harness.MemoryWatch([worker.pid], every=0.5) as watch:
-            clock = time.monotonic()
-            lab.run_producer(prefetch=1)
-            expected = len(lab.sim.expected_killmails(valid_only=True))
-            harness.wait_until(lambda: lab.count("SELECT count(*) FROM killmails") >= expected, timeout=300,
-                               what=f"{expected} killmails stored", every=0.5)
-            cold_seconds = time.monotonic() - clock
-            after_cold = watch.sample()
-            soak_start = time.monotonic()
-            rounds = soak(lab, soak_start + SOAK)
-            soak_end = time.monotonic()
-            final = watch.sample()
-        worker.stop()
-        with lab.connect() as conn:
-            by_worker = conn.execute("SELECT worker, sum(saved) AS saved, count(*) AS jobs FROM sync_runs "
-                                     "GROUP BY worker").fetchall()
+def run(soaking: threading.Event | None = None) -> tuple[list[Figure], dict]:
+    """The cold sync, then the soak; `soaking` is set once the cold part is over (or failed)."""
+    soaking = soaking or threading.Event()
+    try:
+        with harness.lab("memory", seed=29, sim_options=SIM, world=WORLD) as lab:
+            worker = lab.start_worker(prefetch=1)
+            with harness.MemoryWatch([worker.pid], every=0.5) as watch:
+                clock = time.monotonic()
+                lab.run_producer(prefetch=1)
+                expected = len(lab.sim.expected_killmails(valid_only=True))
+                harness.wait_until(lambda: lab.count("SELECT count(*) FROM killmails") >= expected, timeout=300,
+                                   what=f"{expected} killmails stored", every=0.5)
+                cold_seconds = time.monotonic() - clock
+                after_cold = watch.sample()
+                soaking.set()
+                soak_start = time.monotonic()
+                rounds = soak(lab, soak_start + SOAK)
+                soak_end = time.monotonic()
+                final = watch.sample()
+            worker.stop()
+            with lab.connect() as conn:
+                by_worker = conn.execute("SELECT worker, sum(saved) AS saved, count(*) AS jobs FROM sync_runs "
+                                         "GROUP BY worker").fetchall()
+    finally:
+        soaking.set()
     child = max(after_cold, key=after_cold.get)
     soak_samples = [(t - soak_start, mb) for t, pid, mb in watch.samples if pid == child and t >= soak_start]
     slope = _slope(soak_samples) * 600  # MB per 10 minutes
@@ -68,6 +77,7 @@ def soak(lab: harness.Lab, until: float) -> int:
     live = [p["character_id"] for p in lab.sim.pilots() if not p["revoked"]]
     rounds = 0
     while time.monotonic() < until:
+        round_start = time.monotonic()
         for character_id in rng.sample(live, NEW_PER_ROUND):
             lab.sim.add_killmails(character_id, 1)
         harness.wait_until(lambda: lab.count("SELECT count(*) FROM users WHERE list_expires_at > now()") == 0,
@@ -78,6 +88,7 @@ def soak(lab: harness.Lab, until: float) -> int:
         harness.wait_until(lambda: harness.queue_depth(lab.queue) == 0 and
                            lab.count("SELECT count(*) FROM sync_runs") > runs, timeout=120, what="a round's jobs")
         rounds += 1
+        time.sleep(max(0.0, min(until, round_start + ROUND_EVERY) - time.monotonic()))  # the soak's pace
     return rounds
 
 
