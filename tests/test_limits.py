@@ -168,7 +168,8 @@ def test_pauses_are_measured_from_the_clock_given():
 
 # ------------------------------------------------------------------------------------------------ shared state
 
-def test_a_characters_pause_reaches_other_processes_and_is_read_once_for_all_characters(database_url, monkeypatch):
+def test_a_characters_pause_reaches_other_processes_and_is_read_once_for_all_characters(conn, database_url,
+                                                                                      monkeypatch):
     import db
     from limits import SharedLimits
 
@@ -191,7 +192,7 @@ def test_a_characters_pause_reaches_other_processes_and_is_read_once_for_all_cha
     other.close()
 
 
-def test_a_pause_set_while_a_call_waited_for_its_slot_holds_that_call_back(database_url, monkeypatch):
+def test_a_pause_set_while_a_call_waited_for_its_slot_holds_that_call_back(conn, database_url, monkeypatch):
     import db
     import limits
     from limits import Paused, SharedLimits
@@ -218,7 +219,7 @@ def test_a_pause_set_while_a_call_waited_for_its_slot_holds_that_call_back(datab
 
 
 @pytest.mark.parametrize("egress", ["", "203.0.113.7", "2001:db8::7", "nat-1"])
-def test_the_detail_bucket_is_shared_and_paced_whatever_the_egress_name(database_url, egress):
+def test_the_detail_bucket_is_shared_and_paced_whatever_the_egress_name(conn, database_url, egress):
     """An IPv6 egress puts ':' in the detail bucket's name; it must still be paced, not taken for a pilot's."""
     import db
     import limits
@@ -232,9 +233,6 @@ def test_the_detail_bucket_is_shared_and_paced_whatever_the_egress_name(database
     for _ in range(limits.burst_allowance(3600) + 2):
         shared.before(bucket, pace=True)
     assert waits and waits[-1] == pytest.approx(limits.detail_spacing(3600, 900) * len(waits), rel=0.01)
-    with db.connect(database_url) as conn:
-        (row,) = db.limit_state(conn, [bucket])
-        assert (row["limit_tokens"], row["window_seconds"]) == (3600, 900)
-        conn.execute("DELETE FROM esi_limits")
-        conn.commit()
+    (row,) = db.limit_state(conn, [bucket])
+    assert (row["limit_tokens"], row["window_seconds"]) == (3600, 900)
     shared.close()
