@@ -266,7 +266,7 @@ def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict
         listing = esi.list_recent(character_id=user["character_id"], token=token, etag=etag,
                                   corporation_id=owner_id if owner == "corporation" else None)
     except esi_errors.NotModified as exc:
-        db.save_list_cache(conn, owner, owner_id, etag, _expiry(now, exc.expires_in))
+        db.save_list_cache(conn, owner, owner_id, etag, _expiry(_answered_at(now, result, options), exc.expires_in))
         return
     except esi_errors.Forbidden:
         raise
@@ -277,7 +277,8 @@ def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict
     except esi_errors.EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
     db.store_refs(conn, owner, owner_id, listing.refs)
-    db.save_list_cache(conn, owner, owner_id, listing.etag, _expiry(now, listing.expires_in))
+    db.save_list_cache(conn, owner, owner_id, listing.etag,
+                       _expiry(_answered_at(now, result, options), listing.expires_in))
     result.listed = len(listing.refs)
     log.info("  📥 Found %d killmails", result.listed)
 
@@ -423,6 +424,12 @@ def run_row(result: SyncResult) -> dict:
     # Every field is a plain value: a shallow copy does (asdict deep-copies, a tenth of a warm poll's CPU).
     return {f.name: getattr(result, f.name) for f in fields(result)
             if f.name not in ("character_name", "retry_after")}
+
+
+def _answered_at(now: datetime, result: SyncResult, options: SyncOptions) -> datetime:
+    """`now` moved on by the time the job has run so far: a list's Expires counts from its answer, which may
+    come long after the job's start (a token refresh, a pause, retried timeouts)."""
+    return now + max(timedelta(0), options.clock() - result.started_at)
 
 
 def _expiry(now: datetime, expires_in: float | None) -> datetime | None:

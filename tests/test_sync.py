@@ -171,6 +171,19 @@ def test_rate_limited_list_fails_the_job_and_pauses_the_bucket_for_everyone(conn
     assert db.get_user(conn, pilot["character_id"])["list_etag"] is None  # nothing half-recorded
 
 
+def test_a_lists_expires_counts_from_its_answer_not_from_the_jobs_start(conn, world, sim):
+    """A job whose list answer comes 40 s after its start (a slow refresh, a pause) must not store an Expires
+    40 s early: the next job would ask before it."""
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    now = now_for(sim)
+    ticks = iter([now, now + timedelta(seconds=40)])
+    options = sync.SyncOptions(clock=lambda: next(ticks, now + timedelta(seconds=40)))
+    sync.sync_character(conn, world, pilot["character_id"], now, options=options)
+    stored = db.get_user(conn, pilot["character_id"])["list_expires_at"]
+    # The simulator caches a list 300 s: answered 40 s into the job, it expires 340 s after the job's start.
+    assert stored >= now + timedelta(seconds=40 + 300) - timedelta(seconds=2)
+
+
 def test_a_locked_character_is_skipped_without_calls_and_freed_for_the_next_producer_run(conn, world, sim,
                                                                                           database_url):
     pilot = next(p for p in sim.pilots() if not p["revoked"])
