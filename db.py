@@ -47,16 +47,16 @@ _LIVE_GRANT_SQL = """
           OR revoked_token_sha256 <> encode(sha256(convert_to(refresh_token, 'UTF8')), 'hex')))
 """
 
-# A user is due when it has a usable grant and its last sync is older than its interval. A pilot with no new
-# killmail for a week is polled four times less often (as zKillboard does), a month: sixteen times less often,
-# never more than once a day less often than its own interval.
+# A user is due when it has a usable grant and its last sync is older than its interval: its own, where set,
+# exactly; else SYNC_INTERVAL_SECONDS, four times longer for a pilot with no new killmail for a week (as
+# zKillboard does) and sixteen times for a month, never longer than a day.
 _DUE_SQL = _LIVE_GRANT_SQL + """
-    AND (last_sync_at IS NULL OR last_sync_at <= %(now)s - make_interval(secs =>
-         LEAST(86400, COALESCE(sync_interval_seconds, %(interval)s) *
+    AND (last_sync_at IS NULL OR last_sync_at <= %(now)s - make_interval(secs => COALESCE(sync_interval_seconds,
+         LEAST(86400, %(interval)s *
            CASE WHEN last_new_killmail_at IS NULL AND last_sync_at IS NULL THEN 1
                 WHEN COALESCE(last_new_killmail_at, created_at) < %(now)s - interval '30 days' THEN 16
                 WHEN COALESCE(last_new_killmail_at, created_at) < %(now)s - interval '7 days' THEN 4
-                ELSE 1 END)))
+                ELSE 1 END))))
 """
 
 

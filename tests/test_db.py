@@ -63,8 +63,12 @@ def test_own_interval_wins_and_quiet_pilots_are_polled_less(conn):
              last_new_killmail_at=NOW - timedelta(days=8))
     add_user(conn, 4, last_sync_at=NOW - timedelta(seconds=1300), created_at=NOW - timedelta(days=10),
              last_new_killmail_at=NOW - timedelta(days=8))
+    # A quiet pilot's own interval still wins as it is: not stretched fourfold, nor capped at a day.
+    add_user(conn, 5, last_sync_at=NOW - timedelta(seconds=100), sync_interval_seconds=90,
+             created_at=NOW - timedelta(days=40), last_new_killmail_at=NOW - timedelta(days=35))
+    add_user(conn, 6, last_sync_at=NOW - timedelta(days=1, hours=1), sync_interval_seconds=2 * 86400)
     due = {u["character_id"] for u in db.due_users(conn, NOW, interval=300, stale_after=7200)}
-    assert due == {2, 4}
+    assert due == {2, 4, 5}
 
 
 def test_a_revoked_token_is_not_due_until_a_new_one_is_written(conn):
