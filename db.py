@@ -264,10 +264,11 @@ _LINKS = {"character": ("character_killmails", "character_id"),
           "corporation": ("corporation_killmails", "corporation_id")}
 
 
-def store_refs(conn, owner: str, owner_id: int, refs: Sequence[tuple[int, str]]) -> None:
-    """Store listed (killmail_id, killmail_hash) pairs and link them to their pilot or corporation."""
+def store_refs(conn, owner: str, owner_id: int, refs: Sequence[tuple[int, str]]) -> int:
+    """Store listed (killmail_id, killmail_hash) pairs and link them to their pilot or corporation; returns how
+    many links are new."""
     if not refs:
-        return
+        return 0
     ids = [r[0] for r in refs]
     hashes = [r[1] for r in refs]
     conn.execute(
@@ -279,11 +280,11 @@ def store_refs(conn, owner: str, owner_id: int, refs: Sequence[tuple[int, str]])
         (ids, hashes),
     )
     table, column = _LINKS[owner]
-    conn.execute(
+    return conn.execute(
         sql.SQL("INSERT INTO {} ({}, killmail_id) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING")
         .format(sql.Identifier(table), sql.Identifier(column)),
         (owner_id, ids),
-    )
+    ).rowcount
 
 
 def pending_refs(conn, owner: str, owner_id: int, now: datetime, *, max_attempts: int) -> list[dict]:

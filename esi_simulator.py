@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from cheroot import wsgi
 from werkzeug.wrappers import Request
@@ -242,13 +242,14 @@ class Simulator:
                 self._create_killmail(when, self._rng.sample(pilots, count), now)
             return [p.character_id for p in pilots]
 
-    def add_killmails(self, character_id: int, n: int) -> list[int]:
-        """Give a pilot n new killmails; they show in its lists once the current cache turns over."""
+    def add_killmails(self, character_id: int, n: int, *, shared_with: Sequence[int] = ()) -> list[int]:
+        """Give a pilot n new killmails (and the pilots it shares them with: on every one of them too); they
+        show in their lists once the current cache turns over."""
         with self._lock:
-            pilot = self._pilot(character_id)
+            pilots = [self._pilot(c) for c in (character_id, *shared_with)]
             now = int(self._now())
             # within the last 30 s, so newer than every generated kill (those are at least 60 s old)
-            return [self._create_killmail(now - self._rng.randint(0, 30), [pilot], now) for _ in range(n)]
+            return [self._create_killmail(now - self._rng.randint(0, 30), pilots, now) for _ in range(n)]
 
     def make_malformed(self, killmail_id: int) -> None:
         """Serve that killmail's detail without its required `victim` field from now on."""

@@ -53,6 +53,9 @@ class SyncResult:
     attempt: int = 1
     worker: str | None = None
     retry_after: float | None = field(default=None, repr=False)
+    # Listed killmails this pilot (or corporation) was not linked to before: it is active, even when another
+    # job stored those killmails first. Drives the slower polling of quiet pilots.
+    linked_new: int = field(default=0, repr=False)
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,7 @@ def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict
         raise JobError(f"access token refused: {exc}") from exc
     except esi_errors.EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
-    db.store_refs(conn, owner, owner_id, listing.refs)
+    result.linked_new = db.store_refs(conn, owner, owner_id, listing.refs)
     db.save_list_cache(conn, owner, owner_id, listing.etag,
                        _expiry(_answered_at(now, result, options), listing.expires_in))
     result.listed = len(listing.refs)
@@ -399,7 +402,7 @@ def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, lock
     with conn.pipeline():
         db.add_esi_calls(conn, calls)
         db.finish_sync(conn, result.kind, owner_id, result.finished_at, result.status,
-                       found_new=result.saved > 0)
+                       found_new=result.linked_new > 0)
         db.record_run(conn, run_row(result))
         conn.commit()
         for kind, key in reversed(locks):
@@ -423,7 +426,7 @@ def run_row(result: SyncResult) -> dict:
     """A SyncResult as the columns of sync_runs."""
     # Every field is a plain value: a shallow copy does (asdict deep-copies, a tenth of a warm poll's CPU).
     return {f.name: getattr(result, f.name) for f in fields(result)
-            if f.name not in ("character_name", "retry_after")}
+            if f.name not in ("character_name", "retry_after", "linked_new")}
 
 
 def _answered_at(now: datetime, result: SyncResult, options: SyncOptions) -> datetime:

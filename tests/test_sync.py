@@ -171,6 +171,25 @@ def test_rate_limited_list_fails_the_job_and_pauses_the_bucket_for_everyone(conn
     assert db.get_user(conn, pilot["character_id"])["list_etag"] is None  # nothing half-recorded
 
 
+def test_a_pilot_whose_new_kills_another_job_stored_first_still_counts_as_active(conn, world, sim):
+    sync_all(conn, world, sim)
+    conn.execute("UPDATE users SET last_new_killmail_at = %s", (now_for(sim) - timedelta(days=20),))
+    conn.commit()
+    first, second, quiet = [p["character_id"] for p in sim.pilots() if not p["revoked"]][:3]
+    sim.add_killmails(first, 3, shared_with=[second])
+    sim.advance(301)  # the lists' cache turns over
+    later = now_for(sim)
+    assert sync.sync_character(conn, world, first, later).saved == 3
+    beaten = sync.sync_character(conn, world, second, later)
+    assert (beaten.listed > 0, beaten.saved) == (True, 0)  # its 3 new kills were stored by the first job
+    sync.sync_character(conn, world, quiet, later)
+    active = {u["character_id"]: u["last_new_killmail_at"] for u in conn.execute(
+        "SELECT character_id, last_new_killmail_at FROM users")}
+    recent = datetime.now(timezone.utc) - timedelta(minutes=5)
+    assert active[first] > recent and active[second] > recent
+    assert active[quiet] < recent - timedelta(days=19)  # nothing new for it: still a quiet pilot
+
+
 def test_a_lists_expires_counts_from_its_answer_not_from_the_jobs_start(conn, world, sim):
     """A job whose list answer comes 40 s after its start (a slow refresh, a pause) must not store an Expires
     40 s early: the next job would ask before it."""
