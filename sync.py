@@ -251,6 +251,7 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
     db.store_tokens(conn, user["character_id"], grant.access_token, grant.refresh_token,
                     now + timedelta(seconds=grant.expires_in))
     conn.commit()
+    user["refresh_token"] = grant.refresh_token  # the live one, should this job have to mark it revoked
     return grant.access_token
 
 

@@ -190,6 +190,18 @@ def test_a_pilot_whose_new_kills_another_job_stored_first_still_counts_as_active
     assert active[quiet] < recent - timedelta(days=19)  # nothing new for it: still a quiet pilot
 
 
+def test_a_403_right_after_a_refresh_stops_the_pilot_with_its_new_token(conn, world, sim):
+    """The refresh rotated the token; the 403 must mark the new one, or the pilot stays due and is asked again."""
+    pilot = next(p for p in sim.pilots() if not p["revoked"] and p["expires_at"] <= now_for(sim))
+    sim.fail_next(r"/characters/\d+/killmails/recent", 403)
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "needs_relogin"
+    user = db.get_user(conn, pilot["character_id"])
+    assert user["refresh_token"] != pilot["refresh_token"] and user["revoked"] is True
+    assert pilot["character_id"] not in {u["character_id"] for u in db.due_users(
+        conn, now_for(sim) + timedelta(hours=1), interval=300, stale_after=7200)}
+
+
 def test_a_lists_expires_counts_from_its_answer_not_from_the_jobs_start(conn, world, sim):
     """A job whose list answer comes 40 s after its start (a slow refresh, a pause) must not store an Expires
     40 s early: the next job would ask before it."""
