@@ -252,8 +252,8 @@ class EsiClient:
                     corporation_id: int | None = None) -> KillmailList:
         """Walk every page of a character's (or, with corporation_id, its corporation's) recent killmails.
 
-        Raises NotModified when the first page still has our ETag. If Last-Modified differs between pages the
-        cache turned over mid-walk, so the walk starts again.
+        Raises NotModified when the first page still has our ETag. If Last-Modified differs between pages, or a
+        later page is gone (404: the list shrank), the cache turned over mid-walk, so the walk starts again.
         """
         if corporation_id is None:
             path, group = f"/characters/{character_id}/killmails/recent/", "char-killmail"
@@ -268,7 +268,11 @@ class EsiClient:
             expires_in = cache_lifetime(first.headers)
             turned_over = False
             for page in range(2, pages + 1):
-                response = self._get(path, group=group, bucket=bucket, token=token, params={"page": page})
+                try:
+                    response = self._get(path, group=group, bucket=bucket, token=token, params={"page": page})
+                except NotFound:  # the list shrank below this page since page 1: the cache turned over
+                    turned_over = True
+                    break
                 if response.headers.get("Last-Modified") != last_modified:
                     turned_over = True
                     break

@@ -220,6 +220,19 @@ def test_last_modified_change_between_pages_restarts_the_walk(http, client):
     assert "If-None-Match" not in http.calls[2].request.headers
 
 
+def test_a_page_gone_mid_walk_restarts_the_walk(http, client):
+    """The list shrank between page 1 and page 2 (old kills age out): ESI answers 404 for the page."""
+    add_page(http, 1, refs(1, 2), **{"X-Pages": "2", "Last-Modified": DATE, "ETag": '"old"'})
+    http.add(responses.GET, LIST_URL, status=404, json={"error": "Requested page does not exist!"},
+             match=[matchers.query_param_matcher({"page": "2"})])
+    add_page(http, 1, refs(1, 2), **{"X-Pages": "1", "Last-Modified": EXPIRES, "ETag": '"new"'})
+
+    result = client.list_recent(character_id=42, token=TOKEN)
+
+    assert [c.request.url.rsplit("=", 1)[1] for c in http.calls] == ["1", "2", "1"]
+    assert result.refs == [(1, "h1"), (2, "h2")] and result.etag == '"new"'
+
+
 def test_a_list_that_keeps_changing_gives_up_with_server_error(http, client):
     for _ in range(esi.MAX_WALK_RESTARTS):
         add_page(http, 1, refs(1), **{"X-Pages": "2", "Last-Modified": DATE})
