@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 MAX_PAGES = 100         # 90 days of kills at 1000 a page; a wilder X-Pages is a broken answer, not a loop
 MAX_WALK_RESTARTS = 3   # the cache turned over mid-walk this many times: give up for this run
 SERVER_RETRIES = 3      # 5xx and timeouts are retried this often inside one call
+SSO_BUCKET = "sso"      # the token endpoint's shared pause (its own 429s, or the app's rejected credentials)
+INVALID_CLIENT_PAUSE = 600.0  # seconds no process calls SSO after invalid_client: the config must be fixed first
 
 
 class EsiError(Exception):
@@ -140,6 +142,8 @@ class Limits(Protocol):
 
     def after(self, bucket: str, status: int, headers: Any) -> None: ...
 
+    def pause(self, bucket: str, seconds: float, *, status: int) -> None: ...
+
 
 class NoLimits:
     """Limits that never wait: for unit tests and one-off scripts."""
@@ -148,6 +152,9 @@ class NoLimits:
         """Never wait."""
 
     def after(self, bucket: str, status: int, headers: Any) -> None:
+        """Remember nothing."""
+
+    def pause(self, bucket: str, seconds: float, *, status: int) -> None:
         """Remember nothing."""
 
 
@@ -315,7 +322,7 @@ class EsiClient:
         credentials = f"{self.settings.eve_client_id}:{self.settings.eve_client_secret}".encode()
         headers = {"Authorization": "Basic " + base64.b64encode(credentials).decode(),
                    "Content-Type": "application/x-www-form-urlencoded"}
-        response = self._send("POST", self.settings.sso_token_url, group="sso", headers=headers,
+        response = self._send("POST", self.settings.sso_token_url, group="sso", bucket=SSO_BUCKET, headers=headers,
                               data={"grant_type": "refresh_token", "refresh_token": refresh_token})
         try:
             body = response.json()
@@ -331,6 +338,10 @@ class EsiClient:
             raise InvalidGrant(f"invalid_grant: {body.get('error_description', 'grant is gone')}",
                                status=response.status_code)
         if error == "invalid_client" or response.status_code == 401:
+            # The whole app's credentials are wrong: every process stops asking until someone fixes them.
+            log.error("❌ SSO rejected EVE_CLIENT_ID / EVE_CLIENT_SECRET (invalid_client): no token refresh by "
+                      "any worker for %.0f s", INVALID_CLIENT_PAUSE)
+            self.limits.pause(SSO_BUCKET, INVALID_CLIENT_PAUSE, status=response.status_code)
             raise InvalidClient("SSO rejected EVE_CLIENT_ID / EVE_CLIENT_SECRET (invalid_client)",
                                 status=response.status_code)
         raise SsoError(f"SSO answered {response.status_code}: {error or 'no error code'}", status=response.status_code)

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 import db
-from esi import Paused
+from esi import SSO_BUCKET, Paused
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class SharedLimits:
 
     def before(self, bucket: str, *, pace: bool) -> None:
         """Wait while the error limit or this bucket is paused, then take a paced slot where asked."""
-        keys = [ERROR_LIMIT_BUCKET, bucket]
+        keys = [bucket] if bucket == SSO_BUCKET else [ERROR_LIMIT_BUCKET, bucket]  # SSO is not under ESI's
         state = self._read(keys)
         self._wait_out_pause(bucket, state)
         if pace and self._wait_for_slot(bucket, state):
@@ -130,6 +130,10 @@ class SharedLimits:
         routine = not _per_owner(bucket) and (changed or (due and (limit or remaining is not None)))
         if "bucket" in pauses or routine:
             self._write(bucket, limit=limit, remaining=remaining, paused_until=pauses.get("bucket"), status=status)
+
+    def pause(self, bucket: str, seconds: float, *, status: int) -> None:
+        """Pause a bucket for every process (what no response header says, e.g. the app's rejected credentials)."""
+        self._write(bucket, paused_until=self._clock() + timedelta(seconds=seconds), status=status)
 
     # ---------------------------------------------------------------------------------------------- state
 

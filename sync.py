@@ -244,9 +244,11 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
                     user["character_name"] or user["character_id"], exc)
         return None
     except esi_errors.InvalidClient as exc:
-        raise JobError(f"SSO configuration error: {exc}") from exc
+        error = JobError(f"SSO configuration error: {exc}")
+        error.retry_after = esi_errors.INVALID_CLIENT_PAUSE
+        raise error from exc
     except esi_errors.EsiError as exc:
-        raise JobError(f"token refresh failed: {exc}") from exc
+        raise _job_error("token refresh failed", exc) from exc
     # The old refresh token is dead from this moment: store the new one before anything else can fail.
     db.store_tokens(conn, user["character_id"], grant.access_token, grant.refresh_token,
                     now + timedelta(seconds=grant.expires_in))

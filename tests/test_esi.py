@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import random
 from collections import Counter
+from datetime import datetime, timezone
 from urllib.parse import parse_qs
 
 import pytest
@@ -11,6 +12,7 @@ import requests
 import responses
 from responses import matchers
 
+import db
 import esi
 from esi import (BadRequest, EsiClient, ErrorLimited, Forbidden, InvalidClient, InvalidGrant, InvalidHash,
                  KillmailList, MalformedResponse, NotFound, NotModified, Paused, RateLimited, ServerError, SsoError,
@@ -45,6 +47,9 @@ class RecordingLimits:
 
     def after(self, bucket, status, headers):
         self.events.append(("after", bucket, status, dict(headers)))
+
+    def pause(self, bucket, seconds, *, status):
+        self.events.append(("pause", bucket, seconds, status))
 
 
 @pytest.fixture
@@ -452,6 +457,29 @@ def test_refresh_failures(http, client, status, body, error):
     assert len(http.calls) == 1
 
 
+def test_invalid_client_pauses_sso_for_every_process(http, conn, database_url):
+    """The app's credentials are wrong: after one 401 no process calls SSO again until the pause ends."""
+    from limits import SharedLimits
+
+    http.add(responses.POST, SSO_URL, json=GRANT)
+    http.add(responses.POST, SSO_URL, status=401, json={"error": "invalid_client"})
+    processes = [SharedLimits(lambda: db.connect(database_url, autocommit=True)) for _ in range(2)]
+    one, other = (EsiClient(SETTINGS, limits=limits, sleep=lambda s: None) for limits in processes)
+    processes[0].after("killmail", 420, {"X-ESI-Error-Limit-Reset": "50"})
+    assert one.refresh(REFRESH).refresh_token == GRANT["refresh_token"]  # ESI's error limit does not hold SSO
+    with pytest.raises(InvalidClient):
+        one.refresh(REFRESH)
+    with pytest.raises(esi.Paused) as caught:
+        other.refresh("another pilot's token")
+    assert caught.value.bucket == esi.SSO_BUCKET
+    assert len(http.calls) == 2
+    (state,) = db.limit_state(conn, [esi.SSO_BUCKET])
+    assert (state["last_status"], round((state["paused_until"] - datetime.now(timezone.utc)).total_seconds(), -1)) \
+        == (401, esi.INVALID_CLIENT_PAUSE)
+    for limits in processes:
+        limits.close()
+
+
 def test_invalid_grant_is_not_an_invalid_client_and_vice_versa():
     assert not issubclass(InvalidGrant, InvalidClient) and not issubclass(InvalidClient, InvalidGrant)
     assert issubclass(InvalidGrant, SsoError) and issubclass(InvalidClient, SsoError)
@@ -521,12 +549,12 @@ def test_limits_see_error_statuses_every_retry_and_timeouts_as_zero(http, sleeps
     assert limits.events[-1][3]["Retry-After"] == "5"
 
 
-def test_sso_calls_do_not_touch_the_esi_limits(http):
+def test_sso_calls_have_a_bucket_of_their_own(http):
     limits = RecordingLimits()
     client = EsiClient(SETTINGS, limits=limits)
     http.add(responses.POST, SSO_URL, json=GRANT)
     client.refresh(REFRESH)
-    assert limits.events == []
+    assert [e[:3] for e in limits.events] == [("before", esi.SSO_BUCKET, False), ("after", esi.SSO_BUCKET, 200)]
 
 
 def test_a_paused_bucket_stops_the_call_before_it_is_sent(http):

@@ -202,6 +202,22 @@ def test_a_403_right_after_a_refresh_stops_the_pilot_with_its_new_token(conn, wo
         conn, now_for(sim) + timedelta(hours=1), interval=300, stale_after=7200)}
 
 
+def test_a_wrong_client_secret_is_the_apps_error_not_the_pilots(conn, world, sim, database_url):
+    """invalid_client: nobody is marked as needing a new login, and no process asks SSO again for a while."""
+    expired = [p for p in sim.pilots() if not p["revoked"] and p["expires_at"] <= now_for(sim)][:2]
+    settings = make_settings(database_url, sim.base_url, eve_client_secret="wrong")
+    limits = SharedLimits(lambda: db.connect(database_url, autocommit=True), sleep=lambda s: None)
+    misconfigured = EsiClient(settings, limits=limits, sleep=lambda s: None)
+    sim.reset_stats()
+    for pilot in expired:
+        with pytest.raises(sync.JobError, match="SSO configuration error|paused") as caught:
+            sync.sync_character(conn, misconfigured, pilot["character_id"], now_for(sim))
+        assert caught.value.retry_after > 500
+        assert db.get_user(conn, pilot["character_id"])["revoked"] is False
+    assert sim.stats()["by_route"]["token"] == 1  # the second pilot's job did not ask SSO
+    limits.close()
+
+
 def test_a_lists_expires_counts_from_its_answer_not_from_the_jobs_start(conn, world, sim):
     """A job whose list answer comes 40 s after its start (a slow refresh, a pause) must not store an Expires
     40 s early: the next job would ask before it."""
