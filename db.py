@@ -197,6 +197,13 @@ _ELIGIBLE_SQL = f"""
 """
 
 
+# A corporation (c) is due when its last sync is older than the interval and it is not queued.
+_CORPORATION_DUE_SQL = """
+    (c.last_sync_at IS NULL OR c.last_sync_at <= %(now)s - make_interval(secs => %(interval)s))
+    AND (c.queued_at IS NULL OR c.queued_at < %(now)s - make_interval(secs => %(stale)s))
+"""
+
+
 def claim_due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
     """Mark every due corporation that has an eligible member as queued now; returns them with that member."""
     conn.execute(f"""
@@ -208,10 +215,21 @@ def claim_due_corporations(conn, now: datetime, *, interval: int, stale_after: i
         f"""
         UPDATE corporations c SET queued_at = %(now)s, director_character_id = e.character_id
         FROM ({_ELIGIBLE_SQL}) e
-        WHERE c.corporation_id = e.corporation_id
-          AND (c.last_sync_at IS NULL OR c.last_sync_at <= %(now)s - make_interval(secs => %(interval)s))
-          AND (c.queued_at IS NULL OR c.queued_at < %(now)s - make_interval(secs => %(stale)s))
+        WHERE c.corporation_id = e.corporation_id AND {_CORPORATION_DUE_SQL}
         RETURNING c.corporation_id, e.character_id, e.character_name, c.last_sync_at
+        """,
+        {"now": now, "interval": interval, "stale": stale_after},
+    ).fetchall()
+
+
+def due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+    """What claim_due_corporations would claim now, without claiming it (for --dry-run)."""
+    return conn.execute(
+        f"""
+        SELECT e.corporation_id, e.character_id, e.character_name, c.last_sync_at
+        FROM ({_ELIGIBLE_SQL}) e LEFT JOIN corporations c ON c.corporation_id = e.corporation_id
+        WHERE {_CORPORATION_DUE_SQL}
+        ORDER BY e.corporation_id
         """,
         {"now": now, "interval": interval, "stale": stale_after},
     ).fetchall()

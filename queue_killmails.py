@@ -108,17 +108,30 @@ def queue_one(conn, channel, settings: Settings, character_id: int, now: datetim
     return True, f"Queued {user['character_name'] or character_id} at high priority"
 
 
-def dry_run(conn, settings: Settings, now: datetime, character_id: int | None) -> int:
-    """Print what a real run would queue."""
-    users = db.due_users(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
-    if character_id is not None:
-        users = [u for u in users if u["character_id"] == character_id] or \
-            ([u] if (u := db.get_user(conn, character_id)) else [])
-    log.info("✓ Found %d active users (dry run: nothing queued)", len(users))
-    for user in users:
-        first = "first sync" if user["last_sync_at"] is None else f"last sync {user['last_sync_at'].isoformat()}"
-        log.info("  would queue %s (ID: %s), %s", user["character_name"], user["character_id"], first)
+def dry_run(conn, settings: Settings, now: datetime, character_id: int | None, *, corporations_only: bool) -> int:
+    """Print what a real run with the same flags would queue."""
+    if not corporations_only:
+        users = db.due_users(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
+        if character_id is not None:
+            users = [u for u in users if u["character_id"] == character_id] or \
+                ([u] if (u := db.get_user(conn, character_id)) else [])
+        log.info("✓ Found %d active users (dry run: nothing queued)", len(users))
+        for user in users:
+            log.info("  would queue %s (ID: %s), %s", user["character_name"], user["character_id"],
+                     _last_sync(user))
+    if character_id is None:
+        due = db.due_corporations(conn, now, interval=settings.sync_interval_seconds,
+                                  stale_after=CLAIM_STALE_SECONDS)
+        log.info("✓ Found %d corporations due (dry run: nothing queued)", len(due))
+        for corporation in due:
+            log.info("  would queue corporation %s through %s (ID: %s), %s", corporation["corporation_id"],
+                     corporation["character_name"], corporation["character_id"], _last_sync(corporation))
+    conn.rollback()
     return 0
+
+
+def _last_sync(row: dict) -> str:
+    return "first sync" if row["last_sync_at"] is None else f"last sync {row['last_sync_at'].isoformat()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with conn:
         if args.dry_run:
-            return dry_run(conn, settings, now, args.character_id)
+            return dry_run(conn, settings, now, args.character_id, corporations_only=args.corporations)
         try:
             connection = broker.connect(settings.rabbitmq_url)
         except pika.exceptions.AMQPError as exc:

@@ -86,6 +86,23 @@ def test_dry_run_publishes_nothing_and_claims_nothing(conn, settings):
     assert len(drain(settings.queue_name)) == 2
 
 
+def test_dry_run_names_the_corporations_a_run_would_queue_and_claims_none(conn, settings):
+    scopes = "esi-killmails.read_killmails.v1 esi-killmails.read_corporation_killmails.v1"
+    insert_users(conn, pilots(2))
+    conn.execute("UPDATE users SET corporation_id = 98000001, scopes = %s, is_director = true "
+                 "WHERE character_id = 1001", (scopes,))
+    conn.commit()
+    run = run_script("queue_killmails.py", settings, "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert "✓ Found 1 corporations due (dry run: nothing queued)" in run.stdout
+    assert "would queue corporation 98000001 through Pilot 1 (ID: 1001), first sync" in run.stdout
+    only = run_script("queue_killmails.py", settings, "--dry-run", "--corporations")
+    assert "would queue corporation 98000001" in only.stdout and "active users" not in only.stdout
+    assert conn.execute("SELECT count(*) AS n FROM corporations WHERE queued_at IS NOT NULL").fetchone()["n"] == 0
+    assert run_script("queue_killmails.py", settings, "--corporations").returncode == 0
+    assert [m[2].get("corporation_id") for m in drain(settings.queue_name)] == [98000001]
+
+
 def test_one_character_at_high_priority(conn, settings):
     insert_users(conn, pilots(2))
     conn.execute("UPDATE users SET last_sync_at = now()")  # not due: asked for anyway
