@@ -24,6 +24,7 @@ ERROR_MARGIN = 60          # pause every route while fewer than this many of the
 PACE_SHARE = 0.95          # paced calls spend at most this share of a bucket per window
 BURST_SHARE = 0.02         # a rested bucket may spend this share at once, on top of the paced rate
 FLOOR_SHARE = 0.02         # below this share remaining, pause the bucket (other apps, our own 4xx costs)
+FLOOR_TOKENS = 5           # ... and never below the cost of one more answer (a 4xx costs 5 tokens)
 MAX_INLINE_WAIT = 30.0     # a longer pause fails the job into the retry queue rather than holding a process
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared state
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count
@@ -64,10 +65,15 @@ def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]
     else:
         limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
         remaining = _int(headers.get("X-Ratelimit-Remaining"))
-        if limit and remaining is not None and remaining < limit[0] * FLOOR_SHARE:
-            # Spent tokens come back one window after they were spent; wait for the margin's worth.
-            missing = limit[0] * FLOOR_SHARE - remaining
-            pauses["bucket"] = now + timedelta(seconds=limit[1] * missing / limit[0])
+        floor = max(limit[0] * FLOOR_SHARE, FLOOR_TOKENS) if limit else 0
+        if limit and remaining is not None and remaining < floor:
+            if floor > limit[0] * FLOOR_SHARE:
+                # A small bucket (a character's 30 tokens) is spent in bursts, a walk of pages: the tokens just
+                # spent may be all that is missing, and they come back only a whole window later.
+                pauses["bucket"] = now + timedelta(seconds=limit[1])
+            else:
+                # A big bucket spent at a paced rate: tokens come back as evenly as they went.
+                pauses["bucket"] = now + timedelta(seconds=limit[1] * (floor - remaining) / limit[0])
     return pauses
 
 

@@ -125,7 +125,9 @@ def test_429_without_retry_after_pauses_about_a_minute():
     ("3600/15m", "0", 900 * 72 / 3600),        # the floor is 72 tokens; each comes back in 0.25 s
     ("3600/15m", "10", 900 * 62 / 3600),
     ("3600/15m", "71", 900 * 1 / 3600),
-    ("30/15m", "0", 900 * 0.6 / 30),
+    ("30/15m", "0", 900),                      # a character's bucket: no answer's worth left, a whole window
+    ("30/15m", "4", 900),
+    ("10/30s", "2", 30),
 ])
 def test_low_ratelimit_remaining_pauses_the_bucket_until_the_floor_is_back(limit, remaining, pause):
     pauses = pause_after(200, {"X-Ratelimit-Limit": limit, "X-Ratelimit-Remaining": remaining}, NOW)
@@ -137,7 +139,7 @@ def test_low_ratelimit_remaining_pauses_the_bucket_until_the_floor_is_back(limit
     HEALTHY,
     {},
     {"X-Ratelimit-Limit": "3600/15m", "X-Ratelimit-Remaining": "72"},     # exactly the floor
-    {"X-Ratelimit-Limit": "30/15m", "X-Ratelimit-Remaining": "1"},        # 1 >= 2% of 30
+    {"X-Ratelimit-Limit": "30/15m", "X-Ratelimit-Remaining": "5"},        # one more 4xx's worth
     {"X-Ratelimit-Remaining": "0"},                                        # no limit: nothing to measure against
     {"X-Ratelimit-Limit": "junk", "X-Ratelimit-Remaining": "0"},
     {"X-ESI-Error-Limit-Remain": "junk", "X-ESI-Error-Limit-Reset": "junk"},
