@@ -323,6 +323,28 @@ def pending_refs(conn, owner: str, owner_id: int, now: datetime, *, max_attempts
     ).fetchall()
 
 
+def stranded_refs(conn, now: datetime, *, max_attempts: int, limit: int) -> list[dict]:
+    """References with no stored killmail that no owner's sync will fetch any more: no pilot who listed them
+    has a usable grant, and no corporation that listed them has a member who may still read its list. Newest
+    first, at most `limit`, those whose retry time has come."""
+    return conn.execute(
+        f"""
+        SELECT r.killmail_id, r.killmail_hash
+        FROM killmail_refs r
+        WHERE r.attempts < %(max)s
+          AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= %(now)s)
+          AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+          AND NOT EXISTS (SELECT 1 FROM character_killmails l JOIN users u USING (character_id)
+                          WHERE l.killmail_id = r.killmail_id AND {_LIVE_GRANT_SQL})
+          AND NOT EXISTS (SELECT 1 FROM corporation_killmails l JOIN ({_ELIGIBLE_SQL}) e USING (corporation_id)
+                          WHERE l.killmail_id = r.killmail_id)
+        ORDER BY r.killmail_id DESC
+        LIMIT %(limit)s
+        """,
+        {"now": now, "max": max_attempts, "limit": limit},
+    ).fetchall()
+
+
 def claim_refs(conn, killmail_ids: Sequence[int], now: datetime, *, seconds: int) -> list[dict]:
     """Claim references for fetching; those another live process holds, or already stored, are not returned."""
     if not killmail_ids:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 DB_RETRIES_PER_JOB = 3          # a job whose database connection died is run again this often in place
 RESTART_BACKOFF_CAP = 30.0      # seconds between restarts of a child that keeps dying
 BURST_RESTARTS = 10             # a burst run stops replacing children after this many deaths (a crash loop)
+SWEEP_EVERY = 300.0             # seconds between a child's sweeps for killmails no owner will fetch any more
 BROKER_ERRORS = (pika.exceptions.AMQPError, OSError, broker.NotDelivered)
 
 
@@ -90,6 +91,7 @@ class Child:
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True))
         self.esi = JobEsiClient(settings, limits=self.limits)
+        self.swept_at = -SWEEP_EVERY                # the first job's end sweeps
 
     def run(self) -> int:
         """Consume until stopped (or, in burst mode, until the queue is empty); reconnect on broker loss."""
@@ -214,8 +216,26 @@ class Child:
                                     delay=getattr(exc, "retry_after", None))
             if result.status not in ("locked",):
                 log.info("✅ Completed: %s", result.character_name or job.character_id)
+            self.sweep_if_due()
             return Outcome("ack")
         raise AssertionError("unreachable")
+
+    def sweep_if_due(self) -> None:
+        """Every SWEEP_EVERY seconds, after a job, fetch a few killmails whose pilots all need a new login (they
+        were listed, so they belong to the board, but no sync will fetch them any more)."""
+        if time.monotonic() - self.swept_at < SWEEP_EVERY:
+            return
+        self.swept_at = time.monotonic()
+        options = sync.SyncOptions(max_attempts=self.settings.max_attempts,
+                                   detail_concurrency=self.settings.detail_concurrency, worker=self.worker_name)
+        try:
+            sync.sweep_stranded(self.conn, self.esi, datetime.now(timezone.utc), options)
+        except psycopg.OperationalError as exc:
+            log.warning("⚠️  database connection lost during a sweep (%s); the next one tries again", exc)
+            self.drop_db()
+        except Exception:  # the job it follows succeeded: a sweep's bug must not fail it
+            log.exception("sweep failed")
+            self.drop_db()  # its claims end with the connection
 
     def failure(self, job: broker.Job | None, attempt: int, reason: str, *, permanent: bool = False,
                 result: sync.SyncResult | None = None, delay: float | None = None) -> Outcome:

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 REFRESH_MARGIN = timedelta(seconds=60)  # refresh a little before expiry, never after a failed call
 PROFILE_MAX_AGE = timedelta(days=1)     # how often a pilot's corporation is read again
+SWEEP_LIMIT = 20                        # stranded references one sweep fetches at most
 CLAIM_SECONDS = 6 * 3600                # a claim holds while its process lives (a dead one's lapse at once);
                                         # this bound only guards against a reused backend pid
 SAVE_BATCH = 50                         # killmails per insert transaction at the most
@@ -302,6 +303,31 @@ def fetch_killmails(conn, esi: EsiClient, owner: str, owner_id: int, now: dateti
         if result.listed:
             log.info("  ✅ Saved: 0, Skipped: %d", result.skipped)
         return
+    _fetch_claimed(conn, esi, claimed, now, options, result)
+
+
+def sweep_stranded(conn, esi: EsiClient, now: datetime, options: SyncOptions) -> SyncResult:
+    """Fetch a few references that no owner's sync will fetch any more (every pilot who listed them needs a
+    new login): a killmail once listed is stored even when its pilots left. Records its ESI calls itself;
+    returns what it did (a limit that stopped it is logged, the rest waits for the next sweep)."""
+    result = SyncResult(0, kind="sweep")
+    stranded = db.stranded_refs(conn, now, max_attempts=options.max_attempts, limit=SWEEP_LIMIT)
+    claimed = db.claim_refs(conn, [r["killmail_id"] for r in stranded], now, seconds=CLAIM_SECONDS)
+    conn.commit()
+    if claimed:
+        log.info("🧹 Sweeping %d killmails listed only by pilots who need a new login", len(claimed))
+        try:
+            _fetch_claimed(conn, esi, claimed, now, options, result)
+        except JobError as exc:
+            log.warning("  sweep stopped: %s", exc)
+    db.add_esi_calls(conn, esi.take_calls())
+    conn.commit()
+    return result
+
+
+def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, options: SyncOptions,
+                   result: SyncResult) -> None:
+    """Fetch and save claimed references a few at a time; release what was not fetched."""
     unfetched = {r["killmail_id"] for r in claimed}
     with ThreadPoolExecutor(max_workers=options.detail_concurrency, thread_name_prefix="detail") as pool:
         futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"]) for r in claimed]

@@ -71,6 +71,23 @@ def test_own_interval_wins_and_quiet_pilots_are_polled_less(conn):
     assert due == {2, 4, 5}
 
 
+def test_stranded_refs_are_those_no_live_owner_will_fetch(conn):
+    add_user(conn, 1)                                   # live
+    add_user(conn, 2)                                   # needs a new login
+    db.mark_revoked(conn, 2, "r2", "invalid_grant")
+    db.store_refs(conn, "character", 1, [(10, "a"), (11, "b")])
+    db.store_refs(conn, "character", 2, [(11, "b"), (12, "c"), (13, "d"), (14, "e")])
+    db.store_refs(conn, "corporation", 98, [(15, "f")])   # a corporation no member may read any more
+    db.save_killmails(conn, [sample(13)])                 # stored already
+    db.record_ref_failure(conn, 14, "boom", NOW, permanent=True, max_attempts=3)  # given up
+    conn.commit()
+    stranded = db.stranded_refs(conn, NOW, max_attempts=3, limit=10)
+    assert [r["killmail_id"] for r in stranded] == [15, 12]  # 11 is also the live pilot's, 10 only his
+    assert [r["killmail_id"] for r in db.stranded_refs(conn, NOW, max_attempts=3, limit=1)] == [15]
+    conn.execute("UPDATE users SET refresh_token = 'a new login' WHERE character_id = 2")
+    assert [r["killmail_id"] for r in db.stranded_refs(conn, NOW, max_attempts=3, limit=10)] == [15]
+
+
 def test_a_revoked_token_is_not_due_until_a_new_one_is_written(conn):
     add_user(conn, 1)
     db.mark_revoked(conn, 1, "r1", "invalid_grant")

@@ -75,6 +75,25 @@ def test_two_burst_workers_store_every_killmail_once(conn, sim, settings, page_s
                         (pilot["character_id"],)).fetchone()["n"] == 2
 
 
+def test_a_worker_sweeps_killmails_whose_pilot_needs_a_new_login(conn, sim, settings):
+    """Listed before its pilot's grant died, never fetched: a child's first job is followed by a sweep."""
+    import db
+    sim.add_pilots(n_pilots=3, n_killmails=60, share=1, expired_fraction=0.0, revoked=0, corporations=1)
+    insert_users(conn, sim.pilots())
+    left, live = sim.pilots()[0], sim.pilots()[1:]
+    ids = sorted(sim.killmail_ids_for(left["character_id"]))[:sync.SWEEP_LIMIT]
+    db.store_refs(conn, "character", left["character_id"], [(i, sim.killmail_hash(i)) for i in ids])
+    db.mark_revoked(conn, left["character_id"], left["refresh_token"], "invalid_grant")
+    conn.commit()
+    assert run_script("queue_killmails.py", settings).returncode == 0  # the two live pilots
+    output = start_worker(settings, "--burst").communicate(timeout=120)[0]
+    assert "🧹 Sweeping" in output, output
+    assert set(ids) <= set(stored(conn))
+    live_ids = set().union(*(sim.killmail_ids_for(p["character_id"]) for p in live))
+    assert set(stored(conn)) == live_ids | set(ids)
+    assert sim.stats()["duplicate_detail_fetches"] == 0
+
+
 def test_sigterm_finishes_running_jobs_and_loses_nothing(conn, sim, settings):
     sim.configure(latency_ms=30)
     sim.add_pilots(n_pilots=12, n_killmails=400, share=2, expired_fraction=0.0, revoked=0, corporations=2)

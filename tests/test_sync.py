@@ -218,6 +218,33 @@ def test_a_wrong_client_secret_is_the_apps_error_not_the_pilots(conn, world, sim
     limits.close()
 
 
+def test_killmails_left_behind_by_a_pilot_who_needs_a_new_login_are_swept(conn, world, sim):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    ids = sim.killmail_ids_for(pilot["character_id"])
+    sim.fail_next(r"/killmails/\d+/", 429, retry_after=90)   # the job stops early, most details unfetched
+    with pytest.raises(sync.JobError):
+        sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    conn.execute("UPDATE esi_limits SET paused_until = NULL")
+    conn.commit()
+    world.limits._read_at.clear()
+    left = ids - stored_ids(conn)
+    assert left
+    assert sync.sweep_stranded(conn, world, now_for(sim), sync.SyncOptions()).saved == 0  # its pilot is live
+    sim.revoke(pilot["character_id"])
+    db.mark_revoked(conn, pilot["character_id"], db.get_user(conn, pilot["character_id"])["refresh_token"], "gone")
+    conn.commit()
+    sim.reset_stats()
+    swept = 0
+    while left - stored_ids(conn):
+        done = sync.sweep_stranded(conn, world, now_for(sim), sync.SyncOptions())
+        assert 0 < done.saved <= sync.SWEEP_LIMIT
+        swept += done.saved
+    assert swept == len(left) and sim.stats()["by_route"]["detail"] == len(left)
+    assert sync.sweep_stranded(conn, world, now_for(sim), sync.SyncOptions()).saved == 0
+    calls = conn.execute("SELECT sum(calls) AS n FROM esi_calls WHERE route_group = 'killmail' AND status = 200")
+    assert calls.fetchone()["n"] >= len(left)  # the sweeps recorded their ESI calls
+
+
 def test_a_lists_expires_counts_from_its_answer_not_from_the_jobs_start(conn, world, sim):
     """A job whose list answer comes 40 s after its start (a slow refresh, a pause) must not store an Expires
     40 s early: the next job would ask before it."""
