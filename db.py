@@ -575,7 +575,8 @@ def latest_run(conn) -> dict | None:
 
 
 def run_stats(conn, since: datetime) -> dict:
-    """Runs finished since a time: how many, how many succeeded (ok, partial) or failed (error), durations."""
+    """Runs finished since a time: how many, how many succeeded (ok, partial) or failed (error), durations.
+    Skips of a locked character ('locked') synced nothing and are left out."""
     return conn.execute(
         """
         SELECT count(*) AS runs,
@@ -584,7 +585,7 @@ def run_stats(conn, since: datetime) -> dict:
                avg(extract(epoch FROM finished_at - started_at))::float8 AS avg_duration,
                percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
                    AS p95_duration
-        FROM sync_runs WHERE finished_at >= %s
+        FROM sync_runs WHERE finished_at >= %s AND status <> 'locked'
         """,
         (since,),
     ).fetchone()
@@ -661,13 +662,14 @@ def esi_limit_buckets(conn, now: datetime) -> list[dict]:
     lowest remaining count, the latest pause still running, and how many of them are paused."""
     return conn.execute(
         """
-        SELECT split_part(bucket, ':', 1) AS bucket, count(*) AS buckets, min(remaining) AS remaining,
+        SELECT CASE WHEN split_part(bucket, ':', 1) = ANY(%(owner_groups)s) THEN split_part(bucket, ':', 1)
+                    ELSE bucket END AS bucket, count(*) AS buckets, min(remaining) AS remaining,
                max(limit_tokens) AS limit_tokens, max(window_seconds) AS window_seconds,
                max(paused_until) FILTER (WHERE paused_until > %(now)s) AS paused_until,
                count(*) FILTER (WHERE paused_until > %(now)s) AS paused, max(updated_at) AS updated_at
         FROM esi_limits GROUP BY 1 ORDER BY 1
         """,
-        {"now": now},
+        {"now": now, "owner_groups": list(OWNER_BUCKET_GROUPS)},
     ).fetchall()
 
 

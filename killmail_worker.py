@@ -223,7 +223,7 @@ class Child:
     def sweep_if_due(self) -> None:
         """Every SWEEP_EVERY seconds, after a job, fetch a few killmails whose pilots all need a new login (they
         were listed, so they belong to the board, but no sync will fetch them any more)."""
-        if time.monotonic() - self.swept_at < SWEEP_EVERY:
+        if self.stopping.is_set() or time.monotonic() - self.swept_at < SWEEP_EVERY:
             return
         self.swept_at = time.monotonic()
         options = sync.SyncOptions(max_attempts=self.settings.max_attempts,

@@ -24,7 +24,7 @@ ERROR_MARGIN = 60          # pause every route while fewer than this many of the
 PACE_SHARE = 0.95          # paced calls spend at most this share of a bucket per window
 BURST_SHARE = 0.02         # a rested bucket may spend this share at once, on top of the paced rate
 FLOOR_SHARE = 0.02         # below this share remaining, pause the bucket (other apps, our own 4xx costs)
-FLOOR_TOKENS = 5           # ... and never below the cost of one more answer (a 4xx costs 5 tokens)
+FLOOR_TOKENS = 2           # ... and never below the cost of one more answer (a 200 costs 2 tokens)
 MAX_INLINE_WAIT = 30.0     # a longer pause fails the job into the retry queue rather than holding a process
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared state
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count
@@ -52,8 +52,9 @@ def burst_allowance(limit_tokens: int, *, cost: int = 2) -> int:
     return max(1, int(limit_tokens * BURST_SHARE / cost))
 
 
-def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]:
-    """Which buckets a response pauses, and until when (a pure function of the response and the clock)."""
+def pause_after(status: int, headers: Any, now: datetime, *, per_owner: bool = False) -> dict[str, datetime]:
+    """Which buckets a response pauses, and until when (a pure function of the response and the clock);
+    `per_owner` for a character's own bucket, spent in bursts rather than at a paced rate."""
     pauses: dict[str, datetime] = {}
     remain = _int(headers.get("X-ESI-Error-Limit-Remain"))
     reset = _int(headers.get("X-ESI-Error-Limit-Reset"))
@@ -67,9 +68,9 @@ def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]
         remaining = _int(headers.get("X-Ratelimit-Remaining"))
         floor = max(limit[0] * FLOOR_SHARE, FLOOR_TOKENS) if limit else 0
         if limit and remaining is not None and remaining < floor:
-            if floor > limit[0] * FLOOR_SHARE:
-                # A small bucket (a character's 30 tokens) is spent in bursts, a walk of pages: the tokens just
-                # spent may be all that is missing, and they come back only a whole window later.
+            if per_owner:
+                # A character's bucket is spent in bursts (a walk of pages): the tokens just spent may be all
+                # that is missing, and they come back only a whole window later.
                 pauses["bucket"] = now + timedelta(seconds=limit[1])
             else:
                 # A big bucket spent at a paced rate: tokens come back as evenly as they went.
@@ -118,7 +119,7 @@ class SharedLimits:
     def after(self, bucket: str, status: int, headers: Any) -> None:
         """Feed a response's limit headers into the shared state."""
         now = self._clock()
-        pauses = pause_after(status, headers, now)
+        pauses = pause_after(status, headers, now, per_owner=_per_owner(bucket))
         limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
         remaining = _int(headers.get("X-Ratelimit-Remaining"))
         known = self._state.get(bucket, {})

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS corporation_killmails (
     killmail_id    BIGINT NOT NULL,
     PRIMARY KEY (corporation_id, killmail_id)
 );
+CREATE INDEX IF NOT EXISTS corporation_killmails_killmail ON corporation_killmails (killmail_id);
 
 -- Stage two: one row per killmail, shared by every pilot who saw it.
 CREATE TABLE IF NOT EXISTS killmails (

@@ -55,7 +55,8 @@ class SyncResult:
     worker: str | None = None
     retry_after: float | None = field(default=None, repr=False)
     # Listed killmails this pilot (or corporation) was not linked to before: it is active, even when another
-    # job stored those killmails first. Drives the slower polling of quiet pilots.
+    # job stored those killmails first (or when a retried job's first try stored the links). Drives the slower
+    # polling of quiet pilots, with `saved`.
     linked_new: int = field(default=0, repr=False)
 
 
@@ -431,7 +432,7 @@ def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, lock
     with conn.pipeline():
         db.add_esi_calls(conn, calls)
         db.finish_sync(conn, result.kind, owner_id, result.finished_at, result.status,
-                       found_new=result.linked_new > 0)
+                       found_new=result.linked_new > 0 or result.saved > 0)
         db.record_run(conn, run_row(result))
         conn.commit()
         for kind, key in reversed(locks):

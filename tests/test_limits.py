@@ -125,9 +125,7 @@ def test_429_without_retry_after_pauses_about_a_minute():
     ("3600/15m", "0", 900 * 72 / 3600),        # the floor is 72 tokens; each comes back in 0.25 s
     ("3600/15m", "10", 900 * 62 / 3600),
     ("3600/15m", "71", 900 * 1 / 3600),
-    ("30/15m", "0", 900),                      # a character's bucket: no answer's worth left, a whole window
-    ("30/15m", "4", 900),
-    ("10/30s", "2", 30),
+    ("10/30s", "1", 30 * 1 / 10),              # a small shared bucket: the floor is one answer's worth
 ])
 def test_low_ratelimit_remaining_pauses_the_bucket_until_the_floor_is_back(limit, remaining, pause):
     pauses = pause_after(200, {"X-Ratelimit-Limit": limit, "X-Ratelimit-Remaining": remaining}, NOW)
@@ -135,11 +133,20 @@ def test_low_ratelimit_remaining_pauses_the_bucket_until_the_floor_is_back(limit
     assert seconds(pauses["bucket"]) == pytest.approx(pause)
 
 
+@pytest.mark.parametrize("remaining, paused", [("0", True), ("1", True), ("2", False), ("4", False)])
+def test_a_characters_bucket_short_of_one_answer_pauses_for_a_whole_window(remaining, paused):
+    """Spent in bursts (a walk of pages), its tokens come back only a window after: a 15-page walk may spend
+    all 30, and the next call must wait the whole window rather than meet a 429."""
+    headers = {"X-Ratelimit-Limit": "30/15m", "X-Ratelimit-Remaining": remaining}
+    pauses = pause_after(200, headers, NOW, per_owner=True)
+    assert (seconds(pauses["bucket"]) if paused else pauses) == (900 if paused else {})
+
+
 @pytest.mark.parametrize("headers", [
     HEALTHY,
     {},
     {"X-Ratelimit-Limit": "3600/15m", "X-Ratelimit-Remaining": "72"},     # exactly the floor
-    {"X-Ratelimit-Limit": "30/15m", "X-Ratelimit-Remaining": "5"},        # one more 4xx's worth
+    {"X-Ratelimit-Limit": "30/15m", "X-Ratelimit-Remaining": "2"},        # one more answer's worth
     {"X-Ratelimit-Remaining": "0"},                                        # no limit: nothing to measure against
     {"X-Ratelimit-Limit": "junk", "X-Ratelimit-Remaining": "0"},
     {"X-ESI-Error-Limit-Remain": "junk", "X-ESI-Error-Limit-Reset": "junk"},
@@ -237,4 +244,8 @@ def test_the_detail_bucket_is_shared_and_paced_whatever_the_egress_name(conn, da
     assert waits and waits[-1] == pytest.approx(limits.detail_spacing(3600, 900) * len(waits), rel=0.01)
     (row,) = db.limit_state(conn, [bucket])
     assert (row["limit_tokens"], row["window_seconds"]) == (3600, 900)
+    shared.after("char-killmail:7", 429, {"Retry-After": "20"})
+    shared.after("char-killmail:8", 429, {"Retry-After": "20"})
+    shown = {b["bucket"]: b["buckets"] for b in db.esi_limit_buckets(conn, NOW)}
+    assert shown == {bucket: 1, "char-killmail": 2}  # the status page folds characters, not egress names
     shared.close()

@@ -245,6 +245,23 @@ def test_killmails_left_behind_by_a_pilot_who_needs_a_new_login_are_swept(conn, 
     assert calls.fetchone()["n"] >= len(left)  # the sweeps recorded their ESI calls
 
 
+def test_a_retried_job_that_saves_the_new_kills_counts_the_pilot_as_active(conn, world, sim):
+    """The first try linked the new kills and stopped on a 429; the retry saves them: the pilot is active."""
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    conn.execute("UPDATE users SET last_new_killmail_at = now() - interval '20 days'")
+    conn.commit()
+    sim.fail_next(r"/killmails/\d+/", 429, retry_after=90)
+    with pytest.raises(sync.JobError):
+        sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    conn.execute("UPDATE esi_limits SET paused_until = NULL")
+    conn.commit()
+    world.limits._read_at.clear()
+    retry = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert (retry.listed, retry.saved > 0) == (0, True)  # the list was still fresh: nothing newly linked
+    active = db.get_user(conn, pilot["character_id"])["last_new_killmail_at"]
+    assert active > datetime.now(timezone.utc) - timedelta(minutes=5)
+
+
 def test_a_lists_expires_counts_from_its_answer_not_from_the_jobs_start(conn, world, sim):
     """A job whose list answer comes 40 s after its start (a slow refresh, a pause) must not store an Expires
     40 s early: the next job would ask before it."""

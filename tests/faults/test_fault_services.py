@@ -67,7 +67,7 @@ def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url
                 duplicate_detail_fetches=stats["duplicate_detail_fetches"], status_420=stats["status_420"],
                 status_429=stats["status_429"], min_error_limit_remain=stats["min_error_limit_remain"])
     assert done == len(sim.pilots())
-    assert steady.count(LOST) >= BROKER_RESTARTS and burst.count(LOST) >= 1
+    assert steady.count(LOST) >= BROKER_RESTARTS
     assert stats["duplicate_detail_fetches"] == 0  # a lost ack repeats a job, and a repeated job fetches nothing
 
 
