@@ -4,14 +4,16 @@ flat over a soak of repeated polls that keep bringing new killmails.
 One worker with PREFETCH_COUNT=1, so its one child does every job. The soak lasts 10 minutes: a round every
 ROUND_EVERY seconds gives a few pilots new killmails, waits for the lists' short Expires, makes everyone due and
 runs the producer, as cron would. "Flat" means the RSS trend over the soak (least squares) grows less than
-FLAT_MB in 10 minutes. bench/run.py runs the soak in the background, beside the other scenarios (a round costs
-about half a second of CPU); the cold part runs alone.
+FLAT_MB in 10 minutes. bench/run.py runs the soak in the background, beside the other scenarios; the cold part
+runs alone, and rounds wait (the worker idles) while a scenario that measures speed runs (`Gate`).
 """
 from __future__ import annotations
 
 import random
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import harness
 from results import Figure
@@ -28,9 +30,42 @@ TARGET_MB, FLAT_MB = 80.0, 5.0
 SCENARIO = "memory, worker child"
 
 
-def run(soaking: threading.Event | None = None) -> tuple[list[Figure], dict]:
+class Gate:
+    """Lets the soak's rounds run, or holds them while another scenario measures speed."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._open, self._busy = True, False
+
+    def close(self) -> None:
+        """Hold the next rounds, and wait for the running one to end."""
+        with self._changed:
+            self._open = False
+            self._changed.wait_for(lambda: not self._busy)
+
+    def open(self) -> None:
+        with self._changed:
+            self._open = True
+            self._changed.notify_all()
+
+    @contextmanager
+    def round(self) -> Iterator[None]:
+        """One round, once the gate is open."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._open)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
+
+
+def run(soaking: threading.Event | None = None, gate: Gate | None = None) -> tuple[list[Figure], dict]:
     """The cold sync, then the soak; `soaking` is set once the cold part is over (or failed)."""
     soaking = soaking or threading.Event()
+    gate = gate or Gate()
     try:
         with harness.lab("memory", seed=29, sim_options=SIM, world=WORLD) as lab:
             worker = lab.start_worker(prefetch=1)
@@ -44,7 +79,7 @@ def run(soaking: threading.Event | None = None) -> tuple[list[Figure], dict]:
                 after_cold = watch.sample()
                 soaking.set()
                 soak_start = time.monotonic()
-                rounds = soak(lab, soak_start + SOAK)
+                rounds = soak(lab, soak_start + SOAK, gate)
                 soak_end = time.monotonic()
                 final = watch.sample()
             worker.stop()
@@ -73,22 +108,24 @@ def run(soaking: threading.Event | None = None) -> tuple[list[Figure], dict]:
     ], {"memory": data}
 
 
-def soak(lab: harness.Lab, until: float) -> int:
+def soak(lab: harness.Lab, until: float, gate: Gate) -> int:
     """Rounds of polling with new killmails until the deadline; returns how many rounds ran."""
     rng = random.Random(29)
     live = [p["character_id"] for p in lab.sim.pilots() if not p["revoked"]]
     rounds = 0
     while time.monotonic() < until:
         round_start = time.monotonic()
-        for character_id in rng.sample(live, NEW_PER_ROUND):
-            lab.sim.add_killmails(character_id, 1)
-        harness.wait_until(lambda: lab.count("SELECT count(*) FROM users WHERE list_expires_at > now()") == 0,
-                           timeout=CACHE_SECONDS + 30, what="the lists' Expires to pass")
-        lab.make_due()
-        runs = lab.count("SELECT count(*) FROM sync_runs")
-        lab.run_producer(prefetch=1)
-        harness.wait_until(lambda: harness.queue_depth(lab.queue) == 0 and
-                           lab.count("SELECT count(*) FROM sync_runs") > runs, timeout=120, what="a round's jobs")
+        with gate.round():
+            for character_id in rng.sample(live, NEW_PER_ROUND):
+                lab.sim.add_killmails(character_id, 1)
+            harness.wait_until(lambda: lab.count("SELECT count(*) FROM users WHERE list_expires_at > now()") == 0,
+                               timeout=CACHE_SECONDS + 30, what="the lists' Expires to pass")
+            lab.make_due()
+            runs = lab.count("SELECT count(*) FROM sync_runs")
+            lab.run_producer(prefetch=1)
+            harness.wait_until(lambda: harness.queue_depth(lab.queue) == 0 and
+                               lab.count("SELECT count(*) FROM sync_runs") > runs, timeout=120,
+                               what="a round's jobs")
         rounds += 1
         time.sleep(max(0.0, min(until, round_start + ROUND_EVERY) - time.monotonic()))  # the soak's pace
     return rounds
