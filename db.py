@@ -532,19 +532,23 @@ def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds:
     )
 
 
-def reserve_slot(conn, bucket: str, now: datetime, *, spacing: float, burst: int) -> datetime:
-    """Reserve the next send time of a paced bucket (GCRA over every process) and return it."""
+def reserve_slot(conn, bucket: str, now: datetime, *, spacing: float, burst: int,
+                 not_before: datetime | None = None) -> datetime:
+    """Reserve the next send time of a paced bucket (GCRA over every process) and return it. A rested bucket
+    may spend `burst` slots at once; never before `not_before` (the end of its last pause), which leaves no
+    burst right after a pause."""
     row = conn.execute(
         """
         INSERT INTO esi_limits (bucket, next_slot)
-        VALUES (%(bucket)s, %(now)s - make_interval(secs => %(spacing)s * (%(burst)s - 1)))
+        VALUES (%(bucket)s, GREATEST(%(now)s - make_interval(secs => %(spacing)s * (%(burst)s - 1)),
+                                     %(not_before)s::timestamptz + make_interval(secs => %(spacing)s)))
         ON CONFLICT (bucket) DO UPDATE SET next_slot =
             GREATEST(COALESCE(esi_limits.next_slot, %(now)s),
-                     %(now)s - make_interval(secs => %(spacing)s * %(burst)s))
+                     %(now)s - make_interval(secs => %(spacing)s * %(burst)s), %(not_before)s::timestamptz)
             + make_interval(secs => %(spacing)s)
         RETURNING next_slot - make_interval(secs => %(spacing)s) AS slot
         """,
-        {"bucket": bucket, "now": now, "spacing": spacing, "burst": burst},
+        {"bucket": bucket, "now": now, "spacing": spacing, "burst": burst, "not_before": not_before},
     ).fetchone()
     return row["slot"]
 

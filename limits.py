@@ -26,6 +26,7 @@ BURST_SHARE = 0.02         # a rested bucket may spend this share at once, on to
 FLOOR_SHARE = 0.02         # below this share remaining, pause the bucket (other apps, our own 4xx costs)
 FLOOR_TOKENS = 2           # ... and never below the cost of one more answer (a 200 costs 2 tokens)
 MAX_INLINE_WAIT = 30.0     # a longer pause fails the job into the retry queue rather than holding a process
+SLOT_RETRIES = 3           # a paced call paused this often while waiting for its slot gives up (Paused)
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared state
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count
 
@@ -101,20 +102,29 @@ class SharedLimits:
         keys = [bucket] if bucket == SSO_BUCKET else [ERROR_LIMIT_BUCKET, bucket]  # SSO is not under ESI's
         state = self._read(keys)
         self._wait_out_pause(bucket, state)
-        if pace and self._wait_for_slot(bucket, state):
-            # A 429 or 420 seen elsewhere while this call waited for its slot holds it back too.
-            self._wait_out_pause(bucket, self._read(keys))
+        for _ in range(SLOT_RETRIES):
+            if not (pace and self._wait_for_slot(bucket, state)):
+                return
+            # A 429 or 420 seen elsewhere while this call waited for its slot holds it back too; after the pause
+            # it takes a new slot, so the calls held back do not all go at once when the pause ends.
+            state = self._read(keys)
+            if not self._wait_out_pause(bucket, state):
+                return
+        raise Paused(f"{bucket} paused again and again while waiting for a slot", bucket=bucket,
+                     until=self._clock() + timedelta(seconds=MAX_INLINE_WAIT))
 
-    def _wait_out_pause(self, bucket: str, state: list[dict]) -> None:
-        """Sleep through a short pause of these buckets; Paused for a long one."""
+    def _wait_out_pause(self, bucket: str, state: list[dict]) -> bool:
+        """Sleep through a short pause of these buckets (True if there was one); Paused for a long one."""
         now = self._clock()
         until = max((s["paused_until"] for s in state if s.get("paused_until")), default=None)
-        if until and until > now:
-            wait = (until - now).total_seconds()
-            if wait > MAX_INLINE_WAIT:
-                raise Paused(f"{bucket} paused until {until.isoformat()}", bucket=bucket, until=until)
-            log.info("ESI limits: %s paused for %.1f s", bucket, wait)
-            self._sleep(wait)
+        if not until or until <= now:
+            return False
+        wait = (until - now).total_seconds()
+        if wait > MAX_INLINE_WAIT:
+            raise Paused(f"{bucket} paused until {until.isoformat()}", bucket=bucket, until=until)
+        log.info("ESI limits: %s paused for %.1f s", bucket, wait)
+        self._sleep(wait)
+        return True
 
     def after(self, bucket: str, status: int, headers: Any) -> None:
         """Feed a response's limit headers into the shared state."""
@@ -150,9 +160,12 @@ class SharedLimits:
         if not row or not row.get("limit_tokens") or not row.get("window_seconds"):
             return False  # no limit seen yet for this bucket: nothing to pace against
         spacing = detail_spacing(row["limit_tokens"], row["window_seconds"])
+        # After a pause the bucket is not rested: the schedule starts again, paced, where the pause ended.
+        not_before = max((s["paused_until"] for s in state if s.get("paused_until")), default=None)
         with self._lock:
             slot = self._with_conn(lambda c: db.reserve_slot(c, bucket, self._clock(), spacing=spacing,
-                                                              burst=burst_allowance(row["limit_tokens"])))
+                                                              burst=burst_allowance(row["limit_tokens"]),
+                                                              not_before=not_before))
         wait = (slot - self._clock()).total_seconds()
         if wait > 0:
             self._sleep(wait)

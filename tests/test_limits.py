@@ -227,6 +227,35 @@ def test_a_pause_set_while_a_call_waited_for_its_slot_holds_that_call_back(conn,
     other.close()
 
 
+def test_a_call_held_back_by_a_short_pause_takes_a_new_slot_after_it(conn, database_url, monkeypatch):
+    """Calls that waited for their slots and then met a short pause must not all go at once when it ends."""
+    import db
+    import limits
+    from limits import SharedLimits
+
+    monkeypatch.setattr(limits, "STATE_TTL", 0.0)
+    clock = [NOW]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the clock moves on while a call sleeps
+        waits.append(round(seconds, 2))
+        clock[0] += timedelta(seconds=seconds)
+        if len(waits) == 1:  # meanwhile, another process's detail call is answered 429 with Retry-After 5
+            other.after("killmail", 429, {"Retry-After": "5"})
+
+    other = SharedLimits(lambda: db.connect(database_url, autocommit=True), clock=lambda: clock[0])
+    this = SharedLimits(lambda: db.connect(database_url, autocommit=True), clock=lambda: clock[0], sleep=sleep)
+    this.after("killmail", 200, HEALTHY)
+    this.before("killmail", pace=True)             # the bucket's first slot: now
+    this.before("killmail", pace=True)             # waits for its slot, meets the pause, then takes a new slot
+    spacing = round(limits.detail_spacing(3600, 900), 2)
+    assert waits == [spacing, 6.0]                 # Retry-After + 1; the new slot is where the pause ends
+    this.before("killmail", pace=True)             # the bucket is not rested after a pause: no burst, paced
+    assert waits == [spacing, 6.0, spacing]
+    this.close()
+    other.close()
+
+
 @pytest.mark.parametrize("egress", ["", "203.0.113.7", "2001:db8::7", "nat-1"])
 def test_the_detail_bucket_is_shared_and_paced_whatever_the_egress_name(conn, database_url, egress):
     """An IPv6 egress puts ':' in the detail bucket's name; it must still be paced, not taken for a pilot's."""
