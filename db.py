@@ -18,6 +18,7 @@ LOCK_CHARACTER = 1
 LOCK_CORPORATION = 2
 # ESI's rate-limit groups whose buckets are per character: esi_limits names them '<group>:<character id>'.
 OWNER_BUCKET_GROUPS = ("char-killmail", "corp-killmail")
+_OWNER_GROUP_SQL = "split_part(bucket, ':', 1)"  # a per-character bucket's group (limits._per_owner in SQL)
 
 
 def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
@@ -505,8 +506,8 @@ def limit_state(conn, buckets: Sequence[str], *, paused_per_owner_at: datetime |
     """The shared state of these buckets (missing ones have no row); with paused_per_owner_at, also every
     per-character bucket (named '<group>:<character id>') paused beyond that time."""
     return conn.execute(
-        "SELECT * FROM esi_limits WHERE bucket = ANY(%s) "
-        "OR (split_part(bucket, ':', 1) = ANY(%s) AND paused_until > %s)",
+        f"SELECT * FROM esi_limits WHERE bucket = ANY(%s) "
+        f"OR ({_OWNER_GROUP_SQL} = ANY(%s) AND paused_until > %s)",
         (list(buckets), list(OWNER_BUCKET_GROUPS), paused_per_owner_at),
     ).fetchall()
 
@@ -665,8 +666,8 @@ def esi_limit_buckets(conn, now: datetime) -> list[dict]:
     """ESI limit state by bucket. Per-character buckets ('<group>:<character id>') fold into their group: the
     lowest remaining count, the latest pause still running, and how many of them are paused."""
     return conn.execute(
-        """
-        SELECT CASE WHEN split_part(bucket, ':', 1) = ANY(%(owner_groups)s) THEN split_part(bucket, ':', 1)
+        f"""
+        SELECT CASE WHEN {_OWNER_GROUP_SQL} = ANY(%(owner_groups)s) THEN {_OWNER_GROUP_SQL}
                     ELSE bucket END AS bucket, count(*) AS buckets, min(remaining) AS remaining,
                max(limit_tokens) AS limit_tokens, max(window_seconds) AS window_seconds,
                max(paused_until) FILTER (WHERE paused_until > %(now)s) AS paused_until,

@@ -190,9 +190,7 @@ class Child:
         for tries in range(1, DB_RETRIES_PER_JOB + 1):
             result = sync.SyncResult(job.character_id, corporation_id=job.corporation_id, kind=job.kind,
                                      attempt=attempt, worker=self.worker_name)
-            options = sync.SyncOptions(max_attempts=self.settings.max_attempts,
-                                       detail_concurrency=self.settings.detail_concurrency,
-                                       full=job.full, attempt=attempt, worker=self.worker_name)
+            options = self.sync_options(full=job.full, attempt=attempt)
             try:
                 self.ensure_db()
                 # The clock is read once PostgreSQL answers: minutes spent waiting for it must not age the job's
@@ -220,16 +218,19 @@ class Child:
             return Outcome("ack")
         raise AssertionError("unreachable")
 
+    def sync_options(self, **job) -> sync.SyncOptions:
+        """This process's settings for sync, with a job's own (full, attempt)."""
+        return sync.SyncOptions(max_attempts=self.settings.max_attempts,
+                                detail_concurrency=self.settings.detail_concurrency, worker=self.worker_name, **job)
+
     def sweep_if_due(self) -> None:
         """Every SWEEP_EVERY seconds, after a job, fetch a few killmails whose pilots all need a new login (they
         were listed, so they belong to the board, but no sync will fetch them any more)."""
         if self.stopping.is_set() or time.monotonic() - self.swept_at < SWEEP_EVERY:
             return
         self.swept_at = time.monotonic()
-        options = sync.SyncOptions(max_attempts=self.settings.max_attempts,
-                                   detail_concurrency=self.settings.detail_concurrency, worker=self.worker_name)
         try:
-            sync.sweep_stranded(self.conn, self.esi, datetime.now(timezone.utc), options)
+            sync.sweep_stranded(self.conn, self.esi, datetime.now(timezone.utc), self.sync_options())
         except psycopg.OperationalError as exc:
             log.warning("⚠️  database connection lost during a sweep (%s); the next one tries again", exc)
             self.drop_db()

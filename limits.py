@@ -116,7 +116,7 @@ class SharedLimits:
     def _wait_out_pause(self, bucket: str, state: list[dict]) -> bool:
         """Sleep through a short pause of these buckets (True if there was one); Paused for a long one."""
         now = self._clock()
-        until = max((s["paused_until"] for s in state if s.get("paused_until")), default=None)
+        until = _paused_until(state)
         if not until or until <= now:
             return False
         wait = (until - now).total_seconds()
@@ -161,7 +161,7 @@ class SharedLimits:
             return False  # no limit seen yet for this bucket: nothing to pace against
         spacing = detail_spacing(row["limit_tokens"], row["window_seconds"])
         # After a pause the bucket is not rested: the schedule starts again, paced, where the pause ended.
-        not_before = max((s["paused_until"] for s in state if s.get("paused_until")), default=None)
+        not_before = _paused_until(state)
         with self._lock:
             slot = self._with_conn(lambda c: db.reserve_slot(c, bucket, self._clock(), spacing=spacing,
                                                               burst=burst_allowance(row["limit_tokens"]),
@@ -217,6 +217,11 @@ class SharedLimits:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _paused_until(state: list[dict]) -> datetime | None:
+    """The latest pause end recorded in these buckets' state (past or not), None when none was ever paused."""
+    return max((s["paused_until"] for s in state if s.get("paused_until")), default=None)
 
 
 def _per_owner(bucket: str) -> bool:

@@ -246,9 +246,7 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
                     user["character_name"] or user["character_id"], exc)
         return None
     except esi_errors.InvalidClient as exc:
-        error = JobError(f"SSO configuration error: {exc}")
-        error.retry_after = esi_errors.INVALID_CLIENT_PAUSE
-        raise error from exc
+        raise _job_error("SSO configuration error", exc) from exc
     except esi_errors.EsiError as exc:
         raise _job_error("token refresh failed", exc) from exc
     # The old refresh token is dead from this moment: store the new one before anything else can fail.
@@ -274,7 +272,7 @@ def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict
         listing = esi.list_recent(character_id=user["character_id"], token=token, etag=etag,
                                   corporation_id=owner_id if owner == "corporation" else None)
     except esi_errors.NotModified as exc:
-        db.save_list_cache(conn, owner, owner_id, etag, _expiry(_answered_at(now, result, options), exc.expires_in))
+        db.save_list_cache(conn, owner, owner_id, etag, _list_expiry(now, result, options, exc.expires_in))
         return
     except esi_errors.Forbidden:
         raise
@@ -285,8 +283,7 @@ def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict
     except esi_errors.EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
     result.linked_new = db.store_refs(conn, owner, owner_id, listing.refs)
-    db.save_list_cache(conn, owner, owner_id, listing.etag,
-                       _expiry(_answered_at(now, result, options), listing.expires_in))
+    db.save_list_cache(conn, owner, owner_id, listing.etag, _list_expiry(now, result, options, listing.expires_in))
     result.listed = len(listing.refs)
     log.info("  📥 Found %d killmails", result.listed)
 
@@ -459,14 +456,14 @@ def run_row(result: SyncResult) -> dict:
             if f.name not in ("character_name", "retry_after", "linked_new")}
 
 
-def _answered_at(now: datetime, result: SyncResult, options: SyncOptions) -> datetime:
-    """`now` moved on by the time the job has run so far: a list's Expires counts from its answer, which may
-    come long after the job's start (a token refresh, a pause, retried timeouts)."""
-    return now + max(timedelta(0), options.clock() - result.started_at)
-
-
-def _expiry(now: datetime, expires_in: float | None) -> datetime | None:
-    return now + timedelta(seconds=expires_in) if expires_in is not None else None
+def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,
+                 expires_in: float | None) -> datetime | None:
+    """When a list just answered expires, on the job's clock: its Expires counts from the answer, which may come
+    long after the job's start (a token refresh, a pause, retried timeouts), so `now` moves on by that much."""
+    if expires_in is None:
+        return None
+    answered_at = now + max(timedelta(0), options.clock() - result.started_at)
+    return answered_at + timedelta(seconds=expires_in)
 
 
 def _job_error(what: str, exc: esi_errors.EsiError) -> JobError:
@@ -477,4 +474,6 @@ def _job_error(what: str, exc: esi_errors.EsiError) -> JobError:
         error.retry_after = exc.reset
     elif isinstance(exc, esi_errors.Paused):
         error.retry_after = max(0.0, (exc.until - datetime.now(timezone.utc)).total_seconds())
+    elif isinstance(exc, esi_errors.InvalidClient):
+        error.retry_after = esi_errors.INVALID_CLIENT_PAUSE  # the SSO pause every process now keeps
     return error
