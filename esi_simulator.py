@@ -65,9 +65,10 @@ _ESI_ROUTES = [
 _TOKEN_PATH = re.compile(r"^/v2/oauth/token/?$")
 _BARE_REQUESTS_AGENT = re.compile(r"^python-requests/[\w.]+$", re.IGNORECASE)
 _REASONS = {420: "Error Limited"}
-# Server worker threads: each request sleeping for latency_ms holds one, so this many overlap; idle keep-alive
-# connections hold none (cheroot parks them in a selector until their next request arrives).
-SERVER_THREADS = 96
+# Server worker threads: each request sleeping for latency_ms holds one, so this many overlap (a worker's five
+# children at DETAIL_CONCURRENCY=32 have 160 in flight; real ESI has no such cap); idle keep-alive connections
+# hold none (cheroot parks them in a selector until their next request arrives).
+SERVER_THREADS = 256
 
 # Type ids that look like the real thing; the worker treats them as opaque numbers.
 _SHIPS = [587, 603, 11377, 17478, 24690, 29984, 33468, 12005, 11987, 22852, 17738, 670]
@@ -104,7 +105,13 @@ class Killmail:
     when: int
     body: dict
     created: int
-    raw: tuple[bytes, str] | None = None  # the body's JSON and ETag, made on first use (bodies never change)
+    raw: tuple[bytes, str] = field(init=False)  # the body's JSON and ETag (bodies never change)
+
+    def __post_init__(self) -> None:
+        # Made with the world, not on the first fetch: serving should cost the simulator little CPU, since it
+        # shares the machine with the worker it measures (real ESI does its encoding elsewhere).
+        raw = _json(self.body)
+        self.raw = (raw, _etag(raw))
 
 
 @dataclass
@@ -576,9 +583,6 @@ class Simulator:
             body = _json({k: v for k, v in killmail.body.items() if k != "victim"})
             etag = _etag(body)
         else:
-            if killmail.raw is None:
-                raw = _json(killmail.body)
-                killmail.raw = (raw, _etag(raw))
             body, etag = killmail.raw
         reply = _cached(request, body, killmail.created, int(now) + DETAIL_CACHE_SECONDS, "public", now, etag)
         reply.detail_id = killmail.killmail_id

@@ -95,6 +95,10 @@ class Child:
 
     def run(self) -> int:
         """Consume until stopped (or, in burst mode, until the queue is empty); reconnect on broker loss."""
+        try:
+            self.ensure_db()  # before the first job, which should not wait for a connection
+        except psycopg.OperationalError:
+            return 0  # stopped while PostgreSQL was unreachable
         failures = 0
         while not self.stopping.is_set():
             try:
@@ -220,8 +224,7 @@ class Child:
 
     def sync_options(self, **job) -> sync.SyncOptions:
         """This process's settings for sync, with a job's own (full, attempt)."""
-        return sync.SyncOptions(max_attempts=self.settings.max_attempts,
-                                detail_concurrency=self.settings.detail_concurrency, worker=self.worker_name, **job)
+        return sync.SyncOptions(max_attempts=self.settings.max_attempts, worker=self.worker_name, **job)
 
     def sweep_if_due(self) -> None:
         """Every SWEEP_EVERY seconds, after a job, fetch a few killmails whose pilots all need a new login (they

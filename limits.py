@@ -87,6 +87,7 @@ class SharedLimits:
         self._connect = connect
         self._conn = None
         self._lock = threading.Lock()
+        self._pace_lock = threading.Lock()
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._sleep = sleep
         self._state: dict[str, dict] = {}
@@ -100,16 +101,22 @@ class SharedLimits:
     def before(self, bucket: str, *, pace: bool) -> None:
         """Wait while the error limit or this bucket is paused, then take a paced slot where asked."""
         keys = [bucket] if bucket == SSO_BUCKET else [ERROR_LIMIT_BUCKET, bucket]  # SSO is not under ESI's
-        state = self._read(keys)
-        self._wait_out_pause(bucket, state)
-        for _ in range(SLOT_RETRIES):
-            if not (pace and self._wait_for_slot(bucket, state)):
-                return
-            # A 429 or 420 seen elsewhere while this call waited for its slot holds it back too; after the pause
-            # it takes a new slot, so the calls held back do not all go at once when the pause ends.
+        if not pace:
+            self._wait_out_pause(bucket, self._read(keys))
+            return
+        # One paced call per process holds a slot it waits for; the process's other threads queue here. So the
+        # shared schedule runs at most one slot per process ahead, however many detail threads a process has.
+        with self._pace_lock:
             state = self._read(keys)
-            if not self._wait_out_pause(bucket, state):
-                return
+            self._wait_out_pause(bucket, state)
+            for _ in range(SLOT_RETRIES):
+                if not self._wait_for_slot(bucket, state):
+                    return
+                # A 429 or 420 seen elsewhere while this call waited for its slot holds it back too; after the
+                # pause it takes a new slot, so the calls held back do not all go at once when the pause ends.
+                state = self._read(keys)
+                if not self._wait_out_pause(bucket, state):
+                    return
         raise Paused(f"{bucket} paused again and again while waiting for a slot", bucket=bucket,
                      until=self._clock() + timedelta(seconds=MAX_INLINE_WAIT))
 

@@ -40,7 +40,7 @@ class Settings:
     esi_user_agent: str = ""
     sync_interval_seconds: int = 300
     esi_compatibility_date: str = DEFAULT_COMPATIBILITY_DATE
-    detail_concurrency: int = 4
+    detail_concurrency: int = 32
     max_attempts: int = 8
     retry_base_seconds: int = 30
     http_timeout_seconds: float = 20.0
@@ -148,7 +148,7 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         esi_user_agent=user_agent,
         sync_interval_seconds=_integer(env, "SYNC_INTERVAL_SECONDS", 300, 30, 86400 * 7),
         esi_compatibility_date=_compatibility_date(env, today),
-        detail_concurrency=_integer(env, "DETAIL_CONCURRENCY", 4, 1, 16),
+        detail_concurrency=_integer(env, "DETAIL_CONCURRENCY", 32, 1, 64),
         max_attempts=_integer(env, "MAX_ATTEMPTS", 8, 1, 50),
         retry_base_seconds=_integer(env, "RETRY_BASE_SECONDS", 30, 1, 3600),
         http_timeout_seconds=float(_integer(env, "HTTP_TIMEOUT_SECONDS", 20, 1, 300)),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, wait
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -62,10 +62,9 @@ class SyncResult:
 
 @dataclass(frozen=True)
 class SyncOptions:
-    """How a job runs: limits on retries and concurrency, the clock, and whether to ignore stored ETags."""
+    """How a job runs: its limit on retries, the clock, and whether to ignore stored ETags."""
 
     max_attempts: int = 8
-    detail_concurrency: int = 4
     full: bool = False
     attempt: int = 1
     worker: str | None = None
@@ -325,16 +324,19 @@ def sweep_stranded(conn, esi: EsiClient, now: datetime, options: SyncOptions) ->
 
 def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, options: SyncOptions,
                    result: SyncResult) -> None:
-    """Fetch and save claimed references a few at a time; release what was not fetched."""
+    """Fetch (on the client's detail threads) and save claimed references; release what was not fetched."""
     unfetched = {r["killmail_id"] for r in claimed}
-    with ThreadPoolExecutor(max_workers=options.detail_concurrency, thread_name_prefix="detail") as pool:
-        futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"]) for r in claimed]
-        try:
-            stop = _collect(conn, claimed, futures, unfetched, now, options, result)
-        except BaseException:
-            # The job dies (its database connection, most likely) and is run again: fetch nothing more now.
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    pool = esi.detail_pool()
+    futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"]) for r in claimed]
+    try:
+        stop = _collect(conn, claimed, futures, unfetched, now, options, result)
+    except BaseException:
+        # The job dies (its database connection, most likely) and is run again: fetch nothing more now, and
+        # let the fetches under way end before the rerun claims the same references.
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
     db.release_refs(conn, sorted(unfetched))
     conn.commit()
     log.info("  ✅ Saved: %d, Skipped: %d%s", result.saved, result.skipped,

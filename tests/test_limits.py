@@ -278,3 +278,38 @@ def test_the_detail_bucket_is_shared_and_paced_whatever_the_egress_name(conn, da
     shown = {b["bucket"]: b["buckets"] for b in db.esi_limit_buckets(conn, NOW)}
     assert shown == {bucket: 1, "char-killmail": 2}  # the status page folds characters, not egress names
     shared.close()
+
+
+def test_one_paced_call_per_process_waits_for_a_slot_while_its_other_threads_queue(conn, database_url):
+    """However many detail threads a process runs, it holds one slot ahead in the shared schedule: the others
+    wait in the process, so a process that stops (or dies) leaves at most one slot of the schedule unused."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import db
+    import limits
+    from limits import SharedLimits
+
+    sleeping, most, guard = [0], [0], threading.Lock()
+
+    def sleep(seconds: float) -> None:  # a paced wait, long enough for the other threads to reach theirs
+        with guard:
+            sleeping[0] += 1
+            most[0] = max(most[0], sleeping[0])
+        time.sleep(0.01)
+        with guard:
+            sleeping[0] -= 1
+
+    shared = SharedLimits(lambda: db.connect(database_url, autocommit=True), clock=lambda: NOW, sleep=sleep)
+    shared.after("killmail", 200, HEALTHY)
+    for _ in range(limits.burst_allowance(3600) + 2):  # the rested bucket's burst, then a paced call
+        shared.before("killmail", pace=True)
+    (before,) = db.limit_state(conn, ["killmail"])
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda _: shared.before("killmail", pace=True), range(16)))
+    assert most == [1]  # sixteen calls waited for their slots, one at a time
+    (after,) = db.limit_state(conn, ["killmail"])
+    ahead = (after["next_slot"] - before["next_slot"]).total_seconds()
+    assert ahead == pytest.approx(16 * limits.detail_spacing(3600, 900))  # a slot each, none taken twice
+    shared.close()
