@@ -49,6 +49,10 @@ def test_five_kill_9_mid_job_lose_nothing_and_store_nothing_twice(conn, fast, da
 
     wait_until(lambda: users_idle(conn) and queue_counts(queue_name) == [0], timeout=180,
                what="every job, the killed ones redelivered, to finish", interval=0.3)
+    # The parent notices a death when it is not sleeping out the restart delay of an earlier one: the redelivered
+    # jobs can all be done before it has seen the last kill.
+    wait_until(lambda: worker.count("exited with -9; starting another") == KILLS, timeout=120,
+               what=f"the parent to see all {KILLS} kills", interval=0.2)
     # Nothing is left to do; the parent may still be waiting to replace the last child it lost. SIGTERM must not
     # wait for that: it is relayed at once, and idle children exit at once.
     children = len(worker.children())
