@@ -63,9 +63,14 @@ def retry_delay(attempt: int, base: int, rng: random.Random) -> float:
     return base * 2 ** (attempt - 1) * (1 + rng.uniform(0, JITTER))
 
 
+def declare_job_queue(channel, queue: str) -> None:
+    """Declare the job queue (durable, with priorities), all a producer publishes to."""
+    channel.queue_declare(queue, durable=True, arguments={"x-max-priority": MAX_PRIORITY})
+
+
 def declare_topology(channel, queue: str, *, max_attempts: int) -> None:
     """Declare the job queue, its retry queues and its dead-letter queue (the same way in every process)."""
-    channel.queue_declare(queue, durable=True, arguments={"x-max-priority": MAX_PRIORITY})
+    declare_job_queue(channel, queue)
     for attempt in range(1, max_attempts):
         channel.queue_declare(retry_queue(queue, attempt), durable=True, arguments={
             "x-dead-letter-exchange": "",

@@ -160,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             channel = connection.channel()
             channel.confirm_delivery()
-            broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
             if args.stats:
+                broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
                 print_stats(conn, connection, settings, now)
                 return 0
+            # Only what this run publishes to: the retry and dead-letter queues are the workers' (each declares
+            # them before it consumes); declaring them here too took 20 ms of the run's 200.
+            broker.declare_job_queue(channel, settings.queue_name)
             if args.character_id is not None:
                 try:
                     queued, message = queue_one(conn, channel, settings, args.character_id, now, full=args.full)
