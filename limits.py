@@ -28,6 +28,7 @@ FLOOR_TOKENS = 2           # ... and never below the cost of one more answer (a 
 MAX_INLINE_WAIT = 30.0     # a longer pause fails the job into the retry queue rather than holding a process
 SLOT_RETRIES = 3           # a paced call paused this often while waiting for its slot gives up (Paused)
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared state
+FIRST_ANSWER_WAIT = 20.0   # at most this long a paced call waits for the first answer of a bucket not yet known
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -97,6 +98,9 @@ class SharedLimits:
         self._owner_pauses: dict[str, dict] = {}
         self._owners_read_at = -STATE_TTL
         self._written_at: dict[str, float] = {}
+        # Paced buckets this process has had an answer from, and the first answer awaited from the others.
+        self._answered: set[str] = set()
+        self._first_answer: dict[str, threading.Event] = {}
 
     def before(self, bucket: str, *, pace: bool) -> None:
         """Wait while the error limit or this bucket is paused, then take a paced slot where asked."""
@@ -108,6 +112,8 @@ class SharedLimits:
         # shared schedule runs at most one slot per process ahead, however many detail threads a process has.
         with self._pace_lock:
             state = self._read(keys)
+            if self._await_first_answer(bucket, state):
+                state = self._read(keys)
             self._wait_out_pause(bucket, state)
             for _ in range(SLOT_RETRIES):
                 if not self._wait_for_slot(bucket, state):
@@ -119,6 +125,23 @@ class SharedLimits:
                     return
         raise Paused(f"{bucket} paused again and again while waiting for a slot", bucket=bucket,
                      until=self._clock() + timedelta(seconds=MAX_INLINE_WAIT))
+
+    def _await_first_answer(self, bucket: str, state: list[dict]) -> bool:
+        """While a paced bucket's limit is unknown (a new database, a new ESI_EGRESS name) and this process has
+        had no answer from it, one call goes and the process's other calls wait for its answer, which tells the
+        limit (pacing starts) or that the bucket has none. Otherwise every detail thread would start at once,
+        unpaced. Called under the pace lock; True if it waited."""
+        row = next((s for s in state if s["bucket"] == bucket), {})
+        waited = False
+        while bucket not in self._answered and not row.get("limit_tokens"):
+            asked = self._first_answer.get(bucket)
+            if asked is None:  # this call asks
+                self._first_answer[bucket] = threading.Event()
+                break
+            waited = True
+            if not asked.wait(FIRST_ANSWER_WAIT):
+                self._first_answer.pop(bucket, None)  # no answer in time: this call asks instead
+        return waited
 
     def _wait_out_pause(self, bucket: str, state: list[dict]) -> bool:
         """Sleep through a short pause of these buckets (True if there was one); Paused for a long one."""
@@ -135,6 +158,13 @@ class SharedLimits:
 
     def after(self, bucket: str, status: int, headers: Any) -> None:
         """Feed a response's limit headers into the shared state."""
+        asked = self._first_answer.get(bucket)
+        if asked is not None and bucket not in self._answered:
+            if status:
+                self._answered.add(bucket)
+            else:  # a timeout tells nothing: the next call asks again
+                self._first_answer.pop(bucket, None)
+            asked.set()
         now = self._clock()
         pauses = pause_after(status, headers, now, per_owner=_per_owner(bucket))
         limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
@@ -218,6 +248,10 @@ class SharedLimits:
                 self._conn = None
                 if attempt == 2:
                     raise
+
+    def open(self) -> None:
+        """Connect now (a child does before its first job) rather than on the first call's read."""
+        self._with_conn(lambda conn: None)
 
     def close(self) -> None:
         """Close the process's limits connection."""

@@ -185,3 +185,37 @@ def test_corporations_are_queued_and_synced_through_their_directors(conn, sim, s
     assert sim.stats()["duplicate_detail_fetches"] == 0
     kinds = conn.execute("SELECT kind, status, count(*) AS n FROM sync_runs GROUP BY 1, 2 ORDER BY 1").fetchall()
     assert [(k["kind"], k["status"], k["n"]) for k in kinds] == [("character", "ok", 8), ("corporation", "ok", 2)]
+
+
+ARENA_PROBE = """
+import ctypes, sys, threading
+import killmail_worker
+if sys.argv[1] == "capped":
+    killmail_worker.cap_malloc_arenas()
+start = threading.Barrier(16)
+def churn():
+    start.wait()  # all at once, so that glibc finds its arenas busy and would make new ones
+    for _ in range(300):
+        [bytearray(2000) for _ in range(50)]
+threads = [threading.Thread(target=churn) for _ in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena n:" paragraph per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize("mode", ["capped", "uncapped"])
+def test_the_worker_caps_glibc_malloc_arenas_for_its_detail_threads(mode):
+    """Each thread that allocates may get a glibc arena of its own (up to 8 per core), and a child's RSS then
+    grows with its DETAIL_CONCURRENCY threads; the worker caps them at MALLOC_ARENAS before it forks."""
+    import killmail_worker
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    arenas = done.stderr.count("Arena ")
+    if mode == "capped":
+        assert 1 <= arenas <= killmail_worker.MALLOC_ARENAS
+    else:
+        assert arenas > killmail_worker.MALLOC_ARENAS  # what the cap is for: the probe does make more

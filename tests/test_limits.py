@@ -313,3 +313,50 @@ def test_one_paced_call_per_process_waits_for_a_slot_while_its_other_threads_que
     ahead = (after["next_slot"] - before["next_slot"]).total_seconds()
     assert ahead == pytest.approx(16 * limits.detail_spacing(3600, 900))  # a slot each, none taken twice
     shared.close()
+
+
+def test_until_a_bucket_is_known_one_paced_call_goes_and_the_others_wait_for_its_answer(conn, database_url):
+    """A new database (or a new ESI_EGRESS name) knows no detail bucket yet: the first answer tells it, and
+    until then a process's detail threads must not all go at once, unpaced."""
+    import threading
+
+    import db
+    import limits
+    from limits import SharedLimits
+
+    shared = SharedLimits(lambda: db.connect(database_url, autocommit=True), clock=lambda: NOW, sleep=lambda s: None)
+    shared.before("killmail", pace=True)  # the first call asks
+    gone = threading.Event()
+    second = threading.Thread(target=lambda: (shared.before("killmail", pace=True), gone.set()))
+    second.start()
+    assert not gone.wait(0.3)  # held back while the first call has no answer
+    shared.after("killmail", 200, HEALTHY)  # the answer: 3600/15m
+    assert gone.wait(5)
+    second.join()
+    shared.before("killmail", pace=True)  # known now: paced from the shared schedule, no waiting for an answer
+    (row,) = db.limit_state(conn, ["killmail"])
+    assert (row["limit_tokens"], row["window_seconds"]) == (3600, 900) and row["next_slot"] is not None
+    shared.close()
+
+
+def test_a_bucket_that_answers_without_a_limit_is_not_paced_and_a_timeout_is_no_answer(conn, database_url):
+    import threading
+
+    import db
+    from limits import SharedLimits
+
+    shared = SharedLimits(lambda: db.connect(database_url, autocommit=True), clock=lambda: NOW, sleep=lambda s: None)
+    shared.before("killmail", pace=True)
+    shared.after("killmail", 0, {})  # the first call timed out: it told nothing
+    shared.before("killmail", pace=True)  # so the next call asks again, without waiting
+    gone = threading.Event()
+    third = threading.Thread(target=lambda: (shared.before("killmail", pace=True), gone.set()))
+    third.start()
+    assert not gone.wait(0.3)
+    shared.after("killmail", 200, {"X-ESI-Error-Limit-Remain": "100", "X-ESI-Error-Limit-Reset": "30"})
+    assert gone.wait(5)
+    third.join()
+    for _ in range(50):  # an answer without X-Ratelimit-*: no bucket to pace against, nothing waits
+        shared.before("killmail", pace=True)
+    assert db.limit_state(conn, ["killmail"]) == [] or db.limit_state(conn, ["killmail"])[0]["next_slot"] is None
+    shared.close()
