@@ -27,6 +27,8 @@ INT32 = 2 ** 31     # but for the item flag and singleton, stored as INTEGER (bo
 
 def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int = INT64) -> int | None:
     value = obj.get(key)
+    if type(value) is int and -bound <= value < bound:  # the usual case first (a bool is no int here)
+        return value
     if value is None:
         if required:
             raise InvalidKillmail(f"{where}.{key} is missing")
