@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import CancelledError, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, wait
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -347,32 +347,41 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
 
 def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,
              result: SyncResult) -> esi_errors.EsiError | None:
-    """Save fetched killmails in small batches as they arrive, record failures, and return the limit error
+    """Save fetched killmails in small batches as they arrive (in the order they arrive: paced fetches end in no
+    set order, and one slow fetch must not hold the others unsaved), record failures, and return the limit error
     that stopped the fetching (None when all were tried). Ids left in `unfetched` were never fetched."""
     stop: esi_errors.EsiError | None = None
     fetched: list[Killmail] = []
     batch_started = time.monotonic()
-    for ref, future in zip(claimed, futures):
-        killmail_id = ref["killmail_id"]
-        try:
-            killmail = future.result()
-        except CancelledError:
-            continue
-        except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
-            # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
-            stop = stop or exc
-            for other in futures:
-                other.cancel()
-            continue
-        except (esi_errors.EsiError, InvalidKillmail) as exc:
+    refs = dict(zip(futures, claimed))
+    pending = set(futures)
+    while pending:
+        timeout = max(0.0, batch_started + SAVE_EVERY - time.monotonic()) if fetched else None
+        done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            killmail_id = refs[future]["killmail_id"]
+            try:
+                killmail = future.result()
+            except CancelledError:
+                continue
+            except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
+                # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
+                stop = stop or exc
+                for other in pending:
+                    other.cancel()
+                continue
+            except (esi_errors.EsiError, InvalidKillmail) as exc:
+                unfetched.discard(killmail_id)
+                _record_failure(conn, killmail_id, exc, now, options, result)
+                continue
             unfetched.discard(killmail_id)
-            _record_failure(conn, killmail_id, exc, now, options, result)
-            continue
-        unfetched.discard(killmail_id)
-        if not fetched:
-            batch_started = time.monotonic()
-        fetched.append(killmail)
-        if len(fetched) >= SAVE_BATCH or time.monotonic() - batch_started >= SAVE_EVERY:
+            if not fetched:
+                batch_started = time.monotonic()
+            fetched.append(killmail)
+            if len(fetched) >= SAVE_BATCH:
+                _save(conn, fetched, now, options, result)
+                fetched = []
+        if fetched and time.monotonic() - batch_started >= SAVE_EVERY:
             _save(conn, fetched, now, options, result)
             fetched = []
     _save(conn, fetched, now, options, result)

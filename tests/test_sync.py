@@ -398,3 +398,32 @@ def test_a_429_on_details_stops_the_job_releases_the_rest_and_the_retry_finishes
     result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
     assert result.status == "ok" and ids <= stored_ids(conn)
     assert sim.stats()["duplicate_detail_fetches"] == 0
+
+
+def test_fetched_killmails_are_saved_as_they_arrive_not_behind_a_slower_fetch(conn, sim, database_url, monkeypatch):
+    """Paced fetches end in no set order (each waits for its own slot): the one still waiting must not hold
+    those already fetched unsaved, where a killed process would lose them and the bucket pay for them again."""
+    import threading
+    from concurrent.futures import Future
+
+    from conftest import wait_until
+    from killmail_model import parse_killmail
+
+    monkeypatch.setattr(sync, "SAVE_EVERY", 0.05)
+    sim.add_pilots(n_pilots=2, n_killmails=4, share=1, expired_fraction=0.0, revoked=0, corporations=1)
+    bodies = sim.expected_killmails()
+    ids = sorted(bodies)[:4]
+    claimed = [{"killmail_id": i, "killmail_hash": sim.killmail_hash(i)} for i in ids]
+    futures = [Future() for _ in ids]
+    result = sync.SyncResult(0)
+    collecting = threading.Thread(target=sync._collect, args=(conn, claimed, futures, set(ids), now_for(sim),
+                                                              sync.SyncOptions(), result), daemon=True)
+    collecting.start()
+    for ref, future in zip(claimed[1:], futures[1:]):  # every fetch but the first one's ends
+        future.set_result(parse_killmail(bodies[ref["killmail_id"]], **ref))
+    with db.connect(database_url) as other:
+        wait_until(lambda: len(stored_ids(other)) == 3, timeout=10, what="the three fetched killmails saved")
+        assert ids[0] not in stored_ids(other)
+        futures[0].set_result(parse_killmail(bodies[ids[0]], **claimed[0]))
+        collecting.join(timeout=10)
+        assert stored_ids(other) >= set(ids) and result.saved == 4
