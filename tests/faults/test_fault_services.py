@@ -27,7 +27,9 @@ def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url
     sim.configure(latency_ms=20)
     sim.add_pilots(n_pilots=24, n_killmails=2400, share=1, expired_fraction=0.2, revoked=0, corporations=3)
     insert_users(conn, sim.pilots())
-    settings = fault_settings(database_url, sim, queue_name)
+    # Four detail threads per child, not the default 32: jobs long enough for the broker to go down under them
+    # each time (at 32 the queue can be empty before the last restart).
+    settings = fault_settings(database_url, sim, queue_name, detail_concurrency=4)
     queued = queue_all(settings)
     steady = workers(settings)                 # runs until stopped
     burst = workers(settings, "--burst")       # exits once the queue is empty
@@ -76,7 +78,7 @@ def test_database_sessions_terminated_under_running_jobs(conn, fast, database_ur
     sim.configure(latency_ms=20)
     sim.add_pilots(n_pilots=24, n_killmails=2400, share=1, expired_fraction=0.5, revoked=0, corporations=3)
     insert_users(conn, sim.pilots())
-    settings = fault_settings(database_url, sim, queue_name)
+    settings = fault_settings(database_url, sim, queue_name, detail_concurrency=4)  # long jobs, as above
     queued = queue_all(settings)
     steady = workers(settings)
     burst = workers(settings, "--burst")
