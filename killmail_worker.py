@@ -102,9 +102,10 @@ class Child:
             self.ensure_db()  # before the first job, which should not wait for its connections
             self.limits.open()
         except psycopg.OperationalError:
+            # PostgreSQL went away again (the limits connect on their first read), or the child was stopped
+            # while it was unreachable.
             if self.stopping.is_set():
-                return 0  # stopped while PostgreSQL was unreachable
-            self.limits.close()  # PostgreSQL went away again: the limits reconnect on their first read
+                return 0
         failures = 0
         while not self.stopping.is_set():
             try:

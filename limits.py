@@ -98,8 +98,7 @@ class SharedLimits:
         self._owner_pauses: dict[str, dict] = {}
         self._owners_read_at = -STATE_TTL
         self._written_at: dict[str, float] = {}
-        # Paced buckets this process has had an answer from, and the first answer awaited from the others.
-        self._answered: set[str] = set()
+        # Per paced bucket whose limit was not known, the first answer this process awaits (set once it came).
         self._first_answer: dict[str, threading.Event] = {}
 
     def before(self, bucket: str, *, pace: bool) -> None:
@@ -133,10 +132,12 @@ class SharedLimits:
         unpaced. Called under the pace lock; True if it waited."""
         row = next((s for s in state if s["bucket"] == bucket), {})
         waited = False
-        while bucket not in self._answered and not row.get("limit_tokens"):
+        while not row.get("limit_tokens"):
             asked = self._first_answer.get(bucket)
             if asked is None:  # this call asks
                 self._first_answer[bucket] = threading.Event()
+                break
+            if asked.is_set():  # answered
                 break
             waited = True
             if not asked.wait(FIRST_ANSWER_WAIT):
@@ -159,10 +160,8 @@ class SharedLimits:
     def after(self, bucket: str, status: int, headers: Any) -> None:
         """Feed a response's limit headers into the shared state."""
         asked = self._first_answer.get(bucket)
-        if asked is not None and bucket not in self._answered:
-            if status:
-                self._answered.add(bucket)
-            else:  # a timeout tells nothing: the next call asks again
+        if asked is not None and not asked.is_set():
+            if not status:  # a timeout tells nothing: the next call asks again
                 self._first_answer.pop(bucket, None)
             asked.set()
         now = self._clock()
