@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import random
 from collections import Counter
 from datetime import datetime, timezone
@@ -107,6 +108,37 @@ def test_the_session_takes_proxies_and_ca_bundle_from_settings_not_from_the_envi
     assert session.proxies == {"https://esi.example": "http://proxy:3128"}
     assert session.verify == "/etc/ssl/corp.pem"
     assert esi.new_session(Settings(esi_user_agent="ua")).verify is True
+
+
+def test_every_call_goes_through_the_sessions_proxies_ca_bundle_and_timeout(http, sleeps):
+    settings = dataclasses.replace(SETTINGS, http_proxies=(("https://esi.example", "http://proxy:3128"),),
+                                   ca_bundle="/etc/ssl/corp.pem")
+    client = EsiClient(settings, sleep=sleeps.append)
+    add_page(http, 1, refs(1))
+    http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
+    http.add(responses.POST, SSO_URL, json=GRANT)
+    client.list_recent(character_id=42, token=TOKEN)
+    client.get_killmail(1001, "abc123")
+    client.refresh(REFRESH)
+    assert len(http.calls) == 3
+    for call in http.calls:
+        sent = call.request.req_kwargs
+        assert sent["proxies"] == {"https://esi.example": "http://proxy:3128"}
+        assert sent["verify"] == "/etc/ssl/corp.pem"
+        assert sent["timeout"] == settings.http_timeout_seconds
+
+
+def test_a_killmail_hash_is_quoted_into_its_path(http, client):
+    http.add(responses.GET, "https://esi.example/killmails/1001/a%2Fb%3Fc%20d/", json=KILLMAIL)
+    client.get_killmail(1001, "a/b?c d")
+    assert http.calls[0].request.url == "https://esi.example/killmails/1001/a%2Fb%3Fc%20d/"
+
+
+def test_list_page_numbers_go_in_the_query(http, client):
+    add_page(http, 1, refs(1), **{"X-Pages": "2"})
+    add_page(http, 2, refs(2))
+    client.list_recent(character_id=42, token=TOKEN)
+    assert [call.request.url for call in http.calls] == [f"{LIST_URL}?page=1", f"{LIST_URL}?page=2"]
 
 
 def test_list_sends_bearer_token_and_public_routes_do_not(http, client):
