@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+import queue
 import time
-from concurrent.futures import FIRST_COMPLETED, CancelledError, wait
+from concurrent.futures import CancelledError, wait
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -354,34 +355,41 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
     fetched: list[Killmail] = []
     batch_started = time.monotonic()
     refs = dict(zip(futures, claimed))
-    pending = set(futures)
-    while pending:
+    # Each future lands here once when it ends (fetched, failed or cancelled): one put per fetch, where waiting
+    # on the set of pending futures again after each arrival would cost a pass over all of them.
+    arrived: queue.SimpleQueue = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(arrived.put)
+    left = len(futures)
+    while left:
         timeout = max(0.0, batch_started + SAVE_EVERY - time.monotonic()) if fetched else None
-        done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
-        for future in done:
-            killmail_id = refs[future]["killmail_id"]
-            try:
-                killmail = future.result()
-            except CancelledError:
-                continue
-            except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
-                # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
-                stop = stop or exc
-                for other in pending:
-                    other.cancel()
-                continue
-            except (esi_errors.EsiError, InvalidKillmail) as exc:
-                unfetched.discard(killmail_id)
-                _record_failure(conn, killmail_id, exc, now, options, result)
-                continue
+        try:
+            future = arrived.get(timeout=timeout)
+        except queue.Empty:  # the batch waited long enough
+            _save(conn, fetched, now, options, result)
+            fetched = []
+            continue
+        left -= 1
+        killmail_id = refs[future]["killmail_id"]
+        try:
+            killmail = future.result()
+        except CancelledError:
+            continue
+        except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
+            # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
+            stop = stop or exc
+            for other in futures:
+                other.cancel()
+            continue
+        except (esi_errors.EsiError, InvalidKillmail) as exc:
             unfetched.discard(killmail_id)
-            if not fetched:
-                batch_started = time.monotonic()
-            fetched.append(killmail)
-            if len(fetched) >= SAVE_BATCH:
-                _save(conn, fetched, now, options, result)
-                fetched = []
-        if fetched and time.monotonic() - batch_started >= SAVE_EVERY:
+            _record_failure(conn, killmail_id, exc, now, options, result)
+            continue
+        unfetched.discard(killmail_id)
+        if not fetched:
+            batch_started = time.monotonic()
+        fetched.append(killmail)
+        if len(fetched) >= SAVE_BATCH:
             _save(conn, fetched, now, options, result)
             fetched = []
     _save(conn, fetched, now, options, result)
