@@ -228,7 +228,9 @@ class _Connection(socketserver.StreamRequestHandler):
             "wsgi.input": BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
         })
-        close = version != "HTTP/1.1" or environ.get("HTTP_CONNECTION", "").lower() == "close"
+        # Connection is a list of tokens (RFC 9110 7.6.1): "keep-alive, close" closes too.
+        tokens = {token.strip() for token in environ.get("HTTP_CONNECTION", "").lower().split(",")}
+        close = version != "HTTP/1.1" or "close" in tokens
         started: list = []
         try:
             payload = b"".join(self.server.app(environ, lambda status, headers, exc_info=None:

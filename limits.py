@@ -130,7 +130,7 @@ class SharedLimits:
         had no answer from it, one call goes and the process's other calls wait for its answer, which tells the
         limit (pacing starts) or that the bucket has none. Otherwise every detail thread would start at once,
         unpaced. Called under the pace lock; True if it waited."""
-        row = next((s for s in state if s["bucket"] == bucket), {})
+        row = _row(state, bucket)
         waited = False
         while not row.get("limit_tokens"):
             asked = self._first_answer.get(bucket)
@@ -192,8 +192,8 @@ class SharedLimits:
 
     def _wait_for_slot(self, bucket: str, state: list[dict]) -> bool:
         """Take the bucket's next shared slot and sleep until it; True if that meant waiting."""
-        row = next((s for s in state if s["bucket"] == bucket), None)
-        if not row or not row.get("limit_tokens") or not row.get("window_seconds"):
+        row = _row(state, bucket)
+        if not row.get("limit_tokens") or not row.get("window_seconds"):
             return False  # no limit seen yet for this bucket: nothing to pace against
         spacing = detail_spacing(row["limit_tokens"], row["window_seconds"])
         # After a pause the bucket is not rested: the schedule starts again, paced, where the pause ended.
@@ -257,6 +257,11 @@ class SharedLimits:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _row(state: list[dict], bucket: str) -> dict:
+    """This bucket's row of the state read ({} when it has none)."""
+    return next((s for s in state if s["bucket"] == bucket), {})
 
 
 def _paused_until(state: list[dict]) -> datetime | None:

@@ -348,6 +348,18 @@ def test_a_session_keeps_one_connection_alive():
         sim.stop()
 
 
+@pytest.mark.parametrize("connection", ["close", "Close", "keep-alive, close", "Upgrade,close"])
+def test_connection_close_among_other_tokens_closes_after_the_answer(esi, connection):
+    host, port = urlsplit(esi.base).hostname, urlsplit(esi.base).port
+    with socket.create_connection((host, port), timeout=5) as raw:
+        raw.sendall(f"GET /nope HTTP/1.1\r\nHost: x\r\nUser-Agent: t/1 (a@b)\r\nX-Compatibility-Date: 2026-08-18\r\n"
+                    f"Connection: {connection}\r\n\r\n".encode())
+        data = b""
+        while chunk := raw.recv(65536):  # ends only when the server closes the connection
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 404 ") and b"\r\nConnection: close\r\n" in data
+
+
 def test_one_date_and_one_server_header_and_no_body_for_head(esi):
     host, port = urlsplit(esi.base).hostname, urlsplit(esi.base).port
     with socket.create_connection((host, port), timeout=5) as raw:
