@@ -398,7 +398,12 @@ class EsiClient:
                 response = self.session.get_adapter(request.url).send(
                     request, timeout=self.settings.http_timeout_seconds, proxies=self.session.proxies,
                     verify=self.session.verify, cert=self.session.cert)
-            except (requests.Timeout, requests.ConnectionError) as exc:
+                # Read the whole answer now, as Session.send does: only then does the connection go back to the
+                # pool. A 304 or an error answer nobody reads would leave it out, and the next call would open
+                # (over TLS, handshake and all) a new one.
+                response.content
+            # A timeout, a refused or reset connection, or one that broke while the body was read: retried.
+            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 self._count(group, 0)
                 if bucket:
                     self.limits.after(bucket, 0, {})  # a timeout counts against the error limit too

@@ -128,6 +128,23 @@ def test_every_call_goes_through_the_sessions_proxies_ca_bundle_and_timeout(http
         assert sent["timeout"] == settings.http_timeout_seconds
 
 
+def test_every_answer_gives_its_connection_back_to_the_pool(sim):
+    """304s and error answers carry nothing the client reads, but their connection must still be reused: over
+    TLS each new one costs a handshake."""
+    from conftest import make_settings
+    sim.add_pilots(n_pilots=1, n_killmails=3, share=1, expired_fraction=0.0, revoked=0, corporations=1)
+    pilot = sim.pilots()[0]
+    client = EsiClient(make_settings("postgresql://unused/unused", sim.base_url))
+    listing = client.list_recent(character_id=pilot["character_id"], token=pilot["access_token"])
+    for _ in range(3):
+        with pytest.raises(NotModified):
+            client.list_recent(character_id=pilot["character_id"], token=pilot["access_token"], etag=listing.etag)
+    with pytest.raises(InvalidHash):
+        client.get_killmail(listing.refs[0][0], "0" * 40)
+    pools = client.session.get_adapter(sim.base_url).poolmanager.pools
+    assert [(pools[key].num_connections, pools[key].num_requests) for key in pools.keys()] == [(1, 5)]
+
+
 def test_a_killmail_hash_is_quoted_into_its_path(http, client):
     http.add(responses.GET, "https://esi.example/killmails/1001/a%2Fb%3Fc%20d/", json=KILLMAIL)
     client.get_killmail(1001, "a/b?c d")
@@ -406,7 +423,8 @@ def test_5xx_then_200_succeeds(http, client, sleeps):
     assert len(sleeps) == 1
 
 
-@pytest.mark.parametrize("exc", [requests.Timeout("read timed out"), requests.ConnectionError("reset by peer")])
+@pytest.mark.parametrize("exc", [requests.Timeout("read timed out"), requests.ConnectionError("reset by peer"),
+                                 requests.exceptions.ChunkedEncodingError("connection broken: IncompleteRead")])
 def test_timeouts_and_broken_connections_are_retried_then_server_error(http, client, sleeps, exc):
     http.add(responses.GET, DETAIL_URL, body=exc)
     with pytest.raises(ServerError) as caught:
