@@ -341,6 +341,9 @@ class EsiClient:
             body = response.json()
         except ValueError:
             body = {}
+        if response.is_redirect:
+            raise SsoError(f"SSO answered {response.status_code}: redirected to {response.headers['Location']}; set "
+                           "SSO_TOKEN_URL to match", status=response.status_code)
         if response.status_code == 200:
             try:
                 return TokenGrant(str(body["access_token"]), str(body["refresh_token"]), int(body["expires_in"]))
@@ -375,6 +378,9 @@ class EsiClient:
             return response
         if status == 304:
             raise NotModified(expires_in=cache_lifetime(response.headers))
+        if response.is_redirect:  # ESI's routes do not move: the base URL is off (http for https, an old host)
+            raise BadRequest(f"GET {path} -> {status}: redirected to {response.headers['Location']}; set "
+                             "ESI_BASE_URL to match", status=status)
         message = f"GET {path} -> {status}: {_error_text(response)}"
         if status == 420:
             raise ErrorLimited(message, reset=_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60))

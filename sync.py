@@ -362,12 +362,13 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
         future.add_done_callback(arrived.put)
     left = len(futures)
     while left:
+        if fetched and time.monotonic() - batch_started >= SAVE_EVERY:  # the batch waited long enough
+            _save(conn, fetched, now, options, result)
+            fetched = []
         timeout = max(0.0, batch_started + SAVE_EVERY - time.monotonic()) if fetched else None
         try:
             future = arrived.get(timeout=timeout)
-        except queue.Empty:  # the batch waited long enough
-            _save(conn, fetched, now, options, result)
-            fetched = []
+        except queue.Empty:
             continue
         left -= 1
         killmail_id = refs[future]["killmail_id"]

@@ -423,8 +423,7 @@ def test_5xx_then_200_succeeds(http, client, sleeps):
     assert len(sleeps) == 1
 
 
-@pytest.mark.parametrize("exc", [requests.Timeout("read timed out"), requests.ConnectionError("reset by peer"),
-                                 requests.exceptions.ChunkedEncodingError("connection broken: IncompleteRead")])
+@pytest.mark.parametrize("exc", [requests.Timeout("read timed out"), requests.ConnectionError("reset by peer")])
 def test_timeouts_and_broken_connections_are_retried_then_server_error(http, client, sleeps, exc):
     http.add(responses.GET, DETAIL_URL, body=exc)
     with pytest.raises(ServerError) as caught:
@@ -432,6 +431,41 @@ def test_timeouts_and_broken_connections_are_retried_then_server_error(http, cli
     assert isinstance(caught.value.__cause__, type(exc))
     assert len(http.calls) == esi.SERVER_RETRIES
     assert len(sleeps) == esi.SERVER_RETRIES - 1
+
+
+def test_a_body_cut_off_mid_read_is_retried_then_server_error(sleeps):
+    """The answer's head arrives, then the connection breaks inside the body (Content-Length not reached)."""
+    import socketserver
+    import threading
+
+    class CutOff(socketserver.StreamRequestHandler):
+        def handle(self):
+            while self.rfile.readline() not in (b"\r\n", b""):
+                pass
+            self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"killmail_id": 10')
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), CutOff) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        settings = dataclasses.replace(SETTINGS, esi_base_url=f"http://127.0.0.1:{server.server_address[1]}")
+        client = EsiClient(settings, sleep=sleeps.append)
+        try:
+            with pytest.raises(ServerError) as caught:
+                client.get_killmail(1001, "abc123")
+        finally:
+            server.shutdown()
+    assert isinstance(caught.value.__cause__, requests.exceptions.ChunkedEncodingError)
+    assert client.take_calls() == Counter({("killmail", 0): esi.SERVER_RETRIES})
+
+
+def test_a_redirect_is_not_followed_and_says_where_it_points(http, client):
+    moved = "https://esi.example/latest/killmails/1001/abc123/"
+    http.add(responses.GET, DETAIL_URL, status=301, headers={"Location": moved})
+    http.add(responses.POST, SSO_URL, status=302, headers={"Location": "https://sso.example/v3/oauth/token"})
+    with pytest.raises(BadRequest, match=f"redirected to {moved}; set ESI_BASE_URL"):
+        client.get_killmail(1001, "abc123")
+    with pytest.raises(SsoError, match="redirected to https://sso.example/v3/oauth/token; set SSO_TOKEN_URL"):
+        client.refresh(REFRESH)
+    assert len(http.calls) == 2
 
 
 def test_a_timeout_then_200_succeeds(http, client):

@@ -400,6 +400,26 @@ def test_a_429_on_details_stops_the_job_releases_the_rest_and_the_retry_finishes
     assert sim.stats()["duplicate_detail_fetches"] == 0
 
 
+def test_a_batch_waits_no_longer_than_save_every_while_fetches_keep_arriving(monkeypatch):
+    """Arrivals queued faster than they are handled must not hold an overdue batch back until SAVE_BATCH."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    clock = iter(range(0, 1000, 2))  # every reading of the clock is two seconds after the last one
+    monkeypatch.setattr(sync, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    saved: list[list[int]] = []
+    monkeypatch.setattr(sync, "_save", lambda conn, batch, *args: saved.append([k.killmail_id for k in batch]))
+    claimed = [{"killmail_id": i, "killmail_hash": f"h{i}"} for i in (1, 2, 3)]
+    futures = []
+    for ref in claimed:  # all three fetched before the job looks: they wait in its queue together
+        future = Future()
+        future.set_result(SimpleNamespace(killmail_id=ref["killmail_id"]))
+        futures.append(future)
+    stop = sync._collect(None, claimed, futures, {1, 2, 3}, None, sync.SyncOptions(), sync.SyncResult(0))
+    assert stop is None
+    assert [batch for batch in saved if batch] == [[1], [2], [3]]
+
+
 def test_fetched_killmails_are_saved_as_they_arrive_not_behind_a_slower_fetch(conn, sim, database_url, monkeypatch):
     """Paced fetches end in no set order (each waits for its own slot): the one still waiting must not hold
     those already fetched unsaved, where a killed process would lose them and the bucket pay for them again."""
