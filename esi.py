@@ -429,15 +429,14 @@ class EsiClient:
         """The request with the session's headers. A GET's URL is made here from the configured base URL and
         quoted parts, so it is built as it is: PreparedRequest.prepare would parse and quote it again and look
         for cookies and auth the client never uses. The SSO POST (a form body) is prepared by requests."""
-        if method != "GET" or data is not None:
-            prepared = requests.PreparedRequest()
-            prepared.prepare(method=method, url=url, headers={**self.session.headers, **headers}, params=params,
-                             data=data)
-            return prepared
         prepared = requests.PreparedRequest()
-        prepared.method = method
-        prepared.url = f"{url}?{urlencode(params)}" if params else url
-        prepared.headers = CaseInsensitiveDict({**self.session.headers, **headers})
+        headers = {**self.session.headers, **headers}
+        if method != "GET" or data is not None:
+            prepared.prepare(method=method, url=url, headers=headers, params=params, data=data)
+        else:
+            prepared.method = method
+            prepared.url = f"{url}?{urlencode(params)}" if params else url
+            prepared.headers = CaseInsensitiveDict(headers)
         return prepared
 
     def _count(self, group: str, status: int) -> None:
