@@ -199,13 +199,22 @@ def broker_answers() -> bool:
         return False
 
 
-def terminate_backends(admin, keep: set[int]) -> int:
-    """pg_terminate_backend every other session of this test's database; returns how many were ended."""
+def terminate_backends(admin, keep: set[int]) -> set[int]:
+    """pg_terminate_backend every other session of this test's database; returns the pids of those ended."""
     rows = admin.execute(
-        "SELECT pg_terminate_backend(pid) AS ended FROM pg_stat_activity "
+        "SELECT pid, pg_terminate_backend(pid) AS ended FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s))",
         (list(keep),)).fetchall()
-    return sum(1 for r in rows if r[0])
+    return {pid for pid, ended in rows if ended}
+
+
+def sessions(admin, keep: set[int]) -> set[int]:
+    """The pids of every other session of this test's database."""
+    rows = admin.execute(
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s))",
+        (list(keep),)).fetchall()
+    return {pid for (pid,) in rows}
 
 
 def admin_connection(database_url: str) -> psycopg.Connection:

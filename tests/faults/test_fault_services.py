@@ -8,7 +8,7 @@ import pytest
 from conftest import insert_users
 from fault_helpers import (admin_connection, assert_all_stored, broker_answers,  # noqa: F401
                            fast, fault_settings, faults_line, queue_all, queue_counts, rabbitmqctl, refetch_bound,
-                           stored_count, terminate_backends, users_idle, wait_until, workers)
+                           sessions, stored_count, terminate_backends, users_idle, wait_until, workers)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -88,9 +88,14 @@ def test_database_sessions_terminated_under_running_jobs(conn, fast, database_ur
         for _ in range(DB_TERMINATIONS):
             wait_until(jobs_running(steady, burst, at_least=2), timeout=60,
                        what="jobs in the middle of their details", interval=0.1)
+            gone = terminate_backends(admin, keep)
+            ended.append(len(gone))
+            # The next termination only once work has resumed: the workers connected again, then stored some more.
+            # (Counted from before the termination, a batch committed just before it could pass for resumed
+            # work, and the next termination would find no session to end.)
+            wait_until(lambda: sessions(admin, keep) - gone, timeout=60, what="the workers to reconnect",
+                       interval=0.05)
             saved = stored_count(conn)
-            ended.append(terminate_backends(admin, keep))
-            # the next termination only once work has resumed: some more killmails stored
             wait_until(lambda: stored_count(conn) > saved + 20, timeout=60, what="work to resume", interval=0.2)
 
     code = burst.wait(timeout=240)
@@ -133,7 +138,7 @@ def test_rotated_refresh_token_survives_a_lost_database_connection(conn, fast, d
     with admin_connection(database_url) as admin:
         wait_until(lambda: sim.stats()["by_route"]["token"] == 1, timeout=30, what="the refresh to be asked",
                    interval=0.02)
-        ended = terminate_backends(admin, {conn.info.backend_pid})  # SSO has not answered yet
+        ended = len(terminate_backends(admin, {conn.info.backend_pid}))  # SSO has not answered yet
     assert worker.wait(timeout=60) == 0, worker.output()[-4000:]
     stats = sim.stats()
     (pilot,) = sim.pilots()
