@@ -91,6 +91,7 @@ class Child:
         self.rng = random.Random()
         self.conn = None                            # the job's psycopg connection
         self.job_thread: threading.Thread | None = None
+        self.broker_failures = 0                    # failed broker connections in a row (the reconnect backoff)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True))
         self.esi = JobEsiClient(settings, limits=self.limits)
@@ -106,18 +107,16 @@ class Child:
             # while it was unreachable.
             if self.stopping.is_set():
                 return 0
-        failures = 0
         while not self.stopping.is_set():
             try:
                 if self.consume():
                     return 0
-                failures = 0
             except BROKER_ERRORS as exc:
-                failures += 1
+                self.broker_failures += 1
                 log.warning("⚠️  RabbitMQ connection lost (%r)", exc)
                 self.wait_for_job()  # its ack, if lost, comes back as a redelivery
-                delay = reconnect_delay(failures, self.rng)
-                log.info("reconnecting in %.1f s", delay)
+                delay = reconnect_delay(self.broker_failures, self.rng)
+                log.info("reconnecting in %.1f s (attempt %d)", delay, self.broker_failures)
                 self.stopping.wait(delay)
         self.wait_for_job()
         return 0
@@ -132,6 +131,11 @@ class Child:
             channel.basic_qos(prefetch_count=1)
             tag = channel.basic_consume(self.settings.queue_name,
                                         on_message_callback=partial(self.on_message, connection))
+            if self.broker_failures:
+                # Consuming again: the next outage's backoff starts from its first step, not where this one's
+                # ended (a child that lived through a few outages would otherwise wait 15 to 30 s each time).
+                log.info("✅ RabbitMQ connection back after %d attempt(s); consuming again", self.broker_failures)
+                self.broker_failures = 0
             while True:
                 connection.process_data_events(time_limit=0.5)
                 if self.job_thread is not None:

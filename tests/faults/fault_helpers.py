@@ -199,22 +199,20 @@ def broker_answers() -> bool:
         return False
 
 
-def terminate_backends(admin, keep: set[int]) -> set[int]:
-    """pg_terminate_backend every other session of this test's database; returns the pids of those ended."""
-    rows = admin.execute(
-        "SELECT pid, pg_terminate_backend(pid) AS ended FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s))",
-        (list(keep),)).fetchall()
-    return {pid for pid, ended in rows if ended}
-
-
 def sessions(admin, keep: set[int]) -> set[int]:
-    """The pids of every other session of this test's database."""
+    """The pids of every other client session of this test's database (not autovacuum's)."""
     rows = admin.execute(
-        "SELECT pid FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s))",
-        (list(keep),)).fetchall()
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend' "
+        "AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s))", (list(keep),)).fetchall()
     return {pid for (pid,) in rows}
+
+
+def terminate_backends(admin, keep: set[int]) -> set[int]:
+    """pg_terminate_backend every other client session of this test's database; returns the pids of those
+    ended."""
+    rows = admin.execute("SELECT pid, pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid",
+                         (sorted(sessions(admin, keep)),)).fetchall()
+    return {pid for pid, ended in rows if ended}
 
 
 def admin_connection(database_url: str) -> psycopg.Connection:

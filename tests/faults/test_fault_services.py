@@ -1,12 +1,13 @@
 """Faults of the services: RabbitMQ stopped and started under running jobs, PostgreSQL sessions terminated."""
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 
 from conftest import insert_users
-from fault_helpers import (admin_connection, assert_all_stored, broker_answers,  # noqa: F401
+from fault_helpers import (LOG_LINE, admin_connection, assert_all_stored, broker_answers,  # noqa: F401
                            fast, fault_settings, faults_line, queue_all, queue_counts, rabbitmqctl, refetch_bound,
                            sessions, stored_count, terminate_backends, users_idle, wait_until, workers)
 
@@ -15,11 +16,30 @@ pytestmark = pytest.mark.timeout(300)
 BROKER_RESTARTS = 2
 DB_TERMINATIONS = 4
 LOST = "RabbitMQ connection lost"
+BACK = "consuming again"
+ATTEMPT = re.compile(r"reconnecting in [\d.]+ s \(attempt (\d+)\)")
 
 
 def jobs_running(*running_workers, at_least: int = 1):
     """A predicate: at least this many jobs are in the middle of their details across these workers."""
     return lambda: sum(j["phase"] == "details" for w in running_workers for j in w.jobs().values()) >= at_least
+
+
+def first_attempts_after_reconnect(worker) -> list[int]:
+    """Per child, the attempt number of the first reconnect after each time it consumed again."""
+    back: set[int] = set()
+    attempts = []
+    for line in worker.lines():
+        match = LOG_LINE.match(line)
+        if not match:
+            continue
+        pid, message = int(match[2]), match[4]
+        if BACK in message:
+            back.add(pid)
+        elif pid in back and (attempt := ATTEMPT.search(message)):
+            back.discard(pid)
+            attempts.append(int(attempt[1]))
+    return attempts
 
 
 def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url, queue_name, workers):
@@ -51,6 +71,10 @@ def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url
             rabbitmqctl("start_app")
         down_for.append(round(time.monotonic() - stopped_at, 1))
         wait_until(broker_answers, timeout=60, what="RabbitMQ to answer again", interval=0.2)
+        # Every child of the steady worker consumes again before the next restart (a job that ran on through the
+        # outage would make "jobs in the middle of their details" true before any child reconnected).
+        wait_until(lambda: steady.count(BACK) >= len(down_for) * settings.prefetch_count, timeout=90,
+                   what="every steady child to consume again", interval=0.1)
 
     code = burst.wait(timeout=240)
     assert code == 0, burst.output()[-4000:]
@@ -70,6 +94,8 @@ def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url
                 status_429=stats["status_429"], min_error_limit_remain=stats["min_error_limit_remain"])
     assert done == len(sim.pilots())
     assert steady.count(LOST) >= BROKER_RESTARTS
+    # Each outage's backoff starts again from its first step once a child consumed again.
+    assert first_attempts_after_reconnect(steady) == [1] * (BROKER_RESTARTS - 1) * settings.prefetch_count
     assert stats["duplicate_detail_fetches"] == 0  # a lost ack repeats a job, and a repeated job fetches nothing
 
 
@@ -131,14 +157,15 @@ def test_rotated_refresh_token_survives_a_lost_database_connection(conn, fast, d
     sim = fast
     sim.add_pilots(n_pilots=1, n_killmails=5, share=1, expired_fraction=1.0, revoked=0, corporations=1)
     insert_users(conn, sim.pilots())
-    sim.configure(latency_ms=1000)  # every answer takes a second: time to cut the database under a refresh
+    sim.configure(latency_ms=2000)  # every answer takes 2 s: time to cut the database under a refresh
     settings = fault_settings(database_url, sim, queue_name, prefetch_count=1)
     queue_all(settings)
     worker = workers(settings, "--burst")
     with admin_connection(database_url) as admin:
         wait_until(lambda: sim.stats()["by_route"]["token"] == 1, timeout=30, what="the refresh to be asked",
                    interval=0.02)
-        ended = len(terminate_backends(admin, {conn.info.backend_pid}))  # SSO has not answered yet
+        ended = len(terminate_backends(admin, {conn.info.backend_pid}))
+        assert sim.stats()["refreshes"] == 0  # SSO has not answered yet: the cut came first
     assert worker.wait(timeout=60) == 0, worker.output()[-4000:]
     stats = sim.stats()
     (pilot,) = sim.pilots()
