@@ -21,9 +21,23 @@ OWNER_BUCKET_GROUPS = ("char-killmail", "corp-killmail")
 _OWNER_GROUP_SQL = "split_part(bucket, ':', 1)"  # a per-character bucket's group (limits._per_owner in SQL)
 
 
+# TCP keepalives of this session, asked of the server. A worker host that vanishes (power, network) never closes
+# its connections: with the kernel's defaults PostgreSQL finds the session dead after 2 h 11 min, and until then
+# its character locks and killmail claims hold, so those pilots and killmails wait. With these, about 2 minutes.
+SESSION_KEEPALIVES = {"tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "6"}
+
+
 def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
-    """Open a connection whose rows are dicts."""
-    return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row, connect_timeout=connect_timeout)
+    """Open a connection whose rows are dicts, with the session's keepalives set (one round trip)."""
+    conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=connect_timeout)
+    try:
+        conn.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(SESSION_KEEPALIVES)),
+                     [v for pair in SESSION_KEEPALIVES.items() for v in pair])
+        conn.autocommit = autocommit
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def apply_schema(conn: psycopg.Connection) -> None:

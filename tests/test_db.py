@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
+import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import db
+from conftest import wait_until
 from killmail_model import parse_killmail
 
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
@@ -214,3 +219,40 @@ def test_raw_bodies_are_compressed_with_lz4(conn):
                        "WHERE attrelid = 'killmails'::regclass AND attname = 'raw'").fetchone()
     assert row["attcompression"] == "l"
     assert row["method"] in ("lz4", None)   # None: a body too small to be compressed at all
+
+
+
+def server_keepalive_seconds(conn) -> int | None:
+    """The keepalive timer of the server's end of this TCP connection, as the kernel shows it (`ss -o`), once
+    no reply is waiting for its ACK; None if the socket shows no keepalive timer."""
+    client = socket.socket(fileno=conn.pgconn.socket)
+    try:
+        port = client.getsockname()[1]
+    finally:
+        client.detach()  # the socket stays libpq's
+
+    def timer():
+        shown = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :5432 and dport = :{port} )"],
+                               capture_output=True, text=True, check=True).stdout
+        return re.search(r"timer:\((\w+),(\d+)(sec|min)", shown)
+
+    found = wait_until(lambda: (t := timer()) and t[1] != "on" and t, timeout=10, what="an idle server socket")
+    if found[1] != "keepalive":
+        return None
+    return int(found[2]) * (60 if found[3] == "min" else 1)
+
+
+def test_a_session_asks_the_server_for_keepalives_that_find_a_vanished_host_in_minutes(database_url):
+    """The server end of the connection probes an idle client after 60 s, every 10 s, 6 times: a worker host
+    that vanished without closing its sessions loses its locks and claims in about 2 minutes. PostgreSQL's
+    default is the kernel's: 2 hours before the first probe."""
+    for autocommit in (False, True):
+        with db.connect(database_url, autocommit=autocommit) as conn:
+            assert conn.autocommit is autocommit
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # nothing left open
+            assert server_keepalive_seconds(conn) <= 60
+            shown = {name: conn.execute(f"SHOW {name}").fetchone()[name] for name in db.SESSION_KEEPALIVES}
+            assert shown == {"tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10",
+                             "tcp_keepalives_count": "6"}
+    with psycopg.connect(database_url) as plain:  # the check itself tells the two apart
+        assert server_keepalive_seconds(plain) > 3600
