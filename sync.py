@@ -99,6 +99,7 @@ def sync_character(conn, esi: EsiClient, character_id: int, now: datetime, *,
         _sync_character_locked(conn, esi, character_id, now, options, result, locks)
     except (JobError, PermanentJobError) as exc:
         exc.result = result  # what the run did before it failed, for its sync_runs row
+        result.finished_at = options.clock()  # under the lock, as for a run that succeeds: runs never overlap
         raise
     finally:
         _release(conn, locks)
@@ -124,6 +125,7 @@ def sync_corporation(conn, esi: EsiClient, corporation_id: int, character_id: in
         _sync_corporation_locked(conn, esi, corporation_id, character_id, now, options, result, locks)
     except (JobError, PermanentJobError) as exc:
         exc.result = result
+        result.finished_at = options.clock()
         raise
     finally:
         _release(conn, locks)
@@ -461,7 +463,8 @@ def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, lock
 def record_failed_run(conn, esi: EsiClient, result: SyncResult, error: str, *, status: str = "error") -> None:
     """Record a run that did not sync: failed (it will be retried or dead-lettered), or skipped as locked."""
     result.status, result.error = status, error[:2000]
-    result.finished_at = datetime.now(timezone.utc)
+    # A run that failed under its lock ended there (sync stamped it); one that never ran ends now.
+    result.finished_at = result.finished_at or datetime.now(timezone.utc)
     calls = esi.take_calls()
     result.esi_calls = sum(calls.values())
     db.add_esi_calls(conn, calls)

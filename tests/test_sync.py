@@ -171,6 +171,23 @@ def test_rate_limited_list_fails_the_job_and_pauses_the_bucket_for_everyone(conn
     assert db.get_user(conn, pilot["character_id"])["list_etag"] is None  # nothing half-recorded
 
 
+def test_a_failed_run_ends_under_its_lock_so_the_next_run_of_the_pilot_starts_after_it(conn, world, sim,
+                                                                                       database_url):
+    """The worker records a failed run after sync let go of the lock: its finished_at is the time the run
+    ended under the lock, or a duplicate job that took the lock meanwhile would seem to overlap it."""
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    sim.fail_next(r"/killmails/recent", 429, retry_after=120)
+    with pytest.raises(sync.JobError) as caught:
+        sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    with db.connect(database_url) as other:
+        assert db.try_lock(other, db.LOCK_CHARACTER, pilot["character_id"])  # the next run starts
+        next_started = datetime.now(timezone.utc)
+        sync.record_failed_run(conn, world, caught.value.result, str(caught.value))
+    (run,) = conn.execute("SELECT status, started_at, finished_at FROM sync_runs WHERE character_id = %s",
+                          (pilot["character_id"],)).fetchall()
+    assert run["status"] == "error" and run["started_at"] <= run["finished_at"] <= next_started
+
+
 def test_a_pilot_whose_new_kills_another_job_stored_first_still_counts_as_active(conn, world, sim):
     sync_all(conn, world, sim)
     conn.execute("UPDATE users SET last_new_killmail_at = %s", (now_for(sim) - timedelta(days=20),))
