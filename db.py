@@ -22,17 +22,23 @@ _OWNER_GROUP_SQL = "split_part(bucket, ':', 1)"  # a per-character bucket's grou
 
 
 # TCP keepalives of this session, asked of the server. A worker host that vanishes (power, network) never closes
-# its connections: with the kernel's defaults PostgreSQL finds the session dead after 2 h 11 min, and until then
-# its character locks and killmail claims hold, so those pilots and killmails wait. With these, about 2 minutes.
-SESSION_KEEPALIVES = {"tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "6"}
+# its connections: with the kernel's defaults PostgreSQL finds the session dead after 2 h 11 min (15 minutes of
+# retransmissions if a reply was in flight), and until then its character locks and killmail claims hold, so
+# those pilots and killmails wait. With these, about 2 minutes. tcp_user_timeout (milliseconds) is PostgreSQL 12's:
+# an older server keeps the rest.
+SESSION_KEEPALIVES = {"tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "6",
+                      "tcp_user_timeout": "120000"}
 
 
 def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
     """Open a connection whose rows are dicts, with the session's keepalives set (one round trip)."""
     conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=connect_timeout)
     try:
-        conn.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(SESSION_KEEPALIVES)),
-                     [v for pair in SESSION_KEEPALIVES.items() for v in pair])
+        conn.execute(
+            "SELECT set_config(name, value, false) FROM (VALUES "
+            + ", ".join(["(%s, %s)"] * len(SESSION_KEEPALIVES))
+            + ") AS wanted (name, value) WHERE name IN (SELECT name FROM pg_settings)",
+            [v for pair in SESSION_KEEPALIVES.items() for v in pair])
         conn.autocommit = autocommit
     except BaseException:
         conn.close()

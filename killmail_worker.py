@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DB_RETRIES_PER_JOB = 3          # a job whose database connection died is run again this often in place
 RESTART_BACKOFF_CAP = 30.0      # seconds between restarts of a child that keeps dying
+RECONNECT_CAP = 30.0            # seconds between a child's broker reconnects at the most
 BURST_RESTARTS = 10             # a burst run stops replacing children after this many deaths (a crash loop)
 SWEEP_EVERY = 300.0             # seconds between a child's sweeps for killmails no owner will fetch any more
 MALLOC_ARENAS = 2               # glibc malloc arenas per process, for DETAIL_CONCURRENCY threads (see below)
@@ -54,7 +55,16 @@ class Outcome:
 
 def reconnect_delay(failures: int, rng: random.Random) -> float:
     """Backoff with jitter between reconnect attempts: up to 1, 2, 4 ... 30 seconds."""
-    return min(30.0, 2 ** min(failures, 5)) * rng.uniform(0.5, 1.0)
+    return min(RECONNECT_CAP, 2 ** min(failures, 5)) * rng.uniform(0.5, 1.0)
+
+
+def failures_after_loss(failures: int, consumed_for: float | None) -> int:
+    """Broker connections lost in a row, counting this one. A connection that consumed for RECONNECT_CAP
+    seconds or more ended the last outage, so this loss starts a new one (its backoff from the first step);
+    one the broker dropped sooner (a broker restarting in a loop) or that never consumed goes on counting."""
+    if consumed_for is not None and consumed_for >= RECONNECT_CAP:
+        return 1
+    return failures + 1
 
 
 class JobEsiClient(EsiClient):
@@ -91,7 +101,8 @@ class Child:
         self.rng = random.Random()
         self.conn = None                            # the job's psycopg connection
         self.job_thread: threading.Thread | None = None
-        self.broker_failures = 0                    # failed broker connections in a row (the reconnect backoff)
+        self.broker_failures = 0                    # broker connections lost in a row (the reconnect backoff)
+        self.consuming_since: float | None = None   # when the current broker connection began to consume
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True))
         self.esi = JobEsiClient(settings, limits=self.limits)
@@ -112,7 +123,9 @@ class Child:
                 if self.consume():
                     return 0
             except BROKER_ERRORS as exc:
-                self.broker_failures += 1
+                consumed_for = None if self.consuming_since is None else time.monotonic() - self.consuming_since
+                self.consuming_since = None
+                self.broker_failures = failures_after_loss(self.broker_failures, consumed_for)
                 log.warning("⚠️  RabbitMQ connection lost (%r)", exc)
                 self.wait_for_job()  # its ack, if lost, comes back as a redelivery
                 delay = reconnect_delay(self.broker_failures, self.rng)
@@ -131,11 +144,9 @@ class Child:
             channel.basic_qos(prefetch_count=1)
             tag = channel.basic_consume(self.settings.queue_name,
                                         on_message_callback=partial(self.on_message, connection))
+            self.consuming_since = time.monotonic()
             if self.broker_failures:
-                # Consuming again: the next outage's backoff starts from its first step, not where this one's
-                # ended (a child that lived through a few outages would otherwise wait 15 to 30 s each time).
                 log.info("✅ RabbitMQ connection back after %d attempt(s); consuming again", self.broker_failures)
-                self.broker_failures = 0
             while True:
                 connection.process_data_events(time_limit=0.5)
                 if self.job_thread is not None:

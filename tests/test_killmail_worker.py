@@ -11,6 +11,7 @@ import pika
 import pytest
 
 import broker
+import killmail_worker
 import sync
 from conftest import RABBITMQ_URL, ROOT, insert_users, make_settings, queue_counts, run_script, settings_env, wait_until
 
@@ -219,3 +220,16 @@ def test_the_worker_caps_glibc_malloc_arenas_for_its_detail_threads(mode):
         assert 1 <= arenas <= killmail_worker.MALLOC_ARENAS
     else:
         assert arenas > killmail_worker.MALLOC_ARENAS  # what the cap is for: the probe does make more
+
+
+def test_the_reconnect_backoff_starts_again_after_a_connection_that_lasted_and_not_after_a_brief_one():
+    """An outage's backoff grows while the broker refuses or drops connections at once (a broker restarting in
+    a loop), and starts again from its first step once a connection consumed for RECONNECT_CAP seconds."""
+    cap = killmail_worker.RECONNECT_CAP
+    failures = 0
+    for consumed_for in (None, None, 2.0, None, 0.1):  # refused, refused, dropped after 2 s, refused, dropped
+        failures = killmail_worker.failures_after_loss(failures, consumed_for)
+    assert failures == 5
+    assert killmail_worker.failures_after_loss(failures, cap) == 1  # a new outage after a lasting connection
+    assert killmail_worker.failures_after_loss(failures, cap * 100) == 1
+    assert killmail_worker.failures_after_loss(failures, cap - 0.1) == 6
