@@ -58,11 +58,12 @@ def reconnect_delay(failures: int, rng: random.Random) -> float:
     return min(RECONNECT_CAP, 2 ** min(failures, 5)) * rng.uniform(0.5, 1.0)
 
 
-def failures_after_loss(failures: int, consumed_for: float | None) -> int:
-    """Broker connections lost in a row, counting this one. A connection that consumed for RECONNECT_CAP
-    seconds or more ended the last outage, so this loss starts a new one (its backoff from the first step);
-    one the broker dropped sooner (a broker restarting in a loop) or that never consumed goes on counting."""
-    if consumed_for is not None and consumed_for >= RECONNECT_CAP:
+def failures_in_a_row(failures: int, lasted: float | None, cap: float) -> int:
+    """Failures in a row, counting this one, of something retried with backoff up to `cap` seconds (a child's
+    broker connection, a forked child). One that had lasted `cap` seconds or more ended the last streak, so
+    this failure starts a new one (its backoff from the first step); one that ended sooner (a broker or a child
+    failing in a loop) or never started goes on counting."""
+    if lasted is not None and lasted >= cap:
         return 1
     return failures + 1
 
@@ -125,7 +126,7 @@ class Child:
             except BROKER_ERRORS as exc:
                 consumed_for = None if self.consuming_since is None else time.monotonic() - self.consuming_since
                 self.consuming_since = None
-                self.broker_failures = failures_after_loss(self.broker_failures, consumed_for)
+                self.broker_failures = failures_in_a_row(self.broker_failures, consumed_for, RECONNECT_CAP)
                 log.warning("⚠️  RabbitMQ connection lost (%r)", exc)
                 self.wait_for_job()  # its ack, if lost, comes back as a redelivery
                 delay = reconnect_delay(self.broker_failures, self.rng)
@@ -384,9 +385,7 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             if slot is None or self.signals or (self.burst and code == 0):
                 continue
-            if lived >= RESTART_BACKOFF_CAP:
-                failures = 0  # it had been running for a while: a new failure, not a child that keeps dying
-            failures += 1
+            failures = failures_in_a_row(failures, lived, RESTART_BACKOFF_CAP)
             self.restarts += 1
             if self.burst and failures > BURST_RESTARTS:
                 log.error("❌ worker processes keep dying; giving up this burst run")

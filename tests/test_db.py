@@ -221,7 +221,6 @@ def test_raw_bodies_are_compressed_with_lz4(conn):
     assert row["method"] in ("lz4", None)   # None: a body too small to be compressed at all
 
 
-
 def server_keepalive_seconds(conn) -> int | None:
     """The keepalive timer of the server's end of this TCP connection, as the kernel shows it (`ss -o`), once
     no reply is waiting for its ACK; None if the socket shows no keepalive timer."""

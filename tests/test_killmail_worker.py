@@ -228,8 +228,8 @@ def test_the_reconnect_backoff_starts_again_after_a_connection_that_lasted_and_n
     cap = killmail_worker.RECONNECT_CAP
     failures = 0
     for consumed_for in (None, None, 2.0, None, 0.1):  # refused, refused, dropped after 2 s, refused, dropped
-        failures = killmail_worker.failures_after_loss(failures, consumed_for)
+        failures = killmail_worker.failures_in_a_row(failures, consumed_for, cap)
     assert failures == 5
-    assert killmail_worker.failures_after_loss(failures, cap) == 1  # a new outage after a lasting connection
-    assert killmail_worker.failures_after_loss(failures, cap * 100) == 1
-    assert killmail_worker.failures_after_loss(failures, cap - 0.1) == 6
+    assert killmail_worker.failures_in_a_row(failures, cap, cap) == 1  # a new outage after a lasting connection
+    assert killmail_worker.failures_in_a_row(failures, cap * 100, cap) == 1
+    assert killmail_worker.failures_in_a_row(failures, cap - 0.1, cap) == 6
