@@ -5,9 +5,10 @@ import logging
 import queue
 import time
 from concurrent.futures import CancelledError, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import Callable, Iterator
 
 import db
 import esi as esi_errors
@@ -94,15 +95,8 @@ def sync_character(conn, esi: EsiClient, character_id: int, now: datetime, *,
         db.release_user(conn, character_id)
         record_failed_run(conn, esi, result, "being synced by another process", status="locked")
         return result
-    result.started_at = max(now, options.clock())  # under the lock: runs of one character never overlap
-    try:
+    with _locked_run(conn, locks, result, options):
         _sync_character_locked(conn, esi, character_id, now, options, result, locks)
-    except (JobError, PermanentJobError) as exc:
-        exc.result = result  # what the run did before it failed, for its sync_runs row
-        result.finished_at = options.clock()  # under the lock, as for a run that succeeds: runs never overlap
-        raise
-    finally:
-        _release(conn, locks)
     return result
 
 
@@ -120,16 +114,24 @@ def sync_corporation(conn, esi: EsiClient, corporation_id: int, character_id: in
         record_failed_run(conn, esi, result, "corporation or director being synced by another process",
                           status="locked")
         return result
-    result.started_at = max(now, options.clock())
-    try:
+    with _locked_run(conn, locks, result, options):
         _sync_corporation_locked(conn, esi, corporation_id, character_id, now, options, result, locks)
+    return result
+
+
+@contextmanager
+def _locked_run(conn, locks: list[tuple[int, int]], result: SyncResult, options: SyncOptions) -> Iterator[None]:
+    """A run under the locks just taken: it starts and, should it fail, ends while they are held, so runs of one
+    owner never overlap in sync_runs; the locks are let go however it ends."""
+    result.started_at = max(result.started_at, options.clock())
+    try:
+        yield
     except (JobError, PermanentJobError) as exc:
-        exc.result = result
-        result.finished_at = options.clock()
+        exc.result = result  # what the run did before it failed, for its sync_runs row
+        result.finished_at = options.clock()  # a run that succeeds is stamped by _finish, also under the locks
         raise
     finally:
         _release(conn, locks)
-    return result
 
 
 def _lock(conn, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
