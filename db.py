@@ -553,26 +553,22 @@ def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds:
     )
 
 
-def reserve_slot(conn, bucket: str, now: datetime, *, spacing: float, burst: int,
-                 not_before: datetime | None = None) -> datetime:
-    """Reserve the next send time of a paced bucket (GCRA over every process) and return it. A rested bucket
-    may spend `burst` slots at once; never before `not_before` (the end of its last pause), which leaves no
-    burst right after a pause."""
+def take_tokens(conn, now: datetime, *, buckets: Sequence[str], costs: Sequence[int], limits: Sequence[int],
+                windows: Sequence[int], floors: Sequence[int], reserves: Sequence[int], headroom: Sequence[int],
+                poll: float) -> tuple[list[int] | None, float]:
+    """Take one call's cost from each bucket of the ledger, all or nothing (schema.sql's esi_take): the in-flight
+    row ids, or None and the seconds until it would fit. Bucket names come sorted (the locks' order)."""
     row = conn.execute(
         """
-        INSERT INTO esi_limits (bucket, next_slot)
-        VALUES (%(bucket)s, GREATEST(%(now)s - make_interval(secs => %(spacing)s * (%(burst)s - 1)),
-                                     %(not_before)s::timestamptz + make_interval(secs => %(spacing)s)))
-        ON CONFLICT (bucket) DO UPDATE SET next_slot =
-            GREATEST(COALESCE(esi_limits.next_slot, %(now)s),
-                     %(now)s - make_interval(secs => %(spacing)s * %(burst)s), %(not_before)s::timestamptz)
-            + make_interval(secs => %(spacing)s)
-        RETURNING next_slot - make_interval(secs => %(spacing)s) AS slot
+        SELECT (SELECT coalesce(sum(own), 0) FROM esi_spent
+                WHERE bucket = %(b)s AND second > %(since)s)::int AS own,
+               (SELECT coalesce(sum(other), 0) FROM esi_spent
+                WHERE bucket = %(b)s AND second > %(since)s)::int AS other,
+               (SELECT coalesce(sum(tokens), 0) FROM esi_in_flight
+                WHERE bucket = %(b)s AND sent_at > %(since)s)::int AS in_flight
         """,
-        {"bucket": bucket, "now": now, "spacing": spacing, "burst": burst, "not_before": not_before},
+        {"b": bucket, "since": now - timedelta(seconds=window)},
     ).fetchone()
-    return row["slot"]
-
 
 
 # --- status page
@@ -605,6 +601,25 @@ def run_stats(conn, since: datetime) -> dict:
     return conn.execute(
         """
         SELECT count(*) AS runs,
+        "SELECT ids, wait FROM esi_take(%s, %s::text[], %s::int[], %s::int[], %s::int[], %s::int[], %s::int[], "
+        "%s::int[], %s)",
+        (now, list(buckets), list(costs), list(limits), list(windows), list(floors), list(reserves),
+         list(headroom), poll),
+    ).fetchone()
+    return row["ids"], row["wait"] or 0.0
+
+
+def settle_tokens(conn, now: datetime, *, ids: Sequence[int], buckets: Sequence[str], costs: Sequence[int],
+                  windows: Sequence[int], used: Sequence[int | None]) -> None:
+    """Book what an answer cost in each of its buckets and end its in-flight rows (schema.sql's esi_settle);
+    `used` is ESI's own count of a bucket where the answer gave it, to book what other apps spent."""
+    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[])",
+                 (now, list(ids), list(buckets), list(costs), list(windows), list(used)))
+
+
+def ledger_spent(conn, bucket: str, now: datetime, *, window: int) -> dict:
+    """What the ledger counts against a bucket now: own and other tokens spent in the window, and in flight."""
+    return conn.execute(
                count(*) FILTER (WHERE status IN ('ok', 'partial')) AS succeeded,
                count(*) FILTER (WHERE status = 'error') AS failed,
                avg(extract(epoch FROM finished_at - started_at))::float8 AS avg_duration,

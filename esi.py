@@ -139,11 +139,12 @@ STATUS_ERRORS: dict[int, type[EsiError]] = {
 
 
 class Limits(Protocol):
-    """Shared rate and error limit state (limits.SharedLimits); the client calls it around every request."""
+    """Shared rate and error limit state (limits.SharedLimits); the client takes before and settles after every
+    request."""
 
-    def before(self, bucket: str, *, pace: bool) -> None: ...
+    def take(self, bucket: str) -> Any: ...
 
-    def after(self, bucket: str, status: int, headers: Any) -> None: ...
+    def settle(self, ticket: Any, status: int, headers: Any) -> None: ...
 
     def pause(self, bucket: str, seconds: float, *, status: int) -> None: ...
 
@@ -151,10 +152,10 @@ class Limits(Protocol):
 class NoLimits:
     """Limits that never wait: for unit tests and one-off scripts."""
 
-    def before(self, bucket: str, *, pace: bool) -> None:
+    def take(self, bucket: str) -> None:
         """Never wait."""
 
-    def after(self, bucket: str, status: int, headers: Any) -> None:
+    def settle(self, ticket: Any, status: int, headers: Any) -> None:
         """Remember nothing."""
 
     def pause(self, bucket: str, seconds: float, *, status: int) -> None:
@@ -312,7 +313,7 @@ class EsiClient:
         # The detail bucket is per source IP: workers behind one IP share it, so they share its pacing.
         bucket = f"killmail@{self.settings.esi_egress}" if self.settings.esi_egress else "killmail"
         path = f"/killmails/{killmail_id}/{quote(killmail_hash, safe='')}/"  # a hash is ESI's text: quoted
-        response = self._get(path, group="killmail", bucket=bucket, pace=True)
+        response = self._get(path, group="killmail", bucket=bucket)
         try:
             raw = response.content.decode("utf-8")  # JSON is UTF-8 (RFC 8259); ESI says so too
             body = json.loads(raw)
@@ -365,13 +366,13 @@ class EsiClient:
     # ---------------------------------------------------------------------------------------------- transport
 
     def _get(self, path: str, *, group: str, bucket: str, token: str | None = None, etag: str | None = None,
-             params: dict | None = None, pace: bool = False) -> requests.Response:
+             params: dict | None = None) -> requests.Response:
         headers = {"X-Compatibility-Date": self.settings.esi_compatibility_date}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         if etag:
             headers["If-None-Match"] = etag
-        response = self._send("GET", self.settings.esi_base_url + path, group=group, bucket=bucket, pace=pace,
+        response = self._send("GET", self.settings.esi_base_url + path, group=group, bucket=bucket,
                               headers=headers, params=params)
         status = response.status_code
         if status == 200:
@@ -391,13 +392,11 @@ class EsiClient:
             raise ServerError(message, status=status)
         raise STATUS_ERRORS.get(status, BadRequest)(message, status=status)
 
-    def _send(self, method: str, url: str, *, group: str, bucket: str | None = None, pace: bool = False,
-              **kwargs: Any) -> requests.Response:
+    def _send(self, method: str, url: str, *, group: str, bucket: str, **kwargs: Any) -> requests.Response:
         """Send with the shared limits around it; 5xx and timeouts are retried with backoff and jitter."""
         for attempt in range(1, SERVER_RETRIES + 1):
-            if bucket:
-                self.limits.before(bucket, pace=pace)
             request = self._prepare(method, url, **kwargs)
+            ticket = self.limits.take(bucket)
             try:
                 # Straight to the transport adapter: Session.send would look for cookies to store, redirects to
                 # follow and hooks to run, none of which ESI or SSO use (ESI routes do not redirect).
@@ -411,14 +410,15 @@ class EsiClient:
             # A timeout, a refused or reset connection, or one that broke while the body was read: retried.
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 self._count(group, 0)
-                if bucket:
-                    self.limits.after(bucket, 0, {})  # a timeout counts against the error limit too
+                self.limits.settle(ticket, 0, {})  # a timeout counts against the error limit too
                 if attempt == SERVER_RETRIES:
                     raise ServerError(f"{method} {url.split('?')[0]}: {type(exc).__name__}") from exc
+            except BaseException:
+                self.limits.settle(ticket, 0, {})  # whatever broke, the call may have reached ESI
+                raise
             else:
                 self._count(group, response.status_code)
-                if bucket:
-                    self.limits.after(bucket, response.status_code, response.headers)
+                self.limits.settle(ticket, response.status_code, response.headers)
                 if response.status_code < 500 or attempt == SERVER_RETRIES:
                     return response
             self.sleep(backoff_seconds(attempt, base=0.5, cap=8.0, rng=self.rng))

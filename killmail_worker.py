@@ -105,7 +105,8 @@ class Child:
         self.broker_failures = 0                    # broker connections lost in a row (the reconnect backoff)
         self.consuming_since: float | None = None   # when the current broker connection began to consume
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
-        self.limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True))
+        self.limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True),
+                                   egress=settings.esi_egress, stopping=self.stopping)
         self.esi = JobEsiClient(settings, limits=self.limits)
         self.swept_at = -SWEEP_EVERY                # the first job's end sweeps
 

@@ -1,8 +1,16 @@
-"""ESI's error limit and rate-limit buckets as one state shared by every worker process, kept in PostgreSQL.
+"""ESI's error limit and rate-limit buckets as one ledger shared by every worker process on every host, in
+PostgreSQL.
 
-Every response's limit headers feed the state; every call first reads it. A 420, a 429 or a remaining count
-under the safety margin pauses the bucket for all processes on all hosts until the reset, and the killmail
-detail bucket is paced (a shared GCRA schedule) so that a backlog spends it smoothly instead of meeting a 429.
+ESI counts every answer's tokens against its bucket for exactly one window after they were spent (a floating
+window), then gives them back. The ledger counts the same way: each call takes what it may cost before it goes
+(calls in flight count as spent) and settles what the answer cost when it comes back. So a rested bucket is spent
+at once, and a spent one as fast as its tokens return, never faster. What ESI's `X-Ratelimit-Remaining` shows
+beyond the ledger (other apps behind the same IP) is booked too, and a small reserve is kept while they spend.
+
+The error limit is a bucket of the same ledger: each call in flight holds one error it may turn into, each error
+answer is spent for a window, and half of ESI's 100 errors a window are never used: however many processes and
+threads there are, the calls in flight can never take the error budget below half. A 420 or a 429 still pauses
+the route group for every process until its reset.
 """
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import logging
 import re
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
@@ -19,17 +28,19 @@ from esi import SSO_BUCKET, Paused
 log = logging.getLogger(__name__)
 
 ERROR_LIMIT_BUCKET = "error-limit"
-ERROR_MARGIN = 60          # pause every route while fewer than this many of the window's 100 errors are left:
-                           # in-flight calls of every process still land, and half the budget stays unspent
-PACE_SHARE = 0.95          # paced calls spend at most this share of a bucket per window
-BURST_SHARE = 0.02         # a rested bucket may spend this share at once, on top of the paced rate
-FLOOR_SHARE = 0.02         # below this share remaining, pause the bucket (other apps, our own 4xx costs)
-FLOOR_TOKENS = 2           # ... and never below the cost of one more answer (a 200 costs 2 tokens)
-MAX_INLINE_WAIT = 30.0     # a longer pause fails the job into the retry queue rather than holding a process
-SLOT_RETRIES = 3           # a paced call paused this often while waiting for its slot gives up (Paused)
-STATE_TTL = 1.0            # seconds a process trusts its last read of the shared state
-FIRST_ANSWER_WAIT = 20.0   # at most this long a paced call waits for the first answer of a bucket not yet known
-WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count
+ERROR_LIMIT = 100          # ESI's error answers a window, per IP
+ERROR_WINDOW = 60          # ESI's error window is fixed; the ledger's floating one never forgets an error sooner
+ERROR_FLOOR = 50           # half of the error budget is never used, whatever is in flight
+HEADROOM = 3               # per call in flight: a 4xx costs 5 tokens where the call holds the 2 of a 200
+RESERVE_SHARE = 0.02       # kept unspent while another app behind the IP spends the same bucket (it spends unseen
+RESERVE_CALLS = 2          # between our answers), at least this many calls' tokens
+CALL_COST = 2              # what a call holds until its answer: the cost of a 200
+POLL = 0.05                # seconds before asking again when calls in flight may give tokens back
+MAX_INLINE_WAIT = 30.0     # a longer wait fails the job into the retry queue rather than holding a process
+STATE_TTL = 1.0            # seconds a process trusts its last read of the shared pauses and limits
+RECHECK = 1.0              # a call waiting for tokens looks at the pauses at least this often
+FIRST_ANSWER_WAIT = 20.0   # at most this long a call waits for the first answer of a bucket whose limit is unknown
+WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -44,104 +55,230 @@ def parse_rate_limit(value: str | None) -> tuple[int, int] | None:
     return (tokens, window) if tokens > 0 and window > 0 else None
 
 
-def detail_spacing(limit_tokens: int, window_seconds: int, *, cost: int = 2) -> float:
-    """Seconds between paced calls so that, with a burst allowance, a bucket is never spent past its margin."""
-    return cost * window_seconds / (limit_tokens * PACE_SHARE)
+def answer_cost(status: int) -> int:
+    """Tokens an answer costs in ESI's rate-limit buckets: 2xx 2, 304 1, 4xx 5, 429 and 5xx nothing. A timeout
+    (status 0) may have been answered after all: it costs what a 200 would."""
+    if status == 0 or 200 <= status < 300:
+        return 2
+    if status == 304:
+        return 1
+    if status == 429 or status >= 500:
+        return 0
+    return 5 if 400 <= status < 500 else 0
 
 
-def burst_allowance(limit_tokens: int, *, cost: int = 2) -> int:
-    """Calls a rested bucket may take at once; burst plus the paced rate stay above the floor."""
-    return max(1, int(limit_tokens * BURST_SHARE / cost))
+def error_cost(status: int) -> int:
+    """Errors an answer costs in ESI's error limit: any status from 400 on, and a timeout."""
+    return 1 if status == 0 or status >= 400 else 0
 
 
-def pause_after(status: int, headers: Any, now: datetime, *, per_owner: bool = False) -> dict[str, datetime]:
-    """Which buckets a response pauses, and until when (a pure function of the response and the clock);
-    `per_owner` for a character's own bucket, spent in bursts rather than at a paced rate."""
+def reserve(limit_tokens: int) -> int:
+    """Tokens kept back while another app spends the same bucket."""
+    return max(RESERVE_CALLS * CALL_COST, int(limit_tokens * RESERVE_SHARE))
+
+
+def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]:
+    """What an answer pauses for every process, and until when: the error limit on a 420, the route group's
+    bucket ('bucket') on a 429 (a pure function of the answer and the clock)."""
     pauses: dict[str, datetime] = {}
-    remain = _int(headers.get("X-ESI-Error-Limit-Remain"))
-    reset = _int(headers.get("X-ESI-Error-Limit-Reset"))
-    if status == 420 or (remain is not None and remain < ERROR_MARGIN):
+    if status == 420:
+        reset = _int(headers.get("X-ESI-Error-Limit-Reset"))
         pauses[ERROR_LIMIT_BUCKET] = now + timedelta(seconds=(reset if reset is not None else 60) + 1)
     if status == 429:
         retry_after = _int(headers.get("Retry-After"))
         pauses["bucket"] = now + timedelta(seconds=(retry_after if retry_after is not None else 60) + 1)
-    else:
-        limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
-        remaining = _int(headers.get("X-Ratelimit-Remaining"))
-        floor = max(limit[0] * FLOOR_SHARE, FLOOR_TOKENS) if limit else 0
-        if limit and remaining is not None and remaining < floor:
-            if per_owner:
-                # A character's bucket is spent in bursts (a walk of pages): the tokens just spent may be all
-                # that is missing, and they come back only a whole window later.
-                pauses["bucket"] = now + timedelta(seconds=limit[1])
-            else:
-                # A big bucket spent at a paced rate: tokens come back as evenly as they went.
-                pauses["bucket"] = now + timedelta(seconds=limit[1] * (floor - remaining) / limit[0])
     return pauses
 
 
-class SharedLimits:
-    """The shared limit state for one process, read through a short cache, written on what matters."""
+@dataclass(frozen=True)
+class Ticket:
+    """What one call took from the ledger: its in-flight rows and the buckets they hold."""
 
-    def __init__(self, connect: Callable[[], Any], *, clock: Callable[[], datetime] | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+    bucket: str
+    ids: list[int] = field(default_factory=list)
+    ledgers: list[str] = field(default_factory=list)
+    windows: list[int] = field(default_factory=list)
+
+
+class SharedLimits:
+    """The shared limits for one process: takes and settles every call in the ledger, and reads the pauses and
+    the buckets' limits through a short cache."""
+
+    def __init__(self, connect: Callable[[], Any], *, egress: str = "",
+                 clock: Callable[[], datetime] | None = None, sleep: Callable[[float], None] = time.sleep,
+                 stopping: threading.Event | None = None):
         self._connect = connect
+        self._stopping = stopping
         self._conn = None
         self._lock = threading.Lock()
-        self._pace_lock = threading.Lock()
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._sleep = sleep
+        self.error_bucket = f"{ERROR_LIMIT_BUCKET}@{egress}" if egress else ERROR_LIMIT_BUCKET
         self._state: dict[str, dict] = {}
         self._read_at: dict[str, float] = {}
-        # Per-character buckets ('char-killmail:<id>') have a row only once paused: all paused ones are read
+        # Per-character buckets ('char-killmail:<id>') have a pause row only once paused: all paused ones are read
         # together, at most once per STATE_TTL, instead of one read per job.
         self._owner_pauses: dict[str, dict] = {}
         self._owners_read_at = -STATE_TTL
         self._written_at: dict[str, float] = {}
-        # Per paced bucket whose limit was not known, the first answer this process awaits (set once it came).
+        # One thread per process and bucket group asks the ledger at a time (and waits, when the bucket is spent);
+        # the process's other threads queue here, so waiting costs one query per process, not one per thread.
+        self._take_locks: dict[str, threading.Lock] = {}
+        # Per bucket group whose limit was not known, the first answer this process awaits (set once it came).
         self._first_answer: dict[str, threading.Event] = {}
 
-    def before(self, bucket: str, *, pace: bool) -> None:
-        """Wait while the error limit or this bucket is paused, then take a paced slot where asked."""
-        keys = [bucket] if bucket == SSO_BUCKET else [ERROR_LIMIT_BUCKET, bucket]  # SSO is not under ESI's
-        if not pace:
-            self._wait_out_pause(bucket, self._read(keys))
-            return
-        # One paced call per process holds a slot it waits for; the process's other threads queue here. So the
-        # shared schedule runs at most one slot per process ahead, however many detail threads a process has.
-        with self._pace_lock:
-            state = self._read(keys)
-            if self._await_first_answer(bucket, state):
-                state = self._read(keys)
-            self._wait_out_pause(bucket, state)
-            for _ in range(SLOT_RETRIES):
-                if not self._wait_for_slot(bucket, state):
-                    return
-                # A 429 or 420 seen elsewhere while this call waited for its slot holds it back too; after the
-                # pause it takes a new slot, so the calls held back do not all go at once when the pause ends.
-                state = self._read(keys)
-                if not self._wait_out_pause(bucket, state):
-                    return
-        raise Paused(f"{bucket} paused again and again while waiting for a slot", bucket=bucket,
-                     until=self._clock() + timedelta(seconds=MAX_INLINE_WAIT))
+    def take(self, bucket: str) -> Ticket:
+        """Wait while the error limit or this bucket is paused or spent, then take what one call may cost.
 
-    def _await_first_answer(self, bucket: str, state: list[dict]) -> bool:
-        """While a paced bucket's limit is unknown (a new database, a new ESI_EGRESS name) and this process has
+        A pause (a 420 or 429) or a spent list bucket of one pilot's longer than MAX_INLINE_WAIT raises Paused,
+        so the job goes to the retry queue. The shared detail bucket is waited out here, however long: its tokens
+        come back within a window, at the moment the ledger names, and every job needs them alike. The stop of
+        the process ends any wait with Paused."""
+        if bucket == SSO_BUCKET:  # SSO is not under ESI's limits: only its own pause
+            self._wait_out_pause(bucket, self._read([bucket]))
+            return Ticket(bucket)
+        group = _group(bucket)
+        keys = [self.error_bucket, bucket, group] if group != bucket else [self.error_bucket, bucket]
+        with self._take_lock(group):
+            state = self._read(keys)
+            if not _per_owner(bucket) and self._await_first_answer(group, state):
+                state = self._read(keys)
+            waited = 0.0
+            while True:
+                self._wait_out_pause(bucket, state)
+                ticket, wait = self._take_once(bucket, _row(state, group))
+                if ticket is not None:
+                    return ticket
+                if wait > MAX_INLINE_WAIT and _per_owner(bucket):
+                    # One pilot's list bucket: its job goes to the retry queue rather than hold a process that
+                    # other pilots' jobs could use.
+                    raise Paused(f"{bucket} spent for {wait:.0f} s", bucket=bucket,
+                                 until=self._clock() + timedelta(seconds=wait))
+                if waited == 0.0 and wait > POLL:
+                    log.info("ESI limits: %s spent, %.1f s until its tokens come back", bucket, wait)
+                # Never longer than the state's life: a 420 or 429 seen elsewhere meanwhile holds this call back.
+                self._nap(min(wait, RECHECK), bucket)
+                waited += wait
+                state = self._read(keys)
+
+    def _take_once(self, bucket: str, limit_row: dict) -> tuple[Ticket | None, float]:
+        """Take the call's error and its tokens from the ledger: the ticket, or None and the seconds to wait."""
+        ledgers, costs, limits, windows = [self.error_bucket], [1], [ERROR_LIMIT], [ERROR_WINDOW]
+        floors, reserves, headroom = [ERROR_FLOOR], [0], [0]
+        limit, window = limit_row.get("limit_tokens"), limit_row.get("window_seconds")
+        if limit and window:  # a bucket with no limit seen (or none at all) is only under the error limit
+            ledgers.append(bucket)
+            costs.append(CALL_COST)
+            limits.append(limit)
+            windows.append(window)
+            floors.append(0)
+            reserves.append(reserve(limit))
+            headroom.append(HEADROOM)
+        order = sorted(range(len(ledgers)), key=ledgers.__getitem__)  # advisory locks in one order: no deadlock
+
+        def ordered(values: list) -> list:
+            return [values[i] for i in order]
+
+        ids, wait = self._with_conn(lambda c: db.take_tokens(
+            c, self._clock(), buckets=ordered(ledgers), costs=ordered(costs), limits=ordered(limits),
+            windows=ordered(windows), floors=ordered(floors), reserves=ordered(reserves),
+            headroom=ordered(headroom), poll=POLL))
+        if not ids:
+            return None, wait
+        return Ticket(bucket, ids, ordered(ledgers), ordered(windows)), 0.0
+
+    def _nap(self, seconds: float, bucket: str) -> None:
+        """Sleep; a stop of the process (the `stopping` event set) ends the sleep with Paused."""
+        if self._stopping is None:
+            self._sleep(seconds)
+        elif self._stopping.wait(seconds):
+            raise Paused(f"{bucket}: the process is stopping", bucket=bucket, until=self._clock())
+
+    def settle(self, ticket: Ticket, status: int, headers: Any) -> None:
+        """Book what the answer cost (a timeout is status 0) and feed its headers into the shared state."""
+        limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
+        remaining = _int(headers.get("X-Ratelimit-Remaining"))
+        try:
+            if ticket.ids:
+                self._settle_ledger(ticket, status, limit, remaining,
+                                    _int(headers.get("X-ESI-Error-Limit-Remain")))
+            self._record(ticket.bucket, status, headers, limit, remaining)
+        finally:
+            # Only now, with the limit written, may the calls that waited for this first answer go.
+            asked = self._first_answer.get(_group(ticket.bucket))
+            if asked is not None and not asked.is_set():
+                if not status:  # a timeout tells nothing: the next call asks again
+                    self._first_answer.pop(_group(ticket.bucket), None)
+                asked.set()
+
+    def _settle_ledger(self, ticket: Ticket, status: int, limit: tuple[int, int] | None, remaining: int | None,
+                       errors_remain: int | None) -> None:
+        ledgers, windows = list(ticket.ledgers), list(ticket.windows)
+        if limit and ticket.bucket not in ledgers:  # the call that found the bucket's limit spent from it too
+            ledgers.append(ticket.bucket)
+            windows.append(limit[1])
+        costs, used = [], []
+        for ledger in ledgers:
+            if ledger == self.error_bucket:
+                costs.append(error_cost(status))
+                used.append(ERROR_LIMIT - errors_remain if errors_remain is not None else None)
+            else:
+                costs.append(answer_cost(status))
+                used.append(limit[0] - remaining if limit and remaining is not None and status != 429 else None)
+        order = sorted(range(len(ledgers)), key=ledgers.__getitem__)  # the locks' one order
+        self._with_conn(lambda c: db.settle_tokens(
+            c, self._clock(), ids=ticket.ids, buckets=[ledgers[i] for i in order], costs=[costs[i] for i in order],
+            windows=[windows[i] for i in order], used=[used[i] for i in order]))
+
+    def _record(self, bucket: str, status: int, headers: Any, limit: tuple[int, int] | None,
+                remaining: int | None) -> None:
+        """Pauses, a bucket's limit when it is new to this process, and now and then its remaining count."""
+        group = _group(bucket)
+        pauses = pause_after(status, headers, self._clock())
+        if ERROR_LIMIT_BUCKET in pauses:
+            log.warning("ESI error limit spent (420): pausing every route until %s",
+                        pauses[ERROR_LIMIT_BUCKET].isoformat())
+            self._write(self.error_bucket, paused_until=pauses[ERROR_LIMIT_BUCKET], status=status,
+                        remaining=_int(headers.get("X-ESI-Error-Limit-Remain")))
+        if "bucket" in pauses:
+            log.warning("ESI bucket %s: 429, pausing until %s", bucket, pauses["bucket"].isoformat())
+            self._write(bucket, paused_until=pauses["bucket"], status=status)
+        known = self._state.get(group, {})
+        changed = limit is not None and (known.get("limit_tokens"), known.get("window_seconds")) != limit
+        due = time.monotonic() - self._written_at.get(group, 0.0) > WRITE_EVERY
+        # A group's limit is written once (per character buckets all share it); the shared buckets' remaining
+        # count now and then, for the status page.
+        if changed or (due and group == bucket and remaining is not None):
+            self._write(group, limit=limit, remaining=remaining if group == bucket else None, status=status)
+
+    def pause(self, bucket: str, seconds: float, *, status: int) -> None:
+        """Pause a bucket for every process (what no response header says, e.g. the app's rejected credentials)."""
+        self._write(bucket, paused_until=self._clock() + timedelta(seconds=seconds), status=status)
+
+    # ---------------------------------------------------------------------------------------------- state
+
+    def _take_lock(self, group: str) -> threading.Lock:
+        with self._lock:
+            return self._take_locks.setdefault(group, threading.Lock())
+
+    def _await_first_answer(self, group: str, state: list[dict]) -> bool:
+        """While a shared bucket's limit is unknown (a new database, a new ESI_EGRESS name) and this process has
         had no answer from it, one call goes and the process's other calls wait for its answer, which tells the
-        limit (pacing starts) or that the bucket has none. Otherwise every detail thread would start at once,
-        unpaced. Called under the pace lock; True if it waited."""
-        row = _row(state, bucket)
+        limit (and what other apps spent) or that the bucket has none. Otherwise every detail thread would start
+        at once, unmetered. (A pilot's list calls go one at a time anyway.) Called under the take lock; True if
+        it waited."""
+        row = _row(state, group)
         waited = False
         while not row.get("limit_tokens"):
-            asked = self._first_answer.get(bucket)
+            asked = self._first_answer.get(group)
             if asked is None:  # this call asks
-                self._first_answer[bucket] = threading.Event()
+                self._first_answer[group] = threading.Event()
                 break
             if asked.is_set():  # answered
                 break
             waited = True
             if not asked.wait(FIRST_ANSWER_WAIT):
-                self._first_answer.pop(bucket, None)  # no answer in time: this call asks instead
+                self._first_answer.pop(group, None)  # no answer in time: this call asks instead
         return waited
 
     def _wait_out_pause(self, bucket: str, state: list[dict]) -> bool:
@@ -154,58 +291,8 @@ class SharedLimits:
         if wait > MAX_INLINE_WAIT:
             raise Paused(f"{bucket} paused until {until.isoformat()}", bucket=bucket, until=until)
         log.info("ESI limits: %s paused for %.1f s", bucket, wait)
-        self._sleep(wait)
+        self._nap(wait, bucket)
         return True
-
-    def after(self, bucket: str, status: int, headers: Any) -> None:
-        """Feed a response's limit headers into the shared state."""
-        asked = self._first_answer.get(bucket)
-        if asked is not None and not asked.is_set():
-            if not status:  # a timeout tells nothing: the next call asks again
-                self._first_answer.pop(bucket, None)
-            asked.set()
-        now = self._clock()
-        pauses = pause_after(status, headers, now, per_owner=_per_owner(bucket))
-        limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
-        remaining = _int(headers.get("X-Ratelimit-Remaining"))
-        known = self._state.get(bucket, {})
-        due = time.monotonic() - self._written_at.get(bucket, 0.0) > WRITE_EVERY
-        changed = limit is not None and (known.get("limit_tokens"), known.get("window_seconds")) != limit
-        if ERROR_LIMIT_BUCKET in pauses:
-            log.warning("ESI error limit nearly spent: pausing every route until %s",
-                        pauses[ERROR_LIMIT_BUCKET].isoformat())
-            self._write(ERROR_LIMIT_BUCKET, paused_until=pauses[ERROR_LIMIT_BUCKET], status=status,
-                        remaining=_int(headers.get("X-ESI-Error-Limit-Remain")))
-        if "bucket" in pauses:
-            log.warning("ESI bucket %s: pausing until %s (status %s)", bucket, pauses["bucket"].isoformat(), status)
-        # Per-character list buckets are only written when they pause: one row per pilot and a write per list
-        # call would cost more than they tell. Shared buckets (details) keep their limit for pacing.
-        routine = not _per_owner(bucket) and (changed or (due and (limit or remaining is not None)))
-        if "bucket" in pauses or routine:
-            self._write(bucket, limit=limit, remaining=remaining, paused_until=pauses.get("bucket"), status=status)
-
-    def pause(self, bucket: str, seconds: float, *, status: int) -> None:
-        """Pause a bucket for every process (what no response header says, e.g. the app's rejected credentials)."""
-        self._write(bucket, paused_until=self._clock() + timedelta(seconds=seconds), status=status)
-
-    # ---------------------------------------------------------------------------------------------- state
-
-    def _wait_for_slot(self, bucket: str, state: list[dict]) -> bool:
-        """Take the bucket's next shared slot and sleep until it; True if that meant waiting."""
-        row = _row(state, bucket)
-        if not row.get("limit_tokens") or not row.get("window_seconds"):
-            return False  # no limit seen yet for this bucket: nothing to pace against
-        spacing = detail_spacing(row["limit_tokens"], row["window_seconds"])
-        # After a pause the bucket is not rested: the schedule starts again, paced, where the pause ended.
-        not_before = _paused_until(state)
-        with self._lock:
-            slot = self._with_conn(lambda c: db.reserve_slot(c, bucket, self._clock(), spacing=spacing,
-                                                              burst=burst_allowance(row["limit_tokens"]),
-                                                              not_before=not_before))
-        wait = (slot - self._clock()).total_seconds()
-        if wait > 0:
-            self._sleep(wait)
-        return wait > 0
 
     def _read(self, keys: list[str]) -> list[dict]:
         now = time.monotonic()
@@ -234,7 +321,7 @@ class SharedLimits:
         if _per_owner(bucket):
             self._owners_read_at = -STATE_TTL
         if paused_until is not None:
-            self._read_at.pop(ERROR_LIMIT_BUCKET, None)
+            self._read_at.pop(self.error_bucket, None)
 
     def _with_conn(self, work: Callable[[Any], Any]) -> Any:
         """Run work on this process's autocommit connection, reconnecting once if it was lost."""
@@ -272,11 +359,17 @@ def _paused_until(state: list[dict]) -> datetime | None:
 def _per_owner(bucket: str) -> bool:
     """A bucket of one character's (its list routes, '<group>:<character id>'), as opposed to one every caller
     shares (the detail bucket, 'killmail' or 'killmail@<egress>', whose egress may be an IPv6 address)."""
-    return bucket.partition(":")[0] in db.OWNER_BUCKET_GROUPS
+    group, colon, _ = bucket.partition(":")
+    return bool(colon) and group in db.OWNER_BUCKET_GROUPS
+
+
+def _group(bucket: str) -> str:
+    """The key under which a bucket's limit is kept: a character's bucket shares its group's ('char-killmail')."""
+    return bucket.partition(":")[0] if _per_owner(bucket) else bucket
 
 
 def _int(value: Any) -> int | None:
     try:
         return int(float(value)) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None

@@ -158,8 +158,8 @@ CREATE INDEX IF NOT EXISTS sync_runs_finished ON sync_runs (finished_at DESC);
 CREATE INDEX IF NOT EXISTS sync_runs_character ON sync_runs (character_id, started_at DESC);
 
 -- ESI's limits as every process on every host last saw them, one row per bucket key ('error-limit',
--- 'killmail', 'char-killmail:<character id>', ...). paused_until stops every caller of that bucket;
--- next_slot paces the bucket's callers (a shared GCRA schedule) so a backlog never meets a 429.
+-- 'killmail', 'char-killmail' for the limit every character's list bucket has, ...). paused_until stops every
+-- caller of that bucket (a 420 or a 429); the spending itself is counted in esi_spent and esi_in_flight.
 CREATE TABLE IF NOT EXISTS esi_limits (
     bucket         TEXT PRIMARY KEY,
     limit_tokens   INTEGER,
@@ -178,3 +178,121 @@ CREATE TABLE IF NOT EXISTS esi_calls (
     calls       BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (route_group, status)
 );
+-- The ledger of ESI's floating windows: what was spent of each bucket ('killmail@<egress>',
+-- 'char-killmail:<character id>', 'error-limit@<egress>' where a token is an error answer) in each whole second,
+-- rounded up, so a second's tokens come back one window after it, never before ESI gives them back. `own` is
+-- what this app's answers cost; `other` what ESI's own count showed beyond it (other apps behind the same IP).
+CREATE TABLE IF NOT EXISTS esi_spent (
+    bucket TEXT NOT NULL,
+    second TIMESTAMPTZ NOT NULL,
+    own    INTEGER NOT NULL DEFAULT 0,
+    other  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (bucket, second)
+);
+
+-- Calls sent and not yet answered, each holding what its answer may cost. A row left by a killed process stops
+-- counting one window after it was sent.
+CREATE TABLE IF NOT EXISTS esi_in_flight (
+    id      BIGSERIAL PRIMARY KEY,
+    bucket  TEXT NOT NULL,
+    sent_at TIMESTAMPTZ NOT NULL,
+    tokens  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS esi_in_flight_bucket ON esi_in_flight (bucket, sent_at);
+
+-- Take what one call may cost from each of its buckets, all or nothing, under each bucket's advisory lock (taken
+-- in the order given; callers sort the names): so that the check and the spend are one step for every process
+-- on every host, and one round trip. Returns the in-flight row ids, or none and the seconds to wait: until
+-- enough spent tokens come back, or a short `poll` while calls in flight may give some back when answered.
+-- A call fits when spent + in flight + cost + headroom per call in flight + floor (+ reserve once other apps
+-- were seen spending) is within the limit.
+CREATE OR REPLACE FUNCTION esi_take(p_now TIMESTAMPTZ, p_buckets TEXT[], p_costs INTEGER[], p_limits INTEGER[],
+                                    p_windows INTEGER[], p_floors INTEGER[], p_reserves INTEGER[],
+                                    p_headroom INTEGER[], p_poll DOUBLE PRECISION,
+                                    OUT ids BIGINT[], OUT wait DOUBLE PRECISION)
+LANGUAGE plpgsql AS $$
+DECLARE
+    since TIMESTAMPTZ;
+    spent_own BIGINT;
+    spent_other BIGINT;
+    flying BIGINT;
+    flying_calls BIGINT;
+    excess BIGINT;
+    back_at TIMESTAMPTZ;
+    bucket_wait DOUBLE PRECISION;
+BEGIN
+    wait := 0;
+    FOR i IN 1 .. cardinality(p_buckets) LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_buckets[i], 0));
+    END LOOP;
+    FOR i IN 1 .. cardinality(p_buckets) LOOP
+        since := p_now - make_interval(secs => p_windows[i]);
+        DELETE FROM esi_spent WHERE bucket = p_buckets[i] AND second <= since;
+        DELETE FROM esi_in_flight WHERE bucket = p_buckets[i] AND sent_at <= since;
+        SELECT coalesce(sum(own), 0), coalesce(sum(other), 0) INTO spent_own, spent_other
+            FROM esi_spent WHERE bucket = p_buckets[i];
+        SELECT coalesce(sum(tokens), 0), count(*) INTO flying, flying_calls
+            FROM esi_in_flight WHERE bucket = p_buckets[i] AND sent_at > since;
+        excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls + p_floors[i]
+                  + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
+        IF excess > 0 THEN
+            -- The oldest seconds come back first: the one by which `excess` tokens are back.
+            SELECT s.second INTO back_at FROM (
+                SELECT second, sum(own + other) OVER (ORDER BY second) AS back
+                FROM esi_spent WHERE bucket = p_buckets[i]) s
+            WHERE s.back >= excess ORDER BY s.second LIMIT 1;
+            bucket_wait := CASE WHEN back_at IS NULL THEN p_windows[i]
+                                ELSE extract(epoch FROM back_at - since) END;
+            -- Calls in flight may answer cheaper than they hold (a 5xx costs nothing): worth asking again soon.
+            IF flying_calls > 0 AND excess <= flying + p_headroom[i] * flying_calls THEN
+                bucket_wait := least(bucket_wait, p_poll);
+            END IF;
+            wait := greatest(wait, bucket_wait);
+        END IF;
+    END LOOP;
+    IF wait > 0 THEN
+        RETURN;
+    END IF;
+    WITH taken AS (
+        INSERT INTO esi_in_flight (bucket, sent_at, tokens)
+        SELECT b, p_now, c FROM unnest(p_buckets, p_costs) AS t (b, c)
+        RETURNING id)
+    SELECT array_agg(id) INTO ids FROM taken;
+END $$;
+
+-- Settle a call: its in-flight rows go, and what the answer cost is spent in the second after the answer. Where
+-- ESI's answer said how much of a bucket is used (`p_used`, its limit minus its remaining count, null where not
+-- said), whatever ESI counts beyond this ledger is spent by someone else: booked as `other`. Only what is sure
+-- to be theirs is booked: our calls still in flight count as ours, spent.
+CREATE OR REPLACE FUNCTION esi_settle(p_now TIMESTAMPTZ, p_ids BIGINT[], p_buckets TEXT[], p_costs INTEGER[],
+                                      p_windows INTEGER[], p_used INTEGER[])
+RETURNS VOID LANGUAGE plpgsql AS $$
+DECLARE
+    since TIMESTAMPTZ;
+    second_after TIMESTAMPTZ := to_timestamp(ceil(extract(epoch FROM p_now)));
+    counted BIGINT;
+BEGIN
+    FOR i IN 1 .. cardinality(p_buckets) LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_buckets[i], 0));
+    END LOOP;
+    DELETE FROM esi_in_flight WHERE id = ANY(p_ids);
+    FOR i IN 1 .. cardinality(p_buckets) LOOP
+        IF p_costs[i] > 0 THEN
+            INSERT INTO esi_spent (bucket, second, own) VALUES (p_buckets[i], second_after, p_costs[i])
+            ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
+        END IF;
+        IF p_used[i] IS NOT NULL THEN
+            since := p_now - make_interval(secs => p_windows[i]);
+            SELECT coalesce(sum(own + other), 0) INTO counted FROM esi_spent
+                WHERE bucket = p_buckets[i] AND second > since;
+            counted := counted + (SELECT coalesce(sum(tokens), 0) FROM esi_in_flight
+                                  WHERE bucket = p_buckets[i] AND sent_at > since);
+            IF p_used[i] > counted THEN
+                INSERT INTO esi_spent (bucket, second, other)
+                VALUES (p_buckets[i], second_after, p_used[i] - counted)
+                ON CONFLICT (bucket, second) DO UPDATE SET other = esi_spent.other + EXCLUDED.other;
+            END IF;
+        END IF;
+    END LOOP;
+END $$;
+

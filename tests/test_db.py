@@ -181,11 +181,45 @@ def test_binary_copy_stores_every_column_as_the_row_by_row_path_does(conn):
         [(2 ** 40, None, -9.87, False), (None, 2 ** 62, 5.0, True)]
 
 
-def test_reserve_slot_allows_a_burst_then_paces(conn):
-    slots = [db.reserve_slot(conn, "killmail", NOW, spacing=0.5, burst=2) for _ in range(5)]
-    # A rested bucket: the burst starts in the past (send now), then every slot is 0.5 s after the last.
-    waits = [(s - NOW).total_seconds() for s in slots]
-    assert waits == [-1.0, -0.5, 0.0, 0.5, 1.0]
+def take(conn, now, bucket="killmail", limit=20, window=60):
+    return db.take_tokens(conn, now, buckets=[bucket], costs=[2], limits=[limit], windows=[window], floors=[0],
+                          reserves=[0], headroom=[0], poll=0.05)
+
+
+def test_take_tokens_is_one_step_for_every_session(conn, database_url):
+    """Sessions racing for a bucket of 10 calls: exactly 10 get tokens, whatever the interleaving."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def race(_):
+        with db.connect(database_url, autocommit=True) as own:
+            return [take(own, NOW)[0] is not None for _ in range(5)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        won = sum(sum(r) for r in pool.map(race, range(8)))
+    assert won == 10
+
+
+def test_take_tokens_names_when_the_oldest_spends_come_back(conn):
+    ids = [take(conn, NOW)[0] for _ in range(3)]
+    for n, taken in enumerate(ids):  # answered in three seconds in turn: booked in the second after each answer
+        db.settle_tokens(conn, NOW + timedelta(seconds=n), ids=taken, buckets=["killmail"], costs=[2],
+                         windows=[60], used=[None])
+    later = NOW + timedelta(seconds=10)
+    for _ in range(7):
+        taken, _ = take(conn, later)
+        db.settle_tokens(conn, later, ids=taken, buckets=["killmail"], costs=[2], windows=[60], used=[None])
+    nothing, wait = take(conn, later)             # full: the first answer's 2 tokens come back first
+    assert nothing is None and wait == pytest.approx(50)  # NOW is a whole second: booked in it, back at +60
+    assert take(conn, later, limit=23)[0] is not None               # one more call fits a bigger bucket ...
+    assert take(conn, later, limit=23)[1] == pytest.approx(0.05)    # ... the next only if that one's answer is cheap
+    assert db.ledger_spent(conn, "killmail", later, window=60) == {"own": 20, "other": 0, "in_flight": 2}
+
+
+def test_settle_tokens_books_what_esi_counts_beyond_the_ledger(conn):
+    (taken, _), (flying, _) = take(conn, NOW), take(conn, NOW)
+    db.settle_tokens(conn, NOW, ids=taken, buckets=["killmail"], costs=[2], windows=[60], used=[50])
+    # ESI counts 50; the ledger 2 answered + 2 in flight: 46 are another app's.
+    assert db.ledger_spent(conn, "killmail", NOW, window=60) == {"own": 2, "other": 46, "in_flight": 2}
 
 
 def test_record_limit_only_extends_a_pause(conn):

@@ -38,16 +38,17 @@ GRANT = {"access_token": "new-access-SECRET-3", "expires_in": 1199, "token_type"
 
 
 class RecordingLimits:
-    """A Limits that remembers every before() and after() call."""
+    """A Limits that remembers every take() and settle() call; a ticket is the bucket's name."""
 
     def __init__(self):
         self.events: list[tuple] = []
 
-    def before(self, bucket, *, pace):
-        self.events.append(("before", bucket, pace))
+    def take(self, bucket):
+        self.events.append(("take", bucket))
+        return bucket
 
-    def after(self, bucket, status, headers):
-        self.events.append(("after", bucket, status, dict(headers)))
+    def settle(self, ticket, status, headers):
+        self.events.append(("settle", ticket, status, dict(headers)))
 
     def pause(self, bucket, seconds, *, status):
         self.events.append(("pause", bucket, seconds, status))
@@ -549,7 +550,7 @@ def test_invalid_client_pauses_sso_for_every_process(http, conn, database_url):
     http.add(responses.POST, SSO_URL, status=401, json={"error": "invalid_client"})
     processes = [SharedLimits(lambda: db.connect(database_url, autocommit=True)) for _ in range(2)]
     one, other = (EsiClient(SETTINGS, limits=limits, sleep=lambda s: None) for limits in processes)
-    processes[0].after("killmail", 420, {"X-ESI-Error-Limit-Reset": "50"})
+    processes[0].settle(processes[0].take("killmail"), 420, {"X-ESI-Error-Limit-Reset": "50"})
     assert one.refresh(REFRESH).refresh_token == GRANT["refresh_token"]  # ESI's error limit does not hold SSO
     with pytest.raises(InvalidClient):
         one.refresh(REFRESH)
@@ -593,10 +594,10 @@ def test_limits_are_told_about_every_list_call_under_the_character_bucket(http, 
     client.list_recent(character_id=42, token=TOKEN)
 
     assert [e[:3] for e in limits.events] == [
-        ("before", "char-killmail:42", False), ("after", "char-killmail:42", 200),
-        ("before", "char-killmail:42", False), ("after", "char-killmail:42", 200),
+        ("take", "char-killmail:42"), ("settle", "char-killmail:42", 200),
+        ("take", "char-killmail:42"), ("settle", "char-killmail:42", 200),
     ]
-    assert [e[3]["X-Ratelimit-Remaining"] for e in limits.events if e[0] == "after"] == ["28", "26"]
+    assert [e[3]["X-Ratelimit-Remaining"] for e in limits.events if e[0] == "settle"] == ["28", "26"]
 
 
 def test_corporation_list_bucket_is_per_character_whose_token_is_used(http):
@@ -604,15 +605,15 @@ def test_corporation_list_bucket_is_per_character_whose_token_is_used(http):
     client = EsiClient(SETTINGS, limits=limits)
     add_page(http, 1, refs(1), url=CORP_LIST_URL)
     client.list_recent(character_id=42, token=TOKEN, corporation_id=77)
-    assert limits.events[0] == ("before", "corp-killmail:42", False)
+    assert limits.events[0] == ("take", "corp-killmail:42")
 
 
-def test_detail_calls_are_paced_in_the_killmail_bucket(http):
+def test_detail_calls_are_taken_from_the_killmail_bucket(http):
     limits = RecordingLimits()
     client = EsiClient(SETTINGS, limits=limits)
     http.add(responses.GET, DETAIL_URL, json=KILLMAIL)
     client.get_killmail(1001, "abc123")
-    assert [e[:3] for e in limits.events] == [("before", "killmail", True), ("after", "killmail", 200)]
+    assert [e[:3] for e in limits.events] == [("take", "killmail"), ("settle", "killmail", 200)]
 
 
 def test_limits_see_error_statuses_every_retry_and_timeouts_as_zero(http, sleeps):
@@ -626,9 +627,9 @@ def test_limits_see_error_statuses_every_retry_and_timeouts_as_zero(http, sleeps
         client.get_killmail(1001, "abc123")
 
     assert [e[:3] for e in limits.events] == [
-        ("before", "killmail", True), ("after", "killmail", 502),
-        ("before", "killmail", True), ("after", "killmail", 0),
-        ("before", "killmail", True), ("after", "killmail", 429),
+        ("take", "killmail"), ("settle", "killmail", 502),
+        ("take", "killmail"), ("settle", "killmail", 0),
+        ("take", "killmail"), ("settle", "killmail", 429),
     ]
     assert limits.events[-1][3]["Retry-After"] == "5"
 
@@ -638,12 +639,12 @@ def test_sso_calls_have_a_bucket_of_their_own(http):
     client = EsiClient(SETTINGS, limits=limits)
     http.add(responses.POST, SSO_URL, json=GRANT)
     client.refresh(REFRESH)
-    assert [e[:3] for e in limits.events] == [("before", esi.SSO_BUCKET, False), ("after", esi.SSO_BUCKET, 200)]
+    assert [e[:3] for e in limits.events] == [("take", esi.SSO_BUCKET), ("settle", esi.SSO_BUCKET, 200)]
 
 
 def test_a_paused_bucket_stops_the_call_before_it_is_sent(http):
     class PausedLimits(RecordingLimits):
-        def before(self, bucket, *, pace):
+        def take(self, bucket):
             raise Paused("paused", bucket=bucket, until=None)
 
     client = EsiClient(SETTINGS, limits=PausedLimits())
