@@ -8,6 +8,8 @@ and injectable faults, following ../shared/esi/ESI.md. Where ESI leaves a choice
 - a page past the last one: 404 "Requested page does not exist!" (still with X-Pages); an unknown killmail id:
   404; a known id with the wrong hash: 422;
 - SSO is a separate service: it is outside the error limit and the buckets, and a bare User-Agent is only counted.
+For adding pilots from a browser it also has SSO's authorize page (a link per pilot), the authorization_code grant
+with PKCE, a JWKS whose RS256 key signs every access token, SSO's metadata, revocation, and ESI's affiliation route.
 Its clock is the real clock plus whatever `advance()` added, so tests need no sleeps; Date, Expires, token expiry,
 cache turnover and the limit windows all follow it.
 """
@@ -22,6 +24,7 @@ import logging
 import math
 import random
 import re
+import secrets
 import signal
 import socket
 import socketserver
@@ -34,9 +37,13 @@ from datetime import date, datetime, timezone
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from io import BytesIO
+from functools import lru_cache
+from html import escape
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlencode
 
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from werkzeug.wrappers import Request
 
 log = logging.getLogger(__name__)
@@ -52,7 +59,7 @@ GROUPS = ("char-killmail", "corp-killmail", "killmail")
 DEFAULTS: dict[str, Any] = {
     "page_size": 1000, "cache_seconds": 300, "latency_ms": 0, "error_rate_5xx": 0.0, "rate_429": 0.0,
     "detail_bucket": (3600, 900), "list_bucket": (30, 900), "error_limit": 100, "error_window": 60,
-    "rate_limits": True,
+    "rate_limits": True, "background_share": 0.0,
 }
 
 # ESI paths may carry a version prefix (/latest, /v5, ...) and a trailing slash.
@@ -64,6 +71,14 @@ _ESI_ROUTES = [
     ("character", re.compile(_PREFIX + r"/characters/(?P<id>\d+)/?$")),
 ]
 _TOKEN_PATH = re.compile(r"^/v2/oauth/token/?$")
+# The SSO login's routes and ESI's affiliation route (the SSO login section of Simulator).
+_LOGIN_PATHS = {
+    "authorize": re.compile(r"^/v2/oauth/authorize/?$"), "jwks": re.compile(r"^/oauth/jwks/?$"),
+    "metadata": re.compile(r"^/\.well-known/oauth-authorization-server/?$"),
+    "revoke": re.compile(r"^/v2/oauth/revoke/?$"), "affiliation": re.compile(_PREFIX + r"/characters/affiliation/?$"),
+}
+SIGNING_KID = "JWT-Signature-Key"
+CODE_SECONDS = 300  # an authorization code not exchanged by then is dead
 _BARE_REQUESTS_AGENT = re.compile(r"^python-requests/[\w.]+$", re.IGNORECASE)
 _REASONS = {420: "Error Limited"}
 IDLE_SECONDS = 300  # a kept-alive connection with no request for this long is closed
@@ -123,13 +138,15 @@ class ListCache:
 
 @dataclass
 class Reply:
-    """An answer under construction; `remember` and `detail_id` drive accounting once the status is final."""
+    """An answer under construction; `remember`, `detail_id` and `listed` drive accounting once the status is
+    final."""
 
     status: int
     body: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     remember: tuple[tuple, int] | None = None
     detail_id: int | None = None
+    listed: tuple[int, ...] = ()  # the killmail ids a list page shows
 
 
 class Bucket:
@@ -310,6 +327,8 @@ class Simulator:
         self._pilots: dict[int, Pilot] = {}
         self._by_refresh: dict[str, int] = {}
         self._issued: dict[str, int] = {}  # every access token ever issued -> its character
+        self._codes: dict[str, dict] = {}   # authorization codes not yet exchanged (SSO login section)
+        self._browser_choice: tuple[str, int | None] | None = None  # what the next authorize page picks itself
         self._alliances: dict[int, int | None] = {}
         self._killmails: dict[int, Killmail] = {}
         self._links: dict[int, set[int]] = {}
@@ -319,6 +338,12 @@ class Simulator:
         self._given_expires: dict[tuple, int] = {}
         self._served_details: set[int] = set()
         self._buckets: dict[tuple[str, Any], Bucket] = {}
+        # The background spender (another app behind the same IP): when its schedule started, and per detail
+        # bucket the number of its next scheduled spend.
+        self._background_start = 0.0
+        self._background_next: dict[tuple[str, Any], int] = {}
+        self._created_at: dict[int, float] = {}  # killmail id -> when it was added to the world
+        self._visible_at: dict[int, float] = {}  # killmail id -> when a 200 list page first showed it
         self._faults: list[dict] = []
         self._error_window_start, self._error_count = 0, 0
         self._in_flight = 0
@@ -331,11 +356,17 @@ class Simulator:
     # ---- set-up and control -------------------------------------------------------------------------------
 
     def configure(self, **options: Any) -> None:
-        """Change any constructor option (page_size, cache_seconds, latency_ms, buckets, ...) at runtime."""
+        """Change any constructor option (page_size, cache_seconds, latency_ms, buckets, ...) at runtime.
+
+        background_share (0..1) starts another app behind each source IP that spends that share of the detail
+        bucket's limit per window, two tokens at a time at evenly spaced times, from now on."""
         unknown = set(options) - set(DEFAULTS)
         if unknown:
             raise TypeError(f"unknown simulator option(s): {', '.join(sorted(unknown))}")
         with self._lock:
+            restart = {"background_share", "detail_bucket"} & set(options)
+            if restart:  # what the other app spent so far, under the settings it spent it under
+                self._spend_background_everywhere(self._now())
             for name, value in options.items():
                 if name.endswith("_bucket"):
                     limit, window = (int(v) for v in value)
@@ -346,9 +377,13 @@ class Simulator:
                     value = bool(value)
                 else:
                     value = type(DEFAULTS[name])(value)
-                    if value < 0 or (name in ("page_size", "error_window", "error_limit") and value < 1):
+                    if value < 0 or (name in ("page_size", "error_window", "error_limit") and value < 1) or (
+                            name == "background_share" and value > 1):
                         raise ValueError(f"{name} out of range: {value!r}")
                 self._config[name] = value
+            if restart:
+                self._background_start = self._now()
+                self._background_next.clear()
 
     def add_pilots(self, n_pilots: int = 40, n_killmails: int = 1500, share: int = 3, expired_fraction: float = 0.25,
                    revoked: int = 1, corporations: int = 4) -> list[int]:
@@ -452,9 +487,16 @@ class Simulator:
             return {i: copy.deepcopy(self._killmails[i].body) for i in sorted(ids - self._malformed)}
 
     def stats(self) -> dict:
-        """A copy of the counters (see _fresh_stats for the keys)."""
+        """A copy of the counters (see _fresh_stats for the keys), the background spender's brought up to now."""
         with self._lock:
+            self._spend_background_everywhere(self._now())
             return copy.deepcopy(self._stats)
+
+    def visibility(self) -> dict[int, dict]:
+        """Per killmail, when it was added to the world and when a 200 list page first showed it (None: not yet),
+        on the simulator's clock: {killmail_id: {"created": t, "visible": t}}."""
+        with self._lock:
+            return {i: {"created": t, "visible": self._visible_at.get(i)} for i, t in self._created_at.items()}
 
     def reset_stats(self) -> None:
         """Zero the counters; which details were served and which Expires were given are still remembered."""
@@ -489,8 +531,11 @@ class Simulator:
     def wsgi_app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         """The WSGI entry point: /_sim/ control API, SSO token endpoint, ESI routes."""
         request = Request(environ)
+        login_route = _login_route(request.path)
         if request.path.startswith("/_sim/"):
             reply = self._control(request)
+        elif login_route:
+            reply = self._serve_login(login_route, request)
         else:
             reply = self._serve(request)
         body = reply.body or b""
@@ -498,7 +543,9 @@ class Simulator:
             reply.headers["Date"] = _http_date(self._now())
         headers = list(reply.headers.items())
         if reply.body is not None:
-            headers += [("Content-Type", "application/json; charset=utf-8"), ("Content-Length", str(len(body)))]
+            headers.append(("Content-Length", str(len(body))))
+            if "Content-Type" not in reply.headers:  # the login's authorize page is HTML
+                headers.append(("Content-Type", "application/json; charset=utf-8"))
         reason = _REASONS.get(reply.status) or HTTPStatus(reply.status).phrase
         start_response(f"{reply.status} {reason}", headers)
         # No body for HEAD (the headers stay): werkzeug sent one and closed; on a kept-alive connection it would be
@@ -540,12 +587,12 @@ class Simulator:
             reply = _error(420, "error limited")
         else:
             group, key = self._group(route, params, request)
-            reply = self._take_fault(request.path) or self._random_fault() or self._check_request(request)
+            reply = self._take_fault(request.path) or self._random_fault(group) or self._check_request(request)
             if reply is None:
                 reply = getattr(self, f"_route_{route}")(params, request, now)
             if group and self._config["rate_limits"]:
                 reply = self._charge(group, key, reply, now)
-            self._account(reply)
+            self._account(reply, now)
         if reply.status >= 400:
             self._error_count += 1
         remain, reset = self._error_state(now)
@@ -585,14 +632,19 @@ class Simulator:
                 return reply
         return None
 
-    def _random_fault(self) -> Reply | None:
+    def _random_fault(self, group: str | None) -> Reply | None:
+        """A random 5xx or 429 (error_rate_5xx, rate_429) on any ESI route; a 429 names the route's group, as a
+        real one does (with rate limits on, _charge adds the bucket's counts to it)."""
         rng = self._fault_rng
         if self._config["error_rate_5xx"] and rng.random() < self._config["error_rate_5xx"]:
             self._stats["faults_injected"] += 1
             return _error(rng.choice((500, 502, 503, 504)), "Internal server error")
         if self._config["rate_429"] and rng.random() < self._config["rate_429"]:
             self._stats["faults_injected"] += 1
-            return Reply(429, _json({"error": "Too many requests"}), {"Retry-After": str(rng.randint(1, 5))})
+            headers = {"Retry-After": str(rng.randint(1, 5))}
+            if group:
+                headers["X-Ratelimit-Group"] = group
+            return Reply(429, _json({"error": "Too many requests"}), headers)
         return None
 
     def _check_request(self, request: Request) -> Reply | None:
@@ -617,6 +669,8 @@ class Simulator:
         """Pay for a response from its group's bucket, or turn it into a 429 when the bucket cannot pay."""
         limit, window = self._config["list_bucket" if group != "killmail" else "detail_bucket"]
         bucket = self._buckets.setdefault((group, key), Bucket())
+        if group == "killmail":
+            self._spend_background((group, key), bucket, now)
         used, cost = bucket.used(now, window), _cost(reply.status)
         if cost and used and used + cost > limit:
             retry = bucket.retry_after(now, window, limit, cost)
@@ -629,14 +683,44 @@ class Simulator:
                               "X-Ratelimit-Remaining": str(max(0, limit - used)), "X-Ratelimit-Used": str(used)})
         return reply
 
-    def _account(self, reply: Reply) -> None:
-        """Remember what a final answer gave away: list Expires (for early fetches) and served details."""
+    def _account(self, reply: Reply, now: float) -> None:
+        """Remember what a final answer gave away: list Expires (for early fetches), which killmails a list showed
+        first when, and served details."""
         if reply.remember and reply.status in (200, 304):
             self._given_expires[reply.remember[0]] = reply.remember[1]
+        if reply.status == 200:
+            for killmail_id in reply.listed:
+                self._visible_at.setdefault(killmail_id, now)
         if reply.detail_id is not None and 200 <= reply.status < 300:
             if reply.detail_id in self._served_details:
                 self._stats["duplicate_detail_fetches"] += 1
             self._served_details.add(reply.detail_id)
+            if self._stats["first_detail_at"] is None:
+                self._stats["first_detail_at"] = now
+            self._stats["last_detail_at"] = now
+
+    def _spend_background(self, key: tuple[str, Any], bucket: Bucket, now: float) -> None:
+        """Make the background spender's scheduled spends up to now in one detail bucket, each at its own time, in
+        order (so the bucket's spends stay in time order); a spend the bucket cannot pay is refused."""
+        share = self._config["background_share"]
+        if not share:
+            return
+        limit, window = self._config["detail_bucket"]
+        every = 2 * window / (share * limit)  # seconds between two-token spends
+        n = self._background_next.get(key, 1)
+        while (at := self._background_start + n * every) <= now:
+            if bucket.used(at, window) + 2 <= limit:
+                bucket.spend(at, 2)
+                self._stats["tokens_spent_background"] += 2
+            else:
+                self._stats["background_refused"] += 1
+            n += 1
+        self._background_next[key] = n
+
+    def _spend_background_everywhere(self, now: float) -> None:
+        for key, bucket in self._buckets.items():
+            if key[0] == "killmail":
+                self._spend_background(key, bucket, now)
 
     def _error_state(self, now: float) -> tuple[int, int]:
         """(remaining errors, seconds to reset) of the fixed error window containing now."""
@@ -730,6 +814,7 @@ class Simulator:
         reply.headers["X-Pages"] = str(pages)
         route = "list_character" if key[0] == "character" else "list_corporation"
         reply.remember = ((route, key[1], raw, owner), cache.expires)
+        reply.listed = tuple(i for i, _ in chunk)
         return reply
 
     def _list_cache(self, key: tuple[str, int], now: float) -> ListCache:
@@ -766,9 +851,11 @@ class Simulator:
         if request.headers.get("Authorization", "") != f"Basic {expected}":
             self._stats["invalid_client"] += 1
             return Reply(401, _json({"error": "invalid_client", "error_description": "Client authentication failed"}))
+        if request.form.get("grant_type") == "authorization_code":
+            return self._exchange_code(request, now)
         if request.form.get("grant_type") != "refresh_token":
             return Reply(400, _json({"error": "unsupported_grant_type",
-                                     "error_description": "only refresh_token is simulated"}))
+                                     "error_description": "only refresh_token and authorization_code are simulated"}))
         owner = self._by_refresh.get(request.form.get("refresh_token", ""))
         pilot = self._pilots.get(owner) if owner else None
         if pilot is None or pilot.revoked:
@@ -792,10 +879,125 @@ class Simulator:
                   "tier": "live", "region": "world", "aud": [self.client_id, "EVE Online"], "name": pilot.name,
                   "owner": _b64(rng.randbytes(20)), "exp": int(expires_at), "iat": int(now),
                   "iss": "login.eveonline.com"}
-        pilot.access_token = ".".join([_b64(_json({"alg": "RS256", "kid": "JWT-Signature-Key", "typ": "JWT"})),
-                                       _b64(_json(claims)), _b64(rng.randbytes(64))])
+        # Signed for real (RS256, the key of /oauth/jwks), so that a login can verify it as it verifies SSO's.
+        pilot.access_token = jwt.encode(claims, _signing_keys()[0], algorithm="RS256",
+                                        headers={"kid": SIGNING_KID, "typ": "JWT"})
         pilot.expires_at = expires_at
         self._issued[pilot.access_token] = pilot.character_id
+
+    # ---- SSO login (authorization code flow) --------------------------------------------------------------
+
+    def choose_in_browser(self, character_id: int | None) -> None:
+        """Make the next authorize page choose by itself, as a person's click would: it clicks this pilot's link
+        (None: the decline link) with a line of script. For tests that drive a headless browser."""
+        with self._lock:
+            if character_id is not None:
+                self._pilot(character_id)
+            self._browser_choice = ("decline", None) if character_id is None else ("pilot", character_id)
+
+    def _serve_login(self, route: str, request: Request) -> Reply:
+        """The login's routes: SSO's authorize page, key set, metadata and revocation, and ESI's affiliation.
+        Outside ESI's limits and stats, like the token endpoint."""
+        handlers = {"authorize": self._authorize, "jwks": self._jwks, "metadata": self._metadata,
+                    "revoke": self._revoke, "affiliation": self._affiliation}
+        with self._lock:
+            return handlers[route](request, self._now())
+
+    def _authorize(self, request: Request, now: float) -> Reply:
+        """GET /v2/oauth/authorize: a page listing the pilots; a pilot's link sends the browser back to the
+        redirect_uri with a code and the state, the decline link with error=access_denied."""
+        args = request.args
+        redirect_uri, state = args.get("redirect_uri", ""), args.get("state", "")
+        if args.get("client_id") != self.client_id:
+            return _page(400, "Unknown client", f"No application has the client id {args.get('client_id')!r}.")
+        if not redirect_uri.startswith(("http://", "https://")):
+            return _page(400, "Bad redirect_uri", "The redirect_uri must be an http or https URL.")
+        if args.get("response_type") != "code" or (args.get("code_challenge")
+                                                   and args.get("code_challenge_method") != "S256"):
+            return _redirect(redirect_uri, error="invalid_request", state=state)
+        if args.get("decline"):
+            return _redirect(redirect_uri, error="access_denied", error_description="The user declined", state=state)
+        if args.get("character_id"):
+            pilot = self._pilots.get(int(args["character_id"])) if args["character_id"].isdigit() else None
+            if pilot is None:
+                return _page(400, "Unknown pilot", "No such pilot in this simulator.")
+            code = secrets.token_urlsafe(24)
+            self._codes[code] = {"character_id": pilot.character_id, "redirect_uri": redirect_uri,
+                                 "challenge": args.get("code_challenge"), "expires": now + CODE_SECONDS,
+                                 "scopes": args.get("scope", "").split()}
+            return _redirect(redirect_uri, code=code, state=state)
+        choice, self._browser_choice = self._browser_choice, None
+        url = f"{request.base_url}?{request.query_string.decode('latin-1')}"  # as sent, not re-quoted
+        return _authorize_page(url, list(self._pilots.values()), args.get("scope", "").split(), choice)
+
+    def _exchange_code(self, request: Request, now: float) -> Reply:
+        """The authorization_code grant: a code once, within CODE_SECONDS, with the PKCE verifier of its
+        challenge; the pilot's grant becomes the scopes asked, and a revoked pilot is usable again."""
+        entry = self._codes.pop(request.form.get("code", ""), None)
+        problem = None
+        if entry is None or now > entry["expires"]:
+            problem = "Authorization code is invalid or expired"
+        elif request.form.get("redirect_uri") not in (None, entry["redirect_uri"]):
+            problem = "redirect_uri does not match the authorize request"
+        elif entry["challenge"] and _pkce_challenge(request.form.get("code_verifier", "")) != entry["challenge"]:
+            problem = "PKCE verification failed"
+        if problem:
+            self._stats["invalid_grants"] += 1
+            return Reply(400, _json({"error": "invalid_grant", "error_description": problem}))
+        pilot = self._pilots[entry["character_id"]]
+        pilot.scopes, pilot.revoked = list(entry["scopes"]), False
+        self._issue_tokens(pilot, int(now) + ACCESS_TOKEN_SECONDS, now)
+        return Reply(200, _json({"access_token": pilot.access_token, "expires_in": ACCESS_TOKEN_SECONDS,
+                                 "token_type": "Bearer", "refresh_token": pilot.refresh_token}),
+                     {"Cache-Control": "no-store"})
+
+    def _jwks(self, request: Request, now: float) -> Reply:
+        """GET /oauth/jwks: the RS256 key that signs the access tokens, and an ES256 key beside it, as SSO's."""
+        rsa_key, ec_key = _signing_keys()
+        keys = [dict(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True), alg="RS256",
+                     kid=SIGNING_KID, use="sig"),
+                dict(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True), alg="ES256",
+                     kid="JWT-Signature-Key-ES256", use="sig")]
+        return Reply(200, _json({"keys": keys, "SkipUnresolvedJsonWebKeys": True}))
+
+    def _metadata(self, request: Request, now: float) -> Reply:
+        """GET /.well-known/oauth-authorization-server, pointing at this simulator's endpoints."""
+        base = request.host_url.rstrip("/")
+        return Reply(200, _json({
+            "issuer": "https://login.eveonline.com", "authorization_endpoint": f"{base}/v2/oauth/authorize",
+            "token_endpoint": f"{base}/v2/oauth/token", "jwks_uri": f"{base}/oauth/jwks",
+            "revocation_endpoint": f"{base}/v2/oauth/revoke", "response_types_supported": ["code", "token"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "code_challenge_methods_supported": ["S256"]}))
+
+    def _revoke(self, request: Request, now: float) -> Reply:
+        """POST /v2/oauth/revoke: the refresh token's grant ends (invalid_grant from now on); an unknown token is
+        answered 200 all the same (RFC 7009)."""
+        if request.method != "POST":
+            return _error(405, "method not allowed")
+        expected = base64.b64encode(f"{self.client_id}:{self.client_secret}".encode()).decode()
+        if request.headers.get("Authorization", "") != f"Basic {expected}":
+            self._stats["invalid_client"] += 1
+            return Reply(401, _json({"error": "invalid_client", "error_description": "Client authentication failed"}))
+        owner = self._by_refresh.get(request.form.get("token", ""))
+        if owner is not None and request.form.get("token_type_hint", "refresh_token") == "refresh_token":
+            self._pilots[owner].revoked = True
+        return Reply(200, b"")
+
+    def _affiliation(self, request: Request, now: float) -> Reply:
+        """POST /characters/affiliation/: corporation_id and alliance_id of each known character id sent."""
+        ids = request.get_json(silent=True)
+        if request.method != "POST":
+            return _error(405, "Method not allowed")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            return _error(400, "body must be a JSON list of character ids")
+        answer = []
+        for pilot in (self._pilots[i] for i in ids if i in self._pilots):
+            entry = {"character_id": pilot.character_id, "corporation_id": pilot.corporation_id}
+            if self._alliances.get(pilot.corporation_id):
+                entry["alliance_id"] = self._alliances[pilot.corporation_id]
+            answer.append(entry)
+        return Reply(200, _json(answer), {"Cache-Control": "public, max-age=3600"})
 
     # ---- world generation ---------------------------------------------------------------------------------
 
@@ -833,6 +1035,7 @@ class Simulator:
         attackers = linked[1:] if victim else linked
         body = make_killmail_body(rng, self._last_id, when, victim, attackers, self._alliances)
         self._killmails[self._last_id] = Killmail(self._last_id, f"{rng.getrandbits(160):040x}", when, body, now)
+        self._created_at[self._last_id] = self._now()
         for pilot in linked:
             self._links[pilot.character_id].add(self._last_id)
         return self._last_id
@@ -850,7 +1053,11 @@ class Simulator:
                 "duplicate_detail_fetches": 0, "early_list_fetches": 0, "status_420": 0, "status_429": 0,
                 "min_error_limit_remain": self._config["error_limit"], "tokens_spent": dict.fromkeys(GROUPS, 0),
                 "refreshes": 0, "invalid_grants": 0, "invalid_client": 0, "bad_user_agent": 0,
-                "bad_compatibility_date": 0, "faults_injected": 0, "max_in_flight": 0}
+                "bad_compatibility_date": 0, "faults_injected": 0, "max_in_flight": 0,
+                # the background spender's tokens (in the detail buckets beside ours) and spends it could not pay
+                "tokens_spent_background": 0, "background_refused": 0,
+                # when the first and the last 2xx detail of these counters were served (simulator clock)
+                "first_detail_at": None, "last_detail_at": None}
 
     # ---- control API --------------------------------------------------------------------------------------
 
@@ -861,6 +1068,8 @@ class Simulator:
         try:
             if action == ("GET", "stats"):
                 return Reply(200, _json(self.stats()))
+            if action == ("GET", "visibility"):
+                return Reply(200, _json(self.visibility()))
             if action == ("GET", "pilots"):
                 pilots = [dict(p, expires_at=p["expires_at"].isoformat()) for p in self.pilots()]
                 return Reply(200, _json(pilots))
@@ -1032,6 +1241,51 @@ def _b64(raw: bytes) -> str:
 
 def _http_date(timestamp: float) -> str:
     return formatdate(int(timestamp), usegmt=True)
+
+
+def _login_route(path: str) -> str | None:
+    """Which of the SSO login's routes (or ESI's affiliation route) a path is, if any."""
+    return next((name for name, pattern in _LOGIN_PATHS.items() if pattern.match(path)), None)
+
+
+@lru_cache(maxsize=1)
+def _signing_keys() -> tuple[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]:
+    """The simulated SSO's keys, RS256 (signs every access token) and ES256, made once per process: a 2048-bit
+    RSA key takes a fifth of a second, too long for every simulator a test run starts."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048), ec.generate_private_key(ec.SECP256R1())
+
+
+def _pkce_challenge(verifier: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+def _redirect(uri: str, **params: str) -> Reply:
+    """A 302 back to the application's redirect_uri with these query parameters (an empty state is left out)."""
+    query = urlencode({k: v for k, v in params.items() if v})
+    return Reply(302, None, {"Location": f"{uri}{'&' if '?' in uri else '?'}{query}", "Cache-Control": "no-store"})
+
+
+def _page(status: int, title: str, text: str, body: str = "") -> Reply:
+    html = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            '<style>body{font:15px/1.5 system-ui,sans-serif;background:#101820;color:#e8edf2;margin:0}'
+            'main{max-width:560px;margin:48px auto;padding:0 20px}a{color:#7fc4ff}'
+            'li{margin:6px 0}.muted{color:#8a99a8}code{color:#c9d6e2}</style></head>'
+            f'<body><main><h1>{escape(title)}</h1><p>{escape(text)}</p>{body}</main></body></html>')
+    return Reply(status, html.encode(), {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+
+def _authorize_page(url: str, pilots: list[Pilot], scopes: list[str], choice: tuple[str, int | None] | None) -> Reply:
+    """SSO's login page as the simulator has it: one link per pilot, and a decline link."""
+    links = "".join(f'<li><a class="pilot" id="pilot-{p.character_id}" href="{escape(url)}&amp;character_id='
+                    f'{p.character_id}">{escape(p.name)}</a> <span class="muted">corporation {p.corporation_id}'
+                    f'</span></li>' for p in pilots)
+    body = (f'<p>It asks for: {" ".join(f"<code>{escape(s)}</code>" for s in scopes) or "no scope"}</p>'
+            f'<p>Log in as:</p><ul>{links}</ul>'
+            f'<p><a id="decline" href="{escape(url)}&amp;decline=1">Decline</a></p>')
+    if choice is not None:  # choose_in_browser: the click a person would make
+        target = "decline" if choice[0] == "decline" else f"pilot-{choice[1]}"
+        body += f'<script>document.getElementById("{target}").click()</script>'
+    return _page(200, "EVE SSO (simulator)", "An application wants you to log in with EVE Online.", body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -443,6 +443,122 @@ def test_bucket_running_total_matches_the_spends_in_the_window():
         spends.append((now, cost))
 
 
+def test_bucket_retry_after_counts_the_oldest_spends_until_the_cost_fits():
+    bucket = Bucket()
+    for at in (0, 10, 20):
+        bucket.spend(at, 2)
+    assert bucket.retry_after(30, 60, 6, 2) == 30  # the spend at 0 is back at 60
+    assert bucket.retry_after(30, 60, 6, 5) == 50  # 5 tokens: the spends at 0, 10 and 20, back at 80
+    assert bucket.used(59.999, 60) == 6 and bucket.used(60, 60) == 4 and bucket.used(80, 60) == 0
+
+
+def test_each_token_returns_exactly_one_window_after_it_was_spent(esi):
+    esi.sim.configure(detail_bucket=(6, 60))
+    path = esi.detail_path(next(iter(esi.sim.expected_killmails())))
+    answers = [esi.get(path)]
+    for _ in range(2):
+        esi.sim.advance(20)
+        answers.append(esi.get(path))
+    assert [(a.headers["X-Ratelimit-Used"], a.headers["X-Ratelimit-Remaining"]) for a in answers] == [
+        ("2", "4"), ("4", "2"), ("6", "0")]  # the counts after each answer's own cost
+    esi.sim.advance(19.5)  # 59.5 s after the first spend
+    early = esi.get(path)
+    assert early.status_code == 429 and early.headers["Retry-After"] == "1"
+    assert (early.headers["X-Ratelimit-Used"], early.headers["X-Ratelimit-Remaining"]) == ("6", "0")  # costs 0
+    esi.sim.advance(0.5)  # the first spend's tokens are back, the others not yet
+    back = esi.get(path)
+    assert back.status_code == 200 and back.headers["X-Ratelimit-Remaining"] == "0"
+    again = esi.get(path)
+    assert again.status_code == 429 and again.headers["Retry-After"] == "20"  # the second spend, at 80 s
+    stats = esi.sim.stats()
+    assert stats["status_429"] == 2 and stats["tokens_spent"]["killmail"] == 8
+
+
+def test_background_spender_shares_the_detail_bucket_and_its_headers(esi):
+    path = esi.detail_path(next(iter(esi.sim.expected_killmails())))
+    esi.sim.configure(detail_bucket=(60, 60), background_share=0.5)  # 30 tokens a window: 2 every 4 s
+    assert esi.get(path).headers["X-Ratelimit-Used"] == "2"  # our IP's bucket, and the other app's beside us
+    esi.sim.advance(60)  # our 2 tokens are back; the other app spent 2 at 4, 8, ... 60 s
+    assert esi.sim.stats()["tokens_spent_background"] == 30
+    first = esi.get(path)
+    assert (first.headers["X-Ratelimit-Used"], first.headers["X-Ratelimit-Remaining"]) == ("32", "28")
+    esi.sim.advance(4)  # its spend at 4 s comes back at 64 s, as it spends again
+    assert esi.get(path).headers["X-Ratelimit-Used"] == "34"
+    stats = esi.sim.stats()
+    assert stats["tokens_spent"]["killmail"] == 6 and stats["background_refused"] == 0
+    esi.sim.configure(background_share=0.0)  # the other app stops: its tokens come back, none go
+    esi.sim.advance(60)
+    assert esi.sim.stats()["tokens_spent_background"] == 32 and esi.get(path).headers["X-Ratelimit-Used"] == "2"
+    with pytest.raises(ValueError):
+        esi.sim.configure(background_share=1.5)
+
+
+def test_background_spends_the_bucket_cannot_pay_are_refused_not_429(esi):
+    path = esi.detail_path(next(iter(esi.sim.expected_killmails())))
+    esi.sim.configure(detail_bucket=(10, 60), background_share=1.0)  # 2 tokens every 12 s
+    assert [esi.get(path).status_code for _ in range(5)] == [200] * 5  # we spend the whole bucket at once
+    esi.sim.advance(60)  # its spends at 12 ... 60 s find the bucket full: ours come back just after 60 s
+    stats = esi.sim.stats()
+    assert (stats["background_refused"], stats["tokens_spent_background"], stats["status_429"]) == (5, 0, 0)
+    esi.sim.advance(12)
+    answer = esi.get(path)
+    assert (answer.headers["X-Ratelimit-Used"], answer.headers["X-Ratelimit-Remaining"]) == ("4", "6")
+    assert esi.sim.stats()["tokens_spent_background"] == 2
+
+
+def test_visibility_records_creation_and_the_first_list_page_that_shows_a_killmail(esi):
+    pilot = esi.pilot()
+    first = esi.recent(pilot)
+    created_at = esi.sim.now().timestamp()
+    new = esi.sim.add_killmails(pilot["character_id"], 2)
+    seen = esi.sim.visibility()
+    assert all(abs(seen[i]["created"] - created_at) < 1 and seen[i]["visible"] is None for i in new)
+    old = next(iter(esi.sim.killmail_ids_for(pilot["character_id"]) - set(new)))
+    assert seen[old]["visible"] is not None or old not in {r["killmail_id"] for r in first.json()}
+    esi.recent(pilot)  # still the cached list, without them
+    esi.sim.advance(300)
+    unchanged = esi.recent(pilot, **{"If-None-Match": esi.recent(pilot).headers["ETag"]})
+    assert unchanged.status_code == 304
+    shown_at = esi.sim.visibility()[new[0]]["visible"]
+    assert created_at + 300 <= shown_at < esi.sim.now().timestamp()
+    over_http = requests.get(esi.base + "/_sim/visibility", timeout=5).json()
+    assert over_http[str(new[0])] == {"created": seen[new[0]]["created"], "visible": shown_at}
+
+
+@pytest.mark.parametrize("route", ["list_character", "detail", "character"])
+def test_random_faults_apply_to_every_route_and_a_random_429_looks_real(esi, route):
+    pilot = esi.pilot()
+    paths = {"list_character": (f"/characters/{pilot['character_id']}/killmails/recent", "char-killmail"),
+             "detail": (esi.detail_path(next(iter(esi.sim.expected_killmails()))), "killmail"),
+             "character": (f"/characters/{pilot['character_id']}/", None)}
+    path, group = paths[route]
+    esi.sim.configure(error_rate_5xx=1.0)
+    assert esi.get(path, pilot["access_token"]).status_code in (500, 502, 503, 504)
+    esi.sim.configure(error_rate_5xx=0.0, rate_429=1.0)
+    for rate_limits in (True, False):
+        esi.sim.configure(rate_limits=rate_limits)
+        limited = esi.get(path, pilot["access_token"])
+        assert limited.status_code == 429 and 1 <= int(limited.headers["Retry-After"]) <= 5
+        assert limited.headers.get("X-Ratelimit-Group") == group
+        assert ("X-Ratelimit-Remaining" in limited.headers) == (rate_limits and group is not None)
+    stats = esi.sim.stats()
+    assert stats["status_429"] == 2 and stats["by_route"][route] == 3 and stats["faults_injected"] == 3
+
+
+def test_stats_name_the_limits_and_the_details_first_and_last_served(esi):
+    stats = esi.sim.stats()
+    assert {"min_error_limit_remain", "status_420", "status_429", "max_in_flight", "tokens_spent",
+            "tokens_spent_background", "background_refused"} <= set(stats)
+    assert stats["first_detail_at"] is None and stats["last_detail_at"] is None
+    path = esi.detail_path(next(iter(esi.sim.expected_killmails())))
+    before = esi.sim.now().timestamp()
+    esi.get(path)
+    esi.sim.advance(5)
+    esi.get(path)
+    stats = esi.sim.stats()
+    assert before <= stats["first_detail_at"] < before + 1 and stats["last_detail_at"] >= before + 5
+
+
 def test_detail_json_is_made_with_the_world_and_malformed_bodies_still_lose_victim(esi, monkeypatch):
     """Serving a detail encodes nothing (the simulator's CPU is the worker's, on one machine)."""
     made: list[int] = []
