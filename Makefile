@@ -3,10 +3,14 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-faults bench screenshot services clean
+.PHONY: demo demo-serve test test-faults bench screenshot services clean
 
 demo: $(STAMP)
 	$(PYTHON) demo.py
+
+# The demo kept running until Ctrl-C, with the status app's /login to add simulated pilots in a browser.
+demo-serve: $(STAMP)
+	$(PYTHON) demo.py --serve
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -184,6 +184,52 @@ def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> Non
     )
 
 
+def save_login(conn, character_id: int, character_name: str, access_token: str, refresh_token: str,
+               expires_at: datetime, scopes: str) -> bool:
+    """Write a pilot who logged in, as the web app would, with its grant's scopes; True when the user is new.
+    A returning pilot's new grant replaces the old one, ends its needing a new login, and has its Director role
+    asked again."""
+    return conn.execute(
+        """
+        INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at, scopes)
+        VALUES (%(id)s, %(name)s, %(access)s, %(refresh)s, %(expires)s, %(scopes)s)
+        ON CONFLICT (character_id) DO UPDATE SET
+            character_name = EXCLUDED.character_name, access_token = EXCLUDED.access_token,
+            refresh_token = EXCLUDED.refresh_token, expires_at = EXCLUDED.expires_at, scopes = EXCLUDED.scopes,
+            revoked_token_sha256 = NULL, token_error = NULL, is_director = NULL
+        RETURNING (xmax = 0) AS inserted
+        """,
+        {"id": character_id, "name": character_name, "access": access_token, "refresh": refresh_token,
+         "expires": expires_at, "scopes": scopes},
+    ).fetchone()["inserted"]
+
+
+def forget_tokens(conn, character_id: int) -> None:
+    """Clear a pilot's tokens (an operator forgot it): it is synced no more; its killmails and runs stay."""
+    conn.execute(
+        """
+        UPDATE users SET access_token = NULL, refresh_token = NULL, expires_at = NULL, queued_at = NULL,
+                         token_error = 'forgotten: its grant was revoked by an operator'
+        WHERE character_id = %s
+        """,
+        (character_id,),
+    )
+
+
+def save_login_state(conn, state: str, code_verifier: str, scopes: str, now: datetime, *, max_age: int) -> None:
+    """Remember a login under way by its state's hash, and delete those older than max_age seconds."""
+    conn.execute("DELETE FROM login_states WHERE created_at < %s", (now - timedelta(seconds=max_age),))
+    conn.execute("INSERT INTO login_states (state_sha256, code_verifier, scopes, created_at) VALUES (%s, %s, %s, %s)",
+                 (token_sha256(state), code_verifier, scopes, now))
+
+
+def take_login_state(conn, state: str, now: datetime, *, max_age: int) -> dict | None:
+    """Use up a login's state: its code_verifier and scopes, or None when it is unknown, used or too old."""
+    row = conn.execute("DELETE FROM login_states WHERE state_sha256 = %s RETURNING code_verifier, scopes, created_at",
+                       (token_sha256(state),)).fetchone()
+    return row if row is not None and row["created_at"] >= now - timedelta(seconds=max_age) else None
+
+
 def save_profile(conn, character_id: int, *, corporation_id: int | None = None, scopes: str | None = None,
                  checked_at: datetime | None = None) -> None:
     """Record what the worker learned of a pilot: its corporation (from ESI) and its token's scopes."""
@@ -559,6 +605,25 @@ def take_tokens(conn, now: datetime, *, buckets: Sequence[str], costs: Sequence[
     """Take one call's cost from each bucket of the ledger, all or nothing (schema.sql's esi_take): the in-flight
     row ids, or None and the seconds until it would fit. Bucket names come sorted (the locks' order)."""
     row = conn.execute(
+        "SELECT ids, wait FROM esi_take(%s, %s::text[], %s::int[], %s::int[], %s::int[], %s::int[], %s::int[], "
+        "%s::int[], %s)",
+        (now, list(buckets), list(costs), list(limits), list(windows), list(floors), list(reserves),
+         list(headroom), poll),
+    ).fetchone()
+    return row["ids"], row["wait"] or 0.0
+
+
+def settle_tokens(conn, now: datetime, *, ids: Sequence[int], buckets: Sequence[str], costs: Sequence[int],
+                  windows: Sequence[int], used: Sequence[int | None]) -> None:
+    """Book what an answer cost in each of its buckets and end its in-flight rows (schema.sql's esi_settle);
+    `used` is ESI's own count of a bucket where the answer gave it, to book what other apps spent."""
+    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[])",
+                 (now, list(ids), list(buckets), list(costs), list(windows), list(used)))
+
+
+def ledger_spent(conn, bucket: str, now: datetime, *, window: int) -> dict:
+    """What the ledger counts against a bucket now: own and other tokens spent in the window, and in flight."""
+    return conn.execute(
         """
         SELECT (SELECT coalesce(sum(own), 0) FROM esi_spent
                 WHERE bucket = %(b)s AND second > %(since)s)::int AS own,
@@ -601,25 +666,6 @@ def run_stats(conn, since: datetime) -> dict:
     return conn.execute(
         """
         SELECT count(*) AS runs,
-        "SELECT ids, wait FROM esi_take(%s, %s::text[], %s::int[], %s::int[], %s::int[], %s::int[], %s::int[], "
-        "%s::int[], %s)",
-        (now, list(buckets), list(costs), list(limits), list(windows), list(floors), list(reserves),
-         list(headroom), poll),
-    ).fetchone()
-    return row["ids"], row["wait"] or 0.0
-
-
-def settle_tokens(conn, now: datetime, *, ids: Sequence[int], buckets: Sequence[str], costs: Sequence[int],
-                  windows: Sequence[int], used: Sequence[int | None]) -> None:
-    """Book what an answer cost in each of its buckets and end its in-flight rows (schema.sql's esi_settle);
-    `used` is ESI's own count of a bucket where the answer gave it, to book what other apps spent."""
-    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[])",
-                 (now, list(ids), list(buckets), list(costs), list(windows), list(used)))
-
-
-def ledger_spent(conn, bucket: str, now: datetime, *, window: int) -> dict:
-    """What the ledger counts against a bucket now: own and other tokens spent in the window, and in flight."""
-    return conn.execute(
                count(*) FILTER (WHERE status IN ('ok', 'partial')) AS succeeded,
                count(*) FILTER (WHERE status = 'error') AS failed,
                avg(extract(epoch FROM finished_at - started_at))::float8 AS avg_duration,

@@ -32,8 +32,9 @@ keepalive = 5  # seconds a probe's or a browser's idle connection is kept for it
 accesslog = "-"
 errorlog = "-"
 loglevel = "info"
-# client, request line, status, bytes, milliseconds taken, user agent
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
+# client, method, path (without the query: /callback's carries a login's code and state), status, bytes,
+# milliseconds taken, user agent
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
 
 def on_starting(server):

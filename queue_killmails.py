@@ -11,12 +11,10 @@ import psycopg
 
 import broker
 import db
+from enqueue import CLAIM_STALE_SECONDS, queue_one
 from settings import ConfigError, Settings, load_settings, setup_logging
 
 log = logging.getLogger(__name__)
-
-# A claim older than this is taken to belong to a job that was lost (longer than a job's whole retry ladder).
-CLAIM_STALE_SECONDS = 7200
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,28 +82,6 @@ def print_stats(conn, connection, settings: Settings, now: datetime) -> None:
     queue = broker.queue_depths(connection, settings.queue_name, max_attempts=settings.max_attempts)
     log.info("📦 Queue %s: %d ready, %d consumers; waiting for a retry: %d; dead: %d", settings.queue_name,
              queue["depth"], queue["consumers"], queue["retrying"], queue["dead"])
-
-
-def queue_one(conn, channel, settings: Settings, character_id: int, now: datetime, *,
-              full: bool) -> tuple[bool, str]:
-    """Queue one character at high priority; returns whether it was queued now, and what happened in words.
-    LookupError for an unknown character; broker.NotDelivered if the broker did not take the message."""
-    user = db.claim_user(conn, character_id, now, stale_after=CLAIM_STALE_SECONDS)
-    conn.commit()
-    if user is None:
-        existing = db.get_user(conn, character_id)
-        conn.commit()
-        if existing is None:
-            raise LookupError(f"no user with character id {character_id}")
-        return False, f"{existing['character_name'] or character_id} is already queued (since {existing['queued_at']})"
-    job = broker.new_job(character_id, user["character_name"], now=now, full=full)
-    try:
-        broker.publish(channel, settings.queue_name, broker.encode_job(job), priority=broker.PRIORITY_NOW)
-    except broker.NotDelivered:
-        db.release_user(conn, character_id)
-        conn.commit()
-        raise
-    return True, f"Queued {user['character_name'] or character_id} at high priority"
 
 
 def dry_run(conn, settings: Settings, now: datetime, character_id: int | None, *, corporations_only: bool) -> int:

@@ -26,6 +26,15 @@ ALTER TABLE users ADD COLUMN IF NOT EXISTS list_expires_at       TIMESTAMPTZ;
 ALTER TABLE users ADD COLUMN IF NOT EXISTS created_at            TIMESTAMPTZ NOT NULL DEFAULT now();
 ALTER TABLE users ADD COLUMN IF NOT EXISTS corporation_checked_at TIMESTAMPTZ;
 
+-- Logins under way (login.py): the hash of the state sent to EVE SSO and the PKCE verifier that goes with it.
+-- A state is used up by the callback that brings it back; rows older than ten minutes are deleted by the next login.
+CREATE TABLE IF NOT EXISTS login_states (
+    state_sha256  TEXT PRIMARY KEY,
+    code_verifier TEXT NOT NULL,
+    scopes        TEXT NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
 -- Corporations whose killmails are synced through a member with the corporation scope and the Director role.
 CREATE TABLE IF NOT EXISTS corporations (
     corporation_id        BIGINT PRIMARY KEY,
@@ -171,13 +180,6 @@ CREATE TABLE IF NOT EXISTS esi_limits (
     updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
--- Every ESI call by route group and status, for /metrics and /status.
-CREATE TABLE IF NOT EXISTS esi_calls (
-    route_group TEXT NOT NULL,
-    status      INTEGER NOT NULL,
-    calls       BIGINT NOT NULL DEFAULT 0,
-    PRIMARY KEY (route_group, status)
-);
 -- The ledger of ESI's floating windows: what was spent of each bucket ('killmail@<egress>',
 -- 'char-killmail:<character id>', 'error-limit@<egress>' where a token is an error answer) in each whole second,
 -- rounded up, so a second's tokens come back one window after it, never before ESI gives them back. `own` is
@@ -296,3 +298,10 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Every ESI call by route group and status, for /metrics and /status.
+CREATE TABLE IF NOT EXISTS esi_calls (
+    route_group TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    calls       BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (route_group, status)
+);

@@ -15,6 +15,9 @@ from dotenv import load_dotenv
 
 # The date of the spec in ../shared/esi (the one this client was built and tested against).
 DEFAULT_COMPATIBILITY_DATE = "2026-08-18"
+SSO_AUTHORIZE_URL = "https://login.eveonline.com/v2/oauth/authorize"
+SSO_JWKS_URL = "https://login.eveonline.com/oauth/jwks"     # SSO's metadata names it as jwks_uri
+SSO_REVOKE_URL = "https://login.eveonline.com/v2/oauth/revoke"
 
 
 class ConfigError(Exception):
@@ -52,6 +55,13 @@ class Settings:
     # hosts that the standard *_PROXY / NO_PROXY variables route through a proxy, and a CA bundle if one is set.
     http_proxies: tuple[tuple[str, str], ...] = ()
     ca_bundle: str = ""
+    # Adding pilots from a browser (login.py): enabled by the callback URL, as registered with the EVE application.
+    eve_callback_url: str = ""
+    sso_authorize_url: str = SSO_AUTHORIZE_URL
+    sso_jwks_url: str = SSO_JWKS_URL
+    sso_revoke_url: str = SSO_REVOKE_URL
+    login_allowed_corporations: tuple[int, ...] = ()   # empty: any corporation (unless the alliances say no)
+    login_allowed_alliances: tuple[int, ...] = ()
 
 
 def _text(env: Mapping[str, str], name: str, default: str | None) -> str:
@@ -109,6 +119,30 @@ def _egress(env: Mapping[str, str]) -> str:
     return value
 
 
+def _callback_url(env: Mapping[str, str]) -> str:
+    value = env.get("EVE_CALLBACK_URL", "").strip()
+    if not value:
+        return ""
+    parsed = urlparse(value)
+    # Kept exactly as given (no trailing slash dropped): SSO compares it with the registered one character by
+    # character. The status app serves /callback, so the URL's path must end there (a proxy may add a prefix).
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or not parsed.path.endswith("/callback") \
+            or parsed.query or parsed.fragment:
+        raise ConfigError("EVE_CALLBACK_URL", f"must be an http or https URL ending in /callback, got {value!r}")
+    return value
+
+
+def _ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
+    raw = env.get(name, "").strip()
+    try:
+        ids = tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(name, f"must be comma-separated ids like 98000001,98000002, got {raw!r}") from None
+    if any(i <= 0 for i in ids):
+        raise ConfigError(name, f"ids must be positive, got {raw!r}")
+    return ids
+
+
 def _proxies(env: Mapping[str, str], urls: list[str]) -> tuple[tuple[str, str], ...]:
     """Which of these URLs' hosts go through a proxy, as curl and requests read HTTPS_PROXY, HTTP_PROXY,
     ALL_PROXY and NO_PROXY (the lower-case name wins)."""
@@ -131,11 +165,15 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
     queue = _text(env, "QUEUE_NAME", "killmail_sync_queue")
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", queue):
         raise ConfigError("QUEUE_NAME", f"may hold only letters, digits and _.:- , got {queue!r}")
+    need_esi = need_esi or bool(env.get("EVE_CALLBACK_URL", "").strip())  # the login routes call SSO and ESI
     user_agent = _text(env, "ESI_USER_AGENT", None if need_esi else "")
     if need_esi and user_agent.lower().startswith("python-requests"):
         raise ConfigError("ESI_USER_AGENT", "must name the app, its version and a contact, not requests' default")
     esi_base_url = _url(env, "ESI_BASE_URL", "https://esi.evetech.net", ("http", "https"))
     sso_token_url = _url(env, "SSO_TOKEN_URL", "https://login.eveonline.com/v2/oauth/token", ("http", "https"))
+    callback_url = _callback_url(env)
+    sso_jwks_url = _url(env, "SSO_JWKS_URL", SSO_JWKS_URL, ("http", "https"))
+    sso_revoke_url = _url(env, "SSO_REVOKE_URL", SSO_REVOKE_URL, ("http", "https"))
     return Settings(
         database_url=_url(env, "DATABASE_URL", "postgresql:///killmails", ("postgresql", "postgres")),
         rabbitmq_url=_url(env, "RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps")),
@@ -156,8 +194,14 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         app_api_token=env.get("APP_API_TOKEN", "").strip(),
         health_max_sync_age_seconds=_integer(env, "HEALTH_MAX_SYNC_AGE_SECONDS", 1800, 10, 86400 * 7),
         esi_egress=_egress(env),
-        http_proxies=_proxies(env, [esi_base_url, sso_token_url]),
+        http_proxies=_proxies(env, [esi_base_url, sso_token_url, sso_jwks_url, sso_revoke_url]),
         ca_bundle=(env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or "").strip(),
+        eve_callback_url=callback_url,
+        sso_authorize_url=_url(env, "SSO_AUTHORIZE_URL", SSO_AUTHORIZE_URL, ("http", "https")),
+        sso_jwks_url=sso_jwks_url,
+        sso_revoke_url=sso_revoke_url,
+        login_allowed_corporations=_ids(env, "LOGIN_ALLOWED_CORPORATIONS"),
+        login_allowed_alliances=_ids(env, "LOGIN_ALLOWED_ALLIANCES"),
     )
 
 

@@ -1,4 +1,5 @@
-"""The status app: /health for load balancers, /status for operators (HTML or JSON), /metrics for Prometheus.
+"""The status app: /health for load balancers, /status for operators (HTML or JSON), /metrics for Prometheus,
+and, when EVE_CALLBACK_URL is set, /login and /callback to add pilots from a browser (login.py).
 
 Serve it with `gunicorn -c gunicorn.conf.py status_app:app`, or locally with `python status_app.py --port 8000`.
 Each process opens its small connection pool at its first request (after gunicorn's fork, so the master holds
@@ -14,7 +15,6 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-import pika
 import psycopg
 from flask import Flask, Request, Response, jsonify, render_template, request
 from flask.json.provider import DefaultJSONProvider
@@ -22,13 +22,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 import broker
 import db
-from queue_killmails import queue_one
+from enqueue import BrokerUnavailable, queue_one_now
+from login import login_blueprint
 from settings import ConfigError, Settings, load_settings, setup_logging
 from status_report import Sources, StatusCollector, build_report, describe, queue_state
 
 log = logging.getLogger(__name__)
 
 PROTECTED = ("/status", "/metrics")     # /health never asks for a password: load balancers probe it
+OPERATOR_PREFIX = "/pilots/"            # operator actions (login.py's forget) need the password too
 
 
 class UtcJsonProvider(DefaultJSONProvider):
@@ -137,7 +139,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.before_request
     def require_password():
         expected = sources.settings.status_basic_auth
-        if expected and request.path in PROTECTED and not authorized(request, expected):
+        protected = request.path in PROTECTED or request.path.startswith(OPERATOR_PREFIX)
+        if expected and protected and not authorized(request, expected):
             return Response("authentication required\n", 401, mimetype="text/plain",
                             headers={"WWW-Authenticate": 'Basic realm="killmail status", charset="UTF-8"'})
         return None
@@ -177,6 +180,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
     register_api(app, sources)
+    app.register_blueprint(login_blueprint(sources))
     return app
 
 
@@ -202,24 +206,13 @@ def register_api(app: Flask, sources: Sources) -> None:
     @app.post("/api/sync/<int:character_id>")
     def sync_now(character_id: int):
         """The seed's syncMyKillmails mutation: queue this pilot now, at high priority."""
-        settings = sources.settings
         with sources.connection() as conn:
             if not db.user_exists(conn, character_id):
                 return jsonify(success=False, message=f"no user with character id {character_id}"), 404
             try:
-                connection = broker.connect(settings.rabbitmq_url, timeout=2.0)
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                return jsonify(success=False, message=f"broker unavailable: {describe(exc)}"), 503
-            try:
-                channel = connection.channel()
-                channel.confirm_delivery()
-                broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
-                _, message = queue_one(conn, channel, settings, character_id, datetime.now(timezone.utc), full=False)
-            except broker.NotDelivered as exc:
+                _, message = queue_one_now(conn, sources.settings, character_id, datetime.now(timezone.utc))
+            except (BrokerUnavailable, broker.NotDelivered) as exc:
                 return jsonify(success=False, message=str(exc)), 503
-            finally:
-                if connection.is_open:
-                    connection.close()
         return jsonify(success=True, message=message)
 
     @app.get("/api/characters/<int:character_id>/killmails")

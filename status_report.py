@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool
 
 import broker
 import db
-from queue_killmails import CLAIM_STALE_SECONDS
+from enqueue import CLAIM_STALE_SECONDS
 from settings import Settings, load_settings
 
 log = logging.getLogger(__name__)

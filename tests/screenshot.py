@@ -144,9 +144,10 @@ def status_env(database_url: str, *, queue: str, rabbitmq_url: str = RABBITMQ_UR
 
 
 @contextmanager
-def serve(env: dict[str, str], *, deadline: float = 20.0, log_path: Path | None = None) -> Iterator[str]:
-    """Run gunicorn with gunicorn.conf.py on a free port; yield its base URL once /health answers at all."""
-    port = free_port()
+def serve(env: dict[str, str], *, deadline: float = 20.0, log_path: Path | None = None,
+          port: int | None = None) -> Iterator[str]:
+    """Run gunicorn with gunicorn.conf.py on this port (or a free one); yield its base URL once /health answers."""
+    port = port or free_port()
     log = open(log_path or os.devnull, "wb")
     process = subprocess.Popen(
         [str(GUNICORN), "-c", "gunicorn.conf.py", "status_app:app"],

@@ -222,3 +222,43 @@ def test_queue_killmails_does_not_need_the_esi_values():
     assert result.returncode == 1, result.stderr
     assert "DATABASE_URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ login
+
+
+def test_login_is_off_by_default_with_sso_defaults():
+    settings = load()
+    assert settings.eve_callback_url == "" and settings.login_allowed_corporations == () == \
+        settings.login_allowed_alliances
+    assert (settings.sso_authorize_url, settings.sso_jwks_url, settings.sso_revoke_url) == (
+        "https://login.eveonline.com/v2/oauth/authorize", "https://login.eveonline.com/oauth/jwks",
+        "https://login.eveonline.com/v2/oauth/revoke")
+
+
+def test_login_values_are_read():
+    settings = load(EVE_CALLBACK_URL="https://km.example.org/km/callback", LOGIN_ALLOWED_CORPORATIONS="98000001, 2",
+                    LOGIN_ALLOWED_ALLIANCES="99000001", SSO_JWKS_URL="http://127.0.0.1:8089/oauth/jwks/")
+    assert settings.eve_callback_url == "https://km.example.org/km/callback"
+    assert settings.login_allowed_corporations == (98000001, 2) and settings.login_allowed_alliances == (99000001,)
+    assert settings.sso_jwks_url == "http://127.0.0.1:8089/oauth/jwks"
+
+
+@pytest.mark.parametrize("variable, raw", [
+    ("EVE_CALLBACK_URL", "km.example.org/callback"),
+    ("EVE_CALLBACK_URL", "https://km.example.org/login"),
+    ("EVE_CALLBACK_URL", "https://km.example.org/callback?x=1"),
+    ("SSO_AUTHORIZE_URL", "login.eveonline.com/v2/oauth/authorize"),
+    ("SSO_JWKS_URL", "ftp://login.eveonline.com/oauth/jwks"),
+    ("SSO_REVOKE_URL", "revoke"),
+    ("LOGIN_ALLOWED_CORPORATIONS", "98000001;98000002"),
+    ("LOGIN_ALLOWED_ALLIANCES", "-5"),
+])
+def test_a_bad_login_value_names_the_variable(variable, raw):
+    assert config_error({**ESI_ENV, variable: raw}).variable == variable
+
+
+@pytest.mark.parametrize("variable", ["ESI_USER_AGENT", "EVE_CLIENT_ID", "EVE_CLIENT_SECRET"])
+def test_login_needs_the_app_credentials_even_where_esi_is_not_needed(variable):
+    env = {**ESI_ENV, "EVE_CALLBACK_URL": "http://127.0.0.1:8000/callback", variable: ""}
+    assert config_error(env, need_esi=False).variable == variable

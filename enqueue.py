@@ -1,0 +1,61 @@
+"""Put one pilot on the job queue now, at high priority: claim it in PostgreSQL, publish its job, release the
+claim when the broker does not take it. Shared by the producer (`--character-id`), the web app's API and the
+login callback.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+import pika.exceptions
+
+import broker
+import db
+from settings import Settings
+
+# A claim older than this is taken to belong to a job that was lost (longer than a job's whole retry ladder).
+CLAIM_STALE_SECONDS = 7200
+
+
+class BrokerUnavailable(Exception):
+    """RabbitMQ could not be reached to queue the job."""
+
+
+def queue_one(conn, channel, settings: Settings, character_id: int, now: datetime, *,
+              full: bool) -> tuple[bool, str]:
+    """Queue one character at high priority; returns whether it was queued now, and what happened in words.
+    LookupError for an unknown character; broker.NotDelivered if the broker did not take the message."""
+    user = db.claim_user(conn, character_id, now, stale_after=CLAIM_STALE_SECONDS)
+    conn.commit()
+    if user is None:
+        existing = db.get_user(conn, character_id)
+        conn.commit()
+        if existing is None:
+            raise LookupError(f"no user with character id {character_id}")
+        return False, f"{existing['character_name'] or character_id} is already queued (since {existing['queued_at']})"
+    job = broker.new_job(character_id, user["character_name"], now=now, full=full)
+    try:
+        broker.publish(channel, settings.queue_name, broker.encode_job(job), priority=broker.PRIORITY_NOW)
+    except broker.NotDelivered:
+        db.release_user(conn, character_id)
+        conn.commit()
+        raise
+    return True, f"Queued {user['character_name'] or character_id} at high priority"
+
+
+def queue_one_now(conn, settings: Settings, character_id: int, now: datetime, *,
+                  timeout: float = 2.0) -> tuple[bool, str]:
+    """queue_one over a short-lived broker connection of its own, for a web request; BrokerUnavailable when
+    RabbitMQ does not answer within about twice `timeout` seconds."""
+    try:
+        connection = broker.connect(settings.rabbitmq_url, timeout=timeout)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        detail = " ".join(str(exc).split()) or repr(exc)  # pika's messages carry no password
+        raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {detail}"[:300]) from exc
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
+        return queue_one(conn, channel, settings, character_id, now, full=False)
+    finally:
+        if connection.is_open:
+            connection.close()
