@@ -175,10 +175,10 @@ CREATE TABLE IF NOT EXISTS esi_limits (
     window_seconds INTEGER,
     remaining      INTEGER,
     paused_until   TIMESTAMPTZ,
-    next_slot      TIMESTAMPTZ,
     last_status    INTEGER,
     updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+ALTER TABLE esi_limits DROP COLUMN IF EXISTS next_slot;  -- the former pacer's schedule; the ledger replaced it
 
 -- The ledger of ESI's floating windows: what was spent of each bucket ('killmail@<egress>',
 -- 'char-killmail:<character id>', 'error-limit@<egress>' where a token is an error answer) in each whole second,

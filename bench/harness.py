@@ -196,7 +196,8 @@ class Lab:
         """A connection to this scenario's database (rows are dicts)."""
         return db.connect(self.database_url, **kwargs)
 
-    def env(self, *, prefetch: int = 5, detail_concurrency: int | None = None) -> dict[str, str]:
+    def env(self, *, prefetch: int = 5, detail_concurrency: int | None = None, sync_interval: int = 300,
+            retry_base: int = 5) -> dict[str, str]:
         """The environment that points the project's commands at this scenario."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("DATABASE_", "RABBITMQ_", "ESI_", "EVE_", "SSO_", "QUEUE_", "PREFETCH_",
@@ -206,16 +207,16 @@ class Lab:
             "DATABASE_URL": self.database_url, "RABBITMQ_URL": RABBITMQ_URL, "QUEUE_NAME": self.queue,
             "PREFETCH_COUNT": str(prefetch), "ESI_BASE_URL": base, "SSO_TOKEN_URL": f"{base}/v2/oauth/token",
             "EVE_CLIENT_ID": CLIENT_ID, "EVE_CLIENT_SECRET": CLIENT_SECRET, "ESI_USER_AGENT": USER_AGENT,
-            "SYNC_INTERVAL_SECONDS": "300", "MAX_ATTEMPTS": str(MAX_ATTEMPTS),
-            "RETRY_BASE_SECONDS": "5", "PYTHONUNBUFFERED": "1",
+            "SYNC_INTERVAL_SECONDS": str(sync_interval), "MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "RETRY_BASE_SECONDS": str(retry_base), "PYTHONUNBUFFERED": "1",
         })
         if detail_concurrency is not None:
             env["DETAIL_CONCURRENCY"] = str(detail_concurrency)
         return env
 
-    def run_producer(self, **env_options) -> subprocess.CompletedProcess:
-        """Run `queue_killmails.py` once, as cron does; BenchError if it fails."""
-        done = subprocess.run([sys.executable, str(ROOT / "queue_killmails.py")], cwd=ROOT,
+    def run_producer(self, *args: str, **env_options) -> subprocess.CompletedProcess:
+        """Run `queue_killmails.py` once (with these arguments), as cron does; BenchError if it fails."""
+        done = subprocess.run([sys.executable, str(ROOT / "queue_killmails.py"), *args], cwd=ROOT,
                               env=self.env(**env_options), capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise BenchError(f"producer exited with {done.returncode}: {done.stderr or done.stdout}")
@@ -235,6 +236,23 @@ class Lab:
         wait_until(lambda: consumers(self.queue) >= prefetch, timeout=60, what=f"{prefetch} consumers",
                    every=0.05)
         return worker
+
+    def start_ready_workers(self, count: int, *, prefetch: int, **env_options) -> list[Worker]:
+        """Start `count` workers as services run and wait until all their children consume the queue."""
+        workers = [self.start_worker(prefetch=prefetch, **env_options) for _ in range(count)]
+        wait_until(lambda: consumers(self.queue) >= count * prefetch, timeout=60,
+                   what=f"{count * prefetch} consumers", every=0.05)
+        return workers
+
+    def stored_by(self, expected: int, *, timeout: float) -> float | None:
+        """Poll until `expected` killmails are stored; the Unix time it was seen (every commit before it), or None
+        when the timeout passed first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count("SELECT count(*) FROM killmails") >= expected:
+                return time.time()
+            time.sleep(0.02)
+        return None
 
     def queue_and_drain(self, *, prefetch: int, **env_options) -> int:
         """Run the producer once and wait until the running workers recorded a run for every job it queued;

@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark scenario of issue #5 in one go, on the local ESI simulator, the real local
+"""`make bench`: every benchmark scenario of issues #5 and #13 in one go, on the local ESI simulator, the real local
 PostgreSQL and RabbitMQ. Prints one table (each figure beside its target) and writes bench/results.json.
 
     .venv/bin/python bench/run.py [--only cold,backlog,...]
@@ -22,10 +22,14 @@ from pathlib import Path
 import harness  # first: puts the project root on sys.path
 import backlog
 import cold_sync
+import error_storm
+import freshness
 import ingest
 import latency
 import memory
+import rested_burst
 import warm_polls
+import window_backlog
 from results import Figure, format_table, write_json
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
@@ -36,13 +40,19 @@ SCENARIOS = {
     "ingest": ingest.run,
     "warm_polls": warm_polls.run,
     "backlog": backlog.run,
+    "burst": rested_burst.run,
+    "window": window_backlog.run_one_worker,
+    "window_background": window_backlog.run_background,
+    "window_two_workers": window_backlog.run_two_workers,
+    "freshness": freshness.run,
+    "error_storm": error_storm.run,
     "memory": memory.run,
 }
 # The memory soak lasts 10 minutes and measures RSS, not speed: once its cold part is over (that part runs alone),
 # it goes on in the background while the other scenarios run one at a time, which keeps the whole run under the
 # 15-minute budget. Its rounds wait while a scenario that measures speed on the CPU runs.
 BACKGROUND = "memory"
-TIMED = {"latency", "ingest", "warm_polls"}
+TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

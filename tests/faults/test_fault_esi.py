@@ -64,11 +64,11 @@ def test_five_percent_server_errors_and_rate_limits_for_a_whole_run(conn, fast, 
     server_errors = sum(n for status, n in stats["by_status"].items() if status.startswith("5"))
     runs = conn.execute("SELECT count(*) FILTER (WHERE status = 'error') AS failed, count(*) AS runs, "
                         "max(attempt) AS most FROM sync_runs").fetchone()
-    pauses = sum(w.count("ESI error limit nearly spent") for w in running)
+    waits = sum(w.count("until its tokens come back") for w in running)  # the error budget's, here
     dead = queue_counts(broker.dead_queue(queue_name))[0]
     faults_line("esi_faults", rate_5xx=0.10, rate_429=0.02, requests=stats["requests"], status_5xx=server_errors,
                 status_429=stats["status_429"], status_420=stats["status_420"],
-                min_error_limit_remain=stats["min_error_limit_remain"], error_limit_pauses=pauses,
+                min_error_limit_remain=stats["min_error_limit_remain"], limit_waits=waits,
                 job_retries=runs["failed"], runs=runs["runs"], most_attempts=runs["most"], dead_letters=dead,
                 refs_swept=swept, jobs_queued=queued, killmails_expected=check["expected"], stored=check["stored"],
                 duplicated_rows=check["duplicated"], duplicate_detail_fetches=stats["duplicate_detail_fetches"],
