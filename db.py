@@ -156,15 +156,19 @@ def _lock_key(key: int) -> int:
     return key if -(2**31) <= key < 2**31 else (key % (2**31))
 
 
-def store_tokens(conn, character_id: int, access_token: str, refresh_token: str, expires_at: datetime) -> None:
-    """Record a refreshed access token and the rotated refresh token together."""
-    conn.execute(
+def store_tokens(conn, character_id: int, access_token: str, refresh_token: str, expires_at: datetime, *,
+                 replaces: str) -> bool:
+    """Record a refreshed access token and the rotated refresh token together, only where the row still holds the
+    refresh token that was refreshed (`replaces`); False when the web app wrote a new login meanwhile."""
+    # Compare and set: a login written while SSO answered is newer than this grant and must stay.
+    cursor = conn.execute(
         """
         UPDATE users SET access_token = %s, refresh_token = %s, expires_at = %s, token_error = NULL
-        WHERE character_id = %s
+        WHERE character_id = %s AND refresh_token = %s
         """,
-        (access_token, refresh_token, expires_at, character_id),
+        (access_token, refresh_token, expires_at, character_id, replaces),
     )
+    return cursor.rowcount == 1
 
 
 def expire_access_token(conn, character_id: int, now: datetime) -> None:
@@ -172,16 +176,18 @@ def expire_access_token(conn, character_id: int, now: datetime) -> None:
     conn.execute("UPDATE users SET expires_at = %s WHERE character_id = %s", (now, character_id))
 
 
-def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> None:
-    """Remember that this refresh token is dead, so the user is not queued until it logs in again."""
-    conn.execute(
+def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> bool:
+    """Remember that this refresh token is dead, so the user is not queued until it logs in again; only while the
+    row still holds that token (False when the web app has already replaced it with a new login)."""
+    cursor = conn.execute(
         """
         UPDATE users SET revoked_token_sha256 = %s, token_error = %s, queued_at = NULL,
                          last_sync_status = 'needs_relogin'
-        WHERE character_id = %s
+        WHERE character_id = %s AND refresh_token = %s
         """,
-        (token_sha256(refresh_token), error, character_id),
+        (token_sha256(refresh_token), error, character_id, refresh_token),
     )
+    return cursor.rowcount == 1
 
 
 def save_login(conn, character_id: int, character_name: str, access_token: str, refresh_token: str,

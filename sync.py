@@ -172,9 +172,12 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
             _list_references(conn, esi, "character", character_id, user, token, user, now, options, result)
         except esi_errors.Forbidden as exc:
             # The token lacks the killmail scope: asking again only spends the error limit. A new login fixes it.
-            db.mark_revoked(conn, character_id, user["refresh_token"], f"killmail list forbidden: {exc}")
+            if db.mark_revoked(conn, character_id, user["refresh_token"], f"killmail list forbidden: {exc}"):
+                result.status = "needs_relogin"
+            else:  # the web app wrote a new login meanwhile: its grant may have the scope; the next run asks
+                result.status = "error"
             conn.commit()
-            result.status, result.error = "needs_relogin", str(exc)
+            result.error = str(exc)
         else:
             fetch_killmails(conn, esi, "character", character_id, now, options, result)
     _finish(conn, esi, result, options, locks)
@@ -242,23 +245,36 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
     try:
         grant = esi.refresh(user["refresh_token"])
     except esi_errors.InvalidGrant as exc:
-        db.mark_revoked(conn, user["character_id"], user["refresh_token"], str(exc))
-        conn.commit()
-        result.status = "needs_relogin"
-        result.error = str(exc)
-        log.warning("  🔑 %s: refresh token no longer valid (%s); marked as needing a new login",
-                    user["character_name"] or user["character_id"], exc)
-        return None
+        return _revoke(conn, user, result, exc)
     except esi_errors.InvalidClient as exc:
         raise _job_error("SSO configuration error", exc) from exc
     except esi_errors.EsiError as exc:
         raise _job_error("token refresh failed", exc) from exc
     # The old refresh token is dead from this moment: store the new one before anything else can fail.
-    db.store_tokens(conn, user["character_id"], grant.access_token, grant.refresh_token,
-                    now + timedelta(seconds=grant.expires_in))
+    stored = db.store_tokens(conn, user["character_id"], grant.access_token, grant.refresh_token,
+                             now + timedelta(seconds=grant.expires_in), replaces=user["refresh_token"])
     conn.commit()
-    user["refresh_token"] = grant.refresh_token  # the live one, should this job have to mark it revoked
+    if not stored:  # the web app wrote a new login while SSO answered: the login's grant stays the pilot's
+        log.info("  🔑 %s logged in again during the refresh; the new login's tokens stay",
+                 user["character_name"] or user["character_id"])
+    user["refresh_token"] = grant.refresh_token  # the one this job holds, should it have to mark it revoked
     return grant.access_token
+
+
+def _revoke(conn, user: dict, result: SyncResult, exc: esi_errors.InvalidGrant) -> None:
+    """Mark the refresh token SSO refused as dead (unless the web app already replaced it); always None."""
+    revoked = db.mark_revoked(conn, user["character_id"], user["refresh_token"], str(exc))
+    conn.commit()
+    result.error = str(exc)
+    if not revoked:  # a new login came meanwhile: the next run uses it
+        result.status = "error"
+        log.info("  🔑 %s: the refreshed token was refused, but a new login has replaced it",
+                 user["character_name"] or user["character_id"])
+        return None
+    result.status = "needs_relogin"
+    log.warning("  🔑 %s: refresh token no longer valid (%s); marked as needing a new login",
+                user["character_name"] or user["character_id"], exc)
+    return None
 
 
 def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict, token: str, cache: dict,

@@ -93,6 +93,26 @@ def test_stranded_refs_are_those_no_live_owner_will_fetch(conn):
     assert [r["killmail_id"] for r in db.stranded_refs(conn, NOW, max_attempts=3, limit=10)] == [15]
 
 
+def test_a_refreshed_grant_is_stored_only_over_the_token_it_was_refreshed_from(conn):
+    add_user(conn, 1, refresh_token="old")
+    assert db.store_tokens(conn, 1, "a1", "r1", NOW, replaces="old") is True
+    conn.execute("UPDATE users SET refresh_token = 'web-login', access_token = 'web' WHERE character_id = 1")
+    # A job that refreshed r1 while the web app wrote a new login: the login stays.
+    assert db.store_tokens(conn, 1, "a2", "r2", NOW, replaces="r1") is False
+    user = db.get_user(conn, 1)
+    assert (user["refresh_token"], user["access_token"]) == ("web-login", "web")
+
+
+def test_a_token_the_web_app_already_replaced_is_never_marked_revoked(conn):
+    add_user(conn, 1, refresh_token="old")
+    conn.execute("UPDATE users SET refresh_token = 'web-login' WHERE character_id = 1")
+    assert db.mark_revoked(conn, 1, "old", "invalid_grant") is False
+    user = db.get_user(conn, 1)
+    assert user["revoked"] is False and user["token_error"] is None and user["last_sync_status"] != "needs_relogin"
+    assert db.mark_revoked(conn, 1, "web-login", "invalid_grant") is True
+    assert db.get_user(conn, 1)["revoked"] is True
+
+
 def test_a_revoked_token_is_not_due_until_a_new_one_is_written(conn):
     add_user(conn, 1)
     db.mark_revoked(conn, 1, "r1", "invalid_grant")

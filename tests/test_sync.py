@@ -8,6 +8,7 @@ import pytest
 import db
 import sync
 from conftest import insert_users, make_settings
+import esi as esi_errors
 from esi import EsiClient
 from limits import SharedLimits
 
@@ -217,6 +218,31 @@ def test_a_403_right_after_a_refresh_stops_the_pilot_with_its_new_token(conn, wo
     assert user["refresh_token"] != pilot["refresh_token"] and user["revoked"] is True
     assert pilot["character_id"] not in {u["character_id"] for u in db.due_users(
         conn, now_for(sim) + timedelta(hours=1), interval=300, stale_after=7200)}
+
+
+def web_app_logs_in_during(client, conn, database_url, character_id, *, refused: bool):
+    """Make the client's next refresh race a new login that the web app writes (on its own connection)."""
+    refresh = client.refresh
+
+    def racing_refresh(refresh_token):
+        with db.connect(database_url) as web:
+            web.execute("UPDATE users SET refresh_token = 'web-login', access_token = 'web-access' "
+                        "WHERE character_id = %s", (character_id,))
+        if refused:
+            raise esi_errors.InvalidGrant("invalid_grant: gone")
+        return refresh(refresh_token)
+    client.refresh = racing_refresh
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_a_login_the_web_app_writes_during_a_refresh_is_kept(conn, world, sim, database_url, refused):
+    pilot = next(p for p in sim.pilots() if not p["revoked"] and p["expires_at"] <= now_for(sim))
+    web_app_logs_in_during(world, conn, database_url, pilot["character_id"], refused=refused)
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    user = db.get_user(conn, pilot["character_id"])
+    assert (user["refresh_token"], user["access_token"]) == ("web-login", "web-access")
+    assert user["revoked"] is False and user["token_error"] is None
+    assert result.status != "needs_relogin"
 
 
 def test_a_wrong_client_secret_is_the_apps_error_not_the_pilots(conn, world, sim, database_url):
