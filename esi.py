@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -28,6 +29,9 @@ MAX_WALK_RESTARTS = 3   # the cache turned over mid-walk this many times: give u
 SERVER_RETRIES = 3      # 5xx and timeouts are retried this often inside one call
 SSO_BUCKET = "sso"      # the token endpoint's shared pause (its own 429s, or the app's rejected credentials)
 INVALID_CLIENT_PAUSE = 600.0  # seconds no process calls SSO after invalid_client: the config must be fixed first
+MIN_TOKEN_LIFETIME = 1       # seconds an access token may live, as SSO's expires_in says (20 minutes in practice)
+MAX_TOKEN_LIFETIME = 86400
+MAX_PAUSE = 900.0       # the longest pause any header may ask for: ESI's own window is 15 minutes
 
 
 class EsiError(Exception):
@@ -227,6 +231,26 @@ def parse_refs(body: Any) -> list[tuple[int, str]]:
     return refs
 
 
+def parse_grant(body: Any, refresh_token: str) -> TokenGrant:
+    """SSO's 200 answer as a grant; SsoError (never InvalidGrant: the pilot's grant is not written off) when it
+    is not one. A missing or null refresh token means SSO did not rotate it: the old one stays."""
+    if not isinstance(body, dict):
+        raise SsoError("SSO answered 200 without a JSON object")
+    access_token, new_refresh = body.get("access_token"), body.get("refresh_token")
+    expires_in = body.get("expires_in")
+    if not isinstance(access_token, str) or not access_token:
+        raise SsoError("SSO answered 200 without an access_token")
+    if new_refresh is None:
+        new_refresh = refresh_token
+    elif not isinstance(new_refresh, str) or not new_refresh:
+        raise SsoError("SSO answered 200 with a refresh_token that is no token")
+    # Infinity or a huge lifetime would overflow the expiry; zero or less would refresh on every call.
+    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) \
+            or not MIN_TOKEN_LIFETIME <= expires_in <= MAX_TOKEN_LIFETIME:
+        raise SsoError(f"SSO answered 200 with an expires_in out of range: {str(expires_in)[:40]}")
+    return TokenGrant(access_token, new_refresh, int(expires_in))
+
+
 def token_scopes(access_token: str | None) -> list[str]:
     """The `scp` claim of an SSO access token (a JWT), unverified: the worker got it from SSO itself."""
     try:
@@ -346,10 +370,7 @@ class EsiClient:
             raise SsoError(f"SSO answered {response.status_code}: redirected to {response.headers['Location']}; set "
                            "SSO_TOKEN_URL to match", status=response.status_code)
         if response.status_code == 200:
-            try:
-                return TokenGrant(str(body["access_token"]), str(body["refresh_token"]), int(body["expires_in"]))
-            except (KeyError, TypeError, ValueError):
-                raise SsoError("SSO answered 200 without access_token, refresh_token and expires_in") from None
+            return parse_grant(body, refresh_token)
         error = body.get("error") if isinstance(body, dict) else None
         if error == "invalid_grant":
             raise InvalidGrant(f"invalid_grant: {body.get('error_description', 'grant is gone')}",
@@ -384,10 +405,11 @@ class EsiClient:
                              "ESI_BASE_URL to match", status=status)
         message = f"GET {path} -> {status}: {_error_text(response)}"
         if status == 420:
-            raise ErrorLimited(message, reset=_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60))
+            raise ErrorLimited(message, reset=_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60,
+                                                        header="X-ESI-Error-Limit-Reset"))
         if status == 429:
             raise RateLimited(message, group=response.headers.get("X-Ratelimit-Group", group),
-                              retry_after=_seconds(response.headers.get("Retry-After"), 60))
+                              retry_after=_seconds(response.headers.get("Retry-After"), 60, header="Retry-After"))
         if status >= 500:
             raise ServerError(message, status=status)
         raise STATUS_ERRORS.get(status, BadRequest)(message, status=status)
@@ -481,8 +503,15 @@ def _error_text(response: requests.Response) -> str:
     return str(body.get("error", body))[:200] if isinstance(body, dict) else str(body)[:200]
 
 
-def _seconds(value: str | None, default: float) -> float:
-    try:
-        return max(0.0, float(value)) if value is not None else default
-    except ValueError:
+def _seconds(value: str | None, default: float, *, header: str) -> float:
+    """A header's seconds to wait, from 0 to MAX_PAUSE; the default when absent, unreadable or not finite."""
+    if value is None:
         return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        log.warning("ignoring an unreadable %s header: %r", header, value[:40])
+        return default
+    return min(max(0.0, seconds), MAX_PAUSE)

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 import db
-from esi import SSO_BUCKET, Paused
+from esi import MAX_PAUSE, SSO_BUCKET, Paused
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ def parse_rate_limit(value: str | None) -> tuple[int, int] | None:
         return None
     tokens, amount, unit = int(match[1]), int(match[2]), match[3] or "s"
     window = amount * _WINDOW_UNITS[unit]
+    if window > MAX_PAUSE:  # ESI's tokens come back within 15 minutes: a longer window would hold them for ever
+        log.warning("X-Ratelimit-Limit %r: window taken as %d s", value[:40], MAX_PAUSE)
+        window = int(MAX_PAUSE)
     return (tokens, window) if tokens > 0 and window > 0 else None
 
 
@@ -82,12 +85,22 @@ def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]
     bucket ('bucket') on a 429 (a pure function of the answer and the clock)."""
     pauses: dict[str, datetime] = {}
     if status == 420:
-        reset = _int(headers.get("X-ESI-Error-Limit-Reset"))
-        pauses[ERROR_LIMIT_BUCKET] = now + timedelta(seconds=(reset if reset is not None else 60) + 1)
+        pauses[ERROR_LIMIT_BUCKET] = now + timedelta(seconds=_pause_seconds(headers, "X-ESI-Error-Limit-Reset"))
     if status == 429:
-        retry_after = _int(headers.get("Retry-After"))
-        pauses["bucket"] = now + timedelta(seconds=(retry_after if retry_after is not None else 60) + 1)
+        pauses["bucket"] = now + timedelta(seconds=_pause_seconds(headers, "Retry-After"))
     return pauses
+
+
+def _pause_seconds(headers: Any, name: str) -> float:
+    """The pause a header asks for, a second more (ESI's reset is rounded), at most MAX_PAUSE: pauses only grow,
+    so one absurd value would otherwise stop every process for years. A minute when absent or unreadable."""
+    value = headers.get(name)
+    seconds = _int(value)
+    if seconds is None:
+        if value not in (None, ""):
+            log.warning("ignoring an unreadable %s header: %r", name, str(value)[:40])
+        seconds = 60
+    return min(max(seconds, 0) + 1, MAX_PAUSE)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import dataclasses
 import random
 from collections import Counter
@@ -386,6 +387,23 @@ def test_429_is_rate_limited_with_group_and_retry_after(http, client, headers, g
     assert len(http.calls) == 1
 
 
+@pytest.mark.parametrize("value, seconds", [
+    ("99999999999", esi.MAX_PAUSE), ("1e300", esi.MAX_PAUSE), ("inf", 60.0), ("nan", 60.0), ("-Infinity", 60.0),
+    ("soon", 60.0), ("901", esi.MAX_PAUSE), ("899", 899.0),
+])
+def test_a_pause_from_esis_headers_is_at_most_max_pause_and_junk_is_logged(http, client, caplog, value, seconds):
+    http.add(responses.GET, DETAIL_URL, status=429, headers={"Retry-After": value})
+    http.add(responses.GET, DETAIL_URL, status=420, headers={"X-ESI-Error-Limit-Reset": value})
+    with pytest.raises(RateLimited) as limited:
+        client.get_killmail(1001, "abc123")
+    with pytest.raises(ErrorLimited) as errors:
+        client.get_killmail(1001, "abc123")
+    assert limited.value.retry_after == errors.value.reset == seconds
+    assert esi.MAX_PAUSE == 900
+    if seconds == 60.0:
+        assert "Retry-After" in caplog.text and "X-ESI-Error-Limit-Reset" in caplog.text
+
+
 def test_429_on_a_list_names_the_list_group(http, client):
     http.add(responses.GET, LIST_URL, status=429, headers={"Retry-After": "900"})
     with pytest.raises(RateLimited) as caught:
@@ -540,6 +558,35 @@ def test_refresh_failures(http, client, status, body, error):
         client.refresh(REFRESH)
     assert type(caught.value) is error
     assert len(http.calls) == 1
+
+
+@pytest.mark.parametrize("expires_in", [float("inf"), float("nan"), 10 ** 12, 0, -5, "soon", None, True, [1199]])
+def test_an_sso_answer_with_an_unusable_expires_in_is_an_sso_error(http, client, expires_in):
+    http.add(responses.POST, SSO_URL, body=json.dumps({**GRANT, "expires_in": expires_in}))
+    with pytest.raises(SsoError) as caught:
+        client.refresh(REFRESH)
+    assert type(caught.value) is SsoError  # never invalid_grant: the pilot's grant is not written off
+
+
+@pytest.mark.parametrize("body", [
+    {k: v for k, v in GRANT.items() if k != "refresh_token"},
+    {**GRANT, "refresh_token": None},
+])
+def test_an_sso_answer_without_a_refresh_token_keeps_the_old_one(http, client, body):
+    http.add(responses.POST, SSO_URL, json=body)
+    assert client.refresh(REFRESH) == TokenGrant(GRANT["access_token"], REFRESH, 1199)
+
+
+@pytest.mark.parametrize("body", [
+    {**GRANT, "refresh_token": 5}, {**GRANT, "refresh_token": ""}, {**GRANT, "refresh_token": ["r"]},
+    {**GRANT, "access_token": None}, {**GRANT, "access_token": ""}, {**GRANT, "access_token": 7},
+    [GRANT], "a string",
+])
+def test_an_sso_answer_of_the_wrong_shape_is_an_sso_error(http, client, body):
+    http.add(responses.POST, SSO_URL, json=body)
+    with pytest.raises(SsoError) as caught:
+        client.refresh(REFRESH)
+    assert type(caught.value) is SsoError
 
 
 def test_invalid_client_pauses_sso_for_every_process(http, conn, database_url):

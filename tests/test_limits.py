@@ -13,7 +13,7 @@ from requests.structures import CaseInsensitiveDict
 
 import db
 import limits
-from esi import Paused
+from esi import MAX_PAUSE, Paused
 from limits import (ERROR_FLOOR, ERROR_LIMIT, ERROR_LIMIT_BUCKET, SharedLimits, answer_cost, error_cost,
                     parse_rate_limit, pause_after, reserve)
 
@@ -82,7 +82,8 @@ def spent(conn, bucket: str, clock: Clock, window: int = 60) -> dict:
 # ------------------------------------------------------------------------------------------------ pure rules
 
 @pytest.mark.parametrize("value, parsed", [
-    ("3600/15m", (3600, 900)), ("600/1m", (600, 60)), ("30/15m", (30, 900)), ("150/1h", (150, 3600)),
+    ("3600/15m", (3600, 900)), ("600/1m", (600, 60)), ("30/15m", (30, 900)), ("150/1h", (150, 900)),
+    ("150/99999999h", (150, 900)),   # ESI's tokens come back within 15 minutes: no window is longer
     ("10/30s", (10, 30)), ("10/30", (10, 30)), (" 3600 / 15m ", (3600, 900)),
     (None, None), ("", None), ("junk", None), ("3600", None), ("3600/", None), ("/15m", None), ("0/15m", None),
     ("3600/0m", None), ("-30/15m", None), ("3600/15d", None), ("3600/15mm", None), ("3600/1.5m", None),
@@ -116,6 +117,27 @@ def test_429_pauses_the_bucket_for_retry_after(retry_after):
     pauses = pause_after(429, {"Retry-After": str(retry_after), "X-Ratelimit-Remaining": "0"}, NOW)
     assert set(pauses) == {"bucket"}
     assert retry_after <= seconds(pauses["bucket"]) <= retry_after + 2
+
+
+@pytest.mark.parametrize("status, header, bucket", [
+    (420, "X-ESI-Error-Limit-Reset", ERROR_LIMIT_BUCKET), (429, "Retry-After", "bucket"),
+])
+@pytest.mark.parametrize("value, low, high", [
+    ("99999999999", MAX_PAUSE, MAX_PAUSE), ("1e300", MAX_PAUSE, MAX_PAUSE), ("901", MAX_PAUSE, MAX_PAUSE),
+    ("inf", 60, 62), ("nan", 60, 62), ("-inf", 60, 62), ("soon", 60, 62), ("-5", 0, 2),
+])
+def test_a_pause_is_at_most_max_pause_and_an_unreadable_value_is_logged(caplog, status, header, bucket, value,
+                                                                         low, high):
+    pauses = pause_after(status, {header: value}, NOW)
+    assert low <= seconds(pauses[bucket]) <= high
+    assert MAX_PAUSE == 900
+    if low == 60:
+        assert header in caplog.text and repr(value) in caplog.text
+
+
+def test_a_rate_limit_window_beyond_max_pause_is_logged(caplog):
+    assert parse_rate_limit("10/2h") == (10, MAX_PAUSE)
+    assert "X-Ratelimit-Limit" in caplog.text
 
 
 def test_420_and_429_without_their_headers_pause_about_a_minute():
