@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -29,6 +30,8 @@ MAX_WALK_RESTARTS = 3   # the cache turned over mid-walk this many times: give u
 SERVER_RETRIES = 3      # 5xx and timeouts are retried this often inside one call
 SSO_BUCKET = "sso"      # the token endpoint's shared pause (its own 429s, or the app's rejected credentials)
 INVALID_CLIENT_PAUSE = 600.0  # seconds no process calls SSO after invalid_client: the config must be fixed first
+INT64_MAX = 2 ** 63 - 1
+_HASH = re.compile(r"[0-9a-fA-F]{40}")  # a killmail hash: a SHA-1 in hexadecimal
 MIN_TOKEN_LIFETIME = 1       # seconds an access token may live, as SSO's expires_in says (20 minutes in practice)
 MAX_TOKEN_LIFETIME = 86400
 MAX_PAUSE = 900.0       # the longest pause any header may ask for: ESI's own window is 15 minutes
@@ -214,21 +217,32 @@ def parse_pages(value: str | None) -> int:
     return min(max(pages, 1), MAX_PAGES)
 
 
-def parse_refs(body: Any) -> list[tuple[int, str]]:
-    """The (killmail_id, killmail_hash) pairs of a list page; entries that cannot be a killmail are dropped."""
+def parse_refs(body: Any, *, where: str = "killmail list") -> list[tuple[int, str]]:
+    """The (killmail_id, killmail_hash) pairs of a list page (`where` names it in the log); an entry that cannot
+    be a killmail reference (an id no positive int64, a hash not 40 hexadecimal characters) is skipped."""
     if not isinstance(body, list):
-        raise MalformedResponse(f"recent killmails: expected a list, got {type(body).__name__}")
+        raise MalformedResponse(f"{where}: expected a list, got {type(body).__name__}")
     refs = []
     for entry in body:
-        if not isinstance(entry, dict):
-            continue
-        killmail_id, killmail_hash = entry.get("killmail_id"), entry.get("killmail_hash")
-        if isinstance(killmail_id, int) and not isinstance(killmail_id, bool) and killmail_id > 0 \
-                and isinstance(killmail_hash, str) and killmail_hash:
-            refs.append((killmail_id, killmail_hash))
+        ref = _ref(entry)
+        if ref is None:
+            log.warning("%s: skipping an entry that is no killmail reference: %.200r", where, entry)
         else:
-            log.warning("ignoring a list entry that is no killmail reference: %r", entry)
+            refs.append(ref)
     return refs
+
+
+def _ref(entry: Any) -> tuple[int, str] | None:
+    """One list entry as (id, hash), or None. The bounds matter: one id beyond int64 would fail the whole page's
+    insert, and the hash goes into a URL path."""
+    if not isinstance(entry, dict):
+        return None
+    killmail_id, killmail_hash = entry.get("killmail_id"), entry.get("killmail_hash")
+    if isinstance(killmail_id, bool) or not isinstance(killmail_id, int) or not 0 < killmail_id <= INT64_MAX:
+        return None
+    if not isinstance(killmail_hash, str) or not _HASH.fullmatch(killmail_hash):
+        return None
+    return killmail_id, killmail_hash
 
 
 def parse_grant(body: Any, refresh_token: str) -> TokenGrant:
@@ -309,7 +323,7 @@ class EsiClient:
             first = self._get(path, group=group, bucket=bucket, token=token, etag=etag, params={"page": 1})
             pages = parse_pages(first.headers.get("X-Pages"))
             last_modified = first.headers.get("Last-Modified")
-            refs = parse_refs(_json(first))
+            refs = parse_refs(_json(first), where=f"{path} page 1")
             expires_in = cache_lifetime(first.headers)
             turned_over = False
             for page in range(2, pages + 1):
@@ -321,7 +335,7 @@ class EsiClient:
                 if response.headers.get("Last-Modified") != last_modified:
                     turned_over = True
                     break
-                refs.extend(parse_refs(_json(response)))
+                refs.extend(parse_refs(_json(response), where=f"{path} page {page}"))
                 lifetime = cache_lifetime(response.headers)
                 if lifetime is not None:
                     expires_in = lifetime if expires_in is None else min(expires_in, lifetime)
@@ -343,6 +357,8 @@ class EsiClient:
             body = json.loads(raw)
         except ValueError as exc:  # not UTF-8, or not JSON
             raise MalformedResponse(f"killmail {killmail_id}: body is not UTF-8 JSON") from exc
+        except RecursionError:  # nested deeper than the decoder goes: no killmail is
+            raise MalformedResponse(f"killmail {killmail_id}: body is nested too deep") from None
         if not isinstance(body, dict):
             raise MalformedResponse(f"killmail {killmail_id}: expected an object, got {type(body).__name__}")
         return body, raw
@@ -493,6 +509,8 @@ def _json(response: requests.Response) -> Any:
         return response.json()
     except ValueError as exc:
         raise MalformedResponse(f"{response.url.split('?')[0]}: body is not JSON") from exc
+    except RecursionError:
+        raise MalformedResponse(f"{response.url.split('?')[0]}: body is nested too deep") from None
 
 
 def _error_text(response: requests.Response) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -44,7 +45,13 @@ def _number(obj: dict, key: str, where: str) -> float:
     value = obj.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidKillmail(f"{where}.{key} must be a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise InvalidKillmail(f"{where}.{key} is too large for a number") from None
+    if not math.isfinite(number):
+        raise InvalidKillmail(f"{where}.{key} is out of range: {number}")
+    return number
 
 
 def _object(obj: dict, key: str, where: str, *, required: bool = True) -> dict | None:
@@ -83,6 +90,17 @@ def parse_killmail(body: Any, *, killmail_id: int, killmail_hash: str, raw: str 
 
     `raw` is the body's JSON text as ESI sent it, stored as it is; without it the body is serialised here.
     """
+    # Whatever a hostile body makes Python raise is this body's fault: the reference fails with a reason, rather
+    # than the job on every retry with the reference's attempts never counted.
+    try:
+        return _parse(body, killmail_id, killmail_hash, raw)
+    except RecursionError:
+        raise InvalidKillmail("killmail is nested too deep") from None
+    except OverflowError:
+        raise InvalidKillmail("killmail holds a number too large") from None
+
+
+def _parse(body: Any, killmail_id: int, killmail_hash: str, raw: str | None) -> Killmail:
     if not isinstance(body, dict):
         raise InvalidKillmail("killmail must be an object")
     if _int(body, "killmail_id", "killmail", required=True) != killmail_id:

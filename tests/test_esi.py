@@ -73,7 +73,12 @@ def client(sleeps):
 
 
 def refs(*ids):
-    return [{"killmail_id": i, "killmail_hash": f"h{i}"} for i in ids]
+    return [{"killmail_id": i, "killmail_hash": h(i)} for i in ids]
+
+
+def h(killmail_id):
+    """A killmail hash as ESI gives them: 40 hexadecimal characters."""
+    return f"{killmail_id:040x}"
 
 
 def add_page(http, page, body, url=LIST_URL, **headers):
@@ -178,7 +183,7 @@ def test_paging_follows_x_pages_and_collects_every_ref(http, client):
 
     result = client.list_recent(character_id=42, token=TOKEN)
 
-    assert result.refs == [(1, "h1"), (2, "h2"), (3, "h3"), (4, "h4"), (5, "h5")]
+    assert result.refs == [(1, h(1)), (2, h(2)), (3, h(3)), (4, h(4)), (5, h(5))]
     assert result.pages == 3
     assert result.etag == '"etag-1"'
     assert [c.request.url.split("page=")[1] for c in http.calls] == ["1", "2", "3"]
@@ -187,13 +192,13 @@ def test_paging_follows_x_pages_and_collects_every_ref(http, client):
 def test_corporation_list_uses_the_corporation_route(http, client):
     add_page(http, 1, refs(9), url=CORP_LIST_URL)
     result = client.list_recent(character_id=42, token=TOKEN, corporation_id=77)
-    assert result.refs == [(9, "h9")]
+    assert result.refs == [(9, h(9))]
 
 
 def test_a_ref_listed_on_two_pages_is_kept_once(http, client):
     add_page(http, 1, refs(1, 2), **{"X-Pages": "2"})
     add_page(http, 2, refs(2, 3), **{"X-Pages": "2"})
-    assert client.list_recent(character_id=42, token=TOKEN).refs == [(1, "h1"), (2, "h2"), (3, "h3")]
+    assert client.list_recent(character_id=42, token=TOKEN).refs == [(1, h(1)), (2, h(2)), (3, h(3))]
 
 
 @pytest.mark.parametrize("x_pages", ["abc", "0", "-1", "", "1.5", None])
@@ -202,7 +207,7 @@ def test_unusable_x_pages_means_one_page(http, client, x_pages):
     add_page(http, 1, refs(1), **headers)
     result = client.list_recent(character_id=42, token=TOKEN)
     assert result.pages == 1
-    assert result.refs == [(1, "h1")]
+    assert result.refs == [(1, h(1))]
     assert len(http.calls) == 1
 
 
@@ -269,7 +274,7 @@ def test_last_modified_change_between_pages_restarts_the_walk(http, client):
     result = client.list_recent(character_id=42, token=TOKEN, etag='"older"')
 
     assert len(http.calls) == 4
-    assert result.refs == [(7, "h7"), (1, "h1"), (2, "h2"), (3, "h3")]
+    assert result.refs == [(7, h(7)), (1, h(1)), (2, h(2)), (3, h(3))]
     assert result.etag == '"new"'
     assert http.calls[0].request.headers["If-None-Match"] == '"older"'
     # The second walk must not send the ETag: a 304 would answer for a list we never finished reading.
@@ -286,7 +291,7 @@ def test_a_page_gone_mid_walk_restarts_the_walk(http, client):
     result = client.list_recent(character_id=42, token=TOKEN)
 
     assert [c.request.url.rsplit("=", 1)[1] for c in http.calls] == ["1", "2", "1"]
-    assert result.refs == [(1, "h1"), (2, "h2")] and result.etag == '"new"'
+    assert result.refs == [(1, h(1)), (2, h(2))] and result.etag == '"new"'
 
 
 def test_a_list_that_keeps_changing_gives_up_with_server_error(http, client):
@@ -310,25 +315,41 @@ def test_invalid_list_entries_are_dropped(http, client):
         {"killmail_id": "8", "killmail_hash": "str"},
         {"killmail_hash": "no id"},
         "junk", None, 17,
-        {"killmail_id": 9, "killmail_hash": "h9"},
+        {"killmail_id": 2 ** 63, "killmail_hash": h(10)},  # beyond int64
+        {"killmail_id": 11, "killmail_hash": "h11"},       # not 40 hexadecimal characters
+        {"killmail_id": 12, "killmail_hash": h(12) + "0"},
+        {"killmail_id": 9, "killmail_hash": h(9)},
     ]
     add_page(http, 1, body)
-    assert client.list_recent(character_id=42, token=TOKEN).refs == [(9, "h9")]
+    assert client.list_recent(character_id=42, token=TOKEN).refs == [(9, h(9))]
 
 
 @pytest.mark.parametrize("body, expected", [
     ([], []),
-    ([{"killmail_id": 1, "killmail_hash": "a"}], [(1, "a")]),
+    ([{"killmail_id": 1, "killmail_hash": h(1)}], [(1, h(1))]),
+    ([{"killmail_id": 1, "killmail_hash": "A" * 40}], [(1, "A" * 40)]),
+    ([{"killmail_id": 1, "killmail_hash": "a"}], []),
+    ([{"killmail_id": 1, "killmail_hash": "g" * 40}], []),
+    ([{"killmail_id": 1, "killmail_hash": "a/../" + "a" * 35}], []),
+    ([{"killmail_id": 2 ** 63 - 1, "killmail_hash": h(1)}], [(2 ** 63 - 1, h(1))]),
+    ([{"killmail_id": 2 ** 63, "killmail_hash": h(1)}], []),
+    ([{"killmail_id": 10 ** 400, "killmail_hash": h(1)}], []),
     ([{"killmail_id": 0, "killmail_hash": "a"}], []),
     ([{"killmail_id": 1}], []),
     ([{"killmail_id": 1, "killmail_hash": None}], []),
     ([{"killmail_id": 1.0, "killmail_hash": "a"}], []),
     ([{"killmail_id": False, "killmail_hash": "a"}], []),
     ([["1", "a"]], []),
-    ([{"killmail_id": 2 ** 40, "killmail_hash": "big"}], [(2 ** 40, "big")]),   # int64 ids
+    ([{"killmail_id": 2 ** 40, "killmail_hash": h(2)}], [(2 ** 40, h(2))]),   # int64 ids
 ])
 def test_parse_refs(body, expected):
     assert esi.parse_refs(body) == expected
+
+
+def test_a_skipped_list_entry_is_logged_with_the_list_it_came_from(caplog):
+    body = [{"killmail_id": 1, "killmail_hash": "short"}, {"killmail_id": 2, "killmail_hash": h(2)}]
+    assert esi.parse_refs(body, where="/characters/42/killmails/recent/ page 3") == [(2, h(2))]
+    assert "/characters/42/killmails/recent/ page 3" in caplog.text and "short" in caplog.text
 
 
 @pytest.mark.parametrize("body", [{}, {"killmail_id": 1}, "text", None, 3])
@@ -426,6 +447,16 @@ def test_a_killmail_comes_with_its_json_text_as_sent(http, client):
     http.add(responses.GET, DETAIL_URL, body=text.encode(), content_type="application/json")
     body, raw = client.get_killmail(1001, "abc123")
     assert raw == text and body["name"] == "\u00c9ve \u2013 \u00e9"
+
+
+@pytest.mark.parametrize("body", [
+    '{"killmail_id": 1001, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",   # deeper than json can recurse
+    '{"killmail_id": 1001, "x": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}",
+])
+def test_a_killmail_nested_too_deep_is_malformed(http, client, body):
+    http.add(responses.GET, DETAIL_URL, body=body)
+    with pytest.raises(MalformedResponse):
+        client.get_killmail(1001, "abc123")
 
 
 def test_a_killmail_that_is_not_utf8_is_malformed(http, client):
@@ -771,3 +802,4 @@ def test_no_token_appears_in_exception_messages(http, client):
 def test_killmail_list_is_plain_data():
     listing = KillmailList([(1, "a")], '"e"', 300.0, 1)
     assert listing.refs == [(1, "a")] and listing.pages == 1
+

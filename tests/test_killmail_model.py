@@ -239,3 +239,28 @@ def test_a_body_that_is_not_an_object_is_invalid(body):
 
 def test_invalid_killmail_is_a_value_error():
     assert issubclass(InvalidKillmail, ValueError)
+
+
+@pytest.mark.parametrize("where, value", [
+    (("victim", "position", "x"), 10 ** 400),      # an integer no float can hold
+    (("victim", "position", "y"), -(10 ** 309)),
+    (("attackers", 0, "security_status"), 10 ** 400),
+])
+def test_a_number_too_large_for_a_float_is_an_invalid_killmail(where, value):
+    body = copy.deepcopy(SAMPLE)
+    target = body
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    with pytest.raises(InvalidKillmail, match="too large|out of range|must be a number"):
+        parse(body)
+
+
+def test_a_body_the_model_recurses_too_deep_on_is_an_invalid_killmail(monkeypatch):
+    import killmail_model
+
+    def too_deep(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+    monkeypatch.setattr(killmail_model, "_item_row", too_deep)
+    with pytest.raises(InvalidKillmail, match="nested too deep"):
+        parse(copy.deepcopy(SAMPLE))

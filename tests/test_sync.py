@@ -143,6 +143,27 @@ def test_malformed_killmail_is_a_failed_reference_and_the_rest_are_saved(conn, w
     assert sim.stats()["detail_fetches"].get(ids[0], 0) == sync.SyncOptions().max_attempts - 1
 
 
+@pytest.mark.parametrize("poison, reason", [
+    (lambda body: body["victim"].setdefault("position", {"x": 0, "y": 0, "z": 0}).update(x=10 ** 400), "too large"),
+    (lambda body: body.update(victim=None), "victim"),   # a malformed body, as before
+])
+def test_a_body_the_model_cannot_take_is_a_failed_reference_with_its_reason(conn, world, sim, poison, reason):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    ids = sorted(sim.killmail_ids_for(pilot["character_id"]))
+    get_killmail = world.get_killmail
+
+    def poisoned(killmail_id, killmail_hash):
+        body, raw = get_killmail(killmail_id, killmail_hash)
+        if killmail_id == ids[0]:
+            poison(body)
+        return body, raw
+    world.get_killmail = poisoned
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.failed == 1 and result.saved == len(ids) - 1
+    ref = conn.execute("SELECT attempts, last_error FROM killmail_refs WHERE killmail_id = %s", (ids[0],)).fetchone()
+    assert ref["attempts"] == 1 and reason in ref["last_error"]
+
+
 def test_wrong_hash_is_not_retried(conn, world, sim):
     pilot = next(p for p in sim.pilots() if not p["revoked"])
     first = sorted(sim.killmail_ids_for(pilot["character_id"]))[0]
