@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 from urllib.parse import quote, urlencode
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
@@ -35,6 +36,9 @@ _HASH = re.compile(r"[0-9a-fA-F]{40}")  # a killmail hash: a SHA-1 in hexadecima
 MIN_TOKEN_LIFETIME = 1       # seconds an access token may live, as SSO's expires_in says (20 minutes in practice)
 MAX_TOKEN_LIFETIME = 86400
 MAX_PAUSE = 900.0       # the longest pause any header may ask for: ESI's own window is 15 minutes
+MAX_BODY_BYTES = 32 * 1024 * 1024  # decompressed; a list page is ~100 kB, the biggest fights' details a few MB
+REQUEST_DEADLINE = 120.0  # seconds for a whole call, retries and all: a trickling answer must not hold a lock
+READ_CHUNK = 64 * 1024  # bytes read (and decompressed) at a time
 
 
 class EsiError(Exception):
@@ -432,24 +436,28 @@ class EsiClient:
 
     def _send(self, method: str, url: str, *, group: str, bucket: str, **kwargs: Any) -> requests.Response:
         """Send with the shared limits around it; 5xx and timeouts are retried with backoff and jitter."""
+        # One deadline for the whole call, retries included: per-read timeouts alone let an answer that trickles
+        # (or never ends) hold the job, and the pilot's lock, for ever.
+        deadline = time.monotonic() + REQUEST_DEADLINE
         for attempt in range(1, SERVER_RETRIES + 1):
             request = self._prepare(method, url, **kwargs)
             ticket = self.limits.take(bucket)
             try:
                 # Straight to the transport adapter: Session.send would look for cookies to store, redirects to
                 # follow and hooks to run, none of which ESI or SSO use (ESI routes do not redirect).
+                timeout = max(0.1, min(self.settings.http_timeout_seconds, deadline - time.monotonic()))
                 response = self.session.get_adapter(request.url).send(
-                    request, timeout=self.settings.http_timeout_seconds, proxies=self.session.proxies,
+                    request, timeout=timeout, proxies=self.session.proxies,
                     verify=self.session.verify, cert=self.session.cert)
                 # Read the whole answer now, as Session.send does: only then does the connection go back to the
                 # pool. A 304 or an error answer nobody reads would leave it out, and the next call would open
                 # (over TLS, handshake and all) a new one.
-                response.content
+                read_body(response, deadline=deadline, what=f"{method} {url.split('?')[0]}")
             # A timeout, a refused or reset connection, or one that broke while the body was read: retried.
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 self._count(group, 0)
                 self.limits.settle(ticket, 0, {})  # a timeout counts against the error limit too
-                if attempt == SERVER_RETRIES:
+                if attempt == SERVER_RETRIES or time.monotonic() >= deadline:
                     raise ServerError(f"{method} {url.split('?')[0]}: {type(exc).__name__}") from exc
             except BaseException:
                 self.limits.settle(ticket, 0, {})  # whatever broke, the call may have reached ESI
@@ -480,6 +488,40 @@ class EsiClient:
     def _count(self, group: str, status: int) -> None:
         with self._lock:
             self.calls[(group, status)] += 1
+
+
+def read_body(response: requests.Response, *, deadline: float, what: str) -> None:
+    """Read a whole answer into response.content, decompressed: ServerError past the deadline (time.monotonic),
+    MalformedResponse beyond MAX_BODY_BYTES. The connection of an answer given up on is closed, never reused."""
+    chunks, size = [], 0
+    try:
+        while chunk := _read_chunk(response):
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise MalformedResponse(f"{what}: answer larger than {MAX_BODY_BYTES} bytes")
+            if time.monotonic() > deadline:
+                raise ServerError(f"{what}: answer not read within the {REQUEST_DEADLINE:.0f} s deadline")
+            chunks.append(chunk)
+    except BaseException:
+        response.close()
+        raise
+    response._content = b"".join(chunks)
+    response._content_consumed = True
+
+
+def _read_chunk(response: requests.Response) -> bytes:
+    """What one read of the socket gives (decompressed at most READ_CHUNK bytes: a gzip bomb is read in small
+    steps), with urllib3's errors as requests' own, as Response.iter_content has them."""
+    try:
+        return response.raw.read1(READ_CHUNK, decode_content=True)
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ReadTimeout(exc) from exc
+    except urllib3.exceptions.ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from exc
+    except urllib3.exceptions.DecodeError as exc:
+        raise requests.exceptions.ContentDecodingError(exc) from exc
+    except urllib3.exceptions.SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from exc
 
 
 def backoff_seconds(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:

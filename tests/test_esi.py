@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import socket
+import threading
+import time
 import dataclasses
 import random
 from collections import Counter
@@ -803,3 +807,63 @@ def test_killmail_list_is_plain_data():
     listing = KillmailList([(1, "a")], '"e"', 300.0, 1)
     assert listing.refs == [(1, "a")] and listing.pages == 1
 
+
+# ------------------------------------------------------------------------------------------------ size and time
+
+def serve_once(head: bytes, body: bytes, *, chunk: int = 1 << 16, pause: float = 0.0) -> tuple[str, threading.Event]:
+    """A one-connection HTTP server that sends `head` then `body` in chunks with a pause between them; its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve():
+        connection, _ = listener.accept()
+        with connection, listener:
+            connection.recv(65536)
+            try:
+                connection.sendall(head)
+                for start in range(0, len(body), chunk):
+                    if done.wait(pause):
+                        return
+                    connection.sendall(body[start:start + chunk])
+            except OSError:  # the client hung up: what a deadline or a size cap does
+                pass
+            done.wait(5)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", done
+
+
+def test_an_answer_that_trickles_past_the_deadline_is_a_server_error(monkeypatch, sleeps):
+    monkeypatch.setattr(esi, "REQUEST_DEADLINE", 1.0)
+    body = json.dumps(KILLMAIL).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    url, done = serve_once(head, body, chunk=2, pause=0.05)   # every read within the timeout, the whole never
+    client = EsiClient(dataclasses.replace(SETTINGS, esi_base_url=url), sleep=sleeps.append)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ServerError, match="deadline"):
+            client.get_killmail(1001, "abc123")
+    finally:
+        done.set()
+    assert time.monotonic() - started < 3
+    assert sleeps == []   # the deadline is the whole call's: no retry after it
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_an_answer_larger_than_the_cap_is_malformed(monkeypatch, sleeps, encoding):
+    monkeypatch.setattr(esi, "MAX_BODY_BYTES", 100_000)
+    text = json.dumps({**KILLMAIL, "padding": " " * 200_000}).encode()
+    body = gzip.compress(text) if encoding == "gzip" else text   # the cap counts what it decompresses to
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\n"
+            b"Content-Length: %d\r\n\r\n" % (encoding.encode(), len(body)))
+    url, done = serve_once(head, body, chunk=4096)
+    client = EsiClient(dataclasses.replace(SETTINGS, esi_base_url=url), sleep=sleeps.append)
+    try:
+        with pytest.raises(MalformedResponse, match="larger than"):
+            client.get_killmail(1001, "abc123")
+    finally:
+        done.set()
+
+
+def test_the_size_cap_is_generous_for_real_answers():
+    assert esi.MAX_BODY_BYTES >= 8 * 1024 * 1024   # a list page is ~100 kB, the biggest fights' details a few MB
