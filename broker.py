@@ -21,6 +21,7 @@ PRIORITY_NOW = 9        # a user asked for a sync now
 PRIORITY_FIRST = 5      # a user's first sync
 PRIORITY_ROUTINE = 1    # a routine poll
 ATTEMPT_HEADER = "x-killmail-attempt"
+MAX_ATTEMPT = 1000  # an attempt header beyond any MAX_ATTEMPTS: the job is past its last try
 JITTER = 0.25           # retry delays are stretched by up to this share, so failed jobs do not return together
 
 
@@ -46,6 +47,23 @@ class Job:
     def kind(self) -> str:
         """'character' or 'corporation'."""
         return "character" if self.corporation_id is None else "corporation"
+
+
+def attempt_number(value: Any) -> int:
+    """A message's attempt header as an attempt number from 1 to MAX_ATTEMPT: absent, not a whole number (text
+    or bytes of digits count) or below 1 means a first attempt; the header is the worker's own, a bad one the
+    sign of a hand-made message, which must still land in an existing retry queue."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()):
+            return 1
+        # More digits than any attempt count are past the last try (and never a 5000-digit int() to parse).
+        value = int(digits) if len(digits) <= 9 else MAX_ATTEMPT
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return 1
+    return min(value, MAX_ATTEMPT)
 
 
 def retry_queue(queue: str, attempt: int) -> str:

@@ -186,7 +186,8 @@ class Child:
 
     def run_job(self, connection, channel, delivery_tag: int, properties, body: bytes) -> None:
         """The job thread: do the work, then hand the outcome to the I/O thread."""
-        attempt = int((properties.headers or {}).get(broker.ATTEMPT_HEADER, 1))
+        headers = properties.headers if isinstance(properties.headers, dict) else {}
+        attempt = broker.attempt_number(headers.get(broker.ATTEMPT_HEADER))
         try:
             outcome = self.process(body, attempt)
         except Exception as exc:  # a bug must not kill the child with the message unaccounted for
@@ -296,16 +297,28 @@ class Child:
         if not channel.is_open:
             log.warning("channel closed before the ack; the job will be redelivered")
             return
+        try:
+            self.hand_on(channel, properties, body, attempt, outcome)
+        except BROKER_ERRORS:
+            raise  # the connection's loss: the job comes back as a redelivery
+        except Exception as exc:  # a retry that cannot be published as asked is dead-lettered, never stuck
+            log.exception("could not publish the job's %s; dead-lettering it", outcome.action)
+            self.hand_on(channel, properties, body, attempt,
+                         Outcome("dead", f"{outcome.reason[:400]} (and {type(exc).__name__} publishing it)"))
+        channel.basic_ack(delivery_tag)
+
+    def hand_on(self, channel, properties, body: bytes, attempt: int, outcome: Outcome) -> None:
+        """Publish a failed job to its retry queue or to the dead-letter queue, as its outcome says."""
+        priority = properties.priority if isinstance(properties.priority, int) else 0
         if outcome.action == "retry":
             broker.publish(channel, broker.retry_queue(self.settings.queue_name, attempt), body,
-                           priority=properties.priority or 0, headers={broker.ATTEMPT_HEADER: attempt + 1},
+                           priority=priority, headers={broker.ATTEMPT_HEADER: attempt + 1},
                            message_id=properties.message_id, expiration_ms=int(outcome.delay * 1000))
         elif outcome.action == "dead":
             broker.publish(channel, broker.dead_queue(self.settings.queue_name), body,
-                           priority=properties.priority or 0, message_id=properties.message_id,
+                           priority=priority, message_id=properties.message_id,
                            headers={broker.ATTEMPT_HEADER: attempt, "x-death-reason": outcome.reason[:500],
                                     "x-failed-at": datetime.now(timezone.utc).isoformat()})
-        channel.basic_ack(delivery_tag)
 
     def ensure_db(self) -> None:
         """Open the job connection if there is none, retrying with backoff until PostgreSQL answers."""

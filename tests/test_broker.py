@@ -166,3 +166,12 @@ def test_publish_sends_a_persistent_mandatory_message():
 def test_publish_that_the_broker_did_not_take_is_not_delivered(error):
     with pytest.raises(NotDelivered):
         broker.publish(FakeChannel(fail=error), "q", b"{}")
+
+
+@pytest.mark.parametrize("value, attempt", [
+    (None, 1), (1, 1), (3, 3), ("3", 3), (b"4", 4), (" 5 ", 5), (0, 1), (-2, 1), ("0", 1), ("-7", 1),
+    ("abc", 1), ("", 1), (b"\xff", 1), (2.5, 1), ("2.5", 1), (True, 1), ([3], 1), ({"a": 1}, 1), ("1e9", 1),
+    (10 ** 30, broker.MAX_ATTEMPT), ("9" * 5000, broker.MAX_ATTEMPT),
+])
+def test_any_attempt_header_gives_a_valid_attempt_number(value, attempt):
+    assert broker.attempt_number(value) == attempt

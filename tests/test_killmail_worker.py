@@ -233,3 +233,54 @@ def test_the_reconnect_backoff_starts_again_after_a_connection_that_lasted_and_n
     assert killmail_worker.failures_in_a_row(failures, cap, cap) == 1  # a new outage after a lasting connection
     assert killmail_worker.failures_in_a_row(failures, cap * 100, cap) == 1
     assert killmail_worker.failures_in_a_row(failures, cap - 0.1, cap) == 6
+
+
+class FakeChannel:
+    """What on_job_done uses of a pika channel: publishes and acks, recorded."""
+
+    is_open = True
+
+    def __init__(self):
+        self.published: list[tuple[str, dict]] = []
+        self.acked: list[int] = []
+
+    def basic_publish(self, exchange, routing_key, body, *, properties, mandatory):
+        self.published.append((routing_key, properties.headers))
+
+    def basic_ack(self, delivery_tag):
+        self.acked.append(delivery_tag)
+
+
+class FakeConnection:
+    """Runs the job thread's callback at once, as pika's I/O thread would run it later."""
+
+    def add_callback_threadsafe(self, callback):
+        callback()
+
+
+@pytest.mark.parametrize("header, retry_queue", [
+    ("abc", 1), (b"\xff", 1), (0, 1), (-3, 1), ("2", 2), (None, 1),
+])
+@pytest.mark.parametrize("crash", [RuntimeError("a bug"), OverflowError("int too large"), KeyError("x")])
+def test_any_attempt_header_and_any_exception_end_in_an_ack_and_a_retry(database_url, queue_name, header,
+                                                                        retry_queue, crash):
+    child = killmail_worker.Child(make_settings(database_url, queue_name=queue_name), burst=True)
+
+    def process(body, attempt):
+        raise crash
+    child.process = process
+    channel = FakeChannel()
+    headers = {} if header is None else {broker.ATTEMPT_HEADER: header}
+    child.run_job(FakeConnection(), channel, 7, pika.BasicProperties(headers=headers), b"{}")
+    assert channel.acked == [7]
+    assert [q for q, _ in channel.published] == [broker.retry_queue(queue_name, retry_queue)]
+    assert channel.published[0][1][broker.ATTEMPT_HEADER] == retry_queue + 1
+
+
+def test_a_retry_that_cannot_be_published_as_asked_is_dead_lettered_and_acked(database_url, queue_name):
+    child = killmail_worker.Child(make_settings(database_url, queue_name=queue_name), burst=True)
+    channel = FakeChannel()
+    outcome = killmail_worker.Outcome("retry", "paused", float("inf"))   # a delay no expiration can carry
+    child.on_job_done(channel, 9, pika.BasicProperties(headers={}), b"{}", 1, outcome)
+    assert channel.acked == [9]
+    assert len(channel.published) == 1
