@@ -605,26 +605,38 @@ def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds:
     )
 
 
-def take_tokens(conn, now: datetime, *, buckets: Sequence[str], costs: Sequence[int], limits: Sequence[int],
-                windows: Sequence[int], floors: Sequence[int], reserves: Sequence[int], headroom: Sequence[int],
+def take_tokens(conn, now: datetime | None, *, buckets: Sequence[str], costs: Sequence[int],
+                limits: Sequence[int], windows: Sequence[int], holds: Sequence[int], floors: Sequence[int],
+                reserves: Sequence[int], headroom: Sequence[int], frees: Sequence[int],
                 poll: float) -> tuple[list[int] | None, float]:
     """Take one call's cost from each bucket of the ledger, all or nothing (schema.sql's esi_take): the in-flight
-    row ids, or None and the seconds until it would fit. Bucket names come sorted (the locks' order)."""
+    row ids, or None and the seconds until it would fit. Bucket names come sorted (the locks' order); `now`
+    None is the database's clock."""
     row = conn.execute(
         "SELECT ids, wait FROM esi_take(%s, %s::text[], %s::int[], %s::int[], %s::int[], %s::int[], %s::int[], "
-        "%s::int[], %s)",
-        (now, list(buckets), list(costs), list(limits), list(windows), list(floors), list(reserves),
-         list(headroom), poll),
+        "%s::int[], %s::int[], %s::int[], %s)",
+        (now, list(buckets), list(costs), list(limits), list(windows), list(holds), list(floors), list(reserves),
+         list(headroom), list(frees), poll),
     ).fetchone()
     return row["ids"], row["wait"] or 0.0
 
 
-def settle_tokens(conn, now: datetime, *, ids: Sequence[int], buckets: Sequence[str], costs: Sequence[int],
-                  windows: Sequence[int], used: Sequence[int | None]) -> None:
+def settle_tokens(conn, now: datetime | None, *, ids: Sequence[int], buckets: Sequence[str],
+                  costs: Sequence[int], windows: Sequence[int], used: Sequence[int | None],
+                  before: Sequence[bool]) -> None:
     """Book what an answer cost in each of its buckets and end its in-flight rows (schema.sql's esi_settle);
     `used` is ESI's own count of a bucket where the answer gave it, to book what other apps spent."""
-    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[])",
-                 (now, list(ids), list(buckets), list(costs), list(windows), list(used)))
+    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[], %s::bool[])",
+                 (now, list(ids), list(buckets), list(costs), list(windows), list(used), list(before)))
+
+
+def prune_ledger(conn, *, older_than: int) -> int:
+    """Delete ledger rows older than this many seconds (buckets nobody calls any more: a pilot gone, an old
+    egress name; esi_take prunes the buckets in use); returns how many went."""
+    cut = "clock_timestamp() - make_interval(secs => %s)"
+    spent = conn.execute(f"DELETE FROM esi_spent WHERE second < {cut}", (older_than,)).rowcount
+    flying = conn.execute(f"DELETE FROM esi_in_flight WHERE sent_at < {cut}", (older_than,)).rowcount
+    return spent + flying
 
 
 def ledger_spent(conn, bucket: str, now: datetime, *, window: int) -> dict:

@@ -39,6 +39,7 @@ RESTART_BACKOFF_CAP = 30.0      # seconds between restarts of a child that keeps
 RECONNECT_CAP = 30.0            # seconds between a child's broker reconnects at the most
 BURST_RESTARTS = 10             # a burst run stops replacing children after this many deaths (a crash loop)
 SWEEP_EVERY = 300.0             # seconds between a child's sweeps for killmails no owner will fetch any more
+LEDGER_KEEP = 7200             # seconds of ESI limit ledger kept: longer than any window (limits.MAX_WINDOW)
 MALLOC_ARENAS = 2               # glibc malloc arenas per process, for DETAIL_CONCURRENCY threads (see below)
 M_ARENA_MAX = -8                # glibc's mallopt() parameter number for the arena cap
 BROKER_ERRORS = (pika.exceptions.AMQPError, OSError, broker.NotDelivered)
@@ -259,6 +260,8 @@ class Child:
         self.swept_at = time.monotonic()
         try:
             sync.sweep_stranded(self.conn, self.esi, datetime.now(timezone.utc), self.sync_options())
+            db.prune_ledger(self.conn, older_than=LEDGER_KEEP)  # buckets nobody calls any more
+            self.conn.commit()
         except psycopg.OperationalError as exc:
             log.warning("⚠️  database connection lost during a sweep (%s); the next one tries again", exc)
             self.drop_db()

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 import db
-from esi import MAX_PAUSE, SSO_BUCKET, Paused
+from esi import MAX_PAUSE, REQUEST_DEADLINE, SSO_BUCKET, Paused
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ HEADROOM = 3               # per call in flight: a 4xx costs 5 tokens where the 
 RESERVE_SHARE = 0.02       # kept unspent while another app behind the IP spends the same bucket (it spends unseen
 RESERVE_CALLS = 2          # between our answers), at least this many calls' tokens
 CALL_COST = 2              # what a call holds until its answer: the cost of a 200
+MAX_WINDOW = 3600          # the longest rate-limit window believed
+HOLD_MARGIN = 10           # seconds past a call's deadline that its possible error is still held
 POLL = 0.05                # seconds before asking again when calls in flight may give tokens back
 MAX_INLINE_WAIT = 30.0     # a longer wait fails the job into the retry queue rather than holding a process
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared pauses and limits
@@ -52,9 +54,9 @@ def parse_rate_limit(value: str | None) -> tuple[int, int] | None:
         return None
     tokens, amount, unit = int(match[1]), int(match[2]), match[3] or "s"
     window = amount * _WINDOW_UNITS[unit]
-    if window > MAX_PAUSE:  # ESI's tokens come back within 15 minutes: a longer window would hold them for ever
-        log.warning("X-Ratelimit-Limit %r: window taken as %d s", value[:40], MAX_PAUSE)
-        window = int(MAX_PAUSE)
+    if window > MAX_WINDOW:  # ESI's windows are 15 minutes: an absurd one would hold the bucket for years
+        log.warning("X-Ratelimit-Limit %r: window taken as %d s", value[:40], MAX_WINDOW)
+        window = MAX_WINDOW
     return (tokens, window) if tokens > 0 and window > 0 else None
 
 
@@ -104,6 +106,21 @@ def _pause_seconds(headers: Any, name: str) -> float:
 
 
 @dataclass(frozen=True)
+class _Spend:
+    """What one call may cost one bucket of the ledger, and that bucket's rules (schema.sql's esi_take)."""
+
+    bucket: str
+    cost: int
+    limit: int
+    window: int
+    hold: int          # seconds a call in flight counts at most (one of a killed process)
+    floor: int = 0     # never spent
+    reserve: int = 0   # kept while other apps spend the bucket
+    headroom: int = 0  # room kept per call in flight for an answer dearer than its cost
+    frees: int = 0     # what an ordinary answer gives back per call in flight
+
+
+@dataclass(frozen=True)
 class Ticket:
     """What one call took from the ledger: its in-flight rows and the buckets they hold."""
 
@@ -125,6 +142,8 @@ class SharedLimits:
         self._conn = None
         self._lock = threading.Lock()
         self._clock = clock or (lambda: datetime.now(timezone.utc))
+        # The ledger runs on the database's clock, one for every host (None), unless a test gives one.
+        self._ledger_clock = clock or (lambda: None)
         self._sleep = sleep
         self.error_bucket = f"{ERROR_LIMIT_BUCKET}@{egress}" if egress else ERROR_LIMIT_BUCKET
         self._state: dict[str, dict] = {}
@@ -156,49 +175,55 @@ class SharedLimits:
             state = self._read(keys)
             if not _per_owner(bucket) and self._await_first_answer(group, state):
                 state = self._read(keys)
-            waited = 0.0
-            while True:
-                self._wait_out_pause(bucket, state)
-                ticket, wait = self._take_once(bucket, _row(state, group))
-                if ticket is not None:
-                    return ticket
-                if wait > MAX_INLINE_WAIT and _per_owner(bucket):
-                    # One pilot's list bucket: its job goes to the retry queue rather than hold a process that
-                    # other pilots' jobs could use.
-                    raise Paused(f"{bucket} spent for {wait:.0f} s", bucket=bucket,
-                                 until=self._clock() + timedelta(seconds=wait))
-                if waited == 0.0 and wait > POLL:
-                    log.info("ESI limits: %s spent, %.1f s until its tokens come back", bucket, wait)
-                # Never longer than the state's life: a 420 or 429 seen elsewhere meanwhile holds this call back.
-                self._nap(min(wait, RECHECK), bucket)
-                waited += wait
-                state = self._read(keys)
+            try:
+                return self._take_waiting(bucket, group, keys, state)
+            except BaseException:
+                # A first call that never went (a pause, the database, a stop): the next call asks instead.
+                asked = self._first_answer.get(group)
+                if asked is not None and not asked.is_set():
+                    self._first_answer.pop(group, None)
+                    asked.set()
+                raise
+
+    def _take_waiting(self, bucket: str, group: str, keys: list[str], state: list[dict]) -> Ticket:
+        """Take the call's ledger rows, sleeping through pauses and spent buckets (see take)."""
+        waited = 0.0
+        while True:
+            self._wait_out_pause(bucket, state)
+            ticket, wait = self._take_once(bucket, _row(state, group))
+            if ticket is not None:
+                return ticket
+            if wait > MAX_INLINE_WAIT and _per_owner(bucket):
+                # One pilot's list bucket: its job goes to the retry queue rather than hold a process that
+                # other pilots' jobs could use.
+                raise Paused(f"{bucket} spent for {wait:.0f} s", bucket=bucket,
+                             until=self._clock() + timedelta(seconds=wait))
+            if waited == 0.0 and wait > POLL:
+                log.info("ESI limits: %s spent, %.1f s until its tokens come back", bucket, wait)
+            # Never longer than the state's life: a 420 or 429 seen elsewhere meanwhile holds this call back.
+            self._nap(min(wait, RECHECK), bucket)
+            waited += wait
+            state = self._read(keys)
 
     def _take_once(self, bucket: str, limit_row: dict) -> tuple[Ticket | None, float]:
         """Take the call's error and its tokens from the ledger: the ticket, or None and the seconds to wait."""
-        ledgers, costs, limits, windows = [self.error_bucket], [1], [ERROR_LIMIT], [ERROR_WINDOW]
-        floors, reserves, headroom = [ERROR_FLOOR], [0], [0]
+        # An error answer is counted when it comes: a call holds its possible error until its deadline at least.
+        spends = [_Spend(self.error_bucket, cost=1, limit=ERROR_LIMIT, window=ERROR_WINDOW,
+                         hold=int(max(ERROR_WINDOW, REQUEST_DEADLINE + HOLD_MARGIN)), floor=ERROR_FLOOR, frees=1)]
         limit, window = limit_row.get("limit_tokens"), limit_row.get("window_seconds")
         if limit and window:  # a bucket with no limit seen (or none at all) is only under the error limit
-            ledgers.append(bucket)
-            costs.append(CALL_COST)
-            limits.append(limit)
-            windows.append(window)
-            floors.append(0)
-            reserves.append(reserve(limit))
-            headroom.append(HEADROOM)
-        order = sorted(range(len(ledgers)), key=ledgers.__getitem__)  # advisory locks in one order: no deadlock
-
-        def ordered(values: list) -> list:
-            return [values[i] for i in order]
-
+            # ESI charges a call when it arrives: a call's tokens are back one window after it was sent.
+            spends.append(_Spend(bucket, cost=CALL_COST, limit=limit, window=window, hold=window,
+                                 reserve=reserve(limit), headroom=HEADROOM, frees=HEADROOM))
+        spends.sort(key=lambda spend: spend.bucket)  # advisory locks in one order: no deadlock
         ids, wait = self._with_conn(lambda c: db.take_tokens(
-            c, self._clock(), buckets=ordered(ledgers), costs=ordered(costs), limits=ordered(limits),
-            windows=ordered(windows), floors=ordered(floors), reserves=ordered(reserves),
-            headroom=ordered(headroom), poll=POLL))
+            c, self._ledger_clock(), buckets=[p.bucket for p in spends], costs=[p.cost for p in spends],
+            limits=[p.limit for p in spends], windows=[p.window for p in spends], holds=[p.hold for p in spends],
+            floors=[p.floor for p in spends], reserves=[p.reserve for p in spends],
+            headroom=[p.headroom for p in spends], frees=[p.frees for p in spends], poll=POLL))
         if not ids:
             return None, wait
-        return Ticket(bucket, ids, ordered(ledgers), ordered(windows)), 0.0
+        return Ticket(bucket, ids, [p.bucket for p in spends], [p.window for p in spends]), 0.0
 
     def _nap(self, seconds: float, bucket: str) -> None:
         """Sleep; a stop of the process (the `stopping` event set) ends the sleep with Paused."""
@@ -216,6 +241,10 @@ class SharedLimits:
                 self._settle_ledger(ticket, status, limit, remaining,
                                     _int(headers.get("X-ESI-Error-Limit-Remain")))
             self._record(ticket.bucket, status, headers, limit, remaining)
+        except db.psycopg.Error as exc:
+            # The answer is paid for and in hand: losing it would fetch it again. The call's rows in flight stop
+            # counting when their hold ends.
+            log.warning("ESI limits: could not settle a %s call (%s)", ticket.bucket, exc)
         finally:
             # Only now, with the limit written, may the calls that waited for this first answer go.
             asked = self._first_answer.get(_group(ticket.bucket))
@@ -240,8 +269,9 @@ class SharedLimits:
                 used.append(limit[0] - remaining if limit and remaining is not None and status != 429 else None)
         order = sorted(range(len(ledgers)), key=ledgers.__getitem__)  # the locks' one order
         self._with_conn(lambda c: db.settle_tokens(
-            c, self._clock(), ids=ticket.ids, buckets=[ledgers[i] for i in order], costs=[costs[i] for i in order],
-            windows=[windows[i] for i in order], used=[used[i] for i in order]))
+            c, self._ledger_clock(), ids=ticket.ids, buckets=[ledgers[i] for i in order],
+            costs=[costs[i] for i in order], windows=[windows[i] for i in order], used=[used[i] for i in order],
+            before=[ledgers[i] == self.error_bucket for i in order]))
 
     def _record(self, bucket: str, status: int, headers: Any, limit: tuple[int, int] | None,
                 remaining: int | None) -> None:
@@ -344,7 +374,8 @@ class SharedLimits:
             try:
                 return work(self._conn)
             except db.psycopg.OperationalError:
-                self._conn = None
+                lost, self._conn = self._conn, None
+                lost.close()
                 if attempt == 2:
                     raise
 

@@ -205,15 +205,17 @@ CREATE INDEX IF NOT EXISTS esi_in_flight_bucket ON esi_in_flight (bucket, sent_a
 -- Take what one call may cost from each of its buckets, all or nothing, under each bucket's advisory lock (taken
 -- in the order given; callers sort the names): so that the check and the spend are one step for every process
 -- on every host, and one round trip. Returns the in-flight row ids, or none and the seconds to wait: until
--- enough spent tokens come back, or a short `poll` while calls in flight may give some back when answered.
--- A call fits when spent + in flight + cost + headroom per call in flight + floor (+ reserve once other apps
--- were seen spending) is within the limit.
+-- enough spent tokens come back, or a short `poll` while the answers of calls in flight would give enough back
+-- (`frees` a call). A call fits when spent + in flight + cost + headroom per call in flight + floor (+ reserve
+-- once other apps were seen spending) is within the limit. A row in flight counts for `holds` seconds at most
+-- (a killed process's). Times are the database's clock, one for every host, unless the caller gives one.
 CREATE OR REPLACE FUNCTION esi_take(p_now TIMESTAMPTZ, p_buckets TEXT[], p_costs INTEGER[], p_limits INTEGER[],
-                                    p_windows INTEGER[], p_floors INTEGER[], p_reserves INTEGER[],
-                                    p_headroom INTEGER[], p_poll DOUBLE PRECISION,
-                                    OUT ids BIGINT[], OUT wait DOUBLE PRECISION)
+                                    p_windows INTEGER[], p_holds INTEGER[], p_floors INTEGER[],
+                                    p_reserves INTEGER[], p_headroom INTEGER[], p_frees INTEGER[],
+                                    p_poll DOUBLE PRECISION, OUT ids BIGINT[], OUT wait DOUBLE PRECISION)
 LANGUAGE plpgsql AS $$
 DECLARE
+    now_ TIMESTAMPTZ;
     since TIMESTAMPTZ;
     spent_own BIGINT;
     spent_other BIGINT;
@@ -227,27 +229,30 @@ BEGIN
     FOR i IN 1 .. cardinality(p_buckets) LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_buckets[i], 0));
     END LOOP;
+    now_ := coalesce(p_now, clock_timestamp());
     FOR i IN 1 .. cardinality(p_buckets) LOOP
-        since := p_now - make_interval(secs => p_windows[i]);
+        since := now_ - make_interval(secs => p_windows[i]);
         DELETE FROM esi_spent WHERE bucket = p_buckets[i] AND second <= since;
-        DELETE FROM esi_in_flight WHERE bucket = p_buckets[i] AND sent_at <= since;
+        DELETE FROM esi_in_flight WHERE bucket = p_buckets[i]
+            AND sent_at <= now_ - make_interval(secs => p_holds[i]);
         SELECT coalesce(sum(own), 0), coalesce(sum(other), 0) INTO spent_own, spent_other
             FROM esi_spent WHERE bucket = p_buckets[i];
         SELECT coalesce(sum(tokens), 0), count(*) INTO flying, flying_calls
-            FROM esi_in_flight WHERE bucket = p_buckets[i] AND sent_at > since;
+            FROM esi_in_flight WHERE bucket = p_buckets[i];
         excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls + p_floors[i]
                   + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
         IF excess > 0 THEN
-            -- The oldest seconds come back first: the one by which `excess` tokens are back.
-            SELECT s.second INTO back_at FROM (
-                SELECT second, sum(own + other) OVER (ORDER BY second) AS back
-                FROM esi_spent WHERE bucket = p_buckets[i]) s
-            WHERE s.back >= excess ORDER BY s.second LIMIT 1;
-            bucket_wait := CASE WHEN back_at IS NULL THEN p_windows[i]
-                                ELSE extract(epoch FROM back_at - since) END;
-            -- Calls in flight may answer cheaper than they hold (a 5xx costs nothing): worth asking again soon.
-            IF flying_calls > 0 AND excess <= flying + p_headroom[i] * flying_calls THEN
-                bucket_wait := least(bucket_wait, p_poll);
+            IF flying_calls > 0 AND excess <= p_frees[i] * flying_calls THEN
+                bucket_wait := p_poll;  -- the answers in flight are about to give enough back
+            ELSE
+                -- The oldest seconds come back first: the one by which `excess` tokens are back.
+                SELECT s.second INTO back_at FROM (
+                    SELECT second, sum(own + other) OVER (ORDER BY second) AS back
+                    FROM esi_spent WHERE bucket = p_buckets[i]) s
+                WHERE s.back >= excess ORDER BY s.second LIMIT 1;
+                bucket_wait := CASE WHEN back_at IS NOT NULL THEN extract(epoch FROM back_at - since)
+                                    WHEN flying_calls > 0 THEN p_poll  -- what is in flight holds the rest
+                                    ELSE p_windows[i] END;
             END IF;
             wait := greatest(wait, bucket_wait);
         END IF;
@@ -257,26 +262,31 @@ BEGIN
     END IF;
     WITH taken AS (
         INSERT INTO esi_in_flight (bucket, sent_at, tokens)
-        SELECT b, p_now, c FROM unnest(p_buckets, p_costs) AS t (b, c)
+        SELECT b, now_, c FROM unnest(p_buckets, p_costs) AS t (b, c)
         RETURNING id)
     SELECT array_agg(id) INTO ids FROM taken;
 END $$;
 
 -- Settle a call: its in-flight rows go, and what the answer cost is spent in the second after the answer. Where
 -- ESI's answer said how much of a bucket is used (`p_used`, its limit minus its remaining count, null where not
--- said), whatever ESI counts beyond this ledger is spent by someone else: booked as `other`. Only what is sure
--- to be theirs is booked: our calls still in flight count as ours, spent.
+-- said), whatever ESI counts beyond this ledger is spent by someone else: booked as `other`. Our calls still in
+-- flight count as ours, spent: only what is sure to be another app's is booked; where `p_before`, only the calls
+-- taken before this one (the later ones may not have reached ESI: for the error budget, better booked twice).
 CREATE OR REPLACE FUNCTION esi_settle(p_now TIMESTAMPTZ, p_ids BIGINT[], p_buckets TEXT[], p_costs INTEGER[],
-                                      p_windows INTEGER[], p_used INTEGER[])
+                                      p_windows INTEGER[], p_used INTEGER[], p_before BOOLEAN[])
 RETURNS VOID LANGUAGE plpgsql AS $$
 DECLARE
+    now_ TIMESTAMPTZ;
     since TIMESTAMPTZ;
-    second_after TIMESTAMPTZ := to_timestamp(ceil(extract(epoch FROM p_now)));
+    second_after TIMESTAMPTZ;
+    first_id BIGINT := coalesce((SELECT min(x) FROM unnest(p_ids) AS x), 0);
     counted BIGINT;
 BEGIN
     FOR i IN 1 .. cardinality(p_buckets) LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_buckets[i], 0));
     END LOOP;
+    now_ := coalesce(p_now, clock_timestamp());
+    second_after := to_timestamp(ceil(extract(epoch FROM now_)));
     DELETE FROM esi_in_flight WHERE id = ANY(p_ids);
     FOR i IN 1 .. cardinality(p_buckets) LOOP
         IF p_costs[i] > 0 THEN
@@ -284,11 +294,11 @@ BEGIN
             ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
         END IF;
         IF p_used[i] IS NOT NULL THEN
-            since := p_now - make_interval(secs => p_windows[i]);
+            since := now_ - make_interval(secs => p_windows[i]);
             SELECT coalesce(sum(own + other), 0) INTO counted FROM esi_spent
                 WHERE bucket = p_buckets[i] AND second > since;
             counted := counted + (SELECT coalesce(sum(tokens), 0) FROM esi_in_flight
-                                  WHERE bucket = p_buckets[i] AND sent_at > since);
+                                  WHERE bucket = p_buckets[i] AND (NOT p_before[i] OR id < first_id));
             IF p_used[i] > counted THEN
                 INSERT INTO esi_spent (bucket, second, other)
                 VALUES (p_buckets[i], second_after, p_used[i] - counted)

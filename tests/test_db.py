@@ -202,8 +202,13 @@ def test_binary_copy_stores_every_column_as_the_row_by_row_path_does(conn):
 
 
 def take(conn, now, bucket="killmail", limit=20, window=60):
-    return db.take_tokens(conn, now, buckets=[bucket], costs=[2], limits=[limit], windows=[window], floors=[0],
-                          reserves=[0], headroom=[0], poll=0.05)
+    return db.take_tokens(conn, now, buckets=[bucket], costs=[2], limits=[limit], windows=[window], holds=[window],
+                          floors=[0], reserves=[0], headroom=[0], frees=[2], poll=0.05)
+
+
+def settle(conn, now, ids, *, cost=2, used=None, before=False):
+    db.settle_tokens(conn, now, ids=ids, buckets=["killmail"], costs=[cost], windows=[60], used=[used],
+                     before=[before])
 
 
 def test_take_tokens_is_one_step_for_every_session(conn, database_url):
@@ -222,12 +227,11 @@ def test_take_tokens_is_one_step_for_every_session(conn, database_url):
 def test_take_tokens_names_when_the_oldest_spends_come_back(conn):
     ids = [take(conn, NOW)[0] for _ in range(3)]
     for n, taken in enumerate(ids):  # answered in three seconds in turn: booked in the second after each answer
-        db.settle_tokens(conn, NOW + timedelta(seconds=n), ids=taken, buckets=["killmail"], costs=[2],
-                         windows=[60], used=[None])
+        settle(conn, NOW + timedelta(seconds=n), taken)
     later = NOW + timedelta(seconds=10)
     for _ in range(7):
         taken, _ = take(conn, later)
-        db.settle_tokens(conn, later, ids=taken, buckets=["killmail"], costs=[2], windows=[60], used=[None])
+        settle(conn, later, taken)
     nothing, wait = take(conn, later)             # full: the first answer's 2 tokens come back first
     assert nothing is None and wait == pytest.approx(50)  # NOW is a whole second: booked in it, back at +60
     assert take(conn, later, limit=23)[0] is not None               # one more call fits a bigger bucket ...
@@ -237,9 +241,28 @@ def test_take_tokens_names_when_the_oldest_spends_come_back(conn):
 
 def test_settle_tokens_books_what_esi_counts_beyond_the_ledger(conn):
     (taken, _), (flying, _) = take(conn, NOW), take(conn, NOW)
-    db.settle_tokens(conn, NOW, ids=taken, buckets=["killmail"], costs=[2], windows=[60], used=[50])
+    settle(conn, NOW, taken, used=50)
     # ESI counts 50; the ledger 2 answered + 2 in flight: 46 are another app's.
     assert db.ledger_spent(conn, "killmail", NOW, window=60) == {"own": 2, "other": 46, "in_flight": 2}
+    settle(conn, NOW, flying, used=50)       # ESI's count has not moved: both of ours were in it, nothing more
+    assert db.ledger_spent(conn, "killmail", NOW, window=60)["other"] == 46
+
+
+def test_settle_tokens_before_counts_only_the_calls_taken_earlier(conn):
+    """For the error budget: a call taken after this one may not have reached ESI when it answered."""
+    (first, _), (later, _) = take(conn, NOW), take(conn, NOW)
+    settle(conn, NOW, first, cost=0, used=10, before=True)
+    assert db.ledger_spent(conn, "killmail", NOW, window=60) == {"own": 0, "other": 10, "in_flight": 2}
+
+
+def test_take_tokens_on_the_database_clock_and_prune(conn):
+    ids, _ = take(conn, None)
+    settle(conn, None, ids)
+    (row,) = conn.execute("SELECT second - now() AS ahead FROM esi_spent").fetchall()
+    assert timedelta(0) <= row["ahead"] <= timedelta(seconds=2)
+    assert db.prune_ledger(conn, older_than=3600) == 0
+    conn.execute("UPDATE esi_spent SET second = second - interval '2 hours'")
+    assert db.prune_ledger(conn, older_than=3600) == 1
 
 
 def test_record_limit_only_extends_a_pause(conn):

@@ -85,10 +85,13 @@ def test_a_worker_sweeps_killmails_whose_pilot_needs_a_new_login(conn, sim, sett
     ids = sorted(sim.killmail_ids_for(left["character_id"]))[:sync.SWEEP_LIMIT]
     db.store_refs(conn, "character", left["character_id"], [(i, sim.killmail_hash(i)) for i in ids])
     db.mark_revoked(conn, left["character_id"], left["refresh_token"], "invalid_grant")
+    # The ledger of a list bucket nobody calls any more: the sweep prunes it too.
+    conn.execute("INSERT INTO esi_spent (bucket, second, own) VALUES ('char-killmail:1', now() - interval '3 h', 2)")
     conn.commit()
     assert run_script("queue_killmails.py", settings).returncode == 0  # the two live pilots
     output = start_worker(settings, "--burst").communicate(timeout=120)[0]
     assert "🧹 Sweeping" in output, output
+    assert conn.execute("SELECT count(*) AS n FROM esi_spent WHERE bucket = 'char-killmail:1'").fetchone()["n"] == 0
     assert set(ids) <= set(stored(conn))
     live_ids = set().union(*(sim.killmail_ids_for(p["character_id"]) for p in live))
     assert set(stored(conn)) == live_ids | set(ids)

@@ -6,6 +6,7 @@ one egress. The clock only moves when a call sleeps, so a window passes without 
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -82,8 +83,8 @@ def spent(conn, bucket: str, clock: Clock, window: int = 60) -> dict:
 # ------------------------------------------------------------------------------------------------ pure rules
 
 @pytest.mark.parametrize("value, parsed", [
-    ("3600/15m", (3600, 900)), ("600/1m", (600, 60)), ("30/15m", (30, 900)), ("150/1h", (150, 900)),
-    ("150/99999999h", (150, 900)),   # ESI's tokens come back within 15 minutes: no window is longer
+    ("3600/15m", (3600, 900)), ("600/1m", (600, 60)), ("30/15m", (30, 900)), ("150/1h", (150, 3600)),
+    ("150/99999999h", (150, 3600)),  # an absurd window would hold the bucket for years: at most an hour
     ("10/30s", (10, 30)), ("10/30", (10, 30)), (" 3600 / 15m ", (3600, 900)),
     (None, None), ("", None), ("junk", None), ("3600", None), ("3600/", None), ("/15m", None), ("0/15m", None),
     ("3600/0m", None), ("-30/15m", None), ("3600/15d", None), ("3600/15mm", None), ("3600/1.5m", None),
@@ -135,8 +136,8 @@ def test_a_pause_is_at_most_max_pause_and_an_unreadable_value_is_logged(caplog, 
         assert header in caplog.text and repr(value) in caplog.text
 
 
-def test_a_rate_limit_window_beyond_max_pause_is_logged(caplog):
-    assert parse_rate_limit("10/2h") == (10, MAX_PAUSE)
+def test_a_rate_limit_window_beyond_an_hour_is_logged(caplog):
+    assert parse_rate_limit("10/2h") == (10, limits.MAX_WINDOW)
     assert "X-Ratelimit-Limit" in caplog.text
 
 
@@ -244,19 +245,24 @@ def test_esi_counting_less_than_the_ledger_books_nothing(conn, process, clock):
 
 
 def test_a_killed_process_strands_its_calls_for_one_window_at_most(conn, process, clock):
+    """Its tokens come back a window after the calls were sent (ESI charged them on arrival); the errors they
+    might still have turned into are held until their deadline has passed, in case they were still on the way."""
     one = process()
     learn(one)
     for _ in range(40):
         one.take(DETAIL)                                   # sent, never answered: the process was killed
     one.close()
-    assert spent(conn, DETAIL, clock)["in_flight"] == 80
-    assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 40
-    clock.sleep(60)                                        # one window later they hold nothing
-    assert spent(conn, DETAIL, clock)["in_flight"] == spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 0
     later = process()
-    for _ in range(299):                                   # the whole bucket but the first call's 2 tokens
-        later.settle(later.take(DETAIL), 200, answer())
-    assert clock.waits == [60]
+    small = {"limit_tokens": 100, "window_seconds": 60}    # seen as a bucket of 100, the 40 calls fill it
+    clock.sleep(59)
+    assert later._take_once(DETAIL, small)[0] is None
+    clock.sleep(1)                                         # one window after they were sent: the tokens are back
+    assert later._take_once(DETAIL, small)[0] is not None
+    for _ in range(9):                                     # but 40 possible errors still hold the budget: 9 more
+        assert later._take_once("character", {})[0] is not None
+    assert later._take_once("character", {})[0] is None
+    clock.sleep(limits.REQUEST_DEADLINE + limits.HOLD_MARGIN - 60)
+    assert later._take_once("character", {})[0] is not None
 
 
 def test_a_stopping_process_ends_its_wait(conn, process, clock):
@@ -367,15 +373,39 @@ def test_until_a_bucket_is_known_one_call_goes_and_the_others_wait_for_its_answe
 def test_a_timeout_is_no_answer_and_a_bucket_without_a_limit_is_only_under_the_error_limit(conn, process, clock):
     shared = process()
     shared.settle(shared.take(DETAIL), 0, {})  # the first call timed out: it told nothing
-    shared.take(DETAIL)                        # so the next call asks again, without waiting
-    gone = threading.Event()
-    third = threading.Thread(target=lambda: (shared.take(DETAIL), gone.set()))
+    asking = shared.take(DETAIL)               # so the next call asks again, without waiting
+    taken = []
+    third = threading.Thread(target=lambda: taken.append(shared.take(DETAIL)))
     third.start()
-    assert not gone.wait(0.3)
     shared.settle(shared.take("character"), 200, {"X-ESI-Error-Limit-Remain": "99"})  # another route's answer
-    assert not gone.is_set()
-    ticket = limits.Ticket(DETAIL)
-    shared.settle(ticket, 200, {"X-ESI-Error-Limit-Remain": "100"})  # the detail answer: no rate-limit headers
-    assert gone.wait(5)
-    third.join()
-    assert spent(conn, DETAIL, clock)["in_flight"] == 0  # never counted against a limit it does not have
+    assert not taken
+    shared.settle(asking, 200, {"X-ESI-Error-Limit-Remain": "100"})  # the detail answer: no rate-limit headers
+    third.join(5)
+    assert len(taken) == 1 and taken[0].ledgers == [ERROR_LIMIT_BUCKET]  # never counted against a limit it lacks
+    assert spent(conn, DETAIL, clock)["in_flight"] == 0
+
+
+def test_a_first_call_that_never_goes_lets_the_next_one_ask(conn, process, clock, monkeypatch):
+    """The first call of an unknown bucket is paused (a 420 elsewhere): the process's next call must not wait
+    for an answer that will never come."""
+    monkeypatch.setattr(limits, "MAX_INLINE_WAIT", 5.0)
+    one, other = process(), process()
+    other.settle(other.take("character"), 420, {"X-ESI-Error-Limit-Reset": "50"})
+    with pytest.raises(Paused):
+        one.take(DETAIL)
+    began = time.monotonic()
+    with pytest.raises(Paused):   # at once, not after FIRST_ANSWER_WAIT
+        one.take(DETAIL)
+    assert time.monotonic() - began < limits.FIRST_ANSWER_WAIT / 2
+
+
+def test_a_settle_the_database_refuses_loses_no_answer(conn, process, clock, monkeypatch, caplog):
+    one = process()
+    ticket = one.take(DETAIL)
+
+    def refuse(*args, **kwargs):
+        raise db.psycopg.OperationalError("the server closed the connection")
+
+    monkeypatch.setattr(db, "settle_tokens", refuse)
+    one.settle(ticket, 200, answer())         # the caller keeps its answer
+    assert "could not settle" in caplog.text
