@@ -622,12 +622,11 @@ def take_tokens(conn, now: datetime | None, *, buckets: Sequence[str], costs: Se
 
 
 def settle_tokens(conn, now: datetime | None, *, ids: Sequence[int], buckets: Sequence[str],
-                  costs: Sequence[int], windows: Sequence[int], used: Sequence[int | None],
-                  before: Sequence[bool]) -> None:
+                  costs: Sequence[int], windows: Sequence[int], used: Sequence[int | None]) -> None:
     """Book what an answer cost in each of its buckets and end its in-flight rows (schema.sql's esi_settle);
     `used` is ESI's own count of a bucket where the answer gave it, to book what other apps spent."""
-    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[], %s::bool[])",
-                 (now, list(ids), list(buckets), list(costs), list(windows), list(used), list(before)))
+    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[])",
+                 (now, list(ids), list(buckets), list(costs), list(windows), list(used)))
 
 
 def prune_ledger(conn, *, older_than: int) -> int:

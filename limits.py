@@ -259,19 +259,18 @@ class SharedLimits:
         if limit and ticket.bucket not in ledgers:  # the call that found the bucket's limit spent from it too
             ledgers.append(ticket.bucket)
             windows.append(limit[1])
-        costs, used = [], []
-        for ledger in ledgers:
+        entries = []
+        for ledger, window in zip(ledgers, windows):
             if ledger == self.error_bucket:
-                costs.append(error_cost(status))
-                used.append(ERROR_LIMIT - errors_remain if errors_remain is not None else None)
+                used = ERROR_LIMIT - errors_remain if errors_remain is not None else None
+                entries.append((ledger, error_cost(status), window, used))
             else:
-                costs.append(answer_cost(status))
-                used.append(limit[0] - remaining if limit and remaining is not None and status != 429 else None)
-        order = sorted(range(len(ledgers)), key=ledgers.__getitem__)  # the locks' one order
+                used = limit[0] - remaining if limit and remaining is not None and status != 429 else None
+                entries.append((ledger, answer_cost(status), window, used))
+        entries.sort(key=lambda entry: entry[0])  # the locks' one order
         self._with_conn(lambda c: db.settle_tokens(
-            c, self._ledger_clock(), ids=ticket.ids, buckets=[ledgers[i] for i in order],
-            costs=[costs[i] for i in order], windows=[windows[i] for i in order], used=[used[i] for i in order],
-            before=[ledgers[i] == self.error_bucket for i in order]))
+            c, self._ledger_clock(), ids=ticket.ids, buckets=[e[0] for e in entries], costs=[e[1] for e in entries],
+            windows=[e[2] for e in entries], used=[e[3] for e in entries]))
 
     def _record(self, bucket: str, status: int, headers: Any, limit: tuple[int, int] | None,
                 remaining: int | None) -> None:

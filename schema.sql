@@ -193,14 +193,16 @@ CREATE TABLE IF NOT EXISTS esi_spent (
 );
 
 -- Calls sent and not yet answered, each holding what its answer may cost. A row left by a killed process stops
--- counting one window after it was sent.
-CREATE TABLE IF NOT EXISTS esi_in_flight (
+-- counting when its hold ends. Rows live for one call: unlogged (a database crash ends every call anyway) and
+-- vacuumed often, so that counting them never walks thousands of dead rows.
+CREATE UNLOGGED TABLE IF NOT EXISTS esi_in_flight (
     id      BIGSERIAL PRIMARY KEY,
     bucket  TEXT NOT NULL,
     sent_at TIMESTAMPTZ NOT NULL,
     tokens  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS esi_in_flight_bucket ON esi_in_flight (bucket, sent_at);
+ALTER TABLE esi_in_flight SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
 
 -- Take what one call may cost from each of its buckets, all or nothing, under each bucket's advisory lock (taken
 -- in the order given; callers sort the names): so that the check and the spend are one step for every process
@@ -267,20 +269,22 @@ BEGIN
     SELECT array_agg(id) INTO ids FROM taken;
 END $$;
 
--- Settle a call: its in-flight rows go, and what the answer cost is spent in the second after the answer. Where
--- ESI's answer said how much of a bucket is used (`p_used`, its limit minus its remaining count, null where not
--- said), whatever ESI counts beyond this ledger is spent by someone else: booked as `other`. Our calls still in
--- flight count as ours, spent: only what is sure to be another app's is booked; where `p_before`, only the calls
--- taken before this one (the later ones may not have reached ESI: for the error budget, better booked twice).
+-- Settle answered calls, one or a batch: their in-flight rows go, and what each answer cost is spent in the second
+-- after the settling (never earlier than the answer). Entries are (bucket, cost, window, used), sorted by bucket
+-- (the locks' order), each call's in the order answered. Where an answer said how much of a bucket ESI counts
+-- (`used`, its limit minus its remaining count, null where not said), whatever ESI counts beyond this ledger is
+-- spent by someone else: booked as `other`, from the last such answer of each bucket, once every cost of the
+-- batch is booked. Our calls still in flight count as ours, spent: only what is sure to be another app's is
+-- booked.
 CREATE OR REPLACE FUNCTION esi_settle(p_now TIMESTAMPTZ, p_ids BIGINT[], p_buckets TEXT[], p_costs INTEGER[],
-                                      p_windows INTEGER[], p_used INTEGER[], p_before BOOLEAN[])
+                                      p_windows INTEGER[], p_used INTEGER[])
 RETURNS VOID LANGUAGE plpgsql AS $$
 DECLARE
     now_ TIMESTAMPTZ;
     since TIMESTAMPTZ;
     second_after TIMESTAMPTZ;
-    first_id BIGINT := coalesce((SELECT min(x) FROM unnest(p_ids) AS x), 0);
     counted BIGINT;
+    seen TEXT[] := '{}';
 BEGIN
     FOR i IN 1 .. cardinality(p_buckets) LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_buckets[i], 0));
@@ -288,22 +292,20 @@ BEGIN
     now_ := coalesce(p_now, clock_timestamp());
     second_after := to_timestamp(ceil(extract(epoch FROM now_)));
     DELETE FROM esi_in_flight WHERE id = ANY(p_ids);
-    FOR i IN 1 .. cardinality(p_buckets) LOOP
-        IF p_costs[i] > 0 THEN
-            INSERT INTO esi_spent (bucket, second, own) VALUES (p_buckets[i], second_after, p_costs[i])
-            ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
-        END IF;
-        IF p_used[i] IS NOT NULL THEN
-            since := now_ - make_interval(secs => p_windows[i]);
-            SELECT coalesce(sum(own + other), 0) INTO counted FROM esi_spent
-                WHERE bucket = p_buckets[i] AND second > since;
-            counted := counted + (SELECT coalesce(sum(tokens), 0) FROM esi_in_flight
-                                  WHERE bucket = p_buckets[i] AND (NOT p_before[i] OR id < first_id));
-            IF p_used[i] > counted THEN
-                INSERT INTO esi_spent (bucket, second, other)
-                VALUES (p_buckets[i], second_after, p_used[i] - counted)
-                ON CONFLICT (bucket, second) DO UPDATE SET other = esi_spent.other + EXCLUDED.other;
-            END IF;
+    INSERT INTO esi_spent (bucket, second, own)
+        SELECT b, second_after, sum(c) FROM unnest(p_buckets, p_costs) AS t (b, c) WHERE c > 0 GROUP BY b
+    ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
+    FOR i IN REVERSE cardinality(p_buckets) .. 1 LOOP
+        CONTINUE WHEN p_used[i] IS NULL OR p_buckets[i] = ANY(seen);
+        seen := seen || p_buckets[i];
+        since := now_ - make_interval(secs => p_windows[i]);
+        SELECT coalesce(sum(own + other), 0) INTO counted FROM esi_spent
+            WHERE bucket = p_buckets[i] AND second > since;
+        counted := counted + (SELECT coalesce(sum(tokens), 0) FROM esi_in_flight WHERE bucket = p_buckets[i]);
+        IF p_used[i] > counted THEN
+            INSERT INTO esi_spent (bucket, second, other)
+            VALUES (p_buckets[i], second_after, p_used[i] - counted)
+            ON CONFLICT (bucket, second) DO UPDATE SET other = esi_spent.other + EXCLUDED.other;
         END IF;
     END LOOP;
 END $$;

@@ -206,9 +206,8 @@ def take(conn, now, bucket="killmail", limit=20, window=60):
                           floors=[0], reserves=[0], headroom=[0], frees=[2], poll=0.05)
 
 
-def settle(conn, now, ids, *, cost=2, used=None, before=False):
-    db.settle_tokens(conn, now, ids=ids, buckets=["killmail"], costs=[cost], windows=[60], used=[used],
-                     before=[before])
+def settle(conn, now, ids, *, cost=2, used=None):
+    db.settle_tokens(conn, now, ids=ids, buckets=["killmail"], costs=[cost], windows=[60], used=[used])
 
 
 def test_take_tokens_is_one_step_for_every_session(conn, database_url):
@@ -246,13 +245,6 @@ def test_settle_tokens_books_what_esi_counts_beyond_the_ledger(conn):
     assert db.ledger_spent(conn, "killmail", NOW, window=60) == {"own": 2, "other": 46, "in_flight": 2}
     settle(conn, NOW, flying, used=50)       # ESI's count has not moved: both of ours were in it, nothing more
     assert db.ledger_spent(conn, "killmail", NOW, window=60)["other"] == 46
-
-
-def test_settle_tokens_before_counts_only_the_calls_taken_earlier(conn):
-    """For the error budget: a call taken after this one may not have reached ESI when it answered."""
-    (first, _), (later, _) = take(conn, NOW), take(conn, NOW)
-    settle(conn, NOW, first, cost=0, used=10, before=True)
-    assert db.ledger_spent(conn, "killmail", NOW, window=60) == {"own": 0, "other": 10, "in_flight": 2}
 
 
 def test_take_tokens_on_the_database_clock_and_prune(conn):
