@@ -39,6 +39,7 @@ MAX_WINDOW = 3600          # the longest rate-limit window believed
 HOLD_MARGIN = 10           # seconds past a call's deadline that its possible error is still held
 POLL = 0.05                # seconds before asking again when calls in flight may give tokens back
 MAX_INLINE_WAIT = 30.0     # a longer wait fails the job into the retry queue rather than holding a process
+STOP_WAIT = 10.0           # a stopping process still waits this long for tokens to finish its jobs
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared pauses and limits
 RECHECK = 1.0              # a call waiting for tokens looks at the pauses at least this often
 FIRST_ANSWER_WAIT = 20.0   # at most this long a call waits for the first answer of a bucket whose limit is unknown
@@ -201,7 +202,7 @@ class SharedLimits:
             if waited == 0.0 and wait > POLL:
                 log.info("ESI limits: %s spent, %.1f s until its tokens come back", bucket, wait)
             # Never longer than the state's life: a 420 or 429 seen elsewhere meanwhile holds this call back.
-            self._nap(min(wait, RECHECK), bucket)
+            self._nap(min(wait, RECHECK), bucket, left=wait)
             waited += wait
             state = self._read(keys)
 
@@ -225,11 +226,14 @@ class SharedLimits:
             return None, wait
         return Ticket(bucket, ids, [p.bucket for p in spends], [p.window for p in spends]), 0.0
 
-    def _nap(self, seconds: float, bucket: str) -> None:
-        """Sleep; a stop of the process (the `stopping` event set) ends the sleep with Paused."""
-        if self._stopping is None:
+    def _nap(self, seconds: float, bucket: str, *, left: float) -> None:
+        """Sleep. A stopping process (the `stopping` event set) finishes its jobs: it sleeps through a short wait
+        (`left` seconds in all) and ends a long one with Paused, so that job goes to the retry queue."""
+        if self._stopping is not None and self._stopping.is_set() and left > STOP_WAIT:
+            raise Paused(f"{bucket}: the process is stopping", bucket=bucket, until=self._clock())
+        if self._stopping is None or self._stopping.is_set():
             self._sleep(seconds)
-        elif self._stopping.wait(seconds):
+        elif self._stopping.wait(seconds) and left - seconds > STOP_WAIT:
             raise Paused(f"{bucket}: the process is stopping", bucket=bucket, until=self._clock())
 
     def settle(self, ticket: Ticket, status: int, headers: Any) -> None:
@@ -333,7 +337,7 @@ class SharedLimits:
         if wait > MAX_INLINE_WAIT:
             raise Paused(f"{bucket} paused until {until.isoformat()}", bucket=bucket, until=until)
         log.info("ESI limits: %s paused for %.1f s", bucket, wait)
-        self._nap(wait, bucket)
+        self._nap(wait, bucket, left=wait)
         return True
 
     def _read(self, keys: list[str]) -> list[dict]:

@@ -271,10 +271,22 @@ def test_a_stopping_process_ends_its_wait(conn, process, clock):
     learn(one)
     for _ in range(299):
         one.settle(one.take(DETAIL), 200, answer())
-    stopping.set()                                        # SIGTERM: a call waiting for tokens gives up at once
+    stopping.set()                                        # SIGTERM: a call facing a long wait gives up at once
     with pytest.raises(Paused, match="stopping"):
         one.take(DETAIL)
     assert clock.waits == []
+
+
+def test_a_stopping_process_still_waits_out_a_short_wait(conn, process, clock):
+    stopping = threading.Event()
+    one = process(stopping=stopping)
+    learn(one)
+    for _ in range(299):
+        one.settle(one.take(DETAIL), 200, answer())
+    clock.sleep(60.75 - limits.STOP_WAIT / 2)             # the first tokens are back in half the stop's wait
+    stopping.set()
+    one.take(DETAIL)                                      # so the job finishes rather than going to the retry queue
+    assert sum(clock.waits) == pytest.approx(60.75)
 
 
 # ------------------------------------------------------------------------------------------------ error budget
