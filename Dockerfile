@@ -3,6 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
+# The top level's modules only: the ESI simulator and the demo live in devtools/ and never ship.
 COPY *.py schema.sql gunicorn.conf.py ./
 COPY templates ./templates
 RUN useradd --system --uid 10001 killmail

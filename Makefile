@@ -6,11 +6,11 @@ STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt |
 .PHONY: demo demo-serve test test-faults bench screenshot services clean
 
 demo: $(STAMP)
-	$(PYTHON) demo.py
+	$(PYTHON) devtools/demo.py
 
 # The demo kept running until Ctrl-C, with the status app's /login to add simulated pilots in a browser.
 demo-serve: $(STAMP)
-	$(PYTHON) demo.py --serve
+	$(PYTHON) devtools/demo.py --serve
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -21,8 +21,9 @@ import pika
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT / "devtools", ROOT):  # the simulator, and the project's modules (first on the path)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import broker  # noqa: E402
 import db  # noqa: E402

@@ -17,7 +17,8 @@ import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+DEVTOOLS = ROOT / "devtools"
+sys.path[:0] = [str(ROOT), str(DEVTOOLS)]  # the project's modules, and the simulator beside the demo
 
 import broker  # noqa: E402
 import db  # noqa: E402

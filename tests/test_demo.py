@@ -23,7 +23,7 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 def test_demo_serve_serves_status_and_login_until_ctrl_c():
     name, queue, port = f"killmails_test_demo_{uuid.uuid4().hex[:8]}", f"test_demo_{uuid.uuid4().hex[:8]}", free_port()
     env = dict(os.environ, DEMO_DATABASE_NAME=name, DEMO_SERVE_QUEUE_NAME=queue, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "demo.py", "--serve", "--port", str(port)], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "devtools/demo.py", "--serve", "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         printed = []

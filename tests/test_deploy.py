@@ -13,6 +13,18 @@ from conftest import ROOT
 DEPLOY = ROOT / "deploy"
 
 
+def test_image_copies_production_files_only():
+    copied = set()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            for pattern in line.split()[1:-1]:
+                copied.update(path.relative_to(ROOT).as_posix() for path in ROOT.glob(pattern))
+    assert {"killmail_worker.py", "queue_killmails.py", "status_app.py", "schema.sql"} <= copied
+    assert not {name for name in copied if name.startswith(("devtools", "tests", "bench"))}
+    assert not {"esi_simulator.py", "demo.py"} & copied
+    assert "devtools" in (ROOT / ".dockerignore").read_text().split()
+
+
 def test_compose_file_has_services_and_workers():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]

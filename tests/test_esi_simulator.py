@@ -608,7 +608,7 @@ def test_control_api(esi):
 
 
 def test_cli_runs_until_sigterm():
-    command = [sys.executable, "esi_simulator.py", "--port", "0", "--pilots", "3", "--killmails", "10"]
+    command = [sys.executable, "devtools/esi_simulator.py", "--port", "0", "--pilots", "3", "--killmails", "10"]
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stderr.readline()  # the one start line, logged once the server listens

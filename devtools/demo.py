@@ -23,10 +23,14 @@ from pathlib import Path
 import pika
 import psycopg
 
-import db
-from esi_simulator import Simulator
+# Run as `python devtools/demo.py`: this folder is on sys.path already; the project's modules are one level up.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-ROOT = Path(__file__).resolve().parent
+import db  # noqa: E402
+from esi_simulator import Simulator  # noqa: E402
+
 ADMIN_URL = os.environ.get("DEMO_ADMIN_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
 DEMO_DB = os.environ.get("DEMO_DATABASE_NAME", "killmails_demo")
 RABBITMQ_URL = os.environ.get("DEMO_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")

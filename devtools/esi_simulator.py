@@ -2,7 +2,7 @@
 
 It serves the killmail routes, the public character route and the SSO token endpoint over real HTTP, with ESI's
 caching (Expires, ETag, 304), paging, error limit (420) and token-bucket rate limit (429), rotating refresh tokens,
-and injectable faults, following ../shared/esi/ESI.md. Where ESI leaves a choice open, the simulator answers:
+and injectable faults, following ../../shared/esi/ESI.md. Where ESI leaves a choice open, the simulator answers:
 - a missing, unknown, superseded or expired Bearer token: 401; a token of another character, a missing scope or
   the missing Director role: 403;
 - a page past the last one: 404 "Requested page does not exist!" (still with X-Pages); an unknown killmail id:
