@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo demo-serve test test-faults bench screenshot services clean
+.PHONY: demo demo-serve test lint test-faults bench screenshot services clean
 
 demo: $(STAMP)
 	$(PYTHON) devtools/demo.py
@@ -14,6 +14,10 @@ demo-serve: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
+
+# ruff, configured in pyproject.toml, on the whole tree.
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
 
 test-faults: $(STAMP)
 	$(PYTHON) -m pytest -q tests/faults

@@ -10,7 +10,7 @@ import json
 import random
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pika
@@ -131,7 +131,7 @@ def decode_job(body: bytes) -> Job:
 def new_job(character_id: int, character_name: str | None, *, corporation_id: int | None = None,
             full: bool = False, now: datetime | None = None) -> Job:
     """A job stamped with the time it was queued."""
-    stamp = (now or datetime.now(timezone.utc)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    stamp = (now or datetime.now(UTC)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return Job(character_id, character_name, stamp, corporation_id, full)
 
 

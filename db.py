@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -486,7 +487,7 @@ def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
     """
     if not killmails:
         return []
-    columns = list(zip(*(k.row for k in killmails)))
+    columns = list(zip(*(k.row for k in killmails), strict=True))
     # Every array is bound in binary (%b): in text, each quote of each raw body would be escaped in Python.
     inserted = conn.execute(
         f"""
@@ -560,7 +561,7 @@ def add_esi_calls(conn, counts: dict[tuple[str, int], int]) -> None:
     """Add a job's ESI calls, by route group and status, to the running totals."""
     if not counts:
         return
-    groups, statuses, calls = zip(*((g, s, n) for (g, s), n in sorted(counts.items())))
+    groups, statuses, calls = zip(*((g, s, n) for (g, s), n in sorted(counts.items())), strict=True)
     conn.execute(
         """
         INSERT INTO esi_calls (route_group, status, calls)

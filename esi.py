@@ -10,11 +10,12 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import requests
@@ -200,7 +201,7 @@ def parse_http_date(value: str | None) -> datetime | None:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def cache_lifetime(headers: Any) -> float | None:
@@ -208,7 +209,7 @@ def cache_lifetime(headers: Any) -> float | None:
     expires = parse_http_date(headers.get("Expires"))
     if expires is None:
         return None
-    date = parse_http_date(headers.get("Date")) or datetime.now(timezone.utc)
+    date = parse_http_date(headers.get("Date")) or datetime.now(UTC)
     return max(0.0, (expires - date).total_seconds())
 
 

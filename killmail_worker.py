@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 
 import pika
@@ -225,7 +225,7 @@ class Child:
                 self.ensure_db()
                 # The clock is read once PostgreSQL answers: minutes spent waiting for it must not age the job's
                 # `now` (token expiry, list Expires, claims) nor its started_at.
-                now = result.started_at = datetime.now(timezone.utc)
+                now = result.started_at = datetime.now(UTC)
                 if job.corporation_id is not None:
                     result = sync.sync_corporation(self.conn, self.esi, job.corporation_id, job.character_id, now,
                                                    options=options)
@@ -259,7 +259,7 @@ class Child:
             return
         self.swept_at = time.monotonic()
         try:
-            sync.sweep_stranded(self.conn, self.esi, datetime.now(timezone.utc), self.sync_options())
+            sync.sweep_stranded(self.conn, self.esi, datetime.now(UTC), self.sync_options())
             db.prune_ledger(self.conn, older_than=LEDGER_KEEP)  # buckets nobody calls any more
             self.conn.commit()
         except psycopg.OperationalError as exc:
@@ -321,7 +321,7 @@ class Child:
             broker.publish(channel, broker.dead_queue(self.settings.queue_name), body,
                            priority=priority, message_id=properties.message_id,
                            headers={broker.ATTEMPT_HEADER: attempt, "x-death-reason": outcome.reason[:500],
-                                    "x-failed-at": datetime.now(timezone.utc).isoformat()})
+                                    "x-failed-at": datetime.now(UTC).isoformat()})
 
     def ensure_db(self) -> None:
         """Open the job connection if there is none, retrying with backoff until PostgreSQL answers."""

@@ -18,9 +18,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import db
 from esi import MAX_PAUSE, REQUEST_DEADLINE, SSO_BUCKET, Paused
@@ -142,7 +143,7 @@ class SharedLimits:
         self._stopping = stopping
         self._conn = None
         self._lock = threading.Lock()
-        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._clock = clock or (lambda: datetime.now(UTC))
         # The ledger runs on the database's clock, one for every host (None), unless a test gives one.
         self._ledger_clock = clock or (lambda: None)
         self._sleep = sleep

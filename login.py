@@ -17,7 +17,7 @@ import logging
 import secrets
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlparse
 
@@ -93,7 +93,7 @@ def login_blueprint(sources: Sources) -> Blueprint:
 
     @blueprint.get("/login")
     def login():
-        settings, now = sources.settings, datetime.now(timezone.utc)
+        settings, now = sources.settings, datetime.now(UTC)
         scopes = sso.login_scopes(corporation=request.args.get("corporation", "") in ("1", "true", "yes"))
         state, (verifier, challenge) = secrets.token_urlsafe(32), sso.pkce_pair()
         try:
@@ -141,7 +141,7 @@ def login_blueprint(sources: Sources) -> Blueprint:
 
 def complete_login(sources: Sources, client: sso.SsoClient, args: Any, cookie: str | None) -> Added:
     """The callback's steps, in order; a LoginError at any step leaves `users` as it was."""
-    settings, now = sources.settings, datetime.now(timezone.utc)
+    settings, now = sources.settings, datetime.now(UTC)
     try:
         with sources.connection() as conn:
             started = take_state(conn, args, cookie, now)

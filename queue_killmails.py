@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pika.exceptions
 import psycopg
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     log.info("📡 Queueing users for killmail sync...")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         conn = db.connect(settings.database_url)
     except psycopg.OperationalError as exc:

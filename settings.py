@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import re
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Mapping
 from urllib.parse import urlparse
 from urllib.request import proxy_bypass_environment
 

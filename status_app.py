@@ -12,7 +12,7 @@ import argparse
 import hmac
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -47,7 +47,7 @@ class UtcJsonProvider(DefaultJSONProvider):
 
 def iso_utc(moment: datetime) -> str:
     """An aware time as UTC ISO 8601 with a Z."""
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def ago(moment: datetime | None, now: datetime) -> str:
@@ -153,12 +153,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.get("/health")
     def health():
         deep = request.args.get("deep", "").lower() in ("1", "true", "yes")
-        body, code = check_health(sources, deep=deep, now=datetime.now(timezone.utc))
+        body, code = check_health(sources, deep=deep, now=datetime.now(UTC))
         return jsonify(body), code
 
     @app.get("/status")
     def status():
-        now, as_json = datetime.now(timezone.utc), wants_json(request)
+        now, as_json = datetime.now(UTC), wants_json(request)
         queue = queue_state(sources.settings)  # before taking a connection, which is not held meanwhile
         report, error, code = None, None, 200
         try:
@@ -210,7 +210,7 @@ def register_api(app: Flask, sources: Sources) -> None:
             if not db.user_exists(conn, character_id):
                 return jsonify(success=False, message=f"no user with character id {character_id}"), 404
             try:
-                _, message = queue_one_now(conn, sources.settings, character_id, datetime.now(timezone.utc))
+                _, message = queue_one_now(conn, sources.settings, character_id, datetime.now(UTC))
             except (BrokerUnavailable, broker.NotDelivered) as exc:
                 return jsonify(success=False, message=str(exc)), 503
         return jsonify(success=True, message=message)

@@ -10,9 +10,10 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -189,7 +190,7 @@ class StatusCollector:
                                labels=["component"])
         try:
             with self.sources.connection() as conn:
-                families = list(database_metrics(conn, settings, datetime.now(timezone.utc)))
+                families = list(database_metrics(conn, settings, datetime.now(UTC)))
             up.add_metric(["database"], 1)
         except psycopg.Error as exc:
             log.warning("metrics: database unavailable: %s", describe(exc))

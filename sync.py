@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 
 import db
 import esi as esi_errors
@@ -70,7 +70,7 @@ class SyncOptions:
     full: bool = False
     attempt: int = 1
     worker: str | None = None
-    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
 def needs_refresh(expires_at: datetime | None, now: datetime) -> bool:
@@ -374,7 +374,7 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
     stop: esi_errors.EsiError | None = None
     fetched: list[Killmail] = []
     batch_started = time.monotonic()
-    refs = dict(zip(futures, claimed))
+    refs = dict(zip(futures, claimed, strict=True))
     # Each future lands here once when it ends (fetched, failed or cancelled): one put per fetch, where waiting
     # on the set of pending futures again after each arrival would cost a pass over all of them.
     arrived: queue.SimpleQueue = queue.SimpleQueue()
@@ -482,7 +482,7 @@ def record_failed_run(conn, esi: EsiClient, result: SyncResult, error: str, *, s
     """Record a run that did not sync: failed (it will be retried or dead-lettered), or skipped as locked."""
     result.status, result.error = status, error[:2000]
     # A run that failed under its lock ended there (sync stamped it); one that never ran ends now.
-    result.finished_at = result.finished_at or datetime.now(timezone.utc)
+    result.finished_at = result.finished_at or datetime.now(UTC)
     calls = esi.take_calls()
     result.esi_calls = sum(calls.values())
     db.add_esi_calls(conn, calls)
@@ -514,7 +514,7 @@ def _job_error(what: str, exc: esi_errors.EsiError) -> JobError:
     elif isinstance(exc, esi_errors.ErrorLimited):
         error.retry_after = exc.reset
     elif isinstance(exc, esi_errors.Paused):
-        error.retry_after = max(0.0, (exc.until - datetime.now(timezone.utc)).total_seconds())
+        error.retry_after = max(0.0, (exc.until - datetime.now(UTC)).total_seconds())
     elif isinstance(exc, esi_errors.InvalidClient):
         error.retry_after = esi_errors.INVALID_CLIENT_PAUSE  # the SSO pause every process now keeps
     return error

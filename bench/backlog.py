@@ -9,6 +9,7 @@ stored in PostgreSQL per minute, and the workers are then stopped.
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 
 import harness
 from results import Figure
@@ -39,7 +40,7 @@ def run() -> tuple[list[Figure], dict]:
     (t0, stored0, tokens0), (t1, stored1, tokens1) = series[0], series[-1]
     per_min = (stored1 - stored0) / (t1 - t0) * 60
     served_per_min = (tokens1 - tokens0) / 2 / (t1 - t0) * 60
-    steps = [round((b[1] - a[1]) / (b[0] - a[0]) * 60) for a, b in zip(series, series[1:])]
+    steps = [round((b[1] - a[1]) / (b[0] - a[0]) * 60) for a, b in pairwise(series)]
     share = per_min / CEILING_PER_MIN
     data = {"world": WORLD, "bucket": BUCKET, "workers": WORKERS, "children": CHILDREN, "warm_up_s": WARM_UP,
             "window_s": round(t1 - t0, 1), "stored_in_window": stored1 - stored0,

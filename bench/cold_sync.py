@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import harness
 from results import Figure
@@ -59,7 +59,7 @@ def run() -> tuple[list[Figure], dict]:
 
 
 def cold_sync(lab: harness.Lab) -> tuple[dict, list[Figure]]:
-    minimum = minimum_calls(lab.sim, datetime.now(timezone.utc))
+    minimum = minimum_calls(lab.sim, datetime.now(UTC))
     clock = time.monotonic()
     peaks: dict[int, float] = {}
     for _ in ("pilots", "corporations"):

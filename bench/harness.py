@@ -11,11 +11,11 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pika
 import psycopg
@@ -102,9 +102,9 @@ class Worker:
         """Wait for the worker to exit by itself (burst mode); BenchError if it does not in time or fails."""
         try:
             code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             self.kill()
-            raise BenchError(f"worker {self.pid} still running after {timeout:.0f} s (log: {self.log_path})")
+            raise BenchError(f"worker {self.pid} still running after {timeout:.0f} s (log: {self.log_path})") from exc
         self._log.close()
         if code != 0:
             raise BenchError(f"worker exited with {code} (log: {self.log_path})")
@@ -151,7 +151,7 @@ class MemoryWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
 
-    def __enter__(self) -> "MemoryWatch":
+    def __enter__(self) -> MemoryWatch:
         self._thread.start()
         return self
 

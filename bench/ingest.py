@@ -9,11 +9,11 @@ import json
 import multiprocessing
 import time
 
-import harness
 import db
+import harness
 import sync
-from killmail_model import parse_killmail
 from esi_simulator import Simulator
+from killmail_model import parse_killmail
 from results import Figure, median
 
 BATCH_KILLMAILS = 4000

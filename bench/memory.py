@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import harness
 from results import Figure
@@ -123,7 +123,7 @@ def soak(lab: harness.Lab, until: float, gate: Gate) -> int:
             lab.make_due()
             runs = lab.count("SELECT count(*) FROM sync_runs")
             lab.run_producer(prefetch=1)
-            harness.wait_until(lambda: harness.queue_depth(lab.queue) == 0 and
+            harness.wait_until(lambda runs=runs: harness.queue_depth(lab.queue) == 0 and
                                lab.count("SELECT count(*) FROM sync_runs") > runs, timeout=120,
                                what="a round's jobs")
         rounds += 1

@@ -34,7 +34,7 @@ def format_table(figures: list[Figure]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
-        lines.append(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        lines.append(" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
         if n == 0:
             lines.append("-+-".join("-" * width for width in widths))
     return "\n".join(lines)

@@ -16,10 +16,12 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-import harness  # first: puts the project root on sys.path
+import harness  # first: puts the project root and devtools/ on sys.path
+
+# isort: split
 import backlog
 import cold_sync
 import error_storm
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"❌ {problem}", file=sys.stderr)
         return 2
-    started, clock = datetime.now(timezone.utc), time.monotonic()
+    started, clock = datetime.now(UTC), time.monotonic()
     figures: list[Figure] = []
     details: dict = {}
     timings: dict[str, float] = {}

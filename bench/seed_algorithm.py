@@ -46,7 +46,7 @@ class Tally:
     failed: int = 0
     esi_calls: int = 0
 
-    def add(self, other: "Tally") -> None:
+    def add(self, other: Tally) -> None:
         """Sum another tally into this one."""
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import pairwise
 
 import harness
 from results import Figure
@@ -107,7 +108,7 @@ def drain(name: str, *, workers: int, world: dict, background_share: float = 0.0
             worker.kill()  # nothing is measured after this
     end = done if done is not None else samples[-1][0]
     windows = [{"ours": b[1] - a[1], "other": b[2] - a[2], "left": limit - (b[2] - a[2])}
-               for a, b in zip(samples, samples[1:])]
+               for a, b in pairwise(samples)]
     steady = [w for k, w in enumerate(windows) if k >= 1 and first + (k + 1) * window <= stats["last_detail_at"]]
     left = sum(w["left"] for w in steady)
     return {"world": world, "bucket": BUCKET, "workers": workers, "children": CHILDREN,

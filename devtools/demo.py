@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pika
@@ -113,7 +113,7 @@ def run_once() -> int:
                EVE_CLIENT_SECRET=CLIENT_SECRET, ESI_USER_AGENT="killmail-worker-demo/1.0 (demo@example.org)",
                PYTHONUNBUFFERED="1")
     print(f"🛰️  ESI simulator at {base_url}: {len(pilots)} pilots, "
-          f"{sum(1 for p in pilots if p['expires_at'] <= datetime.now(timezone.utc))} with expired access tokens, "
+          f"{sum(1 for p in pilots if p['expires_at'] <= datetime.now(UTC))} with expired access tokens, "
           f"{sum(1 for p in pilots if p['revoked'])} revoked")
     started = time.monotonic()
     producer = subprocess.run([sys.executable, "queue_killmails.py"], cwd=ROOT, env=env)
@@ -196,7 +196,8 @@ def summarize(url: str, sim: Simulator, pilots: list[dict], stats: dict, codes: 
     synced = by_status.get("ok", 0) + by_status.get("partial", 0)
     missing = expected - stored
     print("━" * 60)
-    print(f"📊 Users synced: {synced} of {len(pilots)} (needing a new login: {relogin['n']}); runs by status: {by_status}")
+    print(f"📊 Users synced: {synced} of {len(pilots)} (needing a new login: {relogin['n']}); "
+          f"runs by status: {by_status}")
     print(f"📊 Killmails saved: {len(stored)} of {len(expected)} expected, {attackers} attackers, {items} items; "
           f"missing: {len(missing)}")
     print(f"📊 ESI calls made: {stats['requests']} ({stats['by_route']}), duplicate detail fetches: "

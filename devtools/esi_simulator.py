@@ -32,14 +32,15 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from email.utils import formatdate, parsedate_to_datetime
-from http import HTTPStatus
-from io import BytesIO
 from functools import lru_cache
 from html import escape
-from typing import Any, Callable, Iterable, Sequence
+from http import HTTPStatus
+from io import BytesIO
+from typing import Any
 from urllib.parse import unquote_to_bytes, urlencode
 
 import jwt
@@ -452,7 +453,7 @@ class Simulator:
             return [{
                 "character_id": p.character_id, "character_name": p.name, "corporation_id": p.corporation_id,
                 "access_token": p.access_token, "refresh_token": p.refresh_token,
-                "expires_at": datetime.fromtimestamp(p.expires_at, timezone.utc), "revoked": p.revoked,
+                "expires_at": datetime.fromtimestamp(p.expires_at, UTC), "revoked": p.revoked,
                 "scopes": " ".join(p.scopes),
             } for p in self._pilots.values()]
 
@@ -469,7 +470,7 @@ class Simulator:
     def now(self) -> datetime:
         """The simulator's clock (real time plus everything advance() added), as an aware UTC datetime."""
         with self._lock:
-            return datetime.fromtimestamp(self._now(), timezone.utc)
+            return datetime.fromtimestamp(self._now(), UTC)
 
     def expected_killmails(self, valid_only: bool = True, *, corporations: bool = False) -> dict[int, dict]:
         """Bodies a correct worker ends up storing: killmails of pilots with a valid grant, malformed ones left out.
@@ -1097,7 +1098,7 @@ def make_killmail_body(rng: random.Random, killmail_id: int, when: int, victim: 
                        attackers: list[Pilot], alliances: dict[int, int | None]) -> dict:
     """A killmail shaped like samples/killmail_134265477.json, with the awkward cases ESI really produces."""
     body: dict[str, Any] = {"killmail_id": killmail_id, "solar_system_id": rng.randint(30_000_001, 30_005_000),
-                            "killmail_time": datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+                            "killmail_time": datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if rng.random() < 0.05:
         body["moon_id"] = rng.randint(40_000_001, 40_400_000)
     if rng.random() < 0.05:

@@ -24,10 +24,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     queue = f"screenshot_{uuid.uuid4().hex[:10]}"
     with throwaway_database() as url:
         with db.connect(url) as conn:
-            seed_status_rows(conn, datetime.now(timezone.utc))
+            seed_status_rows(conn, datetime.now(UTC))
         fill_queues(queue, max_attempts=8, waiting=3, retrying=1, dead=1)
         try:
             with serve(status_env(url, queue=queue)) as base:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pika
 import pytest
@@ -11,7 +11,6 @@ from pika.exceptions import NackError, UnroutableError
 
 import broker
 from broker import BadMessage, Job, NotDelivered, decode_job, encode_job, new_job, retry_delay
-
 
 # ------------------------------------------------------------------------------------------------ messages
 
@@ -69,7 +68,7 @@ def test_bad_message_is_a_value_error():
 
 
 def test_new_job_is_stamped_in_utc_milliseconds():
-    now = datetime(2026, 11, 29, 12, 34, 56, 789123, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 29, 12, 34, 56, 789123, tzinfo=UTC)
     assert new_job(42, "Pilot", now=now) == Job(42, "Pilot", "2026-11-29T12:34:56.789Z")
     assert new_job(42, "Pilot", corporation_id=77, full=True, now=now).kind == "corporation"
 

@@ -5,7 +5,7 @@ import json
 import re
 import socket
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -16,7 +16,7 @@ from conftest import wait_until
 from killmail_model import parse_killmail
 
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
-NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
 def add_user(conn, character_id, **columns):
@@ -145,10 +145,12 @@ def test_refs_pending_claimed_once_and_failures_bounded(conn, database_url):
     # The claiming process is gone (its connection closed): its claim on 10 is void at once.
     assert [r["killmail_id"] for r in db.claim_refs(conn, [10], NOW, seconds=600)] == [10]
     db.record_ref_failure(conn, 10, "InvalidHash: 422", NOW, permanent=True, max_attempts=3)
-    assert [r["killmail_id"] for r in db.pending_refs(conn, "character", 1, NOW + timedelta(days=1), max_attempts=3)] == [11]
+    pending = db.pending_refs(conn, "character", 1, NOW + timedelta(days=1), max_attempts=3)
+    assert [r["killmail_id"] for r in pending] == [11]
     db.record_ref_failure(conn, 11, "ServerError", NOW, permanent=False, max_attempts=3)
     assert db.pending_refs(conn, "character", 1, NOW, max_attempts=3) == []
-    assert [r["killmail_id"] for r in db.pending_refs(conn, "character", 1, NOW + timedelta(minutes=2), max_attempts=3)] == [11]
+    pending = db.pending_refs(conn, "character", 1, NOW + timedelta(minutes=2), max_attempts=3)
+    assert [r["killmail_id"] for r in pending] == [11]
 
 
 def test_save_killmails_stores_everything_once(conn):

@@ -70,6 +70,6 @@ def test_systemd_units_parse(unit):
 
 
 def test_crontab_line_runs_the_producer():
-    lines = [l for l in (DEPLOY / "crontab").read_text().splitlines() if l and not l.startswith("#")]
+    lines = [line for line in (DEPLOY / "crontab").read_text().splitlines() if line and not line.startswith("#")]
     assert len(lines) == 1 and lines[0].split()[:5] == ["*/5", "*", "*", "*", "*"]
     assert "queue_killmails.py" in lines[0]

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import json
+import random
 import socket
 import threading
 import time
-import dataclasses
-import random
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import parse_qs
 
 import pytest
@@ -20,9 +20,25 @@ from responses import matchers
 
 import db
 import esi
-from esi import (BadRequest, EsiClient, ErrorLimited, Forbidden, InvalidClient, InvalidGrant, InvalidHash,
-                 KillmailList, MalformedResponse, NotFound, NotModified, Paused, RateLimited, ServerError, SsoError,
-                 TokenGrant, Unauthorized)
+from esi import (
+    BadRequest,
+    ErrorLimited,
+    EsiClient,
+    Forbidden,
+    InvalidClient,
+    InvalidGrant,
+    InvalidHash,
+    KillmailList,
+    MalformedResponse,
+    NotFound,
+    NotModified,
+    Paused,
+    RateLimited,
+    ServerError,
+    SsoError,
+    TokenGrant,
+    Unauthorized,
+)
 from settings import Settings
 
 SETTINGS = Settings(esi_base_url="https://esi.example", sso_token_url="https://sso.example/v2/oauth/token",
@@ -641,7 +657,7 @@ def test_invalid_client_pauses_sso_for_every_process(http, conn, database_url):
     assert caught.value.bucket == esi.SSO_BUCKET
     assert len(http.calls) == 2
     (state,) = db.limit_state(conn, [esi.SSO_BUCKET])
-    assert (state["last_status"], round((state["paused_until"] - datetime.now(timezone.utc)).total_seconds(), -1)) \
+    assert (state["last_status"], round((state["paused_until"] - datetime.now(UTC)).total_seconds(), -1)) \
         == (401, esi.INVALID_CLIENT_PAUSE)
     for limits in processes:
         limits.close()

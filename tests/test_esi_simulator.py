@@ -394,7 +394,7 @@ def test_idle_keep_alive_connections_never_keep_a_new_one_waiting(esi):
         sockets = [conn.sock for conn in idle]
         assert all(sockets)  # still open, now idle
         assert esi.get(path).status_code == 200  # a new connection is served all the same (timeout 5 s)
-        for conn, sock in zip(idle, sockets):
+        for conn, sock in zip(idle, sockets, strict=True):
             conn.request("GET", path, headers=HEADERS)
             answer = conn.getresponse()
             assert answer.status == 200 and answer.read() and conn.sock is sock  # and so is each idle one

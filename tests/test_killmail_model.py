@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,7 @@ def parse(body, killmail_id=SAMPLE_ID):
 
 def named(layout, row):
     assert len(row) == len(layout)
-    return dict(zip(layout, row))
+    return dict(zip(layout, row, strict=True))
 
 
 def sample():
@@ -52,7 +52,7 @@ def test_the_real_sample_parses_into_one_killmail_row():
     row = named(ROW, killmail.row)
     assert killmail.killmail_id == SAMPLE_ID
     assert row["killmail_id"] == SAMPLE_ID and row["killmail_hash"] == HASH
-    assert row["killmail_time"] == datetime(2026, 3, 25, 14, 26, 36, tzinfo=timezone.utc)
+    assert row["killmail_time"] == datetime(2026, 3, 25, 14, 26, 36, tzinfo=UTC)
     assert row["solar_system_id"] == 30000743
     assert (row["moon_id"], row["war_id"]) == (None, None)
     assert row["victim_character_id"] == 2121652582
@@ -105,7 +105,7 @@ def test_security_status_accepts_ints_and_floats(security_status):
 @pytest.mark.parametrize("stamp", ["2026-03-25T14:26:36Z", "2026-03-25T14:26:36+00:00", "2026-03-25T14:26:36.000Z"])
 def test_killmail_time_forms(stamp):
     body = minimal(killmail_time=stamp)
-    assert named(ROW, parse(body, 1).row)["killmail_time"] == datetime(2026, 3, 25, 14, 26, 36, tzinfo=timezone.utc)
+    assert named(ROW, parse(body, 1).row)["killmail_time"] == datetime(2026, 3, 25, 14, 26, 36, tzinfo=UTC)
 
 
 def test_the_edges_of_the_stored_integer_ranges_are_kept():

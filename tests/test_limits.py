@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from requests.structures import CaseInsensitiveDict
@@ -15,10 +15,19 @@ from requests.structures import CaseInsensitiveDict
 import db
 import limits
 from esi import MAX_PAUSE, Paused
-from limits import (ERROR_FLOOR, ERROR_LIMIT, ERROR_LIMIT_BUCKET, SharedLimits, answer_cost, error_cost,
-                    parse_rate_limit, pause_after, reserve)
+from limits import (
+    ERROR_FLOOR,
+    ERROR_LIMIT,
+    ERROR_LIMIT_BUCKET,
+    SharedLimits,
+    answer_cost,
+    error_cost,
+    parse_rate_limit,
+    pause_after,
+    reserve,
+)
 
-NOW = datetime(2026, 11, 29, 12, 0, 0, 250000, tzinfo=timezone.utc)  # a quarter into a second
+NOW = datetime(2026, 11, 29, 12, 0, 0, 250000, tzinfo=UTC)  # a quarter into a second
 DETAIL = "killmail"
 
 
@@ -168,7 +177,7 @@ def test_a_rested_bucket_is_spent_at_once_then_as_its_tokens_come_back(conn, pro
     assert clock.waits == []
     assert spent(conn, DETAIL, clock)["own"] == 600
     one.take(DETAIL)                              # the 301st: waits for the first tokens to come back
-    assert clock.now == datetime(2026, 11, 29, 12, 1, 1, tzinfo=timezone.utc)
+    assert clock.now == datetime(2026, 11, 29, 12, 1, 1, tzinfo=UTC)
     assert sum(clock.waits) == pytest.approx(60.75)
 
 

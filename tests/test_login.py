@@ -6,7 +6,7 @@ import base64
 import html
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
@@ -129,7 +129,7 @@ def test_a_login_adds_the_pilot_as_the_web_app_would_and_queues_its_first_sync(c
     assert (user["character_id"], user["character_name"], user["refresh_token"], user["access_token"]) == \
         (pilots[0], "Pilot 1", granted["refresh_token"], granted["access_token"])
     assert user["scopes"].split() == ["publicData", sso.CHAR_SCOPE, sso.CORP_SCOPE]
-    assert abs((user["expires_at"] - datetime.now(timezone.utc)).total_seconds() - 1199) < 30
+    assert abs((user["expires_at"] - datetime.now(UTC)).total_seconds() - 1199) < 30
     assert user["revoked_token_sha256"] is None and user["queued_at"] is not None
     assert jobs(queue_name) == [(broker.PRIORITY_NOW, {"character_id": pilots[0], "character_name": "Pilot 1",
                                                        "queued_at": jobs_stamp(user)})]
@@ -138,7 +138,7 @@ def test_a_login_adds_the_pilot_as_the_web_app_would_and_queues_its_first_sync(c
 
 
 def jobs_stamp(user: dict) -> str:
-    return user["queued_at"].astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return user["queued_at"].astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def test_a_revoked_pilot_who_logs_in_again_is_usable_again(client, conn, sim, pilots, queue_name):
@@ -229,12 +229,12 @@ def test_wrong_app_credentials_are_503_and_name_the_variables(login_app, conn, p
 ])
 def test_the_allow_lists_decide_before_anything_is_stored(login_app, conn, pilots, lists, allowed):
     client = login_app(**lists)
-    for character_id, expected in zip(pilots, allowed):
+    for character_id, expected in zip(pilots, allowed, strict=True):
         response = log_in(client, character_id)
         assert response.status_code == (200 if expected else 403)
         if not expected:
             assert "which may not add pilots here" in response.get_data(as_text=True)
-    assert [u["character_id"] for u in users(conn)] == [c for c, ok in zip(pilots, allowed) if ok]
+    assert [u["character_id"] for u in users(conn)] == [c for c, ok in zip(pilots, allowed, strict=True) if ok]
 
 
 # ---------------------------------------------------------------------------------------------- forged tokens
@@ -375,7 +375,7 @@ def test_without_a_callback_url_the_routes_are_404(login_app, conn, known):
 
 def test_old_login_states_are_deleted_by_the_next_login(client, conn):
     conn.execute("INSERT INTO login_states (state_sha256, code_verifier, scopes, created_at) VALUES "
-                 "('old', 'v', 's', %s)", (datetime.now(timezone.utc) - timedelta(hours=1),))
+                 "('old', 'v', 's', %s)", (datetime.now(UTC) - timedelta(hours=1),))
     conn.commit()
     start_login(client)
     assert [r["state_sha256"] for r in conn.execute("SELECT state_sha256 FROM login_states")] != ["old"]

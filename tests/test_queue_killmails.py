@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pika
 import pytest
@@ -10,7 +10,7 @@ import pytest
 import broker
 from conftest import RABBITMQ_URL, insert_users, make_settings, run_script
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def pilots(n, **extra):

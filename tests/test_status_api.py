@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pika
@@ -9,7 +10,7 @@ import pytest
 
 import broker
 import db
-from conftest import RABBITMQ_URL, insert_users, make_settings
+from conftest import RABBITMQ_URL, insert_users
 from killmail_model import parse_killmail
 
 TOKEN = "api-secret-token"
@@ -25,9 +26,8 @@ def client(make_client):
 
 @pytest.fixture
 def pilot(conn):
-    from datetime import datetime, timezone
     insert_users(conn, [{"character_id": PILOT, "character_name": "Victim", "access_token": "A", "refresh_token": "R",
-                         "expires_at": datetime.now(timezone.utc)}])
+                         "expires_at": datetime.now(UTC)}])
     return PILOT
 
 

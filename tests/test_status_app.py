@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pika
 import pytest
@@ -17,15 +17,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import status_app
 import status_report
-from conftest import RABBITMQ_URL, ROOT, make_settings
-from tests.screenshot import (ACCESS_TOKEN, EXPECTED_USERS, GUNICORN, REFRESH_TOKEN, fill_queues, free_port,
-                              seed_status_rows, status_env, wait_until_answering)
+from conftest import RABBITMQ_URL, ROOT
+from tests.screenshot import (
+    ACCESS_TOKEN,
+    EXPECTED_USERS,
+    GUNICORN,
+    REFRESH_TOKEN,
+    fill_queues,
+    free_port,
+    seed_status_rows,
+    status_env,
+    wait_until_answering,
+)
 
 CLOSED_DATABASE = "postgresql://root@127.0.0.1:1/x"
 CLOSED_BROKER = "amqp://guest:guest@127.0.0.1:1/%2F"
 JSON = {"Accept": "application/json"}
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
-NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -36,7 +45,7 @@ def client(make_client):
 @pytest.fixture
 def seeded(conn):
     """The known rows of tests/screenshot.py, written now."""
-    seed_status_rows(conn, datetime.now(timezone.utc))
+    seed_status_rows(conn, datetime.now(UTC))
     return conn
 
 
@@ -168,7 +177,7 @@ def test_status_json_reports_the_known_rows(client, seeded):
     worker = report["worker"]
     assert (worker["isRunning"], worker["totalUsers"], worker["lastSyncDuration"]) == (True, 6, pytest.approx(3.2))
     assert worker["lastSync"].endswith("Z")
-    assert 100 <= (datetime.now(timezone.utc) - datetime.fromisoformat(worker["lastSync"])).total_seconds() <= 200
+    assert 100 <= (datetime.now(UTC) - datetime.fromisoformat(worker["lastSync"])).total_seconds() <= 200
     metrics = report["metrics"]
     assert {k: metrics[k] for k in ("runs", "success_rate", "error_rate", "killmails_total", "killmails_last_hour",
                                     "killmails_per_hour")} == {
@@ -200,7 +209,7 @@ def test_status_json_reports_the_known_rows(client, seeded):
 
 
 def test_status_shows_the_last_twenty_runs(client, conn):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for n in range(25):
         conn.execute("INSERT INTO sync_runs (character_id, started_at, finished_at, status) VALUES (%s, %s, %s, 'ok')",
                      (n, now - timedelta(minutes=60 - n, seconds=1), now - timedelta(minutes=60 - n)))

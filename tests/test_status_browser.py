@@ -5,12 +5,21 @@ import json
 import re
 import struct
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from tests.screenshot import (ACCESS_TOKEN, CHROMIUM, REFRESH_TOKEN, chromium, fill_queues, seed_status_rows, serve,
-                              status_env, take_screenshot)
+from tests.screenshot import (
+    ACCESS_TOKEN,
+    CHROMIUM,
+    REFRESH_TOKEN,
+    chromium,
+    fill_queues,
+    seed_status_rows,
+    serve,
+    status_env,
+    take_screenshot,
+)
 
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
                                     reason=f"{CHROMIUM} is not installed (apt-get install -y chromium)")
@@ -19,7 +28,7 @@ needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
 @pytest.fixture
 def server(database_url, conn, queue_name, tmp_path):
     """gunicorn serving the known rows and a queue with 3 jobs waiting, 1 retrying and 2 dead letters."""
-    seed_status_rows(conn, datetime.now(timezone.utc))
+    seed_status_rows(conn, datetime.now(UTC))
     fill_queues(queue_name, max_attempts=8, waiting=3, retrying=1, dead=2)
     with serve(status_env(database_url, queue=queue_name), log_path=tmp_path / "gunicorn.log") as base:
         yield base

@@ -1,14 +1,14 @@
 """sync.py end to end: real PostgreSQL, real HTTP to the local ESI simulator."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 import db
+import esi as esi_errors
 import sync
 from conftest import insert_users, make_settings
-import esi as esi_errors
 from esi import EsiClient
 from limits import SharedLimits
 
@@ -189,7 +189,7 @@ def test_rate_limited_list_fails_the_job_and_pauses_the_bucket_for_everyone(conn
         sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
     assert caught.value.retry_after == 120
     (state,) = db.limit_state(conn, [f"char-killmail:{pilot['character_id']}"])
-    assert state["paused_until"] > datetime.now(timezone.utc) + timedelta(seconds=100)
+    assert state["paused_until"] > datetime.now(UTC) + timedelta(seconds=100)
     assert db.get_user(conn, pilot["character_id"])["list_etag"] is None  # nothing half-recorded
 
 
@@ -203,7 +203,7 @@ def test_a_failed_run_ends_under_its_lock_so_the_next_run_of_the_pilot_starts_af
         sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
     with db.connect(database_url) as other:
         assert db.try_lock(other, db.LOCK_CHARACTER, pilot["character_id"])  # the next run starts
-        next_started = datetime.now(timezone.utc)
+        next_started = datetime.now(UTC)
         sync.record_failed_run(conn, world, caught.value.result, str(caught.value))
     (run,) = conn.execute("SELECT status, started_at, finished_at FROM sync_runs WHERE character_id = %s",
                           (pilot["character_id"],)).fetchall()
@@ -224,7 +224,7 @@ def test_a_pilot_whose_new_kills_another_job_stored_first_still_counts_as_active
     sync.sync_character(conn, world, quiet, later)
     active = {u["character_id"]: u["last_new_killmail_at"] for u in conn.execute(
         "SELECT character_id, last_new_killmail_at FROM users")}
-    recent = datetime.now(timezone.utc) - timedelta(minutes=5)
+    recent = datetime.now(UTC) - timedelta(minutes=5)
     assert active[first] > recent and active[second] > recent
     assert active[quiet] < recent - timedelta(days=19)  # nothing new for it: still a quiet pilot
 
@@ -323,7 +323,7 @@ def test_a_retried_job_that_saves_the_new_kills_counts_the_pilot_as_active(conn,
     retry = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
     assert (retry.listed, retry.saved > 0) == (0, True)  # the list was still fresh: nothing newly linked
     active = db.get_user(conn, pilot["character_id"])["last_new_killmail_at"]
-    assert active > datetime.now(timezone.utc) - timedelta(minutes=5)
+    assert active > datetime.now(UTC) - timedelta(minutes=5)
 
 
 def test_a_lists_expires_counts_from_its_answer_not_from_the_jobs_start(conn, world, sim):
@@ -453,7 +453,7 @@ def test_a_429_on_details_stops_the_job_releases_the_rest_and_the_retry_finishes
                         "(SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)").fetchone()["n"]
     assert held == 0
     (state,) = db.limit_state(conn, ["killmail"])
-    assert state["paused_until"] > datetime.now(timezone.utc) + timedelta(seconds=60)
+    assert state["paused_until"] > datetime.now(UTC) + timedelta(seconds=60)
     run = conn.execute("SELECT status, saved FROM sync_runs").fetchall()
     assert run == []  # the worker records the failed run (sync.record_failed_run) when it retries the job
     conn.execute("UPDATE esi_limits SET paused_until = NULL")  # the pause is over
@@ -503,7 +503,7 @@ def test_fetched_killmails_are_saved_as_they_arrive_not_behind_a_slower_fetch(co
     collecting = threading.Thread(target=sync._collect, args=(conn, claimed, futures, set(ids), now_for(sim),
                                                               sync.SyncOptions(), result), daemon=True)
     collecting.start()
-    for ref, future in zip(claimed[1:], futures[1:]):  # every fetch but the first one's ends
+    for ref, future in zip(claimed[1:], futures[1:], strict=True):  # every fetch but the first one's ends
         future.set_result(parse_killmail(bodies[ref["killmail_id"]], **ref))
     with db.connect(database_url) as other:
         wait_until(lambda: len(stored_ids(other)) == 3, timeout=10, what="the three fetched killmails saved")

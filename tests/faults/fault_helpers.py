@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import defaultdict
 
 import pika
@@ -123,8 +122,10 @@ class Worker:
             pass
 
 
-@pytest.fixture
-def workers():
+# Named fixture_*, as pytest suggests, so that the tests importing a fixture can take it by its name as an
+# argument without shadowing the import.
+@pytest.fixture(name="workers")
+def fixture_workers():
     """Start workers with workers(settings, *args); any still running at the end are killed with their
     children, so a failed test leaves no process behind."""
     started: list[Worker] = []
@@ -139,8 +140,8 @@ def workers():
         worker.kill_group()
 
 
-@pytest.fixture
-def fast(sim):
+@pytest.fixture(name="fast")
+def fixture_fast(sim):
     """The simulator with a detail bucket too big to pace against: pacing is tested in test_limits."""
     sim.configure(detail_bucket=(2_000_000, 900))
     return sim

@@ -7,8 +7,17 @@ import pytest
 
 import broker
 from conftest import insert_users, run_script
-from fault_helpers import (assert_all_stored, fast, fault_settings, faults_line, queue_all, queue_counts,  # noqa: F401
-                           users_idle, wait_until, workers)
+from fault_helpers import (  # noqa: F401
+    assert_all_stored,
+    fault_settings,
+    faults_line,
+    fixture_fast,
+    fixture_workers,
+    queue_all,
+    queue_counts,
+    users_idle,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(420)
 

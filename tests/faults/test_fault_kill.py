@@ -9,8 +9,18 @@ import pytest
 
 import sync
 from conftest import insert_users
-from fault_helpers import (assert_all_stored, fast, fault_settings, faults_line, queue_all, queue_counts,  # noqa: F401
-                           refetch_bound, users_idle, wait_until, workers)
+from fault_helpers import (  # noqa: F401
+    assert_all_stored,
+    fault_settings,
+    faults_line,
+    fixture_fast,
+    fixture_workers,
+    queue_all,
+    queue_counts,
+    refetch_bound,
+    users_idle,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,8 +50,8 @@ def test_five_kill_9_mid_job_lose_nothing_and_store_nothing_twice(conn, fast, da
                               interval=0.1)
         # Let it fetch a few more details, so it dies with fetched but unsaved killmails in hand (unless its job
         # ends first: near the end of the run there may be no more details to fetch).
-        before = sim.stats()["by_route"]["detail"]
-        wait_until(lambda: sim.stats()["by_route"]["detail"] >= before + settings.detail_concurrency
+        target = sim.stats()["by_route"]["detail"] + settings.detail_concurrency
+        wait_until(lambda target=target, pid=pid: sim.stats()["by_route"]["detail"] >= target
                    or pid not in worker.jobs(), timeout=30, what="more detail fetches", interval=0.05)
         if pid not in worker.jobs():
             continue  # its job ended meanwhile: find another one in the middle of its work

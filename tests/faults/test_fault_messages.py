@@ -9,8 +9,20 @@ import pytest
 
 import broker
 from conftest import RABBITMQ_URL, insert_users, run_script
-from fault_helpers import (assert_all_stored, broker_queue_state, check_stored, fast, fault_settings,  # noqa: F401
-                           faults_line, publish_raw, queue_all, queue_counts, users_idle, wait_until, workers)
+from fault_helpers import (  # noqa: F401
+    assert_all_stored,
+    broker_queue_state,
+    check_stored,
+    fault_settings,
+    faults_line,
+    fixture_fast,
+    fixture_workers,
+    publish_raw,
+    queue_all,
+    queue_counts,
+    users_idle,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -73,7 +85,7 @@ def test_poison_messages_a_failing_job_and_a_malformed_killmail_touch_nothing_el
         conn.commit()
         before = runs_of(conn, damaged)
         assert run_script("queue_killmails.py", settings, "--character-id", str(damaged), timeout=60).returncode == 0
-        wait_until(lambda: runs_of(conn, damaged) > before and users_idle(conn), timeout=60,
+        wait_until(lambda before=before: runs_of(conn, damaged) > before and users_idle(conn), timeout=60,
                    what="the pilot's next sync", interval=0.2)
     worker.terminate()
     assert worker.wait(timeout=60) == 0, worker.output()[-4000:]

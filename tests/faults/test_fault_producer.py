@@ -8,8 +8,20 @@ import pytest
 
 import broker
 from conftest import insert_users
-from fault_helpers import (assert_all_stored, check_stored, fast, fault_settings, faults_line,  # noqa: F401
-                           overlapping_runs, publish_raw, queue_all, queue_counts, users_idle, wait_until, workers)
+from fault_helpers import (  # noqa: F401
+    assert_all_stored,
+    check_stored,
+    fault_settings,
+    faults_line,
+    fixture_fast,
+    fixture_workers,
+    overlapping_runs,
+    publish_raw,
+    queue_all,
+    queue_counts,
+    users_idle,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,9 +6,25 @@ import time
 import pytest
 
 from conftest import insert_users
-from fault_helpers import (admin_connection, assert_all_stored, broker_answers,  # noqa: F401
-                           fast, fault_settings, faults_line, per_pid, queue_all, queue_counts, rabbitmqctl,
-                           refetch_bound, sessions, stored_count, terminate_backends, users_idle, wait_until, workers)
+from fault_helpers import (  # noqa: F401
+    admin_connection,
+    assert_all_stored,
+    broker_answers,
+    fault_settings,
+    faults_line,
+    fixture_fast,
+    fixture_workers,
+    per_pid,
+    queue_all,
+    queue_counts,
+    rabbitmqctl,
+    refetch_bound,
+    sessions,
+    stored_count,
+    terminate_backends,
+    users_idle,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,7 +61,7 @@ def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url
         try:
             rabbitmqctl("stop_app")  # every client gets CONNECTION_FORCED
             # Down until both workers noticed it (a burst worker whose last job ended meanwhile has exited).
-            wait_until(lambda: steady.count(LOST) > lost_before[0]
+            wait_until(lambda lost_before=lost_before: steady.count(LOST) > lost_before[0]
                        and (burst.count(LOST) > lost_before[1] or not burst.running()),
                        timeout=20, what="both workers to notice the broker is gone", interval=0.1)
         finally:
@@ -99,10 +115,11 @@ def test_database_sessions_terminated_under_running_jobs(conn, fast, database_ur
             # The next termination only once work has resumed: the workers connected again, then stored some more.
             # (Counted from before the termination, a batch committed just before it could pass for resumed
             # work, and the next termination would find no session to end.)
-            wait_until(lambda: sessions(admin, keep) - gone, timeout=60, what="the workers to reconnect",
+            wait_until(lambda gone=gone: sessions(admin, keep) - gone, timeout=60, what="the workers to reconnect",
                        interval=0.05)
             saved = stored_count(conn)
-            wait_until(lambda: stored_count(conn) > saved + 20, timeout=60, what="work to resume", interval=0.2)
+            wait_until(lambda saved=saved: stored_count(conn) > saved + 20, timeout=60, what="work to resume",
+                       interval=0.2)
 
     code = burst.wait(timeout=240)
     assert code == 0, burst.output()[-4000:]
