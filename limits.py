@@ -265,7 +265,7 @@ class SharedLimits:
             ledgers.append(ticket.bucket)
             windows.append(limit[1])
         entries = []
-        for ledger, window in zip(ledgers, windows):
+        for ledger, window in zip(ledgers, windows, strict=True):
             if ledger == self.error_bucket:
                 used = ERROR_LIMIT - errors_remain if errors_remain is not None else None
                 entries.append((ledger, error_cost(status), window, used))
