@@ -51,8 +51,8 @@ SCENARIOS = {
     "memory": memory.run,
 }
 # The memory soak lasts 10 minutes and measures RSS, not speed: once its cold part is over (that part runs alone),
-# it goes on in the background while the other scenarios run one at a time, which keeps the whole run under the
-# 15-minute budget. Its rounds wait while a scenario that measures speed on the CPU runs.
+# it goes on in the background while the other scenarios run one at a time, which keeps the whole run
+# shorter by those 10 minutes. Its rounds wait while a scenario that measures speed on the CPU runs.
 BACKGROUND = "memory"
 TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness"}
 
