@@ -371,15 +371,19 @@ class SharedLimits:
             self._read_at.pop(self.error_bucket, None)
 
     def _with_conn(self, work: Callable[[Any], Any]) -> Any:
-        """Run work on this process's autocommit connection, reconnecting once if it was lost."""
+        """Run work on this process's autocommit connection, reconnecting once if it was lost. The process's
+        threads share the connection: one that lost it closes only the connection it used, never a new one
+        another thread has opened meanwhile."""
         for attempt in (1, 2):
-            if self._conn is None or self._conn.closed:
-                self._conn = self._connect()
+            conn = self._conn
+            if conn is None or conn.closed:
+                conn = self._conn = self._connect()
             try:
-                return work(self._conn)
+                return work(conn)
             except db.psycopg.OperationalError:
-                lost, self._conn = self._conn, None
-                lost.close()
+                if self._conn is conn:
+                    self._conn = None
+                conn.close()
                 if attempt == 2:
                     raise
 
