@@ -608,16 +608,16 @@ def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds:
 
 def take_tokens(conn, now: datetime | None, *, buckets: Sequence[str], costs: Sequence[int],
                 limits: Sequence[int], windows: Sequence[int], holds: Sequence[int], floors: Sequence[int],
-                reserves: Sequence[int], headroom: Sequence[int], frees: Sequence[int],
+                reserves: Sequence[int], headroom: Sequence[int], frees: Sequence[int], charged: Sequence[bool],
                 poll: float) -> tuple[list[int] | None, float]:
     """Take one call's cost from each bucket of the ledger, all or nothing (schema.sql's esi_take): the in-flight
     row ids, or None and the seconds until it would fit. Bucket names come sorted (the locks' order); `now`
     None is the database's clock."""
     row = conn.execute(
         "SELECT ids, wait FROM esi_take(%s, %s::text[], %s::int[], %s::int[], %s::int[], %s::int[], %s::int[], "
-        "%s::int[], %s::int[], %s::int[], %s)",
+        "%s::int[], %s::int[], %s::int[], %s::bool[], %s)",
         (now, list(buckets), list(costs), list(limits), list(windows), list(holds), list(floors), list(reserves),
-         list(headroom), list(frees), poll),
+         list(headroom), list(frees), list(charged), poll),
     ).fetchone()
     return row["ids"], row["wait"] or 0.0
 

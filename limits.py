@@ -120,6 +120,7 @@ class _Spend:
     reserve: int = 0   # kept while other apps spend the bucket
     headroom: int = 0  # room kept per call in flight for an answer dearer than its cost
     frees: int = 0     # what an ordinary answer gives back per call in flight
+    charged: bool = False  # a dead process's call still costs what it holds (ESI charged it on arrival)
 
 
 @dataclass(frozen=True)
@@ -216,13 +217,14 @@ class SharedLimits:
         if limit and window:  # a bucket with no limit seen (or none at all) is only under the error limit
             # ESI charges a call when it arrives: a call's tokens are back one window after it was sent.
             spends.append(_Spend(bucket, cost=CALL_COST, limit=limit, window=window, hold=window,
-                                 reserve=reserve(limit), headroom=HEADROOM, frees=HEADROOM))
+                                 reserve=reserve(limit), headroom=HEADROOM, frees=HEADROOM, charged=True))
         spends.sort(key=lambda spend: spend.bucket)  # advisory locks in one order: no deadlock
         ids, wait = self._with_conn(lambda c: db.take_tokens(
             c, self._ledger_clock(), buckets=[p.bucket for p in spends], costs=[p.cost for p in spends],
             limits=[p.limit for p in spends], windows=[p.window for p in spends], holds=[p.hold for p in spends],
             floors=[p.floor for p in spends], reserves=[p.reserve for p in spends],
-            headroom=[p.headroom for p in spends], frees=[p.frees for p in spends], poll=POLL))
+            headroom=[p.headroom for p in spends], frees=[p.frees for p in spends],
+            charged=[p.charged for p in spends], poll=POLL))
         if not ids:
             return None, wait
         return Ticket(bucket, ids, [p.bucket for p in spends], [p.window for p in spends]), 0.0

@@ -192,15 +192,18 @@ CREATE TABLE IF NOT EXISTS esi_spent (
     PRIMARY KEY (bucket, second)
 );
 
--- Calls sent and not yet answered, each holding what its answer may cost. A row left by a killed process stops
--- counting when its hold ends. Rows live for one call: unlogged (a database crash ends every call anyway) and
+-- Calls sent and not yet answered, each holding what its answer may cost. A row left by a killed process (its
+-- session gone) stops counting when a bucket is short: its tokens are spent as sent (ESI charged them on
+-- arrival), its possible error dropped (a real one shows in ESI's count); or at the latest when its hold ends. Rows live for one call: unlogged (a database crash ends every call anyway) and
 -- vacuumed often, so that counting them never walks thousands of dead rows.
 CREATE UNLOGGED TABLE IF NOT EXISTS esi_in_flight (
-    id      BIGSERIAL PRIMARY KEY,
-    bucket  TEXT NOT NULL,
-    sent_at TIMESTAMPTZ NOT NULL,
-    tokens  INTEGER NOT NULL
+    id          BIGSERIAL PRIMARY KEY,
+    bucket      TEXT NOT NULL,
+    sent_at     TIMESTAMPTZ NOT NULL,
+    tokens      INTEGER NOT NULL,
+    backend_pid INTEGER NOT NULL DEFAULT pg_backend_pid()  -- the taking process's session: gone when it died
 );
+ALTER TABLE esi_in_flight ADD COLUMN IF NOT EXISTS backend_pid INTEGER NOT NULL DEFAULT pg_backend_pid();
 CREATE INDEX IF NOT EXISTS esi_in_flight_bucket ON esi_in_flight (bucket, sent_at);
 ALTER TABLE esi_in_flight SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
 
@@ -214,7 +217,8 @@ ALTER TABLE esi_in_flight SET (autovacuum_vacuum_scale_factor = 0, autovacuum_va
 CREATE OR REPLACE FUNCTION esi_take(p_now TIMESTAMPTZ, p_buckets TEXT[], p_costs INTEGER[], p_limits INTEGER[],
                                     p_windows INTEGER[], p_holds INTEGER[], p_floors INTEGER[],
                                     p_reserves INTEGER[], p_headroom INTEGER[], p_frees INTEGER[],
-                                    p_poll DOUBLE PRECISION, OUT ids BIGINT[], OUT wait DOUBLE PRECISION)
+                                    p_charged BOOLEAN[], p_poll DOUBLE PRECISION,
+                                    OUT ids BIGINT[], OUT wait DOUBLE PRECISION)
 LANGUAGE plpgsql AS $$
 DECLARE
     now_ TIMESTAMPTZ;
@@ -243,6 +247,23 @@ BEGIN
             FROM esi_in_flight WHERE bucket = p_buckets[i];
         excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls + p_floors[i]
                   + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
+        IF excess > 0 AND flying_calls > 0 THEN
+            -- Short: the calls of processes that died (their session is gone) hold nothing more in flight.
+            WITH dead AS (
+                DELETE FROM esi_in_flight f WHERE f.bucket = p_buckets[i]
+                    AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = f.backend_pid)
+                RETURNING f.sent_at, f.tokens)
+            INSERT INTO esi_spent (bucket, second, own)
+                SELECT p_buckets[i], to_timestamp(ceil(extract(epoch FROM d.sent_at))), sum(d.tokens)
+                FROM dead d WHERE p_charged[i] AND d.sent_at > since GROUP BY 2
+            ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
+            SELECT coalesce(sum(own), 0), coalesce(sum(other), 0) INTO spent_own, spent_other
+                FROM esi_spent WHERE bucket = p_buckets[i];
+            SELECT coalesce(sum(tokens), 0), count(*) INTO flying, flying_calls
+                FROM esi_in_flight WHERE bucket = p_buckets[i];
+            excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls
+                      + p_floors[i] + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
+        END IF;
         IF excess > 0 THEN
             IF flying_calls > 0 AND excess <= p_frees[i] * flying_calls THEN
                 bucket_wait := p_poll;  -- the answers in flight are about to give enough back

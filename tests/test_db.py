@@ -205,7 +205,7 @@ def test_binary_copy_stores_every_column_as_the_row_by_row_path_does(conn):
 
 def take(conn, now, bucket="killmail", limit=20, window=60):
     return db.take_tokens(conn, now, buckets=[bucket], costs=[2], limits=[limit], windows=[window], holds=[window],
-                          floors=[0], reserves=[0], headroom=[0], frees=[2], poll=0.05)
+                          floors=[0], reserves=[0], headroom=[0], frees=[2], charged=[True], poll=0.05)
 
 
 def settle(conn, now, ids, *, cost=2, used=None):

@@ -254,24 +254,23 @@ def test_esi_counting_less_than_the_ledger_books_nothing(conn, process, clock):
 
 
 def test_a_killed_process_strands_its_calls_for_one_window_at_most(conn, process, clock):
-    """Its tokens come back a window after the calls were sent (ESI charged them on arrival); the errors they
-    might still have turned into are held until their deadline has passed, in case they were still on the way."""
+    """Once its session is gone, its calls hold nothing in flight: their tokens stay spent until one window
+    after they were sent (ESI charged them on arrival), their possible errors are dropped."""
     one = process()
     learn(one)
     for _ in range(40):
         one.take(DETAIL)                                   # sent, never answered: the process was killed
-    one.close()
+    one.close()                                            # its session ends with it
     later = process()
-    small = {"limit_tokens": 100, "window_seconds": 60}    # seen as a bucket of 100, the 40 calls fill it
+    small = {"limit_tokens": 83, "window_seconds": 60}     # seen as a bucket of 83, 2 + 40 calls fill it
     clock.sleep(59)
     assert later._take_once(DETAIL, small)[0] is None
-    clock.sleep(1)                                         # one window after they were sent: the tokens are back
+    clock.sleep(2)                                         # a window after the second they were sent in: back
     assert later._take_once(DETAIL, small)[0] is not None
-    for _ in range(9):                                     # but 40 possible errors still hold the budget: 9 more
-        assert later._take_once("character", {})[0] is not None
-    assert later._take_once("character", {})[0] is None
-    clock.sleep(limits.REQUEST_DEADLINE + limits.HOLD_MARGIN - 60)
-    assert later._take_once("character", {})[0] is not None
+    taken = [later._take_once("character", {})[0] for _ in range(49)]
+    assert all(taken)                                      # the dead calls' 40 possible errors hold nothing
+    assert later._take_once("character", {})[0] is None    # 50 of ours in flight: the floor
+    assert spent(conn, DETAIL, clock)["in_flight"] == 2
 
 
 def test_a_stopping_process_ends_its_wait(conn, process, clock):
