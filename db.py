@@ -609,17 +609,21 @@ def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds:
 def take_tokens(conn, now: datetime | None, *, buckets: Sequence[str], costs: Sequence[int],
                 limits: Sequence[int], windows: Sequence[int], holds: Sequence[int], floors: Sequence[int],
                 reserves: Sequence[int], headroom: Sequence[int], frees: Sequence[int], charged: Sequence[bool],
-                poll: float) -> tuple[list[int] | None, float]:
-    """Take one call's cost from each bucket of the ledger, all or nothing (schema.sql's esi_take): the in-flight
-    row ids, or None and the seconds until it would fit. Bucket names come sorted (the locks' order); `now`
-    None is the database's clock."""
+                poll: float, extras: Sequence[int] | None = None,
+                calm_floors: Sequence[int] | None = None) -> tuple[list[int] | None, float, list[int]]:
+    """Take one call's cost from each bucket of the ledger, all or nothing (schema.sql's esi_take), and up to
+    `extras` more calls' worth of each where they fit too: the in-flight row ids, 0.0 and how many extra calls
+    each row holds; or None, the seconds until it would fit and []. `calm_floors` (default `floors`) are the
+    floors while nothing was spent in the window. Bucket names come sorted (the locks' order); `now` None is the
+    database's clock."""
     row = conn.execute(
-        "SELECT ids, wait FROM esi_take(%s, %s::text[], %s::int[], %s::int[], %s::int[], %s::int[], %s::int[], "
-        "%s::int[], %s::int[], %s::int[], %s::bool[], %s)",
-        (now, list(buckets), list(costs), list(limits), list(windows), list(holds), list(floors), list(reserves),
-         list(headroom), list(frees), list(charged), poll),
+        "SELECT ids, wait, granted FROM esi_take(%s, %s::text[], %s::int[], %s::int[], %s::int[], %s::int[], "
+        "%s::int[], %s::int[], %s::int[], %s::int[], %s::int[], %s::int[], %s::bool[], %s)",
+        (now, list(buckets), list(costs), list(extras or [0] * len(buckets)), list(limits), list(windows),
+         list(holds), list(floors), list(calm_floors or floors), list(reserves), list(headroom), list(frees),
+         list(charged), poll),
     ).fetchone()
-    return row["ids"], row["wait"] or 0.0
+    return row["ids"], row["wait"] or 0.0, row["granted"] or []
 
 
 def settle_tokens(conn, now: datetime | None, *, ids: Sequence[int], buckets: Sequence[str],

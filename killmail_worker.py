@@ -154,6 +154,7 @@ class Child:
                 connection.process_data_events(time_limit=0.5)
                 if self.job_thread is not None:
                     continue
+                self.limits.end_idle_leases()  # no job: the error slots it leased go back to the other processes
                 if self.stopping.is_set():
                     channel.basic_cancel(tag)  # pika nacks (requeues) anything delivered but not yet dispatched
                     return True

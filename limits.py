@@ -7,10 +7,14 @@ window), then gives them back. The ledger counts the same way: each call takes w
 at once, and a spent one as fast as its tokens return, never faster. What ESI's `X-Ratelimit-Remaining` shows
 beyond the ledger (other apps behind the same IP) is booked too, and a small reserve is kept while they spend.
 
-The error limit is a bucket of the same ledger: each call in flight holds one error it may turn into, each error
-answer is spent for a window, and half of ESI's 100 errors a window are never used: however many processes and
-threads there are, the calls in flight can never take the error budget below half. A 420 or a 429 still pauses
-the route group for every process until its reset.
+The error limit is a bucket of the same ledger: each call in flight holds one error it may turn into, and each
+error answer is spent for a window. While errors come (any error in the window, ours or another app's), half of
+ESI's 100 errors a window are never used: however many processes and threads there are, the calls in flight can
+never take the error budget below half. After a window without any, up to 90 calls may be in flight: should
+every one of them fail at once, 10 errors are still left, and the first error brings the half back. A process
+leases those slots several at a time (one ledger row) and hands them to its threads, so that a call which ends
+without an error costs the ledger nothing; errors are booked as they come. A 420 or a 429 still pauses the route
+group for every process until its reset.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,7 +35,8 @@ log = logging.getLogger(__name__)
 ERROR_LIMIT_BUCKET = "error-limit"
 ERROR_LIMIT = 100          # ESI's error answers a window, per IP
 ERROR_WINDOW = 60          # ESI's error window is fixed; the ledger's floating one never forgets an error sooner
-ERROR_FLOOR = 50           # half of the error budget is never used, whatever is in flight
+ERROR_FLOOR = 50           # half of the error budget is never used once errors are coming, whatever is in flight
+ERROR_CALM_FLOOR = 10      # while none came for a window: were every call in flight to fail at once, still no 420
 HEADROOM = 3               # per call in flight: a 4xx costs 5 tokens where the call holds the 2 of a 200
 RESERVE_SHARE = 0.02       # kept unspent while another app behind the IP spends the same bucket (it spends unseen
 RESERVE_CALLS = 2          # between our answers), at least this many calls' tokens
@@ -45,6 +50,9 @@ STATE_TTL = 1.0            # seconds a process trusts its last read of the share
 RECHECK = 1.0              # a call waiting for tokens looks at the pauses at least this often
 FIRST_ANSWER_WAIT = 20.0   # at most this long a call waits for the first answer of a bucket whose limit is unknown
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
+LEASE_SLOTS = 16           # at most this many error slots leased at once: one process never holds the whole budget
+LEASE_LIFE = 5.0           # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
+ERROR_HOLD = int(max(ERROR_WINDOW, REQUEST_DEADLINE + HOLD_MARGIN))  # a lease's row counts this long at most
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -117,20 +125,37 @@ class _Spend:
     window: int
     hold: int          # seconds a call in flight counts at most (one of a killed process)
     floor: int = 0     # never spent
+    calm_floor: int | None = None  # the floor while nothing was spent in the window (None: `floor`)
     reserve: int = 0   # kept while other apps spend the bucket
     headroom: int = 0  # room kept per call in flight for an answer dearer than its cost
     frees: int = 0     # what an ordinary answer gives back per call in flight
     charged: bool = False  # a dead process's call still costs what it holds (ESI charged it on arrival)
 
 
+@dataclass(eq=False)
+class _Lease:
+    """Error slots one process took from the ledger in one row, handed to its calls one at a time."""
+
+    id: int
+    slots: int
+    taken_at: datetime
+    used: int = 0    # calls holding a slot now
+    spent: int = 0   # slots whose call ended in an error: booked as spent, never handed out again
+
+    def open(self, now: datetime) -> bool:
+        """Whether the lease still takes new calls: a free slot, and young enough that its calls end in its hold."""
+        return self.used + self.spent < self.slots and (now - self.taken_at).total_seconds() < LEASE_LIFE
+
+
 @dataclass(frozen=True)
 class Ticket:
-    """What one call took from the ledger: its in-flight rows and the buckets they hold."""
+    """What one call took from the ledger: its error slot, and its in-flight rows and the buckets they hold."""
 
     bucket: str
     ids: list[int] = field(default_factory=list)
     ledgers: list[str] = field(default_factory=list)
     windows: list[int] = field(default_factory=list)
+    lease: _Lease | None = None
 
 
 class SharedLimits:
@@ -161,6 +186,12 @@ class SharedLimits:
         self._take_locks: dict[str, threading.Lock] = {}
         # Per bucket group whose limit was not known, the first answer this process awaits (set once it came).
         self._first_answer: dict[str, threading.Event] = {}
+        # The process's leases of error slots; one thread at a time asks the ledger for a new one, for as many
+        # slots as threads are waiting (`_wanting`), while the others wait on `_slots`.
+        self._slots = threading.Condition()
+        self._leases: list[_Lease] = []
+        self._wanting = 0
+        self._leasing = False
 
     def take(self, bucket: str) -> Ticket:
         """Wait while the error limit or this bucket is paused or spent, then take what one call may cost.
@@ -174,28 +205,37 @@ class SharedLimits:
             return Ticket(bucket)
         group = _group(bucket)
         keys = [self.error_bucket, bucket, group] if group != bucket else [self.error_bucket, bucket]
-        with self._take_lock(group):
-            state = self._read(keys)
-            if not _per_owner(bucket) and self._await_first_answer(group, state):
+        with self._slots:  # every thread on its way to a call counts, for the size of the next lease
+            self._wanting += 1
+        try:
+            with self._take_lock(group):
                 state = self._read(keys)
-            try:
-                return self._take_waiting(bucket, group, keys, state)
-            except BaseException:
-                # A first call that never went (a pause, the database, a stop): the next call asks instead.
-                asked = self._first_answer.get(group)
-                if asked is not None and not asked.is_set():
-                    self._first_answer.pop(group, None)
-                    asked.set()
-                raise
+                if not _per_owner(bucket) and self._await_first_answer(group, state):
+                    state = self._read(keys)
+                try:
+                    return self._take_waiting(bucket, group, keys, state)
+                except BaseException:
+                    # A first call that never went (a pause, the database, a stop): the next call asks instead.
+                    asked = self._first_answer.get(group)
+                    if asked is not None and not asked.is_set():
+                        self._first_answer.pop(group, None)
+                        asked.set()
+                    raise
+        finally:
+            with self._slots:
+                self._wanting -= 1
 
     def _take_waiting(self, bucket: str, group: str, keys: list[str], state: list[dict]) -> Ticket:
-        """Take the call's ledger rows, sleeping through pauses and spent buckets (see take)."""
+        """Take the call's ledger rows and error slot, sleeping through pauses and spent buckets (see take)."""
         waited = 0.0
         while True:
             self._wait_out_pause(bucket, state)
             ticket, wait = self._take_once(bucket, _row(state, group))
             if ticket is not None:
-                return ticket
+                lease, wait = self._error_slot()
+                if lease is not None:
+                    return replace(ticket, lease=lease)
+                self._end_in_flight(ticket.ids)  # its tokens go back while it waits for the error budget
             if wait > MAX_INLINE_WAIT and _per_owner(bucket):
                 # One pilot's list bucket: its job goes to the retry queue rather than hold a process that
                 # other pilots' jobs could use.
@@ -209,25 +249,108 @@ class SharedLimits:
             state = self._read(keys)
 
     def _take_once(self, bucket: str, limit_row: dict) -> tuple[Ticket | None, float]:
-        """Take the call's error and its tokens from the ledger: the ticket, or None and the seconds to wait."""
-        # An error answer is counted when it comes: a call holds its possible error until its deadline at least.
-        spends = [_Spend(self.error_bucket, cost=1, limit=ERROR_LIMIT, window=ERROR_WINDOW,
-                         hold=int(max(ERROR_WINDOW, REQUEST_DEADLINE + HOLD_MARGIN)), floor=ERROR_FLOOR, frees=1)]
+        """Take the call's tokens from the ledger: the ticket, or None and the seconds to wait."""
         limit, window = limit_row.get("limit_tokens"), limit_row.get("window_seconds")
-        if limit and window:  # a bucket with no limit seen (or none at all) is only under the error limit
-            # ESI charges a call when it arrives: a call's tokens are back one window after it was sent.
-            spends.append(_Spend(bucket, cost=CALL_COST, limit=limit, window=window, hold=window,
-                                 reserve=reserve(limit), headroom=HEADROOM, frees=HEADROOM, charged=True))
-        spends.sort(key=lambda spend: spend.bucket)  # advisory locks in one order: no deadlock
-        ids, wait = self._with_conn(lambda c: db.take_tokens(
-            c, self._ledger_clock(), buckets=[p.bucket for p in spends], costs=[p.cost for p in spends],
-            limits=[p.limit for p in spends], windows=[p.window for p in spends], holds=[p.hold for p in spends],
-            floors=[p.floor for p in spends], reserves=[p.reserve for p in spends],
-            headroom=[p.headroom for p in spends], frees=[p.frees for p in spends],
-            charged=[p.charged for p in spends], poll=POLL))
+        if not (limit and window):  # a bucket with no limit seen (or none at all) is only under the error limit
+            return Ticket(bucket), 0.0
+        # ESI charges a call when it arrives: a call's tokens are back one window after it was sent.
+        spend = _Spend(bucket, cost=CALL_COST, limit=limit, window=window, hold=window, reserve=reserve(limit),
+                       headroom=HEADROOM, frees=HEADROOM, charged=True)
+        ids, wait, _ = self._ask_ledger(spend)
         if not ids:
             return None, wait
-        return Ticket(bucket, ids, [p.bucket for p in spends], [p.window for p in spends]), 0.0
+        return Ticket(bucket, ids, [bucket], [window]), 0.0
+
+    def _ask_ledger(self, spend: _Spend, extras: int = 0) -> tuple[list[int] | None, float, list[int]]:
+        return self._with_conn(lambda c: db.take_tokens(
+            c, self._ledger_clock(), buckets=[spend.bucket], costs=[spend.cost], limits=[spend.limit],
+            windows=[spend.window], holds=[spend.hold], floors=[spend.floor], reserves=[spend.reserve],
+            headroom=[spend.headroom], frees=[spend.frees], charged=[spend.charged], poll=POLL, extras=[extras],
+            calm_floors=[spend.floor if spend.calm_floor is None else spend.calm_floor]))
+
+    # ---------------------------------------------------------------------------------------------- error slots
+
+    def _error_slot(self) -> tuple[_Lease | None, float]:
+        """A slot of the error budget for one call: from a lease of this process's, or from a new lease of as many
+        slots as its threads are waiting for, asked by one thread while the others wait for its answer. None and
+        the seconds to wait when the budget is short."""
+        while True:
+            with self._slots:
+                now = self._clock()
+                lease = next((lease for lease in self._leases if lease.open(now)), None)
+                if lease is not None:
+                    lease.used += 1
+                    return lease, 0.0
+                if self._leasing:  # another thread is asking the ledger: its lease may serve this call too
+                    self._slots.wait(RECHECK)
+                    continue
+                self._leasing = True
+                want = max(1, min(self._wanting, LEASE_SLOTS))
+            try:
+                self._end_in_flight(self._over())
+                wait = self._lease(want)
+            finally:
+                with self._slots:
+                    self._leasing = False
+                    self._slots.notify_all()
+            if wait:
+                return None, wait
+
+    def _lease(self, want: int) -> float:
+        """Ask the ledger for `want` error slots in one row (as many as fit, at least one): 0.0 once the lease
+        is this process's, or the seconds until one slot would fit."""
+        spend = _Spend(self.error_bucket, cost=1, limit=ERROR_LIMIT, window=ERROR_WINDOW, hold=ERROR_HOLD,
+                       floor=ERROR_FLOOR, calm_floor=ERROR_CALM_FLOOR, frees=1)
+        ids, wait, granted = self._ask_ledger(spend, extras=want - 1)
+        if not ids:
+            return wait
+        with self._slots:
+            self._leases.append(_Lease(ids[0], 1 + granted[0], self._clock()))
+        return 0.0
+
+    def _give_back(self, lease: _Lease | None, *, error: bool = False) -> list[int]:
+        """A call's error slot is free again (or spent, when its answer was an error); returns the leases that are
+        over, to end in the ledger: closed, with no slot in use."""
+        if lease is None:
+            return []
+        with self._slots:
+            lease.used -= 1
+            lease.spent += error
+            self._slots.notify_all()
+        return self._over()
+
+    def _over(self) -> list[int]:
+        """Take the leases that are over out of the process's hands; their ids, to end in the ledger. A lease no
+        call uses is over once closed, or at once when no thread of the process wants a slot: idle slots held by
+        one process are calls other processes cannot make. One single slot stays open, for a process's calls one
+        after another (a job's list pages)."""
+        with self._slots:
+            now = self._clock()
+            idle = [lease for lease in self._leases if not lease.used]
+            kept = [lease for lease in idle if lease.open(now)]
+            if not self._wanting:
+                kept = [lease for lease in kept if lease.slots == 1][-1:]
+            over = [lease for lease in idle if lease not in kept]
+            self._leases = [lease for lease in self._leases if lease not in over]
+        return [lease.id for lease in over]
+
+    def end_idle_leases(self) -> None:
+        """End the leases that are over: an idle process (no job) calls this, so that its last lease does not hold
+        slots other processes could use until its row's hold ends."""
+        try:
+            self._end_in_flight(self._over())
+        except db.psycopg.Error as exc:
+            log.warning("ESI limits: could not end the error leases (%s)", exc)
+
+    def _idle_slots(self) -> int:
+        """Error slots this process holds in the ledger that no call uses."""
+        with self._slots:
+            return sum(lease.slots - lease.used - lease.spent for lease in self._leases)
+
+    def _end_in_flight(self, ids: list[int]) -> None:
+        if ids:
+            self._with_conn(lambda c: db.settle_tokens(c, self._ledger_clock(), ids=ids, buckets=[], costs=[],
+                                                       windows=[], used=[]))
 
     def _nap(self, seconds: float, bucket: str, *, left: float) -> None:
         """Sleep. A stopping process (the `stopping` event set) finishes its jobs: it sleeps through a short wait
@@ -244,9 +367,9 @@ class SharedLimits:
         limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
         remaining = _int(headers.get("X-Ratelimit-Remaining"))
         try:
-            if ticket.ids:
-                self._settle_ledger(ticket, status, limit, remaining,
-                                    _int(headers.get("X-ESI-Error-Limit-Remain")))
+            ended = self._give_back(ticket.lease, error=error_cost(status) > 0)
+            self._settle_ledger(ticket, status, limit, remaining, _int(headers.get("X-ESI-Error-Limit-Remain")),
+                                ended)
             self._record(ticket.bucket, status, headers, limit, remaining)
         except db.psycopg.Error as exc:
             # The answer is paid for and in hand: losing it would fetch it again. The call's rows in flight stop
@@ -261,23 +384,25 @@ class SharedLimits:
                 asked.set()
 
     def _settle_ledger(self, ticket: Ticket, status: int, limit: tuple[int, int] | None, remaining: int | None,
-                       errors_remain: int | None) -> None:
-        ledgers, windows = list(ticket.ledgers), list(ticket.windows)
-        if limit and ticket.bucket not in ledgers:  # the call that found the bucket's limit spent from it too
-            ledgers.append(ticket.bucket)
-            windows.append(limit[1])
+                       errors_remain: int | None, ended: list[int]) -> None:
+        """One round trip, and only where there is something to book: the call's rate-limit tokens, its error, what
+        ESI counts of errors beyond the ledger (when it counts any), and the leases that are over."""
         entries = []
-        for ledger, window in zip(ledgers, windows, strict=True):
-            if ledger == self.error_bucket:
-                used = ERROR_LIMIT - errors_remain if errors_remain is not None else None
-                entries.append((ledger, error_cost(status), window, used))
-            else:
-                used = limit[0] - remaining if limit and remaining is not None and status != 429 else None
-                entries.append((ledger, answer_cost(status), window, used))
-        entries.sort(key=lambda entry: entry[0])  # the locks' one order
+        for ledger, window in zip(ticket.ledgers, ticket.windows, strict=True):
+            used = limit[0] - remaining if limit and remaining is not None and status != 429 else None
+            entries.append((ledger, answer_cost(status), window, used))
+        if limit and ticket.bucket not in ticket.ledgers:  # the call that found the bucket's limit spends from it
+            entries.append((ticket.bucket, answer_cost(status), limit[1], None))
+        if error_cost(status) or (errors_remain is not None and errors_remain < ERROR_LIMIT):
+            # The ledger counts this process's idle slots as in flight; ESI does not see them.
+            used = ERROR_LIMIT - errors_remain + self._idle_slots() if errors_remain is not None else None
+            entries.append((self.error_bucket, error_cost(status), ERROR_WINDOW, used))
+        if not (entries or ticket.ids or ended):
+            return
+        entries.sort(key=lambda entry: entry[0])  # the locks' order
         self._with_conn(lambda c: db.settle_tokens(
-            c, self._ledger_clock(), ids=ticket.ids, buckets=[e[0] for e in entries], costs=[e[1] for e in entries],
-            windows=[e[2] for e in entries], used=[e[3] for e in entries]))
+            c, self._ledger_clock(), ids=ticket.ids + ended, buckets=[e[0] for e in entries],
+            costs=[e[1] for e in entries], windows=[e[2] for e in entries], used=[e[3] for e in entries]))
 
     def _record(self, bucket: str, status: int, headers: Any, limit: tuple[int, int] | None,
                 remaining: int | None) -> None:
@@ -394,7 +519,13 @@ class SharedLimits:
         self._with_conn(lambda conn: None)
 
     def close(self) -> None:
-        """Close the process's limits connection."""
+        """End the process's leases and close its limits connection."""
+        with self._slots:
+            ids, self._leases = [lease.id for lease in self._leases], []
+        try:
+            self._end_in_flight(ids)
+        except db.psycopg.Error as exc:  # a dead session's rows stop counting once the budget is short
+            log.warning("ESI limits: could not end the error leases (%s)", exc)
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -212,13 +212,20 @@ ALTER TABLE esi_in_flight SET (autovacuum_vacuum_scale_factor = 0, autovacuum_va
 -- on every host, and one round trip. Returns the in-flight row ids, or none and the seconds to wait: until
 -- enough spent tokens come back, or a short `poll` while the answers of calls in flight would give enough back
 -- (`frees` a call). A call fits when spent + in flight + cost + headroom per call in flight + floor (+ reserve
--- once other apps were seen spending) is within the limit. A row in flight counts for `holds` seconds at most
--- (a killed process's). Times are the database's clock, one for every host, unless the caller gives one.
-CREATE OR REPLACE FUNCTION esi_take(p_now TIMESTAMPTZ, p_buckets TEXT[], p_costs INTEGER[], p_limits INTEGER[],
-                                    p_windows INTEGER[], p_holds INTEGER[], p_floors INTEGER[],
-                                    p_reserves INTEGER[], p_headroom INTEGER[], p_frees INTEGER[],
+-- once other apps were seen spending) is within the limit; the floor is `calm_floors` while nothing at all was
+-- spent in the window (no error seen: what is in flight may use more of the error budget), `floors` once anything
+-- was. Once it fits, up to `extras` more of the same cost
+-- are taken in the same row where they fit too (a lease of several calls' worth, `granted` says how many).
+-- A row in flight counts for `holds` seconds at most (a killed process's). Times are the database's clock, one
+-- for every host, unless the caller gives one.
+DROP FUNCTION IF EXISTS esi_take(TIMESTAMPTZ, TEXT[], INTEGER[], INTEGER[], INTEGER[], INTEGER[], INTEGER[],
+                                 INTEGER[], INTEGER[], INTEGER[], BOOLEAN[], DOUBLE PRECISION);
+CREATE OR REPLACE FUNCTION esi_take(p_now TIMESTAMPTZ, p_buckets TEXT[], p_costs INTEGER[], p_extras INTEGER[],
+                                    p_limits INTEGER[], p_windows INTEGER[], p_holds INTEGER[], p_floors INTEGER[],
+                                    p_calm_floors INTEGER[], p_reserves INTEGER[], p_headroom INTEGER[],
+                                    p_frees INTEGER[],
                                     p_charged BOOLEAN[], p_poll DOUBLE PRECISION,
-                                    OUT ids BIGINT[], OUT wait DOUBLE PRECISION)
+                                    OUT ids BIGINT[], OUT wait DOUBLE PRECISION, OUT granted INTEGER[])
 LANGUAGE plpgsql AS $$
 DECLARE
     now_ TIMESTAMPTZ;
@@ -232,6 +239,7 @@ DECLARE
     bucket_wait DOUBLE PRECISION;
 BEGIN
     wait := 0;
+    granted := array_fill(0, ARRAY[cardinality(p_buckets)]);
     FOR i IN 1 .. cardinality(p_buckets) LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_buckets[i], 0));
     END LOOP;
@@ -245,7 +253,8 @@ BEGIN
             FROM esi_spent WHERE bucket = p_buckets[i];
         SELECT coalesce(sum(tokens), 0), count(*) INTO flying, flying_calls
             FROM esi_in_flight WHERE bucket = p_buckets[i];
-        excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls + p_floors[i]
+        excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls
+                  + CASE WHEN spent_own + spent_other > 0 THEN p_floors[i] ELSE p_calm_floors[i] END
                   + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
         IF excess > 0 AND flying_calls > 0 THEN
             -- Short: the calls of processes that died (their session is gone) hold nothing more in flight.
@@ -262,7 +271,8 @@ BEGIN
             SELECT coalesce(sum(tokens), 0), count(*) INTO flying, flying_calls
                 FROM esi_in_flight WHERE bucket = p_buckets[i];
             excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls
-                      + p_floors[i] + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
+                      + CASE WHEN spent_own + spent_other > 0 THEN p_floors[i] ELSE p_calm_floors[i] END
+                      + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
         END IF;
         IF excess > 0 THEN
             IF flying_calls > 0 AND excess <= p_frees[i] * flying_calls THEN
@@ -278,14 +288,17 @@ BEGIN
                                     ELSE p_windows[i] END;
             END IF;
             wait := greatest(wait, bucket_wait);
+        ELSIF p_extras[i] > 0 THEN
+            granted[i] := least(p_extras[i], -excess / (p_costs[i] + p_headroom[i]));
         END IF;
     END LOOP;
     IF wait > 0 THEN
+        granted := NULL;
         RETURN;
     END IF;
     WITH taken AS (
         INSERT INTO esi_in_flight (bucket, sent_at, tokens)
-        SELECT b, now_, c FROM unnest(p_buckets, p_costs) AS t (b, c)
+        SELECT b, now_, c * (1 + g) FROM unnest(p_buckets, p_costs, granted) AS t (b, c, g)
         RETURNING id)
     SELECT array_agg(id) INTO ids FROM taken;
 END $$;

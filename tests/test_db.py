@@ -203,9 +203,11 @@ def test_binary_copy_stores_every_column_as_the_row_by_row_path_does(conn):
         [(2 ** 40, None, -9.87, False), (None, 2 ** 62, 5.0, True)]
 
 
-def take(conn, now, bucket="killmail", limit=20, window=60):
-    return db.take_tokens(conn, now, buckets=[bucket], costs=[2], limits=[limit], windows=[window], holds=[window],
-                          floors=[0], reserves=[0], headroom=[0], frees=[2], charged=[True], poll=0.05)
+def take(conn, now, bucket="killmail", limit=20, window=60, extras=0):
+    ids, wait, granted = db.take_tokens(
+        conn, now, buckets=[bucket], costs=[2], limits=[limit], windows=[window], holds=[window], floors=[0],
+        reserves=[0], headroom=[0], frees=[2], charged=[True], poll=0.05, extras=[extras])
+    return (ids, wait, granted) if extras else (ids, wait)
 
 
 def settle(conn, now, ids, *, cost=2, used=None):
@@ -238,6 +240,16 @@ def test_take_tokens_names_when_the_oldest_spends_come_back(conn):
     assert take(conn, later, limit=23)[0] is not None               # one more call fits a bigger bucket ...
     assert take(conn, later, limit=23)[1] == pytest.approx(0.05)    # ... the next only if that one's answer is cheap
     assert db.ledger_spent(conn, "killmail", later, window=60) == {"own": 20, "other": 0, "in_flight": 2}
+
+
+def test_take_tokens_leases_as_many_extra_calls_as_fit_in_one_row(conn):
+    ids, _, granted = take(conn, NOW, extras=15)          # a bucket of 10 calls: the call and 9 more
+    assert len(ids) == 1 and granted == [9]
+    assert db.ledger_spent(conn, "killmail", NOW, window=60) == {"own": 0, "other": 0, "in_flight": 20}
+    assert take(conn, NOW, extras=3)[:2] == (None, pytest.approx(0.05))   # full: nothing, not even the call
+    settle(conn, NOW, ids, cost=4)                        # the lease ended having spent two calls' worth
+    ids, _, granted = take(conn, NOW, extras=15)
+    assert granted == [7]
 
 
 def test_settle_tokens_books_what_esi_counts_beyond_the_ledger(conn):

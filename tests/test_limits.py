@@ -16,7 +16,6 @@ import db
 import limits
 from esi import MAX_PAUSE, Paused
 from limits import (
-    ERROR_FLOOR,
     ERROR_LIMIT,
     ERROR_LIMIT_BUCKET,
     SharedLimits,
@@ -260,16 +259,15 @@ def test_a_killed_process_strands_its_calls_for_one_window_at_most(conn, process
     learn(one)
     for _ in range(40):
         one.take(DETAIL)                                   # sent, never answered: the process was killed
-    one.close()                                            # its session ends with it
+    one._conn.close()                                      # its session ends with it, leases and all
     later = process()
     small = {"limit_tokens": 83, "window_seconds": 60}     # seen as a bucket of 83, 2 + 40 calls fill it
     clock.sleep(59)
     assert later._take_once(DETAIL, small)[0] is None
     clock.sleep(2)                                         # a window after the second they were sent in: back
     assert later._take_once(DETAIL, small)[0] is not None
-    taken = [later._take_once("character", {})[0] for _ in range(49)]
-    assert all(taken)                                      # the dead calls' 40 possible errors hold nothing
-    assert later._take_once("character", {})[0] is None    # 50 of ours in flight: the floor
+    assert [later._lease(1) for _ in range(90)] == [0.0] * 90   # the dead calls' 41 possible errors hold nothing
+    assert later._lease(1) > 0                                   # 90 of ours in flight: the floor of a calm window
     assert spent(conn, DETAIL, clock)["in_flight"] == 2
 
 
@@ -299,18 +297,23 @@ def test_a_stopping_process_still_waits_out_a_short_wait(conn, process, clock):
 
 # ------------------------------------------------------------------------------------------------ error budget
 
-def test_at_most_half_the_error_budget_is_in_flight_however_many_threads(conn, process, clock):
+def test_calls_in_flight_leave_ten_errors_while_calm_and_half_the_budget_once_errors_come(conn, process, clock):
     """A route without a rate-limit bucket is still under the error limit: every call in flight may turn into an
-    error, so no more than half the budget are in flight at once, over every process."""
+    error. After a window without errors, 90 may be in flight (were all to fail at once, 10 are left: no 420);
+    once an error came, no more than half the budget, errors and calls in flight together, over every process."""
     one, other = process(), process()
-    for shared in (one, other):  # each process's first call, answered: the route has no rate-limit bucket
-        shared.settle(shared.take("character"), 200, {"X-ESI-Error-Limit-Remain": "100"})
-    flying = [(one, other)[n % 2].take("character") for n in range(ERROR_LIMIT - ERROR_FLOOR)]
-    assert clock.waits == []
-    assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 50
-    one.settle(flying.pop(), 200, {"X-ESI-Error-Limit-Remain": "100"})   # an answer that is no error frees one
-    other.take("character")
-    assert clock.waits == []
+    assert [(one, other)[n % 2]._lease(1) for n in range(ERROR_LIMIT - limits.ERROR_CALM_FLOOR)] == [0.0] * 90
+    assert one._lease(1) > 0 and other._lease(1) > 0
+    for lease in one._leases + other._leases:                              # each a call in flight
+        lease.used = 1
+    failing = one._leases[0]
+    one.settle(limits.Ticket("character", lease=failing), 502, {"X-ESI-Error-Limit-Remain": "99"})
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 1, "other": 0, "in_flight": 89}
+    one._end_in_flight([lease.id for lease in one._leases[:41]])          # 41 more answers: 48 in flight
+    assert other._lease(1) == 0.0                                          # 1 + 49 + 50: the floor, now half
+    assert other._lease(1) > 0
+    clock.sleep(limits.ERROR_WINDOW + 1)                                   # the error is a window old: calm again
+    assert other._lease(1) == 0.0
 
 
 def test_errors_shrink_what_may_be_in_flight_until_they_age_out(conn, process, clock):
@@ -326,7 +329,8 @@ def test_errors_shrink_what_may_be_in_flight_until_they_age_out(conn, process, c
 def test_errors_of_other_apps_behind_the_ip_count_too(conn, process, clock):
     one = process()
     one.settle(one.take("character"), 200, {"X-ESI-Error-Limit-Remain": "70"})   # 30 errors that are not ours
-    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 30, "in_flight": 0}
+    # In flight: the process's lease of one slot, idle (ESI does not count it, nor does the booking).
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 30, "in_flight": 1}
     for _ in range(20):
         one.take("character")
     assert clock.waits == []
@@ -342,6 +346,77 @@ def test_the_error_budget_is_per_egress(conn, process, clock):
         one.take("character")
         other.take("character")
     assert clock.waits == []
+
+
+def test_threads_of_a_process_lease_error_slots_together_and_an_answer_without_error_costs_no_query(
+        conn, process, clock, monkeypatch):
+    """One thread asks for a lease while the ledger is busy; nineteen more come meanwhile: the first gets its
+    one slot, the nineteen a lease of LEASE_SLOTS and one of the rest. Their answers (no error, on a route
+    without a bucket) cost no query but the one that leaves a lease of several slots idle with no thread
+    wanting one: it ends the lease. A single slot stays for the process's next call until it is closed."""
+    shared = process()
+    learn(shared, "character", "")                 # the route has no bucket; its lease ends
+    clock.sleep(limits.LEASE_LIFE)
+    shared.end_idle_leases()
+    queries = []
+
+    def counted(name):
+        real = getattr(db, name)
+        return lambda *args, **kwargs: queries.append(name) or real(*args, **kwargs)
+
+    for name in ("take_tokens", "settle_tokens"):
+        monkeypatch.setattr(db, name, counted(name))
+    tickets = []
+
+    def call():
+        tickets.append(shared.take("character"))
+
+    def until(condition):
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert condition()
+
+    lock = "hashtextextended('esi:' || %s, 0)"
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    with db.connect(conn.info.dsn) as busy:  # holds the error bucket's lock: the first lease waits in the ledger
+        busy.execute(f"SELECT pg_advisory_lock({lock})", (ERROR_LIMIT_BUCKET,))
+        threads[0].start()
+        until(lambda: shared._leasing)
+        for thread in threads[1:]:
+            thread.start()
+        until(lambda: shared._wanting == 20)
+        busy.execute(f"SELECT pg_advisory_unlock({lock})", (ERROR_LIMIT_BUCKET,))
+    for thread in threads:
+        thread.join(10)
+    assert len(tickets) == 20 and queries == ["take_tokens"] * 3
+    leases = {id(ticket.lease): ticket.lease for ticket in tickets}.values()
+    assert sorted(lease.slots for lease in leases) == [1, 20 - 1 - limits.LEASE_SLOTS, limits.LEASE_SLOTS]
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 0, "in_flight": 20}
+    for ticket in tickets:
+        shared.settle(ticket, 200, {"X-ESI-Error-Limit-Remain": "100"})
+    assert queries == ["take_tokens"] * 3 + ["settle_tokens"] * 2
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 1
+    shared.end_idle_leases()                       # still young: the single slot takes new calls for LEASE_LIFE
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 1
+    clock.sleep(limits.LEASE_LIFE)
+    shared.end_idle_leases()                       # closed and idle: it ends
+    assert queries[5:] == ["settle_tokens"]
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 0
+
+
+def test_an_error_is_booked_when_it_comes_and_its_slot_is_not_handed_out_again(conn, process, clock):
+    shared = process()
+    shared.settle(shared.take("character"), 200, {"X-ESI-Error-Limit-Remain": "100"})
+    first = shared.take("character")
+    shared.settle(first, 502, {"X-ESI-Error-Limit-Remain": "99"})
+    # The lease's one slot was spent by the error: the lease is over, ended with the error's booking.
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 1, "other": 0, "in_flight": 0}
+    second = shared.take("character")
+    assert second.lease is not first.lease
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 1, "other": 0, "in_flight": 1}
+
+
 
 
 # ------------------------------------------------------------------------------------------------ pauses shared
@@ -401,7 +476,7 @@ def test_a_timeout_is_no_answer_and_a_bucket_without_a_limit_is_only_under_the_e
     assert not taken
     shared.settle(asking, 200, {"X-ESI-Error-Limit-Remain": "100"})  # the detail answer: no rate-limit headers
     third.join(5)
-    assert len(taken) == 1 and taken[0].ledgers == [ERROR_LIMIT_BUCKET]  # never counted against a limit it lacks
+    assert len(taken) == 1 and taken[0].ledgers == [] and taken[0].lease  # no limit it lacks, only an error slot
     assert spent(conn, DETAIL, clock)["in_flight"] == 0
 
 
