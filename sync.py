@@ -42,7 +42,7 @@ class SyncResult:
     character_id: int
     character_name: str | None = None
     corporation_id: int | None = None
-    kind: str = "character"
+    kind: str = "character"     # whose killmails: a 'character' or a 'corporation' (the run's owner), or 'sweep'
     status: str = "ok"
     listed: int = 0
     new: int = 0
@@ -135,14 +135,14 @@ def _locked_run(conn, locks: list[tuple[int, int]], result: SyncResult, options:
 
 
 def _lock(conn, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
-    """Take every lock or none; None when another process holds one of them."""
+    """Take every lock, each a (namespace, key) pair, or none; None when another process holds one of them."""
     taken = []
-    for kind, key in keys:
-        if not db.try_lock(conn, kind, key):
+    for namespace, key in keys:
+        if not db.try_lock(conn, namespace, key):
             conn.rollback()
             _release(conn, taken)
             return None
-        taken.append((kind, key))
+        taken.append((namespace, key))
     return taken  # session locks: the caller's next commit ends this transaction, the locks stay
 
 
@@ -151,8 +151,8 @@ def _release(conn, locks: list[tuple[int, int]]) -> None:
         return  # released by _finish already, or died with the session
     try:
         conn.rollback()
-        for kind, key in reversed(locks):
-            db.unlock(conn, kind, key)
+        for namespace, key in reversed(locks):
+            db.unlock(conn, namespace, key)
         conn.commit()
     except db.psycopg.Error:
         log.warning("could not release the locks %s; they end with the connection", locks)
@@ -277,7 +277,7 @@ def _revoke(conn, user: dict, result: SyncResult, exc: esi_errors.InvalidGrant) 
     return None
 
 
-def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict, token: str, cache: dict,
+def _list_references(conn, esi: EsiClient, kind: str, owner_id: int, user: dict, token: str, cache: dict,
                      now: datetime, options: SyncOptions, result: SyncResult) -> None:
     """Store a pilot's (or its corporation's) listed references, unless the stored list is still fresh; the
     caller commits them with what it does next (fetch_killmails' claims).
@@ -290,9 +290,9 @@ def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict
     etag = None if options.full else cache["list_etag"]
     try:
         listing = esi.list_recent(character_id=user["character_id"], token=token, etag=etag,
-                                  corporation_id=owner_id if owner == "corporation" else None)
+                                  corporation_id=owner_id if kind == "corporation" else None)
     except esi_errors.NotModified as exc:
-        db.save_list_cache(conn, owner, owner_id, etag, _list_expiry(now, result, options, exc.expires_in))
+        db.save_list_cache(conn, kind, owner_id, etag, _list_expiry(now, result, options, exc.expires_in))
         return
     except esi_errors.Forbidden:
         raise
@@ -302,17 +302,17 @@ def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict
         raise JobError(f"access token refused: {exc}") from exc
     except esi_errors.EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
-    result.linked_new = db.store_refs(conn, owner, owner_id, listing.refs)
-    db.save_list_cache(conn, owner, owner_id, listing.etag, _list_expiry(now, result, options, listing.expires_in))
+    result.linked_new = db.store_refs(conn, kind, owner_id, listing.refs)
+    db.save_list_cache(conn, kind, owner_id, listing.etag, _list_expiry(now, result, options, listing.expires_in))
     result.listed = len(listing.refs)
     log.info("  📥 Found %d killmails", result.listed)
 
 
-def fetch_killmails(conn, esi: EsiClient, owner: str, owner_id: int, now: datetime, options: SyncOptions,
+def fetch_killmails(conn, esi: EsiClient, kind: str, owner_id: int, now: datetime, options: SyncOptions,
                     result: SyncResult) -> None:
     """Fetch and save the details of a pilot's (or corporation's) references that no process has stored or
     is fetching."""
-    pending = db.pending_refs(conn, owner, owner_id, now, max_attempts=options.max_attempts)
+    pending = db.pending_refs(conn, kind, owner_id, now, max_attempts=options.max_attempts)
     claimed = db.claim_refs(conn, [r["killmail_id"] for r in pending], now, seconds=CLAIM_SECONDS)
     conn.commit()
     result.new = len(pending)
@@ -472,8 +472,8 @@ def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, lock
                        found_new=result.linked_new > 0 or result.saved > 0)
         db.record_run(conn, run_row(result))
         conn.commit()
-        for kind, key in reversed(locks):
-            db.unlock(conn, kind, key)
+        for namespace, key in reversed(locks):
+            db.unlock(conn, namespace, key)
         conn.commit()
     locks.clear()
 
