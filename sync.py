@@ -11,8 +11,21 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 
 import db
-import esi as esi_errors
-from esi import EsiClient
+from esi import (
+    INVALID_CLIENT_PAUSE,
+    ErrorLimited,
+    EsiClient,
+    EsiError,
+    Forbidden,
+    InvalidClient,
+    InvalidGrant,
+    InvalidHash,
+    NotModified,
+    Paused,
+    RateLimited,
+    Unauthorized,
+    token_scopes,
+)
 from killmail_model import InvalidKillmail, Killmail, parse_killmail
 
 log = logging.getLogger(__name__)
@@ -170,7 +183,7 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
         _learn_profile(conn, esi, user, token, now)
         try:
             _list_references(conn, esi, "character", character_id, user, token, user, now, options, result)
-        except esi_errors.Forbidden as exc:
+        except Forbidden as exc:
             # The token lacks the killmail scope: asking again only spends the error limit. A new login fixes it.
             if db.mark_revoked(conn, character_id, user["refresh_token"], f"killmail list forbidden: {exc}"):
                 result.status = "needs_relogin"
@@ -197,7 +210,7 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
         try:
             _list_references(conn, esi, "corporation", corporation_id, user, token, corporation, now, options,
                              result)
-        except esi_errors.Forbidden as exc:
+        except Forbidden as exc:
             # The Director role is gone (or never was): another eligible member is tried on the next run.
             db.set_director(conn, character_id, False)
             conn.commit()
@@ -221,7 +234,7 @@ def _live_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncRes
 
 def _learn_profile(conn, esi: EsiClient, user: dict, token: str, now: datetime) -> None:
     """Keep the pilot's token scopes and (daily, for directors) its corporation, which corporation syncs need."""
-    scopes = " ".join(esi_errors.token_scopes(token)) or None
+    scopes = " ".join(token_scopes(token)) or None
     checked = user["corporation_checked_at"]
     corporation_id = None
     # Only a pilot who may read its corporation's killmails needs its corporation (one public call a day).
@@ -229,7 +242,7 @@ def _learn_profile(conn, esi: EsiClient, user: dict, token: str, now: datetime) 
     if may_read_corporation and (checked is None or checked < now - PROFILE_MAX_AGE):
         try:
             corporation_id = esi.get_character(user["character_id"]).get("corporation_id")
-        except esi_errors.EsiError as exc:
+        except EsiError as exc:
             log.warning("  could not read the public record of %s: %s", user["character_id"], exc)
     if scopes != user["scopes"] or corporation_id is not None:
         db.save_profile(conn, user["character_id"], scopes=scopes,
@@ -244,11 +257,11 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
         return user["access_token"]
     try:
         grant = esi.refresh(user["refresh_token"])
-    except esi_errors.InvalidGrant as exc:
+    except InvalidGrant as exc:
         return _revoke(conn, user, result, exc)
-    except esi_errors.InvalidClient as exc:
+    except InvalidClient as exc:
         raise _job_error("SSO configuration error", exc) from exc
-    except esi_errors.EsiError as exc:
+    except EsiError as exc:
         raise _job_error("token refresh failed", exc) from exc
     # The old refresh token is dead from this moment: store the new one before anything else can fail.
     stored = db.store_tokens(conn, user["character_id"], grant.access_token, grant.refresh_token,
@@ -261,7 +274,7 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
     return grant.access_token
 
 
-def _revoke(conn, user: dict, result: SyncResult, exc: esi_errors.InvalidGrant) -> None:
+def _revoke(conn, user: dict, result: SyncResult, exc: InvalidGrant) -> None:
     """Mark the refresh token SSO refused as dead (unless the web app already replaced it); always None."""
     revoked = db.mark_revoked(conn, user["character_id"], user["refresh_token"], str(exc))
     conn.commit()
@@ -291,16 +304,16 @@ def _list_references(conn, esi: EsiClient, kind: str, owner_id: int, user: dict,
     try:
         listing = esi.list_recent(character_id=user["character_id"], token=token, etag=etag,
                                   corporation_id=owner_id if kind == "corporation" else None)
-    except esi_errors.NotModified as exc:
+    except NotModified as exc:
         db.save_list_cache(conn, kind, owner_id, etag, _list_expiry(now, result, options, exc.expires_in))
         return
-    except esi_errors.Forbidden:
+    except Forbidden:
         raise
-    except esi_errors.Unauthorized as exc:
+    except Unauthorized as exc:
         db.expire_access_token(conn, user["character_id"], now)  # refresh it on the next try
         conn.commit()
         raise JobError(f"access token refused: {exc}") from exc
-    except esi_errors.EsiError as exc:
+    except EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
     result.linked_new = db.store_refs(conn, kind, owner_id, listing.refs)
     db.save_list_cache(conn, kind, owner_id, listing.etag, _list_expiry(now, result, options, listing.expires_in))
@@ -367,11 +380,11 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
 
 
 def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,
-             result: SyncResult) -> esi_errors.EsiError | None:
+             result: SyncResult) -> EsiError | None:
     """Save fetched killmails in small batches as they arrive (in the order they arrive: paced fetches end in no
     set order, and one slow fetch must not hold the others unsaved), record failures, and return the limit error
     that stopped the fetching (None when all were tried). Ids left in `unfetched` were never fetched."""
-    stop: esi_errors.EsiError | None = None
+    stop: EsiError | None = None
     fetched: list[Killmail] = []
     batch_started = time.monotonic()
     refs = dict(zip(futures, claimed, strict=True))
@@ -396,13 +409,13 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
             killmail = future.result()
         except CancelledError:
             continue
-        except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
+        except (ErrorLimited, RateLimited, Paused) as exc:
             # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
             stop = stop or exc
             for other in futures:
                 other.cancel()
             continue
-        except (esi_errors.EsiError, InvalidKillmail) as exc:
+        except (EsiError, InvalidKillmail) as exc:
             unfetched.discard(killmail_id)
             _record_failure(conn, killmail_id, exc, now, options, result)
             continue
@@ -449,7 +462,7 @@ def _record_failure(conn, killmail_id: int, exc: Exception, now: datetime, optio
                     result: SyncResult) -> None:
     # A wrong hash never becomes right; anything else (a 5xx, a malformed body, a row the database refused)
     # is retried by later syncs a bounded number of times.
-    permanent = isinstance(exc, esi_errors.InvalidHash)
+    permanent = isinstance(exc, InvalidHash)
     db.record_ref_failure(conn, killmail_id, f"{type(exc).__name__}: {exc}", now,
                           permanent=permanent, max_attempts=options.max_attempts)
     conn.commit()
@@ -507,14 +520,14 @@ def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,
     return answered_at + timedelta(seconds=expires_in)
 
 
-def _job_error(what: str, exc: esi_errors.EsiError) -> JobError:
+def _job_error(what: str, exc: EsiError) -> JobError:
     error = JobError(f"{what}: {exc}")
-    if isinstance(exc, esi_errors.RateLimited):
+    if isinstance(exc, RateLimited):
         error.retry_after = exc.retry_after
-    elif isinstance(exc, esi_errors.ErrorLimited):
+    elif isinstance(exc, ErrorLimited):
         error.retry_after = exc.reset
-    elif isinstance(exc, esi_errors.Paused):
+    elif isinstance(exc, Paused):
         error.retry_after = max(0.0, (exc.until - datetime.now(UTC)).total_seconds())
-    elif isinstance(exc, esi_errors.InvalidClient):
-        error.retry_after = esi_errors.INVALID_CLIENT_PAUSE  # the SSO pause every process now keeps
+    elif isinstance(exc, InvalidClient):
+        error.retry_after = INVALID_CLIENT_PAUSE  # the SSO pause every process now keeps
     return error

@@ -6,10 +6,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import db
-import esi as esi_errors
 import sync
 from conftest import insert_users, make_settings
-from esi import EsiClient
+from esi import EsiClient, InvalidGrant
 from limits import SharedLimits
 
 
@@ -250,7 +249,7 @@ def web_app_logs_in_during(client, conn, database_url, character_id, *, refused:
             web.execute("UPDATE users SET refresh_token = 'web-login', access_token = 'web-access' "
                         "WHERE character_id = %s", (character_id,))
         if refused:
-            raise esi_errors.InvalidGrant("invalid_grant: gone")
+            raise InvalidGrant("invalid_grant: gone")
         return refresh(refresh_token)
     client.refresh = racing_refresh
 
