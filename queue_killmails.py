@@ -39,7 +39,7 @@ def queue_due(conn, channel, settings: Settings, now: datetime, *, users: bool =
         rows = db.claim_due_users(conn, now, interval=settings.sync_interval_seconds,
                                   stale_after=CLAIM_STALE_SECONDS)
         conn.commit()
-        log.info("✓ Found %d active users", len(rows))
+        log.info("✓ Found %d users to sync", len(rows))
         claimed += [(broker.new_job(r["character_id"], r["character_name"], now=now), _priority(r),
                      r["character_name"] or str(r["character_id"])) for r in rows]
     if corporations:
@@ -91,7 +91,7 @@ def dry_run(conn, settings: Settings, now: datetime, character_id: int | None, *
         if character_id is not None:
             users = [u for u in users if u["character_id"] == character_id] or \
                 ([u] if (u := db.get_user(conn, character_id)) else [])
-        log.info("✓ Found %d active users (dry run: nothing queued)", len(users))
+        log.info("✓ Found %d users to sync (dry run: nothing queued)", len(users))
         for user in users:
             log.info("  would queue %s (ID: %s), %s", user["character_name"], user["character_id"],
                      _last_sync(user))

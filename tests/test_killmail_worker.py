@@ -62,7 +62,7 @@ def test_two_burst_workers_store_every_killmail_once(conn, sim, settings, page_s
     assert "👤 Processing: Pilot" in "".join(outputs) and "✅ Completed: Pilot" in "".join(outputs)
     # Right after: no user is due (the directors' corporations are, now that their corporation is known) ...
     again = run_script("queue_killmails.py", settings)
-    assert "✓ Found 0 active users" in again.stdout and "And 4 corporations" in again.stdout
+    assert "✓ Found 0 users to sync" in again.stdout and "And 4 corporations" in again.stdout
     start_worker(settings, "--burst").communicate(timeout=120)
     # ... and a forced job makes neither a list call (before Expires) nor a detail call.
     sim.reset_stats()
@@ -181,7 +181,7 @@ def test_corporations_are_queued_and_synced_through_their_directors(conn, sim, s
     start_worker(settings, "--burst").communicate(timeout=120)
     # The first syncs learned which pilots are directors and of which corporation.
     second = run_script("queue_killmails.py", settings)
-    assert "✓ Found 0 active users" in second.stdout and "And 2 corporations" in second.stdout
+    assert "✓ Found 0 users to sync" in second.stdout and "And 2 corporations" in second.stdout
     output = start_worker(settings, "--burst").communicate(timeout=120)[0]
     assert "🏢 Corporation" in output
     assert set(stored(conn)) == set(sim.expected_killmails(valid_only=True, corporations=True))

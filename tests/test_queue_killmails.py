@@ -46,7 +46,7 @@ def test_queues_every_due_user_once_with_ids_only(conn, settings):
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [
         "📡 Queueing users for killmail sync...",
-        "✓ Found 2 active users",
+        "✓ Found 2 users to sync",
         "📤 Adding to queue...",
         "✅ All 2 users queued successfully!",
         "💡 Now run the worker to process them: python killmail_worker.py",
@@ -64,7 +64,7 @@ def test_a_queued_user_is_not_queued_again(conn, settings):
     insert_users(conn, pilots(2))
     assert run_script("queue_killmails.py", settings).returncode == 0
     second = run_script("queue_killmails.py", settings)
-    assert "✓ Found 0 active users" in second.stdout
+    assert "✓ Found 0 users to sync" in second.stdout
     assert len(drain(settings.queue_name)) == 2
 
 
@@ -97,7 +97,7 @@ def test_dry_run_names_the_corporations_a_run_would_queue_and_claims_none(conn, 
     assert "✓ Found 1 corporations due (dry run: nothing queued)" in run.stdout
     assert "would queue corporation 98000001 through Pilot 1 (ID: 1001), first sync" in run.stdout
     only = run_script("queue_killmails.py", settings, "--dry-run", "--corporations")
-    assert "would queue corporation 98000001" in only.stdout and "active users" not in only.stdout
+    assert "would queue corporation 98000001" in only.stdout and "users to sync" not in only.stdout
     assert conn.execute("SELECT count(*) AS n FROM corporations WHERE queued_at IS NOT NULL").fetchone()["n"] == 0
     assert run_script("queue_killmails.py", settings, "--corporations").returncode == 0
     assert [m[2].get("corporation_id") for m in drain(settings.queue_name)] == [98000001]
