@@ -86,6 +86,30 @@ class SyncOptions:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Whose killmail list a run reads (a pilot's own, or a corporation's), with whose token, and what the last
+    read of it left."""
+
+    kind: str                           # 'character' or 'corporation', as SyncResult.kind
+    id: int                             # the character's or the corporation's id
+    reader_id: int                      # whose token reads the list: the pilot itself, or a director
+    list_etag: str | None               # the stored list's ETag and Expires (its users or corporations row)
+    list_expires_at: datetime | None
+
+    @classmethod
+    def pilot(cls, user: dict) -> Owner:
+        """A pilot's own list, read with its own token."""
+        return cls("character", user["character_id"], user["character_id"], user["list_etag"],
+                   user["list_expires_at"])
+
+    @classmethod
+    def corporation(cls, corporation: dict, director: dict) -> Owner:
+        """A corporation's list, read with one of its directors' tokens."""
+        return cls("corporation", corporation["corporation_id"], director["character_id"],
+                   corporation["list_etag"], corporation["list_expires_at"])
+
+
 def needs_refresh(expires_at: datetime | None, now: datetime) -> bool:
     """Whether an access token must be refreshed before use (absent, expired, or expiring within a minute)."""
     return expires_at is None or expires_at <= now + REFRESH_MARGIN
@@ -181,8 +205,9 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
     token = _live_token(conn, esi, user, now, result)
     if token is not None:
         _learn_profile(conn, esi, user, token, now)
+        owner = Owner.pilot(user)
         try:
-            _list_references(conn, esi, "character", character_id, user, token, user, now, options, result)
+            _list_references(conn, esi, owner, token, now, options, result)
         except Forbidden as exc:
             # The token lacks the killmail scope: asking again only spends the error limit. A new login fixes it.
             if db.mark_revoked(conn, character_id, user["refresh_token"], f"killmail list forbidden: {exc}"):
@@ -192,7 +217,7 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
             conn.commit()
             result.error = str(exc)
         else:
-            fetch_killmails(conn, esi, "character", character_id, now, options, result)
+            fetch_killmails(conn, esi, owner, now, options, result)
     _finish(conn, esi, result, options, locks)
 
 
@@ -207,9 +232,9 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
     log.info("  🏢 Corporation %s through %s", corporation_id, user["character_name"] or character_id)
     token = _live_token(conn, esi, user, now, result)
     if token is not None:
+        owner = Owner.corporation(corporation, director=user)
         try:
-            _list_references(conn, esi, "corporation", corporation_id, user, token, corporation, now, options,
-                             result)
+            _list_references(conn, esi, owner, token, now, options, result)
         except Forbidden as exc:
             # The Director role is gone (or never was): another eligible member is tried on the next run.
             db.set_director(conn, character_id, False)
@@ -219,7 +244,7 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
                         corporation_id, exc)
         else:
             db.set_director(conn, character_id, True)
-            fetch_killmails(conn, esi, "corporation", corporation_id, now, options, result)
+            fetch_killmails(conn, esi, owner, now, options, result)
     _finish(conn, esi, result, options, locks)
 
 
@@ -290,42 +315,43 @@ def _revoke(conn, user: dict, result: SyncResult, exc: InvalidGrant) -> None:
     return None
 
 
-def _list_references(conn, esi: EsiClient, kind: str, owner_id: int, user: dict, token: str, cache: dict,
-                     now: datetime, options: SyncOptions, result: SyncResult) -> None:
+def _list_references(conn, esi: EsiClient, owner: Owner, token: str, now: datetime, options: SyncOptions,
+                     result: SyncResult) -> None:
     """Store a pilot's (or its corporation's) listed references, unless the stored list is still fresh; the
     caller commits them with what it does next (fetch_killmails' claims).
 
-    `cache` holds the list's stored ETag and Expires (the users or the corporations row). A 403 is raised as
-    esi.Forbidden for the caller: what it means depends on whose list it was.
+    `token` is the reader's. A 403 is raised as esi.Forbidden for the caller: what it means depends on whose
+    list it was.
     """
-    if list_is_fresh(cache["list_expires_at"], now, full=options.full):
+    if list_is_fresh(owner.list_expires_at, now, full=options.full):
         return
-    etag = None if options.full else cache["list_etag"]
+    etag = None if options.full else owner.list_etag
     try:
-        listing = esi.list_recent(character_id=user["character_id"], token=token, etag=etag,
-                                  corporation_id=owner_id if kind == "corporation" else None)
+        listing = esi.list_recent(character_id=owner.reader_id, token=token, etag=etag,
+                                  corporation_id=owner.id if owner.kind == "corporation" else None)
     except NotModified as exc:
-        db.save_list_cache(conn, kind, owner_id, etag, _list_expiry(now, result, options, exc.expires_in))
+        db.save_list_cache(conn, owner.kind, owner.id, etag, _list_expiry(now, result, options, exc.expires_in))
         return
     except Forbidden:
         raise
     except Unauthorized as exc:
-        db.expire_access_token(conn, user["character_id"], now)  # refresh it on the next try
+        db.expire_access_token(conn, owner.reader_id, now)  # refresh it on the next try
         conn.commit()
         raise JobError(f"access token refused: {exc}") from exc
     except EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
-    result.linked_new = db.store_refs(conn, kind, owner_id, listing.refs)
-    db.save_list_cache(conn, kind, owner_id, listing.etag, _list_expiry(now, result, options, listing.expires_in))
+    result.linked_new = db.store_refs(conn, owner.kind, owner.id, listing.refs)
+    db.save_list_cache(conn, owner.kind, owner.id, listing.etag,
+                       _list_expiry(now, result, options, listing.expires_in))
     result.listed = len(listing.refs)
     log.info("  📥 Found %d killmails", result.listed)
 
 
-def fetch_killmails(conn, esi: EsiClient, kind: str, owner_id: int, now: datetime, options: SyncOptions,
+def fetch_killmails(conn, esi: EsiClient, owner: Owner, now: datetime, options: SyncOptions,
                     result: SyncResult) -> None:
     """Fetch and save the details of a pilot's (or corporation's) references that no process has stored or
     is fetching."""
-    pending = db.pending_refs(conn, kind, owner_id, now, max_attempts=options.max_attempts)
+    pending = db.pending_refs(conn, owner.kind, owner.id, now, max_attempts=options.max_attempts)
     claimed = db.claim_refs(conn, [r["killmail_id"] for r in pending], now, seconds=CLAIM_SECONDS)
     conn.commit()
     result.new = len(pending)

@@ -373,6 +373,16 @@ def test_unknown_user_is_a_permanent_error(conn, world, sim):
 # ---------------------------------------------------------------------------------------------- corporations
 
 
+def test_a_pilot_reads_its_own_list_and_a_director_its_corporations():
+    expires = datetime(2026, 11, 29, 12, 5, tzinfo=UTC)
+    director = {"character_id": 7, "corporation_id": 98, "list_etag": '"own"', "list_expires_at": None}
+    corporation = {"corporation_id": 98, "list_etag": '"corp"', "list_expires_at": expires}
+    assert sync.Owner.pilot(director) == sync.Owner("character", 7, reader_id=7, list_etag='"own"',
+                                                    list_expires_at=None)
+    assert sync.Owner.corporation(corporation, director=director) == sync.Owner(
+        "corporation", 98, reader_id=7, list_etag='"corp"', list_expires_at=expires)
+
+
 def sync_corporations(conn, client, sim, now=None):
     now = now or now_for(sim)
     due = db.claim_due_corporations(conn, now, interval=300, stale_after=7200)
