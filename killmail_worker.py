@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from typing import Literal
 
 import pika
 import pika.exceptions
@@ -49,7 +50,7 @@ BROKER_ERRORS = (pika.exceptions.AMQPError, OSError, broker.NotDelivered)
 class Outcome:
     """What the I/O thread does with a delivered message once its job ended."""
 
-    action: str                 # "ack", "retry", "dead", "return"
+    action: Literal["ack", "retry", "dead"]
     reason: str = ""
     delay: float = 0.0
 
@@ -238,10 +239,9 @@ class Child:
                     return self.failure(job, attempt, f"database: {exc}", result=result)
                 continue
             except sync.PermanentJobError as exc:
-                return self.failure(job, attempt, str(exc), permanent=True, result=getattr(exc, "result", result))
+                return self.failure(job, attempt, str(exc), permanent=True, result=exc.result or result)
             except sync.JobError as exc:
-                return self.failure(job, attempt, str(exc), result=getattr(exc, "result", result),
-                                    delay=getattr(exc, "retry_after", None))
+                return self.failure(job, attempt, str(exc), result=exc.result or result, delay=exc.retry_after)
             if result.status not in ("locked",):
                 log.info("✅ Completed: %s", result.character_name or job.character_id)
             self.sweep_if_due()

@@ -40,11 +40,25 @@ SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for i
                                         # process loses (and its redelivered job fetches again) only that much
 
 
-class JobError(Exception):
-    """A job that could not finish now; the worker retries it later with backoff."""
+class JobFailed(Exception):
+    """A job that ended without syncing. `result` is what its run did until then, for its sync_runs row: set
+    as the error leaves the run's locks, None when it failed before it took them."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.result: SyncResult | None = None
 
 
-class PermanentJobError(Exception):
+class JobError(JobFailed):
+    """A job that could not finish now; the worker retries it later with backoff, and not before `retry_after`
+    seconds when ESI or SSO said how long to wait."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentJobError(JobFailed):
     """A job that can never succeed as sent (unknown user, bad message); never retried."""
 
 
@@ -68,7 +82,6 @@ class SyncResult:
     finished_at: datetime | None = None
     attempt: int = 1
     worker: str | None = None
-    retry_after: float | None = field(default=None, repr=False)
     # Listed killmails this pilot (or corporation) was not linked to before: it is active, even when another
     # job stored those killmails first (or when a retried job's first try stored the links). Drives the slower
     # polling of quiet pilots, with `saved`.
@@ -163,8 +176,8 @@ def _locked_run(conn, locks: list[tuple[int, int]], result: SyncResult, options:
     result.started_at = max(result.started_at, options.clock())
     try:
         yield
-    except (JobError, PermanentJobError) as exc:
-        exc.result = result  # what the run did before it failed, for its sync_runs row
+    except JobFailed as exc:
+        exc.result = result
         result.finished_at = options.clock()  # a run that succeeds is stamped by _finish, also under the locks
         raise
     finally:
@@ -533,7 +546,7 @@ def run_row(result: SyncResult) -> dict:
     """A SyncResult as the columns of sync_runs."""
     # Every field is a plain value: a shallow copy does (asdict deep-copies, a tenth of a warm poll's CPU).
     return {f.name: getattr(result, f.name) for f in fields(result)
-            if f.name not in ("character_name", "retry_after", "linked_new")}
+            if f.name not in ("character_name", "linked_new")}
 
 
 def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,
@@ -547,13 +560,18 @@ def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,
 
 
 def _job_error(what: str, exc: EsiError) -> JobError:
-    error = JobError(f"{what}: {exc}")
+    """A JobError for an ESI or SSO error, to be retried no sooner than the wait it asked for."""
+    return JobError(f"{what}: {exc}", retry_after=_wait_asked(exc))
+
+
+def _wait_asked(exc: EsiError) -> float | None:
+    """Seconds an error says to wait before asking again; None when it says nothing."""
     if isinstance(exc, RateLimited):
-        error.retry_after = exc.retry_after
-    elif isinstance(exc, ErrorLimited):
-        error.retry_after = exc.reset
-    elif isinstance(exc, Paused):
-        error.retry_after = max(0.0, (exc.until - datetime.now(UTC)).total_seconds())
-    elif isinstance(exc, InvalidClient):
-        error.retry_after = INVALID_CLIENT_PAUSE  # the SSO pause every process now keeps
-    return error
+        return exc.retry_after
+    if isinstance(exc, ErrorLimited):
+        return exc.reset
+    if isinstance(exc, Paused):
+        return max(0.0, (exc.until - datetime.now(UTC)).total_seconds())
+    if isinstance(exc, InvalidClient):
+        return INVALID_CLIENT_PAUSE  # the SSO pause every process now keeps
+    return None
