@@ -10,7 +10,7 @@ import pika.exceptions
 
 import broker
 import db
-from settings import Settings
+from settings import Settings, describe
 
 # A claim older than this is taken to belong to a job that was lost (longer than a job's whole retry ladder).
 CLAIM_STALE_SECONDS = 7200
@@ -49,8 +49,7 @@ def queue_one_now(conn, settings: Settings, character_id: int, now: datetime, *,
     try:
         connection = broker.connect(settings.rabbitmq_url, timeout=timeout)
     except (pika.exceptions.AMQPError, OSError) as exc:
-        detail = " ".join(str(exc).split()) or repr(exc)  # pika's messages carry no password
-        raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {detail}"[:300]) from exc
+        raise BrokerUnavailable(f"broker unavailable: {describe(exc)}") from exc
     try:
         channel = connection.channel()
         channel.confirm_delivery()

@@ -31,7 +31,7 @@ import db
 import sync
 from esi import EsiClient, TokenGrant
 from limits import SharedLimits
-from settings import ConfigError, Settings, load_settings, setup_logging
+from settings import ConfigError, Settings, describe, load_settings, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +334,7 @@ class Child:
                 if self.stopping.is_set():
                     raise
                 delay = reconnect_delay(failures, self.rng)
-                log.warning("⚠️  PostgreSQL unreachable (%s); retrying in %.1f s",
-                            str(exc).strip().splitlines()[0], delay)
+                log.warning("⚠️  PostgreSQL unreachable (%s); retrying in %.1f s", describe(exc), delay)
                 self.stopping.wait(delay)  # a SIGTERM meanwhile ends the wait (and the next failure, the child)
 
     def drop_db(self) -> None:
@@ -504,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             moved = replay_dead(settings, args.limit)
         except BROKER_ERRORS as exc:
-            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {exc!r}", file=sys.stderr)
+            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {describe(exc)}", file=sys.stderr)
             return 1
         log.info("♻️  Moved %d dead jobs back to %s", moved, settings.queue_name)
         return 0
@@ -520,10 +519,10 @@ def main(argv: list[str] | None = None) -> int:
         with db.connect(settings.database_url) as conn:
             conn.execute("SELECT 1")
     except BROKER_ERRORS as exc:
-        print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {exc!r}", file=sys.stderr)
+        print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {describe(exc)}", file=sys.stderr)
         return 1
     except psycopg.OperationalError as exc:
-        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {describe(exc)}", file=sys.stderr)
         return 1
     log.info("✅ Connected to RabbitMQ")
     log.info("⏳ Waiting for killmail sync jobs...")

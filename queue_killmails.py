@@ -12,7 +12,7 @@ import psycopg
 import broker
 import db
 from enqueue import CLAIM_STALE_SECONDS, queue_one
-from settings import ConfigError, Settings, load_settings, setup_logging
+from settings import ConfigError, Settings, describe, load_settings, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conn = db.connect(settings.database_url)
     except psycopg.OperationalError as exc:
-        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {describe(exc)}", file=sys.stderr)
         return 1
     with conn:
         if args.dry_run:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             connection = broker.connect(settings.rabbitmq_url)
         except pika.exceptions.AMQPError as exc:
-            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {exc!r}", file=sys.stderr)
+            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {describe(exc)}", file=sys.stderr)
             return 1
         try:
             channel = connection.channel()

@@ -125,6 +125,15 @@ def test_unreachable_broker_is_one_clear_line(conn, settings):
     assert conn.execute("SELECT queued_at FROM users").fetchone()["queued_at"] is None
 
 
+def test_unreachable_database_is_one_line_naming_the_error(settings):
+    bad = make_settings("postgresql://root@127.0.0.1:1/killmails", queue_name=settings.queue_name)
+    run = run_script("queue_killmails.py", bad)
+    (line,) = run.stderr.splitlines()  # libpq's message spans lines: they are joined, not cut to the first
+    assert run.returncode == 1
+    assert line.startswith("❌ cannot reach PostgreSQL at DATABASE_URL: OperationalError: connection failed")
+    assert "port 1 failed" in line and len(line) < 400
+
+
 def test_priorities_hold_in_the_broker(conn, settings):
     insert_users(conn, pilots(3))
     conn.execute("UPDATE users SET last_sync_at = now() - interval '1 hour' WHERE character_id = 1000")
