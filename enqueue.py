@@ -47,14 +47,8 @@ def queue_one_now(conn, settings: Settings, character_id: int, now: datetime, *,
     """queue_one over a short-lived broker connection of its own, for a web request; BrokerUnavailable when
     RabbitMQ does not answer within about twice `timeout` seconds."""
     try:
-        connection = broker.connect(settings.rabbitmq_url, timeout=timeout)
+        with broker.open_channel(settings.rabbitmq_url, settings.queue_name, max_attempts=settings.max_attempts,
+                                 timeout=timeout) as channel:
+            return queue_one(conn, channel, settings, character_id, now, full=False)
     except (pika.exceptions.AMQPError, OSError) as exc:
         raise BrokerUnavailable(f"broker unavailable: {describe(exc)}") from exc
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
-        return queue_one(conn, channel, settings, character_id, now, full=False)
-    finally:
-        if connection.is_open:
-            connection.close()

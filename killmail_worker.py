@@ -140,11 +140,9 @@ class Child:
 
     def consume(self) -> bool:
         """One broker connection's life; True when the child is done (stopped, or burst and queue empty)."""
-        connection = broker.connect(self.settings.rabbitmq_url)
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            broker.declare_topology(channel, self.settings.queue_name, max_attempts=self.settings.max_attempts)
+        with broker.open_channel(self.settings.rabbitmq_url, self.settings.queue_name,
+                                 max_attempts=self.settings.max_attempts) as channel:
+            connection = channel.connection
             channel.basic_qos(prefetch_count=1)
             tag = channel.basic_consume(self.settings.queue_name,
                                         on_message_callback=partial(self.on_message, connection))
@@ -165,12 +163,6 @@ class Child:
                     if self.job_thread is None:
                         channel.basic_cancel(tag)
                         return True
-        finally:
-            if connection.is_open:
-                try:
-                    connection.close()
-                except BROKER_ERRORS:
-                    pass
 
     def queue_empty(self, channel) -> bool:
         """Whether the job queue has no ready message (burst mode's end)."""
@@ -462,12 +454,9 @@ def _kill(pid: int, sig: int) -> None:
 
 def replay_dead(settings: Settings, limit: int | None) -> int:
     """Move dead-lettered jobs back to the job queue, attempts reset; returns how many moved."""
-    connection = broker.connect(settings.rabbitmq_url)
     moved = 0
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
+    with broker.open_channel(settings.rabbitmq_url, settings.queue_name,
+                             max_attempts=settings.max_attempts) as channel:
         while limit is None or moved < limit:
             method, properties, body = channel.basic_get(broker.dead_queue(settings.queue_name))
             if method is None:
@@ -476,9 +465,6 @@ def replay_dead(settings: Settings, limit: int | None) -> int:
                            message_id=properties.message_id)
             channel.basic_ack(method.delivery_tag)
             moved += 1
-    finally:
-        if connection.is_open:
-            connection.close()
     return moved
 
 
@@ -513,9 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("⚡ Prefetch: %d concurrent users", settings.prefetch_count)
     # The parent checks the broker and declares the queues, then closes: it holds no connection at the fork.
     try:
-        connection = broker.connect(settings.rabbitmq_url)
-        broker.declare_topology(connection.channel(), settings.queue_name, max_attempts=settings.max_attempts)
-        connection.close()
+        with broker.open_channel(settings.rabbitmq_url, settings.queue_name, max_attempts=settings.max_attempts):
+            pass
         with db.connect(settings.database_url) as conn:
             conn.execute("SELECT 1")
     except BROKER_ERRORS as exc:

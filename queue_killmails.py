@@ -128,33 +128,28 @@ def main(argv: list[str] | None = None) -> int:
     with conn:
         if args.dry_run:
             return dry_run(conn, settings, now, args.character_id, corporations_only=args.corporations)
+        # A run declares only the queue it publishes to: the retry and dead-letter queues are the workers' (each
+        # declares them before it consumes), and a cron run should not spend its time on them. The stats read
+        # them all.
         try:
-            connection = broker.connect(settings.rabbitmq_url)
+            with broker.open_channel(settings.rabbitmq_url, settings.queue_name,
+                                     max_attempts=settings.max_attempts if args.stats else None) as channel:
+                if args.stats:
+                    print_stats(conn, channel.connection, settings, now)
+                    return 0
+                if args.character_id is not None:
+                    try:
+                        queued, message = queue_one(conn, channel, settings, args.character_id, now,
+                                                    full=args.full)
+                        log.info("%s %s", "✅" if queued else "⏳", message)
+                    except LookupError as exc:
+                        print(f"❌ {exc}", file=sys.stderr)
+                        return 1
+                    return 0
+                queued, problems = queue_due(conn, channel, settings, now, users=not args.corporations)
         except pika.exceptions.AMQPError as exc:
             print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {describe(exc)}", file=sys.stderr)
             return 1
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            if args.stats:
-                broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
-                print_stats(conn, connection, settings, now)
-                return 0
-            # Only what this run publishes to: the retry and dead-letter queues are the workers' (each declares
-            # them before it consumes); declaring them here too took 20 ms of the run's 200.
-            broker.declare_job_queue(channel, settings.queue_name)
-            if args.character_id is not None:
-                try:
-                    queued, message = queue_one(conn, channel, settings, args.character_id, now, full=args.full)
-                    log.info("%s %s", "✅" if queued else "⏳", message)
-                except LookupError as exc:
-                    print(f"❌ {exc}", file=sys.stderr)
-                    return 1
-                return 0
-            queued, problems = queue_due(conn, channel, settings, now, users=not args.corporations)
-        finally:
-            if connection.is_open:
-                connection.close()
     for problem in problems:
         log.error("❌ not queued: %s", problem)
     if problems:
