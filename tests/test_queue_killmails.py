@@ -8,6 +8,7 @@ import pika
 import pytest
 
 import broker
+import queue_killmails
 from conftest import RABBITMQ_URL, insert_users, make_settings, run_script
 
 NOW = datetime.now(UTC)
@@ -113,6 +114,21 @@ def test_one_character_at_high_priority(conn, settings):
     assert message[0] == broker.PRIORITY_NOW and message[2]["character_id"] == 1001
     unknown = run_script("queue_killmails.py", settings, "--character-id", "42")
     assert unknown.returncode == 1 and "no user with character id 42" in unknown.stderr
+
+
+def test_each_mode_is_a_function_of_its_own(conn, settings, caplog):
+    """The modes run in process on a channel the caller opened, and return the exit status."""
+    insert_users(conn, pilots(2))
+    caplog.set_level("INFO")
+    with broker.open_channel(RABBITMQ_URL, settings.queue_name) as channel:
+        assert queue_killmails.queue_character(conn, channel, settings, 1001, NOW, full=True) == 0
+        assert queue_killmails.queue_character(conn, channel, settings, 42, NOW, full=False) == 1
+        assert queue_killmails.queue_all(conn, channel, settings, NOW, corporations_only=False) == 0
+        assert queue_killmails.print_stats(conn, channel.connection, settings, NOW) == 0
+    assert "Queued Pilot 1 at high priority" in caplog.text and "All 1 users queued successfully" in caplog.text
+    assert "queued or running: 2" in caplog.text
+    assert sorted((m[2]["character_id"], m[2].get("full", False)) for m in drain(settings.queue_name)) == [
+        (1000, False), (1001, True)]
 
 
 def test_unreachable_broker_is_one_clear_line(conn, settings):
