@@ -516,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cap_malloc_arenas() -> None:
     """Cap glibc's malloc arenas before the children are forked (they inherit it). glibc gives each thread that
-    allocates an arena of its own, up to 8 per core, and keeps what each one grew to: with 32 detail threads a
-    child's RSS grew 12 MB over ten minutes before it settled; with 2 arenas it stays flat (`make bench`).
+    allocates an arena of its own, up to 8 per core, and keeps what each one grew to, so a child with many detail
+    threads grows for minutes before it settles; with two arenas its memory stays flat (bench/memory.py).
     MALLOC_ARENA_MAX, when the operator sets it, wins; other C libraries have no such arenas."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return

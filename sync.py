@@ -544,7 +544,7 @@ def record_failed_run(conn, esi: EsiClient, result: SyncResult, error: str, *, s
 
 def run_row(result: SyncResult) -> dict:
     """A SyncResult as the columns of sync_runs."""
-    # Every field is a plain value: a shallow copy does (asdict deep-copies, a tenth of a warm poll's CPU).
+    # Every field is a plain value: a shallow copy does (asdict deep-copies each one, for a row every job writes).
     return {f.name: getattr(result, f.name) for f in fields(result)
             if f.name not in ("character_name", "linked_new")}
 
