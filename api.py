@@ -1,9 +1,11 @@
 """The web app's API, behind the APP_API_TOKEN bearer token: the seed's syncMyKillmails mutation and myKillmails
 query as JSON routes. status_app.py serves it beside the operators' pages, which have a password of their own.
 
-- `POST /api/sync/<character_id>` queues the pilot now, at high priority.
-- `GET /api/characters/<character_id>/killmails` pages its kills and losses, newest first.
-Every route answers 404 while APP_API_TOKEN is unset, and 401 without the token.
+- `POST /api/sync/<character_id>` queues the pilot now, at high priority: `{"success": true, "message": "Queued
+  <name> at high priority"}` (or that it is already queued), 404 for an unknown pilot, 503 when the broker fails.
+- `GET /api/characters/<character_id>/killmails?limit=20&before=<killmail_id>` pages its kills and losses, newest
+  first, each with `is_loss`, a victim summary, the attacker count and the final blow; `next_before` pages on.
+Every route answers 404 while APP_API_TOKEN is unset, and 401 without `Authorization: Bearer <APP_API_TOKEN>`.
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ _OWNER_GROUP_SQL = "split_part(bucket, ':', 1)"  # a per-character bucket's grou
 # its connections: with the kernel's defaults PostgreSQL finds the session dead after 2 h 11 min (15 minutes of
 # retransmissions if a reply was in flight), and until then its character locks and killmail claims hold, so
 # those pilots and killmails wait. With these, about 2 minutes. tcp_user_timeout (milliseconds) is PostgreSQL 12's:
-# an older server keeps the rest.
+# an older server keeps the rest. Behind a pooler (PgBouncer in session mode) they apply to the pooler's own
+# connection, and the pooler's keepalive settings decide.
 SESSION_KEEPALIVES = {"tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "6",
                       "tcp_user_timeout": "120000"}
 
