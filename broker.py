@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -161,6 +163,29 @@ def connect(url: str, *, heartbeat: int = 30, timeout: float = 10.0) -> pika.Blo
     parameters.blocked_connection_timeout = max(60.0, 2 * timeout)
     parameters.connection_attempts = 1
     return pika.BlockingConnection(parameters)
+
+
+@contextmanager
+def open_channel(url: str, queue: str, *, max_attempts: int | None = None,
+                 timeout: float = 10.0) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+    """A channel with publisher confirms on a connection of its own, with the job queue declared (given
+    max_attempts, its retry and dead-letter queues too: what a consumer needs). The connection is closed when
+    the block ends; `channel.connection` is it."""
+    connection = connect(url, timeout=timeout)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        if max_attempts is None:
+            declare_job_queue(channel, queue)
+        else:
+            declare_topology(channel, queue, max_attempts=max_attempts)
+        yield channel
+    finally:
+        if connection.is_open:
+            try:
+                connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                pass  # what was published is confirmed or lost already: a failed goodbye changes neither
 
 
 def queue_depths(connection, queue: str, *, max_attempts: int) -> dict[str, int]:

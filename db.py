@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 
-# Session-level advisory locks are keyed per kind so a character id and a corporation id never collide.
+# Session-level advisory locks live in a namespace each, so a character id and a corporation id never collide.
 LOCK_CHARACTER = 1
 LOCK_CORPORATION = 2
 # ESI's rate-limit groups whose buckets are per character: esi_limits names them '<group>:<character id>'.
@@ -26,7 +26,8 @@ _OWNER_GROUP_SQL = "split_part(bucket, ':', 1)"  # a per-character bucket's grou
 # its connections: with the kernel's defaults PostgreSQL finds the session dead after 2 h 11 min (15 minutes of
 # retransmissions if a reply was in flight), and until then its character locks and killmail claims hold, so
 # those pilots and killmails wait. With these, about 2 minutes. tcp_user_timeout (milliseconds) is PostgreSQL 12's:
-# an older server keeps the rest.
+# an older server keeps the rest. Behind a pooler (PgBouncer in session mode) they apply to the pooler's own
+# connection, and the pooler's keepalive settings decide.
 SESSION_KEEPALIVES = {"tcp_keepalives_idle": "60", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "6",
                       "tcp_user_timeout": "120000"}
 
@@ -142,14 +143,15 @@ def get_user(conn, character_id: int) -> dict | None:
     ).fetchone()
 
 
-def try_lock(conn, kind: int, key: int) -> bool:
-    """Take the session-level lock on a character or corporation without waiting; False when another holds it."""
-    return conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (kind, _lock_key(key))).fetchone()["ok"]
+def try_lock(conn, namespace: int, key: int) -> bool:
+    """Take the session-level lock on a character or corporation (namespace LOCK_CHARACTER or LOCK_CORPORATION)
+    without waiting; False when another holds it."""
+    return conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (namespace, _lock_key(key))).fetchone()["ok"]
 
 
-def unlock(conn, kind: int, key: int) -> None:
+def unlock(conn, namespace: int, key: int) -> None:
     """Release a lock taken by try_lock."""
-    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (kind, _lock_key(key)))
+    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (namespace, _lock_key(key)))
 
 
 def _lock_key(key: int) -> int:
@@ -321,13 +323,14 @@ def release_corporation(conn, corporation_id: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- sync state
 
-# Whose sync state a job keeps: a pilot's (users) or a corporation's. Identifiers come from this table only.
+# Where a job keeps its owner's sync state, by kind ('character' or 'corporation', as Job.kind and
+# sync_runs.kind): the pilot's users row or the corporation's row. Identifiers come from this table only.
 _STATE_TABLES = {"character": ("users", "character_id"), "corporation": ("corporations", "corporation_id")}
 
 
-def save_list_cache(conn, owner: str, owner_id: int, etag: str | None, expires_at: datetime | None) -> None:
+def save_list_cache(conn, kind: str, owner_id: int, etag: str | None, expires_at: datetime | None) -> None:
     """Keep a recent list's ETag and Expires for the next poll."""
-    table, column = _STATE_TABLES[owner]
+    table, column = _STATE_TABLES[kind]
     conn.execute(
         sql.SQL("UPDATE {} SET list_etag = %s, list_expires_at = %s WHERE {} = %s")
         .format(sql.Identifier(table), sql.Identifier(column)),
@@ -335,9 +338,9 @@ def save_list_cache(conn, owner: str, owner_id: int, etag: str | None, expires_a
     )
 
 
-def finish_sync(conn, owner: str, owner_id: int, now: datetime, status: str, *, found_new: bool) -> None:
+def finish_sync(conn, kind: str, owner_id: int, now: datetime, status: str, *, found_new: bool) -> None:
     """Record the end of a pilot's (or corporation's) sync and free it for the next producer run."""
-    table, column = _STATE_TABLES[owner]
+    table, column = _STATE_TABLES[kind]
     conn.execute(
         sql.SQL("""
         UPDATE {} SET last_sync_at = %(now)s, last_sync_status = %(status)s, queued_at = NULL,
@@ -351,12 +354,13 @@ def finish_sync(conn, owner: str, owner_id: int, now: datetime, status: str, *, 
 # ---------------------------------------------------------------------------------------------- references
 
 
-# Where a reference came from: a pilot's own list or its corporation's. Identifiers come from this table only.
+# Where a reference came from, by kind: a pilot's own list or its corporation's. Identifiers come from this
+# table only.
 _LINKS = {"character": ("character_killmails", "character_id"),
           "corporation": ("corporation_killmails", "corporation_id")}
 
 
-def store_refs(conn, owner: str, owner_id: int, refs: Sequence[tuple[int, str]]) -> int:
+def store_refs(conn, kind: str, owner_id: int, refs: Sequence[tuple[int, str]]) -> int:
     """Store listed (killmail_id, killmail_hash) pairs and link them to their pilot or corporation; returns how
     many links are new."""
     if not refs:
@@ -371,7 +375,7 @@ def store_refs(conn, owner: str, owner_id: int, refs: Sequence[tuple[int, str]])
         """,
         (ids, hashes),
     )
-    table, column = _LINKS[owner]
+    table, column = _LINKS[kind]
     return conn.execute(
         sql.SQL("INSERT INTO {} ({}, killmail_id) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING")
         .format(sql.Identifier(table), sql.Identifier(column)),
@@ -379,9 +383,9 @@ def store_refs(conn, owner: str, owner_id: int, refs: Sequence[tuple[int, str]])
     ).rowcount
 
 
-def pending_refs(conn, owner: str, owner_id: int, now: datetime, *, max_attempts: int) -> list[dict]:
+def pending_refs(conn, kind: str, owner_id: int, now: datetime, *, max_attempts: int) -> list[dict]:
     """A pilot's (or corporation's) references with no stored killmail that may be fetched now, newest first."""
-    table, column = _LINKS[owner]
+    table, column = _LINKS[kind]
     return conn.execute(
         sql.SQL("""
         SELECT r.killmail_id, r.killmail_hash

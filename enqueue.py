@@ -10,7 +10,7 @@ import pika.exceptions
 
 import broker
 import db
-from settings import Settings
+from settings import Settings, describe
 
 # A claim older than this is taken to belong to a job that was lost (longer than a job's whole retry ladder).
 CLAIM_STALE_SECONDS = 7200
@@ -47,15 +47,8 @@ def queue_one_now(conn, settings: Settings, character_id: int, now: datetime, *,
     """queue_one over a short-lived broker connection of its own, for a web request; BrokerUnavailable when
     RabbitMQ does not answer within about twice `timeout` seconds."""
     try:
-        connection = broker.connect(settings.rabbitmq_url, timeout=timeout)
+        with broker.open_channel(settings.rabbitmq_url, settings.queue_name, max_attempts=settings.max_attempts,
+                                 timeout=timeout) as channel:
+            return queue_one(conn, channel, settings, character_id, now, full=False)
     except (pika.exceptions.AMQPError, OSError) as exc:
-        detail = " ".join(str(exc).split()) or repr(exc)  # pika's messages carry no password
-        raise BrokerUnavailable(f"broker unavailable: {type(exc).__name__}: {detail}"[:300]) from exc
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
-        return queue_one(conn, channel, settings, character_id, now, full=False)
-    finally:
-        if connection.is_open:
-            connection.close()
+        raise BrokerUnavailable(f"broker unavailable: {describe(exc)}") from exc

@@ -299,7 +299,8 @@ class EsiClient:
 
     def detail_pool(self) -> ThreadPoolExecutor:
         """The DETAIL_CONCURRENCY threads that fetch killmail details on this client's Session, started on first
-        use and kept for the process's life (starting them again for every job cost a tenth of its CPU)."""
+        use and kept for the process's life: a routine job makes few calls, and starting threads for each would
+        cost more than its calls do."""
         with self._lock:
             if self._detail_pool is None:
                 self._detail_pool = ThreadPoolExecutor(max_workers=self.settings.detail_concurrency,
@@ -533,8 +534,8 @@ def backoff_seconds(attempt: int, *, base: float, cap: float, rng: random.Random
 def new_session(settings: Settings) -> requests.Session:
     """A Session with the app's User-Agent and a connection pool big enough for the detail threads."""
     session = requests.Session()
-    # requests would read the proxy variables, ~/.netrc and the CA bundle variables again on every call (about
-    # a third of a warm poll's CPU); Settings read them once.
+    # requests would read the proxy variables, ~/.netrc and the CA bundle variables again on every call, work
+    # repeated for each of a poll's many small calls; Settings read them once.
     session.trust_env = False
     session.proxies.update(dict(settings.http_proxies))
     if settings.ca_bundle:

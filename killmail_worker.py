@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from typing import Literal
 
 import pika
 import pika.exceptions
@@ -30,7 +31,7 @@ import db
 import sync
 from esi import EsiClient, TokenGrant
 from limits import SharedLimits
-from settings import ConfigError, Settings, load_settings, setup_logging
+from settings import ConfigError, Settings, describe, load_settings, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ BROKER_ERRORS = (pika.exceptions.AMQPError, OSError, broker.NotDelivered)
 class Outcome:
     """What the I/O thread does with a delivered message once its job ended."""
 
-    action: str                 # "ack", "retry", "dead", "return"
+    action: Literal["ack", "retry", "dead"]
     reason: str = ""
     delay: float = 0.0
 
@@ -139,11 +140,9 @@ class Child:
 
     def consume(self) -> bool:
         """One broker connection's life; True when the child is done (stopped, or burst and queue empty)."""
-        connection = broker.connect(self.settings.rabbitmq_url)
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            broker.declare_topology(channel, self.settings.queue_name, max_attempts=self.settings.max_attempts)
+        with broker.open_channel(self.settings.rabbitmq_url, self.settings.queue_name,
+                                 max_attempts=self.settings.max_attempts) as channel:
+            connection = channel.connection
             channel.basic_qos(prefetch_count=1)
             tag = channel.basic_consume(self.settings.queue_name,
                                         on_message_callback=partial(self.on_message, connection))
@@ -165,12 +164,6 @@ class Child:
                     if self.job_thread is None:
                         channel.basic_cancel(tag)
                         return True
-        finally:
-            if connection.is_open:
-                try:
-                    connection.close()
-                except BROKER_ERRORS:
-                    pass
 
     def queue_empty(self, channel) -> bool:
         """Whether the job queue has no ready message (burst mode's end)."""
@@ -239,10 +232,9 @@ class Child:
                     return self.failure(job, attempt, f"database: {exc}", result=result)
                 continue
             except sync.PermanentJobError as exc:
-                return self.failure(job, attempt, str(exc), permanent=True, result=getattr(exc, "result", result))
+                return self.failure(job, attempt, str(exc), permanent=True, result=exc.result or result)
             except sync.JobError as exc:
-                return self.failure(job, attempt, str(exc), result=getattr(exc, "result", result),
-                                    delay=getattr(exc, "retry_after", None))
+                return self.failure(job, attempt, str(exc), result=exc.result or result, delay=exc.retry_after)
             if result.status not in ("locked",):
                 log.info("✅ Completed: %s", result.character_name or job.character_id)
             self.sweep_if_due()
@@ -335,8 +327,7 @@ class Child:
                 if self.stopping.is_set():
                     raise
                 delay = reconnect_delay(failures, self.rng)
-                log.warning("⚠️  PostgreSQL unreachable (%s); retrying in %.1f s",
-                            str(exc).strip().splitlines()[0], delay)
+                log.warning("⚠️  PostgreSQL unreachable (%s); retrying in %.1f s", describe(exc), delay)
                 self.stopping.wait(delay)  # a SIGTERM meanwhile ends the wait (and the next failure, the child)
 
     def drop_db(self) -> None:
@@ -464,12 +455,9 @@ def _kill(pid: int, sig: int) -> None:
 
 def replay_dead(settings: Settings, limit: int | None) -> int:
     """Move dead-lettered jobs back to the job queue, attempts reset; returns how many moved."""
-    connection = broker.connect(settings.rabbitmq_url)
     moved = 0
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
+    with broker.open_channel(settings.rabbitmq_url, settings.queue_name,
+                             max_attempts=settings.max_attempts) as channel:
         while limit is None or moved < limit:
             method, properties, body = channel.basic_get(broker.dead_queue(settings.queue_name))
             if method is None:
@@ -478,9 +466,6 @@ def replay_dead(settings: Settings, limit: int | None) -> int:
                            message_id=properties.message_id)
             channel.basic_ack(method.delivery_tag)
             moved += 1
-    finally:
-        if connection.is_open:
-            connection.close()
     return moved
 
 
@@ -505,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             moved = replay_dead(settings, args.limit)
         except BROKER_ERRORS as exc:
-            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {exc!r}", file=sys.stderr)
+            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {describe(exc)}", file=sys.stderr)
             return 1
         log.info("♻️  Moved %d dead jobs back to %s", moved, settings.queue_name)
         return 0
@@ -515,16 +500,15 @@ def main(argv: list[str] | None = None) -> int:
     log.info("⚡ Prefetch: %d concurrent users", settings.prefetch_count)
     # The parent checks the broker and declares the queues, then closes: it holds no connection at the fork.
     try:
-        connection = broker.connect(settings.rabbitmq_url)
-        broker.declare_topology(connection.channel(), settings.queue_name, max_attempts=settings.max_attempts)
-        connection.close()
+        with broker.open_channel(settings.rabbitmq_url, settings.queue_name, max_attempts=settings.max_attempts):
+            pass
         with db.connect(settings.database_url) as conn:
             conn.execute("SELECT 1")
     except BROKER_ERRORS as exc:
-        print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {exc!r}", file=sys.stderr)
+        print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {describe(exc)}", file=sys.stderr)
         return 1
     except psycopg.OperationalError as exc:
-        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {describe(exc)}", file=sys.stderr)
         return 1
     log.info("✅ Connected to RabbitMQ")
     log.info("⏳ Waiting for killmail sync jobs...")
@@ -533,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cap_malloc_arenas() -> None:
     """Cap glibc's malloc arenas before the children are forked (they inherit it). glibc gives each thread that
-    allocates an arena of its own, up to 8 per core, and keeps what each one grew to: with 32 detail threads a
-    child's RSS grew 12 MB over ten minutes before it settled; with 2 arenas it stays flat (`make bench`).
+    allocates an arena of its own, up to 8 per core, and keeps what each one grew to, so a child with many detail
+    threads grows for minutes before it settles; with two arenas its memory stays flat (bench/memory.py).
     MALLOC_ARENA_MAX, when the operator sets it, wins; other C libraries have no such arenas."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return

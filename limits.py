@@ -33,6 +33,7 @@ from esi import MAX_PAUSE, REQUEST_DEADLINE, SSO_BUCKET, Paused
 log = logging.getLogger(__name__)
 
 ERROR_LIMIT_BUCKET = "error-limit"
+ANSWERED_BUCKET = "answered-bucket"  # pause_after's name for the bucket of the call that got the 429
 ERROR_LIMIT = 100          # ESI's error answers a window, per IP
 ERROR_WINDOW = 60          # ESI's error window is fixed; the ledger's floating one never forgets an error sooner
 ERROR_FLOOR = 50           # half of the error budget is never used once errors are coming, whatever is in flight
@@ -93,13 +94,13 @@ def reserve(limit_tokens: int) -> int:
 
 
 def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]:
-    """What an answer pauses for every process, and until when: the error limit on a 420, the route group's
-    bucket ('bucket') on a 429 (a pure function of the answer and the clock)."""
+    """What an answer pauses for every process, and until when: the error limit (ERROR_LIMIT_BUCKET) on a 420,
+    the bucket of the call answered (ANSWERED_BUCKET) on a 429 (a pure function of the answer and the clock)."""
     pauses: dict[str, datetime] = {}
     if status == 420:
         pauses[ERROR_LIMIT_BUCKET] = now + timedelta(seconds=_pause_seconds(headers, "X-ESI-Error-Limit-Reset"))
     if status == 429:
-        pauses["bucket"] = now + timedelta(seconds=_pause_seconds(headers, "Retry-After"))
+        pauses[ANSWERED_BUCKET] = now + timedelta(seconds=_pause_seconds(headers, "Retry-After"))
     return pauses
 
 
@@ -414,9 +415,9 @@ class SharedLimits:
                         pauses[ERROR_LIMIT_BUCKET].isoformat())
             self._write(self.error_bucket, paused_until=pauses[ERROR_LIMIT_BUCKET], status=status,
                         remaining=_int(headers.get("X-ESI-Error-Limit-Remain")))
-        if "bucket" in pauses:
-            log.warning("ESI bucket %s: 429, pausing until %s", bucket, pauses["bucket"].isoformat())
-            self._write(bucket, paused_until=pauses["bucket"], status=status)
+        if ANSWERED_BUCKET in pauses:
+            log.warning("ESI bucket %s: 429, pausing until %s", bucket, pauses[ANSWERED_BUCKET].isoformat())
+            self._write(bucket, paused_until=pauses[ANSWERED_BUCKET], status=status)
         known = self._state.get(group, {})
         changed = limit is not None and (known.get("limit_tokens"), known.get("window_seconds")) != limit
         due = time.monotonic() - self._written_at.get(group, 0.0) > WRITE_EVERY

@@ -12,7 +12,7 @@ import psycopg
 import broker
 import db
 from enqueue import CLAIM_STALE_SECONDS, queue_one
-from settings import ConfigError, Settings, load_settings, setup_logging
+from settings import ConfigError, Settings, describe, load_settings, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def queue_due(conn, channel, settings: Settings, now: datetime, *, users: bool =
         rows = db.claim_due_users(conn, now, interval=settings.sync_interval_seconds,
                                   stale_after=CLAIM_STALE_SECONDS)
         conn.commit()
-        log.info("✓ Found %d active users", len(rows))
+        log.info("✓ Found %d users to sync", len(rows))
         claimed += [(broker.new_job(r["character_id"], r["character_name"], now=now), _priority(r),
                      r["character_name"] or str(r["character_id"])) for r in rows]
     if corporations:
@@ -73,8 +73,38 @@ def _priority(row: dict) -> int:
     return broker.PRIORITY_FIRST if row["last_sync_at"] is None else broker.PRIORITY_ROUTINE
 
 
-def print_stats(conn, connection, settings: Settings, now: datetime) -> None:
-    """What is due, queued, waiting for a retry and dead, for an operator."""
+def queue_all(conn, channel, settings: Settings, now: datetime, *, corporations_only: bool) -> int:
+    """A plain run (users and corporations) or --corporations: queue what is due and say so; 1 when the broker
+    did not take some of it."""
+    queued, problems = queue_due(conn, channel, settings, now, users=not corporations_only)
+    for problem in problems:
+        log.error("❌ not queued: %s", problem)
+    if problems:
+        log.error("❌ %d users could not be queued; they will be retried on the next run", len(problems))
+        return 1
+    if corporations_only:
+        log.info("✅ All %d corporations queued successfully!", queued["corporations"])
+    else:
+        log.info("✅ All %d users queued successfully!", queued["users"])
+        if queued["corporations"]:
+            log.info("✅ And %d corporations, each through a director", queued["corporations"])
+    log.info("💡 Now run the worker to process them: python killmail_worker.py")
+    return 0
+
+
+def queue_character(conn, channel, settings: Settings, character_id: int, now: datetime, *, full: bool) -> int:
+    """--character-id: queue one character now, at high priority; 1 when there is no such user."""
+    try:
+        queued, message = queue_one(conn, channel, settings, character_id, now, full=full)
+    except LookupError as exc:
+        print(f"❌ {exc}", file=sys.stderr)
+        return 1
+    log.info("%s %s", "✅" if queued else "⏳", message)
+    return 0
+
+
+def print_stats(conn, connection, settings: Settings, now: datetime) -> int:
+    """--stats: what is due, queued, waiting for a retry and dead, for an operator."""
     users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
     log.info("👥 Users: %d in all; due now: %d, queued or running: %d, synced within their interval: %d, "
              "never synced: %d, needing a new login: %d", sum(users.values()), users["due"], users["queued"],
@@ -82,16 +112,17 @@ def print_stats(conn, connection, settings: Settings, now: datetime) -> None:
     queue = broker.queue_depths(connection, settings.queue_name, max_attempts=settings.max_attempts)
     log.info("📦 Queue %s: %d ready, %d consumers; waiting for a retry: %d; dead: %d", settings.queue_name,
              queue["depth"], queue["consumers"], queue["retrying"], queue["dead"])
+    return 0
 
 
 def dry_run(conn, settings: Settings, now: datetime, character_id: int | None, *, corporations_only: bool) -> int:
-    """Print what a real run with the same flags would queue."""
+    """--dry-run: print what a real run with the same flags would queue."""
     if not corporations_only:
         users = db.due_users(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
         if character_id is not None:
             users = [u for u in users if u["character_id"] == character_id] or \
                 ([u] if (u := db.get_user(conn, character_id)) else [])
-        log.info("✓ Found %d active users (dry run: nothing queued)", len(users))
+        log.info("✓ Found %d users to sync (dry run: nothing queued)", len(users))
         for user in users:
             log.info("  would queue %s (ID: %s), %s", user["character_name"], user["character_id"],
                      _last_sync(user))
@@ -111,6 +142,7 @@ def _last_sync(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Read the settings, connect, and run the mode the flags ask for; the exit status."""
     args = parse_args(argv)
     setup_logging(verbose=args.verbose)
     try:
@@ -123,51 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conn = db.connect(settings.database_url)
     except psycopg.OperationalError as exc:
-        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {describe(exc)}", file=sys.stderr)
         return 1
     with conn:
         if args.dry_run:
             return dry_run(conn, settings, now, args.character_id, corporations_only=args.corporations)
+        # A run declares only the queue it publishes to: the retry and dead-letter queues are the workers' (each
+        # declares them before it consumes), and a cron run should not spend its time on them. The stats read
+        # them all.
         try:
-            connection = broker.connect(settings.rabbitmq_url)
+            with broker.open_channel(settings.rabbitmq_url, settings.queue_name,
+                                     max_attempts=settings.max_attempts if args.stats else None) as channel:
+                if args.stats:
+                    return print_stats(conn, channel.connection, settings, now)
+                if args.character_id is not None:
+                    return queue_character(conn, channel, settings, args.character_id, now, full=args.full)
+                return queue_all(conn, channel, settings, now, corporations_only=args.corporations)
         except pika.exceptions.AMQPError as exc:
-            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {exc!r}", file=sys.stderr)
+            print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {describe(exc)}", file=sys.stderr)
             return 1
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            if args.stats:
-                broker.declare_topology(channel, settings.queue_name, max_attempts=settings.max_attempts)
-                print_stats(conn, connection, settings, now)
-                return 0
-            # Only what this run publishes to: the retry and dead-letter queues are the workers' (each declares
-            # them before it consumes); declaring them here too took 20 ms of the run's 200.
-            broker.declare_job_queue(channel, settings.queue_name)
-            if args.character_id is not None:
-                try:
-                    queued, message = queue_one(conn, channel, settings, args.character_id, now, full=args.full)
-                    log.info("%s %s", "✅" if queued else "⏳", message)
-                except LookupError as exc:
-                    print(f"❌ {exc}", file=sys.stderr)
-                    return 1
-                return 0
-            queued, problems = queue_due(conn, channel, settings, now, users=not args.corporations)
-        finally:
-            if connection.is_open:
-                connection.close()
-    for problem in problems:
-        log.error("❌ not queued: %s", problem)
-    if problems:
-        log.error("❌ %d users could not be queued; they will be retried on the next run", len(problems))
-        return 1
-    if args.corporations:
-        log.info("✅ All %d corporations queued successfully!", queued["corporations"])
-    else:
-        log.info("✅ All %d users queued successfully!", queued["users"])
-        if queued["corporations"]:
-            log.info("✅ And %d corporations, each through a director", queued["corporations"])
-    log.info("💡 Now run the worker to process them: python killmail_worker.py")
-    return 0
 
 
 if __name__ == "__main__":

@@ -217,3 +217,10 @@ def setup_logging(*, verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s" if verbose
                         else "%(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)  # pika narrates every connection at INFO
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one short line for a log or a page (never carries a URL's password: pika and libpq
+    do not put it in their messages)."""
+    text = " ".join(str(exc).split()) or repr(exc)
+    return f"{type(exc).__name__}: {text}"[:300]

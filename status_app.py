@@ -1,5 +1,6 @@
 """The status app: /health for load balancers, /status for operators (HTML or JSON), /metrics for Prometheus,
-and, when EVE_CALLBACK_URL is set, /login and /callback to add pilots from a browser (login.py).
+and, when EVE_CALLBACK_URL is set, /login and /callback to add pilots from a browser (login.py). The web app's
+/api routes (api.py) are served beside them, behind a bearer token of their own.
 
 Serve it with `gunicorn -c gunicorn.conf.py status_app:app`, or locally with `python status_app.py --port 8000`.
 Each process opens its small connection pool at its first request (after gunicorn's fork, so the master holds
@@ -20,9 +21,8 @@ from flask import Flask, Request, Response, jsonify, render_template, request
 from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-import broker
 import db
-from enqueue import BrokerUnavailable, queue_one_now
+from api import api_blueprint
 from login import login_blueprint
 from settings import ConfigError, Settings, load_settings, setup_logging
 from status_report import Sources, StatusCollector, build_report, describe, queue_state
@@ -179,71 +179,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     def metrics():
         return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
-    register_api(app, sources)
+    app.register_blueprint(api_blueprint(sources))
     app.register_blueprint(login_blueprint(sources))
     return app
-
-
-# ---------------------------------------------------------------------------------------------- web app API
-
-
-def register_api(app: Flask, sources: Sources) -> None:
-    """The web app's side of the seed's GraphQL integration, behind the APP_API_TOKEN bearer token."""
-
-    @app.before_request
-    def require_api_token():
-        if not request.path.startswith("/api/"):
-            return None
-        expected = sources.settings.app_api_token
-        if not expected:
-            return jsonify(success=False, message="the API is disabled (APP_API_TOKEN is not set)"), 404
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-            return jsonify(success=False, message="a valid bearer token is required"), 401, \
-                {"WWW-Authenticate": 'Bearer realm="killmail api"'}
-        return None
-
-    @app.post("/api/sync/<int:character_id>")
-    def sync_now(character_id: int):
-        """The seed's syncMyKillmails mutation: queue this pilot now, at high priority."""
-        with sources.connection() as conn:
-            if not db.user_exists(conn, character_id):
-                return jsonify(success=False, message=f"no user with character id {character_id}"), 404
-            try:
-                _, message = queue_one_now(conn, sources.settings, character_id, datetime.now(UTC))
-            except (BrokerUnavailable, broker.NotDelivered) as exc:
-                return jsonify(success=False, message=str(exc)), 503
-        return jsonify(success=True, message=message)
-
-    @app.get("/api/characters/<int:character_id>/killmails")
-    def character_killmails(character_id: int):
-        """The seed's myKillmails query: kills and losses newest first, paged by `before=<killmail_id>`."""
-        try:
-            limit = min(200, max(1, int(request.args.get("limit", 20))))
-            before = int(request.args["before"]) if request.args.get("before") else None
-        except ValueError:
-            return jsonify(success=False, message="limit and before must be whole numbers"), 400
-        with sources.connection() as conn:
-            if not db.user_exists(conn, character_id):
-                return jsonify(success=False, message=f"no user with character id {character_id}"), 404
-            rows = db.character_killmails_page(conn, character_id, limit=limit, before=before)
-        return jsonify(killmails=[_killmail_summary(r) for r in rows],
-                       next_before=rows[-1]["killmail_id"] if len(rows) == limit else None)
-
-
-def _killmail_summary(row: dict) -> dict[str, Any]:
-    return {
-        "killmail_id": row["killmail_id"], "killmail_hash": row["killmail_hash"],
-        "killmail_time": row["killmail_time"], "solar_system_id": row["solar_system_id"],
-        "is_loss": bool(row["is_loss"]),
-        "victim": {"character_id": row["victim_character_id"], "corporation_id": row["victim_corporation_id"],
-                   "alliance_id": row["victim_alliance_id"], "ship_type_id": row["victim_ship_type_id"],
-                   "damage_taken": row["victim_damage_taken"]},
-        "attackers": {"count": row["attacker_count"],
-                      "final_blow": {"character_id": row["final_blow_character_id"],
-                                     "corporation_id": row["final_blow_corporation_id"],
-                                     "ship_type_id": row["final_blow_ship_type_id"]}},
-    }
 
 
 app = create_app()

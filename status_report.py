@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 import broker
 import db
 from enqueue import CLAIM_STALE_SECONDS
-from settings import Settings, load_settings
+from settings import Settings, describe, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,6 @@ class Sources:
 def open_broker(url: str) -> pika.BlockingConnection:
     """A broker connection that gives up within about two seconds."""
     return broker.connect(url, timeout=BROKER_TIMEOUT_SECONDS)
-
-
-def describe(exc: BaseException) -> str:
-    """An exception as one short line for a log or a page (never carries a URL's password: pika and libpq
-    do not put it in their messages)."""
-    text = " ".join(str(exc).split()) or repr(exc)
-    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def queue_state(settings: Settings) -> dict[str, Any]:

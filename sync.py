@@ -11,8 +11,21 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 
 import db
-import esi as esi_errors
-from esi import EsiClient
+from esi import (
+    INVALID_CLIENT_PAUSE,
+    ErrorLimited,
+    EsiClient,
+    EsiError,
+    Forbidden,
+    InvalidClient,
+    InvalidGrant,
+    InvalidHash,
+    NotModified,
+    Paused,
+    RateLimited,
+    Unauthorized,
+    token_scopes,
+)
 from killmail_model import InvalidKillmail, Killmail, parse_killmail
 
 log = logging.getLogger(__name__)
@@ -27,11 +40,25 @@ SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for i
                                         # process loses (and its redelivered job fetches again) only that much
 
 
-class JobError(Exception):
-    """A job that could not finish now; the worker retries it later with backoff."""
+class JobFailed(Exception):
+    """A job that ended without syncing. `result` is what its run did until then, for its sync_runs row: set
+    as the error leaves the run's locks, None when it failed before it took them."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.result: SyncResult | None = None
 
 
-class PermanentJobError(Exception):
+class JobError(JobFailed):
+    """A job that could not finish now; the worker retries it later with backoff, and not before `retry_after`
+    seconds when ESI or SSO said how long to wait."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentJobError(JobFailed):
     """A job that can never succeed as sent (unknown user, bad message); never retried."""
 
 
@@ -42,7 +69,7 @@ class SyncResult:
     character_id: int
     character_name: str | None = None
     corporation_id: int | None = None
-    kind: str = "character"
+    kind: str = "character"     # whose killmails: a 'character' or a 'corporation' (the run's owner), or 'sweep'
     status: str = "ok"
     listed: int = 0
     new: int = 0
@@ -55,7 +82,6 @@ class SyncResult:
     finished_at: datetime | None = None
     attempt: int = 1
     worker: str | None = None
-    retry_after: float | None = field(default=None, repr=False)
     # Listed killmails this pilot (or corporation) was not linked to before: it is active, even when another
     # job stored those killmails first (or when a retried job's first try stored the links). Drives the slower
     # polling of quiet pilots, with `saved`.
@@ -71,6 +97,30 @@ class SyncOptions:
     attempt: int = 1
     worker: str | None = None
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whose killmail list a run reads (a pilot's own, or a corporation's), with whose token, and what the last
+    read of it left."""
+
+    kind: str                           # 'character' or 'corporation', as SyncResult.kind
+    id: int                             # the character's or the corporation's id
+    reader_id: int                      # whose token reads the list: the pilot itself, or a director
+    list_etag: str | None               # the stored list's ETag and Expires (its users or corporations row)
+    list_expires_at: datetime | None
+
+    @classmethod
+    def pilot(cls, user: dict) -> Owner:
+        """A pilot's own list, read with its own token."""
+        return cls("character", user["character_id"], user["character_id"], user["list_etag"],
+                   user["list_expires_at"])
+
+    @classmethod
+    def corporation(cls, corporation: dict, director: dict) -> Owner:
+        """A corporation's list, read with one of its directors' tokens."""
+        return cls("corporation", corporation["corporation_id"], director["character_id"],
+                   corporation["list_etag"], corporation["list_expires_at"])
 
 
 def needs_refresh(expires_at: datetime | None, now: datetime) -> bool:
@@ -126,8 +176,8 @@ def _locked_run(conn, locks: list[tuple[int, int]], result: SyncResult, options:
     result.started_at = max(result.started_at, options.clock())
     try:
         yield
-    except (JobError, PermanentJobError) as exc:
-        exc.result = result  # what the run did before it failed, for its sync_runs row
+    except JobFailed as exc:
+        exc.result = result
         result.finished_at = options.clock()  # a run that succeeds is stamped by _finish, also under the locks
         raise
     finally:
@@ -135,14 +185,14 @@ def _locked_run(conn, locks: list[tuple[int, int]], result: SyncResult, options:
 
 
 def _lock(conn, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
-    """Take every lock or none; None when another process holds one of them."""
+    """Take every lock, each a (namespace, key) pair, or none; None when another process holds one of them."""
     taken = []
-    for kind, key in keys:
-        if not db.try_lock(conn, kind, key):
+    for namespace, key in keys:
+        if not db.try_lock(conn, namespace, key):
             conn.rollback()
             _release(conn, taken)
             return None
-        taken.append((kind, key))
+        taken.append((namespace, key))
     return taken  # session locks: the caller's next commit ends this transaction, the locks stay
 
 
@@ -151,8 +201,8 @@ def _release(conn, locks: list[tuple[int, int]]) -> None:
         return  # released by _finish already, or died with the session
     try:
         conn.rollback()
-        for kind, key in reversed(locks):
-            db.unlock(conn, kind, key)
+        for namespace, key in reversed(locks):
+            db.unlock(conn, namespace, key)
         conn.commit()
     except db.psycopg.Error:
         log.warning("could not release the locks %s; they end with the connection", locks)
@@ -168,9 +218,10 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
     token = _live_token(conn, esi, user, now, result)
     if token is not None:
         _learn_profile(conn, esi, user, token, now)
+        owner = Owner.pilot(user)
         try:
-            _list_references(conn, esi, "character", character_id, user, token, user, now, options, result)
-        except esi_errors.Forbidden as exc:
+            _list_references(conn, esi, owner, token, now, options, result)
+        except Forbidden as exc:
             # The token lacks the killmail scope: asking again only spends the error limit. A new login fixes it.
             if db.mark_revoked(conn, character_id, user["refresh_token"], f"killmail list forbidden: {exc}"):
                 result.status = "needs_relogin"
@@ -179,7 +230,7 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
             conn.commit()
             result.error = str(exc)
         else:
-            fetch_killmails(conn, esi, "character", character_id, now, options, result)
+            fetch_killmails(conn, esi, owner, now, options, result)
     _finish(conn, esi, result, options, locks)
 
 
@@ -194,10 +245,10 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
     log.info("  🏢 Corporation %s through %s", corporation_id, user["character_name"] or character_id)
     token = _live_token(conn, esi, user, now, result)
     if token is not None:
+        owner = Owner.corporation(corporation, director=user)
         try:
-            _list_references(conn, esi, "corporation", corporation_id, user, token, corporation, now, options,
-                             result)
-        except esi_errors.Forbidden as exc:
+            _list_references(conn, esi, owner, token, now, options, result)
+        except Forbidden as exc:
             # The Director role is gone (or never was): another eligible member is tried on the next run.
             db.set_director(conn, character_id, False)
             conn.commit()
@@ -206,7 +257,7 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
                         corporation_id, exc)
         else:
             db.set_director(conn, character_id, True)
-            fetch_killmails(conn, esi, "corporation", corporation_id, now, options, result)
+            fetch_killmails(conn, esi, owner, now, options, result)
     _finish(conn, esi, result, options, locks)
 
 
@@ -221,7 +272,7 @@ def _live_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncRes
 
 def _learn_profile(conn, esi: EsiClient, user: dict, token: str, now: datetime) -> None:
     """Keep the pilot's token scopes and (daily, for directors) its corporation, which corporation syncs need."""
-    scopes = " ".join(esi_errors.token_scopes(token)) or None
+    scopes = " ".join(token_scopes(token)) or None
     checked = user["corporation_checked_at"]
     corporation_id = None
     # Only a pilot who may read its corporation's killmails needs its corporation (one public call a day).
@@ -229,7 +280,7 @@ def _learn_profile(conn, esi: EsiClient, user: dict, token: str, now: datetime) 
     if may_read_corporation and (checked is None or checked < now - PROFILE_MAX_AGE):
         try:
             corporation_id = esi.get_character(user["character_id"]).get("corporation_id")
-        except esi_errors.EsiError as exc:
+        except EsiError as exc:
             log.warning("  could not read the public record of %s: %s", user["character_id"], exc)
     if scopes != user["scopes"] or corporation_id is not None:
         db.save_profile(conn, user["character_id"], scopes=scopes,
@@ -244,11 +295,11 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
         return user["access_token"]
     try:
         grant = esi.refresh(user["refresh_token"])
-    except esi_errors.InvalidGrant as exc:
+    except InvalidGrant as exc:
         return _revoke(conn, user, result, exc)
-    except esi_errors.InvalidClient as exc:
+    except InvalidClient as exc:
         raise _job_error("SSO configuration error", exc) from exc
-    except esi_errors.EsiError as exc:
+    except EsiError as exc:
         raise _job_error("token refresh failed", exc) from exc
     # The old refresh token is dead from this moment: store the new one before anything else can fail.
     stored = db.store_tokens(conn, user["character_id"], grant.access_token, grant.refresh_token,
@@ -261,7 +312,7 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
     return grant.access_token
 
 
-def _revoke(conn, user: dict, result: SyncResult, exc: esi_errors.InvalidGrant) -> None:
+def _revoke(conn, user: dict, result: SyncResult, exc: InvalidGrant) -> None:
     """Mark the refresh token SSO refused as dead (unless the web app already replaced it); always None."""
     revoked = db.mark_revoked(conn, user["character_id"], user["refresh_token"], str(exc))
     conn.commit()
@@ -277,42 +328,43 @@ def _revoke(conn, user: dict, result: SyncResult, exc: esi_errors.InvalidGrant) 
     return None
 
 
-def _list_references(conn, esi: EsiClient, owner: str, owner_id: int, user: dict, token: str, cache: dict,
-                     now: datetime, options: SyncOptions, result: SyncResult) -> None:
+def _list_references(conn, esi: EsiClient, owner: Owner, token: str, now: datetime, options: SyncOptions,
+                     result: SyncResult) -> None:
     """Store a pilot's (or its corporation's) listed references, unless the stored list is still fresh; the
     caller commits them with what it does next (fetch_killmails' claims).
 
-    `cache` holds the list's stored ETag and Expires (the users or the corporations row). A 403 is raised as
-    esi.Forbidden for the caller: what it means depends on whose list it was.
+    `token` is the reader's. A 403 is raised as esi.Forbidden for the caller: what it means depends on whose
+    list it was.
     """
-    if list_is_fresh(cache["list_expires_at"], now, full=options.full):
+    if list_is_fresh(owner.list_expires_at, now, full=options.full):
         return
-    etag = None if options.full else cache["list_etag"]
+    etag = None if options.full else owner.list_etag
     try:
-        listing = esi.list_recent(character_id=user["character_id"], token=token, etag=etag,
-                                  corporation_id=owner_id if owner == "corporation" else None)
-    except esi_errors.NotModified as exc:
-        db.save_list_cache(conn, owner, owner_id, etag, _list_expiry(now, result, options, exc.expires_in))
+        listing = esi.list_recent(character_id=owner.reader_id, token=token, etag=etag,
+                                  corporation_id=owner.id if owner.kind == "corporation" else None)
+    except NotModified as exc:
+        db.save_list_cache(conn, owner.kind, owner.id, etag, _list_expiry(now, result, options, exc.expires_in))
         return
-    except esi_errors.Forbidden:
+    except Forbidden:
         raise
-    except esi_errors.Unauthorized as exc:
-        db.expire_access_token(conn, user["character_id"], now)  # refresh it on the next try
+    except Unauthorized as exc:
+        db.expire_access_token(conn, owner.reader_id, now)  # refresh it on the next try
         conn.commit()
         raise JobError(f"access token refused: {exc}") from exc
-    except esi_errors.EsiError as exc:
+    except EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
-    result.linked_new = db.store_refs(conn, owner, owner_id, listing.refs)
-    db.save_list_cache(conn, owner, owner_id, listing.etag, _list_expiry(now, result, options, listing.expires_in))
+    result.linked_new = db.store_refs(conn, owner.kind, owner.id, listing.refs)
+    db.save_list_cache(conn, owner.kind, owner.id, listing.etag,
+                       _list_expiry(now, result, options, listing.expires_in))
     result.listed = len(listing.refs)
     log.info("  📥 Found %d killmails", result.listed)
 
 
-def fetch_killmails(conn, esi: EsiClient, owner: str, owner_id: int, now: datetime, options: SyncOptions,
+def fetch_killmails(conn, esi: EsiClient, owner: Owner, now: datetime, options: SyncOptions,
                     result: SyncResult) -> None:
     """Fetch and save the details of a pilot's (or corporation's) references that no process has stored or
     is fetching."""
-    pending = db.pending_refs(conn, owner, owner_id, now, max_attempts=options.max_attempts)
+    pending = db.pending_refs(conn, owner.kind, owner.id, now, max_attempts=options.max_attempts)
     claimed = db.claim_refs(conn, [r["killmail_id"] for r in pending], now, seconds=CLAIM_SECONDS)
     conn.commit()
     result.new = len(pending)
@@ -367,11 +419,11 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
 
 
 def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,
-             result: SyncResult) -> esi_errors.EsiError | None:
+             result: SyncResult) -> EsiError | None:
     """Save fetched killmails in small batches as they arrive (in the order they arrive: paced fetches end in no
     set order, and one slow fetch must not hold the others unsaved), record failures, and return the limit error
     that stopped the fetching (None when all were tried). Ids left in `unfetched` were never fetched."""
-    stop: esi_errors.EsiError | None = None
+    stop: EsiError | None = None
     fetched: list[Killmail] = []
     batch_started = time.monotonic()
     refs = dict(zip(futures, claimed, strict=True))
@@ -396,13 +448,13 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
             killmail = future.result()
         except CancelledError:
             continue
-        except (esi_errors.ErrorLimited, esi_errors.RateLimited, esi_errors.Paused) as exc:
+        except (ErrorLimited, RateLimited, Paused) as exc:
             # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
             stop = stop or exc
             for other in futures:
                 other.cancel()
             continue
-        except (esi_errors.EsiError, InvalidKillmail) as exc:
+        except (EsiError, InvalidKillmail) as exc:
             unfetched.discard(killmail_id)
             _record_failure(conn, killmail_id, exc, now, options, result)
             continue
@@ -449,7 +501,7 @@ def _record_failure(conn, killmail_id: int, exc: Exception, now: datetime, optio
                     result: SyncResult) -> None:
     # A wrong hash never becomes right; anything else (a 5xx, a malformed body, a row the database refused)
     # is retried by later syncs a bounded number of times.
-    permanent = isinstance(exc, esi_errors.InvalidHash)
+    permanent = isinstance(exc, InvalidHash)
     db.record_ref_failure(conn, killmail_id, f"{type(exc).__name__}: {exc}", now,
                           permanent=permanent, max_attempts=options.max_attempts)
     conn.commit()
@@ -472,8 +524,8 @@ def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, lock
                        found_new=result.linked_new > 0 or result.saved > 0)
         db.record_run(conn, run_row(result))
         conn.commit()
-        for kind, key in reversed(locks):
-            db.unlock(conn, kind, key)
+        for namespace, key in reversed(locks):
+            db.unlock(conn, namespace, key)
         conn.commit()
     locks.clear()
 
@@ -492,9 +544,9 @@ def record_failed_run(conn, esi: EsiClient, result: SyncResult, error: str, *, s
 
 def run_row(result: SyncResult) -> dict:
     """A SyncResult as the columns of sync_runs."""
-    # Every field is a plain value: a shallow copy does (asdict deep-copies, a tenth of a warm poll's CPU).
+    # Every field is a plain value: a shallow copy does (asdict deep-copies each one, for a row every job writes).
     return {f.name: getattr(result, f.name) for f in fields(result)
-            if f.name not in ("character_name", "retry_after", "linked_new")}
+            if f.name not in ("character_name", "linked_new")}
 
 
 def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,
@@ -507,14 +559,19 @@ def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,
     return answered_at + timedelta(seconds=expires_in)
 
 
-def _job_error(what: str, exc: esi_errors.EsiError) -> JobError:
-    error = JobError(f"{what}: {exc}")
-    if isinstance(exc, esi_errors.RateLimited):
-        error.retry_after = exc.retry_after
-    elif isinstance(exc, esi_errors.ErrorLimited):
-        error.retry_after = exc.reset
-    elif isinstance(exc, esi_errors.Paused):
-        error.retry_after = max(0.0, (exc.until - datetime.now(UTC)).total_seconds())
-    elif isinstance(exc, esi_errors.InvalidClient):
-        error.retry_after = esi_errors.INVALID_CLIENT_PAUSE  # the SSO pause every process now keeps
-    return error
+def _job_error(what: str, exc: EsiError) -> JobError:
+    """A JobError for an ESI or SSO error, to be retried no sooner than the wait it asked for."""
+    return JobError(f"{what}: {exc}", retry_after=_wait_asked(exc))
+
+
+def _wait_asked(exc: EsiError) -> float | None:
+    """Seconds an error says to wait before asking again; None when it says nothing."""
+    if isinstance(exc, RateLimited):
+        return exc.retry_after
+    if isinstance(exc, ErrorLimited):
+        return exc.reset
+    if isinstance(exc, Paused):
+        return max(0.0, (exc.until - datetime.now(UTC)).total_seconds())
+    if isinstance(exc, InvalidClient):
+        return INVALID_CLIENT_PAUSE  # the SSO pause every process now keeps
+    return None

@@ -184,8 +184,8 @@ class _Connection(socketserver.StreamRequestHandler):
     closes it, asks to (`Connection: close`) or leaves it idle for IDLE_SECONDS.
 
     A hand-made server, not a library's: the simulator shares the machine with the worker it measures, and
-    cheroot spent 0.21 ms of CPU per request against this 0.08 ms (a parked keep-alive connection went through a
-    selector and a queue to a thread for every request; here its thread simply reads the next one)."""
+    cheroot spent far more CPU per request (a parked keep-alive connection went through a selector and a queue
+    to a thread for every request; here its thread simply reads the next one)."""
 
     timeout = IDLE_SECONDS
     disable_nagle_algorithm = True
@@ -1251,8 +1251,8 @@ def _login_route(path: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def _signing_keys() -> tuple[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]:
-    """The simulated SSO's keys, RS256 (signs every access token) and ES256, made once per process: a 2048-bit
-    RSA key takes a fifth of a second, too long for every simulator a test run starts."""
+    """The simulated SSO's keys, RS256 (signs every access token) and ES256, made once per process: making a
+    2048-bit RSA key is slow, too slow for every simulator a test run starts."""
     return rsa.generate_private_key(public_exponent=65537, key_size=2048), ec.generate_private_key(ec.SECP256R1())
 
 

@@ -11,6 +11,7 @@ from pika.exceptions import NackError, UnroutableError
 
 import broker
 from broker import BadMessage, Job, NotDelivered, decode_job, encode_job, new_job, retry_delay
+from conftest import RABBITMQ_URL
 
 # ------------------------------------------------------------------------------------------------ messages
 
@@ -165,6 +166,35 @@ def test_publish_sends_a_persistent_mandatory_message():
 def test_publish_that_the_broker_did_not_take_is_not_delivered(error):
     with pytest.raises(NotDelivered):
         broker.publish(FakeChannel(fail=error), "q", b"{}")
+
+
+def declared(queue: str) -> bool:
+    """Whether the broker has this queue (a passive declare on a connection of its own)."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    try:
+        connection.channel().queue_declare(queue, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+@pytest.mark.parametrize("max_attempts", [None, 3])
+def test_open_channel_confirms_declares_and_closes(queue_name, max_attempts):
+    """The producer's channel declares the job queue only; a consumer's (max_attempts) its retries and dead
+    letters too. Both confirm: an unroutable message is refused, not lost."""
+    with broker.open_channel(RABBITMQ_URL, queue_name, max_attempts=max_attempts) as channel:
+        broker.publish(channel, queue_name, b"{}")
+        with pytest.raises(NotDelivered):
+            broker.publish(channel, f"{queue_name}.nowhere", b"{}")
+    assert not channel.connection.is_open
+    assert declared(queue_name)
+    retries_and_dead = [broker.retry_queue(queue_name, 1), broker.retry_queue(queue_name, 2),
+                        broker.dead_queue(queue_name)]
+    assert [declared(q) for q in retries_and_dead] == [max_attempts is not None] * 3
+    assert not declared(broker.retry_queue(queue_name, 3))
 
 
 @pytest.mark.parametrize("value, attempt", [

@@ -130,9 +130,10 @@ def test_refs_pending_claimed_once_and_failures_bounded(conn, database_url):
     add_user(conn, 1)
     add_user(conn, 2)
     db.store_refs(conn, "character", 1, [(10, "a"), (11, "b")])
-    db.store_refs(conn, "character", 2, [(11, "b"), (12, "c")])
+    db.store_refs(conn, kind="character", owner_id=2, refs=[(11, "b"), (12, "c")])
     conn.commit()
-    assert [r["killmail_id"] for r in db.pending_refs(conn, "character", 1, NOW, max_attempts=3)] == [11, 10]
+    pending = db.pending_refs(conn, kind="character", owner_id=1, now=NOW, max_attempts=3)
+    assert [r["killmail_id"] for r in pending] == [11, 10]
     with db.connect(database_url) as other:
         first = db.claim_refs(other, [10, 11], NOW, seconds=600)
         other.commit()
@@ -280,12 +281,12 @@ def test_record_limit_only_extends_a_pause(conn):
     assert row["paused_until"] == NOW + timedelta(seconds=30) and row["remaining"] == 90
 
 
-def test_advisory_lock_is_exclusive_between_sessions(conn, database_url):
-    assert db.try_lock(conn, db.LOCK_CHARACTER, 42)
+def test_advisory_lock_is_exclusive_between_sessions_within_its_namespace(conn, database_url):
+    assert db.try_lock(conn, namespace=db.LOCK_CHARACTER, key=42)
     with db.connect(database_url) as other:
-        assert not db.try_lock(other, db.LOCK_CHARACTER, 42)
-        assert db.try_lock(other, db.LOCK_CORPORATION, 42)
-    db.unlock(conn, db.LOCK_CHARACTER, 42)
+        assert not db.try_lock(other, namespace=db.LOCK_CHARACTER, key=42)
+        assert db.try_lock(other, namespace=db.LOCK_CORPORATION, key=42)
+    db.unlock(conn, namespace=db.LOCK_CHARACTER, key=42)
 
 
 def test_esi_calls_accumulate(conn):

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import typing
 
 import pika
 import pytest
@@ -62,7 +63,7 @@ def test_two_burst_workers_store_every_killmail_once(conn, sim, settings, page_s
     assert "👤 Processing: Pilot" in "".join(outputs) and "✅ Completed: Pilot" in "".join(outputs)
     # Right after: no user is due (the directors' corporations are, now that their corporation is known) ...
     again = run_script("queue_killmails.py", settings)
-    assert "✓ Found 0 active users" in again.stdout and "And 4 corporations" in again.stdout
+    assert "✓ Found 0 users to sync" in again.stdout and "And 4 corporations" in again.stdout
     start_worker(settings, "--burst").communicate(timeout=120)
     # ... and a forced job makes neither a list call (before Expires) nor a detail call.
     sim.reset_stats()
@@ -181,7 +182,7 @@ def test_corporations_are_queued_and_synced_through_their_directors(conn, sim, s
     start_worker(settings, "--burst").communicate(timeout=120)
     # The first syncs learned which pilots are directors and of which corporation.
     second = run_script("queue_killmails.py", settings)
-    assert "✓ Found 0 active users" in second.stdout and "And 2 corporations" in second.stdout
+    assert "✓ Found 0 users to sync" in second.stdout and "And 2 corporations" in second.stdout
     output = start_worker(settings, "--burst").communicate(timeout=120)[0]
     assert "🏢 Corporation" in output
     assert set(stored(conn)) == set(sim.expected_killmails(valid_only=True, corporations=True))
@@ -277,6 +278,21 @@ def test_any_attempt_header_and_any_exception_end_in_an_ack_and_a_retry(database
     assert channel.acked == [7]
     assert [q for q, _ in channel.published] == [broker.retry_queue(queue_name, retry_queue)]
     assert channel.published[0][1][broker.ATTEMPT_HEADER] == retry_queue + 1
+
+
+def test_a_failed_jobs_wait_is_the_errors_own_field_and_outcomes_are_three(conn, database_url, queue_name,
+                                                                           monkeypatch):
+    """A JobError carries the wait ESI asked for as a declared field; the retry waits at least that long."""
+    def paused(conn, esi, character_id, now, *, options):
+        raise sync.JobError("recent killmails: paused", retry_after=3600.0)
+    monkeypatch.setattr(sync, "sync_character", paused)
+    child = killmail_worker.Child(make_settings(database_url, queue_name=queue_name), burst=True)
+    outcome = child.process(broker.encode_job(broker.new_job(42, "Pilot")), 1)
+    child.drop_db()
+    assert (outcome.action, outcome.reason) == ("retry", "recent killmails: paused") and outcome.delay >= 3600
+    run = conn.execute("SELECT character_id, status, error FROM sync_runs").fetchone()
+    assert run == {"character_id": 42, "status": "error", "error": "recent killmails: paused"}
+    assert typing.get_args(typing.get_type_hints(killmail_worker.Outcome)["action"]) == ("ack", "retry", "dead")
 
 
 def test_a_retry_that_cannot_be_published_as_asked_is_dead_lettered_and_acked(database_url, queue_name):

@@ -16,6 +16,7 @@ import db
 import limits
 from esi import MAX_PAUSE, Paused
 from limits import (
+    ANSWERED_BUCKET,
     ERROR_LIMIT,
     ERROR_LIMIT_BUCKET,
     SharedLimits,
@@ -124,12 +125,12 @@ def test_420_pauses_the_error_limit_until_the_reset(reset):
 @pytest.mark.parametrize("retry_after", [1, 12, 900])
 def test_429_pauses_the_bucket_for_retry_after(retry_after):
     pauses = pause_after(429, {"Retry-After": str(retry_after), "X-Ratelimit-Remaining": "0"}, NOW)
-    assert set(pauses) == {"bucket"}
-    assert retry_after <= seconds(pauses["bucket"]) <= retry_after + 2
+    assert set(pauses) == {ANSWERED_BUCKET}
+    assert retry_after <= seconds(pauses[ANSWERED_BUCKET]) <= retry_after + 2
 
 
 @pytest.mark.parametrize("status, header, bucket", [
-    (420, "X-ESI-Error-Limit-Reset", ERROR_LIMIT_BUCKET), (429, "Retry-After", "bucket"),
+    (420, "X-ESI-Error-Limit-Reset", ERROR_LIMIT_BUCKET), (429, "Retry-After", ANSWERED_BUCKET),
 ])
 @pytest.mark.parametrize("value, low, high", [
     ("99999999999", MAX_PAUSE, MAX_PAUSE), ("1e300", MAX_PAUSE, MAX_PAUSE), ("901", MAX_PAUSE, MAX_PAUSE),
@@ -151,7 +152,7 @@ def test_a_rate_limit_window_beyond_an_hour_is_logged(caplog):
 
 def test_420_and_429_without_their_headers_pause_about_a_minute():
     assert 60 <= seconds(pause_after(420, {}, NOW)[ERROR_LIMIT_BUCKET]) <= 62
-    assert 60 <= seconds(pause_after(429, {}, NOW)["bucket"]) <= 62
+    assert 60 <= seconds(pause_after(429, {}, NOW)[ANSWERED_BUCKET]) <= 62
 
 
 @pytest.mark.parametrize("headers", [

@@ -8,6 +8,7 @@ import pika
 import pytest
 
 import broker
+import queue_killmails
 from conftest import RABBITMQ_URL, insert_users, make_settings, run_script
 
 NOW = datetime.now(UTC)
@@ -46,7 +47,7 @@ def test_queues_every_due_user_once_with_ids_only(conn, settings):
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [
         "📡 Queueing users for killmail sync...",
-        "✓ Found 2 active users",
+        "✓ Found 2 users to sync",
         "📤 Adding to queue...",
         "✅ All 2 users queued successfully!",
         "💡 Now run the worker to process them: python killmail_worker.py",
@@ -64,7 +65,7 @@ def test_a_queued_user_is_not_queued_again(conn, settings):
     insert_users(conn, pilots(2))
     assert run_script("queue_killmails.py", settings).returncode == 0
     second = run_script("queue_killmails.py", settings)
-    assert "✓ Found 0 active users" in second.stdout
+    assert "✓ Found 0 users to sync" in second.stdout
     assert len(drain(settings.queue_name)) == 2
 
 
@@ -97,7 +98,7 @@ def test_dry_run_names_the_corporations_a_run_would_queue_and_claims_none(conn, 
     assert "✓ Found 1 corporations due (dry run: nothing queued)" in run.stdout
     assert "would queue corporation 98000001 through Pilot 1 (ID: 1001), first sync" in run.stdout
     only = run_script("queue_killmails.py", settings, "--dry-run", "--corporations")
-    assert "would queue corporation 98000001" in only.stdout and "active users" not in only.stdout
+    assert "would queue corporation 98000001" in only.stdout and "users to sync" not in only.stdout
     assert conn.execute("SELECT count(*) AS n FROM corporations WHERE queued_at IS NOT NULL").fetchone()["n"] == 0
     assert run_script("queue_killmails.py", settings, "--corporations").returncode == 0
     assert [m[2].get("corporation_id") for m in drain(settings.queue_name)] == [98000001]
@@ -115,6 +116,21 @@ def test_one_character_at_high_priority(conn, settings):
     assert unknown.returncode == 1 and "no user with character id 42" in unknown.stderr
 
 
+def test_each_mode_is_a_function_of_its_own(conn, settings, caplog):
+    """The modes run in process on a channel the caller opened, and return the exit status."""
+    insert_users(conn, pilots(2))
+    caplog.set_level("INFO")
+    with broker.open_channel(RABBITMQ_URL, settings.queue_name) as channel:
+        assert queue_killmails.queue_character(conn, channel, settings, 1001, NOW, full=True) == 0
+        assert queue_killmails.queue_character(conn, channel, settings, 42, NOW, full=False) == 1
+        assert queue_killmails.queue_all(conn, channel, settings, NOW, corporations_only=False) == 0
+        assert queue_killmails.print_stats(conn, channel.connection, settings, NOW) == 0
+    assert "Queued Pilot 1 at high priority" in caplog.text and "All 1 users queued successfully" in caplog.text
+    assert "queued or running: 2" in caplog.text
+    assert sorted((m[2]["character_id"], m[2].get("full", False)) for m in drain(settings.queue_name)) == [
+        (1000, False), (1001, True)]
+
+
 def test_unreachable_broker_is_one_clear_line(conn, settings):
     insert_users(conn, pilots(1))
     bad = make_settings(settings.database_url, queue_name=settings.queue_name,
@@ -123,6 +139,15 @@ def test_unreachable_broker_is_one_clear_line(conn, settings):
     assert run.returncode == 1 and "cannot reach RabbitMQ" in run.stderr and "Traceback" not in run.stderr
     # Nothing was claimed, so the next run queues the user.
     assert conn.execute("SELECT queued_at FROM users").fetchone()["queued_at"] is None
+
+
+def test_unreachable_database_is_one_line_naming_the_error(settings):
+    bad = make_settings("postgresql://root@127.0.0.1:1/killmails", queue_name=settings.queue_name)
+    run = run_script("queue_killmails.py", bad)
+    (line,) = run.stderr.splitlines()  # libpq's message spans lines: they are joined, not cut to the first
+    assert run.returncode == 1
+    assert line.startswith("❌ cannot reach PostgreSQL at DATABASE_URL: OperationalError: connection failed")
+    assert "port 1 failed" in line and len(line) < 400
 
 
 def test_priorities_hold_in_the_broker(conn, settings):

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pika
 import pytest
+from flask import Flask
 
+import api
 import broker
 import db
-from conftest import RABBITMQ_URL, insert_users
+from conftest import RABBITMQ_URL, insert_users, make_settings
 from killmail_model import parse_killmail
+from status_report import Sources
 
 TOKEN = "api-secret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -36,6 +39,20 @@ def store_killmails(conn, ids):
     db.save_killmails(conn, killmails)
     db.store_refs(conn, "character", PILOT, [(i, f"{i:040x}") for i in ids])
     conn.commit()
+
+
+def test_the_api_is_a_blueprint_of_its_own(database_url, queue_name, pilot):
+    """api.py serves /api on any Flask app, behind its own bearer token, without the status app around it."""
+    sources = Sources(make_settings(database_url, queue_name=queue_name, app_api_token=TOKEN))
+    app = Flask(__name__)
+    app.register_blueprint(api.api_blueprint(sources))
+    client = app.test_client()
+    try:
+        assert client.get(f"/api/characters/{pilot}/killmails").status_code == 401
+        answer = client.get(f"/api/characters/{pilot}/killmails", headers=AUTH)
+        assert answer.status_code == 200 and answer.get_json() == {"killmails": [], "next_before": None}
+    finally:
+        sources.close()
 
 
 def test_api_is_disabled_without_a_token_setting(make_client, pilot):

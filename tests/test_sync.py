@@ -6,10 +6,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import db
-import esi as esi_errors
 import sync
 from conftest import insert_users, make_settings
-from esi import EsiClient
+from esi import EsiClient, InvalidGrant
 from limits import SharedLimits
 
 
@@ -250,7 +249,7 @@ def web_app_logs_in_during(client, conn, database_url, character_id, *, refused:
             web.execute("UPDATE users SET refresh_token = 'web-login', access_token = 'web-access' "
                         "WHERE character_id = %s", (character_id,))
         if refused:
-            raise esi_errors.InvalidGrant("invalid_grant: gone")
+            raise InvalidGrant("invalid_grant: gone")
         return refresh(refresh_token)
     client.refresh = racing_refresh
 
@@ -372,6 +371,26 @@ def test_unknown_user_is_a_permanent_error(conn, world, sim):
 
 
 # ---------------------------------------------------------------------------------------------- corporations
+
+
+def test_job_errors_declare_what_they_carry():
+    """The wait asked for is the error's, set when it is made; the run's result is filled in as it leaves the run."""
+    retried, permanent = sync.JobError("paused", retry_after=30.0), sync.PermanentJobError("no such user")
+    assert (retried.retry_after, retried.result) == (30.0, None)
+    assert sync.JobError("database").retry_after is None and permanent.result is None
+    assert isinstance(retried, sync.JobFailed) and isinstance(permanent, sync.JobFailed)
+    assert not isinstance(permanent, sync.JobError)  # never retried
+    assert "retry_after" not in vars(sync.SyncResult(1))  # a wait belongs to the error, not to the run
+
+
+def test_a_pilot_reads_its_own_list_and_a_director_its_corporations():
+    expires = datetime(2026, 11, 29, 12, 5, tzinfo=UTC)
+    director = {"character_id": 7, "corporation_id": 98, "list_etag": '"own"', "list_expires_at": None}
+    corporation = {"corporation_id": 98, "list_etag": '"corp"', "list_expires_at": expires}
+    assert sync.Owner.pilot(director) == sync.Owner("character", 7, reader_id=7, list_etag='"own"',
+                                                    list_expires_at=None)
+    assert sync.Owner.corporation(corporation, director=director) == sync.Owner(
+        "corporation", 98, reader_id=7, list_etag='"corp"', list_expires_at=expires)
 
 
 def sync_corporations(conn, client, sim, now=None):
