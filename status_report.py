@@ -39,6 +39,7 @@ BROKER_TIMEOUT_SECONDS = 1.0  # TCP connect and AMQP handshake, each
 BROKER_CACHE_SECONDS = 1.0    # a probe every few ms must not open a broker connection each time
 RUNNING_WINDOW = timedelta(minutes=5)   # a run finished this recently means the worker is running
 METRICS_WINDOW = timedelta(hours=24)    # success rate, error rate, durations and growth are over this window
+HOURS_CHARTED = 24                      # the page's charts: this many clock hours, the current one last
 RECENT_RUNS = 20
 FAILED_REFS_SHOWN = 20
 
@@ -156,6 +157,7 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
             "killmails_last_hour": growth["last_hour"],
             "killmails_per_hour": round(growth["last_day"] / (METRICS_WINDOW / timedelta(hours=1)), 2),
         },
+        "hourly": hourly(conn, now),
         "queue": queue,
         "users": users,
         "runs": db.recent_runs(conn, limit=RECENT_RUNS),
@@ -165,6 +167,24 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
         "esi_limits": db.esi_limit_buckets(conn, now),
         "esi_calls": db.esi_call_counts(conn),
     }
+
+
+def hourly(conn, now: datetime) -> list[dict[str, Any]]:
+    """The last HOURS_CHARTED clock hours (UTC), oldest first, the current one last: killmails stored, runs
+    finished by status, and the median and 95th percentile run duration in seconds. An hour with nothing in it
+    counts zeros, and its durations are None."""
+    first = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS_CHARTED - 1)
+    until = first + timedelta(hours=HOURS_CHARTED)
+    hours = {first + timedelta(hours=n): {"hour": first + timedelta(hours=n), "killmails": 0, "runs": {},
+                                          "duration_p50_seconds": None, "duration_p95_seconds": None}
+             for n in range(HOURS_CHARTED)}
+    for row in db.killmails_per_hour(conn, first, until):
+        hours[row["hour"]]["killmails"] = row["killmails"]
+    for row in db.runs_per_hour(conn, first, until):
+        hours[row["hour"]]["runs"][row["status"]] = row["runs"]
+    for row in db.run_durations_per_hour(conn, first, until):
+        hours[row["hour"]].update(duration_p50_seconds=row["p50"], duration_p95_seconds=row["p95"])
+    return list(hours.values())
 
 
 def is_running(last_sync: datetime | None, consumers: int | None, now: datetime) -> bool:

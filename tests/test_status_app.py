@@ -183,6 +183,7 @@ def test_status_json_reports_the_known_rows(client, seeded):
                                     "killmails_per_hour")} == {
         "runs": 5, "success_rate": 0.6, "error_rate": 0.2, "killmails_total": 5, "killmails_last_hour": 3,
         "killmails_per_hour": round(4 / 24, 2)}
+    assert len(report["hourly"]) == 24 and sum(h["killmails"] for h in report["hourly"]) == 4
     assert metrics["sync_duration_avg_seconds"] == pytest.approx((0.4 + 1.1 + 2.0 + 6.5 + 3.2) / 5)
     assert report["users"] == EXPECTED_USERS
     assert report["queue"] == {"name": report["queue"]["name"], "depth": 0, "consumers": 0, "retrying": 0, "dead": 0,
