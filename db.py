@@ -755,6 +755,19 @@ def run_durations_per_hour(conn, since: datetime, until: datetime) -> list[dict]
     ).fetchall()
 
 
+def detail_backlog(conn, *, max_attempts: int) -> dict[str, int]:
+    """References with no stored killmail: `pending` (attempts left) and `gave_up` (every attempt used)."""
+    return conn.execute(
+        """
+        SELECT count(*) FILTER (WHERE r.attempts < %(max)s) AS pending,
+               count(*) FILTER (WHERE r.attempts >= %(max)s) AS gave_up
+        FROM killmail_refs r
+        WHERE NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+        """,
+        {"max": max_attempts},
+    ).fetchone()
+
+
 def user_states(conn, now: datetime, *, interval: int, stale_after: int) -> dict[str, int]:
     """Users counted by state, each user in one: needs_relogin, else queued, else never_synced, else due, else
     active (synced within its interval). A claim older than stale_after no longer counts as queued."""

@@ -40,6 +40,7 @@ BROKER_CACHE_SECONDS = 1.0    # a probe every few ms must not open a broker conn
 RUNNING_WINDOW = timedelta(minutes=5)   # a run finished this recently means the worker is running
 METRICS_WINDOW = timedelta(hours=24)    # success rate, error rate, durations and growth are over this window
 HOURS_CHARTED = 24                      # the page's charts: this many clock hours, the current one last
+ESI_LIMIT_STATUSES = (420, 429)         # ESI's error limit and rate limit answers
 RECENT_RUNS = 20
 FAILED_REFS_SHOWN = 20
 
@@ -236,11 +237,12 @@ def database_metrics(conn, settings: Settings, now: datetime) -> Iterator[GaugeM
     yield runs
     yield CounterMetricFamily("killmail_killmails_saved", "Killmails stored",
                               value=db.killmail_growth(conn, now)["total"])
-    calls = CounterMetricFamily("killmail_esi_calls", "ESI calls by route group and status",
-                                labels=["group", "status"])
-    for row in db.esi_call_counts(conn):
-        calls.add_metric([row["route_group"], str(row["status"])], row["calls"])
-    yield calls
+    yield from esi_call_metrics(conn)
+    backlog = GaugeMetricFamily("killmail_detail_backlog", "Listed killmails not stored yet: pending (attempts "
+                                "left) or gave_up (every attempt used)", labels=["state"])
+    for state, count in db.detail_backlog(conn, max_attempts=settings.max_attempts).items():
+        backlog.add_metric([state], count)
+    yield backlog
     users = GaugeMetricFamily("killmail_users", "Users by state", labels=["state"])
     for state, count in db.user_states(conn, now, interval=settings.sync_interval_seconds,
                                        stale_after=CLAIM_STALE_SECONDS).items():
@@ -260,3 +262,22 @@ def database_metrics(conn, settings: Settings, now: datetime) -> Iterator[GaugeM
         paused.add_metric([row["bucket"]], row["paused"])
     yield remaining
     yield paused
+
+
+def esi_call_metrics(conn) -> Iterator[CounterMetricFamily]:
+    """ESI calls by route group and status, and their 420s and 429s summed over route groups."""
+    calls = CounterMetricFamily("killmail_esi_calls", "ESI calls by route group and status",
+                                labels=["group", "status"])
+    # The 420s and 429s again, present from the start at 0, so that an alert on their increase sees the first
+    # one (a series that appears with its first answer shows no increase).
+    limited = CounterMetricFamily("killmail_esi_limit_hits", "ESI answers 420 (error limit) and 429 (rate limit)",
+                                  labels=["status"])
+    hits = dict.fromkeys(ESI_LIMIT_STATUSES, 0)
+    for row in db.esi_call_counts(conn):
+        calls.add_metric([row["route_group"], str(row["status"])], row["calls"])
+        if row["status"] in hits:
+            hits[row["status"]] += row["calls"]
+    for status, count in hits.items():
+        limited.add_metric([str(status)], count)
+    yield calls
+    yield limited
