@@ -721,6 +721,61 @@ def killmail_growth(conn, now: datetime) -> dict:
     ).fetchone()
 
 
+# The hourly charts: each row's `hour` is the start of its hour, counted in whole hours from `since`, which the
+# caller puts on a clock hour. An hour with nothing in it has no row.
+
+def killmails_per_hour(conn, since: datetime, until: datetime) -> list[dict]:
+    """Killmails stored from `since` until `until`, counted by hour."""
+    return conn.execute(
+        """
+        SELECT date_bin('1 hour', stored_at, %(since)s) AS hour, count(*) AS killmails
+        FROM killmails WHERE stored_at >= %(since)s AND stored_at < %(until)s
+        GROUP BY 1 ORDER BY 1
+        """,
+        {"since": since, "until": until},
+    ).fetchall()
+
+
+def runs_per_hour(conn, since: datetime, until: datetime) -> list[dict]:
+    """Runs finished from `since` until `until`, counted by hour and status (locked skips left out)."""
+    return conn.execute(
+        """
+        SELECT date_bin('1 hour', finished_at, %(since)s) AS hour, status, count(*) AS runs
+        FROM sync_runs WHERE finished_at >= %(since)s AND finished_at < %(until)s AND status <> 'locked'
+        GROUP BY 1, 2 ORDER BY 1, 2
+        """,
+        {"since": since, "until": until},
+    ).fetchall()
+
+
+def run_durations_per_hour(conn, since: datetime, until: datetime) -> list[dict]:
+    """The median and 95th percentile of the durations in seconds of the runs finished from `since` until
+    `until`, by hour (interpolated between the two nearest runs; locked skips left out)."""
+    return conn.execute(
+        """
+        SELECT date_bin('1 hour', finished_at, %(since)s) AS hour,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p95
+        FROM sync_runs WHERE finished_at >= %(since)s AND finished_at < %(until)s AND status <> 'locked'
+        GROUP BY 1 ORDER BY 1
+        """,
+        {"since": since, "until": until},
+    ).fetchall()
+
+
+def detail_backlog(conn, *, max_attempts: int) -> dict[str, int]:
+    """References with no stored killmail: `pending` (attempts left) and `gave_up` (every attempt used)."""
+    return conn.execute(
+        """
+        SELECT count(*) FILTER (WHERE r.attempts < %(max)s) AS pending,
+               count(*) FILTER (WHERE r.attempts >= %(max)s) AS gave_up
+        FROM killmail_refs r
+        WHERE NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+        """,
+        {"max": max_attempts},
+    ).fetchone()
+
+
 def user_states(conn, now: datetime, *, interval: int, stale_after: int) -> dict[str, int]:
     """Users counted by state, each user in one: needs_relogin, else queued, else never_synced, else due, else
     active (synced within its interval). A claim older than stale_after no longer counts as queued."""

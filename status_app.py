@@ -5,7 +5,7 @@ and, when EVE_CALLBACK_URL is set, /login and /callback to add pilots from a bro
 Serve it with `gunicorn -c gunicorn.conf.py status_app:app`, or locally with `python status_app.py --port 8000`.
 Each process opens its small connection pool at its first request (after gunicorn's fork, so the master holds
 none) and checks the broker with a short-timeout connection whose answer it keeps for a second; the numbers
-themselves come from status_report.py. The page is templates/status.html.
+themselves come from status_report.py. The page is templates/status.html, its charts status_charts.py.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import db
+import status_charts
 from api import api_blueprint
 from login import login_blueprint
 from settings import ConfigError, Settings, load_settings, setup_logging
@@ -129,6 +130,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.add_template_filter(ago)
     app.add_template_filter(duration)
     app.add_template_filter(iso_utc)
+    for chart in (status_charts.killmails_chart, status_charts.runs_chart, status_charts.durations_chart):
+        app.add_template_global(chart)
 
     @app.errorhandler(ConfigError)
     def configuration_error(exc: ConfigError):

@@ -39,6 +39,8 @@ BROKER_TIMEOUT_SECONDS = 1.0  # TCP connect and AMQP handshake, each
 BROKER_CACHE_SECONDS = 1.0    # a probe every few ms must not open a broker connection each time
 RUNNING_WINDOW = timedelta(minutes=5)   # a run finished this recently means the worker is running
 METRICS_WINDOW = timedelta(hours=24)    # success rate, error rate, durations and growth are over this window
+HOURS_CHARTED = 24                      # the page's charts: this many clock hours, the current one last
+ESI_LIMIT_STATUSES = (420, 429)         # ESI's error limit and rate limit answers
 RECENT_RUNS = 20
 FAILED_REFS_SHOWN = 20
 
@@ -149,6 +151,7 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
             "killmails_last_hour": growth["last_hour"],
             "killmails_per_hour": round(growth["last_day"] / (METRICS_WINDOW / timedelta(hours=1)), 2),
         },
+        "hourly": hourly(conn, now),
         "queue": queue,
         "users": users,
         "runs": db.recent_runs(conn, limit=RECENT_RUNS),
@@ -158,6 +161,24 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
         "esi_limits": db.esi_limit_buckets(conn, now),
         "esi_calls": db.esi_call_counts(conn),
     }
+
+
+def hourly(conn, now: datetime) -> list[dict[str, Any]]:
+    """The last HOURS_CHARTED clock hours (UTC), oldest first, the current one last: killmails stored, runs
+    finished by status, and the median and 95th percentile run duration in seconds. An hour with nothing in it
+    counts zeros, and its durations are None."""
+    first = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS_CHARTED - 1)
+    until = first + timedelta(hours=HOURS_CHARTED)
+    hours = {first + timedelta(hours=n): {"hour": first + timedelta(hours=n), "killmails": 0, "runs": {},
+                                          "duration_p50_seconds": None, "duration_p95_seconds": None}
+             for n in range(HOURS_CHARTED)}
+    for row in db.killmails_per_hour(conn, first, until):
+        hours[row["hour"]]["killmails"] = row["killmails"]
+    for row in db.runs_per_hour(conn, first, until):
+        hours[row["hour"]]["runs"][row["status"]] = row["runs"]
+    for row in db.run_durations_per_hour(conn, first, until):
+        hours[row["hour"]].update(duration_p50_seconds=row["p50"], duration_p95_seconds=row["p95"])
+    return list(hours.values())
 
 
 def is_running(last_sync: datetime | None, consumers: int | None, now: datetime) -> bool:
@@ -209,11 +230,12 @@ def database_metrics(conn, settings: Settings, now: datetime) -> Iterator[GaugeM
     yield runs
     yield CounterMetricFamily("killmail_killmails_saved", "Killmails stored",
                               value=db.killmail_growth(conn, now)["total"])
-    calls = CounterMetricFamily("killmail_esi_calls", "ESI calls by route group and status",
-                                labels=["group", "status"])
-    for row in db.esi_call_counts(conn):
-        calls.add_metric([row["route_group"], str(row["status"])], row["calls"])
-    yield calls
+    yield from esi_call_metrics(conn)
+    backlog = GaugeMetricFamily("killmail_detail_backlog", "Listed killmails not stored yet: pending (attempts "
+                                "left) or gave_up (every attempt used)", labels=["state"])
+    for state, count in db.detail_backlog(conn, max_attempts=settings.max_attempts).items():
+        backlog.add_metric([state], count)
+    yield backlog
     users = GaugeMetricFamily("killmail_users", "Users by state", labels=["state"])
     for state, count in db.user_states(conn, now, interval=settings.sync_interval_seconds,
                                        stale_after=CLAIM_STALE_SECONDS).items():
@@ -233,3 +255,22 @@ def database_metrics(conn, settings: Settings, now: datetime) -> Iterator[GaugeM
         paused.add_metric([row["bucket"]], row["paused"])
     yield remaining
     yield paused
+
+
+def esi_call_metrics(conn) -> Iterator[CounterMetricFamily]:
+    """ESI calls by route group and status, and their 420s and 429s summed over route groups."""
+    calls = CounterMetricFamily("killmail_esi_calls", "ESI calls by route group and status",
+                                labels=["group", "status"])
+    # The 420s and 429s again, present from the start at 0, so that an alert on their increase sees the first
+    # one (a series that appears with its first answer shows no increase).
+    limited = CounterMetricFamily("killmail_esi_limit_hits", "ESI answers 420 (error limit) and 429 (rate limit)",
+                                  labels=["status"])
+    hits = dict.fromkeys(ESI_LIMIT_STATUSES, 0)
+    for row in db.esi_call_counts(conn):
+        calls.add_metric([row["route_group"], str(row["status"])], row["calls"])
+        if row["status"] in hits:
+            hits[row["status"]] += row["calls"]
+    for status, count in hits.items():
+        limited.add_metric([str(status)], count)
+    yield calls
+    yield limited

@@ -8,13 +8,16 @@ tests/test_status_browser.py and bench/health_bench.py.
 The known rows, relative to now: six users (2 active, 1 due, 1 queued, 1 never synced, 1 needing a new login),
 six runs (five in the last 24 hours: 2 ok, 1 partial, 1 error, 1 needs_relogin; the latest 2 min ago and
 3.2 s long), five stored killmails (3 in the last hour, 4 in the last day), two failed references, four ESI
-limit buckets (two per-character ones, one paused) and six ESI call counters.
+limit buckets (two per-character ones, one paused) and six ESI call counters. The screenshot adds a day of
+history before them (seed_history), so that its charts have something to show.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +40,7 @@ import broker  # noqa: E402
 import db  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
+DOCS_HEIGHT = 2060  # the docs' screenshot: the whole page, with its 20 latest runs
 GUNICORN = Path(sys.executable).with_name("gunicorn")  # the one installed beside this Python (.venv/bin)
 ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -75,19 +79,11 @@ def seed_status_rows(conn, now: datetime) -> None:
         (1006, ago(minutes=4), 6.5, "partial", 40, 5, 4, 0, 1, 8, 1, None),
         (1001, ago(minutes=2), 3.2, "ok", 12, 3, 2, 1, 0, 5, 1, None),
     ]
-    for character_id, finished, seconds, status, listed, new, saved, skipped, failed, calls, attempt, error in runs:
-        db.record_run(conn, {
-            "character_id": character_id, "corporation_id": None, "kind": "character",
-            "started_at": finished - timedelta(seconds=seconds), "finished_at": finished, "status": status,
-            "listed": listed, "new": new, "saved": saved, "skipped": skipped, "failed": failed, "esi_calls": calls,
-            "attempt": attempt, "worker": "worker-1", "error": error})
+    for run in runs:
+        add_run(conn, run)
     for n, stored in enumerate([ago(minutes=10), ago(minutes=10), ago(minutes=50), ago(hours=5), ago(days=3)]):
         killmail_id = 120_000_001 + n
-        conn.execute(
-            "INSERT INTO killmails (killmail_id, killmail_hash, killmail_time, solar_system_id, victim_ship_type_id, "
-            "victim_damage_taken, raw, stored_at) VALUES (%s, %s, %s, 30000142, 587, 1500, %s, %s)",
-            (killmail_id, f"hash{killmail_id}", stored - timedelta(minutes=30),
-             json.dumps({"killmail_id": killmail_id}), stored))
+        add_killmail(conn, killmail_id, stored)
         conn.execute("INSERT INTO killmail_refs (killmail_id, killmail_hash, attempts) VALUES (%s, %s, %s)",
                      (killmail_id, f"hash{killmail_id}", 1 if n == 0 else 0))  # the first failed once, then was stored
     for killmail_id, attempts, error, next_attempt in (
@@ -105,6 +101,51 @@ def seed_status_rows(conn, now: datetime) -> None:
     db.add_esi_calls(conn, {("char-killmail", 200): 52, ("char-killmail", 304): 140, ("killmail", 200): 388,
                             ("killmail", 422): 1, ("killmail", 502): 3, ("character", 200): 6})
     conn.commit()
+
+
+def add_run(conn, run: tuple) -> None:
+    """Record one run given as (character, finished, seconds, status, listed, new, saved, skipped, failed, ESI
+    calls, attempt, error)."""
+    character_id, finished, seconds, status, listed, new, saved, skipped, failed, calls, attempt, error = run
+    db.record_run(conn, {
+        "character_id": character_id, "corporation_id": None, "kind": "character",
+        "started_at": finished - timedelta(seconds=seconds), "finished_at": finished, "status": status,
+        "listed": listed, "new": new, "saved": saved, "skipped": skipped, "failed": failed, "esi_calls": calls,
+        "attempt": attempt, "worker": "worker-1", "error": error})
+
+
+def add_killmail(conn, killmail_id: int, stored: datetime) -> None:
+    """Store one small killmail at this time."""
+    conn.execute(
+        "INSERT INTO killmails (killmail_id, killmail_hash, killmail_time, solar_system_id, victim_ship_type_id, "
+        "victim_damage_taken, raw, stored_at) VALUES (%s, %s, %s, 30000142, 587, 1500, %s, %s)",
+        (killmail_id, f"hash{killmail_id}", stored - timedelta(minutes=30), json.dumps({"killmail_id": killmail_id}),
+         stored))
+
+
+def seed_history(conn, now: datetime) -> None:
+    """A day of runs and stored killmails from 2 to 24 hours ago, the same every time, so that the screenshot's
+    charts have a day to show (the tests count the known rows alone), and commit."""
+    rng = random.Random(17)
+    for hours_ago in range(2, 24):
+        busy = 1 + (hours_ago % 12 in (3, 4, 5, 6))  # an afternoon with more pilots online
+        for _ in range(rng.randint(4, 8) * busy):
+            status = rng.choices(["ok", "partial", "error", "needs_relogin"], [86, 8, 5, 1])[0]
+            finished = now - timedelta(hours=hours_ago, minutes=rng.uniform(0, 59))
+            add_run(conn, (rng.choice(list(PILOTS)), finished, rng.lognormvariate(0.9, 0.5) * busy, status,
+                           10, 2, 2, 0, 0, 4, 1, None))
+        for n in range(rng.randint(0, 6) * busy):
+            add_killmail(conn, 140_000_000 + hours_ago * 100 + n, now - timedelta(hours=hours_ago, minutes=n * 5))
+    conn.commit()
+
+
+def charts_in(page: str) -> dict[str, dict[str, dict[str, float]]]:
+    """The numbers a page's charts draw: by chart id, hour ('2026-11-01T12:00Z') and series, each bar's
+    data-value."""
+    return {chart_id: {hour: {series: float(value) for series, value in
+                              re.findall(r'data-series="([^"]+)" data-value="([^"]+)"', bars)}
+                       for hour, bars in re.findall(r'<g data-hour="([^"]+)">(.*?)</g>', body, re.S)}
+            for chart_id, body in re.findall(r'<svg id="(chart-[a-z]+)"(.*?)</svg>', page, re.S)}
 
 
 def fill_queues(queue: str, *, max_attempts: int, waiting: int, retrying: int, dead: int) -> None:
@@ -192,10 +233,10 @@ def chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
             capture_output=True, text=True, timeout=timeout, check=True)
 
 
-def take_screenshot(url: str, png: Path) -> None:
-    """Save a 1280x1400 screenshot of a page."""
+def take_screenshot(url: str, png: Path, *, height: int = 1400) -> None:
+    """Save a screenshot of a page, 1280 pixels wide and this high."""
     png.parent.mkdir(parents=True, exist_ok=True)
-    chromium(f"--screenshot={png}", "--window-size=1280,1400", url)
+    chromium(f"--screenshot={png}", f"--window-size=1280,{height}", url)
 
 
 @contextmanager
@@ -227,11 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     queue = f"screenshot_{uuid.uuid4().hex[:10]}"
     with throwaway_database() as url:
         with db.connect(url) as conn:
+            seed_history(conn, datetime.now(UTC))  # first: the known rows stay the latest runs
             seed_status_rows(conn, datetime.now(UTC))
         fill_queues(queue, max_attempts=8, waiting=3, retrying=1, dead=1)
         try:
             with serve(status_env(url, queue=queue)) as base:
-                take_screenshot(f"{base}/status", args.png.resolve())
+                take_screenshot(f"{base}/status", args.png.resolve(), height=DOCS_HEIGHT)
         finally:
             delete_queues(queue, max_attempts=8)
     print(f"saved {args.png}")

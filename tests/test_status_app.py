@@ -15,6 +15,7 @@ import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import db
 import status_app
 import status_report
 from conftest import RABBITMQ_URL, ROOT
@@ -23,6 +24,7 @@ from tests.screenshot import (
     EXPECTED_USERS,
     GUNICORN,
     REFRESH_TOKEN,
+    add_killmail,
     fill_queues,
     free_port,
     seed_status_rows,
@@ -183,6 +185,7 @@ def test_status_json_reports_the_known_rows(client, seeded):
                                     "killmails_per_hour")} == {
         "runs": 5, "success_rate": 0.6, "error_rate": 0.2, "killmails_total": 5, "killmails_last_hour": 3,
         "killmails_per_hour": round(4 / 24, 2)}
+    assert len(report["hourly"]) == 24 and sum(h["killmails"] for h in report["hourly"]) == 4
     assert metrics["sync_duration_avg_seconds"] == pytest.approx((0.4 + 1.1 + 2.0 + 6.5 + 3.2) / 5)
     assert report["users"] == EXPECTED_USERS
     assert report["queue"] == {"name": report["queue"]["name"], "depth": 0, "consumers": 0, "retrying": 0, "dead": 0,
@@ -309,6 +312,33 @@ def test_metrics_report_the_known_rows(client, seeded, queue_name):
     assert got[("killmail_esi_limit_paused", (("bucket", "char-killmail"),))] == 1
     assert (got[("killmail_queue_depth", ())], got[("killmail_queue_retrying", ())],
             got[("killmail_dead_letters", ())], got[("killmail_queue_consumers", ())]) == (4, 1, 2, 0)
+    # 130000001 (3 attempts) and 130000003 (none yet) wait for their detail; 130000002 used all 8 attempts.
+    assert (got[("killmail_detail_backlog", (("state", "pending"),))],
+            got[("killmail_detail_backlog", (("state", "gave_up"),))]) == (2, 1)
+    assert (got[("killmail_esi_limit_hits_total", (("status", "420"),))],
+            got[("killmail_esi_limit_hits_total", (("status", "429"),))]) == (0, 0)  # present before the first
+
+
+def test_metrics_sum_esi_420s_and_429s_over_route_groups(client, seeded):
+    db.add_esi_calls(seeded, {("killmail", 420): 2, ("char-killmail", 429): 3, ("character", 429): 1,
+                              ("killmail", 200): 5})
+    seeded.commit()
+    got = samples(client.get("/metrics"))
+    assert (got[("killmail_esi_limit_hits_total", (("status", "420"),))],
+            got[("killmail_esi_limit_hits_total", (("status", "429"),))]) == (2, 4)
+    assert got[("killmail_esi_calls_total", (("group", "char-killmail"), ("status", "429")))] == 3
+
+
+def test_metrics_detail_backlog_shrinks_as_details_are_stored(client, conn):
+    for killmail_id in (170_000_001, 170_000_002, 170_000_003):
+        conn.execute("INSERT INTO killmail_refs (killmail_id, killmail_hash) VALUES (%s, 'h')", (killmail_id,))
+    conn.commit()
+    assert samples(client.get("/metrics"))[("killmail_detail_backlog", (("state", "pending"),))] == 3
+    add_killmail(conn, 170_000_002, datetime.now(UTC))
+    conn.commit()
+    got = samples(client.get("/metrics"))
+    assert (got[("killmail_detail_backlog", (("state", "pending"),))],
+            got[("killmail_detail_backlog", (("state", "gave_up"),))]) == (2, 0)
 
 
 def test_metrics_before_any_run_say_the_last_sync_is_infinitely_old(client, conn):

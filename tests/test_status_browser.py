@@ -13,6 +13,7 @@ from tests.screenshot import (
     ACCESS_TOKEN,
     CHROMIUM,
     REFRESH_TOKEN,
+    charts_in,
     chromium,
     fill_queues,
     seed_status_rows,
@@ -57,6 +58,23 @@ def test_the_page_shows_the_numbers_from_the_database(server):
     for text in ("Aria Vex", "2 min ago", "ServerError: ESI answered 502 Bad Gateway", "130000002", "3,412"):
         assert text in dom
     assert ACCESS_TOKEN not in dom and REFRESH_TOKEN not in dom
+
+
+@needs_chromium
+def test_the_page_draws_its_charts_without_script_or_external_asset(server):
+    dom = chromium("--dump-dom", f"{server}/status").stdout
+    charts = charts_in(dom)
+    assert sorted(charts) == ["chart-durations", "chart-killmails", "chart-runs"]
+    assert [len(hours) for hours in charts.values()] == [24, 24, 24]
+    # The known rows' killmails of the last day were stored 10 min (2), 50 min and 5 h ago; of their runs, four
+    # finished in the last 20 minutes (the needs_relogin one, 23 h ago, is at the window's edge).
+    assert sum(bars["killmails"] for bars in charts["chart-killmails"].values()) == 4
+    assert [sum(bars[s] for bars in charts["chart-runs"].values()) for s in ("ok", "partial", "error")] == [2, 1, 1]
+    assert max(bars["p95"] for bars in charts["chart-durations"].values()) > 0
+    assert dom.count("<svg") == 3 and dom.count("</svg>") == 3
+    assert "<script" not in dom
+    assert all("http" not in svg for svg in re.findall(r"<svg.*?</svg>", dom, re.S))
+    assert not re.findall(r'(?:src|href|xlink:href)="(?:[a-z]+:)?//', dom) and "url(" not in dom
 
 
 @needs_chromium
