@@ -10,7 +10,7 @@ import pytest
 
 import broker
 import db
-from conftest import RABBITMQ_URL, insert_users
+from conftest import RABBITMQ_URL, insert_users, watch_secrets
 from killmail_model import parse_killmail
 
 TOKEN = "api-secret-token"
@@ -21,6 +21,7 @@ PILOT = 2121652582  # the sample's victim
 
 @pytest.fixture
 def client(make_client):
+    watch_secrets([TOKEN])
     return make_client(app_api_token=TOKEN)
 
 
