@@ -172,13 +172,14 @@ def sim():
 
 @pytest.fixture
 def make_client(database_url, queue_name):
-    """Build Flask test clients of status apps with these settings overrides; their pools are closed after."""
+    """Build Flask test clients of status apps with these settings overrides (and clock); their pools and broker
+    connections are closed after."""
     import status_app
     apps = []
 
-    def make(**overrides):
+    def make(*, clock=time.monotonic, **overrides):
         overrides = {"database_url": database_url, "queue_name": queue_name, **overrides}
-        app = status_app.create_app(make_settings(**overrides))
+        app = status_app.create_app(make_settings(**overrides), clock=clock)
         apps.append(app)
         return app.test_client()
 

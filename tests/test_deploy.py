@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import configparser
+import runpy
+import shlex
 import shutil
 import subprocess
 
@@ -39,7 +41,8 @@ def test_compose_config_where_the_client_has_compose():
     probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip("the docker client here has no compose plugin")
-    env = {"EVE_CLIENT_ID": "x", "EVE_CLIENT_SECRET": "y", "ESI_USER_AGENT": "z", "PATH": "/usr/bin:/bin"}
+    env = {"EVE_CLIENT_ID": "x", "EVE_CLIENT_SECRET": "y", "ESI_USER_AGENT": "z", "STATUS_BASIC_AUTH": "ops:pw",
+           "PATH": "/usr/bin:/bin"}
     result = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "docker-compose.yml"), "config"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
@@ -67,6 +70,42 @@ def test_systemd_units_parse(unit):
     if unit.endswith(".service"):
         assert (ROOT / parser["Service"]["ExecStart"].split()[1].split("/")[-1]).exists() \
             or "gunicorn" in parser["Service"]["ExecStart"]
+
+
+def test_compose_status_app_needs_basic_auth_and_is_published_on_loopback_only():
+    status = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["status"]
+    assert status["environment"]["STATUS_BASIC_AUTH"].startswith("${STATUS_BASIC_AUTH:?")
+    assert status["ports"] == ["127.0.0.1:8000:8000"]
+
+
+def status_unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=True, interpolation=None)
+    parser.optionxform = str
+    parser.read(DEPLOY / "systemd/killmail-status.service")
+    return parser
+
+
+def test_systemd_status_app_listens_on_loopback_and_needs_basic_auth():
+    service = status_unit()["Service"]
+    assert "STATUS_BIND" not in service.get("Environment", "")  # gunicorn.conf.py's 127.0.0.1:8000
+    check = service["ExecStartPre"].replace("$$", "$")  # systemd's escape of a literal $
+    for env, code in (({}, 1), ({"STATUS_BASIC_AUTH": ""}, 1), ({"STATUS_BASIC_AUTH": "ops:pw"}, 0)):
+        result = subprocess.run(shlex.split(check), env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+                                text=True)
+        assert result.returncode == code, result.stderr
+        assert ("STATUS_BASIC_AUTH" in result.stderr) is bool(code)
+
+
+@pytest.mark.parametrize("env, bind", [
+    ({}, "127.0.0.1:8000"), ({"PORT": "9000"}, "0.0.0.0:9000"), ({"STATUS_BIND": "10.0.0.5:80"}, "10.0.0.5:80"),
+    ({"STATUS_BIND": "127.0.0.1:8001", "PORT": "9000"}, "127.0.0.1:8001"),
+])
+def test_gunicorn_binds_loopback_unless_told_otherwise(monkeypatch, env, bind):
+    for name in ("STATUS_BIND", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert runpy.run_path(str(ROOT / "gunicorn.conf.py"))["bind"] == bind
 
 
 def test_crontab_line_runs_the_producer():
