@@ -22,6 +22,7 @@ DEFAULT_COMPATIBILITY_DATE = "2026-08-18"
 SSO_AUTHORIZE_URL = "https://login.eveonline.com/v2/oauth/authorize"
 SSO_JWKS_URL = "https://login.eveonline.com/oauth/jwks"     # SSO's metadata names it as jwks_uri
 SSO_REVOKE_URL = "https://login.eveonline.com/v2/oauth/revoke"
+PLACEHOLDER = "CHANGE-ME"  # the deploy kit's examples' stand-in for a password
 
 
 class ConfigError(Exception):
@@ -180,6 +181,8 @@ def _basic_auth(env: Mapping[str, str]) -> str:
     user, _, password = value.partition(":")
     if value and not (user and password):
         raise ConfigError("STATUS_BASIC_AUTH", "must look like user:password, neither of them empty")
+    if password == PLACEHOLDER:
+        raise ConfigError("STATUS_BASIC_AUTH", f"still has the example's placeholder password {PLACEHOLDER}")
     return value
 
 

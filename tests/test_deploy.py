@@ -48,9 +48,68 @@ def test_compose_config_where_the_client_has_compose():
     assert result.returncode == 0, result.stderr
 
 
+KUBERNETES = DEPLOY / "kubernetes"
+
+
+def kubernetes_documents() -> dict[tuple[str, str], dict]:
+    """Every document that `kubectl apply -f deploy/kubernetes/` (-R too) would apply, by kind and name."""
+    paths = [p for p in sorted(KUBERNETES.rglob("*")) if p.suffix in (".yaml", ".yml", ".json")]
+    return {(d["kind"], d["metadata"]["name"]): d for path in paths for d in yaml.safe_load_all(path.read_text())
+            if d}
+
+
+def pod_specs() -> dict[str, dict]:
+    documents = kubernetes_documents()
+    specs = {name: d["spec"]["template"]["spec"] for (kind, name), d in documents.items() if kind == "Deployment"}
+    specs.update({name: d["spec"]["jobTemplate"]["spec"]["template"]["spec"] for (kind, name), d in documents.items()
+                  if kind == "CronJob"})
+    return specs
+
+
+def test_applying_the_kubernetes_manifests_never_writes_a_secret():
+    assert [key for key in kubernetes_documents() if key[0] == "Secret"] == []
+
+
+def test_the_kubernetes_secret_example_holds_what_the_pods_read():
+    (example,) = yaml.safe_load_all((KUBERNETES / "secret.yaml.example").read_text())
+    assert (example["kind"], example["metadata"]["name"]) == ("Secret", "killmail-worker-secrets")
+    assert set(example["stringData"]) == {"DATABASE_URL", "RABBITMQ_URL", "EVE_CLIENT_ID", "EVE_CLIENT_SECRET",
+                                          "STATUS_BASIC_AUTH"}
+    assert all("CHANGE-ME" in value for value in example["stringData"].values())
+    for spec in pod_specs().values():
+        assert {"secretRef": {"name": "killmail-worker-secrets"}} in spec["containers"][0]["envFrom"]
+
+
+def dockerfile_user() -> int:
+    (user,) = [line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("USER ")]
+    return int(user.split(":")[0])
+
+
+@pytest.mark.parametrize("name", ["killmail-worker", "killmail-status", "killmail-queue"])
+def test_kubernetes_pods_run_unprivileged_on_a_read_only_root(name):
+    spec = pod_specs()[name]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == dockerfile_user() != 0
+    assert spec["automountServiceAccountToken"] is False
+    scratch = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    for container in spec["containers"]:
+        context = container["securityContext"]
+        assert (context["allowPrivilegeEscalation"], context["readOnlyRootFilesystem"]) == (False, True)
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp"} <= scratch
+        assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]
+
+
+def test_kubernetes_images_are_pinned_to_a_version():
+    images = [c["image"] for spec in pod_specs().values() for c in spec["containers"]]
+    assert len(images) == 3
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert "@sha256:" in image or (name and "/" not in tag and tag not in ("", "latest")), image
+
+
 def test_kubernetes_manifest_runs_three_workers_with_a_readiness_probe():
-    documents = {(d["kind"], d["metadata"]["name"]): d
-                 for d in yaml.safe_load_all((DEPLOY / "kubernetes/killmail-worker.yaml").read_text())}
+    documents = kubernetes_documents()
     worker = documents[("Deployment", "killmail-worker")]
     assert worker["spec"]["replicas"] == 3
     assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60

@@ -181,6 +181,11 @@ def test_esi_and_sso_urls_are_https_but_to_a_loopback_host(variable, host, allow
         assert (error.variable, "https" in str(error)) == (variable, True)
 
 
+def test_basic_auth_refuses_the_deploy_kits_placeholder():
+    error = config_error({**ESI_ENV, "STATUS_BASIC_AUTH": "ops:CHANGE-ME"})
+    assert (error.variable, "placeholder" in str(error)) == ("STATUS_BASIC_AUTH", True)
+
+
 @pytest.mark.parametrize("raw", [":", "ops:", ":s3cret", " : "])
 def test_basic_auth_needs_a_user_and_a_password(raw):
     error = config_error({**ESI_ENV, "STATUS_BASIC_AUTH": raw})
