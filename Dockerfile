@@ -1,8 +1,9 @@
 # One image for the producer, the worker and the status app; the command picks which.
 FROM python:3.11-slim
 WORKDIR /app
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+# Every package at the version and with the hashes of the lock (`make lock`), transitive ones too.
+COPY requirements.lock .
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 # The top level's modules only: the ESI simulator and the demo live in devtools/ and never ship.
 COPY *.py schema.sql gunicorn.conf.py ./
 COPY templates ./templates

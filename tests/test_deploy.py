@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import configparser
+import importlib.metadata
 import runpy
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from conftest import ROOT
 
@@ -25,6 +29,72 @@ def test_image_copies_production_files_only():
     assert not {name for name in copied if name.startswith(("devtools", "tests", "bench"))}
     assert not {"esi_simulator.py", "demo.py"} & copied
     assert "devtools" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_image_installs_the_runtime_lock_with_hashes():
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    installs = [line for line in lines if line.startswith("RUN pip install")]
+    assert installs == ["RUN pip install --no-cache-dir --require-hashes -r requirements.lock"]
+    assert "COPY requirements.lock ." in lines
+
+
+def pins(path: Path) -> dict[str, str]:
+    """The name == version pins of a requirements file, -r included, names normalised (extras dropped)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip().rstrip("\\").strip()
+        if line.startswith("-r "):
+            found.update(pins(path.parent / line.split()[1]))
+        elif "==" in line:
+            requirement = Requirement(line)
+            found[canonicalize_name(requirement.name)] = str(requirement.specifier).removeprefix("==")
+    return found
+
+
+def hashed(path: Path) -> dict[str, int]:
+    """Each pinned package of a lock and how many hashes it carries."""
+    counts, name = {}, None
+    for line in path.read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            name = canonicalize_name(line.split("==")[0])
+            counts[name] = 0
+        elif line.strip().startswith("--hash=sha256:"):
+            counts[name] += 1
+    return counts
+
+
+@pytest.mark.parametrize("lock, listed", [("requirements.lock", "requirements.txt"),
+                                          ("requirements-dev.lock", "requirements-dev.txt")])
+def test_a_lock_pins_what_its_list_names_every_package_with_hashes(lock, listed):
+    locked, wanted = pins(ROOT / lock), pins(ROOT / listed)
+    assert {name: locked.get(name) for name in wanted} == wanted, "run `make lock`"
+    assert set(hashed(ROOT / lock)) == set(locked) and min(hashed(ROOT / lock).values()) >= 1
+
+
+def test_the_development_lock_holds_the_runtime_lock():
+    runtime, development = pins(ROOT / "requirements.lock"), pins(ROOT / "requirements-dev.lock")
+    assert {name: development.get(name) for name in runtime} == runtime
+
+
+def test_the_development_lock_is_what_is_installed_and_all_it_needs():
+    """Every package the listed ones need, at any depth, is locked, at the version installed here (make installs
+    the lock)."""
+    locked = pins(ROOT / "requirements-dev.lock")
+    wanted = [Requirement(line.split("#")[0]) for path in ("requirements.txt", "requirements-dev.txt")
+              for line in (ROOT / path).read_text().splitlines() if "==" in line]
+    seen: set[str] = set()
+    while wanted:
+        requirement = wanted.pop()
+        name = canonicalize_name(requirement.name)
+        assert importlib.metadata.version(name) == locked.get(name), name
+        extras = {"", *requirement.extras}
+        for text in importlib.metadata.requires(name) or []:
+            needed = Requirement(text)
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras):
+                if (canonicalize_name(needed.name), frozenset(needed.extras)) not in seen:
+                    seen.add((canonicalize_name(needed.name), frozenset(needed.extras)))
+                    wanted.append(needed)
+    assert {name for name, _ in seen} <= set(locked)
 
 
 def test_compose_file_has_services_and_workers():
