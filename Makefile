@@ -1,9 +1,14 @@
 # The two commands first: `make demo` runs the whole pipeline on a local ESI simulator; `make test` runs the tests.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+# What is installed: the hashed locks of every package, transitive ones too (`make lock` makes them from
+# requirements.txt and requirements-dev.txt, the lists people edit).
+LOCKS  := requirements.lock requirements-dev.lock
+STAMP  := $(VENV)/.installed-$(shell cat $(LOCKS) | cksum | cut -d' ' -f1)
+COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(PYTHON) -m piptools compile --quiet --generate-hashes \
+          --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 
-.PHONY: demo demo-serve test lint test-faults bench screenshot services clean
+.PHONY: demo demo-serve test lint lock test-faults bench screenshot services clean
 
 demo: $(STAMP)
 	$(PYTHON) devtools/demo.py
@@ -32,10 +37,16 @@ screenshot: $(STAMP)
 services:
 	@./.ci/services
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): $(LOCKS)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PYTHON) -m pip install -q --disable-pip-version-check --require-hashes -r requirements-dev.lock
 	rm -f $(VENV)/.installed-* && touch $@
+
+# After editing requirements.txt or requirements-dev.txt: pins what they name, and what that needs, with hashes.
+# The development lock takes the runtime lock's versions, so tests run what the image ships.
+lock: $(STAMP)
+	$(COMPILE) --output-file requirements.lock requirements.txt
+	$(COMPILE) --constraint requirements.lock --output-file requirements-dev.lock requirements-dev.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -34,6 +34,9 @@ SSO_BUCKET = "sso"      # the token endpoint's shared pause (its own 429s, or th
 INVALID_CLIENT_PAUSE = 600.0  # seconds no process calls SSO after invalid_client: the config must be fixed first
 INT64_MAX = 2 ** 63 - 1
 _HASH = re.compile(r"[0-9a-fA-F]{40}")  # a killmail hash: a SHA-1 in hexadecimal
+# RFC 6750's b64token, what an Authorization header can carry: anything else (a newline, a non-Latin-1 character)
+# makes http.client refuse the header with its whole value, the token, in the exception's message.
+_BEARER = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 MIN_TOKEN_LIFETIME = 1       # seconds an access token may live, as SSO's expires_in says (20 minutes in practice)
 MAX_TOKEN_LIFETIME = 86400
 MAX_PAUSE = 900.0       # the longest pause any header may ask for: ESI's own window is 15 minutes
@@ -259,6 +262,8 @@ def parse_grant(body: Any, refresh_token: str) -> TokenGrant:
     expires_in = body.get("expires_in")
     if not isinstance(access_token, str) or not access_token:
         raise SsoError("SSO answered 200 without an access_token")
+    if not is_bearer_token(access_token):
+        raise SsoError("SSO answered 200 with an access_token that no header can carry")
     if new_refresh is None:
         new_refresh = refresh_token
     elif not isinstance(new_refresh, str) or not new_refresh:
@@ -268,6 +273,11 @@ def parse_grant(body: Any, refresh_token: str) -> TokenGrant:
             or not MIN_TOKEN_LIFETIME <= expires_in <= MAX_TOKEN_LIFETIME:
         raise SsoError(f"SSO answered 200 with an expires_in out of range: {str(expires_in)[:40]}")
     return TokenGrant(access_token, new_refresh, int(expires_in))
+
+
+def is_bearer_token(token: str) -> bool:
+    """Whether a token can go in an Authorization header as it is (RFC 6750's characters)."""
+    return _BEARER.fullmatch(token) is not None
 
 
 def token_scopes(access_token: str | None) -> list[str]:
@@ -412,6 +422,8 @@ class EsiClient:
              params: dict | None = None) -> requests.Response:
         headers = {"X-Compatibility-Date": self.settings.esi_compatibility_date}
         if token:
+            if not is_bearer_token(token):  # never sent, never quoted: a refresh replaces it
+                raise Unauthorized(f"GET {path}: the stored access token has characters no header can carry")
             headers["Authorization"] = f"Bearer {token}"
         if etag:
             headers["If-None-Match"] = etag

@@ -188,7 +188,9 @@ class Child:
         except Exception as exc:  # a bug must not kill the child with the message unaccounted for
             log.exception("job crashed")
             self.drop_db()  # the crash may have left claims and locks in its session: they end with it
-            outcome = self.failure(None, attempt, f"worker error: {exc!r}")
+            # The type alone travels on (log line, dead-letter header): an unforeseen error's text may quote what
+            # the failing call was given, as http.client quotes a whole header it refuses.
+            outcome = self.failure(None, attempt, f"worker error: {type(exc).__name__}")
         try:
             connection.add_callback_threadsafe(partial(self.on_job_done, channel, delivery_tag, properties, body,
                                                        attempt, outcome))

@@ -1,6 +1,7 @@
 """Configuration: read the environment once, validate every value, return a frozen Settings."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -8,16 +9,20 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
-from urllib.parse import urlparse
+from urllib.parse import ParseResult, urlparse
 from urllib.request import proxy_bypass_environment
 
+import pika
+import psycopg
 from dotenv import load_dotenv
+from psycopg.conninfo import conninfo_to_dict
 
 # The date of the spec in ../shared/esi (the one this client was built and tested against).
 DEFAULT_COMPATIBILITY_DATE = "2026-08-18"
 SSO_AUTHORIZE_URL = "https://login.eveonline.com/v2/oauth/authorize"
 SSO_JWKS_URL = "https://login.eveonline.com/oauth/jwks"     # SSO's metadata names it as jwks_uri
 SSO_REVOKE_URL = "https://login.eveonline.com/v2/oauth/revoke"
+PLACEHOLDER = "CHANGE-ME"  # the deploy kit's examples' stand-in for a password
 
 
 class ConfigError(Exception):
@@ -86,12 +91,76 @@ def _integer(env: Mapping[str, str], name: str, default: int, minimum: int, maxi
     return value
 
 
+def redact_url(url: str) -> str:
+    """A URL (or libpq key=value string) fit for a message: any password replaced by ***."""
+    text = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]*)", r"\1***", url)
+    scheme, sep, rest = text.partition("://")
+    userinfo, at, host = rest.rpartition("@")  # the last '@': a raw '@' or '/' in a password stays before it
+    if sep and at and ":" in userinfo:
+        return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
+    return text
+
+
+def _unquoted(message: str) -> str:
+    """A parser's error message without the quoted parts of what it parsed (libpq quotes a bad password token, or
+    the whole URI), bare names such as an option's kept."""
+    return re.sub(r"""(["'])(?![A-Za-z_]{1,40}\1)[^"']*\1""", r"\1…\1", " ".join(message.split()))
+
+
+def _parse_url(name: str, value: str) -> ParseResult:
+    try:
+        return urlparse(value)
+    except ValueError as exc:  # an unclosed [ of an IPv6 host
+        raise ConfigError(name, f"is not a valid URL ({exc}): {redact_url(value)!r}") from None
+
+
 def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
     value = _text(env, name, default)
-    parsed = urlparse(value)
+    parsed = _parse_url(name, value)
     if parsed.scheme not in schemes or (not parsed.netloc and parsed.scheme not in ("postgresql", "postgres")):
-        raise ConfigError(name, f"must be a {' or '.join(schemes)} URL, got {value!r}")
+        raise ConfigError(name, f"must be a {' or '.join(schemes)} URL, got {redact_url(value)!r}")
     return value.rstrip("/") if parsed.scheme.startswith("http") else value
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a URL's host is this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host is None:
+        return False
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _https_url(env: Mapping[str, str], name: str, default: str) -> str:
+    """An https URL; plain http only to a loopback host (the local simulator of the tests and the demo): tokens
+    and the client secret travel on these."""
+    value = _url(env, name, default, ("http", "https"))
+    parsed = _parse_url(name, value)
+    if parsed.scheme != "https" and not is_loopback(parsed.hostname):
+        raise ConfigError(name, f"must be an https URL (http only to localhost), got {redact_url(value)!r}")
+    return value
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    value = _url(env, "DATABASE_URL", "postgresql:///killmails", ("postgresql", "postgres"))
+    try:
+        conninfo_to_dict(value)  # libpq's own parser: every later connect would fail the same way
+    except UnicodeDecodeError:
+        raise ConfigError("DATABASE_URL", "a percent-encoded part is not UTF-8") from None
+    except psycopg.Error as exc:  # its text quotes the bad token (the password perhaps) or the whole URL
+        raise ConfigError("DATABASE_URL", f"is not a valid connection URL: {_unquoted(str(exc))}") from None
+    return value
+
+
+def _rabbitmq_url(env: Mapping[str, str]) -> str:
+    value = _url(env, "RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps"))
+    try:
+        pika.URLParameters(value)  # pika's parser, ssl_options included: each connect would fail the same way
+    except (ValueError, SyntaxError, OSError) as exc:  # SyntaxError: ssl_options; OSError: a certificate file
+        raise ConfigError("RABBITMQ_URL", f"is not a valid AMQP URL: {type(exc).__name__}: "
+                                          f"{_unquoted(str(exc))}") from None
+    return value
 
 
 def _compatibility_date(env: Mapping[str, str], today: date) -> str:
@@ -109,6 +178,11 @@ def _basic_auth(env: Mapping[str, str]) -> str:
     value = env.get("STATUS_BASIC_AUTH", "").strip()
     if value and ":" not in value:
         raise ConfigError("STATUS_BASIC_AUTH", "must look like user:password")
+    user, _, password = value.partition(":")
+    if value and not (user and password):
+        raise ConfigError("STATUS_BASIC_AUTH", "must look like user:password, neither of them empty")
+    if password == PLACEHOLDER:
+        raise ConfigError("STATUS_BASIC_AUTH", f"still has the example's placeholder password {PLACEHOLDER}")
     return value
 
 
@@ -123,7 +197,7 @@ def _callback_url(env: Mapping[str, str]) -> str:
     value = env.get("EVE_CALLBACK_URL", "").strip()
     if not value:
         return ""
-    parsed = urlparse(value)
+    parsed = _parse_url("EVE_CALLBACK_URL", value)
     # Kept exactly as given (no trailing slash dropped): SSO compares it with the registered one character by
     # character. The status app serves /callback, so the URL's path must end there (a proxy may add a prefix).
     if parsed.scheme not in ("http", "https") or not parsed.netloc or not parsed.path.endswith("/callback") \
@@ -169,14 +243,14 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
     user_agent = _text(env, "ESI_USER_AGENT", None if need_esi else "")
     if need_esi and user_agent.lower().startswith("python-requests"):
         raise ConfigError("ESI_USER_AGENT", "must name the app, its version and a contact, not requests' default")
-    esi_base_url = _url(env, "ESI_BASE_URL", "https://esi.evetech.net", ("http", "https"))
-    sso_token_url = _url(env, "SSO_TOKEN_URL", "https://login.eveonline.com/v2/oauth/token", ("http", "https"))
+    esi_base_url = _https_url(env, "ESI_BASE_URL", "https://esi.evetech.net")
+    sso_token_url = _https_url(env, "SSO_TOKEN_URL", "https://login.eveonline.com/v2/oauth/token")
     callback_url = _callback_url(env)
-    sso_jwks_url = _url(env, "SSO_JWKS_URL", SSO_JWKS_URL, ("http", "https"))
-    sso_revoke_url = _url(env, "SSO_REVOKE_URL", SSO_REVOKE_URL, ("http", "https"))
+    sso_jwks_url = _https_url(env, "SSO_JWKS_URL", SSO_JWKS_URL)
+    sso_revoke_url = _https_url(env, "SSO_REVOKE_URL", SSO_REVOKE_URL)
     return Settings(
-        database_url=_url(env, "DATABASE_URL", "postgresql:///killmails", ("postgresql", "postgres")),
-        rabbitmq_url=_url(env, "RABBITMQ_URL", "amqp://guest:guest@localhost:5672/%2F", ("amqp", "amqps")),
+        database_url=_database_url(env),
+        rabbitmq_url=_rabbitmq_url(env),
         queue_name=queue,
         prefetch_count=_integer(env, "PREFETCH_COUNT", 5, 1, 64),
         esi_base_url=esi_base_url,
@@ -197,7 +271,7 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         http_proxies=_proxies(env, [esi_base_url, sso_token_url, sso_jwks_url, sso_revoke_url]),
         ca_bundle=(env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or "").strip(),
         eve_callback_url=callback_url,
-        sso_authorize_url=_url(env, "SSO_AUTHORIZE_URL", SSO_AUTHORIZE_URL, ("http", "https")),
+        sso_authorize_url=_https_url(env, "SSO_AUTHORIZE_URL", SSO_AUTHORIZE_URL),
         sso_jwks_url=sso_jwks_url,
         sso_revoke_url=sso_revoke_url,
         login_allowed_corporations=_ids(env, "LOGIN_ALLOWED_CORPORATIONS"),

@@ -4,7 +4,8 @@ and, when EVE_CALLBACK_URL is set, /login and /callback to add pilots from a bro
 
 Serve it with `gunicorn -c gunicorn.conf.py status_app:app`, or locally with `python status_app.py --port 8000`.
 Each process opens its small connection pool at its first request (after gunicorn's fork, so the master holds
-none) and checks the broker with a short-timeout connection whose answer it keeps for a second; the numbers
+none), checks the broker for /health with a short-timeout connection whose answer it keeps for a second, and reads
+the queue figures of /status and /metrics at most every few seconds through one kept connection; the numbers
 themselves come from status_report.py. The page is templates/status.html, its charts status_charts.py.
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import hmac
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +29,7 @@ import status_charts
 from api import api_blueprint
 from login import login_blueprint
 from settings import ConfigError, Settings, load_settings, setup_logging
-from status_report import Sources, StatusCollector, build_report, describe, queue_state
+from status_report import Sources, StatusCollector, build_report, describe
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +122,12 @@ def check_health(sources: Sources, *, deep: bool, now: datetime) -> tuple[dict[s
     return body, 200 if body["status"] == "ok" else 503
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """The Flask app; settings are read from the environment at the first request when not given."""
+def create_app(settings: Settings | None = None, *, clock: Callable[[], float] = time.monotonic) -> Flask:
+    """The Flask app; settings are read from the environment at the first request when not given. `clock` times
+    what the app keeps for a while (the queue figures, the broker's answer)."""
     app = Flask(__name__, static_folder=None)
     app.json = UtcJsonProvider(app)
-    sources = Sources(settings)
+    sources = Sources(settings, clock=clock)
     app.extensions["status_sources"] = sources
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatusCollector(sources))
@@ -162,7 +166,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.get("/status")
     def status():
         now, as_json = datetime.now(UTC), wants_json(request)
-        queue = queue_state(sources.settings)  # before taking a connection, which is not held meanwhile
+        queue = sources.queue_state()  # before taking a database connection, which is not held meanwhile
         report, error, code = None, None, 200
         try:
             with sources.connection() as conn:

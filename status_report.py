@@ -1,5 +1,6 @@
 """What the status app reports, and where it reads it: the database through a small pool per process, the broker
-through short-lived connections with short timeouts. status_app.py serves it; nothing here knows of HTTP.
+through one kept connection per process (the queue figures, read at most every few seconds) and short-lived
+probes with short timeouts (/health). status_app.py serves it; nothing here knows of HTTP.
 
 Nothing here ever reads a token column: the report and the metrics carry ids, names, counts and times.
 """
@@ -10,7 +11,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,6 +38,11 @@ POOL_RECONNECT_SECONDS = 5.0
 STATEMENT_TIMEOUT_MS = 5000   # no status query may hold a connection longer
 BROKER_TIMEOUT_SECONDS = 1.0  # TCP connect and AMQP handshake, each
 BROKER_CACHE_SECONDS = 1.0    # a probe every few ms must not open a broker connection each time
+QUEUE_CACHE_SECONDS = 5.0     # /status and /metrics read the queue figures at most this often per process
+# Nothing services the kept broker connection's heartbeats between two reads, and the broker drops a connection
+# silent for two heartbeat intervals (60 s): one idle for longer than this is closed and a new one opened.
+BROKER_KEEP_SECONDS = 20.0
+BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
 RUNNING_WINDOW = timedelta(minutes=5)   # a run finished this recently means the worker is running
 METRICS_WINDOW = timedelta(hours=24)    # success rate, error rate, durations and growth are over this window
 HOURS_CHARTED = 24                      # the page's charts: this many clock hours, the current one last
@@ -46,16 +52,24 @@ FAILED_REFS_SHOWN = 20
 
 
 class Sources:
-    """Where the numbers come from, each made at first use in this process: settings, pool, broker probe."""
+    """Where the numbers come from, each made at first use in this process: settings, pool, broker probe, queue
+    figures. `clock` (seconds, monotonic) times what is kept for a while."""
 
-    def __init__(self, settings: Settings | None = None):
+    def __init__(self, settings: Settings | None = None, *, clock: Callable[[], float] = time.monotonic):
         self._settings = settings
+        self._clock = clock
         self._pool: ConnectionPool | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._broker_lock = threading.Lock()
         self._broker_checked = -math.inf
         self._broker_error: str | None = None
+        self._queue_lock = threading.Lock()  # also keeps the kept connection to one thread: pika's is not shared
+        self._queue: dict[str, Any] = {}
+        self._queue_read = -math.inf
+        self._kept: pika.BlockingConnection | None = None
+        self._kept_pid = 0
+        self._kept_used = -math.inf
 
     @property
     def settings(self) -> Settings:
@@ -88,22 +102,79 @@ class Sources:
     def broker_error(self) -> str | None:
         """Why the broker refused a connection, or None when it accepted one (an answer kept for a second)."""
         with self._broker_lock:
-            if time.monotonic() - self._broker_checked >= BROKER_CACHE_SECONDS:
+            if self._clock() - self._broker_checked >= BROKER_CACHE_SECONDS:
                 try:
                     open_broker(self.settings.rabbitmq_url).close()
                     self._broker_error = None
-                except (pika.exceptions.AMQPError, OSError) as exc:
+                except BROKER_ERRORS as exc:
                     self._broker_error = describe(exc)
                     log.warning("health: broker unreachable: %s", self._broker_error)
-                self._broker_checked = time.monotonic()
+                self._broker_checked = self._clock()
             return self._broker_error
 
+    def queue_state(self) -> dict[str, Any]:
+        """Jobs waiting in the queue, its consumers, jobs in its retry queues and in its dead-letter queue; the
+        numbers are None, with an error, when the broker cannot be reached. Read at most every
+        QUEUE_CACHE_SECONDS, through a connection kept for the next read."""
+        with self._queue_lock:
+            if self._clock() - self._queue_read >= QUEUE_CACHE_SECONDS:
+                self._queue = self._read_queue()
+                self._queue_read = self._clock()
+            return dict(self._queue)
+
+    def _read_queue(self) -> dict[str, Any]:
+        settings = self.settings
+        state: dict[str, Any] = {"name": settings.queue_name, "depth": None, "consumers": None, "retrying": None,
+                                 "dead": None, "error": None}
+        try:
+            state.update(self._depths())
+        except BROKER_ERRORS as exc:
+            self._drop_connection()
+            state["error"] = f"broker unreachable: {describe(exc)}"
+        return state
+
+    def _depths(self) -> dict[str, int]:
+        connection, reused = self._connection()
+        settings = self.settings
+        try:
+            depths = broker.queue_depths(connection, settings.queue_name, max_attempts=settings.max_attempts)
+        except BROKER_ERRORS:
+            if not reused:
+                raise
+            self._drop_connection()  # it died since its last use (a broker restart): once more on a new one
+            connection, _ = self._connection()
+            depths = broker.queue_depths(connection, settings.queue_name, max_attempts=settings.max_attempts)
+        self._kept_used = self._clock()
+        return depths
+
+    def _connection(self) -> tuple[pika.BlockingConnection, bool]:
+        """The kept broker connection, or a new one in place of a closed, idle or inherited one; and whether it
+        was kept."""
+        kept = self._kept
+        if kept is not None and (self._kept_pid != os.getpid() or not kept.is_open
+                                 or self._clock() - self._kept_used > BROKER_KEEP_SECONDS):
+            self._drop_connection()
+        if self._kept is not None:
+            return self._kept, True
+        self._kept, self._kept_pid = open_broker(self.settings.rabbitmq_url), os.getpid()
+        return self._kept, False
+
+    def _drop_connection(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None and self._kept_pid == os.getpid() and kept.is_open:
+            try:
+                kept.close()
+            except BROKER_ERRORS:
+                pass
+
     def close(self) -> None:
-        """Close this process's pool (tests; a worker process simply exits)."""
+        """Close this process's pool and broker connection (tests; a worker process simply exits)."""
         with self._pool_lock:
             if self._pool is not None and self._pool_pid == os.getpid():
                 self._pool.close()
             self._pool = None
+        with self._queue_lock:
+            self._drop_connection()
 
 
 def open_broker(url: str) -> pika.BlockingConnection:
@@ -111,20 +182,6 @@ def open_broker(url: str) -> pika.BlockingConnection:
     return broker.connect(url, timeout=BROKER_TIMEOUT_SECONDS)
 
 
-def queue_state(settings: Settings) -> dict[str, Any]:
-    """Jobs waiting in the queue, its consumers, jobs in its retry queues and in its dead-letter queue; the
-    numbers are None, with an error, when the broker cannot be reached."""
-    state: dict[str, Any] = {"name": settings.queue_name, "depth": None, "consumers": None, "retrying": None,
-                             "dead": None, "error": None}
-    try:
-        connection = open_broker(settings.rabbitmq_url)
-        try:
-            state.update(broker.queue_depths(connection, settings.queue_name, max_attempts=settings.max_attempts))
-        finally:
-            connection.close()
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        state["error"] = f"broker unreachable: {describe(exc)}"
-    return state
 
 
 def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -210,7 +267,7 @@ class StatusCollector:
             log.warning("metrics: database unavailable: %s", describe(exc))
             families = []
             up.add_metric(["database"], 0)
-        queue = queue_state(settings)
+        queue = self.sources.queue_state()
         up.add_metric(["broker"], 0 if queue["error"] else 1)
         yield up
         yield from families

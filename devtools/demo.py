@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 import db  # noqa: E402
 from esi_simulator import Simulator  # noqa: E402
+from settings import redact_url  # noqa: E402
 
 ADMIN_URL = os.environ.get("DEMO_ADMIN_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
 DEMO_DB = os.environ.get("DEMO_DATABASE_NAME", "killmails_demo")
@@ -49,13 +50,13 @@ def check_services() -> str | None:
     try:
         psycopg.connect(ADMIN_URL, connect_timeout=5).close()
     except psycopg.OperationalError:
-        return f"❌ PostgreSQL is not reachable at {ADMIN_URL}; {START_HINT}"
+        return f"❌ PostgreSQL is not reachable at {redact_url(ADMIN_URL)}; {START_HINT}"
     try:
         parameters = pika.URLParameters(RABBITMQ_URL)
         parameters.socket_timeout = parameters.blocked_connection_timeout = 5
         pika.BlockingConnection(parameters).close()
     except pika.exceptions.AMQPError:
-        return f"❌ RabbitMQ is not reachable at {RABBITMQ_URL}; {START_HINT}"
+        return f"❌ RabbitMQ is not reachable at {redact_url(RABBITMQ_URL)}; {START_HINT}"
     return None
 
 

@@ -328,6 +328,7 @@ class Simulator:
         self._pilots: dict[int, Pilot] = {}
         self._by_refresh: dict[str, int] = {}
         self._issued: dict[str, int] = {}  # every access token ever issued -> its character
+        self.issued_tokens: set[str] = set()  # every access and refresh token ever issued (tests look for leaks)
         self._codes: dict[str, dict] = {}   # authorization codes not yet exchanged (SSO login section)
         self._browser_choice: tuple[str, int | None] | None = None  # what the next authorize page picks itself
         self._alliances: dict[int, int | None] = {}
@@ -885,6 +886,7 @@ class Simulator:
                                         headers={"kid": SIGNING_KID, "typ": "JWT"})
         pilot.expires_at = expires_at
         self._issued[pilot.access_token] = pilot.character_id
+        self.issued_tokens.update((pilot.access_token, pilot.refresh_token))
 
     # ---- SSO login (authorization code flow) --------------------------------------------------------------
 

@@ -1,20 +1,25 @@
-"""Fixtures: a database of its own for each test run, queue names of their own for each test, the simulator.
+"""Fixtures: a database of its own for each test run, queue names of their own for each test, the simulator, and
+a check around every test that no test secret shows where a person could read it.
 
 The tests use the real local PostgreSQL and RabbitMQ; a missing service fails the run rather than skipping.
 TEST_ADMIN_DATABASE_URL (default postgresql://root@127.0.0.1:5432/postgres) is where test databases are made.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import pika
 import psycopg
 import pytest
+from flask.testing import FlaskClient
+from pika.adapters.blocking_connection import BlockingChannel
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVTOOLS = ROOT / "devtools"
@@ -27,8 +32,95 @@ from settings import Settings  # noqa: E402
 
 ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-CLIENT_ID, CLIENT_SECRET = "test-client", "test-secret"
+CLIENT_ID, CLIENT_SECRET = "test-client", "test-client-secret-5c0e"
 USER_AGENT = "killmail-worker-tests/1.0 (tests@example.org)"
+# The test databases' URLs carry this password (trust authentication ignores it) so that a URL printed whole is
+# found out; the admin URL's own password, where it has one, is watched instead.
+DATABASE_PASSWORD = "test-database-password-81d4"
+
+
+def _password(url: str) -> str | None:
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    return userinfo.partition(":")[2] or None if at else None
+
+
+def _with_password(url: str, password: str) -> str:
+    """The URL with this password, unless it has one already."""
+    scheme, _, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" in userinfo:
+        return url
+    return f"{scheme}://{userinfo}:{password}@{host}"
+
+
+def _fixed_secrets() -> set[str]:
+    """The secrets every test may hold: the app's client secret, the database password, the broker's user:password
+    (the broker's password alone, "guest", is also its user name), the status rows' tokens."""
+    from tests.screenshot import ACCESS_TOKEN, REFRESH_TOKEN
+    broker_userinfo = RABBITMQ_URL.partition("://")[2].rpartition("@")[0]
+    return {CLIENT_SECRET, _password(ADMIN_URL) or DATABASE_PASSWORD, ACCESS_TOKEN, REFRESH_TOKEN,
+            *([f"{broker_userinfo}@"] if ":" in broker_userinfo else [])} - {None}
+
+
+FIXED_SECRETS = _fixed_secrets()
+MIN_SECRET = 8
+_watched: list[Iterable[str]] = []  # this test's other secrets (read at its end: a simulator issues tokens as it goes)
+
+
+def watch_secrets(secrets: Iterable[str]) -> None:
+    """Have the running test fail should any of these secrets show (a live collection is read at the test's end)."""
+    _watched.append(secrets)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_leaks(caplog, monkeypatch):
+    """Fail the test when a test secret shows in a log record, in the output of a command the test read, in an
+    answer of a status app or in a queue message published or read in this process."""
+    # pika narrates every connection at INFO. set_level also sets the capturing handler's level: the root's last.
+    caplog.set_level(logging.WARNING, logger="pika")
+    caplog.set_level(logging.INFO)  # the level operators read
+    _watched.clear()
+    seen: list[str] = []
+
+    def record(*parts) -> None:
+        seen.extend(p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in parts if p)
+
+    communicate, open_, publish, get = (subprocess.Popen.communicate, FlaskClient.open, BlockingChannel.basic_publish,
+                                        BlockingChannel.basic_get)
+
+    def recorded_communicate(self, *args, **kwargs):  # subprocess.run reads a command's output through it too
+        output = communicate(self, *args, **kwargs)
+        record(*output)
+        return output
+
+    def recorded_open(self, *args, **kwargs):
+        response = open_(self, *args, **kwargs)
+        record(response.headers, response.get_data())
+        return response
+
+    def recorded_publish(self, exchange, routing_key, body, properties=None, *args, **kwargs):
+        record(body, properties and properties.headers)
+        return publish(self, exchange, routing_key, body, properties, *args, **kwargs)
+
+    def recorded_get(self, *args, **kwargs):
+        method, properties, body = get(self, *args, **kwargs)
+        record(body, properties and properties.headers)
+        return method, properties, body
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", recorded_communicate)
+    monkeypatch.setattr(FlaskClient, "open", recorded_open)
+    monkeypatch.setattr(BlockingChannel, "basic_publish", recorded_publish)
+    monkeypatch.setattr(BlockingChannel, "basic_get", recorded_get)
+    yield
+    formatter = logging.Formatter()
+    records = [*caplog.get_records("setup"), *caplog.get_records("call"), *caplog.records]
+    texts = {"a log record": "\n".join(formatter.format(r) for r in records), "": "\n".join(seen)}
+    # A token of a few characters ("A" in a row of test data) is no secret that text could be told apart from.
+    secrets = {s for s in FIXED_SECRETS.union(*(set(source) for source in _watched)) if s and len(s) >= MIN_SECRET}
+    where = sorted({place or "command output, an answer or a message" for place, text in texts.items()
+                    for secret in secrets if secret in text})
+    if where:  # the secret itself is not repeated: this line is output too
+        pytest.fail(f"a test secret leaked into {' and '.join(where)}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +129,7 @@ def database_url():
     name = f"killmails_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    url = _with_password(ADMIN_URL.rsplit("/", 1)[0] + "/" + name, DATABASE_PASSWORD)
     with db.connect(url) as conn:
         db.apply_schema(conn)
     yield url
@@ -72,6 +164,7 @@ def queue_name():
 def sim():
     """A running ESI + SSO simulator with no pilots yet."""
     simulator = Simulator(seed=7, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    watch_secrets(simulator.issued_tokens)
     simulator.base_url = simulator.start(port=0)
     yield simulator
     simulator.stop()
@@ -79,13 +172,14 @@ def sim():
 
 @pytest.fixture
 def make_client(database_url, queue_name):
-    """Build Flask test clients of status apps with these settings overrides; their pools are closed after."""
+    """Build Flask test clients of status apps with these settings overrides (and clock); their pools and broker
+    connections are closed after."""
     import status_app
     apps = []
 
-    def make(**overrides):
+    def make(*, clock=time.monotonic, **overrides):
         overrides = {"database_url": database_url, "queue_name": queue_name, **overrides}
-        app = status_app.create_app(make_settings(**overrides))
+        app = status_app.create_app(make_settings(**overrides), clock=clock)
         apps.append(app)
         return app.test_client()
 
@@ -120,6 +214,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 def insert_users(conn, pilots) -> None:
     """Write users as the web app does at login: only its five columns."""
+    pilots = list(pilots)
+    watch_secrets([token for p in pilots for token in (p["access_token"], p["refresh_token"])])
     for p in pilots:
         conn.execute(
             "INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at) "

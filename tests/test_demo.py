@@ -50,3 +50,11 @@ def test_demo_serve_serves_status_and_login_until_ctrl_c():
         delete_queues(queue, max_attempts=8)
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}_serve" WITH (FORCE)')
+
+
+def test_demo_names_an_unreachable_service_without_its_password(monkeypatch):
+    import demo
+    monkeypatch.setattr(demo, "RABBITMQ_URL", "amqp://guest:demo-SECRET-7@127.0.0.1:1/%2F")
+    assert demo.check_services().startswith("❌ RabbitMQ is not reachable at amqp://guest:***@127.0.0.1:1/%2F;")
+    monkeypatch.setattr(demo, "ADMIN_URL", "postgresql://root:demo-SECRET-8@127.0.0.1:1/postgres")
+    assert demo.check_services().startswith("❌ PostgreSQL is not reachable at postgresql://root:***@127.0.0.1:1/")

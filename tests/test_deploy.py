@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import configparser
+import importlib.metadata
+import runpy
+import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from conftest import ROOT
 
@@ -25,6 +31,72 @@ def test_image_copies_production_files_only():
     assert "devtools" in (ROOT / ".dockerignore").read_text().split()
 
 
+def test_image_installs_the_runtime_lock_with_hashes():
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    installs = [line for line in lines if line.startswith("RUN pip install")]
+    assert installs == ["RUN pip install --no-cache-dir --require-hashes -r requirements.lock"]
+    assert "COPY requirements.lock ." in lines
+
+
+def pins(path: Path) -> dict[str, str]:
+    """The name == version pins of a requirements file, -r included, names normalised (extras dropped)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip().rstrip("\\").strip()
+        if line.startswith("-r "):
+            found.update(pins(path.parent / line.split()[1]))
+        elif "==" in line:
+            requirement = Requirement(line)
+            found[canonicalize_name(requirement.name)] = str(requirement.specifier).removeprefix("==")
+    return found
+
+
+def hashed(path: Path) -> dict[str, int]:
+    """Each pinned package of a lock and how many hashes it carries."""
+    counts, name = {}, None
+    for line in path.read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            name = canonicalize_name(line.split("==")[0])
+            counts[name] = 0
+        elif line.strip().startswith("--hash=sha256:"):
+            counts[name] += 1
+    return counts
+
+
+@pytest.mark.parametrize("lock, listed", [("requirements.lock", "requirements.txt"),
+                                          ("requirements-dev.lock", "requirements-dev.txt")])
+def test_a_lock_pins_what_its_list_names_every_package_with_hashes(lock, listed):
+    locked, wanted = pins(ROOT / lock), pins(ROOT / listed)
+    assert {name: locked.get(name) for name in wanted} == wanted, "run `make lock`"
+    assert set(hashed(ROOT / lock)) == set(locked) and min(hashed(ROOT / lock).values()) >= 1
+
+
+def test_the_development_lock_holds_the_runtime_lock():
+    runtime, development = pins(ROOT / "requirements.lock"), pins(ROOT / "requirements-dev.lock")
+    assert {name: development.get(name) for name in runtime} == runtime
+
+
+def test_the_development_lock_is_what_is_installed_and_all_it_needs():
+    """Every package the listed ones need, at any depth, is locked, at the version installed here (make installs
+    the lock)."""
+    locked = pins(ROOT / "requirements-dev.lock")
+    wanted = [Requirement(line.split("#")[0]) for path in ("requirements.txt", "requirements-dev.txt")
+              for line in (ROOT / path).read_text().splitlines() if "==" in line]
+    seen: set[str] = set()
+    while wanted:
+        requirement = wanted.pop()
+        name = canonicalize_name(requirement.name)
+        assert importlib.metadata.version(name) == locked.get(name), name
+        extras = {"", *requirement.extras}
+        for text in importlib.metadata.requires(name) or []:
+            needed = Requirement(text)
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras):
+                if (canonicalize_name(needed.name), frozenset(needed.extras)) not in seen:
+                    seen.add((canonicalize_name(needed.name), frozenset(needed.extras)))
+                    wanted.append(needed)
+    assert {name for name, _ in seen} <= set(locked)
+
+
 def test_compose_file_has_services_and_workers():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
@@ -39,15 +111,75 @@ def test_compose_config_where_the_client_has_compose():
     probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip("the docker client here has no compose plugin")
-    env = {"EVE_CLIENT_ID": "x", "EVE_CLIENT_SECRET": "y", "ESI_USER_AGENT": "z", "PATH": "/usr/bin:/bin"}
+    env = {"EVE_CLIENT_ID": "x", "EVE_CLIENT_SECRET": "y", "ESI_USER_AGENT": "z", "STATUS_BASIC_AUTH": "ops:pw",
+           "PATH": "/usr/bin:/bin"}
     result = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "docker-compose.yml"), "config"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
 
 
+KUBERNETES = DEPLOY / "kubernetes"
+
+
+def kubernetes_documents() -> dict[tuple[str, str], dict]:
+    """Every document that `kubectl apply -f deploy/kubernetes/` (-R too) would apply, by kind and name."""
+    paths = [p for p in sorted(KUBERNETES.rglob("*")) if p.suffix in (".yaml", ".yml", ".json")]
+    return {(d["kind"], d["metadata"]["name"]): d for path in paths for d in yaml.safe_load_all(path.read_text())
+            if d}
+
+
+def pod_specs() -> dict[str, dict]:
+    documents = kubernetes_documents()
+    specs = {name: d["spec"]["template"]["spec"] for (kind, name), d in documents.items() if kind == "Deployment"}
+    specs.update({name: d["spec"]["jobTemplate"]["spec"]["template"]["spec"] for (kind, name), d in documents.items()
+                  if kind == "CronJob"})
+    return specs
+
+
+def test_applying_the_kubernetes_manifests_never_writes_a_secret():
+    assert [key for key in kubernetes_documents() if key[0] == "Secret"] == []
+
+
+def test_the_kubernetes_secret_example_holds_what_the_pods_read():
+    (example,) = yaml.safe_load_all((KUBERNETES / "secret.yaml.example").read_text())
+    assert (example["kind"], example["metadata"]["name"]) == ("Secret", "killmail-worker-secrets")
+    assert set(example["stringData"]) == {"DATABASE_URL", "RABBITMQ_URL", "EVE_CLIENT_ID", "EVE_CLIENT_SECRET",
+                                          "STATUS_BASIC_AUTH"}
+    assert all("CHANGE-ME" in value for value in example["stringData"].values())
+    for spec in pod_specs().values():
+        assert {"secretRef": {"name": "killmail-worker-secrets"}} in spec["containers"][0]["envFrom"]
+
+
+def dockerfile_user() -> int:
+    (user,) = [line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("USER ")]
+    return int(user.split(":")[0])
+
+
+@pytest.mark.parametrize("name", ["killmail-worker", "killmail-status", "killmail-queue"])
+def test_kubernetes_pods_run_unprivileged_on_a_read_only_root(name):
+    spec = pod_specs()[name]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == dockerfile_user() != 0
+    assert spec["automountServiceAccountToken"] is False
+    scratch = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    for container in spec["containers"]:
+        context = container["securityContext"]
+        assert (context["allowPrivilegeEscalation"], context["readOnlyRootFilesystem"]) == (False, True)
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp"} <= scratch
+        assert [m["mountPath"] for m in container["volumeMounts"]] == ["/tmp"]
+
+
+def test_kubernetes_images_are_pinned_to_a_version():
+    images = [c["image"] for spec in pod_specs().values() for c in spec["containers"]]
+    assert len(images) == 3
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert "@sha256:" in image or (name and "/" not in tag and tag not in ("", "latest")), image
+
+
 def test_kubernetes_manifest_runs_three_workers_with_a_readiness_probe():
-    documents = {(d["kind"], d["metadata"]["name"]): d
-                 for d in yaml.safe_load_all((DEPLOY / "kubernetes/killmail-worker.yaml").read_text())}
+    documents = kubernetes_documents()
     worker = documents[("Deployment", "killmail-worker")]
     assert worker["spec"]["replicas"] == 3
     assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
@@ -67,6 +199,42 @@ def test_systemd_units_parse(unit):
     if unit.endswith(".service"):
         assert (ROOT / parser["Service"]["ExecStart"].split()[1].split("/")[-1]).exists() \
             or "gunicorn" in parser["Service"]["ExecStart"]
+
+
+def test_compose_status_app_needs_basic_auth_and_is_published_on_loopback_only():
+    status = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["status"]
+    assert status["environment"]["STATUS_BASIC_AUTH"].startswith("${STATUS_BASIC_AUTH:?")
+    assert status["ports"] == ["127.0.0.1:8000:8000"]
+
+
+def status_unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=True, interpolation=None)
+    parser.optionxform = str
+    parser.read(DEPLOY / "systemd/killmail-status.service")
+    return parser
+
+
+def test_systemd_status_app_listens_on_loopback_and_needs_basic_auth():
+    service = status_unit()["Service"]
+    assert "STATUS_BIND" not in service.get("Environment", "")  # gunicorn.conf.py's 127.0.0.1:8000
+    check = service["ExecStartPre"].replace("$$", "$")  # systemd's escape of a literal $
+    for env, code in (({}, 1), ({"STATUS_BASIC_AUTH": ""}, 1), ({"STATUS_BASIC_AUTH": "ops:pw"}, 0)):
+        result = subprocess.run(shlex.split(check), env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+                                text=True)
+        assert result.returncode == code, result.stderr
+        assert ("STATUS_BASIC_AUTH" in result.stderr) is bool(code)
+
+
+@pytest.mark.parametrize("env, bind", [
+    ({}, "127.0.0.1:8000"), ({"PORT": "9000"}, "0.0.0.0:9000"), ({"STATUS_BIND": "10.0.0.5:80"}, "10.0.0.5:80"),
+    ({"STATUS_BIND": "127.0.0.1:8001", "PORT": "9000"}, "127.0.0.1:8001"),
+])
+def test_gunicorn_binds_loopback_unless_told_otherwise(monkeypatch, env, bind):
+    for name in ("STATUS_BIND", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert runpy.run_path(str(ROOT / "gunicorn.conf.py"))["bind"] == bind
 
 
 def test_crontab_line_runs_the_producer():

@@ -676,6 +676,29 @@ def test_refresh_5xx_is_retried_then_an_sso_error(http, client):
     assert len(http.calls) == esi.SERVER_RETRIES
 
 
+UNSENDABLE = ["bad\ntoken-SECRET-5", "bad\r\ntoken-SECRET-5", "bad\u2603token-SECRET-5", "bad token-SECRET-5",
+              "bad\x00token-SECRET-5", "bad\u00e9token-SECRET-5"]
+
+
+@pytest.mark.parametrize("token", UNSENDABLE)
+def test_a_token_no_header_can_carry_is_never_sent_nor_quoted(sim, token):
+    """http.client would refuse it with the whole header, the token, in its message."""
+    client = EsiClient(dataclasses.replace(SETTINGS, esi_base_url=sim.base_url), sleep=lambda s: None)
+    sim.add_pilots(n_pilots=1, n_killmails=0, revoked=0, corporations=1)
+    with pytest.raises(Unauthorized) as caught:
+        client.list_recent(character_id=sim.pilots()[0]["character_id"], token=token)
+    assert "SECRET" not in str(caught.value) and "SECRET" not in repr(caught.value)
+    assert client.calls == Counter()  # nothing sent, no error spent
+
+
+@pytest.mark.parametrize("token", UNSENDABLE)
+def test_an_access_token_no_header_can_carry_is_no_grant(http, client, token):
+    http.add(responses.POST, SSO_URL, json={**GRANT, "access_token": token})
+    with pytest.raises(SsoError) as caught:
+        client.refresh(REFRESH)
+    assert type(caught.value) is SsoError and "SECRET" not in str(caught.value)
+
+
 def test_token_grant_repr_hides_the_tokens():
     text = repr(TokenGrant("access-SECRET", "refresh-SECRET", 1199))
     assert "SECRET" not in text and "1199" in text

@@ -295,6 +295,20 @@ def test_a_failed_jobs_wait_is_the_errors_own_field_and_outcomes_are_three(conn,
     assert typing.get_args(typing.get_type_hints(killmail_worker.Outcome)["action"]) == ("ack", "retry", "dead")
 
 
+def test_a_crash_message_never_reaches_the_dead_letter_header(database_url, queue_name):
+    """An unforeseen error's text may quote what the failing call was given (http.client quotes a whole header)."""
+    settings = make_settings(database_url, queue_name=queue_name, max_attempts=2)
+    child = killmail_worker.Child(settings, burst=True)
+
+    def process(body, attempt):
+        raise ValueError("Invalid header value b'Bearer token-SECRET-6\\n'")
+    child.process = process
+    channel = FakeChannel()
+    child.run_job(FakeConnection(), channel, 7, pika.BasicProperties(headers={broker.ATTEMPT_HEADER: 2}), b"{}")
+    (queue, headers), = channel.published
+    assert (queue, headers["x-death-reason"]) == (broker.dead_queue(queue_name), "worker error: ValueError")
+
+
 def test_a_retry_that_cannot_be_published_as_asked_is_dead_lettered_and_acked(database_url, queue_name):
     child = killmail_worker.Child(make_settings(database_url, queue_name=queue_name), burst=True)
     channel = FakeChannel()

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import broker
 import db
 import sso
-from conftest import CLIENT_ID, RABBITMQ_URL, insert_users
+from conftest import CLIENT_ID, CLIENT_SECRET, RABBITMQ_URL, insert_users
 
 CALLBACK = "http://localhost/callback"
 CLOSED = "http://127.0.0.1:9"
@@ -342,7 +342,7 @@ def test_forget_revokes_the_grant_and_clears_the_tokens_but_keeps_the_killmails(
     conn.commit()
     assert next(p for p in sim.pilots() if p["character_id"] == known)["revoked"] is True
     answer = requests.post(f"{sim.base_url}/v2/oauth/token", data={"grant_type": "refresh_token",
-                           "refresh_token": refresh}, auth=(CLIENT_ID, "test-secret"), timeout=5)
+                           "refresh_token": refresh}, auth=(CLIENT_ID, CLIENT_SECRET), timeout=5)
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
 
 

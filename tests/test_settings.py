@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import DEFAULT_COMPATIBILITY_DATE, ConfigError, Settings, settings_from
+from settings import DEFAULT_COMPATIBILITY_DATE, ConfigError, Settings, redact_url, settings_from
 
 ROOT = Path(__file__).resolve().parent.parent
 TODAY = date(2026, 11, 29)
@@ -128,6 +128,70 @@ def test_bad_value_names_the_variable(variable, raw):
     assert "\n" not in str(error)
 
 
+PASSWORD = "pw-hunter2-0xC0FFEE"
+
+
+@pytest.mark.parametrize("variable, raw", [
+    ("DATABASE_URL", f"mysql://km:{PASSWORD}@db.example/km"),
+    ("DATABASE_URL", f"postgresql://km:{PASSWORD}%ZZ@db.example/km"),      # libpq quotes the bad token
+    ("DATABASE_URL", f"postgresql://km:{PASSWORD}%C3%28@db.example/km"),   # percent-encoded, not UTF-8
+    ("DATABASE_URL", f"postgresql://km:{PASSWORD} x@db.example/km"),
+    ("DATABASE_URL", f"postgresql://km:{PASSWORD}@[::1/km"),               # libpq would quote the whole URL
+    ("DATABASE_URL", f"postgresql://km:{PASSWORD}@db.example/km?bad option=1"),
+    ("DATABASE_URL", f"host=db.example password={PASSWORD}"),
+    ("RABBITMQ_URL", f"http://km:{PASSWORD}@mq.example/vh"),
+    ("RABBITMQ_URL", f"amqp://km:{PASSWORD}@mq.example:port/vh"),
+    ("RABBITMQ_URL", f"amqp://km:{PASSWORD}@mq.example/vh?heartbeat=soon"),
+    ("RABBITMQ_URL", f"amqps://km:{PASSWORD}@mq.example/vh?ssl_options=%7B"),
+    ("ESI_BASE_URL", f"http://km:{PASSWORD}@esi.example"),
+])
+def test_a_bad_url_is_named_without_its_password(variable, raw):
+    error = config_error({**ESI_ENV, variable: raw})
+    assert error.variable == variable
+    assert PASSWORD not in str(error) and "hunter2" not in str(error)
+    assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://km:secret@db.example:5432/km", "postgresql://km:***@db.example:5432/km"),
+    ("postgresql://km:se/cr@et@db.example/km", "postgresql://km:***@db.example/km"),
+    ("amqps://km:secret@mq.example/%2F", "amqps://km:***@mq.example/%2F"),
+    ("postgresql://km@db.example/km", "postgresql://km@db.example/km"),
+    ("postgresql://db.example/km?password=secret&sslmode=verify-full",
+     "postgresql://db.example/km?password=***&sslmode=verify-full"),
+    ("host=db.example password='se cret' user=km", "host=db.example password=*** user=km"),
+    ("https://esi.evetech.net", "https://esi.evetech.net"),
+])
+def test_redact_url(url, shown):
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("variable", ["ESI_BASE_URL", "SSO_TOKEN_URL", "SSO_AUTHORIZE_URL", "SSO_JWKS_URL",
+                                      "SSO_REVOKE_URL"])
+@pytest.mark.parametrize("host, allowed", [
+    ("127.0.0.1:8080", True), ("127.0.0.53", True), ("localhost:8080", True), ("[::1]:8080", True),
+    ("esi.evetech.net", False), ("10.0.0.5:8080", False), ("localhost.example.org", False), ("0.0.0.0", False),
+])
+def test_esi_and_sso_urls_are_https_but_to_a_loopback_host(variable, host, allowed):
+    assert load(**{variable: f"https://{host}/x"})  # https anywhere
+    if allowed:
+        assert getattr(load(**{variable: f"http://{host}/x"}), variable.lower()) == f"http://{host}/x"
+    else:
+        error = config_error({**ESI_ENV, variable: f"http://{host}/x"})
+        assert (error.variable, "https" in str(error)) == (variable, True)
+
+
+def test_basic_auth_refuses_the_deploy_kits_placeholder():
+    error = config_error({**ESI_ENV, "STATUS_BASIC_AUTH": "ops:CHANGE-ME"})
+    assert (error.variable, "placeholder" in str(error)) == ("STATUS_BASIC_AUTH", True)
+
+
+@pytest.mark.parametrize("raw", [":", "ops:", ":s3cret", " : "])
+def test_basic_auth_needs_a_user_and_a_password(raw):
+    error = config_error({**ESI_ENV, "STATUS_BASIC_AUTH": raw})
+    assert str(error) == "STATUS_BASIC_AUTH: must look like user:password, neither of them empty"
+
+
 def test_the_default_compatibility_date_is_not_in_the_future_of_the_spec():
     assert date.fromisoformat(DEFAULT_COMPATIBILITY_DATE) == date(2026, 8, 18)
 
@@ -211,6 +275,15 @@ def test_a_bad_setting_stops_the_command_with_one_line_and_exit_2(script, overri
     assert len(lines) == 1, result.stderr
     assert variable in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("script", ["killmail_worker.py", "queue_killmails.py", "status_app.py"])
+def test_a_url_libpq_cannot_parse_stops_the_command_without_its_password(script):
+    result = subprocess.run([sys.executable, str(ROOT / script)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env=clean_env(DATABASE_URL=f"postgresql://km:{PASSWORD}%ZZ@127.0.0.1/km"))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", 'configuration error: DATABASE_URL: is not a valid connection URL: invalid percent-encoded token: '
+               '"…"\n')
 
 
 def test_queue_killmails_does_not_need_the_esi_values():

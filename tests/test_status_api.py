@@ -12,7 +12,7 @@ from flask import Flask
 import api
 import broker
 import db
-from conftest import RABBITMQ_URL, insert_users, make_settings
+from conftest import RABBITMQ_URL, insert_users, make_settings, watch_secrets
 from killmail_model import parse_killmail
 from status_report import Sources
 
@@ -24,6 +24,7 @@ PILOT = 2121652582  # the sample's victim
 
 @pytest.fixture
 def client(make_client):
+    watch_secrets([TOKEN])
     return make_client(app_api_token=TOKEN)
 
 

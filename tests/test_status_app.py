@@ -248,7 +248,19 @@ def test_status_counts_the_queues(client, seeded, queue_name):
     assert queue == {"name": queue_name, "depth": 3, "consumers": 0, "retrying": 2, "dead": 1, "error": None}
 
 
-def test_a_consumer_means_the_worker_is_running(client, conn, queue_name):
+class Clock:
+    """A monotonic clock that moves when the test says."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_consumer_means_the_worker_is_running(make_client, conn, queue_name):
+    clock = Clock()
+    client = make_client(clock=clock)
     assert client.get("/status?format=json").get_json()["worker"] == {
         "isRunning": False, "lastSync": None, "totalUsers": 0, "lastSyncDuration": None}
     fill_queues(queue_name, max_attempts=8, waiting=0, retrying=0, dead=0)
@@ -256,10 +268,59 @@ def test_a_consumer_means_the_worker_is_running(client, conn, queue_name):
     try:
         channel = connection.channel()
         channel.basic_consume(queue_name, lambda *args: None)
+        clock.now += status_report.QUEUE_CACHE_SECONDS
         report = client.get("/status?format=json").get_json()
     finally:
         connection.close()
     assert (report["queue"]["consumers"], report["worker"]["isRunning"]) == (1, True)
+
+
+@pytest.fixture
+def broker_connections(monkeypatch):
+    """Every broker connection the status app opens (for /status and /metrics, or for /health), as it goes."""
+    opened = []
+
+    def open_broker(url):
+        opened.append(connection := pika.BlockingConnection(pika.URLParameters(url)))
+        return connection
+    monkeypatch.setattr(status_report, "open_broker", open_broker)
+    return opened
+
+
+def test_queue_figures_are_kept_for_a_few_seconds_and_read_through_one_connection(make_client, seeded, queue_name,
+                                                                                 broker_connections):
+    clock = Clock()
+    client = make_client(clock=clock)
+    fill_queues(queue_name, max_attempts=8, waiting=1, retrying=0, dead=0)
+    depth = lambda: client.get("/status?format=json").get_json()["queue"]["depth"]  # noqa: E731
+    assert depth() == 1
+    fill_queues(queue_name, max_attempts=8, waiting=2, retrying=0, dead=0)
+    clock.now += status_report.QUEUE_CACHE_SECONDS - 0.1
+    assert depth() == 1 and samples(client.get("/metrics"))[("killmail_queue_depth", ())] == 1  # kept
+    clock.now += 0.1
+    assert depth() == 3
+    clock.now += status_report.QUEUE_CACHE_SECONDS
+    assert samples(client.get("/metrics"))[("killmail_queue_depth", ())] == 3
+    assert len(broker_connections) == 1 and broker_connections[0].is_open  # one connection, kept
+
+
+def test_a_kept_broker_connection_is_replaced_when_idle_or_lost(make_client, seeded, queue_name, broker_connections):
+    relay = Relay(target_port=5672)
+    relay.start()
+    clock = Clock()
+    client = make_client(clock=clock, rabbitmq_url=RABBITMQ_URL.replace("127.0.0.1:5672", f"127.0.0.1:{relay.port}"))
+    fill_queues(queue_name, max_attempts=8, waiting=2, retrying=0, dead=0)
+    queue = lambda: client.get("/status?format=json").get_json()["queue"]  # noqa: E731
+    try:
+        assert queue()["depth"] == 2
+        clock.now += status_report.BROKER_KEEP_SECONDS + 1  # its heartbeats went unanswered: the broker drops it
+        assert queue()["depth"] == 2 and len(broker_connections) == 2 and not broker_connections[0].is_open
+        relay.stop()  # the broker restarts: the kept connection is gone, pika does not know yet
+        relay.start()
+        clock.now += status_report.QUEUE_CACHE_SECONDS
+        assert (queue()["error"], queue()["depth"], len(broker_connections)) == (None, 2, 3)
+    finally:
+        relay.stop()
 
 
 def test_status_still_renders_when_the_broker_is_unreachable(make_client, seeded):
@@ -394,14 +455,17 @@ def test_settings_are_read_at_the_first_request_and_a_bad_one_is_one_line(monkey
         "configuration error: STATUS_BASIC_AUTH: must look like user:password"]
 
 
-def test_gunicorn_refuses_a_bad_environment_with_one_line(database_url):
-    env = status_env(database_url, queue="unused", STATUS_BASIC_AUTH="no-colon-here",
-                     STATUS_BIND=f"127.0.0.1:{free_port()}")
+@pytest.mark.parametrize("value, problem", [
+    ("no-colon-here", "must look like user:password"),
+    ("ops:", "must look like user:password, neither of them empty"),
+    (":s3cret", "must look like user:password, neither of them empty"),
+])
+def test_gunicorn_refuses_a_bad_environment_with_one_line(database_url, value, problem):
+    env = status_env(database_url, queue="unused", STATUS_BASIC_AUTH=value, STATUS_BIND=f"127.0.0.1:{free_port()}")
     result = subprocess.run([str(GUNICORN), "-c", "gunicorn.conf.py", "status_app:app"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == \
-        "configuration error: STATUS_BASIC_AUTH: must look like user:password"
+    assert result.stderr.strip().splitlines()[-1] == f"configuration error: STATUS_BASIC_AUTH: {problem}"
 
 
 def test_python_status_app_refuses_a_bad_environment_with_one_line(database_url):

@@ -281,6 +281,22 @@ def test_a_wrong_client_secret_is_the_apps_error_not_the_pilots(conn, world, sim
     limits.close()
 
 
+@pytest.mark.parametrize("junk", ["\n", "\u2603"])
+def test_a_stored_access_token_no_header_can_carry_is_refreshed_on_the_retry(conn, world, sim, junk):
+    """Written so by a web app: sending it would raise with the whole header in the message; the job is retried
+    instead, and the retry refreshes the token."""
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    bad = f"{pilot['access_token']}{junk}x"
+    conn.execute("UPDATE users SET access_token = %s, expires_at = now() + interval '1 hour' "
+                 "WHERE character_id = %s", (bad, pilot["character_id"]))
+    conn.commit()
+    with pytest.raises(sync.JobError) as caught:
+        sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert pilot["access_token"] not in str(caught.value) and sim.stats()["by_route"]["list_character"] == 0
+    assert sync.sync_character(conn, world, pilot["character_id"], now_for(sim)).status == "ok"
+    assert db.get_user(conn, pilot["character_id"])["access_token"] != bad
+
+
 def test_killmails_left_behind_by_a_pilot_who_needs_a_new_login_are_swept(conn, world, sim):
     pilot = next(p for p in sim.pilots() if not p["revoked"])
     ids = sim.killmail_ids_for(pilot["character_id"])

@@ -1,0 +1,44 @@
+"""Tests that leak a test secret on purpose, run by test_conftest.py: each must fail at its teardown."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+from flask import Flask
+
+from conftest import CLIENT_SECRET, insert_users
+
+log = logging.getLogger(__name__)
+
+
+def test_clean():
+    log.info("nothing secret here")
+
+
+def test_client_secret_in_an_info_line():
+    log.info("credentials: %s", CLIENT_SECRET)
+
+
+def test_database_password_in_a_url_printed_whole(database_url):
+    log.warning("cannot reach %s", database_url)
+
+
+def test_simulator_token_in_a_traceback(sim):
+    sim.add_pilots(n_pilots=1, n_killmails=0, revoked=0, corporations=1)
+    try:
+        raise ValueError(f"Invalid header value b'Bearer {sim.pilots()[0]['access_token']}\\n'")
+    except ValueError:
+        log.exception("job crashed")
+
+
+def test_inserted_token_in_a_command_output(conn):
+    insert_users(conn, [{"character_id": 1, "character_name": "P", "access_token": "probe-access-token-1",
+                         "refresh_token": "probe-refresh-token-1", "expires_at": None}])
+    subprocess.run([sys.executable, "-c", "print('probe-refresh-token-1')"], capture_output=True, check=True)
+
+
+def test_client_secret_in_an_answer():
+    app = Flask(__name__)
+    app.get("/")(lambda: CLIENT_SECRET)
+    assert app.test_client().get("/").status_code == 200
