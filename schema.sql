@@ -55,6 +55,9 @@ CALL pg_temp.add_column('users', 'list_etag', 'TEXT');
 CALL pg_temp.add_column('users', 'list_expires_at', 'TIMESTAMPTZ');
 CALL pg_temp.add_column('users', 'created_at', 'TIMESTAMPTZ NOT NULL DEFAULT now()');
 CALL pg_temp.add_column('users', 'corporation_checked_at', 'TIMESTAMPTZ');
+-- When is_director was learned (its corporation's list answered, or refused): a pilot found without the role
+-- is asked again a week later.
+CALL pg_temp.add_column('users', 'director_checked_at', 'TIMESTAMPTZ');
 
 -- Logins under way (login.py): the hash of the state sent to EVE SSO and the PKCE verifier that goes with it.
 -- A state is used up by the callback that brings it back; rows older than ten minutes are deleted by the next login.

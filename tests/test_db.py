@@ -126,6 +126,46 @@ def test_a_revoked_token_is_not_due_until_a_new_one_is_written(conn):
     assert "r1" not in stored and len(stored) == 64
 
 
+
+def add_member(conn, character_id, corporation_id):
+    """A pilot whose grant has the corporation scope, in that corporation."""
+    add_user(conn, character_id, corporation_id=corporation_id, scopes=f"esi-killmails.read_killmails.v1 "
+             f"{db.CORPORATION_SCOPE}")
+
+
+def corporations_due(conn, now) -> dict[int, int]:
+    """corporation id -> the member its sync would use, at `now`."""
+    return {r["corporation_id"]: r["character_id"]
+            for r in db.due_corporations(conn, now, interval=300, stale_after=7200)}
+
+
+def test_a_member_found_without_the_director_role_is_asked_again_a_week_later(conn):
+    add_member(conn, 1, 98)
+    db.set_director(conn, 1, False, checked_at=NOW)
+    conn.commit()
+    assert corporations_due(conn, NOW + timedelta(days=6)) == {}
+    assert corporations_due(conn, NOW + timedelta(days=7)) == {98: 1}
+    # Members never asked come before one asked again; a known director before both.
+    add_member(conn, 3, 98)
+    assert corporations_due(conn, NOW + timedelta(days=7)) == {98: 3}
+    add_member(conn, 2, 98)
+    db.set_director(conn, 2, True, checked_at=NOW)
+    assert corporations_due(conn, NOW + timedelta(days=7)) == {98: 2}
+
+
+def test_a_member_who_changed_corporation_is_asked_again_at_once(conn):
+    add_member(conn, 1, 98)
+    db.set_director(conn, 1, False, checked_at=NOW)
+    db.save_profile(conn, 1, corporation_id=98, checked_at=NOW)  # the same corporation: still no director
+    assert corporations_due(conn, NOW + timedelta(hours=1)) == {}
+    db.save_profile(conn, 1, corporation_id=99, checked_at=NOW)
+    assert corporations_due(conn, NOW + timedelta(hours=1)) == {99: 1}
+    db.set_director(conn, 1, True, checked_at=NOW)
+    db.save_profile(conn, 1, corporation_id=100, checked_at=NOW)  # a director of 99 is not known as one of 100
+    user = db.get_user(conn, 1)
+    assert (user["is_director"], user["director_checked_at"]) == (None, None)
+
+
 def test_refs_pending_claimed_once_and_failures_bounded(conn, database_url):
     add_user(conn, 1)
     add_user(conn, 2)
