@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import re
+import reprlib
 import threading
 import time
 from collections import Counter
@@ -231,7 +232,9 @@ def parse_refs(body: Any, *, where: str = "killmail list") -> list[tuple[int, st
     for entry in body:
         ref = _ref(entry)
         if ref is None:
-            log.warning("%s: skipping an entry that is no killmail reference: %.200r", where, entry)
+            # Cut short in depth too: the full repr of a deeply nested entry is a RecursionError, which logging
+            # lets through.
+            log.warning("%s: skipping an entry that is no killmail reference: %s", where, reprlib.repr(entry))
         else:
             refs.append(ref)
     return refs

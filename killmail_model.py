@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,6 +34,14 @@ INT32 = 2 ** 31     # but for the item flag and singleton, stored as INTEGER (bo
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+def _shown(value: Any) -> str:
+    """A value as an error shows it: cut short in length and depth (a hostile body's may be deep or huge)."""
+    try:
+        return reprlib.repr(value)
+    except ValueError:  # an integer past Python's limit on digits, somewhere in it
+        return f"a {type(value).__name__} holding an integer too long to print"
+
+
 def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int = INT64) -> int | None:
     value = obj.get(key)
     if type(value) is int and -bound <= value < bound:  # the usual case first (a bool is no int here)
@@ -42,16 +51,16 @@ def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int 
             raise InvalidKillmail(f"{where}.{key} is missing")
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidKillmail(f"{where}.{key} must be an integer, got {value!r}")
+        raise InvalidKillmail(f"{where}.{key} must be an integer, got {_shown(value)}")
     if not -bound <= value < bound:
-        raise InvalidKillmail(f"{where}.{key} is out of range: {value}")
+        raise InvalidKillmail(f"{where}.{key} is out of range: {_shown(value)}")
     return value
 
 
 def _number(obj: dict, key: str, where: str) -> float:
     value = obj.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidKillmail(f"{where}.{key} must be a number, got {value!r}")
+        raise InvalidKillmail(f"{where}.{key} must be a number, got {_shown(value)}")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond any float
@@ -86,9 +95,9 @@ def _time(obj: dict, key: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise InvalidKillmail(f"killmail.{key} is not an ISO 8601 time: {value!r}") from None
+        raise InvalidKillmail(f"killmail.{key} is not an ISO 8601 time: {_shown(value)}") from None
     if parsed.tzinfo is None:
-        raise InvalidKillmail(f"killmail.{key} has no time zone: {value!r}")
+        raise InvalidKillmail(f"killmail.{key} has no time zone: {_shown(value)}")
     return parsed
 
 

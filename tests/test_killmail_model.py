@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import db
 from killmail_model import InvalidKillmail, parse_killmail
-from strategies import PROPERTY, hostile_killmail_body, json_value, killmail_body, mutate
+from strategies import PROPERTY, hostile_killmail_body, json_value, killmail_body, mutate, nested
 
 SAMPLE_PATH = Path(__file__).resolve().parent / "data/killmail_134265477.json"
 SAMPLE = json.loads(SAMPLE_PATH.read_text())
@@ -288,6 +288,18 @@ def test_an_integer_past_pythons_text_limit_is_an_invalid_killmail():
         parse(dict(sample(), x_new=10 ** 5000))
 
 
+
+@pytest.mark.parametrize("where, value", [
+    (("victim", "character_id"), nested(5000)),
+    (("victim", "character_id"), 10 ** 5000),
+    (("victim", "position", "x"), [10 ** 5000]),
+    (("killmail_time",), "2026" + "x" * 100_000),
+], ids=["deep-id", "huge-id", "huge-in-a-list-position", "long-time"])
+def test_a_deep_or_huge_value_out_of_place_is_an_invalid_killmail_naming_its_field(where, value):
+    with pytest.raises(InvalidKillmail, match=where[-1]) as caught:
+        parse(replaced(where, value))
+    assert len(str(caught.value)) < 200  # shown cut short, not printed whole
+
 def test_escapes_and_capitals_jsonb_takes_are_kept():
     raw = json.dumps(dict(sample(), x_new=["\ud83d\ude00", "é", "NaN", "Infinity", "\\u0000"]))
     assert parse_killmail(json.loads(raw), killmail_id=SAMPLE_ID, killmail_hash=HASH, raw=raw).row[-1] == raw
@@ -306,19 +318,21 @@ def verdict(body, raw=None):
         return None
 
 
-def as_sent(data, body) -> str | None:
-    """The body as ESI could have sent it (layout and escaping drawn from `data`); None when no JSON text is
-    that body (too deep, a number past Python's text limit)."""
+def as_sent(data, body) -> tuple[str, object] | None:
+    """The body as ESI could have sent it (layout and escaping drawn from `data`) and as esi.get_killmail
+    hands it over: its text, and the text decoded. None when no JSON text is that body or decodes (too deep, a
+    number past Python's text limit)."""
     ensure_ascii = data.draw(st.booleans(), label="ensure_ascii")
     try:
         raw = json.dumps(body, ensure_ascii=ensure_ascii, sort_keys=data.draw(st.booleans(), label="sort_keys"),
                          separators=data.draw(st.sampled_from([(",", ":"), (", ", ": ")]), label="separators"))
-        raw.encode("utf-8")  # esi.py decodes the bytes as UTF-8: a lone surrogate can only come escaped
+        try:
+            raw.encode("utf-8")  # esi.py decodes the bytes as UTF-8: a lone surrogate can only come escaped
+        except UnicodeEncodeError:
+            raw = json.dumps(body)
+        return raw, json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    except UnicodeEncodeError:
-        return json.dumps(body)
-    return raw
 
 
 @settings(PROPERTY, max_examples=500)
@@ -332,9 +346,10 @@ def test_any_json_value_is_a_killmail_or_an_invalid_killmail(value):
 def test_a_mutated_killmail_is_a_killmail_or_an_invalid_killmail_and_keeps_its_text(data):
     body = mutate(data, data.draw(hostile_killmail_body, label="body"))
     event("accepted" if verdict(body) else "refused")
-    raw = as_sent(data, body)
-    if raw is not None:
-        killmail = verdict(json.loads(raw), raw)  # as esi.get_killmail hands it over: decoded, and its text
+    sent = as_sent(data, body)
+    if sent is not None:
+        raw, decoded = sent
+        killmail = verdict(decoded, raw)
         assert killmail is None or killmail.row[-1] == raw
 
 
@@ -342,8 +357,8 @@ def test_a_mutated_killmail_is_a_killmail_or_an_invalid_killmail_and_keeps_its_t
 @given(st.data())
 def test_a_body_of_esis_schema_is_accepted_whole_with_its_text(data):
     body = data.draw(killmail_body, label="body")
-    raw = as_sent(data, body)
-    killmail = verdict(json.loads(raw), raw)
+    raw, decoded = as_sent(data, body)
+    killmail = verdict(decoded, raw)
     assert killmail is not None
     row = named(ROW, killmail.row)
     assert (row["killmail_id"], row["solar_system_id"], row["raw"]) == \
@@ -358,8 +373,8 @@ def test_every_killmail_the_model_accepts_is_stored_with_its_text(conn, data):
     """Whatever the model lets through, PostgreSQL stores: raw equal (as jsonb) to the text that came in, every
     attacker and item row. Unknown fields hold anything (NaN, NUL, lone surrogates, deep nesting)."""
     body = data.draw(hostile_killmail_body, label="body")
-    raw = as_sent(data, body)
-    killmail = verdict(json.loads(raw), raw) if raw is not None else verdict(body)
+    raw, decoded = as_sent(data, body) or (None, body)
+    killmail = verdict(decoded, raw)
     event("refused by the model" if killmail is None else "stored")  # shown by --hypothesis-show-statistics
     if killmail is None:
         return
