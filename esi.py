@@ -562,9 +562,10 @@ def _json(response: requests.Response) -> Any:
 def _error_text(response: requests.Response) -> str:
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
         return response.text[:200]
-    return str(body.get("error", body))[:200] if isinstance(body, dict) else str(body)[:200]
+    shown = body.get("error", body) if isinstance(body, dict) else body
+    return (shown if isinstance(shown, str) else reprlib.repr(shown))[:200]  # cut short in depth too
 
 
 def _seconds(value: str | None, default: float, *, header: str) -> float:

@@ -481,6 +481,12 @@ def test_4xx_maps_to_its_class_and_is_not_retried(http, client, sleeps, status, 
     assert sleeps == []
 
 
+def test_an_error_answer_nested_deeper_than_the_decoder_goes_is_still_its_status_class(http, client):
+    http.add(responses.GET, LIST_URL, status=403, body="[" * 5000 + "]" * 5000)
+    with pytest.raises(Forbidden, match="403"):
+        client.list_recent(character_id=42, token=TOKEN)
+
+
 def test_403_on_a_corporation_list_is_forbidden(http, client):
     http.add(responses.GET, CORP_LIST_URL, status=403, json={"error": "Character does not have required role(s)"})
     with pytest.raises(Forbidden):
