@@ -241,20 +241,25 @@ def take_login_state(conn, state: str, now: datetime, *, max_age: int) -> dict |
 
 def save_profile(conn, character_id: int, *, corporation_id: int | None = None, scopes: str | None = None,
                  checked_at: datetime | None = None) -> None:
-    """Record what the worker learned of a pilot: its corporation (from ESI) and its token's scopes."""
+    """Record what the worker learned of a pilot: its corporation (from ESI) and its token's scopes. A pilot in
+    a new corporation has its Director role asked again: what was known was of the old one."""
     conn.execute(
         """
         UPDATE users SET corporation_id = COALESCE(%(corp)s, corporation_id), scopes = COALESCE(%(scopes)s, scopes),
-               corporation_checked_at = COALESCE(%(checked)s, corporation_checked_at)
+               corporation_checked_at = COALESCE(%(checked)s, corporation_checked_at),
+               is_director = CASE WHEN %(corp)s <> corporation_id THEN NULL ELSE is_director END,
+               director_checked_at = CASE WHEN %(corp)s <> corporation_id THEN NULL ELSE director_checked_at END
         WHERE character_id = %(id)s
         """,
         {"corp": corporation_id, "scopes": scopes, "checked": checked_at, "id": character_id},
     )
 
 
-def set_director(conn, character_id: int, is_director: bool) -> None:
-    """Record whether a pilot may read its corporation's killmails (a 403 says it may not)."""
-    conn.execute("UPDATE users SET is_director = %s WHERE character_id = %s", (is_director, character_id))
+def set_director(conn, character_id: int, is_director: bool, *, checked_at: datetime) -> None:
+    """Record whether a pilot may read its corporation's killmails (a 403 says it may not), and when it was
+    learned."""
+    conn.execute("UPDATE users SET is_director = %s, director_checked_at = %s WHERE character_id = %s",
+                 (is_director, checked_at, character_id))
 
 
 # ---------------------------------------------------------------------------------------------- corporations
@@ -262,14 +267,18 @@ def set_director(conn, character_id: int, is_director: bool) -> None:
 CORPORATION_SCOPE = "esi-killmails.read_corporation_killmails.v1"
 
 # A member who may read the corporation's killmails: a live grant with the corporation scope, not known to
-# lack the Director role. Known directors first.
+# lack the Director role; a pilot found without it is asked again a week later (roles are given any day; a new
+# corporation clears what was known, in save_profile). Known directors first, then those never asked.
 _ELIGIBLE_SQL = f"""
     SELECT DISTINCT ON (u.corporation_id) u.corporation_id, u.character_id, u.character_name
     FROM users u
-    WHERE u.corporation_id IS NOT NULL AND u.is_director IS NOT FALSE
+    WHERE u.corporation_id IS NOT NULL
+      AND (u.is_director IS NOT FALSE OR u.director_checked_at IS NULL
+           OR u.director_checked_at <= %(now)s - interval '7 days')
       AND '{CORPORATION_SCOPE}' = ANY(string_to_array(COALESCE(u.scopes, ''), ' '))
       AND {_LIVE_GRANT_SQL}
-    ORDER BY u.corporation_id, u.is_director DESC NULLS LAST, u.character_id
+    ORDER BY u.corporation_id, CASE WHEN u.is_director THEN 0 WHEN u.is_director IS NULL THEN 1 ELSE 2 END,
+             u.character_id
 """
 
 
@@ -286,7 +295,7 @@ def claim_due_corporations(conn, now: datetime, *, interval: int, stale_after: i
         INSERT INTO corporations (corporation_id)
         SELECT corporation_id FROM ({_ELIGIBLE_SQL}) e
         ON CONFLICT DO NOTHING
-    """)
+    """, {"now": now})
     return conn.execute(
         f"""
         UPDATE corporations c SET queued_at = %(now)s, director_character_id = e.character_id

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import re
+import reprlib
 import threading
 import time
 from collections import Counter
@@ -234,7 +235,9 @@ def parse_refs(body: Any, *, where: str = "killmail list") -> list[tuple[int, st
     for entry in body:
         ref = _ref(entry)
         if ref is None:
-            log.warning("%s: skipping an entry that is no killmail reference: %.200r", where, entry)
+            # Cut short in depth too: the full repr of a deeply nested entry is a RecursionError, which logging
+            # lets through.
+            log.warning("%s: skipping an entry that is no killmail reference: %s", where, reprlib.repr(entry))
         else:
             refs.append(ref)
     return refs
@@ -572,9 +575,10 @@ def _json(response: requests.Response) -> Any:
 def _error_text(response: requests.Response) -> str:
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
         return response.text[:200]
-    return str(body.get("error", body))[:200] if isinstance(body, dict) else str(body)[:200]
+    shown = body.get("error", body) if isinstance(body, dict) else body
+    return (shown if isinstance(shown, str) else reprlib.repr(shown))[:200]  # cut short in depth too
 
 
 def _seconds(value: str | None, default: float, *, header: str) -> float:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import reprlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,6 +27,20 @@ class Killmail:
 INT64 = 2 ** 63     # ESI's integers are int64, as are the columns they go to,
 INT32 = 2 ** 31     # but for the item flag and singleton, stored as INTEGER (both small numbers)
 
+# What Python's json takes and PostgreSQL's jsonb refuses: NaN and Infinity, and a NUL character or a lone
+# surrogate in a string (both only ever written as \u escapes). A body's text with no backslash, N or I, as every
+# body ESI sends, holds none of them. (A number past numeric's range, thousands of digits long, is the database's
+# to refuse: the row fails and is counted like any other refused row.)
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _shown(value: Any) -> str:
+    """A value as an error shows it: cut short in length and depth (a hostile body's may be deep or huge)."""
+    try:
+        return reprlib.repr(value)
+    except ValueError:  # an integer past Python's limit on digits, somewhere in it
+        return f"a {type(value).__name__} holding an integer too long to print"
+
 
 def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int = INT64) -> int | None:
     value = obj.get(key)
@@ -35,16 +51,16 @@ def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int 
             raise InvalidKillmail(f"{where}.{key} is missing")
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidKillmail(f"{where}.{key} must be an integer, got {value!r}")
+        raise InvalidKillmail(f"{where}.{key} must be an integer, got {_shown(value)}")
     if not -bound <= value < bound:
-        raise InvalidKillmail(f"{where}.{key} is out of range: {value}")
+        raise InvalidKillmail(f"{where}.{key} is out of range: {_shown(value)}")
     return value
 
 
 def _number(obj: dict, key: str, where: str) -> float:
     value = obj.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidKillmail(f"{where}.{key} must be a number, got {value!r}")
+        raise InvalidKillmail(f"{where}.{key} must be a number, got {_shown(value)}")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond any float
@@ -79,9 +95,9 @@ def _time(obj: dict, key: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise InvalidKillmail(f"killmail.{key} is not an ISO 8601 time: {value!r}") from None
+        raise InvalidKillmail(f"killmail.{key} is not an ISO 8601 time: {_shown(value)}") from None
     if parsed.tzinfo is None:
-        raise InvalidKillmail(f"killmail.{key} has no time zone: {value!r}")
+        raise InvalidKillmail(f"killmail.{key} has no time zone: {_shown(value)}")
     return parsed
 
 
@@ -119,7 +135,7 @@ def _parse(body: Any, killmail_id: int, killmail_hash: str, raw: str | None) -> 
         _int(victim, "alliance_id", "victim"), _int(victim, "faction_id", "victim"),
         _int(victim, "ship_type_id", "victim", required=True),
         _int(victim, "damage_taken", "victim", required=True),
-        *coords, raw if raw is not None else json.dumps(body),
+        *coords, _storable(body if raw is None else None, raw),
     )
     attackers = [_attacker_row(killmail_id, index, entry)
                  for index, entry in enumerate(_list(body, "attackers", "killmail", required=True))]
@@ -130,6 +146,39 @@ def _parse(body: Any, killmail_id: int, killmail_hash: str, raw: str | None) -> 
         for child in _list(entry, "items", "victim.items[]", required=False):
             items.append(_item_row(killmail_id, len(items), parent_index, child, "victim.items[].items"))
     return Killmail(killmail_id, row, attackers, items)
+
+
+def _storable(body: Any, raw: str | None) -> str:
+    """The body's JSON text (`raw`, or `body` serialised), once sure that PostgreSQL's jsonb takes it."""
+    if raw is None:
+        try:
+            raw = json.dumps(body, allow_nan=False)
+        except ValueError:  # NaN or an infinity; an integer past Python's limit on digits
+            raise InvalidKillmail("killmail holds a number JSON cannot hold") from None
+    if "\\" not in raw and "N" not in raw and "I" not in raw:  # one character each: memchr, not a substring search
+        return raw
+    try:
+        decoded = json.loads(raw, parse_constant=_refuse_constant)
+    except InvalidKillmail:
+        raise
+    except ValueError:
+        raise InvalidKillmail("killmail text is not JSON") from None
+    todo = [decoded]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                raise InvalidKillmail("killmail holds a NUL character or a lone surrogate, which jsonb refuses")
+        elif isinstance(value, dict):
+            todo.extend(value)
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+    return raw
+
+
+def _refuse_constant(name: str) -> None:
+    raise InvalidKillmail(f"killmail holds {name}, which JSON does not have")
 
 
 def _attacker_row(killmail_id: int, index: int, entry: Any) -> tuple:

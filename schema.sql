@@ -1,5 +1,35 @@
 -- The one schema of the killmail sync worker. Idempotent: applying it again changes nothing and loses nothing.
 
+-- Applying it again must not stop running workers: ALTER TABLE and CREATE INDEX lock their table (against every
+-- reader, or every writer) before IF [NOT] EXISTS finds that there is nothing to do, and wait behind any open
+-- transaction that writes to it. So a change to an existing table goes through one of these procedures, which
+-- make it only when the catalog says it is missing. They live in this session's pg_temp: they leave nothing behind.
+CREATE OR REPLACE PROCEDURE pg_temp.add_column(p_table REGCLASS, p_column NAME, p_definition TEXT)
+LANGUAGE plpgsql AS $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = p_table AND attname = p_column AND NOT attisdropped)
+    THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', p_table, p_column, p_definition);
+    END IF;
+END $$;
+CREATE OR REPLACE PROCEDURE pg_temp.drop_column(p_table REGCLASS, p_column NAME)
+LANGUAGE plpgsql AS $$ BEGIN
+    IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = p_table AND attname = p_column AND NOT attisdropped) THEN
+        EXECUTE format('ALTER TABLE %s DROP COLUMN %I', p_table, p_column);
+    END IF;
+END $$;
+CREATE OR REPLACE PROCEDURE pg_temp.drop_constraint(p_table REGCLASS, p_constraint NAME)
+LANGUAGE plpgsql AS $$ BEGIN
+    IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = p_table AND conname = p_constraint) THEN
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', p_table, p_constraint);
+    END IF;
+END $$;
+CREATE OR REPLACE PROCEDURE pg_temp.create_index(p_index NAME, p_definition TEXT)
+LANGUAGE plpgsql AS $$ BEGIN
+    IF to_regclass(quote_ident(p_index)) IS NULL THEN
+        EXECUTE format('CREATE INDEX %I ON %s', p_index, p_definition);
+    END IF;
+END $$;
+
 -- Written by the web app at SSO login (the first five columns); the worker adds its own state with defaults,
 -- so a row with only the web app's columns is a valid user.
 CREATE TABLE IF NOT EXISTS users (
@@ -9,22 +39,25 @@ CREATE TABLE IF NOT EXISTS users (
     refresh_token  TEXT,
     expires_at     TIMESTAMPTZ
 );
-ALTER TABLE users ADD COLUMN IF NOT EXISTS corporation_id        BIGINT;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS scopes                TEXT;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS is_director           BOOLEAN;
+CALL pg_temp.add_column('users', 'corporation_id', 'BIGINT');
+CALL pg_temp.add_column('users', 'scopes', 'TEXT');
+CALL pg_temp.add_column('users', 'is_director', 'BOOLEAN');
 -- sha256 of the refresh token that SSO answered invalid_grant for: the user needs a new login until the web
 -- app writes a different refresh token (no trigger and no cooperation from the web app needed).
-ALTER TABLE users ADD COLUMN IF NOT EXISTS revoked_token_sha256  TEXT;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS token_error           TEXT;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS sync_interval_seconds INTEGER;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS queued_at             TIMESTAMPTZ;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS last_sync_at          TIMESTAMPTZ;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS last_sync_status      TEXT;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS last_new_killmail_at  TIMESTAMPTZ;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS list_etag             TEXT;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS list_expires_at       TIMESTAMPTZ;
-ALTER TABLE users ADD COLUMN IF NOT EXISTS created_at            TIMESTAMPTZ NOT NULL DEFAULT now();
-ALTER TABLE users ADD COLUMN IF NOT EXISTS corporation_checked_at TIMESTAMPTZ;
+CALL pg_temp.add_column('users', 'revoked_token_sha256', 'TEXT');
+CALL pg_temp.add_column('users', 'token_error', 'TEXT');
+CALL pg_temp.add_column('users', 'sync_interval_seconds', 'INTEGER');
+CALL pg_temp.add_column('users', 'queued_at', 'TIMESTAMPTZ');
+CALL pg_temp.add_column('users', 'last_sync_at', 'TIMESTAMPTZ');
+CALL pg_temp.add_column('users', 'last_sync_status', 'TEXT');
+CALL pg_temp.add_column('users', 'last_new_killmail_at', 'TIMESTAMPTZ');
+CALL pg_temp.add_column('users', 'list_etag', 'TEXT');
+CALL pg_temp.add_column('users', 'list_expires_at', 'TIMESTAMPTZ');
+CALL pg_temp.add_column('users', 'created_at', 'TIMESTAMPTZ NOT NULL DEFAULT now()');
+CALL pg_temp.add_column('users', 'corporation_checked_at', 'TIMESTAMPTZ');
+-- When is_director was learned (its corporation's list answered, or refused): a pilot found without the role
+-- is asked again a week later.
+CALL pg_temp.add_column('users', 'director_checked_at', 'TIMESTAMPTZ');
 
 -- Logins under way (login.py): the hash of the state sent to EVE SSO and the PKCE verifier that goes with it.
 -- A state is used up by the callback that brings it back; rows older than ten minutes are deleted by the next login.
@@ -60,7 +93,7 @@ CREATE TABLE IF NOT EXISTS killmail_refs (
     next_attempt_at TIMESTAMPTZ,
     claimed_until   TIMESTAMPTZ
 );
-ALTER TABLE killmail_refs ADD COLUMN IF NOT EXISTS claimed_by INTEGER;
+CALL pg_temp.add_column('killmail_refs', 'claimed_by', 'INTEGER');
 
 -- Which pilot's list (kills and losses) a killmail came from.
 CREATE TABLE IF NOT EXISTS character_killmails (
@@ -68,7 +101,7 @@ CREATE TABLE IF NOT EXISTS character_killmails (
     killmail_id  BIGINT NOT NULL,
     PRIMARY KEY (character_id, killmail_id)
 );
-CREATE INDEX IF NOT EXISTS character_killmails_killmail ON character_killmails (killmail_id);
+CALL pg_temp.create_index('character_killmails_killmail', 'character_killmails (killmail_id)');
 
 -- Which corporation's list a killmail came from.
 CREATE TABLE IF NOT EXISTS corporation_killmails (
@@ -76,7 +109,7 @@ CREATE TABLE IF NOT EXISTS corporation_killmails (
     killmail_id    BIGINT NOT NULL,
     PRIMARY KEY (corporation_id, killmail_id)
 );
-CREATE INDEX IF NOT EXISTS corporation_killmails_killmail ON corporation_killmails (killmail_id);
+CALL pg_temp.create_index('corporation_killmails_killmail', 'corporation_killmails (killmail_id)');
 
 -- Stage two: one row per killmail, shared by every pilot who saw it.
 CREATE TABLE IF NOT EXISTS killmails (
@@ -101,12 +134,15 @@ CREATE TABLE IF NOT EXISTS killmails (
 -- A raw body (a few kB) is compressed on insert: lz4 costs the database far less CPU per killmail than PostgreSQL's
 -- default pglz, for somewhat more space, and a backlog is bound by CPU, not disk. A server without lz4 keeps pglz.
 DO $$ BEGIN
-    ALTER TABLE killmails ALTER COLUMN raw SET COMPRESSION lz4;
-EXCEPTION WHEN feature_not_supported OR syntax_error THEN
+    IF (SELECT attcompression FROM pg_attribute WHERE attrelid = 'killmails'::regclass AND attname = 'raw') <> 'l'
+    THEN
+        ALTER TABLE killmails ALTER COLUMN raw SET COMPRESSION lz4;
+    END IF;
+EXCEPTION WHEN feature_not_supported OR syntax_error OR undefined_column THEN  -- no lz4, or a server before 14
     RAISE NOTICE 'lz4 is not available here: killmails.raw keeps the default compression';
 END $$;
-CREATE INDEX IF NOT EXISTS killmails_time ON killmails (killmail_time);
-CREATE INDEX IF NOT EXISTS killmails_stored_at ON killmails (stored_at);
+CALL pg_temp.create_index('killmails_time', 'killmails (killmail_time)');
+CALL pg_temp.create_index('killmails_stored_at', 'killmails (stored_at)');
 
 -- Attackers and items are written only in the transaction that inserts their killmail (db.save_killmails), so
 -- they never point at a missing one; a foreign key would check that again per row and halve the ingest rate.
@@ -126,7 +162,7 @@ CREATE TABLE IF NOT EXISTS attackers (
     security_status DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (killmail_id, attacker_index)
 );
-CREATE INDEX IF NOT EXISTS attackers_character ON attackers (character_id) WHERE character_id IS NOT NULL;
+CALL pg_temp.create_index('attackers_character', 'attackers (character_id) WHERE character_id IS NOT NULL');
 
 -- One row per item entry, in ESI's order; items inside a container point at the container's item_index.
 -- The same type may stand twice under one flag (destroyed and dropped), so items are keyed on position.
@@ -141,8 +177,8 @@ CREATE TABLE IF NOT EXISTS killmail_items (
     quantity_dropped   BIGINT,
     PRIMARY KEY (killmail_id, item_index)
 );
-ALTER TABLE attackers DROP CONSTRAINT IF EXISTS attackers_killmail_id_fkey;
-ALTER TABLE killmail_items DROP CONSTRAINT IF EXISTS killmail_items_killmail_id_fkey;
+CALL pg_temp.drop_constraint('attackers', 'attackers_killmail_id_fkey');
+CALL pg_temp.drop_constraint('killmail_items', 'killmail_items_killmail_id_fkey');
 
 -- One row per job run; the status page reads it.
 CREATE TABLE IF NOT EXISTS sync_runs (
@@ -163,8 +199,8 @@ CREATE TABLE IF NOT EXISTS sync_runs (
     worker         TEXT,
     error          TEXT
 );
-CREATE INDEX IF NOT EXISTS sync_runs_finished ON sync_runs (finished_at DESC);
-CREATE INDEX IF NOT EXISTS sync_runs_character ON sync_runs (character_id, started_at DESC);
+CALL pg_temp.create_index('sync_runs_finished', 'sync_runs (finished_at DESC)');
+CALL pg_temp.create_index('sync_runs_character', 'sync_runs (character_id, started_at DESC)');
 
 -- ESI's limits as every process on every host last saw them, one row per bucket key ('error-limit',
 -- 'killmail', 'char-killmail' for the limit every character's list bucket has, ...). paused_until stops every
@@ -178,7 +214,7 @@ CREATE TABLE IF NOT EXISTS esi_limits (
     last_status    INTEGER,
     updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-ALTER TABLE esi_limits DROP COLUMN IF EXISTS next_slot;  -- the former pacer's schedule; the ledger replaced it
+CALL pg_temp.drop_column('esi_limits', 'next_slot');  -- the former pacer's schedule; the ledger replaced it
 
 -- The ledger of ESI's floating windows: what was spent of each bucket ('killmail@<egress>',
 -- 'char-killmail:<character id>', 'error-limit@<egress>' where a token is an error answer) in each whole second,

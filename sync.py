@@ -250,13 +250,13 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
             _list_references(conn, esi, owner, token, now, options, result)
         except Forbidden as exc:
             # The Director role is gone (or never was): another eligible member is tried on the next run.
-            db.set_director(conn, character_id, False)
+            db.set_director(conn, character_id, False, checked_at=now)
             conn.commit()
             result.status, result.error = "forbidden", str(exc)
             log.warning("  🏢 %s may not read corporation %s's killmails: %s", user["character_name"],
                         corporation_id, exc)
         else:
-            db.set_director(conn, character_id, True)
+            db.set_director(conn, character_id, True, checked_at=now)
             fetch_killmails(conn, esi, owner, now, options, result)
     _finish(conn, esi, result, options, locks)
 

@@ -126,6 +126,46 @@ def test_a_revoked_token_is_not_due_until_a_new_one_is_written(conn):
     assert "r1" not in stored and len(stored) == 64
 
 
+
+def add_member(conn, character_id, corporation_id):
+    """A pilot whose grant has the corporation scope, in that corporation."""
+    add_user(conn, character_id, corporation_id=corporation_id, scopes=f"esi-killmails.read_killmails.v1 "
+             f"{db.CORPORATION_SCOPE}")
+
+
+def corporations_due(conn, now) -> dict[int, int]:
+    """corporation id -> the member its sync would use, at `now`."""
+    return {r["corporation_id"]: r["character_id"]
+            for r in db.due_corporations(conn, now, interval=300, stale_after=7200)}
+
+
+def test_a_member_found_without_the_director_role_is_asked_again_a_week_later(conn):
+    add_member(conn, 1, 98)
+    db.set_director(conn, 1, False, checked_at=NOW)
+    conn.commit()
+    assert corporations_due(conn, NOW + timedelta(days=6)) == {}
+    assert corporations_due(conn, NOW + timedelta(days=7)) == {98: 1}
+    # Members never asked come before one asked again; a known director before both.
+    add_member(conn, 3, 98)
+    assert corporations_due(conn, NOW + timedelta(days=7)) == {98: 3}
+    add_member(conn, 2, 98)
+    db.set_director(conn, 2, True, checked_at=NOW)
+    assert corporations_due(conn, NOW + timedelta(days=7)) == {98: 2}
+
+
+def test_a_member_who_changed_corporation_is_asked_again_at_once(conn):
+    add_member(conn, 1, 98)
+    db.set_director(conn, 1, False, checked_at=NOW)
+    db.save_profile(conn, 1, corporation_id=98, checked_at=NOW)  # the same corporation: still no director
+    assert corporations_due(conn, NOW + timedelta(hours=1)) == {}
+    db.save_profile(conn, 1, corporation_id=99, checked_at=NOW)
+    assert corporations_due(conn, NOW + timedelta(hours=1)) == {99: 1}
+    db.set_director(conn, 1, True, checked_at=NOW)
+    db.save_profile(conn, 1, corporation_id=100, checked_at=NOW)  # a director of 99 is not known as one of 100
+    user = db.get_user(conn, 1)
+    assert (user["is_director"], user["director_checked_at"]) == (None, None)
+
+
 def test_refs_pending_claimed_once_and_failures_bounded(conn, database_url):
     add_user(conn, 1)
     add_user(conn, 2)
@@ -340,3 +380,59 @@ def test_a_session_asks_the_server_for_keepalives_that_find_a_vanished_host_in_m
                              "tcp_keepalives_count": "6", "tcp_user_timeout": "120000"}
     with psycopg.connect(database_url) as plain:  # the check itself tells the two apart (the kernel's 2 hours)
         assert server_keepalive_seconds(plain) > 60
+
+
+# The ledger's table: its statements in schema.sql are the ledger's own, outside these two tests.
+LEDGER_TABLES = ("esi_in_flight",)
+
+
+def table_names(conn) -> list[str]:
+    rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND NOT (tablename = ANY(%s)) "
+                        "ORDER BY 1", (list(LEDGER_TABLES),)).fetchall()
+    conn.commit()
+    return [r["tablename"] for r in rows]
+
+
+def test_applying_the_schema_again_under_running_writers_neither_waits_nor_blocks_them(conn, database_url):
+    """A worker's open transaction holds ROW EXCLUSIVE on every table it writes; applying the schema again
+    meanwhile must not wait for it (ALTER TABLE and CREATE INDEX lock the table even when IF [NOT] EXISTS finds
+    nothing to do), nor take a lock that would stop the next writer."""
+    tables = table_names(conn)
+    with db.connect(database_url) as worker:
+        worker.execute("LOCK TABLE " + ", ".join(tables) + " IN ROW EXCLUSIVE MODE")
+        conn.execute("SET LOCAL lock_timeout = '2s'")  # a wait fails the apply instead of hanging the test
+        db.apply_schema(conn)
+        held = conn.execute(
+            "SELECT c.relname, l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "WHERE l.pid = pg_backend_pid() AND c.relnamespace = 'public'::regnamespace "
+            "AND c.relname = ANY(%s) AND l.mode NOT IN ('AccessShareLock', 'RowShareLock', 'RowExclusiveLock')",
+            (tables,)).fetchall()
+        conn.rollback()
+    assert held == []
+
+
+def test_applying_the_schema_completes_a_database_that_misses_its_later_changes(conn):
+    """What the catalog lacks is still added: a column, an index, lz4 compression; a dropped foreign key stays
+    dropped."""
+    conn.execute("ALTER TABLE users DROP COLUMN corporation_checked_at")
+    conn.execute("DROP INDEX killmails_time")
+    conn.execute("ALTER TABLE killmails ALTER COLUMN raw SET COMPRESSION pglz")
+    conn.execute("ALTER TABLE attackers ADD CONSTRAINT attackers_killmail_id_fkey FOREIGN KEY (killmail_id) "
+                 "REFERENCES killmails (killmail_id)")
+    conn.execute("ALTER TABLE esi_limits ADD COLUMN next_slot TIMESTAMPTZ")
+    conn.commit()
+    db.apply_schema(conn)
+    conn.commit()
+    catalog = conn.execute(
+        """
+        SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'users'::regclass
+                       AND attname = 'corporation_checked_at' AND NOT attisdropped) AS column_added,
+               to_regclass('killmails_time') IS NOT NULL AS index_made,
+               (SELECT attcompression FROM pg_attribute WHERE attrelid = 'killmails'::regclass
+                AND attname = 'raw') AS compression,
+               NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'attackers_killmail_id_fkey') AS fk_dropped,
+               NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'esi_limits'::regclass
+                           AND attname = 'next_slot' AND NOT attisdropped) AS column_dropped
+        """).fetchone()
+    assert catalog == {"column_added": True, "index_made": True, "compression": "l", "fk_dropped": True,
+                       "column_dropped": True}

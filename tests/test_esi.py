@@ -16,6 +16,8 @@ from urllib.parse import parse_qs
 import pytest
 import requests
 import responses
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 from responses import matchers
 
 import db
@@ -40,6 +42,7 @@ from esi import (
     Unauthorized,
 )
 from settings import Settings
+from strategies import INT64, PROPERTY, json_value, mutate, nested
 
 SETTINGS = Settings(esi_base_url="https://esi.example", sso_token_url="https://sso.example/v2/oauth/token",
                     eve_client_id="id", eve_client_secret="secret", esi_user_agent="test/1.0 (t@example.org)")
@@ -372,10 +375,94 @@ def test_a_skipped_list_entry_is_logged_with_the_list_it_came_from(caplog):
     assert "/characters/42/killmails/recent/ page 3" in caplog.text and "short" in caplog.text
 
 
+def test_a_deeply_nested_list_entry_is_skipped_and_logged_cut_short(caplog):
+    body = [nested(5000), {"killmail_id": 2, "killmail_hash": h(2)}]
+    assert esi.parse_refs(body, where="page 1") == [(2, h(2))]
+    assert "page 1: skipping an entry" in caplog.text and len(caplog.text) < 500
+
+
 @pytest.mark.parametrize("body", [{}, {"killmail_id": 1}, "text", None, 3])
 def test_parse_refs_rejects_a_body_that_is_not_a_list(body):
     with pytest.raises(MalformedResponse):
         esi.parse_refs(body)
+
+
+# A list page as ESI sends it, its entries mutated, or anything at all; as bytes on the wire.
+ref_entry = st.fixed_dictionaries({"killmail_id": st.integers(1, INT64 - 1),
+                                   "killmail_hash": st.text("0123456789abcdefABCDEF", min_size=40, max_size=40)})
+list_page = st.lists(st.one_of(ref_entry, ref_entry, json_value), max_size=8)
+x_pages = st.one_of(st.none(), st.sampled_from(["1", "2", "3", "0", "-1", "101", "1e3", "", " 2 ", "٣"]),
+                    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=6))
+
+
+def is_ref(entry) -> bool:
+    """What a killmail reference is, said once more by the test: a positive int64 id, a 40-hex hash."""
+    return (isinstance(entry, dict) and type(entry.get("killmail_id")) is int
+            and 0 < entry["killmail_id"] < INT64 and isinstance(entry.get("killmail_hash"), str)
+            and len(entry["killmail_hash"]) == 40
+            and all(c in "0123456789abcdefABCDEF" for c in entry["killmail_hash"]))
+
+
+def depth(value) -> int:
+    """How deep a JSON value nests."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, level = todo.pop()
+        deepest = max(deepest, level)
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        todo.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def walk_list(content: bytes, x_pages_value: str | None):
+    """list_recent over one HTTP answer given to every page: its KillmailList, or the EsiError it raised."""
+    client = EsiClient(SETTINGS, sleep=lambda seconds: None, rng=random.Random(1))
+    with responses.RequestsMock() as mock:
+        headers = {} if x_pages_value is None else {"X-Pages": x_pages_value}
+        mock.add(responses.GET, LIST_URL, body=content, headers=headers, content_type="application/json")
+        try:
+            return client.list_recent(character_id=42, token=TOKEN)
+        except esi.EsiError as exc:
+            return exc
+
+
+@settings(PROPERTY, max_examples=400)
+@given(st.data())
+def test_any_list_answer_gives_its_valid_references_or_malformed_response(data):
+    """Bytes that are JSON text of a list page (its entries mutated), of any JSON value, or no JSON at all:
+    list_recent keeps exactly the entries that are references, once each, or raises MalformedResponse."""
+    kind = data.draw(st.sampled_from(["page", "json", "bytes"]), label="kind")
+    if kind == "bytes":
+        content = data.draw(st.binary(max_size=200), label="content")
+    else:
+        body = data.draw(list_page if kind == "page" else json_value, label="body")
+        if kind == "page" and body and data.draw(st.booleans(), label="mutated"):
+            body = mutate(data, body)
+        try:
+            text = json.dumps(body, ensure_ascii=data.draw(st.booleans(), label="ensure_ascii"))
+        except (ValueError, RecursionError):  # no JSON text is this value
+            return
+        try:
+            content = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate goes over the wire escaped
+            content = json.dumps(body).encode("ascii")
+    got = walk_list(content, data.draw(x_pages, label="x_pages"))
+    event(type(got).__name__)
+    try:
+        page = json.loads(content) if kind != "bytes" else None
+    except RecursionError:  # deeper than the decoder goes: malformed, as esi.py says
+        page = None
+    if isinstance(got, esi.EsiError):
+        assert isinstance(got, MalformedResponse), got
+        # How deep the decoder goes depends on the stack it runs on: a page nested some hundreds of levels is
+        # malformed in esi.py's calls before it is in this test's.
+        assert not isinstance(page, list) or depth(page) > 100
+        return
+    assert all(0 < i < INT64 and len(h) == 40 for i, h in got.refs)
+    assert 1 <= got.pages <= esi.MAX_PAGES
+    if page is not None:
+        expected = [(e["killmail_id"], e["killmail_hash"]) for e in page if is_ref(e)]
+        assert got.refs == list(dict.fromkeys(expected))
 
 
 # ------------------------------------------------------------------------------------------------ statuses
@@ -392,6 +479,12 @@ def test_4xx_maps_to_its_class_and_is_not_retried(http, client, sleeps, status, 
     assert caught.value.status == status
     assert len(http.calls) == 1
     assert sleeps == []
+
+
+def test_an_error_answer_nested_deeper_than_the_decoder_goes_is_still_its_status_class(http, client):
+    http.add(responses.GET, LIST_URL, status=403, body="[" * 5000 + "]" * 5000)
+    with pytest.raises(Forbidden, match="403"):
+        client.list_recent(character_id=42, token=TOKEN)
 
 
 def test_403_on_a_corporation_list_is_forbidden(http, client):

@@ -1,4 +1,5 @@
-"""killmail_model.py: the real sample flattens into rows; bodies off ESI's schema raise InvalidKillmail."""
+"""killmail_model.py: the real sample flattens into rows; bodies off ESI's schema raise InvalidKillmail; generated
+and mutated bodies raise nothing else, and whatever is accepted is stored."""
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
+import db
 from killmail_model import InvalidKillmail, parse_killmail
+from strategies import PROPERTY, hostile_killmail_body, json_value, killmail_body, mutate, nested
 
 SAMPLE_PATH = Path(__file__).resolve().parent / "data/killmail_134265477.json"
 SAMPLE = json.loads(SAMPLE_PATH.read_text())
@@ -264,3 +269,122 @@ def test_a_body_the_model_recurses_too_deep_on_is_an_invalid_killmail(monkeypatc
     monkeypatch.setattr(killmail_model, "_item_row", too_deep)
     with pytest.raises(InvalidKillmail, match="nested too deep"):
         parse(copy.deepcopy(SAMPLE))
+
+
+
+@pytest.mark.parametrize("extra", [float("nan"), float("-inf"), "\x00", "a\ud800b", {"\udc00": 1}, [["\x00"]]],
+                         ids=["nan", "-inf", "nul", "lone-high-surrogate", "lone-low-surrogate-key", "nested-nul"])
+def test_a_body_jsonb_would_refuse_is_an_invalid_killmail(extra):
+    body = dict(sample(), x_new=extra)  # a field ESI might add: stored in raw, so it must be storable
+    with pytest.raises(InvalidKillmail, match="JSON|jsonb"):
+        parse(body)
+    raw = json.dumps(body)  # as text: NaN, -Infinity, \u0000, \ud800 (what Python's json decodes)
+    with pytest.raises(InvalidKillmail, match="JSON|jsonb"):
+        parse_killmail(json.loads(raw), killmail_id=SAMPLE_ID, killmail_hash=HASH, raw=raw)
+
+
+def test_an_integer_past_pythons_text_limit_is_an_invalid_killmail():
+    with pytest.raises(InvalidKillmail, match="number JSON cannot hold"):
+        parse(dict(sample(), x_new=10 ** 5000))
+
+
+
+@pytest.mark.parametrize("where, value", [
+    (("victim", "character_id"), nested(5000)),
+    (("victim", "character_id"), 10 ** 5000),
+    (("victim", "position", "x"), [10 ** 5000]),
+    (("killmail_time",), "2026" + "x" * 100_000),
+], ids=["deep-id", "huge-id", "huge-in-a-list-position", "long-time"])
+def test_a_deep_or_huge_value_out_of_place_is_an_invalid_killmail_naming_its_field(where, value):
+    with pytest.raises(InvalidKillmail, match=where[-1]) as caught:
+        parse(replaced(where, value))
+    assert len(str(caught.value)) < 200  # shown cut short, not printed whole
+
+def test_escapes_and_capitals_jsonb_takes_are_kept():
+    raw = json.dumps(dict(sample(), x_new=["\ud83d\ude00", "é", "NaN", "Infinity", "\\u0000"]))
+    assert parse_killmail(json.loads(raw), killmail_id=SAMPLE_ID, killmail_hash=HASH, raw=raw).row[-1] == raw
+
+
+# ------------------------------------------------------------------------------------------------ properties
+
+
+def verdict(body, raw=None):
+    """The model's answer for a body fetched under its own id: a Killmail, or None when it raised its own error.
+    Anything else it raises fails the test that asked."""
+    own_id = body.get("killmail_id") if isinstance(body, dict) else None
+    try:
+        return parse_killmail(body, killmail_id=own_id if type(own_id) is int else 1, killmail_hash=HASH, raw=raw)
+    except InvalidKillmail:
+        return None
+
+
+def as_sent(data, body) -> tuple[str, object] | None:
+    """The body as ESI could have sent it (layout and escaping drawn from `data`) and as esi.get_killmail
+    hands it over: its text, and the text decoded. None when no JSON text is that body or decodes (too deep, a
+    number past Python's text limit)."""
+    ensure_ascii = data.draw(st.booleans(), label="ensure_ascii")
+    try:
+        raw = json.dumps(body, ensure_ascii=ensure_ascii, sort_keys=data.draw(st.booleans(), label="sort_keys"),
+                         separators=data.draw(st.sampled_from([(",", ":"), (", ", ": ")]), label="separators"))
+        try:
+            raw.encode("utf-8")  # esi.py decodes the bytes as UTF-8: a lone surrogate can only come escaped
+        except UnicodeEncodeError:
+            raw = json.dumps(body)
+        return raw, json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+@settings(PROPERTY, max_examples=500)
+@given(json_value)
+def test_any_json_value_is_a_killmail_or_an_invalid_killmail(value):
+    verdict(value)
+
+
+@settings(PROPERTY, max_examples=600)
+@given(st.data())
+def test_a_mutated_killmail_is_a_killmail_or_an_invalid_killmail_and_keeps_its_text(data):
+    body = mutate(data, data.draw(hostile_killmail_body, label="body"))
+    event("accepted" if verdict(body) else "refused")
+    sent = as_sent(data, body)
+    if sent is not None:
+        raw, decoded = sent
+        killmail = verdict(decoded, raw)
+        assert killmail is None or killmail.row[-1] == raw
+
+
+@settings(PROPERTY)
+@given(st.data())
+def test_a_body_of_esis_schema_is_accepted_whole_with_its_text(data):
+    body = data.draw(killmail_body, label="body")
+    raw, decoded = as_sent(data, body)
+    killmail = verdict(decoded, raw)
+    assert killmail is not None
+    row = named(ROW, killmail.row)
+    assert (row["killmail_id"], row["solar_system_id"], row["raw"]) == \
+        (body["killmail_id"], body["solar_system_id"], raw)
+    assert len(killmail.attackers) == len(body["attackers"])
+    assert len(killmail.items) == sum(1 + len(i.get("items", [])) for i in body["victim"].get("items", []))
+
+
+@settings(PROPERTY)
+@given(data=st.data())
+def test_every_killmail_the_model_accepts_is_stored_with_its_text(conn, data):
+    """Whatever the model lets through, PostgreSQL stores: raw equal (as jsonb) to the text that came in, every
+    attacker and item row. Unknown fields hold anything (NaN, NUL, lone surrogates, deep nesting)."""
+    body = data.draw(hostile_killmail_body, label="body")
+    raw, decoded = as_sent(data, body) or (None, body)
+    killmail = verdict(decoded, raw)
+    event("refused by the model" if killmail is None else "stored")  # shown by --hypothesis-show-statistics
+    if killmail is None:
+        return
+    assert raw is None or killmail.row[-1] == raw
+    try:
+        assert db.save_killmails(conn, [killmail]) == [killmail.killmail_id]
+        stored = conn.execute(
+            "SELECT raw = %s::jsonb AS same, (SELECT count(*) FROM attackers) AS a, "
+            "(SELECT count(*) FROM killmail_items) AS i FROM killmails",
+            (killmail.row[-1],)).fetchone()
+    finally:
+        conn.rollback()
+    assert stored == {"same": True, "a": len(killmail.attackers), "i": len(killmail.items)}

@@ -476,6 +476,23 @@ def test_a_director_who_lost_the_role_is_not_asked_again(conn, world, sim):
     assert picked["character_id"] == member["character_id"]
 
 
+def test_a_member_without_the_role_is_asked_again_a_week_later_and_may_have_it_then(conn, world, sim):
+    sync_all(conn, world, sim)
+    director = next(p for p in sim.pilots() if "read_corporation_killmails" in p["scopes"] and not p["revoked"])
+    sim.set_director(director["character_id"], False)
+    assert [r.status for r in sync_corporations(conn, world, sim)].count("forbidden") == 1
+    corporation_id = director["corporation_id"]
+    sim.set_director(director["character_id"], True)  # given the role again some day that week
+    day = now_for(sim) + timedelta(days=1)
+    assert corporation_id not in {c["corporation_id"] for c in
+                                  db.claim_due_corporations(conn, day, interval=300, stale_after=7200)}
+    conn.commit()
+    week = now_for(sim) + timedelta(days=7, minutes=1)
+    results = [r for r in sync_corporations(conn, world, sim, week) if r.corporation_id == corporation_id]
+    assert [(r.character_id, r.status) for r in results] == [(director["character_id"], "ok")]
+    assert db.get_user(conn, director["character_id"])["is_director"] is True
+
+
 def test_a_429_on_details_stops_the_job_releases_the_rest_and_the_retry_finishes(conn, world, sim):
     pilot = next(p for p in sim.pilots() if not p["revoked"])
     ids = sim.killmail_ids_for(pilot["character_id"])

@@ -6,19 +6,25 @@ conn, queue_name, sim) reach this directory anyway.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 import pika
 import psycopg
 import pytest
 
 import broker
+import db
 import sync
 from conftest import RABBITMQ_URL, ROOT, make_settings, queue_counts, run_script, settings_env, wait_until  # noqa: F401
 
@@ -296,3 +302,106 @@ def per_pid(lines: list[str], text: str) -> dict[int, int]:
         if match and text in match[4]:
             counts[int(match[2])] += 1
     return dict(counts)
+
+
+# ---------------------------------------------------------------------------------------------- own PostgreSQL
+
+PG_TIMEOUT = 60  # seconds pg_ctl waits for a start, stop or restart
+
+
+def postgres_bindir() -> Path | None:
+    """The newest installed PostgreSQL server's bin directory (Debian's layout), or None."""
+    found = [Path(d) for d in glob.glob("/usr/lib/postgresql/*/bin")
+             if (Path(d) / "initdb").exists() and (Path(d) / "pg_ctl").exists()]
+    return max(found, key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0, default=None)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class OwnPostgres:
+    """A PostgreSQL cluster of a test's own: initdb in a temporary directory, trust authentication, listening on a
+    free port of 127.0.0.1 with its socket in that directory. A test may restart it: the shared server, which
+    other developers' tests and CI use at the same time, is never touched."""
+
+    def __init__(self, bindir: Path):
+        self.bindir = bindir
+        self.home = Path(tempfile.mkdtemp(prefix="killmails-pg-"))
+        self.data = self.home / "data"
+        self.port = free_port()
+        self.url = f"postgresql://root@127.0.0.1:{self.port}/killmails"
+        # initdb refuses to run as root: the server runs as the postgres user then, which owns the directory.
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.home, "postgres", "postgres")
+
+    def _run(self, program: str, *args: str) -> str:
+        done = subprocess.run([*self.as_user, str(self.bindir / program), *args], capture_output=True, text=True,
+                              timeout=PG_TIMEOUT + 30)
+        assert done.returncode == 0, f"{program} {' '.join(args)}: {done.stdout}{done.stderr}{self.log()}"
+        return done.stdout
+
+    def _ctl(self, action: str, *args: str) -> None:
+        options = f"-p {self.port} -k {self.home} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", action, "-D", str(self.data), "-l", str(self.home / "server.log"), "-w",
+                  "-t", str(PG_TIMEOUT), "-o", options, *args)
+
+    def log(self) -> str:
+        path = self.home / "server.log"
+        return "\n" + path.read_text()[-3000:] if path.exists() else ""
+
+    def start(self) -> None:
+        """Make the cluster, start it and wait until it accepts connections; make the database and its schema."""
+        self._run("initdb", "-D", str(self.data), "-U", "root", "-A", "trust", "-E", "UTF8", "--no-sync")
+        for tries in range(1, 4):
+            try:
+                self._ctl("start")
+                break
+            except AssertionError:
+                if tries == 3:
+                    raise
+                self.port = free_port()  # another process took the free port meanwhile
+                self.url = f"postgresql://root@127.0.0.1:{self.port}/killmails"
+        with psycopg.connect(self.url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
+            admin.execute("CREATE DATABASE killmails")
+        with db.connect(self.url) as conn:
+            db.apply_schema(conn)
+            conn.commit()
+
+    def restart(self) -> None:
+        """pg_ctl restart -m fast: every session ended, the server down, then up again (waited for)."""
+        self._ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        """Stop the server at once and remove its directory."""
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m",
+                            "immediate", "-w"], capture_output=True, timeout=PG_TIMEOUT + 30)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@pytest.fixture(name="own_postgres")
+def fixture_own_postgres():
+    """A running PostgreSQL cluster of this test's own, with the schema applied; gone after the test."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl under /usr/lib/postgresql/*/bin) are not "
+                    "installed: no cluster of the test's own to restart")
+    cluster = OwnPostgres(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def answer_or_false(url: str, query):
+    """query(conn) on a new connection to `url`, or False while the server does not answer (a restart)."""
+    try:
+        with db.connect(url, connect_timeout=5) as conn:
+            return query(conn)
+    except psycopg.OperationalError:
+        return False

@@ -1,18 +1,22 @@
-"""Faults of the services: RabbitMQ stopped and started under running jobs, PostgreSQL sessions terminated."""
+"""Faults of the services: RabbitMQ stopped and started under running jobs, PostgreSQL sessions terminated, and
+a PostgreSQL of the test's own restarted under running jobs."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
+import db
 from conftest import insert_users
 from fault_helpers import (  # noqa: F401
     admin_connection,
+    answer_or_false,
     assert_all_stored,
     broker_answers,
     fault_settings,
     faults_line,
     fixture_fast,
+    fixture_own_postgres,
     fixture_workers,
     per_pid,
     queue_all,
@@ -30,6 +34,7 @@ pytestmark = pytest.mark.timeout(300)
 
 BROKER_RESTARTS = 2
 DB_TERMINATIONS = 4
+DB_RESTARTS = 2
 LOST = "RabbitMQ connection lost"
 BACK = "consuming again"
 
@@ -174,3 +179,89 @@ def test_rotated_refresh_token_survives_a_lost_database_connection(conn, fast, d
     assert stats["refreshes"] == 1 and stats["invalid_grants"] == 0
     assert user["refresh_token"] == pilot["refresh_token"] and user["last_sync_status"] == "ok"
     assert_all_stored(conn, sim)
+
+
+def test_postgresql_restarts_under_running_jobs_lose_nothing(own_postgres, fast, queue_name, workers):
+    """pg_ctl restart -m fast of the workers' PostgreSQL (a cluster of the test's own) in the middle of a run,
+    twice: every killmail stored once, no refresh token lost, and the same worker processes carry on."""
+    sim = fast
+    sim.configure(latency_ms=20)
+    sim.add_pilots(n_pilots=24, n_killmails=2400, share=1, expired_fraction=0.5, revoked=0, corporations=3)
+    url = own_postgres.url
+    with db.connect(url) as conn:
+        insert_users(conn, sim.pilots())
+    settings = fault_settings(url, sim, queue_name, detail_concurrency=4)  # long jobs, as above
+    queued = queue_all(settings)
+    steady = workers(settings)
+    burst = workers(settings, "--burst")
+    children = wait_until(lambda: len(kids := steady.children()) == settings.prefetch_count and set(kids),
+                          timeout=30, what="the steady worker's children")
+    saved_at_restart = []
+    for _ in range(DB_RESTARTS):
+        # Mid-run: jobs in the middle of their details, some killmails stored already.
+        wait_until(lambda: jobs_running(steady, burst, at_least=2)() and answer_or_false(url, stored_count),
+                   timeout=60, what="jobs in the middle of their details", interval=0.1)
+        saved_at_restart.append(answer_or_false(url, stored_count))
+        own_postgres.restart()
+        # The next restart only once work has resumed: the workers stored more since the server came back.
+        saved = wait_until(lambda: answer_or_false(url, stored_count), timeout=30, what="PostgreSQL to answer")
+        wait_until(lambda saved=saved: answer_or_false(url, stored_count) > saved + 20, timeout=90,
+                   what="work to resume after the restart", interval=0.2)
+
+    code = burst.wait(timeout=240)
+    assert code == 0, burst.output()[-4000:]
+    wait_until(lambda: answer_or_false(url, users_idle) and queue_counts(queue_name) == [0], timeout=180,
+               what="every queued job to finish", interval=0.5)
+    assert steady.running(), steady.output()[-4000:]
+    assert set(steady.children()) == children  # no child died and was replaced
+    restarted = steady.count("exited with") + burst.count("exited with")
+    steady.terminate()
+    assert steady.wait(timeout=60) == 0, steady.output()[-4000:]
+    with db.connect(url) as conn:
+        check = assert_all_stored(conn, sim)
+        done = conn.execute("SELECT count(DISTINCT character_id) AS n FROM sync_runs "
+                            "WHERE status IN ('ok', 'partial')").fetchone()["n"]
+        tokens = {r["character_id"]: r["refresh_token"]
+                  for r in conn.execute("SELECT character_id, refresh_token FROM users")}
+    stats = sim.stats()
+    reruns = steady.count("running it again") + burst.count("running it again")
+    lost_tokens = [p["character_id"] for p in sim.pilots() if tokens[p["character_id"]] != p["refresh_token"]]
+    faults_line("pg_restart", restarts=DB_RESTARTS, stored_at_restart=saved_at_restart, jobs_queued=queued,
+                users_synced=done, job_reruns=reruns, children_restarted=restarted,
+                killmails_expected=check["expected"], stored=check["stored"], duplicated_rows=check["duplicated"],
+                duplicate_detail_fetches=stats["duplicate_detail_fetches"], invalid_grants=stats["invalid_grants"],
+                refresh_tokens_lost=len(lost_tokens), status_420=stats["status_420"], status_429=stats["status_429"])
+    assert restarted == 0
+    assert done == len(sim.pilots())
+    assert stats["invalid_grants"] == 0 and lost_tokens == []
+    assert stats["duplicate_detail_fetches"] <= reruns * refetch_bound(settings)
+
+
+def test_rotated_refresh_token_survives_a_postgresql_restart(own_postgres, fast, queue_name, workers):
+    """The server restarts while SSO is answering a refresh: the rotated token must still be stored, by the same
+    worker, once the server is back."""
+    sim = fast
+    sim.add_pilots(n_pilots=1, n_killmails=5, share=1, expired_fraction=1.0, revoked=0, corporations=1)
+    url = own_postgres.url
+    with db.connect(url) as conn:
+        insert_users(conn, sim.pilots())
+    sim.configure(latency_ms=2000)  # every answer takes 2 s: time to restart the server under a refresh
+    settings = fault_settings(url, sim, queue_name, prefetch_count=1)
+    queue_all(settings)
+    worker = workers(settings, "--burst")
+    wait_until(lambda: sim.stats()["by_route"]["token"] == 1, timeout=30, what="the refresh to be asked",
+               interval=0.02)
+    assert sim.stats()["refreshes"] == 0  # SSO has not answered: the restart comes first
+    own_postgres.restart()
+    assert worker.wait(timeout=60) == 0, worker.output()[-4000:]
+    stats = sim.stats()
+    (pilot,) = sim.pilots()
+    with db.connect(url) as conn:
+        user = conn.execute("SELECT refresh_token, last_sync_status FROM users").fetchone()
+        assert_all_stored(conn, sim)
+    faults_line("pg_restart_during_refresh", refreshes=stats["refreshes"], invalid_grants=stats["invalid_grants"],
+                job_reruns=worker.count("running it again"), children_restarted=worker.count("exited with"),
+                token_kept=user["refresh_token"] == pilot["refresh_token"], status=user["last_sync_status"])
+    assert worker.count("running it again") >= 1 and worker.count("exited with") == 0
+    assert stats["refreshes"] == 1 and stats["invalid_grants"] == 0
+    assert user["refresh_token"] == pilot["refresh_token"] and user["last_sync_status"] == "ok"
