@@ -239,9 +239,14 @@ CREATE UNLOGGED TABLE IF NOT EXISTS esi_in_flight (
     tokens      INTEGER NOT NULL,
     backend_pid INTEGER NOT NULL DEFAULT pg_backend_pid()  -- the taking process's session: gone when it died
 );
-ALTER TABLE esi_in_flight ADD COLUMN IF NOT EXISTS backend_pid INTEGER NOT NULL DEFAULT pg_backend_pid();
-CREATE INDEX IF NOT EXISTS esi_in_flight_bucket ON esi_in_flight (bucket, sent_at);
-ALTER TABLE esi_in_flight SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
+CALL pg_temp.add_column('esi_in_flight', 'backend_pid', 'INTEGER NOT NULL DEFAULT pg_backend_pid()');
+CALL pg_temp.create_index('esi_in_flight_bucket', 'esi_in_flight (bucket, sent_at)');
+DO $$ BEGIN
+    IF NOT coalesce((SELECT reloptions FROM pg_class WHERE oid = 'esi_in_flight'::regclass), '{}')
+           @> '{autovacuum_vacuum_scale_factor=0,autovacuum_vacuum_threshold=1000}' THEN
+        ALTER TABLE esi_in_flight SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
+    END IF;
+END $$;
 
 -- Take what one call may cost from each of its buckets, all or nothing, under each bucket's advisory lock (taken
 -- in the order given; callers sort the names): so that the check and the spend are one step for every process
