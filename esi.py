@@ -458,7 +458,11 @@ class EsiClient:
         deadline = time.monotonic() + REQUEST_DEADLINE
         for attempt in range(1, SERVER_RETRIES + 1):
             request = self._prepare(method, url, **kwargs)
+            asked = time.monotonic()
             ticket = self.limits.take(bucket)
+            # Waiting for ESI's limits (a spent bucket's tokens come back a window later) is no part of the
+            # answer's time: an answer paid for must not be thrown away for the wait before it was sent.
+            deadline += time.monotonic() - asked
             try:
                 # Straight to the transport adapter: Session.send would look for cookies to store, redirects to
                 # follow and hooks to run, none of which ESI or SSO use (ESI routes do not redirect).

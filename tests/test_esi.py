@@ -9,6 +9,7 @@ import random
 import socket
 import threading
 import time
+import types
 from collections import Counter
 from datetime import UTC, datetime
 from urllib.parse import parse_qs
@@ -979,6 +980,23 @@ def test_an_answer_that_trickles_past_the_deadline_is_a_server_error(monkeypatch
         done.set()
     assert time.monotonic() - started < 3
     assert sleeps == []   # the deadline is the whole call's: no retry after it
+
+
+@responses.activate
+def test_a_wait_for_esis_limits_is_no_part_of_the_calls_deadline(monkeypatch, sleeps):
+    """A spent detail bucket can hold a call back for two windows before it goes; its answer, once paid for,
+    is read and kept, not refused for a deadline that ran while the call waited."""
+    now = [1000.0]
+    monkeypatch.setattr(esi, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+
+    class WaitingLimits(RecordingLimits):
+        def take(self, bucket):
+            now[0] += 2 * esi.REQUEST_DEADLINE       # two windows of a spent bucket
+            return super().take(bucket)
+
+    responses.get("https://esi.example/killmails/1001/abc123/", json=KILLMAIL)
+    client = EsiClient(SETTINGS, limits=WaitingLimits(), sleep=sleeps.append)
+    assert client.get_killmail(1001, "abc123")[0]["killmail_id"] == KILLMAIL["killmail_id"]
 
 
 @pytest.mark.parametrize("encoding", ["identity", "gzip"])
