@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,7 +54,10 @@ FIRST_ANSWER_WAIT = 20.0   # at most this long a call waits for the first answer
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
 LEASE_SLOTS = 16           # at most this many error slots leased at once: one process never holds the whole budget
 LEASE_LIFE = 5.0           # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
-ERROR_HOLD = int(max(ERROR_WINDOW, REQUEST_DEADLINE + HOLD_MARGIN))  # a lease's row counts this long at most
+LONGEST_READ = 300         # HTTP_TIMEOUT_SECONDS at most: the last read of a call may block that long past its deadline
+# A lease's row counts this long at most: its last call starts within LEASE_LIFE and ends within its deadline and
+# one last read.
+ERROR_HOLD = int(LEASE_LIFE + REQUEST_DEADLINE + LONGEST_READ + HOLD_MARGIN)
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -142,10 +146,12 @@ class _Lease:
     taken_at: datetime
     used: int = 0    # calls holding a slot now
     spent: int = 0   # slots whose call ended in an error: booked as spent, never handed out again
+    closed: bool = False  # taken on a connection since lost: its row may soon look like a dead process's
 
     def open(self, now: datetime) -> bool:
         """Whether the lease still takes new calls: a free slot, and young enough that its calls end in its hold."""
-        return self.used + self.spent < self.slots and (now - self.taken_at).total_seconds() < LEASE_LIFE
+        return (not self.closed and self.used + self.spent < self.slots
+                and (now - self.taken_at).total_seconds() < LEASE_LIFE)
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,12 @@ class SharedLimits:
             self._wait_out_pause(bucket, state)
             ticket, wait = self._take_once(bucket, _row(state, group))
             if ticket is not None:
-                lease, wait = self._error_slot()
+                try:
+                    lease, wait = self._error_slot()
+                except BaseException:
+                    with suppress(db.psycopg.Error):
+                        self._end_in_flight(ticket.ids)
+                    raise
                 if lease is not None:
                     return replace(ticket, lease=lease)
                 self._end_in_flight(ticket.ids)  # its tokens go back while it waits for the error budget
@@ -343,10 +354,10 @@ class SharedLimits:
         except db.psycopg.Error as exc:
             log.warning("ESI limits: could not end the error leases (%s)", exc)
 
-    def _idle_slots(self) -> int:
+    def _unused_slots(self) -> int:
         """Error slots this process holds in the ledger that no call uses."""
         with self._slots:
-            return sum(lease.slots - lease.used - lease.spent for lease in self._leases)
+            return sum(lease.slots - lease.used for lease in self._leases)
 
     def _end_in_flight(self, ids: list[int]) -> None:
         if ids:
@@ -394,9 +405,11 @@ class SharedLimits:
             entries.append((ledger, answer_cost(status), window, used))
         if limit and ticket.bucket not in ticket.ledgers:  # the call that found the bucket's limit spends from it
             entries.append((ticket.bucket, answer_cost(status), limit[1], None))
-        if error_cost(status) or (errors_remain is not None and errors_remain < ERROR_LIMIT):
-            # The ledger counts this process's idle slots as in flight; ESI does not see them.
-            used = ERROR_LIMIT - errors_remain + self._idle_slots() if errors_remain is not None else None
+        counted = errors_remain is not None and errors_remain < ERROR_LIMIT  # ESI counts errors in its window
+        if ticket.lease is not None and (error_cost(status) or counted):  # an ESI call (SSO's are not counted)
+            # The ledger counts this process's unused slots as in flight (idle ones, and those whose error is
+            # booked besides); ESI does not see them.
+            used = ERROR_LIMIT - errors_remain + self._unused_slots() if errors_remain is not None else None
             entries.append((self.error_bucket, error_cost(status), ERROR_WINDOW, used))
         if not (entries or ticket.ids or ended):
             return
@@ -511,6 +524,11 @@ class SharedLimits:
             except db.psycopg.OperationalError:
                 if self._conn is conn:
                     self._conn = None
+                    # The leases' rows name the lost session: once a bucket is short, other processes take them
+                    # for a dead process's. They take no new call; the calls holding their slots end as they do.
+                    with self._slots:
+                        for lease in self._leases:
+                            lease.closed = True
                 conn.close()
                 if attempt == 2:
                     raise

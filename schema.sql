@@ -252,15 +252,13 @@ END $$;
 -- in the order given; callers sort the names): so that the check and the spend are one step for every process
 -- on every host, and one round trip. Returns the in-flight row ids, or none and the seconds to wait: until
 -- enough spent tokens come back, or a short `poll` while the answers of calls in flight would give enough back
--- (`frees` a call). A call fits when spent + in flight + cost + headroom per call in flight + floor (+ reserve
--- once other apps were seen spending) is within the limit; the floor is `calm_floors` while nothing at all was
--- spent in the window (no error seen: what is in flight may use more of the error budget), `floors` once anything
--- was. Once it fits, up to `extras` more of the same cost
--- are taken in the same row where they fit too (a lease of several calls' worth, `granted` says how many).
--- A row in flight counts for `holds` seconds at most (a killed process's). Times are the database's clock, one
--- for every host, unless the caller gives one.
-DROP FUNCTION IF EXISTS esi_take(TIMESTAMPTZ, TEXT[], INTEGER[], INTEGER[], INTEGER[], INTEGER[], INTEGER[],
-                                 INTEGER[], INTEGER[], INTEGER[], BOOLEAN[], DOUBLE PRECISION);
+-- (`frees` a call; a row holds tokens / cost calls). A call fits when spent + in flight + cost + headroom per
+-- call in flight + floor (+ reserve once other apps were seen spending) is within the limit; the floor is
+-- `calm_floors` while the bucket has no row in the window (nothing spent, and ESI counted nothing: see
+-- esi_settle), `floors` once it has one. Once it fits, up to `extras` more of the same cost are taken in the same
+-- row where they fit too (a lease of several calls' worth, `granted` says how many). A row in flight counts for
+-- `holds` seconds at most (a killed process's). Times are the database's clock, one for every host, unless the
+-- caller gives one. (Its former signature, without extras and calm_floors, stays for workers not yet updated.)
 CREATE OR REPLACE FUNCTION esi_take(p_now TIMESTAMPTZ, p_buckets TEXT[], p_costs INTEGER[], p_extras INTEGER[],
                                     p_limits INTEGER[], p_windows INTEGER[], p_holds INTEGER[], p_floors INTEGER[],
                                     p_calm_floors INTEGER[], p_reserves INTEGER[], p_headroom INTEGER[],
@@ -273,6 +271,7 @@ DECLARE
     since TIMESTAMPTZ;
     spent_own BIGINT;
     spent_other BIGINT;
+    spent_rows BIGINT;
     flying BIGINT;
     flying_calls BIGINT;
     excess BIGINT;
@@ -290,12 +289,12 @@ BEGIN
         DELETE FROM esi_spent WHERE bucket = p_buckets[i] AND second <= since;
         DELETE FROM esi_in_flight WHERE bucket = p_buckets[i]
             AND sent_at <= now_ - make_interval(secs => p_holds[i]);
-        SELECT coalesce(sum(own), 0), coalesce(sum(other), 0) INTO spent_own, spent_other
+        SELECT coalesce(sum(own), 0), coalesce(sum(other), 0), count(*) INTO spent_own, spent_other, spent_rows
             FROM esi_spent WHERE bucket = p_buckets[i];
-        SELECT coalesce(sum(tokens), 0), count(*) INTO flying, flying_calls
+        SELECT coalesce(sum(tokens), 0), coalesce(sum(tokens), 0) / p_costs[i] INTO flying, flying_calls
             FROM esi_in_flight WHERE bucket = p_buckets[i];
         excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls
-                  + CASE WHEN spent_own + spent_other > 0 THEN p_floors[i] ELSE p_calm_floors[i] END
+                  + CASE WHEN spent_rows > 0 THEN p_floors[i] ELSE p_calm_floors[i] END
                   + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
         IF excess > 0 AND flying_calls > 0 THEN
             -- Short: the calls of processes that died (their session is gone) hold nothing more in flight.
@@ -307,12 +306,12 @@ BEGIN
                 SELECT p_buckets[i], to_timestamp(ceil(extract(epoch FROM d.sent_at))), sum(d.tokens)
                 FROM dead d WHERE p_charged[i] AND d.sent_at > since GROUP BY 2
             ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
-            SELECT coalesce(sum(own), 0), coalesce(sum(other), 0) INTO spent_own, spent_other
-                FROM esi_spent WHERE bucket = p_buckets[i];
-            SELECT coalesce(sum(tokens), 0), count(*) INTO flying, flying_calls
+            SELECT coalesce(sum(own), 0), coalesce(sum(other), 0), count(*)
+                INTO spent_own, spent_other, spent_rows FROM esi_spent WHERE bucket = p_buckets[i];
+            SELECT coalesce(sum(tokens), 0), coalesce(sum(tokens), 0) / p_costs[i] INTO flying, flying_calls
                 FROM esi_in_flight WHERE bucket = p_buckets[i];
             excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls
-                      + CASE WHEN spent_own + spent_other > 0 THEN p_floors[i] ELSE p_calm_floors[i] END
+                      + CASE WHEN spent_rows > 0 THEN p_floors[i] ELSE p_calm_floors[i] END
                       + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
         END IF;
         IF excess > 0 THEN
@@ -381,6 +380,10 @@ BEGIN
             INSERT INTO esi_spent (bucket, second, other)
             VALUES (p_buckets[i], second_after, p_used[i] - counted)
             ON CONFLICT (bucket, second) DO UPDATE SET other = esi_spent.other + EXCLUDED.other;
+        ELSIF p_used[i] > 0 THEN
+            -- ESI counts something, though not beyond the ledger: a row of nothing says so for a window (the
+            -- bucket is not calm, see esi_take).
+            INSERT INTO esi_spent (bucket, second) VALUES (p_buckets[i], second_after) ON CONFLICT DO NOTHING;
         END IF;
     END LOOP;
 END $$;

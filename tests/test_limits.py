@@ -14,7 +14,7 @@ from requests.structures import CaseInsensitiveDict
 
 import db
 import limits
-from esi import MAX_PAUSE, Paused
+from esi import MAX_PAUSE, SSO_BUCKET, Paused
 from limits import (
     ANSWERED_BUCKET,
     ERROR_LIMIT,
@@ -337,6 +337,52 @@ def test_errors_of_other_apps_behind_the_ip_count_too(conn, process, clock):
     assert clock.waits == []
     one.take("character")                                       # 30 + 20 in flight: no more
     assert clock.waits
+
+
+def test_errors_esi_counts_end_the_calm_even_when_the_calls_in_flight_could_be_them(conn, process, clock):
+    """80 slots out, all in use, and ESI counts 40 errors: the ledger cannot tell them from our calls in flight,
+    so it books none as another app's, but the window is no longer calm: the floor of half is back."""
+    one, other = process(), process()
+    for n in range(80):
+        assert (one, other)[n % 2]._lease(1) == 0.0
+    for lease in one._leases + other._leases:
+        lease.used = 1
+    one.settle(limits.Ticket("character", lease=one._leases[0]), 200, {"X-ESI-Error-Limit-Remain": "60"})
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 0, "in_flight": 80}
+    assert other._lease(1) > 0                   # 80 in flight + 1 + 50 > 100, where a calm 10 would let it go
+
+
+def test_an_sso_answer_is_no_esi_error(conn, process, clock):
+    one = process()
+    one.settle(one.take(SSO_BUCKET), 400, {})    # invalid_grant: SSO's, not under ESI's error limit
+    one.settle(one.take(SSO_BUCKET), 0, {})
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 0, "in_flight": 0}
+
+
+def test_a_lost_connection_closes_the_leases_taken_on_it(conn, process, clock):
+    """Their rows name the lost session, which other processes may take for a dead process's: no new call goes
+    on them."""
+    one = process()
+    first = one.take("character")
+    conn.execute("SELECT pg_terminate_backend(%s)", (one._conn.info.backend_pid,))
+    second = one.take("character")               # its first query finds the connection lost, and reconnects
+    assert first.lease.closed and second.lease is not first.lease
+
+
+def test_a_short_error_budget_waits_briefly_for_the_slots_a_lease_holds(conn, process, clock):
+    """Two leases of 15 slots are 30 calls in flight, not 2 rows: when errors among them leave the budget short,
+    their other answers are near, and the wait is a poll, not the minute until the oldest error comes back."""
+    one = process()
+    for n in range(1, 21):
+        one.settle(one.take("character"), 502, {"X-ESI-Error-Limit-Remain": str(100 - n)})   # 20 errors
+    one._wanting = 15
+    assert one._lease(15) == 0.0 and one._lease(15) == 0.0                 # 20 + 30 in flight: the floor
+    one._wanting = 0
+    for lease in one._leases:
+        lease.used = 15
+    for _ in range(5):                                                     # 5 of them fail
+        one.settle(limits.Ticket("character", lease=one._leases[0]), 502, {"X-ESI-Error-Limit-Remain": "75"})
+    assert one._lease(1) == pytest.approx(limits.POLL)   # 25 + 30 + 1 + 50 > 100, and 25 calls may free it
 
 
 def test_the_error_budget_is_per_egress(conn, process, clock):
