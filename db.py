@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 # Session-level advisory locks live in a namespace each, so a character id and a corporation id never collide.
 LOCK_CHARACTER = 1
 LOCK_CORPORATION = 2
+LOCK_PRICES = 3  # one process at a time refreshes the market prices
 # ESI's rate-limit groups whose buckets are per character: esi_limits names them '<group>:<character id>'.
 OWNER_BUCKET_GROUPS = ("char-killmail", "corp-killmail")
 _OWNER_GROUP_SQL = "split_part(bucket, ':', 1)"  # a per-character bucket's group (limits._per_owner in SQL)
@@ -492,8 +494,9 @@ _ATTACKER_TYPES = ["int8", "int4", "int8", "int8", "int8", "int8", "int8", "int8
 _ITEM_TYPES = ["int8", "int4", "int4", "int4", "int8", "int4", "int8", "int8"]
 
 
-def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
-    """Store validated killmails (objects from killmail_rows) with attackers and items; returns the new ids.
+def save_killmails(conn, killmails: Sequence[Any], values: Sequence[tuple | None] | None = None) -> list[int]:
+    """Store validated killmails (objects from killmail_rows) with attackers and items, and their (destroyed,
+    dropped, total) values where given (None: not known yet); returns the new ids.
 
     A killmail already stored is left as it is, with its children: the insert of the parent row decides, and a
     concurrent insert of the same id waits for the other transaction, so nothing is ever stored twice.
@@ -501,17 +504,20 @@ def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
     if not killmails:
         return []
     columns = list(zip(*(k.row for k in killmails), strict=True))
+    worth = list(zip(*((v or (None, None, None)) for v in (values or [None] * len(killmails))), strict=True))
     # Every array is bound in binary (%b): in text, each quote of each raw body would be escaped in Python.
     inserted = conn.execute(
         f"""
-        INSERT INTO killmails ({_KILLMAIL_COLUMNS})
+        INSERT INTO killmails ({_KILLMAIL_COLUMNS}, destroyed_value, dropped_value, total_value)
         SELECT * FROM unnest(%b::bigint[], %b::text[], %b::timestamptz[], %b::bigint[], %b::bigint[],
                              %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[],
-                             %b::bigint[], %b::float8[], %b::float8[], %b::float8[], %b::jsonb[])
+                             %b::bigint[], %b::float8[], %b::float8[], %b::float8[], %b::jsonb[],
+                             %b::numeric[], %b::numeric[], %b::numeric[])
         ON CONFLICT (killmail_id) DO NOTHING
         RETURNING killmail_id
         """,
-        [list(c) for c in columns[:-1]] + [[Jsonb(raw, dumps=_as_sent) for raw in columns[-1]]],
+        [list(c) for c in columns[:-1]] + [[Jsonb(raw, dumps=_as_sent) for raw in columns[-1]]]
+        + [list(c) for c in worth],
         binary=True,
     ).fetchall()
     new_ids = {row["killmail_id"] for row in inserted}
@@ -521,6 +527,124 @@ def save_killmails(conn, killmails: Sequence[Any]) -> list[int]:
         _copy_rows(cur, "killmail_items", _ITEM_COLUMNS, _ITEM_TYPES,
                    (row for k in killmails if k.killmail_id in new_ids for row in k.items))
     return sorted(new_ids)
+
+
+def killmails_without_value(conn, *, limit: int, after: int = 0) -> list[dict]:
+    """Up to `limit` killmails with no total_value yet (ids above `after`, in order): id, ship and item rows."""
+    return conn.execute(
+        """
+        SELECT k.killmail_id, k.victim_ship_type_id,
+               coalesce((SELECT array_agg(ARRAY[i.item_type_id, i.singleton, i.quantity_destroyed,
+                                                i.quantity_dropped] ORDER BY i.item_index)
+                         FROM killmail_items i WHERE i.killmail_id = k.killmail_id), '{}') AS items
+        FROM killmails k
+        WHERE k.total_value IS NULL AND k.killmail_id > %s
+        ORDER BY k.killmail_id
+        LIMIT %s
+        """,
+        (after, limit),
+    ).fetchall()
+
+
+def set_killmail_values(conn, values: Sequence[tuple[int, Any, Any, Any]]) -> None:
+    """Store (killmail_id, destroyed, dropped, total) of killmails already saved."""
+    if not values:
+        return
+    ids, destroyed, dropped, total = (list(c) for c in zip(*values, strict=True))
+    conn.execute(
+        """
+        UPDATE killmails k SET destroyed_value = v.d, dropped_value = v.p, total_value = v.t
+        FROM unnest(%s::bigint[], %s::numeric[], %s::numeric[], %s::numeric[]) AS v (id, d, p, t)
+        WHERE k.killmail_id = v.id
+        """,
+        (ids, destroyed, dropped, total),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- prices, names
+
+def get_esi_cache(conn, key: str) -> dict | None:
+    """The ETag and expiry stored for a public ESI route (a key such as 'markets/prices'), or None."""
+    return conn.execute("SELECT etag, expires_at FROM esi_cache WHERE key = %s", (key,)).fetchone()
+
+
+def save_esi_cache(conn, key: str, etag: str | None, expires_at: datetime | None) -> None:
+    """Store the ETag and expiry of a public ESI route's last answer."""
+    conn.execute(
+        """
+        INSERT INTO esi_cache (key, etag, expires_at) VALUES (%s, %s, %s)
+        ON CONFLICT (key) DO UPDATE SET etag = EXCLUDED.etag, expires_at = EXCLUDED.expires_at
+        """,
+        (key, etag, expires_at),
+    )
+
+
+def save_market_prices(conn, prices: Sequence[dict], now: datetime) -> None:
+    """Store ESI's market prices (its entries: type_id, average_price, adjusted_price), replacing older ones."""
+    rows = [(p["type_id"], p.get("average_price"), p.get("adjusted_price")) for p in prices]
+    if not rows:
+        return
+    type_ids, average, adjusted = (list(c) for c in zip(*rows, strict=True))
+    conn.execute(
+        """
+        INSERT INTO market_prices (type_id, average_price, adjusted_price, fetched_at)
+        SELECT t, a, j, %s FROM unnest(%s::integer[], %s::numeric[], %s::numeric[]) AS p (t, a, j)
+        ON CONFLICT (type_id) DO UPDATE SET average_price = EXCLUDED.average_price,
+            adjusted_price = EXCLUDED.adjusted_price, fetched_at = EXCLUDED.fetched_at
+        """,
+        (now, type_ids, average, adjusted),
+    )
+
+
+def market_prices(conn) -> dict[int, Decimal]:
+    """Each type's price: its average price, else its adjusted price, else 0."""
+    rows = conn.execute(
+        "SELECT type_id, coalesce(average_price, adjusted_price, 0) AS price FROM market_prices").fetchall()
+    return {r["type_id"]: r["price"] for r in rows}
+
+
+def names_to_resolve(conn, ids: Iterable[int], now: datetime) -> list[int]:
+    """Of these ids, those with no name stored and not known to be unknown (until a day after ESI said so)."""
+    rows = conn.execute(
+        """
+        SELECT i.id FROM unnest(%s::bigint[]) AS i (id)
+        LEFT JOIN names n USING (id)
+        WHERE n.id IS NULL OR (n.name IS NULL AND coalesce(n.unknown_until, '-infinity') <= %s)
+        ORDER BY i.id
+        """,
+        (sorted(set(ids)), now),
+    ).fetchall()
+    return [r["id"] for r in rows]
+
+
+def save_names(conn, names: Sequence[dict], unknown: Sequence[int], now: datetime, *, unknown_for: timedelta
+               ) -> None:
+    """Store resolved names (ESI's entries: id, category, name) and remember ids ESI could not resolve."""
+    if names:
+        conn.execute(
+            """
+            INSERT INTO names (id, category, name, resolved_at)
+            SELECT i, c, n, %s::timestamptz FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS u (i, c, n)
+            ON CONFLICT (id) DO UPDATE SET category = EXCLUDED.category, name = EXCLUDED.name,
+                resolved_at = EXCLUDED.resolved_at, unknown_until = NULL
+            """,
+            (now, [n["id"] for n in names], [n.get("category") for n in names], [n["name"] for n in names]),
+        )
+    if unknown:
+        conn.execute(
+            """
+            INSERT INTO names (id, unknown_until) SELECT unnest(%s::bigint[]), %s
+            ON CONFLICT (id) DO UPDATE SET unknown_until = EXCLUDED.unknown_until
+            """,
+            (list(unknown), now + unknown_for),
+        )
+
+
+def names_of(conn, ids: Iterable[int]) -> dict[int, str]:
+    """The stored names of these ids (unknown ones are left out)."""
+    rows = conn.execute("SELECT id, name FROM names WHERE id = ANY(%s) AND name IS NOT NULL",
+                        (sorted({i for i in ids if i is not None}),)).fetchall()
+    return {r["id"]: r["name"] for r in rows}
 
 
 def _as_sent(text: str) -> str:

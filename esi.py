@@ -11,7 +11,7 @@ import reprlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -195,6 +195,19 @@ class KillmailList:
     etag: str | None
     expires_in: float | None
     pages: int
+
+
+@dataclass(frozen=True)
+class MarketPrices:
+    """GET /markets/prices/: its entries (None when unchanged since `etag`), ETag and seconds until it expires."""
+
+    prices: list[dict] | None
+    etag: str | None
+    expires_in: float | None
+
+
+NAMES_BATCH = 1000  # ESI's most ids per POST /universe/names/
+NAMES_REFUSALS = 20  # 404s one resolve_names takes at most: each costs the error limit; the rest wait a later job
 
 
 def parse_http_date(value: str | None) -> datetime | None:
@@ -390,6 +403,54 @@ class EsiClient:
             raise MalformedResponse(f"character {character_id}: expected an object")
         return body
 
+    def get_market_prices(self, *, etag: str | None = None) -> MarketPrices:
+        """Every type's average and adjusted price (public, cached by ESI for hours)."""
+        try:
+            response = self._get("/markets/prices/", group="market", bucket="market", etag=etag)
+        except NotModified as exc:
+            return MarketPrices(None, etag, exc.expires_in)
+        body = _json(response)
+        if not isinstance(body, list):
+            raise MalformedResponse("/markets/prices/: expected a list")
+        prices = [p for p in body if isinstance(p, dict) and type(p.get("type_id")) is int
+                  and all(isinstance(p.get(k), (int, float, type(None))) for k in ("average_price", "adjusted_price"))]
+        return MarketPrices(prices, response.headers.get("ETag"), cache_lifetime(response.headers))
+
+    def resolve_names(self, ids: Iterable[int]) -> tuple[list[dict], list[int]]:
+        """Names of ids (POST /universe/names/, in batches of NAMES_BATCH): ESI's entries (id, category, name),
+        and the ids ESI could not resolve.
+
+        ESI refuses a whole batch with 404 when any id in it is unknown: such a batch is split in halves until
+        the unknown ids stand alone, so no batch that was refused is ever sent again; after NAMES_REFUSALS 404s
+        (each costs the error limit) the ids not tried yet are left for a later call, in neither list."""
+        wanted = sorted(set(ids))
+        names: list[dict] = []
+        unknown: list[int] = []
+        todo = [wanted[i:i + NAMES_BATCH] for i in range(0, len(wanted), NAMES_BATCH)]
+        refusals = 0
+        while todo and refusals < NAMES_REFUSALS:
+            batch = todo.pop()
+            try:
+                names.extend(self._post_names(batch))
+            except NotFound:
+                refusals += 1
+                if len(batch) == 1:
+                    unknown.extend(batch)
+                else:
+                    half = len(batch) // 2
+                    todo.extend([batch[half:], batch[:half]])
+        return names, unknown
+
+    def _post_names(self, batch: list[int]) -> list[dict]:
+        response = self._send("POST", self.settings.esi_base_url + "/universe/names/", group="universe",
+                              bucket="universe", headers={"X-Compatibility-Date":
+                                                          self.settings.esi_compatibility_date}, json_body=batch)
+        _raise_for_status(response, "POST /universe/names/", "universe")
+        body = _json(response)
+        if not isinstance(body, list):
+            raise MalformedResponse("/universe/names/: expected a list")
+        return [n for n in body if isinstance(n, dict) and type(n.get("id")) is int and isinstance(n.get("name"), str)]
+
     def refresh(self, refresh_token: str) -> TokenGrant:
         """Trade a refresh token for a new access token and the new refresh token that replaces it."""
         credentials = f"{self.settings.eve_client_id}:{self.settings.eve_client_secret}".encode()
@@ -440,16 +501,8 @@ class EsiClient:
         if response.is_redirect:  # ESI's routes do not move: the base URL is off (http for https, an old host)
             raise BadRequest(f"GET {path} -> {status}: redirected to {response.headers['Location']}; set "
                              "ESI_BASE_URL to match", status=status)
-        message = f"GET {path} -> {status}: {_error_text(response)}"
-        if status == 420:
-            raise ErrorLimited(message, reset=_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60,
-                                                        header="X-ESI-Error-Limit-Reset"))
-        if status == 429:
-            raise RateLimited(message, group=response.headers.get("X-Ratelimit-Group", group),
-                              retry_after=_seconds(response.headers.get("Retry-After"), 60, header="Retry-After"))
-        if status >= 500:
-            raise ServerError(message, status=status)
-        raise STATUS_ERRORS.get(status, BadRequest)(message, status=status)
+        _raise_for_status(response, f"GET {path}", group)
+        raise AssertionError("unreachable")
 
     def _send(self, method: str, url: str, *, group: str, bucket: str, **kwargs: Any) -> requests.Response:
         """Send with the shared limits around it; 5xx and timeouts are retried with backoff and jitter."""
@@ -492,14 +545,14 @@ class EsiClient:
         raise AssertionError("unreachable")
 
     def _prepare(self, method: str, url: str, *, headers: dict, params: dict | None = None,
-                 data: dict | None = None) -> requests.PreparedRequest:
+                 data: dict | None = None, json_body: Any = None) -> requests.PreparedRequest:
         """The request with the session's headers. A GET's URL is made here from the configured base URL and
         quoted parts, so it is built as it is: PreparedRequest.prepare would parse and quote it again and look
         for cookies and auth the client never uses. The SSO POST (a form body) is prepared by requests."""
         prepared = requests.PreparedRequest()
         headers = {**self.session.headers, **headers}
-        if method != "GET" or data is not None:
-            prepared.prepare(method=method, url=url, headers=headers, params=params, data=data)
+        if method != "GET" or data is not None or json_body is not None:
+            prepared.prepare(method=method, url=url, headers=headers, params=params, data=data, json=json_body)
         else:
             prepared.method = method
             prepared.url = f"{url}?{urlencode(params)}" if params else url
@@ -565,6 +618,23 @@ def new_session(settings: Settings) -> requests.Session:
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
+
+
+def _raise_for_status(response: requests.Response, what: str, group: str) -> None:
+    """Raise the EsiError a status other than 2xx stands for."""
+    status = response.status_code
+    if status == 200:
+        return
+    message = f"{what} -> {status}: {_error_text(response)}"
+    if status == 420:
+        raise ErrorLimited(message, reset=_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60,
+                                                    header="X-ESI-Error-Limit-Reset"))
+    if status == 429:
+        raise RateLimited(message, group=response.headers.get("X-Ratelimit-Group", group),
+                          retry_after=_seconds(response.headers.get("Retry-After"), 60, header="Retry-After"))
+    if status >= 500:
+        raise ServerError(message, status=status)
+    raise STATUS_ERRORS.get(status, BadRequest)(message, status=status)
 
 
 def _json(response: requests.Response) -> Any:

@@ -207,3 +207,14 @@ def _item_row(killmail_id: int, index: int, parent_index: int | None, entry: Any
         _int(entry, "singleton", where, required=True, bound=INT32),
         _int(entry, "quantity_destroyed", where), _int(entry, "quantity_dropped", where),
     )
+
+
+def named_ids(killmail: Killmail) -> set[int]:
+    """The ids a killmail shows that have names: its system, the victim's and attackers' characters,
+    corporations, alliances, factions, ships and weapons, and its item types."""
+    ids = {killmail.row[3], *killmail.row[6:11]}
+    for attacker in killmail.attackers:
+        ids.update(attacker[2:8])
+    ids.update(item[4] for item in killmail.items)
+    ids.discard(None)
+    return ids

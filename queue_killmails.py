@@ -11,7 +11,10 @@ import psycopg
 
 import broker
 import db
+import values
 from enqueue import CLAIM_STALE_SECONDS, queue_one
+from esi import EsiClient
+from limits import SharedLimits
 from settings import ConfigError, Settings, describe, load_settings, setup_logging
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--corporations", action="store_true",
                         help="queue only the due corporations (a plain run queues users and corporations)")
     parser.add_argument("--stats", action="store_true", help="print what is due, queued, retrying and dead")
+    parser.add_argument("--revalue", action="store_true",
+                        help="value the stored killmails whose ISK value is missing (refreshing prices if stale)")
     parser.add_argument("--verbose", action="store_true", help="log with time, level and pid")
     return parser.parse_args(argv)
 
@@ -141,12 +146,24 @@ def _last_sync(row: dict) -> str:
     return "first sync" if row["last_sync_at"] is None else f"last sync {row['last_sync_at'].isoformat()}"
 
 
+def revalue(conn, settings: Settings, now: datetime) -> int:
+    """Value the killmails saved without a value, at the stored prices (refreshed first when they expired)."""
+    esi = EsiClient(settings, limits=SharedLimits(lambda: db.connect(settings.database_url, autocommit=True),
+                                                 egress=settings.esi_egress))
+    prices = values.PriceBook().refresh(conn, esi, now)
+    if not prices:
+        print("❌ no market prices: ESI did not answer /markets/prices/ and none are stored", file=sys.stderr)
+        return 1
+    log.info("💰 Valued %d killmails", values.revalue(conn, prices))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Read the settings, connect, and run the mode the flags ask for; the exit status."""
     args = parse_args(argv)
     setup_logging(verbose=args.verbose)
     try:
-        settings = load_settings(need_esi=False)
+        settings = load_settings(need_esi=args.revalue)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -158,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {describe(exc)}", file=sys.stderr)
         return 1
     with conn:
+        if args.revalue:
+            return revalue(conn, settings, now)
         if args.dry_run:
             return dry_run(conn, settings, now, args.character_id, corporations_only=args.corporations)
         # A run declares only the queue it publishes to: the retry and dead-letter queues are the workers' (each

@@ -142,6 +142,11 @@ EXCEPTION WHEN feature_not_supported OR syntax_error OR undefined_column THEN  -
     RAISE NOTICE 'lz4 is not available here: killmails.raw keeps the default compression';
 END $$;
 CALL pg_temp.create_index('killmails_time', 'killmails (killmail_time)');
+-- ISK values (values.py's rule), computed when a killmail is saved; null until prices are known
+-- (`queue_killmails.py --revalue` fills them in).
+CALL pg_temp.add_column('killmails', 'destroyed_value', 'NUMERIC');
+CALL pg_temp.add_column('killmails', 'dropped_value', 'NUMERIC');
+CALL pg_temp.add_column('killmails', 'total_value', 'NUMERIC');
 CALL pg_temp.create_index('killmails_stored_at', 'killmails (stored_at)');
 
 -- Attackers and items are written only in the transaction that inserts their killmail (db.save_killmails), so
@@ -179,6 +184,32 @@ CREATE TABLE IF NOT EXISTS killmail_items (
 );
 CALL pg_temp.drop_constraint('attackers', 'attackers_killmail_id_fkey');
 CALL pg_temp.drop_constraint('killmail_items', 'killmail_items_killmail_id_fkey');
+
+-- Names of the ids the API and the pages show (characters, corporations, alliances, factions, types, systems),
+-- from ESI's POST /universe/names/. An id ESI could not resolve has no name and is not asked again until
+-- unknown_until.
+CREATE TABLE IF NOT EXISTS names (
+    id            BIGINT PRIMARY KEY,
+    category      TEXT,
+    name          TEXT,
+    resolved_at   TIMESTAMPTZ,
+    unknown_until TIMESTAMPTZ
+);
+
+-- ESI's GET /markets/prices/, one row per type; values.py prices killmails with them.
+CREATE TABLE IF NOT EXISTS market_prices (
+    type_id        INTEGER PRIMARY KEY,
+    average_price  NUMERIC,
+    adjusted_price NUMERIC,
+    fetched_at     TIMESTAMPTZ NOT NULL
+);
+
+-- The ETag and expiry of public ESI routes read by every process ('markets/prices').
+CREATE TABLE IF NOT EXISTS esi_cache (
+    key        TEXT PRIMARY KEY,
+    etag       TEXT,
+    expires_at TIMESTAMPTZ
+);
 
 -- One row per job run; the status page reads it.
 CREATE TABLE IF NOT EXISTS sync_runs (

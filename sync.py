@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 
 import db
+import values
 from esi import (
     INVALID_CLIENT_PAUSE,
     ErrorLimited,
@@ -26,7 +27,7 @@ from esi import (
     Unauthorized,
     token_scopes,
 )
-from killmail_model import InvalidKillmail, Killmail, parse_killmail
+from killmail_model import InvalidKillmail, Killmail, named_ids, parse_killmail
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ CLAIM_SECONDS = 6 * 3600                # a claim holds while its process lives 
 SAVE_BATCH = 50                         # killmails per insert transaction at the most
 SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for its batch at the most: a killed
                                         # process loses (and its redelivered job fetches again) only that much
+UNKNOWN_NAME_RETRY = timedelta(days=1)  # an id ESI could not name is not asked again for this long
+PRICES = values.PriceBook()             # one per process: loaded once, refreshed when ESI's Expires passes
 
 
 class JobFailed(Exception):
@@ -86,6 +89,8 @@ class SyncResult:
     # job stored those killmails first (or when a retried job's first try stored the links). Drives the slower
     # polling of quiet pilots, with `saved`.
     linked_new: int = field(default=0, repr=False)
+    # Ids shown beside the killmails this run saved, named in one call once they are saved.
+    name_ids: set[int] = field(default_factory=set, repr=False)
 
 
 @dataclass(frozen=True)
@@ -398,6 +403,7 @@ def sweep_stranded(conn, esi: EsiClient, now: datetime, options: SyncOptions) ->
 def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, options: SyncOptions,
                    result: SyncResult) -> None:
     """Fetch (on the client's detail threads) and save claimed references; release what was not fetched."""
+    PRICES.refresh(conn, esi, now)
     unfetched = {r["killmail_id"] for r in claimed}
     pool = esi.detail_pool()
     futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"]) for r in claimed]
@@ -416,6 +422,23 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
              f", Failed: {result.failed}" if result.failed else "")
     if stop is not None:
         raise _job_error("killmail details", stop)
+    resolve_names(conn, esi, result.name_ids, now)
+
+
+def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime) -> None:
+    """Name the ids not named yet, in one batched call (or a few, see EsiClient.resolve_names). A failure costs
+    only the names: the next job that shows these ids asks again."""
+    wanted = db.names_to_resolve(conn, ids, now)
+    conn.commit()
+    if not wanted:
+        return
+    try:
+        names, unknown = esi.resolve_names(wanted)
+    except EsiError as exc:
+        log.warning("  names not resolved: %s", exc)
+        return
+    db.save_names(conn, names, unknown, now, unknown_for=UNKNOWN_NAME_RETRY)
+    conn.commit()
 
 
 def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,
@@ -478,23 +501,36 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
     """Save a batch in one transaction; if the batch fails, save one by one so one bad killmail loses no other."""
     if not killmails:
         return
+    prices = PRICES.prices
+    worth = [values.killmail_values(k.row[10], k.items, prices) if prices else None for k in killmails]
     try:
-        result.saved += len(db.save_killmails(conn, killmails))
+        saved = db.save_killmails(conn, killmails, worth)
         conn.commit()
+        result.saved += len(saved)
+        _note_names(killmails, saved, result)
         return
     except db.psycopg.OperationalError:
         raise
     except db.psycopg.Error:
         conn.rollback()
-    for killmail in killmails:
+    for killmail, value in zip(killmails, worth, strict=True):
         try:
-            result.saved += len(db.save_killmails(conn, [killmail]))
+            saved = db.save_killmails(conn, [killmail], [value])
             conn.commit()
+            result.saved += len(saved)
+            _note_names([killmail], saved, result)
         except db.psycopg.OperationalError:
             raise
         except db.psycopg.Error as exc:
             conn.rollback()
             _record_failure(conn, killmail.killmail_id, exc, now, options, result)
+
+
+def _note_names(killmails: list[Killmail], saved: list[int], result: SyncResult) -> None:
+    new = set(saved)
+    for killmail in killmails:
+        if killmail.killmail_id in new:
+            result.name_ids |= named_ids(killmail)
 
 
 def _record_failure(conn, killmail_id: int, exc: Exception, now: datetime, options: SyncOptions,
@@ -546,7 +582,7 @@ def run_row(result: SyncResult) -> dict:
     """A SyncResult as the columns of sync_runs."""
     # Every field is a plain value: a shallow copy does (asdict deep-copies each one, for a row every job writes).
     return {f.name: getattr(result, f.name) for f in fields(result)
-            if f.name not in ("character_name", "linked_new")}
+            if f.name not in ("character_name", "linked_new", "name_ids")}
 
 
 def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,

@@ -55,7 +55,7 @@ CORP_SCOPE = "esi-killmails.read_corporation_killmails.v1"
 ACCESS_TOKEN_SECONDS = 1199
 DETAIL_CACHE_SECONDS = 30 * 86400
 CHARACTER_CACHE_SECONDS = 86400
-ROUTES = ("list_character", "list_corporation", "detail", "token", "character", "other")
+ROUTES = ("list_character", "list_corporation", "detail", "token", "character", "names", "prices", "other")
 GROUPS = ("char-killmail", "corp-killmail", "killmail")
 DEFAULTS: dict[str, Any] = {
     "page_size": 1000, "cache_seconds": 300, "latency_ms": 0, "error_rate_5xx": 0.0, "rate_429": 0.0,
@@ -70,7 +70,17 @@ _ESI_ROUTES = [
     ("list_corporation", re.compile(_PREFIX + r"/corporations/(?P<id>\d+)/killmails/recent/?$")),
     ("detail", re.compile(_PREFIX + r"/killmails/(?P<id>\d+)/(?P<hash>[^/]+)/?$")),
     ("character", re.compile(_PREFIX + r"/characters/(?P<id>\d+)/?$")),
+    ("names", re.compile(_PREFIX + r"/universe/names/?$")),
+    ("prices", re.compile(_PREFIX + r"/markets/prices/?$")),
 ]
+_POST_ROUTES = {"names"}
+# ESI's id ranges, as /universe/names/ tells categories apart: (first, end, category). Anything else is unknown.
+_ID_RANGES = [(1, 500_000, "inventory_type"), (500_000, 1_000_000, "faction"), (1_000_000, 2_000_000, "corporation"),
+              (3_000_000, 4_000_000, "character"), (30_000_000, 33_000_000, "solar_system"),
+              (90_000_000, 98_000_000, "character"), (98_000_000, 99_000_000, "corporation"),
+              (99_000_000, 100_000_000, "alliance"), (2_100_000_000, 2_200_000_000, "character")]
+NAMES_MAX = 1000
+PRICES_CACHE_SECONDS = 3600
 _TOKEN_PATH = re.compile(r"^/v2/oauth/token/?$")
 # The SSO login's routes and ESI's affiliation route (the SSO login section of Simulator).
 _LOGIN_PATHS = {
@@ -335,6 +345,7 @@ class Simulator:
         self._killmails: dict[int, Killmail] = {}
         self._links: dict[int, set[int]] = {}
         self._malformed: set[int] = set()
+        self._unknown_names: set[int] = set()  # ids /universe/names/ refuses, beside those in no id range
         self._last_id = 134_000_000
         self._lists: dict[tuple[str, int], ListCache] = {}
         self._given_expires: dict[tuple, int] = {}
@@ -416,6 +427,11 @@ class Simulator:
             if killmail_id not in self._killmails:
                 raise KeyError(killmail_id)
             self._malformed.add(killmail_id)
+
+    def make_unknown_names(self, *ids: int) -> None:
+        """Make /universe/names/ refuse these ids (a batch holding one is answered 404) from now on."""
+        with self._lock:
+            self._unknown_names.update(ids)
 
     def revoke(self, character_id: int) -> None:
         """Revoke a pilot's grant now: its refresh token gives invalid_grant and its access token stops working."""
@@ -589,7 +605,8 @@ class Simulator:
             reply = _error(420, "error limited")
         else:
             group, key = self._group(route, params, request)
-            reply = self._take_fault(request.path) or self._random_fault(group) or self._check_request(request)
+            reply = (self._take_fault(request.path) or self._random_fault(group)
+                     or self._check_request(request, route))
             if reply is None:
                 reply = getattr(self, f"_route_{route}")(params, request, now)
             if group and self._config["rate_limits"]:
@@ -649,9 +666,9 @@ class Simulator:
             return Reply(429, _json({"error": "Too many requests"}), headers)
         return None
 
-    def _check_request(self, request: Request) -> Reply | None:
-        """A 400 for a request without a proper User-Agent or X-Compatibility-Date (and 405 for a non-GET)."""
-        if request.method != "GET":
+    def _check_request(self, request: Request, route: str) -> Reply | None:
+        """A 400 for a request without a proper User-Agent or X-Compatibility-Date (and 405 for a wrong method)."""
+        if request.method != ("POST" if route in _POST_ROUTES else "GET"):
             return _error(405, "Method not allowed")
         agent = request.headers.get("User-Agent", "").strip()
         if not agent or _BARE_REQUESTS_AGENT.match(agent):
@@ -784,6 +801,44 @@ class Simulator:
         if self._alliances.get(pilot.corporation_id):
             body["alliance_id"] = self._alliances[pilot.corporation_id]
         return _cached(request, _json(body), int(now), int(now) + CHARACTER_CACHE_SECONDS, "public", now)
+
+    def _route_names(self, params: dict, request: Request, now: float) -> Reply:
+        """POST /universe/names/: id, category and name of each id; 404 for the whole batch when one id is
+        unknown (ESI's way), 400 for a body that is no list of 1 to 1000 ids."""
+        ids = request.get_json(silent=True)
+        if not isinstance(ids, list) or not 0 < len(ids) <= NAMES_MAX \
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            return _error(400, f"body must be a JSON list of 1 to {NAMES_MAX} ids")
+        answer = []
+        for i in dict.fromkeys(ids):
+            entry = self._name(i)
+            if entry is None:
+                return _error(404, "Ensure all IDs are valid before resolving.")
+            answer.append(entry)
+        self._stats["names_resolved"] += len(answer)
+        return Reply(200, _json(answer))
+
+    def _name(self, id_: int) -> dict | None:
+        if id_ in self._unknown_names:
+            return None
+        if id_ in self._pilots:
+            return {"id": id_, "category": "character", "name": self._pilots[id_].name}
+        category = next((c for first, end, c in _ID_RANGES if first <= id_ < end), None)
+        if category is None:
+            return None
+        return {"id": id_, "category": category, "name": f"{category.replace('_', ' ').title()} {id_}"}
+
+    def _route_prices(self, params: dict, request: Request, now: float) -> Reply:
+        """GET /markets/prices/: a price for every type the world's killmails hold, stable per type."""
+        types = sorted({*_SHIPS, *_STRUCTURES, *_NPC_SHIPS, *_WEAPONS, *_ITEMS, *_CONTAINERS})
+        prices = []
+        for type_id in types:
+            rng = random.Random(type_id)
+            adjusted = round(rng.uniform(100, 50_000_000), 2)
+            prices.append({"type_id": type_id, "adjusted_price": adjusted,
+                           "average_price": round(adjusted * rng.uniform(0.8, 1.2), 2)})
+        start = int(now) // PRICES_CACHE_SECONDS * PRICES_CACHE_SECONDS
+        return _cached(request, _json(prices), start, start + PRICES_CACHE_SECONDS, "public", now)
 
     def _route_other(self, params: dict, request: Request, now: float) -> Reply:
         return _error(404, "Not found")
@@ -1056,7 +1111,7 @@ class Simulator:
                 "duplicate_detail_fetches": 0, "early_list_fetches": 0, "status_420": 0, "status_429": 0,
                 "min_error_limit_remain": self._config["error_limit"], "tokens_spent": dict.fromkeys(GROUPS, 0),
                 "refreshes": 0, "invalid_grants": 0, "invalid_client": 0, "bad_user_agent": 0,
-                "bad_compatibility_date": 0, "faults_injected": 0, "max_in_flight": 0,
+                "bad_compatibility_date": 0, "faults_injected": 0, "max_in_flight": 0, "names_resolved": 0,
                 # the background spender's tokens (in the detail buckets beside ours) and spends it could not pay
                 "tokens_spent_background": 0, "background_refused": 0,
                 # when the first and the last 2xx detail of these counters were served (simulator clock)
@@ -1179,7 +1234,7 @@ def _match(path: str) -> tuple[str, dict]:
         found = pattern.match(path)
         if found:
             params = found.groupdict()
-            return name, {**params, "id": int(params["id"])}
+            return name, {**params, "id": int(params["id"])} if "id" in params else params
     return "other", {}
 
 

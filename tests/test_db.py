@@ -431,3 +431,27 @@ def test_applying_the_schema_completes_a_database_that_misses_its_later_changes(
         """).fetchone()
     assert catalog == {"column_added": True, "index_made": True, "compression": "l", "fk_dropped": True,
                        "column_dropped": True}
+
+
+def test_values_are_saved_with_the_killmail_and_missing_ones_filled_in_later(conn):
+    from decimal import Decimal
+    valued, unvalued = sample(1), sample(2)
+    db.save_killmails(conn, [valued, unvalued], [(Decimal("2.5"), Decimal(1), Decimal("3.5")), None])
+    conn.commit()
+    rows = conn.execute("SELECT killmail_id, destroyed_value, dropped_value, total_value FROM killmails "
+                        "ORDER BY killmail_id").fetchall()
+    assert [tuple(r.values()) for r in rows] == [(1, Decimal("2.5"), 1, Decimal("3.5")), (2, None, None, None)]
+    missing = db.killmails_without_value(conn, limit=10)
+    assert [(r["killmail_id"], r["victim_ship_type_id"]) for r in missing] == [(2, 17478)]
+    assert len(missing[0]["items"]) == 18 and missing[0]["items"][7] == [82313, 0, 16379, None]
+    db.set_killmail_values(conn, [(2, 1, 2, 3)])
+    assert db.killmails_without_value(conn, limit=10) == []
+
+
+def test_unknown_names_are_not_asked_again_for_a_day(conn):
+    db.save_names(conn, [{"id": 1, "category": "character", "name": "A"}], [2], NOW, unknown_for=timedelta(days=1))
+    assert db.names_to_resolve(conn, [1, 2, 3], NOW + timedelta(hours=23)) == [3]
+    assert db.names_to_resolve(conn, [1, 2, 3], NOW + timedelta(days=1)) == [2, 3]
+    assert db.names_of(conn, [1, 2, None]) == {1: "A"}
+    db.save_names(conn, [{"id": 2, "category": "corporation", "name": "B"}], [], NOW, unknown_for=timedelta(days=1))
+    assert db.names_of(conn, [1, 2]) == {1: "A", 2: "B"}

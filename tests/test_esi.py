@@ -1017,3 +1017,57 @@ def test_an_answer_larger_than_the_cap_is_malformed(monkeypatch, sleeps, encodin
 
 def test_the_size_cap_is_generous_for_real_answers():
     assert esi.MAX_BODY_BYTES >= 8 * 1024 * 1024   # a list page is ~100 kB, the biggest fights' details a few MB
+
+
+NAMES_URL = "https://esi.example/universe/names/"
+PRICES_URL = "https://esi.example/markets/prices/"
+
+
+def answer_names(unknown: set[int]):
+    """A callback answering POST /universe/names/ as ESI does: 404 for a batch holding any unknown id."""
+    def callback(request):
+        ids = json.loads(request.body)
+        if unknown & set(ids):
+            return 404, {}, json.dumps({"error": "Ensure all IDs are valid before resolving."})
+        return 200, {}, json.dumps([{"id": i, "category": "character", "name": f"N{i}"} for i in ids])
+    return callback
+
+
+def test_names_are_resolved_in_batches_of_a_thousand_under_the_universe_bucket(http):
+    http.add_callback(responses.POST, NAMES_URL, callback=answer_names(set()))
+    limits = RecordingLimits()
+    client = EsiClient(SETTINGS, limits=limits)
+    names, unknown = client.resolve_names(range(1, 1502))
+    assert sorted(n["id"] for n in names) == list(range(1, 1502)) and unknown == []
+    assert sorted(len(json.loads(c.request.body)) for c in http.calls) == [501, 1000]
+    assert [e[:3] for e in limits.events] == [("take", "universe"), ("settle", "universe", 200)] * 2
+    assert http.calls[0].request.headers["Content-Type"] == "application/json"
+
+
+def test_a_refused_names_batch_is_split_until_the_unknown_ids_stand_alone(http):
+    http.add_callback(responses.POST, NAMES_URL, callback=answer_names({3, 6}))
+    names, unknown = EsiClient(SETTINGS).resolve_names([1, 2, 3, 4, 5, 6, 7, 8])
+    assert sorted(n["id"] for n in names) == [1, 2, 4, 5, 7, 8] and sorted(unknown) == [3, 6]
+    sent = [tuple(json.loads(c.request.body)) for c in http.calls]
+    assert len(sent) == len(set(sent))  # no refused batch is ever sent again
+    # 404s: the eight, both fours, the pairs (3, 4) and (5, 6), then 3 and 6 alone
+    assert sum(c.response.status_code == 404 for c in http.calls) == 7
+
+
+def test_market_prices_with_etag_and_expiry(http):
+    http.add(responses.GET, PRICES_URL, json=[{"type_id": 1, "average_price": 2.5, "adjusted_price": 3},
+                                              {"type_id": 2, "adjusted_price": 7}, {"bogus": 1}],
+             headers={"ETag": '"p1"', "Date": DATE, "Expires": EXPIRES})
+    http.add(responses.GET, PRICES_URL, status=304, headers={"Date": DATE, "Expires": EXPIRES})
+    client = EsiClient(SETTINGS)
+    first = client.get_market_prices()
+    assert first == esi.MarketPrices([{"type_id": 1, "average_price": 2.5, "adjusted_price": 3},
+                                      {"type_id": 2, "adjusted_price": 7}], '"p1"', 120.0)
+    assert client.get_market_prices(etag='"p1"') == esi.MarketPrices(None, '"p1"', 120.0)
+    assert http.calls[1].request.headers["If-None-Match"] == '"p1"'
+
+
+def test_names_stop_splitting_after_a_bounded_number_of_refusals(http):
+    http.add_callback(responses.POST, NAMES_URL, callback=answer_names(set(range(1, 100))))
+    names, unknown = EsiClient(SETTINGS).resolve_names(range(1, 100))
+    assert len(http.calls) == esi.NAMES_REFUSALS and names == [] and len(unknown) < 99

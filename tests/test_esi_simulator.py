@@ -619,3 +619,31 @@ def test_cli_runs_until_sigterm():
         assert process.wait(timeout=10) == 0
     finally:
         process.kill()
+
+
+def post_names(esi, ids) -> requests.Response:
+    return requests.post(esi.base + "/universe/names/", json=ids, headers=HEADERS, timeout=5)
+
+
+def test_names_resolve_every_category_and_refuse_a_batch_with_an_unknown_id(esi):
+    pilot = esi.sim.pilots()[0]
+    answer = post_names(esi, [pilot["character_id"], 17478, 30000142, 98000001, 500001])
+    assert answer.status_code == 200
+    assert {n["id"]: (n["category"], n["name"]) for n in answer.json()} == {
+        pilot["character_id"]: ("character", pilot["character_name"]),
+        17478: ("inventory_type", "Inventory Type 17478"),
+        30000142: ("solar_system", "Solar System 30000142"), 98000001: ("corporation", "Corporation 98000001"),
+        500001: ("faction", "Faction 500001")}
+    esi.sim.make_unknown_names(17478)
+    assert post_names(esi, [17478, 30000142]).status_code == 404
+    assert post_names(esi, [2_000_000_000]).status_code == 404  # in no id range
+    assert post_names(esi, []).status_code == 400
+    assert requests.get(esi.base + "/universe/names/", headers=HEADERS, timeout=5).status_code == 405
+
+
+def test_market_prices_cover_the_worlds_types_and_are_cached(esi):
+    answer = esi.get("/markets/prices/")
+    assert answer.status_code == 200 and "Expires" in answer.headers
+    prices = {p["type_id"]: p for p in answer.json()}
+    assert {17478, 17482, 3467}.issubset(prices) and prices[17478]["average_price"] > 0
+    assert esi.get("/markets/prices/", **{"If-None-Match": answer.headers["ETag"]}).status_code == 304

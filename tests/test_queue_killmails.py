@@ -171,3 +171,25 @@ def test_stats_for_an_operator(conn, settings):
     assert stats.returncode == 0, stats.stderr
     assert "queued or running: 2" in stats.stdout and "needing a new login: 1" in stats.stdout
     assert f"Queue {settings.queue_name}: 2 ready" in stats.stdout
+
+
+def test_revalue_values_the_killmails_saved_without_a_value(conn, settings):
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+    from pathlib import Path
+
+    import db
+    import values
+    from killmail_model import parse_killmail
+    body = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
+    db.save_killmails(conn, [parse_killmail(body, killmail_id=134265477, killmail_hash="f" * 40)])
+    now = datetime.now(UTC)
+    db.save_market_prices(conn, [{"type_id": 17478, "average_price": 30e6}, {"type_id": 377, "adjusted_price": 5}],
+                          now)
+    db.save_esi_cache(conn, values.PRICES_KEY, None, now + timedelta(hours=1))  # fresh: ESI is not asked
+    conn.commit()
+    run = run_script("queue_killmails.py", settings, "--revalue")
+    assert run.returncode == 0, run.stderr
+    assert "Valued 1 killmails" in run.stdout
+    row = conn.execute("SELECT destroyed_value, dropped_value, total_value FROM killmails").fetchone()
+    assert tuple(row.values()) == (Decimal(30_000_000), Decimal(5), Decimal(30_000_005))

@@ -563,3 +563,35 @@ def test_fetched_killmails_are_saved_as_they_arrive_not_behind_a_slower_fetch(co
         futures[0].set_result(parse_killmail(bodies[ids[0]], **claimed[0]))
         collecting.join(timeout=10)
         assert stored_ids(other) >= set(ids) and result.saved == 4
+
+
+def test_killmails_are_valued_when_saved_and_their_ids_named_once_per_job(conn, world, sim, monkeypatch):
+    import values
+    monkeypatch.setattr(sync, "PRICES", values.PriceBook())  # a new process: prices not loaded yet
+    results = sync_all(conn, world, sim)
+    stats = sim.stats()
+    assert stats["by_route"]["prices"] == 1  # once for every job, until the prices expire
+    jobs_that_saved = sum(1 for r in results.values() if r.saved)
+    named = conn.execute("SELECT count(*) AS n, count(name) AS known FROM names").fetchone()
+    assert named["n"] == named["known"] > 0
+    # One call per job that saved, and one more per thousand ids (ESI's batch), none refused: all are known.
+    assert 0 < stats["by_route"]["names"] <= jobs_that_saved + named["n"] // 1000
+    prices = db.market_prices(conn)
+    for killmail_id, body in list(sim.expected_killmails(valid_only=True).items())[:20]:
+        row = conn.execute("SELECT destroyed_value, dropped_value, total_value FROM killmails "
+                           "WHERE killmail_id = %s", (killmail_id,)).fetchone()
+        killmail = sync.parse_killmail(body, killmail_id=killmail_id, killmail_hash="x")
+        assert tuple(row.values()) == values.killmail_values(killmail.row[10], killmail.items, prices)
+        named = db.names_of(conn, sync.named_ids(killmail))
+        assert set(named) == sync.named_ids(killmail)
+    assert conn.execute("SELECT count(*) AS n FROM killmails WHERE total_value IS NULL").fetchone()["n"] == 0
+
+
+def test_ids_esi_cannot_name_are_remembered_and_the_sync_goes_on(conn, world, sim, monkeypatch):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    victim_ship = next(iter(sim.expected_killmails(valid_only=True).values()))["victim"]["ship_type_id"]
+    sim.make_unknown_names(victim_ship)
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "ok" and result.saved > 0
+    row = conn.execute("SELECT name, unknown_until FROM names WHERE id = %s", (victim_ship,)).fetchone()
+    assert row is not None and row["name"] is None and row["unknown_until"] > now_for(sim)

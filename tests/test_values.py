@@ -1,0 +1,101 @@
+"""values.py: ISK values by hand computation on the real sample killmail; nested items and blueprint copies;
+the process's price book, loaded from market_prices and refreshed from ESI only when expired."""
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+import db
+import values
+from esi import MarketPrices
+from killmail_model import parse_killmail
+
+SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
+NOW = datetime(2026, 3, 25, 15, 0, tzinfo=UTC)
+
+# Prices of a few of the sample's types; the others have none (0).
+PRICES = {17478: Decimal("30000000.00"),  # the victim's ship
+          17482: Decimal("1000000"),      # one destroyed (flag 28), one dropped (flag 27)
+          22542: Decimal("500000"),       # one dropped, two destroyed
+          2488: Decimal("1000"),          # 10 destroyed
+          82313: Decimal("10")}           # 16379 destroyed, 14108 dropped
+
+
+def sample_values(prices):
+    killmail = parse_killmail(SAMPLE, killmail_id=134265477, killmail_hash="f" * 40)
+    return values.killmail_values(killmail.row[10], killmail.items, prices)
+
+
+def test_the_sample_killmail_is_valued_as_by_hand():
+    destroyed = 30_000_000 + 1_000_000 + 2 * 500_000 + 10 * 1_000 + 16_379 * 10
+    dropped = 1_000_000 + 500_000 + 14_108 * 10
+    assert (destroyed, dropped) == (32_173_790, 1_641_080)
+    assert sample_values(PRICES) == (Decimal(32_173_790), Decimal(1_641_080), Decimal(33_814_870))
+
+
+def test_without_prices_a_killmail_is_worth_nothing():
+    assert sample_values({}) == (0, 0, 0)
+
+
+def test_nested_items_count_and_a_blueprint_copy_has_a_token_value():
+    body = {"killmail_id": 1, "killmail_time": "2026-03-25T14:26:36Z", "solar_system_id": 30000142,
+            "attackers": [{"damage_done": 1, "final_blow": True, "security_status": 0.0}],
+            "victim": {"ship_type_id": 10, "damage_taken": 1, "items": [
+                {"flag": 5, "item_type_id": 20, "singleton": 0, "quantity_dropped": 1, "items": [
+                    {"flag": 5, "item_type_id": 30, "singleton": 0, "quantity_destroyed": 3},
+                    {"flag": 5, "item_type_id": 40, "singleton": 2, "quantity_dropped": 2}]},
+                {"flag": 5, "item_type_id": 40, "singleton": 1, "quantity_destroyed": 1}]}}
+    killmail = parse_killmail(body, killmail_id=1, killmail_hash="f" * 40)
+    prices = {10: Decimal(100), 20: Decimal(7), 30: Decimal(5), 40: Decimal(1000)}
+    # ship 100 + 3 x 5 nested + an original blueprint 1000 destroyed; container 7 + two copies at 0.01 dropped
+    assert values.killmail_values(10, killmail.items, prices) == (
+        Decimal(1115), Decimal("7.02"), Decimal("1122.02"))
+
+
+@pytest.mark.parametrize(("row", "price"), [
+    ({"average_price": 2.5, "adjusted_price": 3}, Decimal("2.5")),
+    ({"adjusted_price": 3}, Decimal(3)),
+    ({"average_price": None, "adjusted_price": None}, Decimal(0)),
+    ({}, Decimal(0)),
+])
+def test_price_of_takes_average_else_adjusted_else_zero(row, price):
+    assert values.price_of(row) == price
+
+
+class FakePrices:
+    """ESI's /markets/prices/ as a callable: counts the calls, answers with fixed entries."""
+
+    def __init__(self, prices, *, expires_in=3600.0):
+        self.calls = 0
+        self.prices, self.expires_in = prices, expires_in
+
+    def get_market_prices(self, *, etag=None):
+        self.calls += 1
+        return MarketPrices(self.prices, '"v1"', self.expires_in)
+
+
+def test_price_book_asks_esi_once_until_expiry(conn):
+    esi = FakePrices([{"type_id": 17478, "average_price": 30e6, "adjusted_price": 1},
+                      {"type_id": 2488, "adjusted_price": 1000}])
+    book = values.PriceBook()
+    assert book.refresh(conn, esi, NOW) == {17478: Decimal("30000000.0"), 2488: Decimal(1000)}
+    assert book.refresh(conn, esi, NOW + timedelta(minutes=59)) is book.prices
+    assert esi.calls == 1
+    other = values.PriceBook()  # another process: loads what the first stored, asks ESI nothing
+    assert other.refresh(conn, esi, NOW + timedelta(minutes=1)) == book.prices
+    assert esi.calls == 1
+    assert db.get_esi_cache(conn, values.PRICES_KEY)["etag"] == '"v1"'
+    book.refresh(conn, esi, NOW + timedelta(hours=1, seconds=1))
+    assert esi.calls == 2
+
+
+def test_price_book_refreshes_at_most_hourly_whatever_expires_says(conn):
+    esi = FakePrices([{"type_id": 1, "average_price": 1}], expires_in=5)
+    book = values.PriceBook()
+    book.refresh(conn, esi, NOW)
+    book.refresh(conn, esi, NOW + timedelta(minutes=30))
+    assert esi.calls == 1

@@ -1,0 +1,111 @@
+"""ISK values of killmails, from ESI's market prices.
+
+The rule: every item entry counts its quantity_destroyed toward the destroyed value and its quantity_dropped
+toward the dropped value, at its type's price; the victim's ship is destroyed at its price; items inside a
+container count like any other; a blueprint copy (singleton 2) counts BLUEPRINT_COPY_VALUE each, whatever its
+original sells for. A type's price is its average_price, else its adjusted_price, else 0. Total = destroyed +
+dropped. Computed in Python when a batch is saved, from prices loaded once per process.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import db
+from esi import EsiError
+
+log = logging.getLogger(__name__)
+
+BLUEPRINT_COPY = 2                   # an item's singleton for a blueprint copy
+BLUEPRINT_COPY_VALUE = Decimal("0.01")  # a copy has no market: a token value, as killboards show it
+PRICES_KEY = "markets/prices"        # its esi_cache row
+MIN_REFRESH = timedelta(hours=1)     # ESI's prices change daily: never asked more often than this
+RECHECK = timedelta(minutes=1)       # how soon prices still stale (refreshed elsewhere, or failed) are looked at again
+
+
+def price_of(row: Mapping[str, Any]) -> Decimal:
+    """A type's price: its average price, else its adjusted price, else 0."""
+    for key in ("average_price", "adjusted_price"):
+        if row.get(key) is not None:
+            return Decimal(str(row[key]))
+    return Decimal(0)
+
+
+def killmail_values(ship_type_id: int, items: list[tuple], prices: Mapping[int, Decimal]
+                    ) -> tuple[Decimal, Decimal, Decimal]:
+    """(destroyed, dropped, total) of a killmail: its victim's ship and its item rows (killmail_model's rows,
+    nested ones included) at `prices`."""
+    destroyed = prices.get(ship_type_id, Decimal(0))
+    dropped = Decimal(0)
+    for _, _, _, _, type_id, singleton, quantity_destroyed, quantity_dropped in items:
+        each = BLUEPRINT_COPY_VALUE if singleton == BLUEPRINT_COPY else prices.get(type_id, Decimal(0))
+        destroyed += each * (quantity_destroyed or 0)
+        dropped += each * (quantity_dropped or 0)
+    return destroyed, dropped, destroyed + dropped
+
+
+REVALUE_BATCH = 500  # killmails valued per transaction by revalue
+
+
+def revalue(conn, prices: Mapping[int, Decimal]) -> int:
+    """Value every stored killmail whose value is missing (saved before prices were known); returns how many."""
+    done, after = 0, 0
+    while rows := db.killmails_without_value(conn, limit=REVALUE_BATCH, after=after):
+        worth = []
+        for row in rows:
+            # Item rows as killmail_model lays them out: only type, singleton and quantities matter here.
+            items = [(None, None, None, None, *item) for item in row["items"]]
+            worth.append((row["killmail_id"], *killmail_values(row["victim_ship_type_id"], items, prices)))
+        db.set_killmail_values(conn, worth)
+        conn.commit()
+        done += len(rows)
+        after = rows[-1]["killmail_id"]
+    return done
+
+
+class PriceBook:
+    """One process's prices: loaded from market_prices once, refreshed from ESI when its Expires passed (at
+    most hourly, by one process at a time; the others load what it stored)."""
+
+    def __init__(self) -> None:
+        self.prices: dict[int, Decimal] = {}
+        self.expires_at: datetime | None = None
+        self._lock = threading.Lock()
+
+    def refresh(self, conn, esi, now: datetime) -> dict[int, Decimal]:
+        """The prices, refreshed first if they expired; a failed refresh keeps the old ones (and logs it)."""
+        with self._lock:
+            if self.expires_at is not None and now < self.expires_at:
+                return self.prices
+            try:
+                self._refresh(conn, esi, now)
+            except EsiError as exc:
+                log.warning("market prices not refreshed: %s", exc)
+                self.expires_at = now + RECHECK
+            return self.prices
+
+    def _refresh(self, conn, esi, now: datetime) -> None:
+        cached = db.get_esi_cache(conn, PRICES_KEY)
+        stale = cached is None or cached["expires_at"] is None or cached["expires_at"] <= now
+        if stale and db.try_lock(conn, db.LOCK_PRICES, 0):
+            try:
+                etag = cached["etag"] if cached and self.prices else None
+                answer = esi.get_market_prices(etag=etag)
+                expires_at = max(now + MIN_REFRESH, now + timedelta(seconds=answer.expires_in or 0))
+                if answer.prices is not None:
+                    db.save_market_prices(conn, answer.prices, now)
+                db.save_esi_cache(conn, PRICES_KEY, answer.etag, expires_at)
+                conn.commit()
+            finally:
+                db.unlock(conn, db.LOCK_PRICES, 0)
+                conn.commit()
+        self.prices = db.market_prices(conn)
+        cached = db.get_esi_cache(conn, PRICES_KEY)
+        conn.commit()
+        expires_at = cached["expires_at"] if cached else None
+        # Another process may be refreshing them right now: look again soon.
+        self.expires_at = expires_at if expires_at and expires_at > now else now + RECHECK
