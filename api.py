@@ -4,13 +4,16 @@ query as JSON routes. status_app.py serves it beside the operators' pages, which
 - `POST /api/sync/<character_id>` queues the pilot now, at high priority: `{"success": true, "message": "Queued
   <name> at high priority"}` (or that it is already queued), 404 for an unknown pilot, 503 when the broker fails.
 - `GET /api/characters/<character_id>/killmails?limit=20&before=<killmail_id>` pages its kills and losses, newest
-  first, each with `is_loss`, a victim summary, the attacker count and the final blow; `next_before` pages on.
+  first, each with `is_loss`, its ISK values (destroyed_value, dropped_value, total_value; null until valued), a
+  victim summary, the attacker count and the final blow, every id with its `<field>_name` beside it (null when
+  not known yet); `next_before` pages on.
 Every route answers 404 while APP_API_TOKEN is unset, and 401 without `Authorization: Bearer <APP_API_TOKEN>`.
 """
 from __future__ import annotations
 
 import hmac
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -60,23 +63,40 @@ def api_blueprint(sources: Sources) -> Blueprint:
             if not db.user_exists(conn, character_id):
                 return jsonify(success=False, message=f"no user with character id {character_id}"), 404
             rows = db.character_killmails_page(conn, character_id, limit=limit, before=before)
-        return jsonify(killmails=[killmail_summary(r) for r in rows],
+            names = db.names_of(conn, (row[key] for row in rows for key in NAMED_COLUMNS))
+        return jsonify(killmails=[killmail_summary(r, names) for r in rows],
                        next_before=rows[-1]["killmail_id"] if len(rows) == limit else None)
 
     return blueprint
 
 
-def killmail_summary(row: dict) -> dict[str, Any]:
-    """One row of db.character_killmails_page as the API's JSON: the killmail, its victim and its final blow."""
+NAMED_COLUMNS = ("solar_system_id", "victim_character_id", "victim_corporation_id", "victim_alliance_id",
+                 "victim_ship_type_id", "final_blow_character_id", "final_blow_corporation_id",
+                 "final_blow_ship_type_id")
+
+
+def killmail_summary(row: dict, names: dict[int, str]) -> dict[str, Any]:
+    """One row of db.character_killmails_page as the API's JSON: the killmail, its ISK values, its victim and
+    its final blow, each id with its name beside it (`<field>_name`, null when not known)."""
+    def named(prefix: str, fields: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for field in fields:
+            out[field] = row[prefix + field]
+            if field.endswith("_id"):
+                out[field.removesuffix("_id") + "_name"] = names.get(row[prefix + field])
+        return out
+
     return {
         "killmail_id": row["killmail_id"], "killmail_hash": row["killmail_hash"],
-        "killmail_time": row["killmail_time"], "solar_system_id": row["solar_system_id"],
+        "killmail_time": row["killmail_time"], **named("", ("solar_system_id",)),
         "is_loss": bool(row["is_loss"]),
-        "victim": {"character_id": row["victim_character_id"], "corporation_id": row["victim_corporation_id"],
-                   "alliance_id": row["victim_alliance_id"], "ship_type_id": row["victim_ship_type_id"],
-                   "damage_taken": row["victim_damage_taken"]},
+        **{key: _isk(row[key]) for key in ("destroyed_value", "dropped_value", "total_value")},
+        "victim": named("victim_", ("character_id", "corporation_id", "alliance_id", "ship_type_id",
+                                    "damage_taken")),
         "attackers": {"count": row["attacker_count"],
-                      "final_blow": {"character_id": row["final_blow_character_id"],
-                                     "corporation_id": row["final_blow_corporation_id"],
-                                     "ship_type_id": row["final_blow_ship_type_id"]}},
+                      "final_blow": named("final_blow_", ("character_id", "corporation_id", "ship_type_id"))},
     }
+
+
+def _isk(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)

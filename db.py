@@ -987,13 +987,14 @@ def user_exists(conn, character_id: int) -> bool:
 
 
 def character_killmails_page(conn, character_id: int, *, limit: int, before: int | None) -> list[dict]:
-    """A pilot's kills and losses, newest first (by killmail id, for keyset paging), with a victim summary and
-    an attacker summary (how many, and who dealt the final blow)."""
+    """A pilot's kills and losses, newest first (by killmail id, for keyset paging), with their ISK values, a
+    victim summary and an attacker summary (how many, and who dealt the final blow)."""
     return conn.execute(
         """
         SELECT k.killmail_id, k.killmail_hash, k.killmail_time, k.solar_system_id,
                k.victim_character_id, k.victim_corporation_id, k.victim_alliance_id, k.victim_ship_type_id,
                k.victim_damage_taken, (k.victim_character_id = %(id)s) AS is_loss,
+               k.destroyed_value, k.dropped_value, k.total_value,
                (SELECT count(*) FROM attackers a WHERE a.killmail_id = k.killmail_id) AS attacker_count,
                fb.character_id AS final_blow_character_id, fb.corporation_id AS final_blow_corporation_id,
                fb.ship_type_id AS final_blow_ship_type_id

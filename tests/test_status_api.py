@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pika
@@ -93,8 +93,9 @@ def test_killmails_newest_first_with_summaries_and_keyset_paging(client, conn, p
     assert [k["killmail_id"] for k in first["killmails"]] == [105, 104] and first["next_before"] == 104
     one = first["killmails"][0]
     assert one["is_loss"] is True and one["victim"]["ship_type_id"] == 17478
-    assert one["attackers"] == {"count": 1, "final_blow": {"character_id": 96424385, "corporation_id": 98601573,
-                                                           "ship_type_id": 35683}}
+    assert one["attackers"] == {"count": 1, "final_blow": {
+        "character_id": 96424385, "character_name": None, "corporation_id": 98601573, "corporation_name": None,
+        "ship_type_id": 35683, "ship_type_name": None}}
     assert one["killmail_time"] == "2026-03-25T14:26:36Z"
     second = client.get(f"/api/characters/{pilot}/killmails?limit=2&before=104", headers=AUTH).get_json()
     assert [k["killmail_id"] for k in second["killmails"]] == [103, 102]
@@ -105,3 +106,23 @@ def test_killmails_newest_first_with_summaries_and_keyset_paging(client, conn, p
 def test_killmails_of_an_unknown_user_is_404_and_bad_paging_is_400(client, conn, pilot):
     assert client.get("/api/characters/42/killmails", headers=AUTH).status_code == 404
     assert client.get(f"/api/characters/{pilot}/killmails?limit=x", headers=AUTH).status_code == 400
+
+
+def test_killmails_carry_names_beside_ids_and_isk_values(client, conn, pilot):
+    from decimal import Decimal
+    killmail = parse_killmail(dict(SAMPLE, killmail_id=101), killmail_id=101, killmail_hash="a" * 40)
+    db.save_killmails(conn, [killmail], [(Decimal("30000000.50"), Decimal(1000), Decimal("30001000.50"))])
+    db.store_refs(conn, "character", PILOT, [(101, "a" * 40)])
+    db.save_names(conn, [{"id": 30000743, "category": "solar_system", "name": "Kor-Azor Prime"},
+                         {"id": PILOT, "category": "character", "name": "Victim"},
+                         {"id": 17478, "category": "inventory_type", "name": "Retriever"},
+                         {"id": 96424385, "category": "character", "name": "Killer"}],
+                  [98366055], datetime.now(UTC), unknown_for=timedelta(days=1))
+    conn.commit()
+    one = client.get(f"/api/characters/{pilot}/killmails", headers=AUTH).get_json()["killmails"][0]
+    assert one["solar_system_name"] == "Kor-Azor Prime"
+    assert (one["destroyed_value"], one["dropped_value"], one["total_value"]) == (30000000.5, 1000, 30001000.5)
+    victim = one["victim"]
+    assert (victim["character_name"], victim["ship_type_name"], victim["corporation_name"]) == (
+        "Victim", "Retriever", None)  # the corporation ESI could not name is null
+    assert one["attackers"]["final_blow"]["character_name"] == "Killer"
