@@ -854,6 +854,21 @@ def killmail_growth(conn, now: datetime) -> dict:
     ).fetchone()
 
 
+def isk_last_day(conn, now: datetime) -> dict:
+    """ISK of the killmails of the last 24 hours (by killmail_time): `lost` where the victim is one of the users,
+    `destroyed` the rest (what the users and their corporations killed). Killmails not valued yet count 0."""
+    return conn.execute(
+        """
+        SELECT coalesce(sum(k.total_value) FILTER (WHERE u.character_id IS NULL), 0) AS destroyed,
+               coalesce(sum(k.total_value) FILTER (WHERE u.character_id IS NOT NULL), 0) AS lost
+        FROM killmails k
+        LEFT JOIN users u ON u.character_id = k.victim_character_id
+        WHERE k.killmail_time >= %(now)s - interval '24 hours'
+        """,
+        {"now": now},
+    ).fetchone()
+
+
 # The hourly charts: each row's `hour` is the start of its hour, counted in whole hours from `since`, which the
 # caller puts on a clock hour. An hour with nothing in it has no row.
 

@@ -189,6 +189,7 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
     latest = db.latest_run(conn)
     stats = db.run_stats(conn, now - METRICS_WINDOW)
     growth = db.killmail_growth(conn, now)
+    isk = db.isk_last_day(conn, now)
     users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
     refs = db.failed_refs(conn, limit=FAILED_REFS_SHOWN)
     last_sync = latest["finished_at"] if latest else None
@@ -207,6 +208,9 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
             "killmails_total": growth["total"],
             "killmails_last_hour": growth["last_hour"],
             "killmails_per_hour": round(growth["last_day"] / (METRICS_WINDOW / timedelta(hours=1)), 2),
+            # ISK of the last 24 h of killmails (by their time): the users' losses, and the rest (their kills).
+            "isk_destroyed_last_day": float(isk["destroyed"]),
+            "isk_lost_last_day": float(isk["lost"]),
         },
         "hourly": hourly(conn, now),
         "queue": queue,

@@ -523,3 +523,27 @@ def test_is_running(last_sync, consumers, running):
 def test_times_are_utc_iso_8601_in_json():
     assert status_app.iso_utc(datetime(2026, 11, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))) == \
         "2026-11-01T12:00:00Z"
+
+
+def test_status_shows_the_isk_destroyed_and_lost_in_the_last_day(client, conn):
+    from decimal import Decimal
+    from pathlib import Path
+
+    from killmail_model import parse_killmail
+    sample = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
+    now = datetime.now(UTC)
+    conn.execute("INSERT INTO users (character_id, character_name) VALUES (2121652582, 'Victim')")
+    killmails, worth = [], []
+    for killmail_id, victim, age, total in [(1, 2121652582, 1, "1500000000"), (2, 5, 2, "2500000"),
+                                            (3, 6, 30, "999"), (4, 7, 3, None)]:
+        body = dict(sample, killmail_id=killmail_id, killmail_time=(now - timedelta(hours=age)).isoformat(),
+                    victim=dict(sample["victim"], character_id=victim))
+        killmails.append(parse_killmail(body, killmail_id=killmail_id, killmail_hash="a" * 40))
+        worth.append(None if total is None else (Decimal(total), Decimal(0), Decimal(total)))
+    db.save_killmails(conn, killmails, worth)
+    conn.commit()
+    metrics = client.get("/status", headers=JSON).get_json()["metrics"]
+    # lost: the user's own loss; destroyed: the other kill of the last day (the older one and the unvalued count 0)
+    assert (metrics["isk_lost_last_day"], metrics["isk_destroyed_last_day"]) == (1.5e9, 2.5e6)
+    page = client.get("/status", headers=BROWSER).get_data(as_text=True)
+    assert 'id="isk-lost">1.50&thinsp;B<' in page and 'id="isk-destroyed">2.50&thinsp;M<' in page
