@@ -11,7 +11,7 @@ import pytest
 
 import db
 import values
-from esi import MarketPrices
+from esi import MarketPrices, ServerError
 from killmail_model import parse_killmail
 
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
@@ -99,3 +99,32 @@ def test_price_book_refreshes_at_most_hourly_whatever_expires_says(conn):
     book.refresh(conn, esi, NOW)
     book.refresh(conn, esi, NOW + timedelta(minutes=30))
     assert esi.calls == 1
+
+
+class FailingPrices:
+    calls = 0
+
+    def get_market_prices(self, *, etag=None):
+        self.calls += 1
+        raise ServerError("GET /markets/prices/ -> 503")
+
+
+def test_a_failed_price_refresh_keeps_the_old_prices_and_is_tried_again_a_minute_later(conn):
+    book = values.PriceBook()
+    book.refresh(conn, FakePrices([{"type_id": 1, "average_price": 4}]), NOW)
+    failing = FailingPrices()
+    later = NOW + timedelta(hours=2)
+    assert book.refresh(conn, failing, later) == {1: Decimal(4)}
+    assert book.refresh(conn, failing, later + timedelta(seconds=30)) == {1: Decimal(4)}
+    assert failing.calls == 1
+    book.refresh(conn, failing, later + values.RECHECK)
+    assert failing.calls == 2
+
+
+def test_unchanged_prices_keep_the_stored_ones_and_extend_their_expiry(conn):
+    book = values.PriceBook()
+    book.refresh(conn, FakePrices([{"type_id": 1, "average_price": 4}]), NOW)
+    unchanged = FakePrices(None)  # a 304: MarketPrices(None, ...)
+    later = NOW + timedelta(hours=2)
+    assert book.refresh(conn, unchanged, later) == {1: Decimal(4)}
+    assert book.expires_at == later + values.MIN_REFRESH and unchanged.calls == 1
