@@ -96,6 +96,7 @@ class SyncOptions:
     full: bool = False
     attempt: int = 1
     worker: str | None = None
+    notify_max_age: int = 3600          # NOTIFY_MAX_AGE_SECONDS: older new killmails are announced nowhere
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
@@ -479,7 +480,7 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
     if not killmails:
         return
     try:
-        result.saved += len(db.save_killmails(conn, killmails))
+        result.saved += len(db.save_killmails(conn, killmails, notify_max_age=options.notify_max_age))
         conn.commit()
         return
     except db.psycopg.OperationalError:
@@ -488,7 +489,7 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
         conn.rollback()
     for killmail in killmails:
         try:
-            result.saved += len(db.save_killmails(conn, [killmail]))
+            result.saved += len(db.save_killmails(conn, [killmail], notify_max_age=options.notify_max_age))
             conn.commit()
         except db.psycopg.OperationalError:
             raise
