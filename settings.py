@@ -22,7 +22,7 @@ DEFAULT_COMPATIBILITY_DATE = "2026-08-18"
 SSO_AUTHORIZE_URL = "https://login.eveonline.com/v2/oauth/authorize"
 SSO_JWKS_URL = "https://login.eveonline.com/oauth/jwks"     # SSO's metadata names it as jwks_uri
 SSO_REVOKE_URL = "https://login.eveonline.com/v2/oauth/revoke"
-ZKILLBOARD_URL = "https://zkillboard.com/api/killmail/add/"  # + {killmail_id}/{killmail_hash}/
+ZKILLBOARD_URL = "https://zkillboard.com/api/killmail/add"  # + {killmail_id}/{killmail_hash}/
 PLACEHOLDER = "CHANGE-ME"  # the deploy kit's examples' stand-in for a password
 
 
