@@ -217,6 +217,7 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
             for ref in refs]},
         "esi_limits": db.esi_limit_buckets(conn, now),
         "esi_calls": db.esi_call_counts(conn),
+        "outbox": db.outbox_summary(conn, now),
     }
 
 
