@@ -309,3 +309,12 @@ def test_webhooks_cli_adds_lists_and_tests(conn, database_url, receivers):
     receiver.refuse_with = 404
     assert run_script("webhooks.py", settings, "test", "losses").returncode == 1
     assert run_script("webhooks.py", settings, "test", "nobody").returncode == 1
+
+
+def test_the_docs_embed_is_rendered_from_what_the_receiver_logged():
+    from tests.embed_screenshot import received_embed, render
+    body = received_embed()
+    page = render(body)
+    assert body["embeds"][0]["url"] == "https://zkillboard.com/kill/134265477/"
+    assert "https://zkillboard.com/kill/134265477/" in page and "187.65M ISK" in page
+    assert "character 2121652582" in page and "system 30000743" in page
