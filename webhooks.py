@@ -36,11 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sample_killmail(conn) -> dict:
-    """The latest stored killmail, or the one in tests/data when none is stored."""
+def sample_killmail(conn) -> dict | None:
+    """The latest stored killmail, or the one in tests/data when none is stored (None where tests/ is absent)."""
     stored = db.notification_killmail(conn)
     if stored is not None:
         return stored
+    if not SAMPLE.exists():  # the production image ships no tests/
+        return None
     body = json.loads(SAMPLE.read_text())
     killmail = parse_killmail(body, killmail_id=body["killmail_id"], killmail_hash="0" * 40)
     row = dict(zip(db.KILLMAIL_COLUMN_NAMES, killmail.row, strict=False))
@@ -62,10 +64,13 @@ def test_webhook(conn, name: str, user_agent: str) -> int:
     if webhook is None:
         print(f"no webhook named {name!r}", file=sys.stderr)
         return 1
+    killmail = sample_killmail(conn)
+    if killmail is None:
+        print("no killmail stored yet to post as a sample", file=sys.stderr)
+        return 1
     options = notifications.SenderOptions(user_agent=user_agent)
     with requests.Session() as session:
-        response, error = notifications.post(session, webhook["format"], webhook["url"], sample_killmail(conn),
-                                             options)
+        response, error = notifications.post(session, webhook["format"], webhook["url"], killmail, options)
     if response is None or not response.ok:
         print(f"❌ {name}: {error or f'HTTP {response.status_code}'}", file=sys.stderr)
         return 1

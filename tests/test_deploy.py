@@ -190,7 +190,7 @@ def test_kubernetes_manifest_runs_three_workers_with_a_readiness_probe():
 
 
 @pytest.mark.parametrize("unit", ["killmail-worker@.service", "killmail-status.service", "killmail-queue.service",
-                                  "killmail-queue.timer"])
+                                  "killmail-queue.timer", "killmail-notify.service"])
 def test_systemd_units_parse(unit):
     parser = configparser.ConfigParser(strict=True, interpolation=None)
     parser.optionxform = str

@@ -306,6 +306,10 @@ def test_webhooks_cli_adds_lists_and_tests(conn, database_url, receivers):
     tested = run_script("webhooks.py", settings, "test", "losses")  # nothing stored: the sample killmail
     assert tested.returncode == 0, tested.stderr
     assert [b["killmail_id"] for b in receiver.bodies()] == [134265477]
+    db.save_killmails(conn, [killmail(77, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    assert run_script("webhooks.py", settings, "test", "losses").returncode == 0  # now the latest stored one
+    assert [b["killmail_id"] for b in receiver.bodies()] == [134265477, 77]
     receiver.refuse_with = 404
     assert run_script("webhooks.py", settings, "test", "losses").returncode == 1
     assert run_script("webhooks.py", settings, "test", "nobody").returncode == 1
@@ -318,3 +322,9 @@ def test_the_docs_embed_is_rendered_from_what_the_receiver_logged():
     assert body["embeds"][0]["url"] == "https://zkillboard.com/kill/134265477/"
     assert "https://zkillboard.com/kill/134265477/" in page and "187.65M ISK" in page
     assert "character 2121652582" in page and "system 30000743" in page
+
+
+def test_the_worker_passes_the_age_limit_to_sync(database_url):
+    import killmail_worker
+    child = killmail_worker.Child(make_settings(database_url, notify_max_age_seconds=600), burst=True)
+    assert child.sync_options(full=True).notify_max_age == 600
