@@ -693,6 +693,18 @@ def refuse_webhook(conn, webhook_id: int, reason: str) -> None:
     conn.execute("UPDATE webhooks SET refused = %s WHERE id = %s", (reason[:300], webhook_id))
 
 
+def prune_outbox(conn, now: datetime, *, keep_days: int) -> int:
+    """Delete outbox rows delivered or given up more than keep_days ago; returns how many.
+
+    Safe at any age: rows are written only for newly stored killmails, never again for the same one.
+    """
+    return conn.execute(
+        "DELETE FROM outbox WHERE (delivered_at < %(cut)s) "
+        "OR (delivered_at IS NULL AND next_attempt_at IS NULL AND created_at < %(cut)s)",
+        {"cut": now - timedelta(days=keep_days)},
+    ).rowcount
+
+
 def outbox_summary(conn, now: datetime) -> dict:
     """The status page's outbox panel: pending, delivered in 24 h, failed, and the refused destinations."""
     counts = conn.execute(

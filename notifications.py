@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +40,8 @@ class SenderOptions:
     default_retry_after: float = 5.0    # a 429 that does not say how long
     zkillboard_interval: float = 1.0    # zKillboard asks for at most one add a second
     poll: float = 1.0                   # how often an idle sender looks for due rows
+    keep_days: int = 30                 # delivered and given-up rows are kept this long (for the status page)
+    prune_every: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -235,8 +238,13 @@ def record(conn, row: Mapping, outcome: Outcome, now: datetime, options: SenderO
 
 
 def run(conn, options: SenderOptions, stop: threading.Event) -> None:
-    """Deliver due rows until stop is set (the row in hand is finished first)."""
+    """Deliver due rows until stop is set (the row in hand is finished first); prune old rows now and then."""
+    pruned_at = -options.prune_every
     with requests.Session() as session:
         while not stop.is_set():
+            if time.monotonic() - pruned_at >= options.prune_every:
+                db.prune_outbox(conn, datetime.now(UTC), keep_days=options.keep_days)
+                conn.commit()
+                pruned_at = time.monotonic()
             if not deliver_next(conn, session, options):
                 stop.wait(options.poll)

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -287,6 +288,28 @@ def test_each_receiver_gets_what_its_filters_ask_for_once_across_a_kill_and_a_42
     assert sorted(ids(pilot_kills.bodies())) == sorted(expected(recent, character=7, losses=False))
     assert 429 in corp_losses.answers and 503 in everything.answers
     assert db.outbox_summary(conn, datetime.now(UTC))["failed"] == 0
+
+
+def test_the_sender_prunes_old_delivered_and_given_up_rows_only(conn, database_url):
+    db.add_webhook(conn, "all", "http://127.0.0.1:9/a")
+    db.save_killmails(conn, [killmail(i, victim=(7, 500), attackers=[(8, 600)]) for i in (1, 2, 3, 4, 5)])
+    old = NOW - timedelta(days=31)
+    conn.execute("UPDATE outbox SET delivered_at = %s WHERE killmail_id = 1", (old,))
+    conn.execute("UPDATE outbox SET delivered_at = %s WHERE killmail_id = 2", (NOW,))
+    conn.execute("UPDATE outbox SET next_attempt_at = NULL, created_at = %s WHERE killmail_id = 3", (old,))
+    conn.execute("UPDATE outbox SET created_at = %s WHERE killmail_id = 4", (old,))  # old, but still pending
+    conn.commit()
+    db.set_webhook_enabled(conn, "all", False)  # the running sender only prunes
+    conn.commit()
+    stop = threading.Event()
+    with db.connect(database_url) as sender_conn:
+        sender = threading.Thread(target=notifications.run, args=(sender_conn, FAST, stop))
+        sender.start()
+        try:
+            wait_until(lambda: {k for _, k in outbox(conn)} == {2, 4, 5}, timeout=10, what="the old rows pruned")
+        finally:
+            stop.set()
+            sender.join(10)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
