@@ -225,6 +225,9 @@ def test_status_shows_the_notification_outbox_and_refused_destinations(client, c
     page = client.get("/status", headers=BROWSER).get_data(as_text=True)
     assert '<b id="outbox-pending">2</b>' in page and '<b id="outbox-failed">1</b>' in page
     assert "zkillboard answered HTTP 403" in page
+    got = samples(client.get("/metrics"))
+    assert [got[("killmail_outbox_rows", (("state", state),))] for state in ("pending", "failed")] == [2, 1]
+    assert got[("killmail_notify_refused", ())] == 1
 
 
 def test_status_shows_the_last_twenty_runs(client, conn):
