@@ -100,7 +100,8 @@ def test_the_development_lock_is_what_is_installed_and_all_it_needs():
 def test_compose_file_has_services_and_workers():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"postgres", "rabbitmq", "worker", "producer", "status"} <= set(services)
+    assert {"postgres", "rabbitmq", "worker", "producer", "status", "notify"} <= set(services)
+    assert services["notify"]["command"][:2] == ["python", "send_notifications.py"]
     assert services["worker"]["command"][:2] == ["python", "killmail_worker.py"]
     assert services["status"]["command"][-1] == "status_app:app"
     assert services["worker"]["environment"]["RABBITMQ_URL"].startswith("amqp://")
