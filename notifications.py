@@ -248,3 +248,17 @@ def run(conn, options: SenderOptions, stop: threading.Event) -> None:
                 pruned_at = time.monotonic()
             if not deliver_next(conn, session, options):
                 stop.wait(options.poll)
+
+
+def serve(connect: Callable[[], psycopg.Connection], options: SenderOptions, stop: threading.Event) -> None:
+    """run() until stop is set, on a new connection whenever PostgreSQL went away (waiting longer each time)."""
+    failures = 0
+    while not stop.is_set():
+        try:
+            with connect() as conn:
+                failures = 0
+                run(conn, options, stop)
+        except psycopg.OperationalError as exc:
+            failures += 1
+            log.warning("⚠️ PostgreSQL unreachable (%s); trying again", describe(exc))
+            stop.wait(min(60.0, options.poll * 2 ** failures))

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 
+import db
 import notifications
 from settings import setup_logging
 
@@ -50,14 +51,15 @@ def main(argv: list[str] | None = None) -> int:
                                           timeout=settings.http_timeout_seconds)
     with conn:
         notifications.register_zkillboard(conn, settings.zkillboard_url, enabled=settings.zkillboard_push)
-        stop = threading.Event()
-        sender = threading.Thread(target=notifications.run, args=(conn, options, stop), name="sender", daemon=True)
-        sender.start()
-        log.info("📣 Sending notifications (zKillboard %s)", "on" if settings.zkillboard_push else "off")
-        while sender.is_alive():
-            sender.join(0.2)
-            if signals.count:
-                stop.set()
+    stop = threading.Event()
+    sender = threading.Thread(target=notifications.serve, name="sender", daemon=True,
+                              args=(lambda: db.connect(settings.database_url), options, stop))
+    sender.start()
+    log.info("📣 Sending notifications (zKillboard %s)", "on" if settings.zkillboard_push else "off")
+    while sender.is_alive():
+        sender.join(0.2)
+        if signals.count:
+            stop.set()
     log.info("👋 Stopped")
     return 0 if signals.count else 1
 

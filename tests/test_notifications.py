@@ -226,9 +226,34 @@ def test_zkillboard_gets_id_and_hash_with_the_user_agent_one_at_a_time_until_it_
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def start_sender(settings) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "send_notifications.py")], env=settings_env(settings),
+def start_sender(settings, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "send_notifications.py")], env=settings_env(settings) | env,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_zkillboard_push_registers_zkillboard_and_the_sender_posts_there(conn, database_url, receivers):
+    zkb = receivers()
+    sender = start_sender(make_settings(database_url), ZKILLBOARD_PUSH="1", ZKILLBOARD_URL=zkb.url)
+    try:
+        wait_until(lambda: db.get_webhook(conn, "zkillboard") or conn.rollback(), timeout=30,
+                   what="zKillboard registered")
+        db.save_killmails(conn, [killmail(9, victim=(7, 500), attackers=[(8, 600)], time=NOW - timedelta(days=5))])
+        conn.commit()
+        wait_until(lambda: zkb.posts, timeout=30, what="the post to zKillboard")
+        sender.send_signal(signal.SIGTERM)
+        assert sender.wait(20) == 0
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    assert [p["path"] for p in zkb.posts] == [f"/hook/9/{9:040x}/"]
+
+
+def test_the_sender_names_a_bad_setting_and_exits_2(database_url):
+    sender = start_sender(make_settings(database_url), ZKILLBOARD_PUSH="maybe")
+    output, _ = sender.communicate(timeout=30)
+    assert sender.returncode == 2
+    assert output.strip() == "configuration error: ZKILLBOARD_PUSH: must be 1 or 0, got 'maybe'"
 
 
 def expected(killmails, *, corporation=None, character=None, kills=True, losses=True) -> set[int]:
@@ -310,6 +335,30 @@ def test_the_sender_prunes_old_delivered_and_given_up_rows_only(conn, database_u
         finally:
             stop.set()
             sender.join(10)
+
+
+def test_the_sender_connects_again_when_postgresql_went_away(conn, database_url, receivers):
+    receiver = receivers()
+    db.add_webhook(conn, "all", receiver.url)
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    attempts = []
+
+    def connect():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise db.psycopg.OperationalError("connection refused")
+        return db.connect(database_url)
+
+    stop = threading.Event()
+    sender = threading.Thread(target=notifications.serve, args=(connect, FAST, stop))
+    sender.start()
+    try:
+        wait_until(lambda: receiver.bodies(), timeout=10, what="the post after a reconnect")
+    finally:
+        stop.set()
+        sender.join(10)
+    assert len(attempts) == 2 and not sender.is_alive()
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
