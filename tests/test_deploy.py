@@ -156,7 +156,7 @@ def dockerfile_user() -> int:
     return int(user.split(":")[0])
 
 
-@pytest.mark.parametrize("name", ["killmail-worker", "killmail-status", "killmail-queue"])
+@pytest.mark.parametrize("name", ["killmail-worker", "killmail-status", "killmail-queue", "killmail-notify"])
 def test_kubernetes_pods_run_unprivileged_on_a_read_only_root(name):
     spec = pod_specs()[name]
     assert spec["securityContext"]["runAsNonRoot"] is True
@@ -173,7 +173,7 @@ def test_kubernetes_pods_run_unprivileged_on_a_read_only_root(name):
 
 def test_kubernetes_images_are_pinned_to_a_version():
     images = [c["image"] for spec in pod_specs().values() for c in spec["containers"]]
-    assert len(images) == 3
+    assert len(images) == 4
     for image in images:
         name, _, tag = image.rpartition(":")
         assert "@sha256:" in image or (name and "/" not in tag and tag not in ("", "latest")), image
@@ -188,6 +188,8 @@ def test_kubernetes_manifest_runs_three_workers_with_a_readiness_probe():
     assert status["readinessProbe"]["httpGet"]["path"] == "/health"
     assert documents[("CronJob", "killmail-queue")]["spec"]["jobTemplate"]["spec"]["template"]["spec"][
         "containers"][0]["command"] == ["python", "queue_killmails.py"]
+    notify = documents[("Deployment", "killmail-notify")]["spec"]["template"]["spec"]["containers"][0]
+    assert notify["command"][:2] == ["python", "send_notifications.py"]
 
 
 @pytest.mark.parametrize("unit", ["killmail-worker@.service", "killmail-status.service", "killmail-queue.service",
