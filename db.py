@@ -613,6 +613,15 @@ def add_webhook(conn, name: str, url: str, *, format: str = "discord", character
     ).fetchone()["id"]
 
 
+def keep_webhook(conn, name: str, url: str, *, format: str, enabled: bool) -> None:
+    """Add a destination without filters, or set its URL and whether it is enabled, keeping a refusal."""
+    conn.execute(
+        "INSERT INTO webhooks (name, url, format, enabled) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url, format = EXCLUDED.format, enabled = EXCLUDED.enabled",
+        (name, url, format, enabled),
+    )
+
+
 def set_webhook_enabled(conn, name: str, enabled: bool) -> None:
     """Enable or disable a destination by name."""
     conn.execute("UPDATE webhooks SET enabled = %s WHERE name = %s", (enabled, name))

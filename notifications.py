@@ -4,7 +4,8 @@ destination's answer means, and the sender that delivers the outbox at least onc
 Rows are written by db.save_killmails in the transaction that stores the killmail (the transactional outbox). A
 sender locks one due row at a time (FOR UPDATE SKIP LOCKED, so several senders share the work), posts it, and
 records the outcome in the same transaction: a sender killed mid-post releases its row at once, and the next
-sender posts it again (at least once: only the post in flight at the kill can be repeated).
+sender posts it again. So a post is delivered at least once: only one in flight at a kill, or one whose answer
+timed out, can arrive twice.
 """
 from __future__ import annotations
 
@@ -175,11 +176,10 @@ def judge(format: str, response: requests.Response | None, error: str, attempts:
 
 
 def register_zkillboard(conn, url: str, *, enabled: bool) -> None:
-    """Make zKillboard a destination (or stop posting to it) as ZKILLBOARD_PUSH says; a refusal is kept."""
-    if enabled and db.get_webhook(conn, ZKILLBOARD_NAME) is None:
-        db.add_webhook(conn, ZKILLBOARD_NAME, url, format="zkillboard")
-    elif db.get_webhook(conn, ZKILLBOARD_NAME) is not None:
-        db.set_webhook_enabled(conn, ZKILLBOARD_NAME, enabled)
+    """Make zKillboard a destination at this URL (or stop posting to it) as ZKILLBOARD_PUSH says; a refusal is
+    kept, so that a restart does not post again to a zKillboard that refused the app."""
+    if enabled or db.get_webhook(conn, ZKILLBOARD_NAME) is not None:
+        db.keep_webhook(conn, ZKILLBOARD_NAME, url, format="zkillboard", enabled=enabled)
     conn.commit()
 
 
@@ -195,7 +195,7 @@ def post(session: requests.Session, format: str, url: str, killmail: Mapping,
         return None, f"{type(exc).__name__}: {exc}"[:300]
 
 
-def deliver_next(conn, session: requests.Session, options: SenderOptions,
+def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> bool:
     """Post the next due outbox row and record what came of it; False when nothing was due."""
     try:

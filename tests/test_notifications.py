@@ -221,6 +221,9 @@ def test_zkillboard_gets_id_and_hash_with_the_user_agent_one_at_a_time_until_it_
     deliver_all(conn)
     notifications.register_zkillboard(conn, zkb.url, enabled=True)  # a restart does not forget the refusal
     assert db.outbox_summary(conn, datetime.now(UTC))["refused"] == [{"name": "zkillboard", "refused": "HTTP 403"}]
+    notifications.register_zkillboard(conn, "http://127.0.0.1:9/moved", enabled=False)
+    assert (db.get_webhook(conn, "zkillboard")["url"], db.get_webhook(conn, "zkillboard")["enabled"]) == \
+        ("http://127.0.0.1:9/moved", False)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
