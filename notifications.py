@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import psycopg
 import requests
@@ -192,7 +193,9 @@ def post(session: requests.Session, format: str, url: str, killmail: Mapping,
                                 headers={"Content-Type": "application/json", "User-Agent": options.user_agent})
         return response, ""
     except requests.RequestException as exc:
-        return None, f"{type(exc).__name__}: {exc}"[:300]
+        # A Discord webhook's URL holds its token: an error names the host only, never the path.
+        path = urlsplit(target).path
+        return None, f"{type(exc).__name__}: {exc}".replace(path, "/…" if path else "")[:300]
 
 
 def deliver_next(conn, session: requests.Session, options: SenderOptions, *,

@@ -18,7 +18,7 @@ import db
 import notifications
 from killmail_model import parse_killmail
 from notifications import Outcome, SenderOptions
-from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until
+from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until, watch_secrets
 from tests.webhook_receiver import Receiver
 
 NOW = datetime.now(UTC)
@@ -191,6 +191,18 @@ def test_5xx_and_timeouts_are_retried_then_given_up_with_the_error(conn, receive
     assert rows["dead"]["next_attempt_at"] is None and rows["dead"]["last_error"].startswith("HTTP 503")
     assert db.outbox_summary(conn, datetime.now(UTC)) == {"pending": 0, "delivered_24h": 1, "failed": 1,
                                                           "refused": []}
+
+
+def test_an_error_never_shows_the_webhooks_token(conn):
+    token = "discord-webhook-token-5f1e9a"
+    watch_secrets([token])
+    db.add_webhook(conn, "closed", f"http://127.0.0.1:9/api/webhooks/1/{token}")  # nothing listens on port 9
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    deliver_all(conn)
+    (row,) = conn.execute("SELECT attempts, last_error FROM outbox").fetchall()
+    assert row["attempts"] == FAST.max_attempts and "ConnectionError" in row["last_error"]
+    assert token not in row["last_error"] and "127.0.0.1" in row["last_error"]
 
 
 def test_a_404_marks_the_webhook_refused_and_keeps_its_rows(conn, receivers):
