@@ -483,6 +483,7 @@ _KILLMAIL_COLUMNS = (
     "victim_corporation_id, victim_alliance_id, victim_faction_id, victim_ship_type_id, victim_damage_taken, "
     "position_x, position_y, position_z, raw"
 )
+KILLMAIL_COLUMN_NAMES = [name.strip() for name in _KILLMAIL_COLUMNS.split(",")]
 _ATTACKER_COLUMNS = (
     "killmail_id, attacker_index, character_id, corporation_id, alliance_id, faction_id, ship_type_id, "
     "weapon_type_id, damage_done, final_blow, security_status"
@@ -494,12 +495,14 @@ _ATTACKER_TYPES = ["int8", "int4", "int8", "int8", "int8", "int8", "int8", "int8
 _ITEM_TYPES = ["int8", "int4", "int4", "int4", "int8", "int4", "int8", "int8"]
 
 
-def save_killmails(conn, killmails: Sequence[Any], values: Sequence[tuple | None] | None = None) -> list[int]:
+def save_killmails(conn, killmails: Sequence[Any], values: Sequence[tuple | None] | None = None, *,
+                   notify_max_age: int = 3600) -> list[int]:
     """Store validated killmails (objects from killmail_rows) with attackers and items, and their (destroyed,
     dropped, total) values where given (None: not known yet); returns the new ids.
 
     A killmail already stored is left as it is, with its children: the insert of the parent row decides, and a
-    concurrent insert of the same id waits for the other transaction, so nothing is ever stored twice.
+    concurrent insert of the same id waits for the other transaction, so nothing is ever stored twice. The new
+    ones get their outbox rows in the same transaction (queue_notifications).
     """
     if not killmails:
         return []
@@ -526,6 +529,7 @@ def save_killmails(conn, killmails: Sequence[Any], values: Sequence[tuple | None
                    (row for k in killmails if k.killmail_id in new_ids for row in k.attackers))
         _copy_rows(cur, "killmail_items", _ITEM_COLUMNS, _ITEM_TYPES,
                    (row for k in killmails if k.killmail_id in new_ids for row in k.items))
+    queue_notifications(conn, sorted(new_ids), max_age=notify_max_age)
     return sorted(new_ids)
 
 
@@ -647,6 +651,42 @@ def names_of(conn, ids: Iterable[int]) -> dict[int, str]:
     return {r["id"]: r["name"] for r in rows}
 
 
+# A kill: one of the webhook's characters or corporations among the attackers; a loss: one of them the victim.
+# zKillboard takes every killmail, however old.
+_WEBHOOK_WANTS = """
+    (w.format = 'zkillboard'
+     OR (cardinality(w.character_ids) = 0 AND cardinality(w.corporation_ids) = 0)
+     OR (w.losses AND (k.victim_character_id = ANY (w.character_ids)
+                       OR k.victim_corporation_id = ANY (w.corporation_ids)))
+     OR (w.kills AND EXISTS (SELECT 1 FROM attackers a WHERE a.killmail_id = k.killmail_id
+                             AND (a.character_id = ANY (w.character_ids)
+                                  OR a.corporation_id = ANY (w.corporation_ids)))))
+    AND (w.min_value IS NULL OR k.total_value >= w.min_value)
+    AND (w.format = 'zkillboard' OR k.killmail_time > now() - make_interval(secs => %(max_age)s))
+"""
+
+
+def queue_notifications(conn, killmail_ids: Sequence[int], *, max_age: int) -> int:
+    """Write an outbox row for each enabled destination that wants each of these (newly stored) killmails.
+
+    Killmails older than max_age seconds are announced nowhere but on zKillboard (a first sync or a backfill
+    would flood a channel). Without an enabled webhook this is one look at a tiny table.
+    """
+    if not killmail_ids or not conn.execute("SELECT EXISTS (SELECT 1 FROM webhooks WHERE enabled) AS any")\
+            .fetchone()["any"]:
+        return 0
+    return conn.execute(
+        f"""
+        INSERT INTO outbox (webhook_id, killmail_id)
+        SELECT w.id, k.killmail_id
+        FROM killmails k JOIN webhooks w ON w.enabled AND w.refused IS NULL
+        WHERE k.killmail_id = ANY (%(ids)s) AND {_WEBHOOK_WANTS}
+        ON CONFLICT (webhook_id, killmail_id) DO NOTHING
+        """,
+        {"ids": list(killmail_ids), "max_age": max_age},
+    ).rowcount
+
+
 def _as_sent(text: str) -> str:
     """A raw body is already JSON text: psycopg sends it as it is instead of serialising it again."""
     return text
@@ -675,6 +715,143 @@ def save_killmail_row_by_row(conn, killmail: Any) -> bool:
     for item in killmail.items:
         conn.execute(f"INSERT INTO killmail_items ({_ITEM_COLUMNS}) VALUES ({', '.join(['%s'] * 8)})", item)
     return True
+
+
+# ---------------------------------------------------------------------------------------------- notifications
+
+
+def add_webhook(conn, name: str, url: str, *, format: str = "discord", character_ids: Sequence[int] = (),
+                corporation_ids: Sequence[int] = (), kills: bool = True, losses: bool = True,
+                min_value: float | None = None) -> int:
+    """Add a destination (or replace the one of that name, enabled and no longer refused); returns its id."""
+    return conn.execute(
+        """
+        INSERT INTO webhooks (name, url, format, character_ids, corporation_ids, kills, losses, min_value)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url, format = EXCLUDED.format,
+            character_ids = EXCLUDED.character_ids, corporation_ids = EXCLUDED.corporation_ids,
+            kills = EXCLUDED.kills, losses = EXCLUDED.losses, min_value = EXCLUDED.min_value,
+            enabled = true, refused = NULL, paused_until = NULL
+        RETURNING id
+        """,
+        (name, url, format, list(character_ids), list(corporation_ids), kills, losses, min_value),
+    ).fetchone()["id"]
+
+
+def keep_webhook(conn, name: str, url: str, *, format: str, enabled: bool) -> None:
+    """Add a destination without filters, or set its URL and whether it is enabled, keeping a refusal."""
+    conn.execute(
+        "INSERT INTO webhooks (name, url, format, enabled) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url, format = EXCLUDED.format, enabled = EXCLUDED.enabled",
+        (name, url, format, enabled),
+    )
+
+
+def set_webhook_enabled(conn, name: str, enabled: bool) -> None:
+    """Enable or disable a destination by name."""
+    conn.execute("UPDATE webhooks SET enabled = %s WHERE name = %s", (enabled, name))
+
+
+def list_webhooks(conn) -> list[dict]:
+    """Every destination, with its outbox counts."""
+    return conn.execute(
+        """
+        SELECT w.*, count(o.id) FILTER (WHERE o.delivered_at IS NULL AND o.next_attempt_at IS NOT NULL) AS pending,
+               count(o.id) FILTER (WHERE o.delivered_at IS NOT NULL) AS delivered,
+               count(o.id) FILTER (WHERE o.delivered_at IS NULL AND o.next_attempt_at IS NULL) AS failed
+        FROM webhooks w LEFT JOIN outbox o ON o.webhook_id = w.id
+        GROUP BY w.id ORDER BY w.name
+        """
+    ).fetchall()
+
+
+def get_webhook(conn, name: str) -> dict | None:
+    """One destination by name."""
+    return conn.execute("SELECT * FROM webhooks WHERE name = %s", (name,)).fetchone()
+
+
+def notification_killmail(conn, killmail_id: int | None = None) -> dict | None:
+    """What a post says about a killmail (the latest stored one without an id)."""
+    return conn.execute(
+        """
+        SELECT killmail_id, killmail_hash, killmail_time, solar_system_id, victim_character_id,
+               victim_corporation_id, victim_ship_type_id, total_value,
+               (SELECT count(*) FROM attackers a WHERE a.killmail_id = k.killmail_id) AS attackers
+        FROM killmails k WHERE %(id)s::bigint IS NULL OR killmail_id = %(id)s
+        ORDER BY stored_at DESC, killmail_id DESC LIMIT 1
+        """,
+        {"id": killmail_id},
+    ).fetchone()
+
+
+def claim_notification(conn, now: datetime) -> dict | None:
+    """Lock the next due outbox row of a destination that is not paused (SKIP LOCKED: senders share the work).
+
+    The row stays locked until the caller's transaction ends: a sender that dies releases it at once.
+    """
+    return conn.execute(
+        """
+        SELECT o.id, o.attempts, o.killmail_id, w.id AS webhook_id, w.name, w.url, w.format
+        FROM outbox o JOIN webhooks w ON w.id = o.webhook_id
+        WHERE o.delivered_at IS NULL AND o.next_attempt_at <= %(now)s AND w.enabled AND w.refused IS NULL
+          AND (w.paused_until IS NULL OR w.paused_until <= %(now)s)
+        ORDER BY o.next_attempt_at, o.id
+        LIMIT 1
+        FOR UPDATE OF o SKIP LOCKED
+        """,
+        {"now": now},
+    ).fetchone()
+
+
+def mark_delivered(conn, outbox_id: int, now: datetime) -> None:
+    """An outbox row was posted."""
+    conn.execute("UPDATE outbox SET delivered_at = %s, attempts = attempts + 1, last_error = NULL WHERE id = %s",
+                 (now, outbox_id))
+
+
+def retry_notification(conn, outbox_id: int, error: str, retry_at: datetime | None, *, counted: bool = True) -> None:
+    """An attempt failed: try again at retry_at, or never (None: given up, the error kept)."""
+    conn.execute(
+        "UPDATE outbox SET attempts = attempts + %s, next_attempt_at = %s, last_error = %s WHERE id = %s",
+        (1 if counted else 0, retry_at, error[:1000], outbox_id),
+    )
+
+
+def pause_webhook(conn, webhook_id: int, until: datetime) -> None:
+    """Hold every post to a destination until then (its 429, or a pace it asks for)."""
+    conn.execute("UPDATE webhooks SET paused_until = GREATEST(paused_until, %s) WHERE id = %s", (until, webhook_id))
+
+
+def refuse_webhook(conn, webhook_id: int, reason: str) -> None:
+    """The destination refused us: stop sending to it until an operator adds it again."""
+    conn.execute("UPDATE webhooks SET refused = %s WHERE id = %s", (reason[:300], webhook_id))
+
+
+def prune_outbox(conn, now: datetime, *, keep_days: int) -> int:
+    """Delete outbox rows delivered or given up more than keep_days ago; returns how many.
+
+    Safe at any age: rows are written only for newly stored killmails, never again for the same one.
+    """
+    return conn.execute(
+        "DELETE FROM outbox WHERE (delivered_at < %(cut)s) "
+        "OR (delivered_at IS NULL AND next_attempt_at IS NULL AND created_at < %(cut)s)",
+        {"cut": now - timedelta(days=keep_days)},
+    ).rowcount
+
+
+def outbox_summary(conn, now: datetime) -> dict:
+    """The status page's outbox panel: pending, delivered in 24 h, failed, and the refused destinations."""
+    counts = conn.execute(
+        """
+        SELECT count(*) FILTER (WHERE delivered_at IS NULL AND next_attempt_at IS NOT NULL) AS pending,
+               count(*) FILTER (WHERE delivered_at > %s - interval '24 hours') AS delivered_24h,
+               count(*) FILTER (WHERE delivered_at IS NULL AND next_attempt_at IS NULL) AS failed
+        FROM outbox
+        """,
+        (now,),
+    ).fetchone()
+    refused = conn.execute("SELECT name, refused FROM webhooks WHERE refused IS NOT NULL ORDER BY name").fetchall()
+    return {**counts, "refused": refused}
 
 
 # ---------------------------------------------------------------------------------------------- runs

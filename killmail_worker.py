@@ -245,7 +245,8 @@ class Child:
 
     def sync_options(self, **job) -> sync.SyncOptions:
         """This process's settings for sync, with a job's own (full, attempt)."""
-        return sync.SyncOptions(max_attempts=self.settings.max_attempts, worker=self.worker_name, **job)
+        return sync.SyncOptions(max_attempts=self.settings.max_attempts, worker=self.worker_name,
+                                notify_max_age=self.settings.notify_max_age_seconds, **job)
 
     def sweep_if_due(self) -> None:
         """Every SWEEP_EVERY seconds, after a job, fetch a few killmails whose pilots all need a new login (they

@@ -426,3 +426,40 @@ CREATE TABLE IF NOT EXISTS esi_calls (
     calls       BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (route_group, status)
 );
+
+-- Notifications.
+-- Where new killmails are announced: a Discord webhook, any URL taking JSON, or zKillboard's add-killmail API.
+-- With no character or corporation listed, every new killmail matches; otherwise a kill (one of them among the
+-- attackers) or a loss (one of them the victim), as kills/losses allow.
+CREATE TABLE IF NOT EXISTS webhooks (
+    id              BIGSERIAL PRIMARY KEY,
+    name            TEXT UNIQUE NOT NULL,
+    url             TEXT NOT NULL,
+    format          TEXT NOT NULL DEFAULT 'discord' CHECK (format IN ('discord', 'json', 'zkillboard')),
+    character_ids   BIGINT[] NOT NULL DEFAULT '{}',
+    corporation_ids BIGINT[] NOT NULL DEFAULT '{}',
+    kills           BOOLEAN NOT NULL DEFAULT true,
+    losses          BOOLEAN NOT NULL DEFAULT true,
+    min_value       NUMERIC,
+    enabled         BOOLEAN NOT NULL DEFAULT true,
+    paused_until    TIMESTAMPTZ,          -- the destination's 429 (or zKillboard's one a second) holds it until then
+    refused         TEXT,                 -- the destination refused us (404/401/403): nothing more is sent to it
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- The transactional outbox: one row per (destination, killmail), written in the transaction that stores the
+-- killmail, so nothing is announced that was not stored and nothing stored is forgotten. Pending: not delivered
+-- and next_attempt_at set; failed: not delivered and next_attempt_at NULL (given up, last_error says why).
+CREATE TABLE IF NOT EXISTS outbox (
+    id              BIGSERIAL PRIMARY KEY,
+    webhook_id      BIGINT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    killmail_id     BIGINT NOT NULL,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TIMESTAMPTZ DEFAULT now(),
+    delivered_at    TIMESTAMPTZ,
+    last_error      TEXT,
+    UNIQUE (webhook_id, killmail_id)
+);
+CALL pg_temp.create_index('outbox_pending', 'outbox (next_attempt_at) WHERE delivered_at IS NULL');
+CALL pg_temp.create_index('outbox_delivered', 'outbox (delivered_at) WHERE delivered_at IS NOT NULL');

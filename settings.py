@@ -22,6 +22,7 @@ DEFAULT_COMPATIBILITY_DATE = "2026-08-18"
 SSO_AUTHORIZE_URL = "https://login.eveonline.com/v2/oauth/authorize"
 SSO_JWKS_URL = "https://login.eveonline.com/oauth/jwks"     # SSO's metadata names it as jwks_uri
 SSO_REVOKE_URL = "https://login.eveonline.com/v2/oauth/revoke"
+ZKILLBOARD_URL = "https://zkillboard.com/api/killmail/add"  # + {killmail_id}/{killmail_hash}/
 PLACEHOLDER = "CHANGE-ME"  # the deploy kit's examples' stand-in for a password
 
 
@@ -67,6 +68,10 @@ class Settings:
     sso_revoke_url: str = SSO_REVOKE_URL
     login_allowed_corporations: tuple[int, ...] = ()   # empty: any corporation (unless the alliances say no)
     login_allowed_alliances: tuple[int, ...] = ()
+    # Notifications (send_notifications.py): a killmail older than this when stored is announced nowhere.
+    notify_max_age_seconds: int = 3600
+    zkillboard_push: bool = False
+    zkillboard_url: str = ZKILLBOARD_URL
 
 
 def _text(env: Mapping[str, str], name: str, default: str | None) -> str:
@@ -206,6 +211,13 @@ def _callback_url(env: Mapping[str, str]) -> str:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ConfigError(name, f"must be 1 or 0, got {value!r}")
+    return value in ("1", "true", "yes")
+
+
 def _ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
     raw = env.get(name, "").strip()
     try:
@@ -276,6 +288,9 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         sso_revoke_url=sso_revoke_url,
         login_allowed_corporations=_ids(env, "LOGIN_ALLOWED_CORPORATIONS"),
         login_allowed_alliances=_ids(env, "LOGIN_ALLOWED_ALLIANCES"),
+        notify_max_age_seconds=_integer(env, "NOTIFY_MAX_AGE_SECONDS", 3600, 0, 86400 * 365),
+        zkillboard_push=_flag(env, "ZKILLBOARD_PUSH"),
+        zkillboard_url=_https_url(env, "ZKILLBOARD_URL", ZKILLBOARD_URL),
     )
 
 

@@ -221,6 +221,7 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
             for ref in refs]},
         "esi_limits": db.esi_limit_buckets(conn, now),
         "esi_calls": db.esi_call_counts(conn),
+        "outbox": db.outbox_summary(conn, now),
     }
 
 
@@ -302,6 +303,14 @@ def database_metrics(conn, settings: Settings, now: datetime) -> Iterator[GaugeM
                                        stale_after=CLAIM_STALE_SECONDS).items():
         users.add_metric([state], count)
     yield users
+    outbox = db.outbox_summary(conn, now)
+    rows = GaugeMetricFamily("killmail_outbox_rows", "Notification outbox rows: pending, or failed (given up)",
+                             labels=["state"])
+    for state in ("pending", "failed"):
+        rows.add_metric([state], outbox[state])
+    yield rows
+    yield GaugeMetricFamily("killmail_notify_refused", "Notification destinations that refused us",
+                            value=len(outbox["refused"]))
     latest = db.latest_run(conn)
     # +Inf before the first run, so an alert on "age > N" fires for a worker that never ran.
     age = (now - latest["finished_at"]).total_seconds() if latest else math.inf

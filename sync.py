@@ -101,6 +101,7 @@ class SyncOptions:
     full: bool = False
     attempt: int = 1
     worker: str | None = None
+    notify_max_age: int = 3600          # NOTIFY_MAX_AGE_SECONDS: older new killmails are announced nowhere
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
@@ -504,7 +505,7 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
     prices = PRICES.prices
     worth = [values.killmail_values(k.row[10], k.items, prices) if prices else None for k in killmails]
     try:
-        saved = db.save_killmails(conn, killmails, worth)
+        saved = db.save_killmails(conn, killmails, worth, notify_max_age=options.notify_max_age)
         conn.commit()
         result.saved += len(saved)
         _note_names(killmails, saved, result)
@@ -515,7 +516,7 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
         conn.rollback()
     for killmail, value in zip(killmails, worth, strict=True):
         try:
-            saved = db.save_killmails(conn, [killmail], [value])
+            saved = db.save_killmails(conn, [killmail], [value], notify_max_age=options.notify_max_age)
             conn.commit()
             result.saved += len(saved)
             _note_names([killmail], saved, result)

@@ -100,7 +100,8 @@ def test_the_development_lock_is_what_is_installed_and_all_it_needs():
 def test_compose_file_has_services_and_workers():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"postgres", "rabbitmq", "worker", "producer", "status"} <= set(services)
+    assert {"postgres", "rabbitmq", "worker", "producer", "status", "notify"} <= set(services)
+    assert services["notify"]["command"][:2] == ["python", "send_notifications.py"]
     assert services["worker"]["command"][:2] == ["python", "killmail_worker.py"]
     assert services["status"]["command"][-1] == "status_app:app"
     assert services["worker"]["environment"]["RABBITMQ_URL"].startswith("amqp://")
@@ -155,7 +156,7 @@ def dockerfile_user() -> int:
     return int(user.split(":")[0])
 
 
-@pytest.mark.parametrize("name", ["killmail-worker", "killmail-status", "killmail-queue"])
+@pytest.mark.parametrize("name", ["killmail-worker", "killmail-status", "killmail-queue", "killmail-notify"])
 def test_kubernetes_pods_run_unprivileged_on_a_read_only_root(name):
     spec = pod_specs()[name]
     assert spec["securityContext"]["runAsNonRoot"] is True
@@ -172,7 +173,7 @@ def test_kubernetes_pods_run_unprivileged_on_a_read_only_root(name):
 
 def test_kubernetes_images_are_pinned_to_a_version():
     images = [c["image"] for spec in pod_specs().values() for c in spec["containers"]]
-    assert len(images) == 3
+    assert len(images) == 4
     for image in images:
         name, _, tag = image.rpartition(":")
         assert "@sha256:" in image or (name and "/" not in tag and tag not in ("", "latest")), image
@@ -187,10 +188,12 @@ def test_kubernetes_manifest_runs_three_workers_with_a_readiness_probe():
     assert status["readinessProbe"]["httpGet"]["path"] == "/health"
     assert documents[("CronJob", "killmail-queue")]["spec"]["jobTemplate"]["spec"]["template"]["spec"][
         "containers"][0]["command"] == ["python", "queue_killmails.py"]
+    notify = documents[("Deployment", "killmail-notify")]["spec"]["template"]["spec"]["containers"][0]
+    assert notify["command"][:2] == ["python", "send_notifications.py"]
 
 
 @pytest.mark.parametrize("unit", ["killmail-worker@.service", "killmail-status.service", "killmail-queue.service",
-                                  "killmail-queue.timer"])
+                                  "killmail-queue.timer", "killmail-notify.service"])
 def test_systemd_units_parse(unit):
     parser = configparser.ConfigParser(strict=True, interpolation=None)
     parser.optionxform = str

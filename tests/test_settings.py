@@ -39,6 +39,9 @@ def config_error(env: dict, **kwargs) -> ConfigError:
     ("sso_token_url", "https://login.eveonline.com/v2/oauth/token"),
     ("sync_interval_seconds", 300),
     ("esi_compatibility_date", "2026-08-18"),
+    ("notify_max_age_seconds", 3600),
+    ("zkillboard_push", False),
+    ("zkillboard_url", "https://zkillboard.com/api/killmail/add"),
 ])
 def test_defaults(attribute, default):
     assert getattr(load(), attribute) == default
@@ -68,6 +71,10 @@ def test_esi_values_are_read():
     ("HTTP_TIMEOUT_SECONDS", "5", "http_timeout_seconds", 5.0),
     ("STATUS_BASIC_AUTH", "ops:pw", "status_basic_auth", "ops:pw"),
     ("PREFETCH_COUNT", "", "prefetch_count", 5),     # empty is the default, as in a copied .env.example
+    ("NOTIFY_MAX_AGE_SECONDS", "0", "notify_max_age_seconds", 0),
+    ("ZKILLBOARD_PUSH", "1", "zkillboard_push", True),
+    ("ZKILLBOARD_PUSH", "0", "zkillboard_push", False),
+    ("ZKILLBOARD_URL", "http://127.0.0.1:9/add/", "zkillboard_url", "http://127.0.0.1:9/add"),
 ])
 def test_values_are_read_and_normalised(variable, raw, attribute, value):
     assert getattr(load(**{variable: raw}), attribute) == value
@@ -120,6 +127,10 @@ def test_requests_default_user_agent_is_refused():
     ("ESI_COMPATIBILITY_DATE", "2026-13-01"),
     ("ESI_COMPATIBILITY_DATE", "18.08.2026"),
     ("STATUS_BASIC_AUTH", "no-colon"),
+    ("NOTIFY_MAX_AGE_SECONDS", "-1"),
+    ("NOTIFY_MAX_AGE_SECONDS", "an hour"),
+    ("ZKILLBOARD_PUSH", "maybe"),
+    ("ZKILLBOARD_URL", "http://zkillboard.com/api/killmail/add/"),
 ])
 def test_bad_value_names_the_variable(variable, raw):
     error = config_error({**ESI_ENV, variable: raw})
@@ -167,7 +178,7 @@ def test_redact_url(url, shown):
 
 
 @pytest.mark.parametrize("variable", ["ESI_BASE_URL", "SSO_TOKEN_URL", "SSO_AUTHORIZE_URL", "SSO_JWKS_URL",
-                                      "SSO_REVOKE_URL"])
+                                      "SSO_REVOKE_URL", "ZKILLBOARD_URL"])
 @pytest.mark.parametrize("host, allowed", [
     ("127.0.0.1:8080", True), ("127.0.0.53", True), ("localhost:8080", True), ("[::1]:8080", True),
     ("esi.evetech.net", False), ("10.0.0.5:8080", False), ("localhost.example.org", False), ("0.0.0.0", False),

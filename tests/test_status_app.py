@@ -211,6 +211,25 @@ def test_status_json_reports_the_known_rows(client, seeded):
     assert {(c["route_group"], c["status"]): c["calls"] for c in report["esi_calls"]}[("killmail", 502)] == 3
 
 
+def test_status_shows_the_notification_outbox_and_refused_destinations(client, conn):
+    now = datetime.now(UTC)
+    ok, gone = (db.add_webhook(conn, name, "http://127.0.0.1:9/") for name in ("ops", "zkillboard"))
+    db.refuse_webhook(conn, gone, "HTTP 403")
+    conn.execute("INSERT INTO outbox (webhook_id, killmail_id, delivered_at, next_attempt_at) VALUES "
+                 "(%(ok)s, 1, %(now)s, NULL), (%(ok)s, 2, %(old)s, NULL), (%(ok)s, 3, NULL, %(now)s), "
+                 "(%(ok)s, 4, NULL, NULL), (%(gone)s, 1, NULL, %(now)s)",
+                 {"ok": ok, "gone": gone, "now": now, "old": now - timedelta(days=2)})
+    conn.commit()
+    assert client.get("/status", headers=JSON).get_json()["outbox"] == {
+        "pending": 2, "delivered_24h": 1, "failed": 1, "refused": [{"name": "zkillboard", "refused": "HTTP 403"}]}
+    page = client.get("/status", headers=BROWSER).get_data(as_text=True)
+    assert '<b id="outbox-pending">2</b>' in page and '<b id="outbox-failed">1</b>' in page
+    assert "zkillboard answered HTTP 403" in page
+    got = samples(client.get("/metrics"))
+    assert [got[("killmail_outbox_rows", (("state", state),))] for state in ("pending", "failed")] == [2, 1]
+    assert got[("killmail_notify_refused", ())] == 1
+
+
 def test_status_shows_the_last_twenty_runs(client, conn):
     now = datetime.now(UTC)
     for n in range(25):

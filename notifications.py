@@ -1,0 +1,267 @@
+"""Announcing new killmails: what a post says (a Discord embed, plain JSON, zKillboard's add call), what a
+destination's answer means, and the sender that delivers the outbox at least once.
+
+Rows are written by db.save_killmails in the transaction that stores the killmail (the transactional outbox). A
+sender locks one due row at a time (FOR UPDATE SKIP LOCKED, so several senders share the work), posts it, and
+records the outcome in the same transaction: a sender killed mid-post releases its row at once, and the next
+sender posts it again. So a post is delivered at least once: only one in flight at a kill, or one whose answer
+timed out, can arrive twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from urllib.parse import urlsplit
+
+import psycopg
+import requests
+
+import db
+from settings import ConfigError, Settings, describe, load_settings
+
+log = logging.getLogger(__name__)
+ZKILLBOARD_NAME = "zkillboard"  # the destination ZKILLBOARD_PUSH=1 registers
+KILL_URL = "https://zkillboard.com/kill/{}/"
+
+
+@dataclass(frozen=True)
+class SenderOptions:
+    """How a sender posts: its User-Agent, timeouts, retries and paces."""
+
+    user_agent: str
+    timeout: float = 10.0
+    max_attempts: int = 8
+    backoff_base: float = 5.0           # seconds before the second attempt; doubled each time, up to the cap
+    backoff_cap: float = 900.0
+    default_retry_after: float = 5.0    # a 429 that does not say how long
+    zkillboard_interval: float = 1.0    # zKillboard asks for at most one add a second
+    poll: float = 1.0                   # how often an idle sender looks for due rows
+    keep_days: int = 30                 # delivered and given-up rows are kept this long (for the status page)
+    prune_every: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to do with an outbox row after one attempt."""
+
+    delivered: bool = False
+    retry_in: float | None = None       # seconds to the next attempt; None with no other field: give up
+    pause_for: float | None = None      # hold the whole destination (429); the row waits uncounted
+    refuse: str | None = None           # the destination refused us: stop sending to it
+    error: str = ""
+
+
+class CannotStart(Exception):
+    """A command cannot start: the message to print and the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def open_database(*, need_user_agent: bool) -> tuple[Settings, psycopg.Connection]:
+    """The settings and a database connection for the notification commands, or CannotStart."""
+    try:
+        settings = load_settings(need_esi=False)
+        if need_user_agent and not settings.esi_user_agent:
+            raise ConfigError("ESI_USER_AGENT", "is required: every post says who sends it")
+    except ConfigError as exc:
+        raise CannotStart(f"configuration error: {exc}", 2) from None
+    try:
+        return settings, db.connect(settings.database_url)
+    except psycopg.OperationalError as exc:
+        raise CannotStart(f"❌ cannot reach PostgreSQL at DATABASE_URL: {describe(exc)}", 1) from None
+
+
+# ------------------------------------------------------------------------------------------------- what is posted
+
+
+def format_isk(value: Decimal | float | None) -> str:
+    """ISK the way pilots read it: 1.23B, 45.6M, 789K."""
+    if value is None:
+        return "unknown"
+    value = float(value)
+    for size, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit} ISK"
+    return f"{value:.0f} ISK"
+
+
+def discord_embed(killmail: Mapping) -> dict:
+    """A Discord webhook body: one embed with pilot, ship, value, system and a link to zKillboard."""
+    pilot = killmail["victim_character_id"]
+    return {"embeds": [{
+        "title": f"Ship {killmail['victim_ship_type_id']} destroyed in system {killmail['solar_system_id']}",
+        "url": KILL_URL.format(killmail["killmail_id"]),
+        "timestamp": killmail["killmail_time"].isoformat(),
+        "color": 0xB22222,
+        "fields": [
+            {"name": "Pilot", "value": f"character {pilot}" if pilot else "no pilot (structure)", "inline": True},
+            {"name": "Corporation", "value": f"corporation {killmail['victim_corporation_id']}", "inline": True},
+            {"name": "Ship", "value": f"type {killmail['victim_ship_type_id']}", "inline": True},
+            {"name": "Value", "value": format_isk(killmail["total_value"]), "inline": True},
+            {"name": "System", "value": f"system {killmail['solar_system_id']}", "inline": True},
+            {"name": "Attackers", "value": str(killmail["attackers"]), "inline": True},
+        ],
+        "footer": {"text": f"killmail {killmail['killmail_id']}"},
+    }]}
+
+
+def plain_json(killmail: Mapping) -> dict:
+    """The JSON body for any URL: the killmail's facts and its zKillboard link."""
+    body = {key: value for key, value in killmail.items() if key != "killmail_time"}
+    body["killmail_time"] = killmail["killmail_time"].isoformat()
+    body["total_value"] = None if killmail["total_value"] is None else float(killmail["total_value"])
+    body["url"] = KILL_URL.format(killmail["killmail_id"])
+    return body
+
+
+def request_for(format: str, url: str, killmail: Mapping) -> tuple[str, dict]:
+    """The URL to post to and the JSON body, for a destination's format."""
+    if format == "zkillboard":
+        target = f"{url.rstrip('/')}/{killmail['killmail_id']}/{killmail['killmail_hash']}/"
+        return target, {"killmail_id": killmail["killmail_id"], "killmail_hash": killmail["killmail_hash"]}
+    return url, discord_embed(killmail) if format == "discord" else plain_json(killmail)
+
+
+# ------------------------------------------------------------------------------------------------- what it means
+
+
+def retry_after(response: requests.Response, default: float) -> float:
+    """Seconds a 429 asks us to wait: Discord's JSON `retry_after`, else the Retry-After header."""
+    try:
+        body = response.json()
+        if isinstance(body, dict) and isinstance(body.get("retry_after"), int | float):
+            return max(0.0, float(body["retry_after"]))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return default
+
+
+def backoff(attempts: int, options: SenderOptions) -> float | None:
+    """Seconds before the next attempt after this many failed ones, or None once they are spent."""
+    if attempts >= options.max_attempts:
+        return None
+    return min(options.backoff_cap, options.backoff_base * 2 ** (attempts - 1))
+
+
+def judge(format: str, response: requests.Response | None, error: str, attempts: int,
+          options: SenderOptions) -> Outcome:
+    """The outcome of an attempt (attempts counts this one); response None: it timed out or never connected."""
+    if response is None:
+        return Outcome(retry_in=backoff(attempts, options), error=error)
+    status = response.status_code
+    if 200 <= status < 300:
+        return Outcome(delivered=True)
+    error = f"HTTP {status}: {' '.join(response.text.split())[:200]}"
+    if status == 429:
+        return Outcome(pause_for=retry_after(response, options.default_retry_after), error=error)
+    if status >= 500:
+        return Outcome(retry_in=backoff(attempts, options), error=error)
+    if status in (401, 403, 404) or (format == "zkillboard" and status in (400, 410)):
+        # A deleted Discord webhook answers 404 (401 with a bad token); zKillboard says no to an app with 403.
+        return Outcome(refuse=f"HTTP {status}", error=error)
+    return Outcome(error=error)
+
+
+# ------------------------------------------------------------------------------------------------- the sender
+
+
+def register_zkillboard(conn, url: str, *, enabled: bool) -> None:
+    """Make zKillboard a destination at this URL (or stop posting to it) as ZKILLBOARD_PUSH says; a refusal is
+    kept, so that a restart does not post again to a zKillboard that refused the app."""
+    if enabled or db.get_webhook(conn, ZKILLBOARD_NAME) is not None:
+        db.keep_webhook(conn, ZKILLBOARD_NAME, url, format="zkillboard", enabled=enabled)
+    conn.commit()
+
+
+def post(session: requests.Session, format: str, url: str, killmail: Mapping,
+         options: SenderOptions) -> tuple[requests.Response | None, str]:
+    """Post one killmail; the response, or None and the error when it timed out or never connected."""
+    target, body = request_for(format, url, killmail)
+    try:
+        response = session.post(target, data=json.dumps(body), timeout=options.timeout,
+                                headers={"Content-Type": "application/json", "User-Agent": options.user_agent})
+        return response, ""
+    except requests.RequestException as exc:
+        # A Discord webhook's URL holds its token: an error names the host only, never the path.
+        path = urlsplit(target).path
+        return None, f"{type(exc).__name__}: {exc}".replace(path, "/…" if path else "")[:300]
+
+
+def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> bool:
+    """Post the next due outbox row and record what came of it; False when nothing was due."""
+    try:
+        row = db.claim_notification(conn, clock())
+        if row is None:
+            conn.rollback()
+            return False
+        killmail = db.notification_killmail(conn, row["killmail_id"])
+        response, error = post(session, row["format"], row["url"], killmail, options)
+        outcome = judge(row["format"], response, error, row["attempts"] + 1, options)
+        record(conn, row, outcome, clock(), options)
+        conn.commit()
+        return True
+    except BaseException:
+        conn.rollback()
+        raise
+
+
+def record(conn, row: Mapping, outcome: Outcome, now: datetime, options: SenderOptions) -> None:
+    """Write an attempt's outcome to the outbox row and its destination."""
+    if outcome.delivered:
+        db.mark_delivered(conn, row["id"], now)
+        if row["format"] == "zkillboard":
+            db.pause_webhook(conn, row["webhook_id"], now + timedelta(seconds=options.zkillboard_interval))
+        return
+    if outcome.pause_for is not None:
+        db.pause_webhook(conn, row["webhook_id"], now + timedelta(seconds=outcome.pause_for))
+        db.retry_notification(conn, row["id"], outcome.error, now, counted=False)
+        log.info("⏸ %s asks us to wait %.1f s", row["name"], outcome.pause_for)
+        return
+    if outcome.refuse is not None:
+        db.refuse_webhook(conn, row["webhook_id"], outcome.refuse)
+        db.retry_notification(conn, row["id"], outcome.error, now, counted=False)  # sent if it is added again
+        log.warning("🚫 %s refused us (%s): nothing more is sent to it", row["name"], outcome.refuse)
+        return
+    retry_at = None if outcome.retry_in is None else now + timedelta(seconds=outcome.retry_in)
+    db.retry_notification(conn, row["id"], outcome.error, retry_at)
+    if retry_at is None:
+        log.warning("❌ gave up posting killmail %s to %s: %s", row["killmail_id"], row["name"], outcome.error)
+
+
+def run(conn, options: SenderOptions, stop: threading.Event) -> None:
+    """Deliver due rows until stop is set (the row in hand is finished first); prune old rows now and then."""
+    pruned_at = -options.prune_every
+    with requests.Session() as session:
+        while not stop.is_set():
+            if time.monotonic() - pruned_at >= options.prune_every:
+                db.prune_outbox(conn, datetime.now(UTC), keep_days=options.keep_days)
+                conn.commit()
+                pruned_at = time.monotonic()
+            if not deliver_next(conn, session, options):
+                stop.wait(options.poll)
+
+
+def serve(connect: Callable[[], psycopg.Connection], options: SenderOptions, stop: threading.Event) -> None:
+    """run() until stop is set, on a new connection whenever PostgreSQL went away (waiting longer each time)."""
+    failures = 0
+    while not stop.is_set():
+        try:
+            with connect() as conn:
+                failures = 0
+                run(conn, options, stop)
+        except psycopg.OperationalError as exc:
+            failures += 1
+            log.warning("⚠️ PostgreSQL unreachable (%s); trying again", describe(exc))
+            stop.wait(min(60.0, options.poll * 2 ** failures))

@@ -1,0 +1,93 @@
+"""Screenshot of a posted Discord embed for the docs: `python -m tests.embed_screenshot docs/embed.png`.
+
+The sample killmail in tests/data is posted by the sender's own code (notifications.post) to the local webhook
+receiver; the embed JSON the receiver logged is rendered as a small Discord-like HTML page and photographed with
+headless Chromium. The same rendering is checked by tests/test_notifications.py.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+import tempfile
+from decimal import Decimal
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import notifications  # noqa: E402
+from killmail_model import parse_killmail  # noqa: E402
+from tests.screenshot import take_screenshot  # noqa: E402
+from tests.webhook_receiver import Receiver  # noqa: E402
+
+SAMPLE = ROOT / "tests" / "data" / "killmail_134265477.json"
+SAMPLE_VALUE = Decimal("187654321.09")  # a value as the other half of issue 16 computes it
+
+
+def sample_killmail() -> dict:
+    """The fields a post reads, from the sample killmail."""
+    body = json.loads(SAMPLE.read_text())
+    killmail = parse_killmail(body, killmail_id=body["killmail_id"], killmail_hash="0" * 40)
+    return {"killmail_id": killmail.killmail_id, "killmail_hash": "0" * 40, "killmail_time": killmail.row[2],
+            "solar_system_id": killmail.row[3], "victim_character_id": killmail.row[6],
+            "victim_corporation_id": killmail.row[7], "victim_ship_type_id": killmail.row[10],
+            "total_value": SAMPLE_VALUE, "attackers": len(killmail.attackers)}
+
+
+def received_embed() -> dict:
+    """Post the sample to a local receiver; the body it logged."""
+    receiver = Receiver()
+    try:
+        with requests.Session() as session:
+            response, error = notifications.post(session, "discord", receiver.url, sample_killmail(),
+                                                 notifications.SenderOptions(user_agent="embed-screenshot/1.0"))
+        assert response is not None and response.ok, error
+        return receiver.bodies()[0]
+    finally:
+        receiver.close()
+
+
+def render(body: dict) -> str:
+    """A Discord-like page showing the embeds of one webhook post."""
+    cards = []
+    for embed in body["embeds"]:
+        fields = "".join(
+            f'<div class="field"><div class="name">{html.escape(f["name"])}</div>'
+            f'<div class="value">{html.escape(f["value"])}</div></div>' for f in embed["fields"])
+        cards.append(
+            f'<div class="embed" style="border-left-color: #{embed["color"]:06x}">'
+            f'<a class="title" href="{html.escape(embed["url"])}">{html.escape(embed["title"])}</a>'
+            f'<div class="fields">{fields}</div>'
+            f'<div class="footer">{html.escape(embed["footer"]["text"])} · {html.escape(embed["timestamp"])}</div>'
+            f'<div class="link">{html.escape(embed["url"])}</div></div>')
+    return f"""<!doctype html><meta charset="utf-8"><style>
+body {{ background: #313338; color: #dbdee1; font: 15px "Helvetica Neue", Arial, sans-serif; margin: 24px; }}
+.author {{ color: #f2f3f5; font-weight: 600; margin-bottom: 6px; }}
+.author span {{ background: #5865f2; color: white; font-size: 10px; padding: 1px 4px; border-radius: 3px; }}
+.embed {{ background: #2b2d31; border-left: 4px solid; border-radius: 4px; padding: 12px 16px; max-width: 520px; }}
+.title {{ color: #00a8fc; font-weight: 600; text-decoration: none; display: block; margin-bottom: 10px; }}
+.fields {{ display: grid; grid-template-columns: repeat(3, 1fr); gap: 8px; }}
+.name {{ color: #f2f3f5; font-weight: 600; font-size: 13px; }} .value {{ font-size: 14px; }}
+.footer, .link {{ color: #949ba4; font-size: 12px; margin-top: 10px; }}
+</style><div class="author">Killboard <span>BOT</span></div>{"".join(cards)}"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("png", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="embed-") as folder:
+        page = Path(folder) / "embed.html"
+        page.write_text(render(received_embed()))
+        take_screenshot(page.as_uri(), args.png.resolve(), height=330)
+    print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The notification outbox: rows written with the killmail, the webhooks' filters, the sender's handling of
+429/5xx/timeouts/refusals, zKillboard's pace, and delivery exactly as filtered across a kill -9 of the sender."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import requests
+
+import db
+import notifications
+from killmail_model import parse_killmail
+from notifications import Outcome, SenderOptions
+from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until, watch_secrets
+from tests.webhook_receiver import Receiver
+
+NOW = datetime.now(UTC)
+FAST = SenderOptions(user_agent="killmail-worker-tests/1.0 (tests@example.org)", timeout=0.5, max_attempts=3,
+                     backoff_base=0.0, backoff_cap=0.0, zkillboard_interval=0.3, poll=0.05)
+
+
+def killmail(killmail_id: int, *, victim: tuple[int, int], attackers: list[tuple[int, int]],
+             time: datetime = NOW):
+    """A parsed killmail: victim and attackers as (character_id, corporation_id)."""
+    body = {
+        "killmail_id": killmail_id, "killmail_time": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "solar_system_id": 30000142,
+        "victim": {"character_id": victim[0], "corporation_id": victim[1], "ship_type_id": 587,
+                   "damage_taken": 100},
+        "attackers": [{"character_id": c, "corporation_id": corp, "damage_done": 100, "final_blow": i == 0,
+                       "security_status": 0.5} for i, (c, corp) in enumerate(attackers)],
+    }
+    return parse_killmail(body, killmail_id=killmail_id, killmail_hash=f"{killmail_id:040x}")
+
+
+def outbox(conn) -> set[tuple[str, int]]:
+    return {(r["name"], r["killmail_id"]) for r in conn.execute(
+        "SELECT w.name, o.killmail_id FROM outbox o JOIN webhooks w ON w.id = o.webhook_id")}
+
+
+# ------------------------------------------------------------------------------------------------ the outbox rows
+
+
+def test_outbox_rows_follow_each_webhooks_filters(conn):
+    db.add_webhook(conn, "all", "http://127.0.0.1:9/a")
+    db.add_webhook(conn, "corp-losses", "http://127.0.0.1:9/b", corporation_ids=[500], kills=False)
+    db.add_webhook(conn, "pilot-kills", "http://127.0.0.1:9/c", character_ids=[7], losses=False)
+    db.add_webhook(conn, "off", "http://127.0.0.1:9/d")
+    db.set_webhook_enabled(conn, "off", False)
+    saved = db.save_killmails(conn, [
+        killmail(1, victim=(7, 500), attackers=[(8, 600)]),          # a loss of pilot 7 and corporation 500
+        killmail(2, victim=(8, 600), attackers=[(9, 600), (7, 500)]),  # a kill of pilot 7 and corporation 500
+        killmail(3, victim=(9, 600), attackers=[(8, 600)]),          # neither
+        killmail(4, victim=(7, 500), attackers=[(8, 600)], time=NOW - timedelta(hours=2)),  # too old
+    ])
+    conn.commit()
+    assert saved == [1, 2, 3, 4]
+    assert outbox(conn) == {("all", 1), ("all", 2), ("all", 3), ("corp-losses", 1), ("pilot-kills", 2)}
+
+
+def test_a_killmail_stored_again_is_not_queued_again(conn):
+    db.add_webhook(conn, "all", "http://127.0.0.1:9/a")
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.execute("UPDATE outbox SET delivered_at = now()")
+    assert db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])]) == []
+    assert conn.execute("SELECT count(*) FROM outbox").fetchone()["count"] == 1
+
+
+def test_no_outbox_rows_without_an_enabled_webhook_and_a_rollback_takes_them_back(conn):
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    assert outbox(conn) == set()
+    db.add_webhook(conn, "all", "http://127.0.0.1:9/a")
+    conn.commit()
+    db.save_killmails(conn, [killmail(2, victim=(7, 500), attackers=[(8, 600)])])
+    conn.rollback()  # the killmail was not stored: nothing is announced
+    assert outbox(conn) == set()
+
+
+def test_min_value_needs_a_known_value_at_least_that(conn):
+    db.add_webhook(conn, "big", "http://127.0.0.1:9/a", min_value=1_000_000)
+    db.save_killmails(conn, [killmail(i, victim=(7, 500), attackers=[(8, 600)]) for i in (1, 2, 3)])
+    assert outbox(conn) == set()  # no value known yet
+    conn.execute("UPDATE killmails SET total_value = CASE killmail_id WHEN 1 THEN 5e5 ELSE 2e6 END "
+                 "WHERE killmail_id IN (1, 2)")
+    db.queue_notifications(conn, [1, 2, 3], max_age=3600)
+    assert outbox(conn) == {("big", 2)}
+
+
+def test_the_age_limit_is_a_parameter_and_zkillboard_takes_old_killmails_too(conn):
+    db.add_webhook(conn, "all", "http://127.0.0.1:9/a")
+    db.add_webhook(conn, "zkillboard", "http://127.0.0.1:9/z", format="zkillboard", character_ids=[1])
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)], time=NOW - timedelta(days=2))],
+                      notify_max_age=3 * 86400)
+    db.save_killmails(conn, [killmail(2, victim=(7, 500), attackers=[(8, 600)], time=NOW - timedelta(days=2))],
+                      notify_max_age=86400)
+    assert outbox(conn) == {("all", 1), ("zkillboard", 1), ("zkillboard", 2)}
+
+
+# ------------------------------------------------------------------------------------------------ what an answer means
+
+
+class Answer(requests.Response):
+    def __init__(self, status: int, body: bytes = b"", headers: dict | None = None):
+        super().__init__()
+        self.status_code, self._content = status, body
+        self.headers.update(headers or {})
+
+
+@pytest.mark.parametrize(("format", "answer", "attempts", "outcome"), [
+    ("discord", Answer(204), 1, Outcome(delivered=True)),
+    ("discord", Answer(429, b'{"retry_after": 1.5, "global": false}'), 1, Outcome(pause_for=1.5)),
+    ("json", Answer(429, b"slow down", {"Retry-After": "7"}), 1, Outcome(pause_for=7.0)),
+    ("json", Answer(429), 1, Outcome(pause_for=5.0)),
+    ("discord", Answer(503), 1, Outcome(retry_in=5.0)),
+    ("discord", Answer(502), 3, Outcome(retry_in=20.0)),
+    ("discord", Answer(500), 8, Outcome(retry_in=None)),
+    ("discord", None, 2, Outcome(retry_in=10.0)),
+    ("discord", Answer(404), 1, Outcome(refuse="HTTP 404")),
+    ("zkillboard", Answer(403), 1, Outcome(refuse="HTTP 403")),
+    ("json", Answer(400), 1, Outcome()),
+])
+def test_judge_maps_an_answer_to_what_happens_next(format, answer, attempts, outcome):
+    got = notifications.judge(format, answer, "ReadTimeout", attempts, SenderOptions(user_agent="x"))
+    assert (got.delivered, got.retry_in, got.pause_for, got.refuse) == \
+        (outcome.delivered, outcome.retry_in, outcome.pause_for, outcome.refuse)
+
+
+def test_backoff_is_capped():
+    options = SenderOptions(user_agent="x", backoff_base=5, backoff_cap=60, max_attempts=20)
+    assert [notifications.backoff(n, options) for n in (1, 2, 4, 5, 19, 20)] == [5, 10, 40, 60, 60, None]
+
+
+def test_discord_embed_names_pilot_ship_value_system_and_links_zkillboard():
+    embed = notifications.discord_embed({
+        "killmail_id": 134265477, "killmail_hash": "h", "killmail_time": NOW, "solar_system_id": 30000743,
+        "victim_character_id": 2121652582, "victim_corporation_id": 98366055, "victim_ship_type_id": 587,
+        "total_value": Decimal("1234567890"), "attackers": 3})["embeds"][0]
+    fields = {f["name"]: f["value"] for f in embed["fields"]}
+    assert embed["url"] == "https://zkillboard.com/kill/134265477/"
+    assert fields["Pilot"] == "character 2121652582" and fields["Ship"] == "type 587"
+    assert fields["Value"] == "1.23B ISK" and fields["System"] == "system 30000743"
+
+
+# ------------------------------------------------------------------------------------------------ the sender
+
+
+@pytest.fixture
+def receivers():
+    made: list[Receiver] = []
+
+    def make() -> Receiver:
+        made.append(Receiver())
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+def deliver_all(conn, *, options: SenderOptions = FAST, timeout: float = 30) -> None:
+    """Run the sender in this process until no row is pending and due."""
+    with requests.Session() as session:
+        wait_until(lambda: not notifications.deliver_next(conn, session, options) and not conn.execute(
+            "SELECT 1 FROM outbox o JOIN webhooks w ON w.id = o.webhook_id WHERE o.delivered_at IS NULL "
+            "AND o.next_attempt_at IS NOT NULL AND w.refused IS NULL").fetchone(),
+            timeout=timeout, interval=0.01, what="the outbox to drain")
+        conn.rollback()
+
+
+def test_5xx_and_timeouts_are_retried_then_given_up_with_the_error(conn, receivers):
+    flaky, dead = receivers(), receivers()
+    flaky.fail_times, flaky.slow_times, flaky.slow_seconds = 1, 1, 2.0
+    dead.fail_times = 100
+    db.add_webhook(conn, "flaky", flaky.url)
+    db.add_webhook(conn, "dead", dead.url, format="json")
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    deliver_all(conn)
+    assert [b["embeds"][0]["footer"]["text"] for b in flaky.bodies()] == ["killmail 1"]
+    assert dead.bodies() == [] and dead.answers == [503, 503, 503]
+    rows = {r["name"]: r for r in conn.execute(
+        "SELECT w.name, o.* FROM outbox o JOIN webhooks w ON w.id = o.webhook_id")}
+    assert rows["flaky"]["attempts"] == 3 and rows["flaky"]["delivered_at"] is not None
+    assert rows["dead"]["next_attempt_at"] is None and rows["dead"]["last_error"].startswith("HTTP 503")
+    assert db.outbox_summary(conn, datetime.now(UTC)) == {"pending": 0, "delivered_24h": 1, "failed": 1,
+                                                          "refused": []}
+
+
+def test_an_error_never_shows_the_webhooks_token(conn):
+    token = "discord-webhook-token-5f1e9a"
+    watch_secrets([token])
+    db.add_webhook(conn, "closed", f"http://127.0.0.1:9/api/webhooks/1/{token}")  # nothing listens on port 9
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    deliver_all(conn)
+    (row,) = conn.execute("SELECT attempts, last_error FROM outbox").fetchall()
+    assert row["attempts"] == FAST.max_attempts and "ConnectionError" in row["last_error"]
+    assert token not in row["last_error"] and "127.0.0.1" in row["last_error"]
+
+
+def test_a_404_marks_the_webhook_refused_and_keeps_its_rows(conn, receivers):
+    gone = receivers()
+    gone.refuse_with = 404
+    db.add_webhook(conn, "gone", gone.url)
+    db.save_killmails(conn, [killmail(i, victim=(7, 500), attackers=[(8, 600)]) for i in (1, 2)])
+    conn.commit()
+    deliver_all(conn)
+    assert gone.answers == [404]
+    assert db.outbox_summary(conn, datetime.now(UTC))["refused"] == [{"name": "gone", "refused": "HTTP 404"}]
+    assert db.list_webhooks(conn)[0]["pending"] == 2
+
+
+def test_zkillboard_gets_id_and_hash_with_the_user_agent_one_at_a_time_until_it_refuses(conn, receivers):
+    zkb = receivers()
+    notifications.register_zkillboard(conn, zkb.url, enabled=True)
+    db.save_killmails(conn, [killmail(i, victim=(7, 500), attackers=[(8, 600)]) for i in (1, 2, 3)])
+    conn.commit()
+    deliver_all(conn)
+    assert sorted(p["path"] for p in zkb.posts) == [f"/hook/{i}/{i:040x}/" for i in (1, 2, 3)]
+    assert {p["headers"]["User-Agent"] for p in zkb.posts} == {FAST.user_agent}
+    times = [p["at"] for p in zkb.posts]
+    assert all(b - a >= FAST.zkillboard_interval * 0.9 for a, b in zip(times, times[1:], strict=False))
+    zkb.refuse_with = 403
+    db.save_killmails(conn, [killmail(4, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    deliver_all(conn)
+    notifications.register_zkillboard(conn, zkb.url, enabled=True)  # a restart does not forget the refusal
+    assert db.outbox_summary(conn, datetime.now(UTC))["refused"] == [{"name": "zkillboard", "refused": "HTTP 403"}]
+    notifications.register_zkillboard(conn, "http://127.0.0.1:9/moved", enabled=False)
+    assert (db.get_webhook(conn, "zkillboard")["url"], db.get_webhook(conn, "zkillboard")["enabled"]) == \
+        ("http://127.0.0.1:9/moved", False)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def start_sender(settings, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "send_notifications.py")], env=settings_env(settings) | env,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_zkillboard_push_registers_zkillboard_and_the_sender_posts_there(conn, database_url, receivers):
+    zkb = receivers()
+    sender = start_sender(make_settings(database_url), ZKILLBOARD_PUSH="1", ZKILLBOARD_URL=zkb.url)
+    try:
+        wait_until(lambda: db.get_webhook(conn, "zkillboard") or conn.rollback(), timeout=30,
+                   what="zKillboard registered")
+        db.save_killmails(conn, [killmail(9, victim=(7, 500), attackers=[(8, 600)], time=NOW - timedelta(days=5))])
+        conn.commit()
+        wait_until(lambda: zkb.posts, timeout=30, what="the post to zKillboard")
+        sender.send_signal(signal.SIGTERM)
+        assert sender.wait(20) == 0
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    assert [p["path"] for p in zkb.posts] == [f"/hook/9/{9:040x}/"]
+
+
+def test_the_sender_names_a_bad_setting_and_exits_2(database_url):
+    sender = start_sender(make_settings(database_url), ZKILLBOARD_PUSH="maybe")
+    output, _ = sender.communicate(timeout=30)
+    assert sender.returncode == 2
+    assert output.strip() == "configuration error: ZKILLBOARD_PUSH: must be 1 or 0, got 'maybe'"
+
+
+def expected(killmails, *, corporation=None, character=None, kills=True, losses=True) -> set[int]:
+    wanted = set()
+    for k in killmails:
+        victim = (k.row[6], k.row[7])
+        attackers = [(a[2], a[3]) for a in k.attackers]
+        hit = lambda who: who[0] == character or who[1] == corporation  # noqa: E731
+        if (losses and hit(victim)) or (kills and any(map(hit, attackers))):
+            wanted.add(k.killmail_id)
+    return wanted
+
+
+def test_each_receiver_gets_what_its_filters_ask_for_once_across_a_kill_and_a_429_window(
+        conn, database_url, receivers):
+    everything, corp_losses, pilot_kills = receivers(), receivers(), receivers()
+    corp_losses.rate_limited_for, corp_losses.retry_after = 3.0, 0.25  # "a minute" of 429s, shortened
+    everything.hold_at = 100
+    db.add_webhook(conn, "everything", everything.url)
+    db.add_webhook(conn, "corp-losses", corp_losses.url, format="json", corporation_ids=[500], kills=False)
+    db.add_webhook(conn, "pilot-kills", pilot_kills.url, character_ids=[7], losses=False)
+    conn.commit()
+    rng = random.Random(16)
+    people = [(7, 500), (8, 500), (9, 600), (10, 600), (11, 700)]
+    recent = [killmail(1000 + i, victim=rng.choice(people), attackers=rng.sample(people, rng.randint(1, 3)))
+              for i in range(500)]
+    old = [killmail(5000 + i, victim=(7, 500), attackers=[(8, 500)], time=NOW - timedelta(hours=3))
+           for i in range(20)]
+    for start in range(0, 520, 50):
+        db.save_killmails(conn, (recent + old)[start:start + 50])
+        conn.commit()
+    settings = make_settings(database_url)
+    sender = start_sender(settings)
+    try:
+        assert everything.held.wait(60), "the sender never posted the 100th killmail"
+        os.kill(sender.pid, signal.SIGKILL)
+        sender.wait(10)
+        everything.release.set()
+        senders = [start_sender(settings), start_sender(settings)]  # two at once share the rows
+        wait_until(lambda: db.outbox_summary(conn, datetime.now(UTC))["pending"] == 0, timeout=120,
+                   what="every post delivered")
+        conn.rollback()
+        for process in senders:
+            process.send_signal(signal.SIGTERM)
+        assert [process.wait(20) for process in senders] == [0, 0]
+    finally:
+        for process in [sender, *locals().get("senders", [])]:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert len(expected(recent, character=7, losses=False)) > 50  # the filters are not trivially empty
+    ids = lambda bodies: [int(b["embeds"][0]["footer"]["text"].split()[1]) for b in bodies]  # noqa: E731
+    want_all = {k.killmail_id for k in recent}
+    assert sorted(ids(everything.bodies())) == sorted(want_all)
+    assert sorted(b["killmail_id"] for b in corp_losses.bodies()) == sorted(
+        expected(recent, corporation=500, kills=False))
+    assert sorted(ids(pilot_kills.bodies())) == sorted(expected(recent, character=7, losses=False))
+    assert 429 in corp_losses.answers and 503 in everything.answers
+    assert db.outbox_summary(conn, datetime.now(UTC))["failed"] == 0
+
+
+def test_the_sender_prunes_old_delivered_and_given_up_rows_only(conn, database_url):
+    db.add_webhook(conn, "all", "http://127.0.0.1:9/a")
+    db.save_killmails(conn, [killmail(i, victim=(7, 500), attackers=[(8, 600)]) for i in (1, 2, 3, 4, 5)])
+    old = NOW - timedelta(days=31)
+    conn.execute("UPDATE outbox SET delivered_at = %s WHERE killmail_id = 1", (old,))
+    conn.execute("UPDATE outbox SET delivered_at = %s WHERE killmail_id = 2", (NOW,))
+    conn.execute("UPDATE outbox SET next_attempt_at = NULL, created_at = %s WHERE killmail_id = 3", (old,))
+    conn.execute("UPDATE outbox SET created_at = %s WHERE killmail_id = 4", (old,))  # old, but still pending
+    conn.commit()
+    db.set_webhook_enabled(conn, "all", False)  # the running sender only prunes
+    conn.commit()
+    stop = threading.Event()
+    with db.connect(database_url) as sender_conn:
+        sender = threading.Thread(target=notifications.run, args=(sender_conn, FAST, stop))
+        sender.start()
+        try:
+            wait_until(lambda: {k for _, k in outbox(conn)} == {2, 4, 5}, timeout=10, what="the old rows pruned")
+        finally:
+            stop.set()
+            sender.join(10)
+
+
+def test_the_sender_connects_again_when_postgresql_went_away(conn, database_url, receivers):
+    receiver = receivers()
+    db.add_webhook(conn, "all", receiver.url)
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    attempts = []
+
+    def connect():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise db.psycopg.OperationalError("connection refused")
+        return db.connect(database_url)
+
+    stop = threading.Event()
+    sender = threading.Thread(target=notifications.serve, args=(connect, FAST, stop))
+    sender.start()
+    try:
+        wait_until(lambda: receiver.bodies(), timeout=10, what="the post after a reconnect")
+    finally:
+        stop.set()
+        sender.join(10)
+    assert len(attempts) == 2 and not sender.is_alive()
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def test_webhooks_cli_adds_lists_and_tests(conn, database_url, receivers):
+    receiver = receivers()
+    settings = make_settings(database_url)
+    added = run_script("webhooks.py", settings, "add", "losses", receiver.url, "--format", "json",
+                       "--corporation", "500", "--corporation", "600", "--no-kills", "--min-value", "1e9")
+    assert added.returncode == 0, added.stderr
+    webhook = db.get_webhook(conn, "losses")
+    assert (webhook["format"], webhook["corporation_ids"], webhook["kills"], webhook["losses"],
+            webhook["min_value"]) == ("json", [500, 600], False, True, Decimal("1e9"))
+    listed = run_script("webhooks.py", settings, "list")
+    assert listed.returncode == 0 and "losses\tjson\tenabled\t500,600\tkills=False" in listed.stdout
+    tested = run_script("webhooks.py", settings, "test", "losses")  # nothing stored: the sample killmail
+    assert tested.returncode == 0, tested.stderr
+    assert [b["killmail_id"] for b in receiver.bodies()] == [134265477]
+    db.save_killmails(conn, [killmail(77, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    assert run_script("webhooks.py", settings, "test", "losses").returncode == 0  # now the latest stored one
+    assert [b["killmail_id"] for b in receiver.bodies()] == [134265477, 77]
+    receiver.refuse_with = 404
+    assert run_script("webhooks.py", settings, "test", "losses").returncode == 1
+    assert run_script("webhooks.py", settings, "test", "nobody").returncode == 1
+
+
+def test_the_docs_embed_is_rendered_from_what_the_receiver_logged():
+    from tests.embed_screenshot import received_embed, render
+    body = received_embed()
+    page = render(body)
+    assert body["embeds"][0]["url"] == "https://zkillboard.com/kill/134265477/"
+    assert "https://zkillboard.com/kill/134265477/" in page and "187.65M ISK" in page
+    assert "character 2121652582" in page and "system 30000743" in page
+
+
+def test_the_worker_passes_the_age_limit_to_sync(database_url):
+    import killmail_worker
+    child = killmail_worker.Child(make_settings(database_url, notify_max_age_seconds=600), burst=True)
+    assert child.sync_options(full=True).notify_max_age == 600
