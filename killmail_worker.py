@@ -111,9 +111,17 @@ class Child:
                                    egress=settings.esi_egress, stopping=self.stopping)
         self.esi = JobEsiClient(settings, limits=self.limits)
         self.swept_at = -SWEEP_EVERY                # the first job's end sweeps
+        self.namer: sync.Namer | None = None        # names new killmails' ids off the jobs' path (run)
 
     def run(self) -> int:
         """Consume until stopped (or, in burst mode, until the queue is empty); reconnect on broker loss."""
+        self.namer = sync.Namer(lambda: db.connect(self.settings.database_url), self.esi)
+        try:
+            return self.consume_until_done()
+        finally:
+            self.namer.close()  # names what its last jobs saved
+
+    def consume_until_done(self) -> int:
         try:
             self.ensure_db()  # before the first job, which should not wait for its connections
             self.limits.open()
@@ -246,7 +254,7 @@ class Child:
     def sync_options(self, **job) -> sync.SyncOptions:
         """This process's settings for sync, with a job's own (full, attempt)."""
         return sync.SyncOptions(max_attempts=self.settings.max_attempts, worker=self.worker_name,
-                                notify_max_age=self.settings.notify_max_age_seconds, **job)
+                                notify_max_age=self.settings.notify_max_age_seconds, namer=self.namer, **job)
 
     def sweep_if_due(self) -> None:
         """Every SWEEP_EVERY seconds, after a job, fetch a few killmails whose pilots all need a new login (they

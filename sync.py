@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import db
 import values
 from esi import (
     INVALID_CLIENT_PAUSE,
+    NAMES_BATCH,
     ErrorLimited,
     EsiClient,
     EsiError,
@@ -28,6 +31,7 @@ from esi import (
     token_scopes,
 )
 from killmail_model import InvalidKillmail, Killmail, named_ids, parse_killmail
+from settings import describe
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ SAVE_BATCH = 50                         # killmails per insert transaction at th
 SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for its batch at the most: a killed
                                         # process loses (and its redelivered job fetches again) only that much
 UNKNOWN_NAME_RETRY = timedelta(days=1)  # an id ESI could not name is not asked again for this long
+NAME_EVERY = 2.0                        # seconds between a process's names calls (sooner with a full batch)
 PRICES = values.PriceBook()             # one per process: loaded once, refreshed when ESI's Expires passes
 
 
@@ -102,6 +107,7 @@ class SyncOptions:
     attempt: int = 1
     worker: str | None = None
     notify_max_age: int = 3600          # NOTIFY_MAX_AGE_SECONDS: older new killmails are announced nowhere
+    namer: Any = None                   # a Namer takes the ids to name; None: the job names them itself
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
@@ -423,7 +429,62 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
              f", Failed: {result.failed}" if result.failed else "")
     if stop is not None:
         raise _job_error("killmail details", stop)
-    resolve_names(conn, esi, result.name_ids, now)
+    if options.namer is not None:
+        options.namer.add(result.name_ids)
+    else:
+        resolve_names(conn, esi, result.name_ids, now)
+
+
+class Namer:
+    """Names the ids of a process's newly saved killmails on a thread of its own, one batch every NAME_EVERY
+    seconds: a names call in every job would add an ESI round trip to each job's time. Jobs hand their ids over
+    and go on; close() names what is still pending."""
+
+    def __init__(self, connect: Callable[[], Any], esi: EsiClient, *, every: float = NAME_EVERY):
+        self._connect, self._esi, self._every = connect, esi, every
+        self._conn = None
+        self._pending: set[int] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="namer", daemon=True)
+        self._thread.start()
+
+    def add(self, ids: set[int]) -> None:
+        with self._lock:
+            self._pending |= ids
+            full = len(self._pending) >= NAMES_BATCH
+        if full:
+            self._wake.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait(self._every)
+            self._wake.clear()
+            self._name_pending()
+        self._name_pending()
+        if self._conn is not None:
+            self._conn.close()
+
+    def _name_pending(self) -> None:
+        with self._lock:
+            ids, self._pending = self._pending, set()
+        if not ids:
+            return
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect()
+            resolve_names(self._conn, self._esi, ids, datetime.now(UTC))
+        except Exception as exc:  # names are no job's: a failure costs only these names
+            log.warning("  names not resolved: %s", describe(exc))
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime) -> None:

@@ -587,6 +587,25 @@ def test_killmails_are_valued_when_saved_and_their_ids_named_once_per_job(conn, 
     assert conn.execute("SELECT count(*) AS n FROM killmails WHERE total_value IS NULL").fetchone()["n"] == 0
 
 
+def test_a_namer_names_the_ids_jobs_hand_it_off_their_path(conn, world, sim, database_url, monkeypatch):
+    """With a Namer, a job makes no names call: it hands its ids over, and the namer names them all together
+    (here when it closes: its period is an hour, and no number of ids wakes it sooner)."""
+    monkeypatch.setattr(sync, "NAMES_BATCH", 10 ** 9)
+    namer = sync.Namer(lambda: db.connect(database_url), world, every=3600)
+    options = sync.SyncOptions(namer=namer)
+    results = [sync.sync_character(conn, world, p["character_id"], now_for(sim), options=options)
+               for p in sim.pilots()]
+    assert sum(r.saved for r in results) > 0
+    assert sim.stats()["by_route"]["names"] == 0
+    assert conn.execute("SELECT count(*) AS n FROM names").fetchone()["n"] == 0
+    namer.close()
+    named = conn.execute("SELECT count(*) AS n FROM names").fetchone()["n"]
+    assert sim.stats()["by_route"]["names"] == -(-named // 1000)   # ESI's batches of 1 000, none refused
+    body = next(iter(sim.expected_killmails(valid_only=True).values()))
+    killmail = sync.parse_killmail(body, killmail_id=body["killmail_id"], killmail_hash="x")
+    assert set(db.names_of(conn, sync.named_ids(killmail))) == sync.named_ids(killmail)
+
+
 def test_ids_esi_cannot_name_are_remembered_and_the_sync_goes_on(conn, world, sim, monkeypatch):
     pilot = next(p for p in sim.pilots() if not p["revoked"])
     victim_ship = next(iter(sim.expected_killmails(valid_only=True).values()))["victim"]["ship_type_id"]
