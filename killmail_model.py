@@ -210,11 +210,12 @@ def _item_row(killmail_id: int, index: int, parent_index: int | None, entry: Any
 
 
 def named_ids(killmail: Killmail) -> set[int]:
-    """The ids a killmail shows that have names: its system, the victim's and attackers' characters,
-    corporations, alliances, factions, ships and weapons, and its item types."""
+    """The ids of a killmail that the API, the pages and the posts show by name: its system, the victim's and
+    the final blow's character, corporation, alliance, faction and ship. (Every attacker and item would be tens
+    of ids a killmail, named for nobody to read.)"""
     ids = {killmail.row[3], *killmail.row[6:11]}
     for attacker in killmail.attackers:
-        ids.update(attacker[2:8])
-    ids.update(item[4] for item in killmail.items)
+        if attacker[9]:  # final_blow
+            ids.update(attacker[2:7])
     ids.discard(None)
     return ids

@@ -16,7 +16,6 @@ import db
 import values
 from esi import (
     INVALID_CLIENT_PAUSE,
-    NAMES_BATCH,
     ErrorLimited,
     EsiClient,
     EsiError,
@@ -44,7 +43,7 @@ SAVE_BATCH = 50                         # killmails per insert transaction at th
 SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for its batch at the most: a killed
                                         # process loses (and its redelivered job fetches again) only that much
 UNKNOWN_NAME_RETRY = timedelta(days=1)  # an id ESI could not name is not asked again for this long
-NAME_EVERY = 2.0                        # seconds between a process's names calls (sooner with a full batch)
+NAME_EVERY = 10.0                       # seconds between a process's rounds of names calls
 PRICES = values.PriceBook()             # one per process: loaded once, refreshed when ESI's Expires passes
 
 
@@ -436,9 +435,10 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
 
 
 class Namer:
-    """Names the ids of a process's newly saved killmails on a thread of its own, one batch every NAME_EVERY
-    seconds: a names call in every job would add an ESI round trip to each job's time. Jobs hand their ids over
-    and go on; close() names what is still pending."""
+    """Names the ids of a process's newly saved killmails on a thread of its own, every NAME_EVERY seconds, in
+    ESI's batches of 1 000: a names call in every job would add an ESI round trip to each job's time, and names
+    are for people to read, who can wait seconds for them. Jobs hand their ids over and go on; close() names
+    what is still pending."""
 
     def __init__(self, connect: Callable[[], Any], esi: EsiClient, *, every: float = NAME_EVERY):
         self._connect, self._esi, self._every = connect, esi, every
@@ -453,9 +453,6 @@ class Namer:
     def add(self, ids: set[int]) -> None:
         with self._lock:
             self._pending |= ids
-            full = len(self._pending) >= NAMES_BATCH
-        if full:
-            self._wake.set()
 
     def close(self, timeout: float = 30.0) -> None:
         self._closing.set()

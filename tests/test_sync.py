@@ -587,10 +587,9 @@ def test_killmails_are_valued_when_saved_and_their_ids_named_once_per_job(conn, 
     assert conn.execute("SELECT count(*) AS n FROM killmails WHERE total_value IS NULL").fetchone()["n"] == 0
 
 
-def test_a_namer_names_the_ids_jobs_hand_it_off_their_path(conn, world, sim, database_url, monkeypatch):
+def test_a_namer_names_the_ids_jobs_hand_it_off_their_path(conn, world, sim, database_url):
     """With a Namer, a job makes no names call: it hands its ids over, and the namer names them all together
-    (here when it closes: its period is an hour, and no number of ids wakes it sooner)."""
-    monkeypatch.setattr(sync, "NAMES_BATCH", 10 ** 9)
+    (here when it closes: its period is an hour)."""
     namer = sync.Namer(lambda: db.connect(database_url), world, every=3600)
     options = sync.SyncOptions(namer=namer)
     results = [sync.sync_character(conn, world, p["character_id"], now_for(sim), options=options)
