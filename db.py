@@ -151,6 +151,20 @@ def try_lock(conn, namespace: int, key: int) -> bool:
     return conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (namespace, _lock_key(key))).fetchone()["ok"]
 
 
+def wait_lock(conn, namespace: int, key: int, *, timeout: float) -> bool:
+    """Take the session-level lock, waiting up to `timeout` seconds for its holder; False when it was not freed.
+    Ends the caller's transaction."""
+    conn.commit()
+    try:
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(timeout * 1000)}ms",))
+        conn.execute("SELECT pg_advisory_lock(%s, %s)", (namespace, _lock_key(key)))
+    except psycopg.errors.LockNotAvailable:
+        conn.rollback()
+        return False
+    conn.commit()
+    return True
+
+
 def unlock(conn, namespace: int, key: int) -> None:
     """Release a lock taken by try_lock."""
     conn.execute("SELECT pg_advisory_unlock(%s, %s)", (namespace, _lock_key(key)))
@@ -533,8 +547,9 @@ def save_killmails(conn, killmails: Sequence[Any], values: Sequence[tuple | None
     return sorted(new_ids)
 
 
-def killmails_without_value(conn, *, limit: int, after: int = 0) -> list[dict]:
-    """Up to `limit` killmails with no total_value yet (ids above `after`, in order): id, ship and item rows."""
+def killmails_without_value(conn, *, limit: int) -> list[dict]:
+    """Lock and return up to `limit` killmails with no total_value yet (in id order): id, ship and item rows.
+    Rows another transaction holds are skipped (SKIP LOCKED): two processes never value the same killmail."""
     return conn.execute(
         """
         SELECT k.killmail_id, k.victim_ship_type_id,
@@ -542,11 +557,12 @@ def killmails_without_value(conn, *, limit: int, after: int = 0) -> list[dict]:
                                                 i.quantity_dropped] ORDER BY i.item_index)
                          FROM killmail_items i WHERE i.killmail_id = k.killmail_id), '{}') AS items
         FROM killmails k
-        WHERE k.total_value IS NULL AND k.killmail_id > %s
+        WHERE k.total_value IS NULL
         ORDER BY k.killmail_id
         LIMIT %s
+        FOR UPDATE OF k SKIP LOCKED
         """,
-        (after, limit),
+        (limit,),
     ).fetchall()
 
 
@@ -666,11 +682,13 @@ _WEBHOOK_WANTS = """
 """
 
 
-def queue_notifications(conn, killmail_ids: Sequence[int], *, max_age: int) -> int:
+def queue_notifications(conn, killmail_ids: Sequence[int], *, max_age: int, valued_late: bool = False) -> int:
     """Write an outbox row for each enabled destination that wants each of these (newly stored) killmails.
 
-    Killmails older than max_age seconds are announced nowhere but on zKillboard (a first sync or a backfill
-    would flood a channel). Without an enabled webhook this is one look at a tiny table.
+    Killmails older than max_age seconds (from their killmail_time) are announced nowhere but on zKillboard (a
+    first sync or a backfill would flood a channel). valued_late: these killmails were stored without a value
+    and just got one; only the destinations with a minimum value can want them now (the others got their rows
+    when they were stored). Without an enabled webhook this is one look at a tiny table.
     """
     if not killmail_ids or not conn.execute("SELECT EXISTS (SELECT 1 FROM webhooks WHERE enabled) AS any")\
             .fetchone()["any"]:
@@ -681,9 +699,10 @@ def queue_notifications(conn, killmail_ids: Sequence[int], *, max_age: int) -> i
         SELECT w.id, k.killmail_id
         FROM killmails k JOIN webhooks w ON w.enabled AND w.refused IS NULL
         WHERE k.killmail_id = ANY (%(ids)s) AND {_WEBHOOK_WANTS}
+          AND (NOT %(valued_late)s OR w.min_value IS NOT NULL)
         ON CONFLICT (webhook_id, killmail_id) DO NOTHING
         """,
-        {"ids": list(killmail_ids), "max_age": max_age},
+        {"ids": list(killmail_ids), "max_age": max_age, "valued_late": valued_late},
     ).rowcount
 
 

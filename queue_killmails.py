@@ -154,7 +154,7 @@ def revalue(conn, settings: Settings, now: datetime) -> int:
     if not prices:
         print("❌ no market prices: ESI did not answer /markets/prices/ and none are stored", file=sys.stderr)
         return 1
-    log.info("💰 Valued %d killmails", values.revalue(conn, prices))
+    log.info("💰 Valued %d killmails", values.revalue(conn, prices, notify_max_age=settings.notify_max_age_seconds))
     return 0
 
 

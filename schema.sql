@@ -142,11 +142,12 @@ EXCEPTION WHEN feature_not_supported OR syntax_error OR undefined_column THEN  -
     RAISE NOTICE 'lz4 is not available here: killmails.raw keeps the default compression';
 END $$;
 CALL pg_temp.create_index('killmails_time', 'killmails (killmail_time)');
--- ISK values (values.py's rule), computed when a killmail is saved; null until prices are known
--- (`queue_killmails.py --revalue` fills them in).
+-- ISK values (values.py's rule), computed when a killmail is saved; null until prices are known, when the
+-- workers' next jobs fill them in (values.value_missing, which finds them by killmails_unvalued).
 CALL pg_temp.add_column('killmails', 'destroyed_value', 'NUMERIC');
 CALL pg_temp.add_column('killmails', 'dropped_value', 'NUMERIC');
 CALL pg_temp.add_column('killmails', 'total_value', 'NUMERIC');
+CALL pg_temp.create_index('killmails_unvalued', 'killmails (killmail_id) WHERE total_value IS NULL');
 CALL pg_temp.create_index('killmails_stored_at', 'killmails (stored_at)');
 
 -- Attackers and items are written only in the transaction that inserts their killmail (db.save_killmails), so

@@ -45,6 +45,7 @@ SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for i
 UNKNOWN_NAME_RETRY = timedelta(days=1)  # an id ESI could not name is not asked again for this long
 NAME_EVERY = 10.0                       # seconds between a process's rounds of names calls
 PRICES = values.PriceBook()             # one per process: loaded once, refreshed when ESI's Expires passes
+VALUE_BATCH = 200                       # killmails saved without a value (no prices then) one job values at most
 
 
 class JobFailed(Exception):
@@ -375,6 +376,8 @@ def fetch_killmails(conn, esi: EsiClient, owner: Owner, now: datetime, options: 
                     result: SyncResult) -> None:
     """Fetch and save the details of a pilot's (or corporation's) references that no process has stored or
     is fetching."""
+    conn.commit()  # the references just listed, before anything else is committed or waited for
+    value_backlog(conn, esi, now, options)
     pending = db.pending_refs(conn, owner.kind, owner.id, now, max_attempts=options.max_attempts)
     claimed = db.claim_refs(conn, [r["killmail_id"] for r in pending], now, seconds=CLAIM_SECONDS)
     conn.commit()
@@ -397,6 +400,7 @@ def sweep_stranded(conn, esi: EsiClient, now: datetime, options: SyncOptions) ->
     conn.commit()
     if claimed:
         log.info("🧹 Sweeping %d killmails listed only by pilots who need a new login", len(claimed))
+        value_backlog(conn, esi, now, options)
         try:
             _fetch_claimed(conn, esi, claimed, now, options, result)
         except JobError as exc:
@@ -406,10 +410,18 @@ def sweep_stranded(conn, esi: EsiClient, now: datetime, options: SyncOptions) ->
     return result
 
 
+def value_backlog(conn, esi: EsiClient, now: datetime, options: SyncOptions) -> None:
+    """Load or refresh the process's prices (before a job saves anything), then value a bounded batch of the
+    killmails stored while no prices were known, announcing those a minimum-value webhook now wants."""
+    if PRICES.refresh(conn, esi, now):
+        valued = values.value_missing(conn, PRICES.prices, limit=VALUE_BATCH, notify_max_age=options.notify_max_age)
+        if valued:
+            log.info("  💰 Valued %d killmails stored without a value", len(valued))
+
+
 def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, options: SyncOptions,
                    result: SyncResult) -> None:
     """Fetch (on the client's detail threads) and save claimed references; release what was not fetched."""
-    PRICES.refresh(conn, esi, now)
     unfetched = {r["killmail_id"] for r in claimed}
     pool = esi.detail_pool()
     futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"]) for r in claimed]

@@ -462,6 +462,11 @@ class Simulator:
             self._faults.append({"regex": re.compile(path_regex), "status": int(status), "count": int(count),
                                  "retry_after": retry_after, "body": body})
 
+    def clear_faults(self) -> None:
+        """Forget the faults fail_next set that have not been served yet."""
+        with self._lock:
+            self._faults.clear()
+
     # ---- inspection ---------------------------------------------------------------------------------------
 
     def pilots(self) -> list[dict]:

@@ -613,3 +613,39 @@ def test_ids_esi_cannot_name_are_remembered_and_the_sync_goes_on(conn, world, si
     assert result.status == "ok" and result.saved > 0
     row = conn.execute("SELECT name, unknown_until FROM names WHERE id = %s", (victim_ship,)).fetchone()
     assert row is not None and row["name"] is None and row["unknown_until"] > now_for(sim)
+
+
+def test_killmails_saved_while_prices_are_unreachable_are_valued_by_later_jobs_and_announced_once(
+        conn, world, sim, monkeypatch):
+    import values
+    monkeypatch.setattr(sync, "PRICES", values.PriceBook())  # a new process: prices not loaded yet
+    monkeypatch.setattr(sync, "VALUE_BATCH", 40)               # several jobs share the backlog
+    db.add_webhook(conn, "all", "http://127.0.0.1:9/all", format="json")
+    db.add_webhook(conn, "priced", "http://127.0.0.1:9/priced", format="json", min_value=1)
+    conn.commit()
+    options = sync.SyncOptions(notify_max_age=40 * 86400)  # old enough to announce some, not all
+    pilots = [p["character_id"] for p in sim.pilots()]
+    sim.fail_next(r"/markets/prices", 503, count=1000)
+    now = now_for(sim)
+    for pilot in pilots:
+        sync.sync_character(conn, world, pilot, now, options=options)
+    sim.clear_faults()
+    count = "SELECT count(*) AS n FROM killmails WHERE total_value IS NULL"
+    outbox = "SELECT count(*) AS n, count(DISTINCT killmail_id) AS distinct FROM outbox o JOIN webhooks w " \
+             "ON w.id = o.webhook_id WHERE w.name = %s"
+    unvalued = conn.execute(count).fetchone()["n"]
+    assert unvalued == len(stored_ids(conn)) > 0
+    assert conn.execute(outbox, ("priced",)).fetchone()["n"] == 0     # it cannot judge them yet
+    all_before = conn.execute(outbox, ("all",)).fetchone()["n"]
+    later = now + values.RECHECK
+    for pilot in pilots:   # the next jobs (lists still fresh: nothing new to fetch) value 40 killmails each
+        sync.sync_character(conn, world, pilot, later, options=options)
+    assert conn.execute(count).fetchone()["n"] == max(0, unvalued - 40 * len(pilots)) == 0
+    wanted = conn.execute("SELECT count(*) AS n FROM killmails WHERE total_value >= 1 AND killmail_time > "
+                          "now() - interval '40 days'").fetchone()["n"]
+    assert 0 < wanted < unvalued
+    assert dict(conn.execute(outbox, ("priced",)).fetchone()) == {"n": wanted, "distinct": wanted}
+    assert conn.execute(outbox, ("all",)).fetchone()["n"] == all_before  # not queued a second time
+    for pilot in pilots:
+        sync.sync_character(conn, world, pilot, later + timedelta(minutes=1), options=options)
+    assert conn.execute(outbox, ("priced",)).fetchone()["n"] == wanted

@@ -3,6 +3,7 @@ the process's price book, loaded from market_prices and refreshed from ESI only 
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -13,6 +14,7 @@ import db
 import values
 from esi import MarketPrices, ServerError
 from killmail_model import parse_killmail
+from tests.conftest import wait_until
 
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
 NOW = datetime(2026, 3, 25, 15, 0, tzinfo=UTC)
@@ -128,3 +130,39 @@ def test_unchanged_prices_keep_the_stored_ones_and_extend_their_expiry(conn):
     later = NOW + timedelta(hours=2)
     assert book.refresh(conn, unchanged, later) == {1: Decimal(4)}
     assert book.expires_at == later + values.MIN_REFRESH and unchanged.calls == 1
+
+
+def blocked_on_a_lock(conn) -> bool:
+    waiting = conn.execute("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    n = waiting.fetchone()["n"]
+    conn.rollback()
+    return n == 1
+
+
+def test_a_process_without_prices_waits_for_the_one_loading_them_instead_of_saving_unvalued(conn, database_url):
+    loader = db.connect(database_url)
+    assert db.try_lock(loader, db.LOCK_PRICES, 0)
+    loader.commit()
+    esi, got = FakePrices([{"type_id": 1, "average_price": 9}]), {}
+    waiting = threading.Thread(target=lambda: got.update(prices=values.PriceBook().refresh(conn, esi, NOW)))
+    waiting.start()
+    wait_until(lambda: blocked_on_a_lock(loader), timeout=10, what="the second process waiting for the loader")
+    db.save_market_prices(loader, [{"type_id": 1, "average_price": 4}], NOW)
+    db.save_esi_cache(loader, values.PRICES_KEY, '"v0"', NOW + timedelta(hours=1))
+    loader.commit()
+    db.unlock(loader, db.LOCK_PRICES, 0)
+    loader.commit()
+    waiting.join(10)
+    loader.close()
+    assert got["prices"] == {1: Decimal(4)} and esi.calls == 0  # the loader's prices, no second ESI call
+
+
+def test_a_loader_that_takes_too_long_leaves_the_prices_to_the_next_look(conn, database_url, monkeypatch):
+    monkeypatch.setattr(values, "FIRST_LOAD_WAIT", 0.2)
+    with db.connect(database_url) as loader:
+        assert db.try_lock(loader, db.LOCK_PRICES, 0)
+        loader.commit()
+        book, esi = values.PriceBook(), FakePrices([{"type_id": 1, "average_price": 9}])
+        assert book.refresh(conn, esi, NOW) == {} and esi.calls == 0
+        assert book.expires_at == NOW + values.RECHECK
+    assert book.refresh(conn, esi, NOW + values.RECHECK) == {1: Decimal(9)}  # the lock died with the loader
