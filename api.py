@@ -63,16 +63,11 @@ def api_blueprint(sources: Sources) -> Blueprint:
             if not db.user_exists(conn, character_id):
                 return jsonify(success=False, message=f"no user with character id {character_id}"), 404
             rows = db.character_killmails_page(conn, character_id, limit=limit, before=before)
-            names = db.names_of(conn, (row[key] for row in rows for key in NAMED_COLUMNS))
+            names = db.names_of(conn, (row[key] for row in rows for key in db.NAMED_COLUMNS))
         return jsonify(killmails=[killmail_summary(r, names) for r in rows],
                        next_before=rows[-1]["killmail_id"] if len(rows) == limit else None)
 
     return blueprint
-
-
-NAMED_COLUMNS = ("solar_system_id", "victim_character_id", "victim_corporation_id", "victim_alliance_id",
-                 "victim_ship_type_id", "final_blow_character_id", "final_blow_corporation_id",
-                 "final_blow_ship_type_id")
 
 
 def killmail_summary(row: dict, names: dict[int, str]) -> dict[str, Any]:

@@ -789,36 +789,71 @@ def get_webhook(conn, name: str) -> dict | None:
     return conn.execute("SELECT * FROM webhooks WHERE name = %s", (name,)).fetchone()
 
 
+# The ids a post and the API show by name, as the columns of notification_killmail (and of the API's rows).
+NAMED_COLUMNS = ("solar_system_id", "victim_character_id", "victim_corporation_id", "victim_alliance_id",
+                 "victim_ship_type_id", "final_blow_character_id", "final_blow_corporation_id",
+                 "final_blow_ship_type_id")
+_FINAL_BLOW_SQL = """
+    LEFT JOIN LATERAL (SELECT a.character_id, a.corporation_id, a.ship_type_id FROM attackers a
+                       WHERE a.killmail_id = k.killmail_id AND a.final_blow
+                       ORDER BY a.attacker_index LIMIT 1) f ON true
+"""
+
+
 def notification_killmail(conn, killmail_id: int | None = None) -> dict | None:
-    """What a post says about a killmail (the latest stored one without an id)."""
+    """What a post says about a killmail (the latest stored one without an id): its facts, its final blow, its
+    attacker count, and the characters and corporations among its attackers (whose kill it is)."""
     return conn.execute(
-        """
-        SELECT killmail_id, killmail_hash, killmail_time, solar_system_id, victim_character_id,
-               victim_corporation_id, victim_ship_type_id, total_value,
-               (SELECT count(*) FROM attackers a WHERE a.killmail_id = k.killmail_id) AS attackers
-        FROM killmails k WHERE %(id)s::bigint IS NULL OR killmail_id = %(id)s
-        ORDER BY stored_at DESC, killmail_id DESC LIMIT 1
+        f"""
+        SELECT k.killmail_id, k.killmail_hash, k.killmail_time, k.solar_system_id, k.victim_character_id,
+               k.victim_corporation_id, k.victim_alliance_id, k.victim_ship_type_id, k.total_value,
+               f.character_id AS final_blow_character_id, f.corporation_id AS final_blow_corporation_id,
+               f.ship_type_id AS final_blow_ship_type_id,
+               (SELECT count(*) FROM attackers a WHERE a.killmail_id = k.killmail_id) AS attackers,
+               ARRAY(SELECT DISTINCT a.character_id FROM attackers a WHERE a.killmail_id = k.killmail_id
+                     AND a.character_id IS NOT NULL) AS attacker_character_ids,
+               ARRAY(SELECT DISTINCT a.corporation_id FROM attackers a WHERE a.killmail_id = k.killmail_id
+                     AND a.corporation_id IS NOT NULL) AS attacker_corporation_ids
+        FROM killmails k {_FINAL_BLOW_SQL}
+        WHERE %(id)s::bigint IS NULL OR k.killmail_id = %(id)s
+        ORDER BY k.stored_at DESC, k.killmail_id DESC LIMIT 1
         """,
         {"id": killmail_id},
     ).fetchone()
 
 
-def claim_notification(conn, now: datetime) -> dict | None:
-    """Lock the next due outbox row of a destination that is not paused (SKIP LOCKED: senders share the work).
+# Every id a post shows (NAMED_COLUMNS) was looked up by name (named, or known to have none), for outbox row o.
+_NAMES_LOOKED_UP = f"""
+    NOT EXISTS (SELECT 1 FROM killmails k {_FINAL_BLOW_SQL}
+                CROSS JOIN LATERAL unnest(ARRAY[k.solar_system_id, k.victim_character_id, k.victim_corporation_id,
+                                                k.victim_alliance_id, k.victim_ship_type_id, f.character_id,
+                                                f.corporation_id, f.ship_type_id]) AS shown (id)
+                WHERE k.killmail_id = o.killmail_id AND shown.id IS NOT NULL
+                  AND NOT EXISTS (SELECT 1 FROM names n WHERE n.id = shown.id))
+"""
+
+
+def claim_notification(conn, now: datetime, *, name_wait: float = 30.0) -> dict | None:
+    """Lock the next due outbox row of a destination that is not paused (SKIP LOCKED: senders share the work),
+    once the ids its post shows are named, or name_wait seconds after the row was written if they never are
+    (zKillboard's posts show no names: they go at once).
 
     The row stays locked until the caller's transaction ends: a sender that dies releases it at once.
     """
     return conn.execute(
-        """
-        SELECT o.id, o.attempts, o.killmail_id, w.id AS webhook_id, w.name, w.url, w.format
+        f"""
+        SELECT o.id, o.attempts, o.killmail_id, w.id AS webhook_id, w.name, w.url, w.format, w.character_ids,
+               w.corporation_ids
         FROM outbox o JOIN webhooks w ON w.id = o.webhook_id
         WHERE o.delivered_at IS NULL AND o.next_attempt_at <= %(now)s AND w.enabled AND w.refused IS NULL
           AND (w.paused_until IS NULL OR w.paused_until <= %(now)s)
+          AND (w.format = 'zkillboard' OR o.created_at <= %(now)s - make_interval(secs => %(wait)s)
+               OR {_NAMES_LOOKED_UP})
         ORDER BY o.next_attempt_at, o.id
         LIMIT 1
         FOR UPDATE OF o SKIP LOCKED
         """,
-        {"now": now},
+        {"now": now, "wait": name_wait},
     ).fetchone()
 
 

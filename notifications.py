@@ -27,7 +27,14 @@ from settings import ConfigError, Settings, describe, load_settings
 
 log = logging.getLogger(__name__)
 ZKILLBOARD_NAME = "zkillboard"  # the destination ZKILLBOARD_PUSH=1 registers
-KILL_URL = "https://zkillboard.com/kill/{}/"
+ZKILLBOARD = "https://zkillboard.com"
+KILL_URL = ZKILLBOARD + "/kill/{}/"
+RENDER_URL = "https://images.evetech.net/types/{}/render?size=64"  # EVE's image server: a ship type's render
+COLOURS = {"kill": 0x2E8B57, "loss": 0xB22222, None: 0x5865F2}  # from the webhook's point of view
+# What an id with no name shows as ("system 30000743"), and its zKillboard page, by the column that holds it.
+KINDS = {"solar_system_id": ("system", "system"), "character_id": ("character", "character"),
+         "corporation_id": ("corporation", "corporation"), "alliance_id": ("alliance", "alliance"),
+         "ship_type_id": ("type", "ship")}
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class SenderOptions:
     default_retry_after: float = 5.0    # a 429 that does not say how long
     zkillboard_interval: float = 1.0    # zKillboard asks for at most one add a second
     poll: float = 1.0                   # how often an idle sender looks for due rows
+    name_wait: float = 30.0             # seconds a post waits for the names of its ids at the most
     keep_days: int = 30                 # delivered and given-up rows are kept this long (for the status page)
     prune_every: float = 3600.0
 
@@ -93,29 +101,75 @@ def format_isk(value: Decimal | float | None) -> str:
     return f"{value:.0f} ISK"
 
 
+def with_names(conn, killmail: Mapping) -> dict:
+    """The killmail with `<field>_name` beside each id a post shows (None where no name is known)."""
+    names = db.names_of(conn, (killmail[column] for column in db.NAMED_COLUMNS))
+    return {**killmail, **{_name_key(column): names.get(killmail[column]) for column in db.NAMED_COLUMNS}}
+
+
+def side_of(killmail: Mapping, webhook: Mapping) -> str | None:
+    """'loss' when one of the webhook's characters or corporations is the victim, 'kill' when one is among the
+    attackers, None for a webhook that follows everyone."""
+    characters, corporations = set(webhook["character_ids"]), set(webhook["corporation_ids"])
+    if killmail["victim_character_id"] in characters or killmail["victim_corporation_id"] in corporations:
+        return "loss"
+    if characters & set(killmail["attacker_character_ids"]) or corporations & set(killmail["attacker_corporation_ids"]):
+        return "kill"
+    return None
+
+
 def discord_embed(killmail: Mapping) -> dict:
-    """A Discord webhook body: one embed with pilot, ship, value, system and a link to zKillboard."""
-    pilot = killmail["victim_character_id"]
+    """A Discord webhook body read as zKillboard's bot reads: the victim's ship and system in the title, the
+    victim, the final blow, the attacker count, the value and the time, a render of the ship, a link to
+    zKillboard, coloured as a kill or a loss for this webhook."""
+    victim = [_linked(killmail, "victim_" + key) for key in ("character_id", "corporation_id", "alliance_id")
+              if killmail["victim_" + key] is not None]
+    final_blow = [_linked(killmail, "final_blow_" + key) for key in ("character_id", "corporation_id")
+                  if killmail["final_blow_" + key] is not None][:1]  # the pilot, else its (NPC) corporation
+    if killmail["final_blow_ship_type_id"] is not None:
+        final_blow.append(_linked(killmail, "final_blow_ship_type_id"))
+    when = killmail["killmail_time"]
     return {"embeds": [{
-        "title": f"Ship {killmail['victim_ship_type_id']} destroyed in system {killmail['solar_system_id']}",
+        "title": f"{_shown(killmail, 'victim_ship_type_id')} destroyed in {_shown(killmail, 'solar_system_id')}",
         "url": KILL_URL.format(killmail["killmail_id"]),
-        "timestamp": killmail["killmail_time"].isoformat(),
-        "color": 0xB22222,
+        "timestamp": when.isoformat(),
+        "color": COLOURS[killmail.get("side")],
+        "thumbnail": {"url": RENDER_URL.format(killmail["victim_ship_type_id"])},
         "fields": [
-            {"name": "Pilot", "value": f"character {pilot}" if pilot else "no pilot (structure)", "inline": True},
-            {"name": "Corporation", "value": f"corporation {killmail['victim_corporation_id']}", "inline": True},
-            {"name": "Ship", "value": f"type {killmail['victim_ship_type_id']}", "inline": True},
+            {"name": "Victim", "value": "\n".join(victim) or "unknown", "inline": True},
+            {"name": "Final blow", "value": " in ".join(final_blow) or "unknown", "inline": True},
+            {"name": "System", "value": _linked(killmail, "solar_system_id"), "inline": True},
             {"name": "Value", "value": format_isk(killmail["total_value"]), "inline": True},
-            {"name": "System", "value": f"system {killmail['solar_system_id']}", "inline": True},
             {"name": "Attackers", "value": str(killmail["attackers"]), "inline": True},
+            {"name": "Time", "value": when.astimezone(UTC).strftime("%Y-%m-%d %H:%M EVE"), "inline": True},
         ],
         "footer": {"text": f"killmail {killmail['killmail_id']}"},
     }]}
 
 
+def _name_key(column: str) -> str:
+    return column.removesuffix("_id") + "_name"
+
+
+def _kind(column: str) -> tuple[str, str]:
+    return next(kind for suffix, kind in KINDS.items() if column.endswith(suffix))
+
+
+def _shown(killmail: Mapping, column: str) -> str:
+    """An id's name, or (ESI could not name it, or not yet) its kind and id."""
+    return killmail.get(_name_key(column)) or f"{_kind(column)[0]} {killmail[column]}"
+
+
+def _linked(killmail: Mapping, column: str) -> str:
+    """An id's name as a link to its zKillboard page."""
+    return f"[{_shown(killmail, column)}]({ZKILLBOARD}/{_kind(column)[1]}/{killmail[column]}/)"
+
+
 def plain_json(killmail: Mapping) -> dict:
-    """The JSON body for any URL: the killmail's facts and its zKillboard link."""
-    body = {key: value for key, value in killmail.items() if key != "killmail_time"}
+    """The JSON body for any URL: the killmail's facts with `<field>_name` beside each id shown, the side (kill,
+    loss or null for this webhook) and its zKillboard link."""
+    hidden = ("killmail_time", "attacker_character_ids", "attacker_corporation_ids")
+    body = {key: value for key, value in killmail.items() if key not in hidden}
     body["killmail_time"] = killmail["killmail_time"].isoformat()
     body["total_value"] = None if killmail["total_value"] is None else float(killmail["total_value"])
     body["url"] = KILL_URL.format(killmail["killmail_id"])
@@ -202,11 +256,11 @@ def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> bool:
     """Post the next due outbox row and record what came of it; False when nothing was due."""
     try:
-        row = db.claim_notification(conn, clock())
+        row = db.claim_notification(conn, clock(), name_wait=options.name_wait)
         if row is None:
             conn.rollback()
             return False
-        killmail = db.notification_killmail(conn, row["killmail_id"])
+        killmail = post_fields(conn, db.notification_killmail(conn, row["killmail_id"]), row)
         response, error = post(session, row["format"], row["url"], killmail, options)
         outcome = judge(row["format"], response, error, row["attempts"] + 1, options)
         record(conn, row, outcome, clock(), options)
@@ -215,6 +269,11 @@ def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
     except BaseException:
         conn.rollback()
         raise
+
+
+def post_fields(conn, killmail: Mapping, webhook: Mapping) -> dict:
+    """What a post to this webhook says about a killmail of db.notification_killmail: with names and side."""
+    return {**with_names(conn, killmail), "side": side_of(killmail, webhook)}
 
 
 def record(conn, row: Mapping, outcome: Outcome, now: datetime, options: SenderOptions) -> None:

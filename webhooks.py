@@ -1,17 +1,24 @@
 """Configure where new killmails are announced: `add` a webhook (Discord or plain JSON) with its filters, `list`
-them with their outbox counts, `test` one with a sample post."""
+them with their outbox counts, `test` one with a sample post (its ids named through ESI first, as the workers
+name them)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import requests
 
 import db
 import notifications
-from killmail_model import parse_killmail
+import sync
+from esi import EsiClient
+from killmail_model import Killmail, parse_killmail
+from limits import SharedLimits
+from settings import Settings
 
 SAMPLE = Path(__file__).resolve().parent / "tests" / "data" / "killmail_134265477.json"
 
@@ -44,9 +51,32 @@ def sample_killmail(conn) -> dict | None:
     if not SAMPLE.exists():  # the production image ships no tests/
         return None
     body = json.loads(SAMPLE.read_text())
-    killmail = parse_killmail(body, killmail_id=body["killmail_id"], killmail_hash="0" * 40)
+    return post_columns(parse_killmail(body, killmail_id=body["killmail_id"], killmail_hash="0" * 40))
+
+
+def post_columns(killmail: Killmail, *, total_value: Decimal | None = None) -> dict:
+    """A parsed killmail as the columns of db.notification_killmail."""
     row = dict(zip(db.KILLMAIL_COLUMN_NAMES, killmail.row, strict=False))
-    return {**row, "total_value": None, "attackers": len(killmail.attackers)}
+    # Attacker rows as db lays them out: [2] character, [3] corporation, [6] ship type, [9] final blow.
+    final = next((a for a in killmail.attackers if a[9]), (None,) * 10)
+    return {**row, "total_value": total_value, "attackers": len(killmail.attackers),
+            "final_blow_character_id": final[2], "final_blow_corporation_id": final[3],
+            "final_blow_ship_type_id": final[6],
+            "attacker_character_ids": sorted({a[2] for a in killmail.attackers if a[2] is not None}),
+            "attacker_corporation_ids": sorted({a[3] for a in killmail.attackers if a[3] is not None})}
+
+
+def name_ids(conn, settings: Settings, killmail: dict) -> None:
+    """Name the ids the post shows through ESI (the shared limits, the names table), as the workers do."""
+    if not settings.esi_user_agent:
+        print("ESI_USER_AGENT is not set: ids not named yet show as their kind and id", file=sys.stderr)
+        return
+    limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True), egress=settings.esi_egress)
+    try:
+        ids = {killmail[column] for column in db.NAMED_COLUMNS} - {None}
+        sync.resolve_names(conn, EsiClient(settings, limits=limits), ids, datetime.now(UTC))
+    finally:
+        limits.close()
 
 
 def list_webhooks(conn) -> int:
@@ -59,7 +89,7 @@ def list_webhooks(conn) -> int:
     return 0
 
 
-def test_webhook(conn, name: str, user_agent: str) -> int:
+def test_webhook(conn, name: str, settings: Settings) -> int:
     webhook = db.get_webhook(conn, name)
     if webhook is None:
         print(f"no webhook named {name!r}", file=sys.stderr)
@@ -68,7 +98,9 @@ def test_webhook(conn, name: str, user_agent: str) -> int:
     if killmail is None:
         print("no killmail stored yet to post as a sample", file=sys.stderr)
         return 1
-    options = notifications.SenderOptions(user_agent=user_agent)
+    name_ids(conn, settings, killmail)
+    killmail = notifications.post_fields(conn, killmail, webhook)
+    options = notifications.SenderOptions(user_agent=settings.esi_user_agent or "killmail-worker webhooks test")
     with requests.Session() as session:
         response, error = notifications.post(session, webhook["format"], webhook["url"], killmail, options)
     if response is None or not response.ok:
@@ -96,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "list":
             return list_webhooks(conn)
-        return test_webhook(conn, args.name, settings.esi_user_agent or "killmail-worker webhooks test")
+        return test_webhook(conn, args.name, settings)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,24 @@ _WEAPONS = [3178, 2873, 2977, 3001, 25715, 2488, 27371]
 _ITEMS = [17482, 22542, 32817, 578, 31766, 2488, 31790, 82313, 82315, 82312, 82164, 377, 2048, 3841, 438]
 _CONTAINERS = [3467, 3465, 11489]
 _FLAGS = [5, 11, 12, 13, 19, 20, 27, 28, 87, 92, 93, 94, 134]
+# Names /universe/names/ gives for ids the world uses, as ESI spells them (the player ships and structures, NPC
+# corporations, factions and trade hubs); any other id in a range gets a made-up name of its category's shape.
+_KNOWN_NAMES = {
+    587: "Rifter", 603: "Merlin", 11377: "Nemesis", 17478: "Retriever", 24690: "Hyperion", 29984: "Tengu",
+    33468: "Astero", 12005: "Ishtar", 11987: "Guardian", 22852: "Hel", 17738: "Machariel", 670: "Capsule",
+    35683: "Hecate", 35832: "Astrahus", 35833: "Fortizar", 35825: "Raitaru", 16236: "Coercer", 2488: "Warrior II",
+    1000125: "CONCORD", 1000127: "Guristas", 1000134: "Blood Raiders", 1000135: "Serpentis Corporation",
+    500001: "Caldari State", 500002: "Minmatar Republic", 500003: "Amarr Empire", 500004: "Gallente Federation",
+    30000142: "Jita", 30000144: "Perimeter", 30002187: "Amarr", 30002659: "Dodixie", 30002510: "Rens",
+    30002053: "Hek",
+}
+# Ids from before 2010 (100 000 000 to 2 099 999 999) are characters, corporations and alliances alike: only these
+# are named (the sample killmail's alliance).
+_OLD_IDS = {1354830081: ("alliance", "Goonswarm Federation")}
+_SYLLABLES = ["ka", "ri", "vo", "ten", "shi", "mar", "lo", "zen", "dra", "ul", "ne", "aro", "vex", "ith", "sol"]
+_CORPORATION_WORDS = ["Industries", "Holdings", "Logistics", "Mining Corp", "Security", "Enterprises"]
+_ALLIANCE_WORDS = ["Alliance", "Coalition", "Federation", "Collective", "Syndicate"]
+_DESIGNATION = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
 @dataclass
@@ -816,22 +834,26 @@ class Simulator:
             return _error(400, f"body must be a JSON list of 1 to {NAMES_MAX} ids")
         answer = []
         for i in dict.fromkeys(ids):
-            entry = self._name(i)
+            entry = self.name_of(i)
             if entry is None:
                 return _error(404, "Ensure all IDs are valid before resolving.")
             answer.append(entry)
         self._stats["names_resolved"] += len(answer)
         return Reply(200, _json(answer))
 
-    def _name(self, id_: int) -> dict | None:
+    def name_of(self, id_: int) -> dict | None:
+        """/universe/names/'s entry for an id (id, category, name), or None for an id ESI would refuse."""
         if id_ in self._unknown_names:
             return None
         if id_ in self._pilots:
             return {"id": id_, "category": "character", "name": self._pilots[id_].name}
+        if id_ in _OLD_IDS:
+            return {"id": id_, "category": _OLD_IDS[id_][0], "name": _OLD_IDS[id_][1]}
         category = next((c for first, end, c in _ID_RANGES if first <= id_ < end), None)
         if category is None:
             return None
-        return {"id": id_, "category": category, "name": f"{category.replace('_', ' ').title()} {id_}"}
+        kind = "npc_ship" if id_ in _NPC_SHIPS else category
+        return {"id": id_, "category": category, "name": _KNOWN_NAMES.get(id_) or made_up_name(id_, kind)}
 
     def _route_prices(self, params: dict, request: Request, now: float) -> Reply:
         """GET /markets/prices/: a price for every type the world's killmails hold, stable per type."""
@@ -1230,6 +1252,30 @@ def _make_items(rng: random.Random) -> list[dict]:
 def _item(rng: random.Random, flag: int, type_id: int) -> dict:
     quantity = "quantity_destroyed" if rng.random() < 0.6 else "quantity_dropped"
     return {"flag": flag, "item_type_id": type_id, quantity: rng.randint(1, 100), "singleton": 0}
+
+
+def made_up_name(id_: int, category: str) -> str:
+    """A stable name of the shape ESI gives a category: "Kavo Tenshi", "Marlo Holdings", "1DQ-7A" (a null-sec
+    system's designation), "Zenul Coalition", an NPC hull "Dravo Raider"; another type or a faction not in
+    _KNOWN_NAMES gets a plain one."""
+    rng = random.Random(id_)
+
+    def word() -> str:
+        return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+    if category == "solar_system":
+        left, right = rng.choice([(1, 4), (3, 2), (4, 1), (2, 3), (3, 3)])
+        return "".join(rng.choice(_DESIGNATION) for _ in range(left)) + "-" + \
+            "".join(rng.choice(_DESIGNATION) for _ in range(right))
+    if category == "character":
+        return f"{word()} {word()}"
+    if category == "corporation":
+        return f"{word()} {rng.choice(_CORPORATION_WORDS)}"
+    if category == "alliance":
+        return f"{word()} {rng.choice(_ALLIANCE_WORDS)}"
+    if category == "npc_ship":
+        return f"{word()} {rng.choice(['Raider', 'Sentinel', 'Invader'])}"
+    return f"{word()} {'Module' if category == 'inventory_type' else 'Faction'} {id_ % 1000}"
 
 
 def _match(path: str) -> tuple[str, dict]:

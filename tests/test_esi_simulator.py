@@ -625,15 +625,19 @@ def post_names(esi, ids) -> requests.Response:
     return requests.post(esi.base + "/universe/names/", json=ids, headers=HEADERS, timeout=5)
 
 
-def test_names_resolve_every_category_and_refuse_a_batch_with_an_unknown_id(esi):
+def test_names_resolve_every_category_as_esi_names_them_and_refuse_a_batch_with_an_unknown_id(esi):
     pilot = esi.sim.pilots()[0]
-    answer = post_names(esi, [pilot["character_id"], 17478, 30000142, 98000001, 500001])
+    answer = post_names(esi, [pilot["character_id"], 17478, 30000142, 98000001, 500001, 30000743, 35832])
     assert answer.status_code == 200
-    assert {n["id"]: (n["category"], n["name"]) for n in answer.json()} == {
-        pilot["character_id"]: ("character", pilot["character_name"]),
-        17478: ("inventory_type", "Inventory Type 17478"),
-        30000142: ("solar_system", "Solar System 30000142"), 98000001: ("corporation", "Corporation 98000001"),
-        500001: ("faction", "Faction 500001")}
+    named = {n["id"]: (n["category"], n["name"]) for n in answer.json()}
+    assert {key: named[key] for key in (pilot["character_id"], 17478, 30000142, 500001, 35832)} == {
+        pilot["character_id"]: ("character", pilot["character_name"]), 17478: ("inventory_type", "Retriever"),
+        30000142: ("solar_system", "Jita"), 500001: ("faction", "Caldari State"), 35832: ("inventory_type", "Astrahus")}
+    # A system the simulator has no name for gets a null-sec designation, a corporation a corporation's name.
+    assert named[30000743][0] == "solar_system" and re.fullmatch(r"[A-Z0-9]{1,4}-[A-Z0-9]{1,4}", named[30000743][1])
+    assert named[98000001][0] == "corporation" and not re.search(r"\d", named[98000001][1])
+    assert post_names(esi, [30000743]).json() == [
+        {"id": 30000743, "category": "solar_system", "name": named[30000743][1]}]  # the same name every time
     esi.sim.make_unknown_names(17478)
     assert post_names(esi, [17478, 30000142]).status_code == 404
     assert post_names(esi, [2_000_000_000]).status_code == 404  # in no id range

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -16,14 +17,14 @@ import requests
 
 import db
 import notifications
-from killmail_model import parse_killmail
+from killmail_model import named_ids, parse_killmail
 from notifications import Outcome, SenderOptions
 from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until, watch_secrets
 from tests.webhook_receiver import Receiver
 
 NOW = datetime.now(UTC)
 FAST = SenderOptions(user_agent="killmail-worker-tests/1.0 (tests@example.org)", timeout=0.5, max_attempts=3,
-                     backoff_base=0.0, backoff_cap=0.0, zkillboard_interval=0.3, poll=0.05)
+                     backoff_base=0.0, backoff_cap=0.0, zkillboard_interval=0.3, poll=0.05, name_wait=0.0)
 
 
 def killmail(killmail_id: int, *, victim: tuple[int, int], attackers: list[tuple[int, int]],
@@ -137,15 +138,58 @@ def test_backoff_is_capped():
     assert [notifications.backoff(n, options) for n in (1, 2, 4, 5, 19, 20)] == [5, 10, 40, 60, 60, None]
 
 
-def test_discord_embed_names_pilot_ship_value_system_and_links_zkillboard():
-    embed = notifications.discord_embed({
-        "killmail_id": 134265477, "killmail_hash": "h", "killmail_time": NOW, "solar_system_id": 30000743,
-        "victim_character_id": 2121652582, "victim_corporation_id": 98366055, "victim_ship_type_id": 587,
-        "total_value": Decimal("1234567890"), "attackers": 3})["embeds"][0]
+def name_everything(conn, killmails, *, unknown=()) -> None:
+    """Store a name for every id the posts of these killmails show (ESI's answer), except the unknown ones."""
+    ids = {i for k in killmails for i in named_ids(k)} - set(unknown)
+    db.save_names(conn, [{"id": i, "category": "x", "name": f"Name {i}"} for i in ids], list(unknown), NOW,
+                  unknown_for=timedelta(days=1))
+    conn.commit()
+
+
+POST = {"killmail_id": 134265477, "killmail_hash": "h", "killmail_time": NOW, "solar_system_id": 30000743,
+        "victim_character_id": 2121652582, "victim_corporation_id": 98366055, "victim_alliance_id": 1354830081,
+        "victim_ship_type_id": 17478, "total_value": Decimal("1234567890"), "attackers": 3,
+        "final_blow_character_id": 96424385, "final_blow_corporation_id": 98601573, "final_blow_ship_type_id": 35683,
+        "attacker_character_ids": [96424385, 5], "attacker_corporation_ids": [98601573]}
+NAMES = {"solar_system_name": "Hek", "victim_character_name": "Ana Vel", "victim_corporation_name": "Miners Inc",
+         "victim_alliance_name": "Goonswarm Federation", "victim_ship_type_name": "Retriever",
+         "final_blow_character_name": "Bo Rex", "final_blow_corporation_name": "Hunters",
+         "final_blow_ship_type_name": "Hecate"}
+
+
+def test_a_discord_post_reads_like_zkillboards_with_every_name():
+    embed = notifications.discord_embed({**POST, **NAMES, "side": "loss"})["embeds"][0]
     fields = {f["name"]: f["value"] for f in embed["fields"]}
+    assert embed["title"] == "Retriever destroyed in Hek"
     assert embed["url"] == "https://zkillboard.com/kill/134265477/"
-    assert fields["Pilot"] == "character 2121652582" and fields["Ship"] == "type 587"
-    assert fields["Value"] == "1.23B ISK" and fields["System"] == "system 30000743"
+    assert embed["thumbnail"]["url"] == "https://images.evetech.net/types/17478/render?size=64"
+    assert fields["Victim"] == ("[Ana Vel](https://zkillboard.com/character/2121652582/)\n"
+                                "[Miners Inc](https://zkillboard.com/corporation/98366055/)\n"
+                                "[Goonswarm Federation](https://zkillboard.com/alliance/1354830081/)")
+    assert fields["Final blow"] == ("[Bo Rex](https://zkillboard.com/character/96424385/) in "
+                                    "[Hecate](https://zkillboard.com/ship/35683/)")
+    assert fields["Attackers"] == "3" and fields["Value"] == "1.23B ISK"
+    assert fields["Time"] == NOW.strftime("%Y-%m-%d %H:%M EVE") and embed["timestamp"] == NOW.isoformat()
+    assert embed["color"] == notifications.COLOURS["loss"] != notifications.COLOURS["kill"]
+
+
+def test_an_id_without_a_name_shows_as_its_kind_and_id():
+    structure = {**POST, **NAMES, "victim_character_id": None, "victim_ship_type_id": 35832,
+                 "victim_ship_type_name": None, "solar_system_name": None, "final_blow_character_id": None,
+                 "final_blow_corporation_name": None}
+    embed = notifications.discord_embed(structure)["embeds"][0]
+    fields = {f["name"]: f["value"] for f in embed["fields"]}
+    assert embed["title"] == "type 35832 destroyed in system 30000743"
+    assert fields["Victim"].startswith("[Miners Inc]")  # no pilot: a structure
+    assert fields["Final blow"].startswith("[corporation 98601573](https://zkillboard.com/corporation/98601573/)")
+
+
+@pytest.mark.parametrize(("characters", "corporations", "side"), [
+    ([], [], None), ([2121652582], [], "loss"), ([], [98366055], "loss"), ([5], [], "kill"),
+    ([], [98601573], "kill"), ([96424385], [98366055], "loss"),  # both sides: the loss counts
+])
+def test_kill_or_loss_is_seen_from_the_webhooks_own_characters_and_corporations(characters, corporations, side):
+    assert notifications.side_of(POST, {"character_ids": characters, "corporation_ids": corporations}) == side
 
 
 # ------------------------------------------------------------------------------------------------ the sender
@@ -172,6 +216,66 @@ def deliver_all(conn, *, options: SenderOptions = FAST, timeout: float = 30) -> 
             "AND o.next_attempt_at IS NOT NULL AND w.refused IS NULL").fetchone(),
             timeout=timeout, interval=0.01, what="the outbox to drain")
         conn.rollback()
+
+
+def embed_fields(body: dict) -> tuple[dict, dict]:
+    embed = body["embeds"][0]
+    return embed, {f["name"]: f["value"] for f in embed["fields"]}
+
+
+def test_a_post_waits_for_its_names_and_then_carries_every_one(conn, receivers):
+    discord, plain = receivers(), receivers()
+    db.add_webhook(conn, "discord", discord.url, corporation_ids=[600])
+    db.add_webhook(conn, "plain", plain.url, format="json")
+    loss = killmail(1, victim=(7, 500), attackers=[(8, 600)])
+    db.save_killmails(conn, [loss])
+    conn.commit()
+    waiting = replace(FAST, name_wait=30.0)
+    with requests.Session() as session:
+        assert not notifications.deliver_next(conn, session, waiting)  # no id named yet, the wait not over
+    name_everything(conn, [loss])
+    deliver_all(conn, options=waiting)
+    embed, fields = embed_fields(discord.bodies()[0])
+    assert embed["title"] == "Name 587 destroyed in Name 30000142"
+    assert fields["Victim"] == ("[Name 7](https://zkillboard.com/character/7/)\n"
+                                "[Name 500](https://zkillboard.com/corporation/500/)")
+    assert fields["Final blow"] == "[Name 8](https://zkillboard.com/character/8/)"
+    assert embed["color"] == notifications.COLOURS["kill"]  # corporation 600 made the kill
+    body = plain.bodies()[0]
+    assert (body["solar_system_name"], body["victim_character_name"], body["victim_corporation_name"],
+            body["victim_ship_type_name"], body["final_blow_character_name"], body["side"]) == (
+        "Name 30000142", "Name 7", "Name 500", "Name 587", "Name 8", None)
+    assert body["victim_alliance_name"] is None and "attacker_character_ids" not in body
+
+
+def test_a_post_whose_names_never_come_goes_after_the_bounded_wait_with_kinds_and_ids(conn, receivers):
+    discord = receivers()
+    db.add_webhook(conn, "discord", discord.url)
+    first = killmail(1, victim=(7, 500), attackers=[(8, 600)])
+    second = killmail(2, victim=(9, 500), attackers=[(10, 700)])
+    db.save_killmails(conn, [first])
+    conn.commit()
+    db.save_names(conn, [{"id": 587, "category": "inventory_type", "name": "Rifter"}], [], NOW,
+                  unknown_for=timedelta(days=1))  # the ship named, the rest never (ESI unreachable, say)
+    conn.commit()
+    waiting = replace(FAST, name_wait=30.0)
+    after = lambda seconds: lambda: datetime.now(UTC) + timedelta(seconds=seconds)  # noqa: E731
+    with requests.Session() as session:
+        assert not notifications.deliver_next(conn, session, waiting, clock=after(25))
+        assert notifications.deliver_next(conn, session, waiting, clock=after(31))
+        # Ids ESI said it cannot name count as looked up: such a post goes at once.
+        db.save_killmails(conn, [second])
+        conn.commit()
+        name_everything(conn, [second], unknown=[9, 30000142])
+        assert notifications.deliver_next(conn, session, waiting)
+    embed, fields = embed_fields(discord.bodies()[0])
+    assert embed["title"] == "Rifter destroyed in system 30000142"
+    assert fields["Victim"] == ("[character 7](https://zkillboard.com/character/7/)\n"
+                                "[corporation 500](https://zkillboard.com/corporation/500/)")
+    embed, fields = embed_fields(discord.bodies()[1])
+    assert embed["title"] == "Name 587 destroyed in system 30000142"
+    assert fields["Final blow"] == "[Name 10](https://zkillboard.com/character/10/)"
+    assert fields["Victim"].startswith("[character 9]")
 
 
 def test_5xx_and_timeouts_are_retried_then_given_up_with_the_error(conn, receivers):
@@ -300,6 +404,7 @@ def test_each_receiver_gets_what_its_filters_ask_for_once_across_a_kill_and_a_42
     for start in range(0, 520, 50):
         db.save_killmails(conn, (recent + old)[start:start + 50])
         conn.commit()
+    name_everything(conn, recent + old)  # as the workers' namers would: no post waits for its names
     settings = make_settings(database_url)
     sender = start_sender(settings)
     try:
@@ -379,9 +484,9 @@ def test_the_sender_connects_again_when_postgresql_went_away(conn, database_url,
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
-def test_webhooks_cli_adds_lists_and_tests(conn, database_url, receivers):
+def test_webhooks_cli_adds_lists_and_tests_with_names(conn, database_url, receivers, sim):
     receiver = receivers()
-    settings = make_settings(database_url)
+    settings = make_settings(database_url, sim.base_url)
     added = run_script("webhooks.py", settings, "add", "losses", receiver.url, "--format", "json",
                        "--corporation", "500", "--corporation", "600", "--no-kills", "--min-value", "1e9")
     assert added.returncode == 0, added.stderr
@@ -393,6 +498,11 @@ def test_webhooks_cli_adds_lists_and_tests(conn, database_url, receivers):
     tested = run_script("webhooks.py", settings, "test", "losses")  # nothing stored: the sample killmail
     assert tested.returncode == 0, tested.stderr
     assert [b["killmail_id"] for b in receiver.bodies()] == [134265477]
+    sample = receiver.bodies()[0]  # named through ESI (the simulator), as the workers name ids
+    assert (sample["victim_ship_type_name"], sample["final_blow_ship_type_name"]) == ("Retriever", "Hecate")
+    assert all(sample[key] for key in ("solar_system_name", "victim_character_name", "victim_corporation_name",
+                                       "victim_alliance_name", "final_blow_character_name"))
+    assert sample["side"] is None  # neither corporation 500 nor 600 took part
     db.save_killmails(conn, [killmail(77, victim=(7, 500), attackers=[(8, 600)])])
     conn.commit()
     assert run_script("webhooks.py", settings, "test", "losses").returncode == 0  # now the latest stored one
@@ -407,8 +517,11 @@ def test_the_docs_embed_is_rendered_from_what_the_receiver_logged():
     body = received_embed()
     page = render(body)
     assert body["embeds"][0]["url"] == "https://zkillboard.com/kill/134265477/"
+    assert body["embeds"][0]["title"].startswith("Retriever destroyed in ")
     assert "https://zkillboard.com/kill/134265477/" in page and "187.65M ISK" in page
-    assert "character 2121652582" in page and "system 30000743" in page
+    assert '<a href="https://zkillboard.com/ship/35683/">Hecate</a>' in page
+    assert "images.evetech.net/types/17478/render?size=64" in page
+    assert "character 2121652582" not in page and "system 30000743" not in page
 
 
 def test_the_worker_passes_the_age_limit_to_sync(database_url):
