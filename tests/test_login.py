@@ -25,6 +25,7 @@ CALLBACK = "http://localhost/callback"
 CLOSED = "http://127.0.0.1:9"
 OPERATOR = {"Authorization": "Basic " + base64.b64encode(b"op:secret").decode()}
 FAKE_SSO = "https://sso.test"
+SECRET_KEY = "test-flask-secret-key-0b7d1e5a93c2f6"
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def login_app(make_client, sim):
         values = dict(sso_token_url=f"{sim.base_url}/v2/oauth/token", esi_base_url=sim.base_url,
                       eve_callback_url=CALLBACK, sso_authorize_url=f"{sim.base_url}/v2/oauth/authorize",
                       sso_jwks_url=f"{sim.base_url}/oauth/jwks", sso_revoke_url=f"{sim.base_url}/v2/oauth/revoke",
-                      status_basic_auth="op:secret", eve_client_id=CLIENT_ID)
+                      status_basic_auth="op:secret", eve_client_id=CLIENT_ID, flask_secret_key=SECRET_KEY)
         return make_client(**{**values, **overrides})
     return make
 
@@ -67,7 +68,8 @@ def choose(authorize_url: str, *, character_id: int | None = None, decline: bool
 
 
 def log_in(client, character_id: int, query: str = ""):
-    return client.get(choose(start_login(client, query), character_id=character_id))
+    """Log in as this pilot; the page the browser lands on (the pilot's /me after a login that went through)."""
+    return client.get(choose(start_login(client, query), character_id=character_id), follow_redirects=True)
 
 
 def users(conn) -> list[dict]:
@@ -123,7 +125,8 @@ def test_a_login_adds_the_pilot_as_the_web_app_would_and_queues_its_first_sync(c
     assert response.status_code == 200, response.get_data(as_text=True)
     page = response.get_data(as_text=True)
     assert "Pilot 1 was added" in page and "esi-killmails.read_corporation_killmails.v1" in page
-    assert 'href="/status"' in page and "Queued Pilot 1 at high priority" in page
+    assert 'id="login-added"' in page and "Queued Pilot 1 at high priority" in page
+    assert 'href="/status"' not in page  # the operator's page is not the pilot's
     [user] = users(conn)
     granted = next(p for p in sim.pilots() if p["character_id"] == pilots[0])
     assert (user["character_id"], user["character_name"], user["refresh_token"], user["access_token"]) == \
@@ -182,7 +185,7 @@ def test_a_callback_without_state_is_refused(client, conn, pilots):
 
 def test_a_used_state_is_refused(client, conn, pilots, sim):
     callback = choose(start_login(client), character_id=pilots[0])
-    assert client.get(callback).status_code == 200
+    assert client.get(callback).status_code == 303  # to /me
     conn.execute("DELETE FROM users")
     conn.commit()
     client.set_cookie("killmail_login_state", parse_qs(urlsplit(callback).query)["state"][0], path="/callback")
@@ -281,7 +284,7 @@ def forged_login(client) -> object:
 def test_a_well_signed_token_from_the_fake_sso_is_accepted(fake_sso, keys, conn):
     client, set_token = fake_sso
     set_token(forged(keys, iss="login.eveonline.com", scp=sso.CHAR_SCOPE))  # the other issuer form; scp a string
-    assert forged_login(client).status_code == 200
+    assert forged_login(client).status_code == 303  # to /me
     assert [(u["character_id"], u["scopes"]) for u in users(conn)] == [(90000001, sso.CHAR_SCOPE)]
 
 
