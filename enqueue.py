@@ -1,12 +1,11 @@
 """Put one pilot on the job queue now, at high priority: claim it in PostgreSQL, publish its job, release the
 claim when the broker does not take it. Shared by the producer (`--character-id`), the web app's API and the
-login callback.
+login callback and a pilot's "Sync now".
 """
 from __future__ import annotations
 
-from datetime import datetime
-
 import logging
+from datetime import datetime
 
 import pika.exceptions
 

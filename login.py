@@ -28,8 +28,8 @@ from flask import Blueprint, Response, redirect, render_template, request, url_f
 import db
 import sso
 from enqueue import queue_from_web
-from settings import Settings
 from pilot_page import start_session
+from settings import Settings
 from status_report import Sources, describe
 
 log = logging.getLogger(__name__)

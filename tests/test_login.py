@@ -119,6 +119,23 @@ def test_the_cookie_is_secure_when_the_callback_is_https(login_app):
     assert cookie.secure and cookie.http_only
 
 
+def test_a_login_gives_a_signed_http_only_lax_session_and_lands_on_the_pilots_page(client, pilots):
+    response = client.get(choose(start_login(client), character_id=pilots[0]))
+    assert response.status_code == 303 and response.headers["Location"] == "/me"
+    cookie = client.get_cookie("killmail_session")
+    assert cookie.http_only and cookie.same_site == "Lax" and not cookie.secure and cookie.expires is not None
+    page = client.get("/me").get_data(as_text=True)
+    assert 'id="pilot-name">Pilot 1<' in page and "Pilot 1 was added" in page
+
+
+def test_the_session_cookie_is_secure_when_the_callback_is_https(login_app, pilots):
+    client = login_app(eve_callback_url="https://killmails.example.org/callback")
+    response = client.get(choose(start_login(client), character_id=pilots[0]), base_url="https://localhost")
+    assert response.status_code == 303
+    cookie = client.get_cookie("killmail_session")
+    assert cookie.secure and cookie.http_only and cookie.same_site == "Lax"
+
+
 def test_a_login_adds_the_pilot_as_the_web_app_would_and_queues_its_first_sync(client, conn, sim, pilots,
                                                                                  queue_name):
     response = log_in(client, pilots[0], "?corporation=1")
