@@ -37,6 +37,7 @@ SESSION_LIFETIME = timedelta(days=7)
 PAGE_SIZE = 25
 SYNC_NOW_GAP = 60  # seconds between two "Sync now" of one pilot
 ZKILLBOARD_KILL = "https://zkillboard.com/kill/{}/"
+NO_SESSION = "You are not logged in, or your session has expired."
 # What the last run's error text says, in words for the pilot: the first matching fragment wins.
 PLAIN_ERRORS = (
     ("RateLimited", "ESI asked this app to slow down"),
@@ -142,7 +143,7 @@ def pilot_blueprint(sources: Sources) -> Blueprint:
     def me():
         character_id = session.get("character_id")
         if not isinstance(character_id, int):
-            return logged_out("You are not logged in, or your session has expired.", 401)
+            return logged_out(NO_SESSION, 401)
         now, settings = datetime.now(UTC), sources.settings
         view = "corporation" if request.args.get("view") == "corporation" else "character"
         before = request.args.get("before", "")
@@ -172,10 +173,9 @@ def pilot_blueprint(sources: Sources) -> Blueprint:
     def sync_now():
         character_id = session.get("character_id")
         if not isinstance(character_id, int):
-            return logged_out("You are not logged in, or your session has expired.", 401)
+            return logged_out(NO_SESSION, 401)
         if not csrf_matches(request.form.get("csrf_token", "")):
-            return Response("refused: this form's token does not match your session; reload the page\n", 403,
-                            mimetype="text/plain")
+            return csrf_refused()
         now = datetime.now(UTC)
         with sources.connection() as conn:
             if db.request_sync(conn, character_id, now, min_gap=SYNC_NOW_GAP):
@@ -187,8 +187,7 @@ def pilot_blueprint(sources: Sources) -> Blueprint:
     @blueprint.post("/logout")
     def logout():
         if session.get("character_id") is not None and not csrf_matches(request.form.get("csrf_token", "")):
-            return Response("refused: this form's token does not match your session; reload the page\n", 403,
-                            mimetype="text/plain")
+            return csrf_refused()
         session.clear()
         return logged_out("You are logged out.", 200)
 
@@ -199,6 +198,12 @@ def csrf_matches(given: str) -> bool:
     """Whether a form's CSRF token is this session's (constant-time comparison)."""
     expected = session.get("csrf", "")
     return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def csrf_refused() -> Response:
+    """The answer to a form without this session's CSRF token."""
+    return Response("refused: this form's token does not match your session; reload the page\n", 403,
+                    mimetype="text/plain")
 
 
 def logged_out(message: str, status: int) -> Response:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
-import pika
 import pytest
 import requests
 import responses
@@ -19,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import broker
 import db
 import sso
-from conftest import CLIENT_ID, CLIENT_SECRET, RABBITMQ_URL, insert_users
+from conftest import CLIENT_ID, CLIENT_SECRET, insert_users, jobs
 
 CALLBACK = "http://localhost/callback"
 CLOSED = "http://127.0.0.1:9"
@@ -76,19 +74,6 @@ def users(conn) -> list[dict]:
     rows = conn.execute("SELECT * FROM users ORDER BY character_id").fetchall()
     conn.commit()
     return rows
-
-
-def jobs(queue: str) -> list[tuple[int, dict]]:
-    """Every job waiting in the queue, as (priority, body), taken off it."""
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    channel, found = connection.channel(), []
-    while True:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        if method is None:
-            break
-        found.append((properties.priority, json.loads(body)))
-    connection.close()
-    return found
 
 
 def assert_no_token(response, *tokens: str) -> None:

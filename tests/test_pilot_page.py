@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-import pika
 import pytest
 from flask.sessions import SecureCookieSessionInterface
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
@@ -17,7 +16,7 @@ import broker
 import db
 import pilot_page
 import sso
-from conftest import RABBITMQ_URL, insert_users, queue_counts
+from conftest import insert_users, jobs, queue_counts
 from killmail_model import parse_killmail
 
 SECRET_KEY = "test-flask-secret-key-4d9e2a7c15b08f"
@@ -92,19 +91,6 @@ def page(response) -> str:
 def shown_killmails(text: str) -> list[int]:
     import re
     return [int(i) for i in re.findall(r'data-killmail="(\d+)"', text)]
-
-
-def queued_jobs(queue: str) -> list[tuple[int, int]]:
-    """(priority, character id) of every job waiting in the queue, taken off it."""
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    channel, found = connection.channel(), []
-    while True:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        if method is None:
-            break
-        found.append((properties.priority, json.loads(body)["character_id"]))
-    connection.close()
-    return found
 
 
 # ---------------------------------------------------------------------------------------------- the page
@@ -201,7 +187,7 @@ def test_sync_now_queues_the_pilot_at_high_priority_at_most_once_a_minute(client
     response = client.post("/me/sync", data={"csrf_token": csrf})
     assert response.status_code == 303 and response.headers["Location"] == "/me"
     assert "Queued Victim at high priority" in page(client.get("/me"))
-    assert queued_jobs(queue_name) == [(broker.PRIORITY_NOW, PILOT)]
+    assert [(p, body["character_id"]) for p, body in jobs(queue_name)] == [(broker.PRIORITY_NOW, PILOT)]
     db.release_user(conn, PILOT)  # as the job's end does
     conn.commit()
     again = client.post("/me/sync", data={"csrf_token": csrf}, follow_redirects=True)
@@ -211,11 +197,11 @@ def test_sync_now_queues_the_pilot_at_high_priority_at_most_once_a_minute(client
     other_csrf = log_in_as(other_browser, PILOT)
     assert "once a minute" in page(other_browser.post("/me/sync", data={"csrf_token": other_csrf},
                                                       follow_redirects=True))
-    assert queued_jobs(queue_name) == []
+    assert jobs(queue_name) == []
     conn.execute("UPDATE users SET sync_requested_at = now() - interval '61 seconds'")
     conn.commit()
     assert "Queued Victim" in page(client.post("/me/sync", data={"csrf_token": csrf}, follow_redirects=True))
-    assert queued_jobs(queue_name) == [(broker.PRIORITY_NOW, PILOT)]
+    assert [(p, body["character_id"]) for p, body in jobs(queue_name)] == [(broker.PRIORITY_NOW, PILOT)]
 
 
 @pytest.mark.parametrize("form", [{}, {"csrf_token": ""}, {"csrf_token": "csrf-90000002-token-value"}])
