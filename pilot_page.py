@@ -61,6 +61,13 @@ class PilotSessions(SecureCookieSessionInterface):
             return self.session_class()  # /health and the operator's pages never need the settings for this
         return super().open_session(app, request_)
 
+    def save_session(self, app: Flask, session_: SecureCookieSession, response: Response) -> None:
+        if not session_ and not session_.modified:  # nothing to write or delete: no settings read (Flask's own
+            if session_.accessed:                   # save asks for the cookie's attributes first)
+                response.vary.add("Cookie")
+            return
+        super().save_session(app, session_, response)
+
     def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
         key = self._sources.settings.flask_secret_key
         if not key:

@@ -104,7 +104,7 @@ def test_the_cookie_is_secure_when_the_callback_is_https(login_app):
     assert cookie.secure and cookie.http_only
 
 
-def test_a_login_gives_a_signed_http_only_lax_session_and_lands_on_the_pilots_page(client, pilots):
+def test_a_login_gives_a_signed_http_only_lax_session_and_lands_on_the_pilots_page(client, conn, pilots):
     response = client.get(choose(start_login(client), character_id=pilots[0]))
     assert response.status_code == 303 and response.headers["Location"] == "/me"
     cookie = client.get_cookie("killmail_session")
@@ -113,7 +113,7 @@ def test_a_login_gives_a_signed_http_only_lax_session_and_lands_on_the_pilots_pa
     assert 'id="pilot-name">Pilot 1<' in page and "Pilot 1 was added" in page
 
 
-def test_the_session_cookie_is_secure_when_the_callback_is_https(login_app, pilots):
+def test_the_session_cookie_is_secure_when_the_callback_is_https(login_app, conn, pilots):
     client = login_app(eve_callback_url="https://killmails.example.org/callback")
     response = client.get(choose(start_login(client), character_id=pilots[0]), base_url="https://localhost")
     assert response.status_code == 303
