@@ -62,7 +62,7 @@ def api_blueprint(sources: Sources) -> Blueprint:
         with sources.connection() as conn:
             if not db.user_exists(conn, character_id):
                 return jsonify(success=False, message=f"no user with character id {character_id}"), 404
-            rows = db.character_killmails_page(conn, character_id, limit=limit, before=before)
+            rows = db.killmails_page(conn, "character", character_id, limit=limit, before=before)
             names = db.names_of(conn, (row[key] for row in rows for key in db.NAMED_COLUMNS))
         return jsonify(killmails=[killmail_summary(r, names) for r in rows],
                        next_before=rows[-1]["killmail_id"] if len(rows) == limit else None)
@@ -71,7 +71,7 @@ def api_blueprint(sources: Sources) -> Blueprint:
 
 
 def killmail_summary(row: dict, names: dict[int, str]) -> dict[str, Any]:
-    """One row of db.character_killmails_page as the API's JSON: the killmail, its ISK values, its victim and
+    """One row of db.killmails_page as the API's JSON: the killmail, its ISK values, its victim and
     its final blow, each id with its name beside it (`<field>_name`, null when not known)."""
     def named(prefix: str, fields: tuple[str, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -72,17 +72,18 @@ _LIVE_GRANT_SQL = """
           OR revoked_token_sha256 <> encode(sha256(convert_to(refresh_token, 'UTF8')), 'hex')))
 """
 
-# A user is due when it has a usable grant and its last sync is older than its interval: its own, where set,
-# exactly; else SYNC_INTERVAL_SECONDS, four times longer for a pilot with no new killmail for a week (as
-# zKillboard does) and sixteen times for a month, never longer than a day.
-_DUE_SQL = _LIVE_GRANT_SQL + """
-    AND (last_sync_at IS NULL OR last_sync_at <= %(now)s - make_interval(secs => COALESCE(sync_interval_seconds,
+# A user's interval: its own, where set, exactly; else SYNC_INTERVAL_SECONDS, four times longer for a pilot with
+# no new killmail for a week (as zKillboard does) and sixteen times for a month, never longer than a day.
+_INTERVAL_SQL = """
+    make_interval(secs => COALESCE(sync_interval_seconds,
          LEAST(86400, %(interval)s *
            CASE WHEN last_new_killmail_at IS NULL AND last_sync_at IS NULL THEN 1
                 WHEN COALESCE(last_new_killmail_at, created_at) < %(now)s - interval '30 days' THEN 16
                 WHEN COALESCE(last_new_killmail_at, created_at) < %(now)s - interval '7 days' THEN 4
-                ELSE 1 END))))
+                ELSE 1 END)))
 """
+# A user is due when it has a usable grant and its last sync is older than its interval.
+_DUE_SQL = _LIVE_GRANT_SQL + f"AND (last_sync_at IS NULL OR last_sync_at <= %(now)s - {_INTERVAL_SQL})"
 
 
 def claim_due_users(conn, now: datetime, *, interval: int, stale_after: int, limit: int = 100000) -> list[dict]:
@@ -1232,25 +1233,60 @@ def user_exists(conn, character_id: int) -> bool:
     return conn.execute("SELECT 1 FROM users WHERE character_id = %s", (character_id,)).fetchone() is not None
 
 
-def character_killmails_page(conn, character_id: int, *, limit: int, before: int | None) -> list[dict]:
-    """A pilot's kills and losses, newest first (by killmail id, for keyset paging), with their ISK values, a
-    victim summary and an attacker summary (how many, and who dealt the final blow)."""
+def killmails_page(conn, kind: str, owner_id: int, *, limit: int, before: int | None) -> list[dict]:
+    """A pilot's (kind 'character') or corporation's kills and losses, newest first (by killmail id, for keyset
+    paging), with their ISK values, a victim summary and an attacker summary (how many, and who dealt the final
+    blow)."""
+    table, column = _LINKS[kind]
     return conn.execute(
-        """
+        sql.SQL("""
         SELECT k.killmail_id, k.killmail_hash, k.killmail_time, k.solar_system_id,
                k.victim_character_id, k.victim_corporation_id, k.victim_alliance_id, k.victim_ship_type_id,
-               k.victim_damage_taken, (k.victim_character_id = %(id)s) AS is_loss,
+               k.victim_damage_taken, (k.{victim} = %(id)s) AS is_loss,
                k.destroyed_value, k.dropped_value, k.total_value,
                (SELECT count(*) FROM attackers a WHERE a.killmail_id = k.killmail_id) AS attacker_count,
                fb.character_id AS final_blow_character_id, fb.corporation_id AS final_blow_corporation_id,
                fb.ship_type_id AS final_blow_ship_type_id
-        FROM character_killmails c
+        FROM {table} c
         JOIN killmails k USING (killmail_id)
         LEFT JOIN LATERAL (SELECT * FROM attackers a WHERE a.killmail_id = k.killmail_id AND a.final_blow
                            ORDER BY a.attacker_index LIMIT 1) fb ON true
-        WHERE c.character_id = %(id)s AND (%(before)s::bigint IS NULL OR c.killmail_id < %(before)s)
+        WHERE c.{column} = %(id)s AND (%(before)s::bigint IS NULL OR c.killmail_id < %(before)s)
         ORDER BY c.killmail_id DESC
         LIMIT %(limit)s
-        """,
-        {"id": character_id, "before": before, "limit": limit},
+        """).format(table=sql.Identifier(table), column=sql.Identifier(column),
+                    victim=sql.Identifier(f"victim_{column}")),
+        {"id": owner_id, "before": before, "limit": limit},
     ).fetchall()
+
+
+def pilot_sync_state(conn, character_id: int, now: datetime, *, interval: int) -> dict | None:
+    """What a pilot's own page says of its syncs: the user's sync columns, `revoked`, `next_due_at` (by the
+    producer's rule; null for a user never synced) and its latest run's status and error."""
+    return conn.execute(
+        f"""
+        SELECT u.character_id, u.character_name, u.corporation_id, u.scopes, u.queued_at, u.last_sync_at,
+               u.last_sync_status, u.token_error, u.sync_requested_at, NOT {_LIVE_GRANT_SQL} AS revoked,
+               u.last_sync_at + {_INTERVAL_SQL} AS next_due_at,
+               r.status AS run_status, r.error AS run_error, r.finished_at AS run_finished_at
+        FROM users u
+        LEFT JOIN LATERAL (SELECT status, error, finished_at FROM sync_runs s
+                           WHERE s.character_id = u.character_id AND s.kind = 'character'
+                           ORDER BY s.started_at DESC LIMIT 1) r ON true
+        WHERE u.character_id = %(id)s
+        """,
+        {"id": character_id, "now": now, "interval": interval},
+    ).fetchone()
+
+
+def request_sync(conn, character_id: int, now: datetime, *, min_gap: int) -> bool:
+    """Note a pilot's "Sync now" unless it pressed it less than min_gap seconds ago (in any process); True when
+    this request may go on."""
+    return conn.execute(
+        """
+        UPDATE users SET sync_requested_at = %(now)s
+        WHERE character_id = %(id)s
+          AND (sync_requested_at IS NULL OR sync_requested_at <= %(now)s - make_interval(secs => %(gap)s))
+        """,
+        {"id": character_id, "now": now, "gap": min_gap},
+    ).rowcount == 1

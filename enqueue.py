@@ -1,9 +1,10 @@
 """Put one pilot on the job queue now, at high priority: claim it in PostgreSQL, publish its job, release the
 claim when the broker does not take it. Shared by the producer (`--character-id`), the web app's API and the
-login callback.
+login callback and a pilot's "Sync now".
 """
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 import pika.exceptions
@@ -11,6 +12,8 @@ import pika.exceptions
 import broker
 import db
 from settings import Settings, describe
+
+log = logging.getLogger(__name__)
 
 # A claim older than this is taken to belong to a job that was lost (longer than a job's whole retry ladder).
 CLAIM_STALE_SECONDS = 7200
@@ -52,3 +55,13 @@ def queue_one_now(conn, settings: Settings, character_id: int, now: datetime, *,
             return queue_one(conn, channel, settings, character_id, now, full=False)
     except (pika.exceptions.AMQPError, OSError) as exc:
         raise BrokerUnavailable(f"broker unavailable: {describe(exc)}") from exc
+
+
+def queue_from_web(conn, settings: Settings, character_id: int, now: datetime) -> str:
+    """queue_one_now for a page (a login, a pilot's "Sync now"), in words: a broker that is down only delays the
+    sync to the producer's next run."""
+    try:
+        return queue_one_now(conn, settings, character_id, now)[1]
+    except (BrokerUnavailable, broker.NotDelivered) as exc:
+        log.warning("%s is not queued now: %s", character_id, exc)
+        return "not queued just now (the broker did not answer); the producer's next run queues it"

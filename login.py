@@ -4,8 +4,9 @@
   the corporation killmail scope). The state is single use: its hash and the PKCE verifier wait in
   `login_states`, and an HttpOnly cookie binds it to this browser.
 - `GET /callback` uses the state up, exchanges the code, verifies the access token against SSO's keys, checks
-  the allow-lists with ESI's affiliation route, and only then writes `users` (as the web app would) and queues the
-  pilot's first sync at high priority. Whatever goes wrong gets a plain page saying what, and stores nothing.
+  the allow-lists with ESI's affiliation route, and only then writes `users` (as the web app would), queues the
+  pilot's first sync at high priority, starts the pilot's session and sends it to its page, /me (pilot_page.py).
+  Whatever goes wrong gets a plain page saying what, and stores nothing.
 - `POST /pilots/<id>/forget` (behind STATUS_BASIC_AUTH) revokes the pilot's grant at SSO and clears its tokens;
   its killmails stay.
 The routes answer 404 unless EVE_CALLBACK_URL is set. No page and no log line ever holds a token.
@@ -24,10 +25,10 @@ from urllib.parse import urlparse
 import psycopg
 from flask import Blueprint, Response, redirect, render_template, request, url_for
 
-import broker
 import db
 import sso
-from enqueue import BrokerUnavailable, queue_one_now
+from enqueue import queue_from_web
+from pilot_page import start_session
 from settings import Settings
 from status_report import Sources, describe
 
@@ -114,11 +115,11 @@ def login_blueprint(sources: Sources) -> Blueprint:
         except sso.LoginError as exc:
             response = refused(exc)
         else:
-            response = Response(render_template(
-                "login.html", outcome="added", title=f"{added.pilot.name} was added" if added.new
-                else f"{added.pilot.name} logged in again", message=_added_message(added), pilot=added.pilot,
-                scopes_asked=added.scopes_asked, queued=added.queued, note=_scope_note(added),
-                status_url=url_for("status"), login_url=url_for("login.login")))
+            start_session(added.pilot.character_id, welcome={
+                "title": f"{added.pilot.name} was added" if added.new else f"{added.pilot.name} logged in again",
+                "message": _added_message(added), "scopes_asked": list(added.scopes_asked),
+                "scopes_granted": list(added.pilot.scopes), "queued": added.queued, "note": _scope_note(added)})
+            response = redirect(url_for("pilot.me"), 303)
         response.delete_cookie(STATE_COOKIE, path=urlparse(sources.settings.eve_callback_url).path)
         return response
 
@@ -162,7 +163,7 @@ def complete_login(sources: Sources, client: sso.SsoClient, args: Any, cookie: s
             with conn.transaction():
                 new = db.save_login(conn, pilot.character_id, pilot.name, grant.access_token, grant.refresh_token,
                                     now + timedelta(seconds=grant.expires_in), " ".join(pilot.scopes))
-            queued = queue_first_sync(conn, settings, pilot, now)
+            queued = queue_from_web(conn, settings, pilot.character_id, now)
     except psycopg.Error as exc:
         raise DatabaseUnavailable(f"the database did not answer ({describe(exc)[:80]})") from None
     log.info("✅ %s (%s) logged in from a browser: %s user, scopes %s", pilot.name, pilot.character_id,
@@ -188,15 +189,6 @@ def take_state(conn, args: Any, cookie: str | None, now: datetime) -> dict:
     if not args.get("code"):
         raise BadCallback("EVE SSO sent no code; please start again")
     return row
-
-
-def queue_first_sync(conn, settings: Settings, pilot: sso.Identity, now: datetime) -> str:
-    """Queue the pilot's first sync now; a broker that is down only delays it to the producer's next run."""
-    try:
-        return queue_one_now(conn, settings, pilot.character_id, now)[1]
-    except (BrokerUnavailable, broker.NotDelivered) as exc:
-        log.warning("%s's first sync is not queued now: %s", pilot.name, exc)
-        return "not queued just now (the broker did not answer); the producer's next run queues it"
 
 
 def forget_pilot(sources: Sources, client: sso.SsoClient, character_id: int) -> tuple[str, int]:
@@ -226,7 +218,7 @@ def refused(exc: sso.LoginError) -> Response:
     status = error_status(exc)
     log.info("login refused (%s): %s", status, exc)
     page = render_template("login.html", outcome="refused", title="The pilot was not added", message=f"{exc}.",
-                           pilot=None, note=None, status_url=url_for("status"), login_url=url_for("login.login"))
+                           note=None, status_url=url_for("status"), login_url=url_for("login.login"))
     return Response(page, status)
 
 

@@ -58,6 +58,9 @@ CALL pg_temp.add_column('users', 'corporation_checked_at', 'TIMESTAMPTZ');
 -- When is_director was learned (its corporation's list answered, or refused): a pilot found without the role
 -- is asked again a week later.
 CALL pg_temp.add_column('users', 'director_checked_at', 'TIMESTAMPTZ');
+-- When the pilot last pressed "Sync now" on its page (pilot_page.py): once a minute at most, whichever process
+-- of the web app answers.
+CALL pg_temp.add_column('users', 'sync_requested_at', 'TIMESTAMPTZ');
 
 -- Logins under way (login.py): the hash of the state sent to EVE SSO and the PKCE verifier that goes with it.
 -- A state is used up by the callback that brings it back; rows older than ten minutes are deleted by the next login.

@@ -24,6 +24,7 @@ SSO_JWKS_URL = "https://login.eveonline.com/oauth/jwks"     # SSO's metadata nam
 SSO_REVOKE_URL = "https://login.eveonline.com/v2/oauth/revoke"
 ZKILLBOARD_URL = "https://zkillboard.com/api/killmail/add"  # + {killmail_id}/{killmail_hash}/
 PLACEHOLDER = "CHANGE-ME"  # the deploy kit's examples' stand-in for a password
+MIN_SECRET_KEY = 32         # characters of FLASK_SECRET_KEY
 
 
 class ConfigError(Exception):
@@ -68,6 +69,8 @@ class Settings:
     sso_revoke_url: str = SSO_REVOKE_URL
     login_allowed_corporations: tuple[int, ...] = ()   # empty: any corporation (unless the alliances say no)
     login_allowed_alliances: tuple[int, ...] = ()
+    # Signs a pilot's session cookie (pilot_page.py); required with login, which is what makes sessions.
+    flask_secret_key: str = field(default="", repr=False)
     # Notifications (send_notifications.py): a killmail older than this when stored is announced nowhere.
     notify_max_age_seconds: int = 3600
     zkillboard_push: bool = False
@@ -211,6 +214,17 @@ def _callback_url(env: Mapping[str, str]) -> str:
     return value
 
 
+def _secret_key(env: Mapping[str, str], *, required: bool) -> str:
+    value = _text(env, "FLASK_SECRET_KEY", None if required else "")
+    if value == PLACEHOLDER:
+        raise ConfigError("FLASK_SECRET_KEY", f"still has the example's placeholder {PLACEHOLDER}")
+    if value and len(value) < MIN_SECRET_KEY:
+        # A short key can be guessed offline from one cookie, and then any pilot's session forged.
+        raise ConfigError("FLASK_SECRET_KEY", f"must be at least {MIN_SECRET_KEY} characters long (python -c "
+                                              "'import secrets; print(secrets.token_urlsafe(32))' makes one)")
+    return value
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     value = env.get(name, "").strip().lower()
     if value not in ("", "0", "1", "true", "false", "yes", "no"):
@@ -288,6 +302,7 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         sso_revoke_url=sso_revoke_url,
         login_allowed_corporations=_ids(env, "LOGIN_ALLOWED_CORPORATIONS"),
         login_allowed_alliances=_ids(env, "LOGIN_ALLOWED_ALLIANCES"),
+        flask_secret_key=_secret_key(env, required=bool(callback_url)),
         notify_max_age_seconds=_integer(env, "NOTIFY_MAX_AGE_SECONDS", 3600, 0, 86400 * 365),
         zkillboard_push=_flag(env, "ZKILLBOARD_PUSH"),
         zkillboard_url=_https_url(env, "ZKILLBOARD_URL", ZKILLBOARD_URL),

@@ -28,6 +28,7 @@ import db
 import status_charts
 from api import api_blueprint
 from login import login_blueprint
+from pilot_page import pilot_blueprint
 from settings import ConfigError, Settings, load_settings, setup_logging
 from status_report import Sources, StatusCollector, build_report, describe
 
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
 
     app.register_blueprint(api_blueprint(sources))
     app.register_blueprint(login_blueprint(sources))
+    app.register_blueprint(pilot_blueprint(sources))
     return app
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -148,7 +149,8 @@ def serve(port: int) -> int:
     env = dict(os.environ, DATABASE_URL=url, RABBITMQ_URL=RABBITMQ_URL, QUEUE_NAME=SERVE_QUEUE, PREFETCH_COUNT="3",
                ESI_BASE_URL=base_url, SSO_TOKEN_URL=f"{base_url}/v2/oauth/token", EVE_CLIENT_ID=CLIENT_ID,
                EVE_CLIENT_SECRET=CLIENT_SECRET, ESI_USER_AGENT="killmail-worker-demo/1.0 (demo@example.org)",
-               EVE_CALLBACK_URL=f"{status}/callback", SSO_AUTHORIZE_URL=f"{base_url}/v2/oauth/authorize",
+               EVE_CALLBACK_URL=f"{status}/callback", FLASK_SECRET_KEY=secrets.token_urlsafe(32),
+               SSO_AUTHORIZE_URL=f"{base_url}/v2/oauth/authorize",
                SSO_JWKS_URL=f"{base_url}/oauth/jwks", SSO_REVOKE_URL=f"{base_url}/v2/oauth/revoke",
                SYNC_INTERVAL_SECONDS="60", STATUS_BIND=f"127.0.0.1:{port}", PYTHONUNBUFFERED="1")
     stop = threading.Event()
@@ -161,7 +163,7 @@ def serve(port: int) -> int:
         [sys.executable, "killmail_worker.py"], [sys.executable, "killmail_worker.py"])]
     print(f"🛰️  ESI simulator at {base_url}: {len(pilots)} pilots, {len(pilots) // 2} of them users already")
     print(f"📊 Status page:  {status}/status")
-    print(f"➕ Add a pilot:  {status}/login   (the simulator's SSO page lists every pilot; click one)")
+    print(f"➕ Add a pilot:  {status}/login   (click a pilot on the simulator's SSO page: you land on its /me)")
     print(f"⏹️  Ctrl-C stops everything (the producer runs every {PRODUCER_EVERY_SECONDS} s meanwhile)", flush=True)
     try:
         while not stop.is_set():

@@ -6,6 +6,7 @@ TEST_ADMIN_DATABASE_URL (default postgresql://root@127.0.0.1:5432/postgres) is w
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -240,6 +241,19 @@ def wait_until(predicate, *, timeout: float = 60.0, what: str = "condition", int
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def jobs(queue: str) -> list[tuple[int, dict]]:
+    """Every job waiting in the queue, as (priority, body), taken off it."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel, found = connection.channel(), []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        found.append((properties.priority, json.loads(body)))
+    connection.close()
+    return found
 
 
 def queue_counts(*queues: str) -> list[int]:

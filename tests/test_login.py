@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
-import pika
 import pytest
 import requests
 import responses
@@ -19,12 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import broker
 import db
 import sso
-from conftest import CLIENT_ID, CLIENT_SECRET, RABBITMQ_URL, insert_users
+from conftest import CLIENT_ID, CLIENT_SECRET, insert_users, jobs
 
 CALLBACK = "http://localhost/callback"
 CLOSED = "http://127.0.0.1:9"
 OPERATOR = {"Authorization": "Basic " + base64.b64encode(b"op:secret").decode()}
 FAKE_SSO = "https://sso.test"
+SECRET_KEY = "test-flask-secret-key-0b7d1e5a93c2f6"
 
 
 @pytest.fixture
@@ -40,7 +39,7 @@ def login_app(make_client, sim):
         values = dict(sso_token_url=f"{sim.base_url}/v2/oauth/token", esi_base_url=sim.base_url,
                       eve_callback_url=CALLBACK, sso_authorize_url=f"{sim.base_url}/v2/oauth/authorize",
                       sso_jwks_url=f"{sim.base_url}/oauth/jwks", sso_revoke_url=f"{sim.base_url}/v2/oauth/revoke",
-                      status_basic_auth="op:secret", eve_client_id=CLIENT_ID)
+                      status_basic_auth="op:secret", eve_client_id=CLIENT_ID, flask_secret_key=SECRET_KEY)
         return make_client(**{**values, **overrides})
     return make
 
@@ -67,26 +66,14 @@ def choose(authorize_url: str, *, character_id: int | None = None, decline: bool
 
 
 def log_in(client, character_id: int, query: str = ""):
-    return client.get(choose(start_login(client, query), character_id=character_id))
+    """Log in as this pilot; the page the browser lands on (the pilot's /me after a login that went through)."""
+    return client.get(choose(start_login(client, query), character_id=character_id), follow_redirects=True)
 
 
 def users(conn) -> list[dict]:
     rows = conn.execute("SELECT * FROM users ORDER BY character_id").fetchall()
     conn.commit()
     return rows
-
-
-def jobs(queue: str) -> list[tuple[int, dict]]:
-    """Every job waiting in the queue, as (priority, body), taken off it."""
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    channel, found = connection.channel(), []
-    while True:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        if method is None:
-            break
-        found.append((properties.priority, json.loads(body)))
-    connection.close()
-    return found
 
 
 def assert_no_token(response, *tokens: str) -> None:
@@ -117,13 +104,31 @@ def test_the_cookie_is_secure_when_the_callback_is_https(login_app):
     assert cookie.secure and cookie.http_only
 
 
+def test_a_login_gives_a_signed_http_only_lax_session_and_lands_on_the_pilots_page(client, conn, pilots):
+    response = client.get(choose(start_login(client), character_id=pilots[0]))
+    assert response.status_code == 303 and response.headers["Location"] == "/me"
+    cookie = client.get_cookie("killmail_session")
+    assert cookie.http_only and cookie.same_site == "Lax" and not cookie.secure and cookie.expires is not None
+    page = client.get("/me").get_data(as_text=True)
+    assert 'id="pilot-name">Pilot 1<' in page and "Pilot 1 was added" in page
+
+
+def test_the_session_cookie_is_secure_when_the_callback_is_https(login_app, conn, pilots):
+    client = login_app(eve_callback_url="https://killmails.example.org/callback")
+    response = client.get(choose(start_login(client), character_id=pilots[0]), base_url="https://localhost")
+    assert response.status_code == 303
+    cookie = client.get_cookie("killmail_session")
+    assert cookie.secure and cookie.http_only and cookie.same_site == "Lax"
+
+
 def test_a_login_adds_the_pilot_as_the_web_app_would_and_queues_its_first_sync(client, conn, sim, pilots,
                                                                                  queue_name):
     response = log_in(client, pilots[0], "?corporation=1")
     assert response.status_code == 200, response.get_data(as_text=True)
     page = response.get_data(as_text=True)
     assert "Pilot 1 was added" in page and "esi-killmails.read_corporation_killmails.v1" in page
-    assert 'href="/status"' in page and "Queued Pilot 1 at high priority" in page
+    assert 'id="login-added"' in page and "Queued Pilot 1 at high priority" in page
+    assert 'href="/status"' not in page  # the operator's page is not the pilot's
     [user] = users(conn)
     granted = next(p for p in sim.pilots() if p["character_id"] == pilots[0])
     assert (user["character_id"], user["character_name"], user["refresh_token"], user["access_token"]) == \
@@ -182,7 +187,7 @@ def test_a_callback_without_state_is_refused(client, conn, pilots):
 
 def test_a_used_state_is_refused(client, conn, pilots, sim):
     callback = choose(start_login(client), character_id=pilots[0])
-    assert client.get(callback).status_code == 200
+    assert client.get(callback).status_code == 303  # to /me
     conn.execute("DELETE FROM users")
     conn.commit()
     client.set_cookie("killmail_login_state", parse_qs(urlsplit(callback).query)["state"][0], path="/callback")
@@ -281,7 +286,7 @@ def forged_login(client) -> object:
 def test_a_well_signed_token_from_the_fake_sso_is_accepted(fake_sso, keys, conn):
     client, set_token = fake_sso
     set_token(forged(keys, iss="login.eveonline.com", scp=sso.CHAR_SCOPE))  # the other issuer form; scp a string
-    assert forged_login(client).status_code == 200
+    assert forged_login(client).status_code == 303  # to /me
     assert [(u["character_id"], u["scopes"]) for u in users(conn)] == [(90000001, sso.CHAR_SCOPE)]
 
 

@@ -32,7 +32,8 @@ def served(database_url, conn, queue_name, sim, tmp_path):
                      EVE_CLIENT_ID=CLIENT_ID, EVE_CLIENT_SECRET=CLIENT_SECRET, ESI_USER_AGENT=USER_AGENT,
                      ESI_BASE_URL=sim.base_url, SSO_TOKEN_URL=f"{sim.base_url}/v2/oauth/token",
                      SSO_AUTHORIZE_URL=f"{sim.base_url}/v2/oauth/authorize", SSO_JWKS_URL=f"{sim.base_url}/oauth/jwks",
-                     SSO_REVOKE_URL=f"{sim.base_url}/v2/oauth/revoke", LOGIN_ALLOWED_CORPORATIONS="98000001,98000002")
+                     SSO_REVOKE_URL=f"{sim.base_url}/v2/oauth/revoke", LOGIN_ALLOWED_CORPORATIONS="98000001,98000002",
+                     FLASK_SECRET_KEY="browser-test-flask-secret-key-5e8a14c07d")
     with serve(env, port=port, log_path=tmp_path / "gunicorn.log") as base:
         yield base, pilots
 

@@ -39,7 +39,8 @@ def section(heading: str) -> str:
 
 def test_every_setting_read_is_in_the_configuration_table():
     env = Recording({"ESI_USER_AGENT": "killmail-worker/1.0 (ops@example.org)", "EVE_CLIENT_ID": "id",
-                     "EVE_CLIENT_SECRET": "secret", "EVE_CALLBACK_URL": "https://killmails.example.org/callback"})
+                     "EVE_CLIENT_SECRET": "secret", "EVE_CALLBACK_URL": "https://killmails.example.org/callback",
+                     "FLASK_SECRET_KEY": "k" * 32})
     settings_from(env)
     documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", "\n".join(
         line.split("|")[1] for line in section("## Configuration").splitlines() if line.startswith("| `"))))

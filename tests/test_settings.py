@@ -262,7 +262,7 @@ def clean_env(**overrides: str) -> dict[str, str]:
     load_dotenv(override=False) leaves set variables alone.
     """
     prefixes = ("ESI_", "EVE_", "DATABASE_", "RABBITMQ_", "QUEUE_", "PREFETCH_", "SSO_", "SYNC_", "DETAIL_",
-                "MAX_", "RETRY_", "HTTP_", "STATUS_", "APP_", "HEALTH_")
+                "MAX_", "RETRY_", "HTTP_", "STATUS_", "APP_", "HEALTH_", "FLASK_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update({"DATABASE_URL": "postgresql:///killmails", "RABBITMQ_URL": "amqp://guest:guest@localhost:5672/%2F",
                 "QUEUE_NAME": "killmail_sync_queue", "PREFETCH_COUNT": "5", "ESI_COMPATIBILITY_DATE": "2026-08-18",
@@ -320,9 +320,14 @@ def test_login_is_off_by_default_with_sso_defaults():
         "https://login.eveonline.com/v2/oauth/revoke")
 
 
+SECRET_KEY = "k" * 32
+
+
 def test_login_values_are_read():
     settings = load(EVE_CALLBACK_URL="https://km.example.org/km/callback", LOGIN_ALLOWED_CORPORATIONS="98000001, 2",
-                    LOGIN_ALLOWED_ALLIANCES="99000001", SSO_JWKS_URL="http://127.0.0.1:8089/oauth/jwks/")
+                    LOGIN_ALLOWED_ALLIANCES="99000001", SSO_JWKS_URL="http://127.0.0.1:8089/oauth/jwks/",
+                    FLASK_SECRET_KEY=SECRET_KEY)
+    assert settings.flask_secret_key == SECRET_KEY and SECRET_KEY not in repr(settings)
     assert settings.eve_callback_url == "https://km.example.org/km/callback"
     assert settings.login_allowed_corporations == (98000001, 2) and settings.login_allowed_alliances == (99000001,)
     assert settings.sso_jwks_url == "http://127.0.0.1:8089/oauth/jwks"
@@ -339,10 +344,31 @@ def test_login_values_are_read():
     ("LOGIN_ALLOWED_ALLIANCES", "-5"),
 ])
 def test_a_bad_login_value_names_the_variable(variable, raw):
-    assert config_error({**ESI_ENV, variable: raw}).variable == variable
+    assert config_error({**ESI_ENV, "FLASK_SECRET_KEY": SECRET_KEY, variable: raw}).variable == variable
+
+
+@pytest.mark.parametrize("raw, words", [("", "is required but not set"), ("short-key", "at least 32 characters"),
+                                        ("CHANGE-ME", "placeholder")])
+def test_login_needs_a_good_flask_secret_key(raw, words):
+    env = {**ESI_ENV, "EVE_CALLBACK_URL": "https://km.example.org/callback", "FLASK_SECRET_KEY": raw}
+    error = config_error(env, need_esi=False)
+    assert error.variable == "FLASK_SECRET_KEY" and words in str(error)
+
+
+def test_without_login_no_flask_secret_key_is_needed():
+    assert load().flask_secret_key == ""
+
+
+def test_the_status_app_refuses_to_start_without_the_secret_key_in_one_line():
+    env = clean_env(EVE_CALLBACK_URL="http://127.0.0.1:8000/callback", FLASK_SECRET_KEY="")
+    result = subprocess.run([sys.executable, str(ROOT / "status_app.py")], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["configuration error: FLASK_SECRET_KEY: is required but not set"]
 
 
 @pytest.mark.parametrize("variable", ["ESI_USER_AGENT", "EVE_CLIENT_ID", "EVE_CLIENT_SECRET"])
 def test_login_needs_the_app_credentials_even_where_esi_is_not_needed(variable):
-    env = {**ESI_ENV, "EVE_CALLBACK_URL": "http://127.0.0.1:8000/callback", variable: ""}
+    env = {**ESI_ENV, "EVE_CALLBACK_URL": "http://127.0.0.1:8000/callback", "FLASK_SECRET_KEY": SECRET_KEY,
+           variable: ""}
     assert config_error(env, need_esi=False).variable == variable
