@@ -627,11 +627,11 @@ def _raise_for_status(response: requests.Response, what: str, group: str) -> Non
         return
     message = f"{what} -> {status}: {_error_text(response)}"
     if status == 420:
-        raise ErrorLimited(message, reset=_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60,
+        raise ErrorLimited(message, reset=pause_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60,
                                                     header="X-ESI-Error-Limit-Reset"))
     if status == 429:
         raise RateLimited(message, group=response.headers.get("X-Ratelimit-Group", group),
-                          retry_after=_seconds(response.headers.get("Retry-After"), 60, header="Retry-After"))
+                          retry_after=pause_seconds(response.headers.get("Retry-After"), 60, header="Retry-After"))
     if status >= 500:
         raise ServerError(message, status=status)
     raise STATUS_ERRORS.get(status, BadRequest)(message, status=status)
@@ -655,7 +655,7 @@ def _error_text(response: requests.Response) -> str:
     return (shown if isinstance(shown, str) else reprlib.repr(shown))[:200]  # cut short in depth too
 
 
-def _seconds(value: str | None, default: float, *, header: str) -> float:
+def pause_seconds(value: str | None, default: float, *, header: str) -> float:
     """A header's seconds to wait, from 0 to MAX_PAUSE; the default when absent, unreadable or not finite."""
     if value is None:
         return default

@@ -23,6 +23,7 @@ import psycopg
 import requests
 
 import db
+import esi
 from settings import ConfigError, Settings, describe, load_settings
 
 log = logging.getLogger(__name__)
@@ -134,17 +135,15 @@ def request_for(format: str, url: str, killmail: Mapping) -> tuple[str, dict]:
 
 
 def retry_after(response: requests.Response, default: float) -> float:
-    """Seconds a 429 asks us to wait: Discord's JSON `retry_after`, else the Retry-After header."""
+    """Seconds a 429 asks us to wait: Discord's JSON `retry_after`, else the Retry-After header; at most
+    esi.MAX_PAUSE, the default when unreadable (a receiver's 1e20 or inf must not stop the sender)."""
     try:
         body = response.json()
-        if isinstance(body, dict) and isinstance(body.get("retry_after"), int | float):
-            return max(0.0, float(body["retry_after"]))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, float(response.headers.get("Retry-After", "")))
-    except ValueError:
-        return default
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("retry_after"), int | float):
+        return esi.pause_seconds(str(body["retry_after"]), default, header="retry_after")
+    return esi.pause_seconds(response.headers.get("Retry-After"), default, header="Retry-After")
 
 
 def backoff(attempts: int, options: SenderOptions) -> float | None:
@@ -201,6 +200,7 @@ def post(session: requests.Session, format: str, url: str, killmail: Mapping,
 def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> bool:
     """Post the next due outbox row and record what came of it; False when nothing was due."""
+    row = None
     try:
         row = db.claim_notification(conn, clock())
         if row is None:
@@ -210,6 +210,16 @@ def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
         response, error = post(session, row["format"], row["url"], killmail, options)
         outcome = judge(row["format"], response, error, row["attempts"] + 1, options)
         record(conn, row, outcome, clock(), options)
+        conn.commit()
+        return True
+    except Exception as exc:
+        conn.rollback()
+        if row is None or isinstance(exc, psycopg.OperationalError):
+            raise  # no row in hand, or PostgreSQL went away: serve() connects again
+        # Whatever a destination's answer broke must not stop the sender: this row would be first in line again
+        # after a restart, and every other destination would wait behind it.
+        log.exception("❌ posting killmail %s to %s failed; giving up on this post", row["killmail_id"], row["name"])
+        db.retry_notification(conn, row["id"], f"failed: {type(exc).__name__}: {exc}"[:300], None)
         conn.commit()
         return True
     except BaseException:

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 import db
+import esi
 import notifications
 from killmail_model import parse_killmail
 from notifications import Outcome, SenderOptions
@@ -135,6 +136,20 @@ def test_judge_maps_an_answer_to_what_happens_next(format, answer, attempts, out
 def test_backoff_is_capped():
     options = SenderOptions(user_agent="x", backoff_base=5, backoff_cap=60, max_attempts=20)
     assert [notifications.backoff(n, options) for n in (1, 2, 4, 5, 19, 20)] == [5, 10, 40, 60, 60, None]
+
+
+@pytest.mark.parametrize(("answer", "seconds"), [
+    (Answer(429, b"", {"Retry-After": "1e20"}), esi.MAX_PAUSE),
+    (Answer(429, b"", {"Retry-After": "inf"}), 5.0),
+    (Answer(429, b"", {"Retry-After": "nan"}), 5.0),
+    (Answer(429, b"", {"Retry-After": "-3"}), 0.0),
+    (Answer(429, b'{"retry_after": 1e300}'), esi.MAX_PAUSE),
+    (Answer(429, b'{"retry_after": 1e999}'), 5.0),            # Python's json reads it as inf
+    (Answer(429, b'{"retry_after": ' + b"9" * 400 + b"}"), 5.0),  # an int too big for a float
+    (Answer(429, b"[" * 100_000), 5.0),                       # deeper than the decoder goes
+])
+def test_every_pause_a_receiver_asks_for_is_clamped(answer, seconds):
+    assert notifications.retry_after(answer, 5.0) == seconds
 
 
 def test_discord_embed_names_pilot_ship_value_system_and_links_zkillboard():
@@ -269,6 +284,62 @@ def test_the_sender_names_a_bad_setting_and_exits_2(database_url):
     output, _ = sender.communicate(timeout=30)
     assert sender.returncode == 2
     assert output.strip() == "configuration error: ZKILLBOARD_PUSH: must be 1 or 0, got 'maybe'"
+
+
+def answer_429(retry_after: str):
+    """A receiver's 429 asking for this Retry-After, with a body that is not JSON."""
+    def answer(handler) -> None:
+        handler.send_response(429)
+        handler.send_header("Retry-After", retry_after)
+        handler.send_header("Content-Length", "8")
+        handler.end_headers()
+        handler.wfile.write(b"go away\n")
+    return answer
+
+
+def test_a_429_asking_for_forever_pauses_that_receiver_and_the_sender_serves_the_others(conn, database_url,
+                                                                                         receivers):
+    hostile, other = receivers(), receivers()
+    hostile.answer_with = answer_429("1e20")
+    db.add_webhook(conn, "hostile", hostile.url)  # its row is first in line
+    db.add_webhook(conn, "other", other.url)
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    sender = start_sender(make_settings(database_url))
+    try:
+        wait_until(lambda: other.bodies() or sender.poll() is not None, timeout=30, what="the other post")
+        assert sender.poll() is None, sender.communicate()[0]
+        assert hostile.requests == 1 and len(other.bodies()) == 1
+        paused = conn.execute("SELECT paused_until - now() AS left FROM webhooks WHERE name = 'hostile'").fetchone()
+        assert timedelta(seconds=esi.MAX_PAUSE - 60) < paused["left"] <= timedelta(seconds=esi.MAX_PAUSE)
+        sender.send_signal(signal.SIGTERM)
+        assert sender.wait(20) == 0
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+
+
+def test_a_post_that_raises_is_given_up_with_its_reason_and_the_sender_goes_on(conn, receivers, monkeypatch):
+    good = receivers()
+    db.add_webhook(conn, "broken", "http://127.0.0.1:9/broken")
+    db.add_webhook(conn, "good", good.url)
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    request_for = notifications.request_for
+
+    def breaks_for_one(format, url, killmail):
+        if url.endswith("/broken"):
+            raise ValueError("a post nobody foresaw")
+        return request_for(format, url, killmail)
+
+    monkeypatch.setattr(notifications, "request_for", breaks_for_one)
+    deliver_all(conn)
+    rows = {r["name"]: r for r in conn.execute(
+        "SELECT w.name, o.* FROM outbox o JOIN webhooks w ON w.id = o.webhook_id")}
+    assert rows["broken"]["next_attempt_at"] is None
+    assert rows["broken"]["last_error"] == "failed: ValueError: a post nobody foresaw"
+    assert rows["good"]["delivered_at"] is not None and len(good.bodies()) == 1
 
 
 def expected(killmails, *, corporation=None, character=None, kills=True, losses=True) -> set[int]:
