@@ -36,7 +36,8 @@ class SenderOptions:
     """How a sender posts: its User-Agent, timeouts, retries and paces."""
 
     user_agent: str
-    timeout: float = 10.0
+    timeout: float = 10.0               # seconds to connect, and between two reads of the answer
+    deadline: float = 30.0              # seconds for the whole post, answer read: a trickle must not hold a row
     max_attempts: int = 8
     backoff_base: float = 5.0           # seconds before the second attempt; doubled each time, up to the cap
     backoff_cap: float = 900.0
@@ -187,10 +188,19 @@ def post(session: requests.Session, format: str, url: str, killmail: Mapping,
          options: SenderOptions) -> tuple[requests.Response | None, str]:
     """Post one killmail; the response, or None and the error when it timed out or never connected."""
     target, body = request_for(format, url, killmail)
+    deadline = time.monotonic() + max(options.deadline, options.timeout)
     try:
-        response = session.post(target, data=json.dumps(body), timeout=options.timeout,
+        # Never to another address than the one added (a 307 would send the body on, to an internal host
+        # perhaps), and never more of an answer than esi reads from ESI, nor for longer than the deadline.
+        response = session.post(target, data=json.dumps(body), timeout=options.timeout, allow_redirects=False,
+                                stream=True,
                                 headers={"Content-Type": "application/json", "User-Agent": options.user_agent})
+        esi.read_body(response, deadline=deadline, what=f"POST {urlsplit(target).netloc}")
         return response, ""
+    except esi.MalformedResponse:
+        return None, f"answer larger than {esi.MAX_BODY_BYTES} bytes"
+    except esi.ServerError:
+        return None, f"answer not read within {max(options.deadline, options.timeout):.0f} s"
     except requests.RequestException as exc:
         # A Discord webhook's URL holds its token: an error names the host only, never the path.
         path = urlsplit(target).path

@@ -2,12 +2,14 @@
 429/5xx/timeouts/refusals, zKillboard's pace, and delivery exactly as filtered across a kill -9 of the sender."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -218,6 +220,55 @@ def test_an_error_never_shows_the_webhooks_token(conn):
     (row,) = conn.execute("SELECT attempts, last_error FROM outbox").fetchall()
     assert row["attempts"] == FAST.max_attempts and "ConnectionError" in row["last_error"]
     assert token not in row["last_error"] and "127.0.0.1" in row["last_error"]
+
+
+def answer_redirect(location: str):
+    def answer(handler) -> None:
+        handler.send_response(307)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return answer
+
+
+def answer_flood(handler) -> None:
+    """200 with a body of 100 MiB, written until the sender hangs up."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(100 * 2 ** 20))
+    handler.end_headers()
+    chunk = b"x" * 2 ** 16
+    for _ in range(100 * 2 ** 4):
+        handler.wfile.write(chunk)
+
+
+def answer_trickle(handler) -> None:
+    """200 with a body of a byte every 0.1 s (each read well within the sender's timeout), for 10 s."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "100")
+    handler.end_headers()
+    for _ in range(100):
+        handler.wfile.write(b"x")
+        handler.wfile.flush()
+        time.sleep(0.1)  # the receiver's pace, not a synchronisation
+
+
+def test_a_post_follows_no_redirect_reads_a_capped_answer_and_has_a_deadline(conn, receivers):
+    redirecting, internal, flooding, trickling = receivers(), receivers(), receivers(), receivers()
+    redirecting.answer_with = answer_redirect(internal.url)
+    flooding.answer_with, trickling.answer_with = answer_flood, answer_trickle
+    for name, receiver in (("redirecting", redirecting), ("flooding", flooding), ("trickling", trickling)):
+        db.add_webhook(conn, name, receiver.url, format="json")
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    started = time.monotonic()
+    deliver_all(conn, options=dataclasses.replace(FAST, max_attempts=1, deadline=2.0))
+    assert time.monotonic() - started < 8  # the trickle alone takes 10 s
+    rows = {r["name"]: r for r in conn.execute(
+        "SELECT w.name, o.* FROM outbox o JOIN webhooks w ON w.id = o.webhook_id")}
+    assert internal.requests == 0 and rows["redirecting"]["last_error"].startswith("HTTP 307")
+    assert rows["flooding"]["last_error"] == f"answer larger than {esi.MAX_BODY_BYTES} bytes"
+    assert rows["trickling"]["last_error"] == "answer not read within 2 s"
+    assert all(row["delivered_at"] is None and row["next_attempt_at"] is None for row in rows.values())
 
 
 def test_a_404_marks_the_webhook_refused_and_keeps_its_rows(conn, receivers):
