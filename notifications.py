@@ -195,16 +195,22 @@ def post(session: requests.Session, format: str, url: str, killmail: Mapping,
         response = session.post(target, data=json.dumps(body), timeout=options.timeout, allow_redirects=False,
                                 stream=True,
                                 headers={"Content-Type": "application/json", "User-Agent": options.user_agent})
-        esi.read_body(response, deadline=deadline, what=f"POST {urlsplit(target).netloc}")
+        esi.read_body(response, deadline=deadline, what=f"POST {destination(target)}")
         return response, ""
     except esi.MalformedResponse:
         return None, f"answer larger than {esi.MAX_BODY_BYTES} bytes"
     except esi.ServerError:
         return None, f"answer not read within {max(options.deadline, options.timeout):.0f} s"
     except requests.RequestException as exc:
-        # A Discord webhook's URL holds its token: an error names the host only, never the path.
-        path = urlsplit(target).path
-        return None, f"{type(exc).__name__}: {exc}".replace(path, "/…" if path else "")[:300]
+        # requests' messages quote the URL, in parts and in several spellings: none of that text is kept.
+        return None, f"{type(exc).__name__} posting to {destination(target)}"
+
+
+def destination(url: str) -> str:
+    """A destination as error text may name it: its scheme and host. The rest of a webhook's URL is a secret (a
+    Discord token in the path, a token in the query, a password before the host)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}"
 
 
 def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
@@ -228,13 +234,23 @@ def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
             raise  # no row in hand, or PostgreSQL went away: serve() connects again
         # Whatever a destination's answer broke must not stop the sender: this row would be first in line again
         # after a restart, and every other destination would wait behind it.
-        log.exception("❌ posting killmail %s to %s failed; giving up on this post", row["killmail_id"], row["name"])
-        db.retry_notification(conn, row["id"], f"failed: {type(exc).__name__}: {exc}"[:300], None)
+        reason = f"failed: {type(exc).__name__}: {hide_url(str(exc), row['url'])}"[:300]
+        log.error("❌ posting killmail %s to %s %s; given up", row["killmail_id"], row["name"], reason)
+        db.retry_notification(conn, row["id"], reason, None)
         conn.commit()
         return True
     except BaseException:
         conn.rollback()
         raise
+
+
+def hide_url(text: str, url: str) -> str:
+    """Text with a webhook's URL, and each secret part of it, replaced by its destination (scheme and host)."""
+    parts = urlsplit(url)
+    for secret in (url, parts.path + (f"?{parts.query}" if parts.query else ""), parts.query, parts.password):
+        if secret and len(secret) > 1:
+            text = text.replace(secret, destination(url) if secret == url else "…")
+    return text
 
 
 def record(conn, row: Mapping, outcome: Outcome, now: datetime, options: SenderOptions) -> None:

@@ -21,7 +21,7 @@ import esi
 import notifications
 from killmail_model import parse_killmail
 from notifications import Outcome, SenderOptions
-from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until, watch_secrets
+from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until
 from tests.webhook_receiver import Receiver
 
 NOW = datetime.now(UTC)
@@ -210,16 +210,19 @@ def test_5xx_and_timeouts_are_retried_then_given_up_with_the_error(conn, receive
                                                           "refused": []}
 
 
-def test_an_error_never_shows_the_webhooks_token(conn):
-    token = "discord-webhook-token-5f1e9a"
-    watch_secrets([token])
-    db.add_webhook(conn, "closed", f"http://127.0.0.1:9/api/webhooks/1/{token}")  # nothing listens on port 9
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/api/webhooks/1/discord-webhook-token-5f1e9a",  # nothing listens on port 9
+    "http://127.0.0.1:9/x?token=SUPERSECRET123",
+    "http://hook-user:hook-password-77@127.0.0.1:9/x",
+])
+def test_an_error_names_only_the_webhooks_scheme_and_host(conn, url):
+    db.add_webhook(conn, "closed", url)  # conftest watches the URL's secret parts from here on
     db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
     conn.commit()
     deliver_all(conn)
     (row,) = conn.execute("SELECT attempts, last_error FROM outbox").fetchall()
-    assert row["attempts"] == FAST.max_attempts and "ConnectionError" in row["last_error"]
-    assert token not in row["last_error"] and "127.0.0.1" in row["last_error"]
+    assert row["attempts"] == FAST.max_attempts
+    assert row["last_error"] == "ConnectionError posting to http://127.0.0.1"
 
 
 def answer_redirect(location: str):
@@ -522,6 +525,13 @@ def test_webhooks_cli_adds_lists_and_tests(conn, database_url, receivers):
     receiver.refuse_with = 404
     assert run_script("webhooks.py", settings, "test", "losses").returncode == 1
     assert run_script("webhooks.py", settings, "test", "nobody").returncode == 1
+
+
+def test_webhooks_cli_test_names_only_the_scheme_and_host_of_a_failing_webhook(conn, database_url):
+    db.add_webhook(conn, "closed", "http://127.0.0.1:9/x?token=SUPERSECRET123")
+    conn.commit()
+    tested = run_script("webhooks.py", make_settings(database_url), "test", "closed")
+    assert (tested.returncode, tested.stderr) == (1, "❌ closed: ConnectionError posting to http://127.0.0.1\n")
 
 
 def test_the_docs_embed_is_rendered_from_what_the_receiver_logged():
