@@ -1,0 +1,46 @@
+"""The status app against hostile requests, served by a real gunicorn: out-of-range numbers, cross-site posts,
+security headers, reflected error text."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+
+from conftest import CLIENT_ID, CLIENT_SECRET, USER_AGENT, watch_secrets
+from tests.screenshot import serve, status_env
+
+PASSWORD = "web-security-password-3f9a"
+OPERATOR = ("ops", PASSWORD)
+API_TOKEN = "web-security-api-token-8d2c"
+API = {"Authorization": f"Bearer {API_TOKEN}"}
+CALLBACK = "https://killmails.example/callback"
+CLOSED = "http://127.0.0.1:9"  # nothing listens there: no test here reaches SSO or ESI
+
+
+@pytest.fixture(scope="module")
+def app_url(database_url):
+    """One gunicorn for the module: operator password, API token and an https callback URL set."""
+    env = status_env(database_url, queue=f"test_web_{uuid.uuid4().hex[:10]}", STATUS_BASIC_AUTH=f"ops:{PASSWORD}",
+                     APP_API_TOKEN=API_TOKEN, EVE_CALLBACK_URL=CALLBACK, ESI_USER_AGENT=USER_AGENT,
+                     EVE_CLIENT_ID=CLIENT_ID, EVE_CLIENT_SECRET=CLIENT_SECRET, ESI_BASE_URL=CLOSED,
+                     SSO_TOKEN_URL=f"{CLOSED}/v2/oauth/token", SSO_JWKS_URL=f"{CLOSED}/oauth/jwks",
+                     SSO_REVOKE_URL=f"{CLOSED}/v2/oauth/revoke")
+    with serve(env) as base:
+        yield base
+
+
+@pytest.fixture(autouse=True)
+def secrets():
+    watch_secrets([PASSWORD, API_TOKEN])
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/api/characters/99999999999999999999/killmails"),
+    ("GET", "/api/characters/1/killmails?before=99999999999999999999"),
+    ("GET", "/api/characters/1/killmails?before=-99999999999999999999"),
+    ("POST", "/api/sync/99999999999999999999"),
+])
+def test_api_numbers_out_of_range_are_400(app_url, conn, method, path):
+    answer = requests.request(method, app_url + path, headers=API, timeout=10)
+    assert answer.status_code == 400 and answer.json()["success"] is False
