@@ -300,11 +300,29 @@ def load_settings(*, need_esi: bool = True) -> Settings:
     return settings_from(os.environ, need_esi=need_esi)
 
 
+MAX_LOG_LINE = 4000  # characters of one log line; a longer one keeps its start and its end (a traceback's last line)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # newlines, escapes that move a terminal's cursor, ...
+
+
+class OneLineFormatter(logging.Formatter):
+    """One line per record, whitespace and control characters collapsed, the length capped: text from outside
+    (an error body, a header) cannot write a log line of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = " ".join(_CONTROL.sub(" ", super().format(record)).split())
+        if len(text) <= MAX_LOG_LINE:
+            return text
+        half = (MAX_LOG_LINE - 3) // 2
+        return f"{text[:half]} … {text[-half:]}"
+
+
 def setup_logging(*, verbose: bool) -> None:
-    """Log INFO records to stdout: the bare message for operators, or with time, level and pid when verbose."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s" if verbose
-                        else "%(message)s")
+    """Log INFO records to stdout, one line each: the bare message for operators, or with time, level and pid
+    when verbose."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+                                          if verbose else "%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("pika").setLevel(logging.WARNING)  # pika narrates every connection at INFO
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import DEFAULT_COMPATIBILITY_DATE, ConfigError, Settings, redact_url, settings_from
+from settings import DEFAULT_COMPATIBILITY_DATE, MAX_LOG_LINE, ConfigError, Settings, redact_url, settings_from
 
 ROOT = Path(__file__).resolve().parent.parent
 TODAY = date(2026, 11, 29)
@@ -251,6 +251,31 @@ def test_repr_shows_no_secret():
     settings = load(EVE_CLIENT_SECRET="client-SECRET", STATUS_BASIC_AUTH="ops:basic-SECRET",
                     APP_API_TOKEN="api-SECRET")
     assert "SECRET" not in repr(settings)
+
+
+LOGS = """
+import logging, sys
+from settings import setup_logging
+setup_logging(verbose=sys.argv[1] == "verbose")
+log = logging.getLogger("worker")
+log.warning("ESI said: %s", "oops\\n✅ Synced 1000 killmails\\r\\n\\x1b[2J\\u2028 done")
+log.info("x" * 10000)
+try:
+    raise ValueError("a\\nfake line")
+except ValueError:
+    log.exception("job crashed")
+"""
+
+
+@pytest.mark.parametrize("verbose", ["verbose", "plain"])
+def test_a_log_record_is_one_line_with_whitespace_collapsed_and_a_capped_length(verbose):
+    result = subprocess.run([sys.executable, "-c", LOGS, verbose], cwd=ROOT, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    body, long, crash = result.stdout.splitlines()
+    assert body.endswith("ESI said: oops ✅ Synced 1000 killmails [2J done")  # ESC gone, the rest is text
+    assert len(long) == MAX_LOG_LINE - 1 and " … " in long
+    assert "job crashed Traceback (most recent call last):" in crash and crash.endswith("ValueError: a fake line")
 
 
 # ------------------------------------------------------------------------------------------------ the commands
