@@ -127,8 +127,10 @@ def login_blueprint(sources: Sources) -> Blueprint:
         if not sources.settings.status_basic_auth:  # status_app asks for the password when it is set
             return Response("forgetting pilots needs STATUS_BASIC_AUTH (an operator's password) to be set\n", 403,
                             mimetype="text/plain")
-        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-            return Response("refused: a cross-site request\n", 403, mimetype="text/plain")
+        if not same_origin(request, sources.settings.eve_callback_url):
+            return Response("refused: not a request from this app's own pages (a browser sends Sec-Fetch-Site, "
+                            "Origin or Referer; a script may send Origin: <this app's origin>)\n", 403,
+                            mimetype="text/plain")
         try:
             message, status = forget_pilot(sources, client.get(), character_id)
         except sso.LoginError as exc:
@@ -137,6 +139,25 @@ def login_blueprint(sources: Sources) -> Blueprint:
         return Response(message + "\n", status, mimetype="text/plain")
 
     return blueprint
+
+
+def same_origin(request_: Any, callback_url: str) -> bool:
+    """Whether a state-changing request comes from this app's own pages, as OWASP's CSRF defence checks it: a
+    browser's Sec-Fetch-Site where it sends one; else Origin, else Referer, must be the app's own origin (the
+    callback URL's, which a proxy serves, or the request's own); a request with neither is refused. A browser
+    attaches cached basic-auth credentials to a cross-site form post, so the password alone proves nothing."""
+    site = request_.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    source = request_.headers.get("Origin") or request_.headers.get("Referer")
+    if not source or source == "null":
+        return False
+    return _origin(source) in {_origin(callback_url), _origin(request_.host_url)}
+
+
+def _origin(url: str) -> str:
+    parts = urlparse(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def complete_login(sources: Sources, client: sso.SsoClient, args: Any, cookie: str | None) -> Added:

@@ -23,7 +23,7 @@ from conftest import CLIENT_ID, CLIENT_SECRET, RABBITMQ_URL, insert_users
 
 CALLBACK = "http://localhost/callback"
 CLOSED = "http://127.0.0.1:9"
-OPERATOR = {"Authorization": "Basic " + base64.b64encode(b"op:secret").decode()}
+OPERATOR = {"Authorization": "Basic " + base64.b64encode(b"op:secret").decode(), "Origin": "http://localhost"}
 FAKE_SSO = "https://sso.test"
 
 

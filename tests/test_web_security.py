@@ -44,3 +44,23 @@ def secrets():
 def test_api_numbers_out_of_range_are_400(app_url, conn, method, path):
     answer = requests.request(method, app_url + path, headers=API, timeout=10)
     assert answer.status_code == 400 and answer.json()["success"] is False
+
+
+@pytest.mark.parametrize(("headers", "allowed"), [
+    ({"Sec-Fetch-Site": "cross-site", "Origin": "https://killmails.example"}, False),
+    ({"Sec-Fetch-Site": "same-site"}, False),
+    ({"Sec-Fetch-Site": "same-origin"}, True),
+    ({"Origin": "https://evil.example"}, False),       # no Sec-Fetch-Site: plain http, an older Safari
+    ({"Origin": "null"}, False),                       # a sandboxed frame, a data: URL
+    ({"Referer": "https://evil.example/page"}, False),
+    ({"Origin": "https://evil.example", "Referer": "https://killmails.example/status"}, False),
+    ({}, False),                                       # neither: refused
+    ({"Origin": "https://killmails.example"}, True),   # the callback URL's origin, as a proxy serves the app
+    ({"Referer": "https://killmails.example/status"}, True),
+    ({"Origin": "APP"}, True),                         # the address it was reached at
+])
+def test_forget_refuses_a_cross_site_post_even_with_the_operators_password(app_url, conn, headers, allowed):
+    headers = {k: v.replace("APP", app_url) for k, v in headers.items()}
+    answer = requests.post(f"{app_url}/pilots/42/forget", headers=headers, auth=OPERATOR, timeout=10)
+    # Pilot 42 is unknown: a request let through is answered 404 before anything is revoked.
+    assert answer.status_code == (404 if allowed else 403), answer.text
