@@ -37,6 +37,17 @@ PROTECTED = ("/status", "/metrics")     # /health never asks for a password: loa
 OPERATOR_PREFIX = "/pilots/"            # operator actions (login.py's forget) need the password too
 
 
+# On every answer. The pages need no script, font or image file: only their inline <style> and style attributes
+# (the charts are inline SVG); forms post to the app itself, and no other site may frame a page.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+                               "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 class UtcJsonProvider(DefaultJSONProvider):
     """JSON with times in UTC ISO 8601 ('2026-11-01T12:00:00Z') rather than Flask's HTTP dates."""
 
@@ -153,8 +164,15 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
         return None
 
     @app.after_request
-    def no_store(response: Response) -> Response:
+    def harden(response: Response) -> Response:
         response.headers["Cache-Control"] = "no-store"
+        response.headers.update(SECURITY_HEADERS)
+        try:
+            https = sources.settings.eve_callback_url.startswith("https://")
+        except ConfigError:  # the answer is the configuration error's page already
+            https = False
+        if https:  # the app is served over https: browsers are to keep to it
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
         return response
 
     @app.get("/health")

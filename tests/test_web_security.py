@@ -64,3 +64,25 @@ def test_forget_refuses_a_cross_site_post_even_with_the_operators_password(app_u
     answer = requests.post(f"{app_url}/pilots/42/forget", headers=headers, auth=OPERATOR, timeout=10)
     # Pilot 42 is unknown: a request let through is answered 404 before anything is revoked.
     assert answer.status_code == (404 if allowed else 403), answer.text
+
+
+@pytest.mark.parametrize(("method", "path", "auth"), [
+    ("GET", "/health", None), ("GET", "/status", OPERATOR), ("GET", "/status", None), ("GET", "/metrics", OPERATOR),
+    ("GET", "/login", None), ("GET", "/callback?error=access_denied", None), ("GET", "/nowhere", None),
+    ("POST", "/pilots/42/forget", None), ("GET", "/api/characters/1/killmails", None),
+])
+def test_every_answer_carries_the_security_headers_and_hsts_for_an_https_callback(app_url, conn, method, path,
+                                                                                  auth):
+    answer = requests.request(method, app_url + path, auth=auth, allow_redirects=False, timeout=10)
+    policy = answer.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "script-src" not in policy
+    assert answer.headers["X-Frame-Options"] == "DENY"
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert answer.headers["Referrer-Policy"] == "no-referrer"
+    assert answer.headers["Strict-Transport-Security"] == "max-age=31536000"
+
+
+def test_no_hsts_when_the_callback_is_plain_http(make_client, conn):
+    answer = make_client(eve_callback_url="http://127.0.0.1:8000/callback").get("/health")
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert "Strict-Transport-Security" not in answer.headers
