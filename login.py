@@ -50,6 +50,17 @@ class DatabaseUnavailable(sso.LoginError):
     """PostgreSQL did not answer."""
 
 
+# OAuth's error codes at the callback (RFC 6749, 4.1.2.1) -> what the page says; any other text is not shown.
+SSO_ERRORS = {
+    "access_denied": "you declined",
+    "invalid_request": "it found the login request invalid (invalid_request)",
+    "unauthorized_client": "it does not let this app log pilots in (unauthorized_client)",
+    "unsupported_response_type": "it does not support this login (unsupported_response_type)",
+    "invalid_scope": "it refused the scopes asked for (invalid_scope)",
+    "server_error": "it failed (server_error)",
+    "temporarily_unavailable": "it is unavailable for now (temporarily_unavailable)",
+}
+
 # What went wrong -> the page's status, in one table.
 ERROR_STATUS: dict[type[sso.LoginError], int] = {
     BadCallback: 400, sso.CodeRefused: 400, sso.TokenRejected: 400, NotAllowed: 403, sso.SsoRefused: 502,
@@ -197,7 +208,9 @@ def take_state(conn, args: Any, cookie: str | None, now: datetime) -> dict:
     state = args.get("state", "")
     row = db.take_login_state(conn, state, now, max_age=STATE_MAX_AGE) if state else None
     if args.get("error"):
-        reason = "you declined" if args["error"] == "access_denied" else f"it answered {args['error'][:60]!r}"
+        # Anyone can send a browser here with ?error= of their choosing ("Account flagged, re-verify at ..."): the
+        # page says only what the code means, and the code only when it is one of OAuth's own.
+        reason = SSO_ERRORS.get(args["error"], "it refused the login")
         raise BadCallback(f"EVE SSO did not log you in: {reason}. Nothing was stored")
     if not state:
         raise BadCallback("the callback came without a state; please start at the login page")

@@ -86,3 +86,16 @@ def test_no_hsts_when_the_callback_is_plain_http(make_client, conn):
     answer = make_client(eve_callback_url="http://127.0.0.1:8000/callback").get("/health")
     assert answer.headers["X-Content-Type-Options"] == "nosniff"
     assert "Strict-Transport-Security" not in answer.headers
+
+
+@pytest.mark.parametrize(("error", "shown"), [
+    ("Account flagged. Re-verify at evil.example now", "it refused the login"),
+    ("<b>access_denied</b>", "it refused the login"),
+    ("access_denied", "you declined"),
+    ("temporarily_unavailable", "it is unavailable for now (temporarily_unavailable)"),
+])
+def test_the_callback_shows_a_fixed_message_for_sso_errors(app_url, conn, error, shown):
+    answer = requests.get(f"{app_url}/callback", params={"error": error, "state": "s"}, timeout=10)
+    assert answer.status_code == 400
+    assert f"EVE SSO did not log you in: {shown}. Nothing was stored" in answer.text
+    assert "evil" not in answer.text and "&lt;b&gt;" not in answer.text
