@@ -38,8 +38,8 @@ class ConfigError(Exception):
 class Settings:
     """Everything the programs need from the environment, validated."""
 
-    database_url: str = "postgresql:///killmails"
-    rabbitmq_url: str = "amqp://guest:guest@localhost:5672/%2F"
+    database_url: str = field(default="postgresql:///killmails", repr=False)  # may hold a password
+    rabbitmq_url: str = field(default="amqp://guest:guest@localhost:5672/%2F", repr=False)
     queue_name: str = "killmail_sync_queue"
     prefetch_count: int = 5
     esi_base_url: str = "https://esi.evetech.net"
@@ -59,7 +59,7 @@ class Settings:
     esi_egress: str = ""
     # Read here once rather than by requests on every call: {"scheme://host": proxy URL} for the ESI and SSO
     # hosts that the standard *_PROXY / NO_PROXY variables route through a proxy, and a CA bundle if one is set.
-    http_proxies: tuple[tuple[str, str], ...] = ()
+    http_proxies: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # a proxy URL may hold a password
     ca_bundle: str = ""
     # Adding pilots from a browser (login.py): enabled by the callback URL, as registered with the EVE application.
     eve_callback_url: str = ""

@@ -249,8 +249,10 @@ def test_settings_is_frozen():
 
 def test_repr_shows_no_secret():
     settings = load(EVE_CLIENT_SECRET="client-SECRET", STATUS_BASIC_AUTH="ops:basic-SECRET",
-                    APP_API_TOKEN="api-SECRET")
-    assert "SECRET" not in repr(settings)
+                    APP_API_TOKEN="api-SECRET", DATABASE_URL="postgresql://app:db-SECRET@db.internal/killmails",
+                    RABBITMQ_URL="amqp://app:broker-SECRET@mq.internal/%2F",
+                    HTTPS_PROXY="http://proxy-user:proxy-SECRET@proxy.internal:3128")
+    assert settings.http_proxies and "SECRET" not in repr(settings) and "SECRET" not in str(settings)
 
 
 LOGS = """
