@@ -468,8 +468,8 @@ class EsiClient:
         if response.status_code == 200:
             return parse_grant(body, refresh_token)
         error = body.get("error") if isinstance(body, dict) else None
-        if error == "invalid_grant":
-            raise InvalidGrant(f"invalid_grant: {body.get('error_description', 'grant is gone')}",
+        if error == "invalid_grant":  # its description is kept on the user and shown: bounded, one line
+            raise InvalidGrant(f"invalid_grant: {_one_line(body.get('error_description', 'grant is gone'))}",
                                status=response.status_code)
         if error == "invalid_client" or response.status_code == 401:
             # The whole app's credentials are wrong: every process stops asking until someone fixes them.
@@ -478,7 +478,8 @@ class EsiClient:
             self.limits.pause(SSO_BUCKET, INVALID_CLIENT_PAUSE, status=response.status_code)
             raise InvalidClient("SSO rejected EVE_CLIENT_ID / EVE_CLIENT_SECRET (invalid_client)",
                                 status=response.status_code)
-        raise SsoError(f"SSO answered {response.status_code}: {error or 'no error code'}", status=response.status_code)
+        raise SsoError(f"SSO answered {response.status_code}: {_one_line(error or 'no error code')}",
+                       status=response.status_code)
 
     # ---------------------------------------------------------------------------------------------- transport
 
@@ -644,6 +645,11 @@ def _json(response: requests.Response) -> Any:
         raise MalformedResponse(f"{response.url.split('?')[0]}: body is not JSON") from exc
     except RecursionError:
         raise MalformedResponse(f"{response.url.split('?')[0]}: body is nested too deep") from None
+
+
+def _one_line(value: Any) -> str:
+    """A value from an answer, fit for a message: one line of at most 200 characters."""
+    return " ".join((value if isinstance(value, str) else reprlib.repr(value)).split())[:200]
 
 
 def _error_text(response: requests.Response) -> str:
