@@ -140,11 +140,17 @@ def is_loopback(host: str | None) -> bool:
 def _https_url(env: Mapping[str, str], name: str, default: str) -> str:
     """An https URL; plain http only to a loopback host (the local simulator of the tests and the demo): tokens
     and the client secret travel on these."""
-    value = _url(env, name, default, ("http", "https"))
+    return destination_url(name, _url(env, name, default, ("http", "https")))
+
+
+def destination_url(name: str, value: str) -> str:
+    """A URL secrets travel to (tokens, a webhook's own): https, or http to a loopback host; ConfigError naming
+    only the scheme and host otherwise (the rest of a webhook's URL is its secret)."""
     parsed = _parse_url(name, value)
-    if parsed.scheme != "https" and not is_loopback(parsed.hostname):
-        raise ConfigError(name, f"must be an https URL (http only to localhost), got {redact_url(value)!r}")
-    return value
+    if parsed.scheme == "https" and parsed.hostname or parsed.scheme == "http" and is_loopback(parsed.hostname):
+        return value
+    shown = f"{parsed.scheme}://{parsed.hostname}" if parsed.hostname else f"a {parsed.scheme or 'relative'} URL"
+    raise ConfigError(name, f"must be an https URL (http only to localhost), got {shown}")
 
 
 def _database_url(env: Mapping[str, str]) -> str:

@@ -3,7 +3,9 @@ them with their outbox counts, `test` one with a sample post."""
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import requests
 
 import db
 import notifications
+import settings
 from killmail_model import parse_killmail
+from settings import ConfigError
 
 SAMPLE = Path(__file__).resolve().parent / "tests" / "data" / "killmail_134265477.json"
 
@@ -21,7 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("add", help="add a webhook (or replace the one of that name)")
     add.add_argument("name")
-    add.add_argument("url")
+    add.add_argument("url", nargs="?", help="https (http only to this machine); best left out, as it shows in ps "
+                                            "and the shell's history: then WEBHOOK_URL, else a line on stdin")
     add.add_argument("--format", choices=("discord", "json"), default="discord")
     add.add_argument("--character", type=int, action="append", default=[], metavar="ID",
                      help="announce this character's kills and losses (repeat for more)")
@@ -47,6 +52,17 @@ def sample_killmail(conn) -> dict | None:
     killmail = parse_killmail(body, killmail_id=body["killmail_id"], killmail_hash="0" * 40)
     row = dict(zip(db.KILLMAIL_COLUMN_NAMES, killmail.row, strict=False))
     return {**row, "total_value": None, "attackers": len(killmail.attackers)}
+
+
+def webhook_url(given: str | None) -> str:
+    """The URL to add: as given, else WEBHOOK_URL, else a line on stdin (asked for without echo on a terminal);
+    ConfigError unless it is https, or http to this machine."""
+    if given:
+        print("⚠️ a webhook URL holds its secret, and on the command line it shows in ps and the shell's history: "
+              "set WEBHOOK_URL or pipe it in instead", file=sys.stderr)
+    url = (given or os.environ.get("WEBHOOK_URL") or
+           (getpass.getpass("webhook URL: ") if sys.stdin.isatty() else sys.stdin.readline())).strip()
+    return settings.destination_url("the webhook URL", url)
 
 
 def list_webhooks(conn) -> int:
@@ -88,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     with conn:
         if args.command == "add":
-            db.add_webhook(conn, args.name, args.url, format=args.format, character_ids=args.character,
+            try:
+                url = webhook_url(args.url)
+            except ConfigError as exc:
+                print(f"❌ {exc}", file=sys.stderr)
+                return 2
+            db.add_webhook(conn, args.name, url, format=args.format, character_ids=args.character,
                            corporation_ids=args.corporation, kills=args.kills, losses=args.losses,
                            min_value=args.min_value)
             conn.commit()

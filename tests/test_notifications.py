@@ -527,6 +527,29 @@ def test_webhooks_cli_adds_lists_and_tests(conn, database_url, receivers):
     assert run_script("webhooks.py", settings, "test", "nobody").returncode == 1
 
 
+def add_webhook_cli(settings, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "webhooks.py"), "add", *args], env=settings_env(settings) | env,
+                          cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "http://hooks.example/api/webhooks/1/tok-3e1f0c9a",
+                                 "ftp://hooks.example/x", "discord.com/api/webhooks/1/tok-3e1f0c9a"])
+def test_webhooks_cli_adds_only_https_or_loopback_urls(conn, database_url, url):
+    added = add_webhook_cli(make_settings(database_url), "bad", stdin=url + "\n")
+    assert added.returncode == 2 and "must be an https URL (http only to localhost)" in added.stderr
+    assert "tok-3e1f0c9a" not in added.stderr and db.get_webhook(conn, "bad") is None
+
+
+def test_webhooks_cli_reads_the_url_from_stdin_or_the_environment_and_warns_about_the_command_line(conn,
+                                                                                                  database_url):
+    settings, url = make_settings(database_url), "https://discord.example/api/webhooks/1/tok-5d2b7e41"
+    assert add_webhook_cli(settings, "piped", stdin=url + "\n").returncode == 0
+    assert add_webhook_cli(settings, "env", WEBHOOK_URL=url).returncode == 0
+    assert db.get_webhook(conn, "piped")["url"] == db.get_webhook(conn, "env")["url"] == url
+    local = add_webhook_cli(settings, "local", "http://127.0.0.1:9/hook")
+    assert local.returncode == 0 and "shows in ps and the shell's history" in local.stderr
+
+
 def test_webhooks_cli_test_names_only_the_scheme_and_host_of_a_failing_webhook(conn, database_url):
     db.add_webhook(conn, "closed", "http://127.0.0.1:9/x?token=SUPERSECRET123")
     conn.commit()
