@@ -54,6 +54,7 @@ class Settings:
     retry_base_seconds: int = 30
     http_timeout_seconds: float = 20.0
     status_basic_auth: str = field(default="", repr=False)
+    status_auth_by_proxy: bool = False  # a proxy in front asks for a password: the pages answer beyond loopback
     app_api_token: str = field(default="", repr=False)
     health_max_sync_age_seconds: int = 1800
     esi_egress: str = ""
@@ -214,6 +215,8 @@ def _callback_url(env: Mapping[str, str]) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc or not parsed.path.endswith("/callback") \
             or parsed.query or parsed.fragment:
         raise ConfigError("EVE_CALLBACK_URL", f"must be an http or https URL ending in /callback, got {value!r}")
+    if parsed.scheme != "https" and not is_loopback(parsed.hostname):  # a login's code and cookie travel on it
+        raise ConfigError("EVE_CALLBACK_URL", f"must be https (http only to localhost), got {value!r}")
     return value
 
 
@@ -283,6 +286,7 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         retry_base_seconds=_integer(env, "RETRY_BASE_SECONDS", 30, 1, 3600),
         http_timeout_seconds=float(_integer(env, "HTTP_TIMEOUT_SECONDS", 20, 1, 300)),
         status_basic_auth=_basic_auth(env),
+        status_auth_by_proxy=_flag(env, "STATUS_AUTH_BY_PROXY"),
         app_api_token=env.get("APP_API_TOKEN", "").strip(),
         health_max_sync_age_seconds=_integer(env, "HEALTH_MAX_SYNC_AGE_SECONDS", 1800, 10, 86400 * 7),
         esi_egress=_egress(env),

@@ -28,7 +28,7 @@ import db
 import status_charts
 from api import api_blueprint
 from login import login_blueprint
-from settings import ConfigError, Settings, load_settings, setup_logging
+from settings import ConfigError, Settings, is_loopback, load_settings, setup_logging
 from status_report import Sources, StatusCollector, build_report, describe
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,13 @@ def authorized(request_: Request, expected: str) -> bool:
     return hmac.compare_digest(given, expected.encode())
 
 
+def from_this_machine(request_: Request) -> bool:
+    """Whether a request comes straight from this machine: a loopback peer, and no proxy's forwarding header (a
+    proxy on this host forwards the world's requests from loopback)."""
+    forwarded = any(name in request_.headers for name in ("Forwarded", "X-Forwarded-For", "X-Real-IP"))
+    return is_loopback(request_.remote_addr) and not forwarded
+
+
 def wants_json(request_: Request) -> bool:
     """?format=json or ?format=html decide; otherwise the Accept header, HTML when it takes both."""
     chosen = request_.args.get("format")
@@ -156,12 +163,19 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
 
     @app.before_request
     def require_password():
-        expected = sources.settings.status_basic_auth
-        protected = request.path in PROTECTED or request.path.startswith(OPERATOR_PREFIX)
-        if expected and protected and not authorized(request, expected):
+        if not (request.path in PROTECTED or request.path.startswith(OPERATOR_PREFIX)):
+            return None
+        settings = sources.settings
+        if settings.status_basic_auth:
+            if authorized(request, settings.status_basic_auth):
+                return None
             return Response("authentication required\n", 401, mimetype="text/plain",
                             headers={"WWW-Authenticate": 'Basic realm="killmail status", charset="UTF-8"'})
-        return None
+        if settings.status_auth_by_proxy or from_this_machine(request):
+            return None
+        return Response("refused: beyond this machine, /status, /metrics and /pilots answer only with "
+                        "STATUS_BASIC_AUTH set (or STATUS_AUTH_BY_PROXY=1 where a proxy in front asks for a "
+                        "password)\n", 403, mimetype="text/plain")
 
     @app.after_request
     def harden(response: Response) -> Response:

@@ -70,6 +70,8 @@ def test_esi_values_are_read():
     ("ESI_COMPATIBILITY_DATE", TODAY.isoformat(), "esi_compatibility_date", TODAY.isoformat()),
     ("HTTP_TIMEOUT_SECONDS", "5", "http_timeout_seconds", 5.0),
     ("STATUS_BASIC_AUTH", "ops:pw", "status_basic_auth", "ops:pw"),
+    ("STATUS_AUTH_BY_PROXY", "1", "status_auth_by_proxy", True),
+    ("EVE_CALLBACK_URL", "http://localhost:8000/callback", "eve_callback_url", "http://localhost:8000/callback"),
     ("PREFETCH_COUNT", "", "prefetch_count", 5),     # empty is the default, as in a copied .env.example
     ("NOTIFY_MAX_AGE_SECONDS", "0", "notify_max_age_seconds", 0),
     ("ZKILLBOARD_PUSH", "1", "zkillboard_push", True),
@@ -359,6 +361,8 @@ def test_login_values_are_read():
     ("EVE_CALLBACK_URL", "km.example.org/callback"),
     ("EVE_CALLBACK_URL", "https://km.example.org/login"),
     ("EVE_CALLBACK_URL", "https://km.example.org/callback?x=1"),
+    ("EVE_CALLBACK_URL", "http://km.example.org/callback"),  # a login's code and cookie in the clear
+    ("STATUS_AUTH_BY_PROXY", "maybe"),
     ("SSO_AUTHORIZE_URL", "login.eveonline.com/v2/oauth/authorize"),
     ("SSO_JWKS_URL", "ftp://login.eveonline.com/oauth/jwks"),
     ("SSO_REVOKE_URL", "revoke"),

@@ -2,6 +2,7 @@
 security headers, reflected error text."""
 from __future__ import annotations
 
+import socket
 import uuid
 
 import pytest
@@ -99,3 +100,28 @@ def test_the_callback_shows_a_fixed_message_for_sso_errors(app_url, conn, error,
     assert answer.status_code == 400
     assert f"EVE SSO did not log you in: {shown}. Nothing was stored" in answer.text
     assert "evil" not in answer.text and "&lt;b&gt;" not in answer.text
+
+
+def this_machines_address() -> str:
+    """An address of this machine other than loopback (the one a route to the outside leaves from)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: UDP's connect only picks the route
+        return probe.getsockname()[0]
+
+
+@pytest.mark.parametrize("by_proxy", [False, True])
+def test_without_a_password_the_operators_pages_answer_only_on_loopback(database_url, conn, by_proxy):
+    address = this_machines_address()
+    assert address != "127.0.0.1"
+    env = status_env(database_url, queue=f"test_web_{uuid.uuid4().hex[:10]}",
+                     **({"STATUS_AUTH_BY_PROXY": "1"} if by_proxy else {}))
+    with serve(env, host="0.0.0.0") as local:
+        outside = local.replace("127.0.0.1", address)
+        for path in ("/status", "/metrics", "/pilots/42/forget"):
+            for base, headers, served in ((local, {}, True), (outside, {}, by_proxy),
+                                          (local, {"X-Forwarded-For": "203.0.113.9"}, by_proxy)):
+                answer = requests.get(base + path, headers=headers, timeout=10)
+                assert (answer.status_code != 403) is served, (base, path, headers, answer.text)
+                if not served:
+                    assert "STATUS_BASIC_AUTH" in answer.text
+        assert requests.get(outside + "/health", timeout=10).status_code == 200  # load balancers probe it
