@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 STATE_COOKIE = "killmail_login_state"
 STATE_MAX_AGE = 600  # seconds a login may take from /login to /callback
+# /login needs no password and writes a row: logins under way (within STATE_MAX_AGE) are bounded per client
+# address and in all, so a flood costs a count on an index per hit and cannot fill the table or the pool.
+LOGINS_PER_CLIENT = 10
+LOGINS_UNDER_WAY = 10_000
 
 
 class BadCallback(sso.LoginError):
@@ -107,9 +111,16 @@ def login_blueprint(sources: Sources) -> Blueprint:
         settings, now = sources.settings, datetime.now(UTC)
         scopes = sso.login_scopes(corporation=request.args.get("corporation", "") in ("1", "true", "yes"))
         state, (verifier, challenge) = secrets.token_urlsafe(32), sso.pkce_pair()
+        client = request.remote_addr or ""
         try:
             with sources.connection() as conn:
-                db.save_login_state(conn, state, verifier, " ".join(scopes), now, max_age=STATE_MAX_AGE)
+                total, mine = db.logins_under_way(conn, client, now - timedelta(seconds=STATE_MAX_AGE))
+                if mine >= LOGINS_PER_CLIENT or total >= LOGINS_UNDER_WAY:
+                    return Response("too many logins under way; please try again in a few minutes\n",
+                                    429 if mine >= LOGINS_PER_CLIENT else 503, mimetype="text/plain",
+                                    headers={"Retry-After": str(STATE_MAX_AGE)})
+                db.save_login_state(conn, state, verifier, " ".join(scopes), now, max_age=STATE_MAX_AGE,
+                                    client=client)
         except psycopg.Error as exc:
             return refused(DatabaseUnavailable(f"the database did not answer ({describe(exc)[:80]})"))
         response = redirect(sso.authorize_url(settings, state=state, challenge=challenge, scopes=scopes), 302)

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from conftest import CLIENT_ID, CLIENT_SECRET, USER_AGENT, watch_secrets
+from login import LOGINS_PER_CLIENT, LOGINS_UNDER_WAY
 from tests.screenshot import serve, status_env
 
 PASSWORD = "web-security-password-3f9a"
@@ -125,3 +126,26 @@ def test_without_a_password_the_operators_pages_answer_only_on_loopback(database
                 if not served:
                     assert "STATUS_BASIC_AUTH" in answer.text
         assert requests.get(outside + "/health", timeout=10).status_code == 200  # load balancers probe it
+
+
+def test_logins_under_way_are_bounded_per_client_and_in_all(app_url, conn):
+    login = lambda: requests.get(f"{app_url}/login", allow_redirects=False, timeout=10)  # noqa: E731
+    assert [login().status_code for _ in range(LOGINS_PER_CLIENT + 2)] == [302] * LOGINS_PER_CLIENT + [429] * 2
+    count = lambda: conn.execute("SELECT count(*) AS n FROM login_states").fetchone()["n"]  # noqa: E731
+    assert count() == LOGINS_PER_CLIENT
+    conn.execute("DELETE FROM login_states")
+    conn.execute("INSERT INTO login_states (state_sha256, code_verifier, scopes, client) "
+                 "SELECT 'state-' || i, 'verifier', 'scopes', 'client-' || i FROM generate_series(1, %s) i",
+                 (LOGINS_UNDER_WAY,))
+    conn.commit()
+    try:
+        refused = login()
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "600"
+        assert count() == LOGINS_UNDER_WAY
+    finally:  # tests of the login without the emptied database come next
+        conn.execute("DELETE FROM login_states")
+        conn.commit()
+    indexed = {r["indexdef"].partition(" USING btree ")[2] for r in conn.execute(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = 'login_states'")}
+    assert "(created_at)" in indexed and "(client, created_at)" in indexed
+    conn.rollback()
