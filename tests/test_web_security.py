@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import socket
 import uuid
+from datetime import UTC, datetime
 
+import psycopg
 import pytest
 import requests
 
-from conftest import CLIENT_ID, CLIENT_SECRET, USER_AGENT, watch_secrets
+import db
+from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, USER_AGENT, watch_secrets
 from login import LOGINS_PER_CLIENT, LOGINS_UNDER_WAY
-from tests.screenshot import serve, status_env
+from tests.screenshot import EXPECTED_USERS, seed_status_rows, serve, status_env
 
 PASSWORD = "web-security-password-3f9a"
 OPERATOR = ("ops", PASSWORD)
@@ -149,3 +152,36 @@ def test_logins_under_way_are_bounded_per_client_and_in_all(app_url, conn):
         "SELECT indexdef FROM pg_indexes WHERE tablename = 'login_states'")}
     assert "(created_at)" in indexed and "(client, created_at)" in indexed
     conn.rollback()
+
+
+@pytest.fixture
+def status_role(database_url, conn):
+    """A role of this run's own, made as deploy/postgresql/status-role.sql says, and the status app's URL for it."""
+    role = f"killmail_status_{uuid.uuid4().hex[:8]}"
+    grants = (ROOT / "deploy/postgresql/status-role.sql").read_text().replace("killmail_status", role)
+    conn.execute(f'CREATE ROLE "{role}" LOGIN')
+    conn.execute(grants)
+    conn.commit()
+    scheme, _, rest = database_url.partition("://")
+    yield role, f"{scheme}://{role}:{rest.partition(':')[2]}"
+    conn.rollback()
+    conn.execute(f'DROP OWNED BY "{role}"')
+    conn.execute(f'DROP SCHEMA "{role}" CASCADE')
+    conn.execute(f'DROP ROLE "{role}"')
+    conn.commit()
+
+
+def test_the_status_role_shows_every_page_but_reads_and_writes_no_token(make_client, conn, status_role):
+    role, url = status_role
+    seed_status_rows(conn, datetime.now(UTC))
+    client = make_client(database_url=url)
+    report = client.get("/status", headers={"Accept": "application/json"})
+    assert report.status_code == 200 and report.get_json()["users"] == EXPECTED_USERS
+    assert client.get("/metrics").status_code == 200 and client.get("/health?deep=1").status_code == 200
+    with db.connect(url) as reader:
+        assert {r["refresh_token"] for r in reader.execute("SELECT refresh_token FROM users")} <= {"live", None}
+        for statement in ("SELECT refresh_token FROM public.users", "SELECT access_token FROM public.users",
+                          "UPDATE public.users SET queued_at = now()", "DELETE FROM killmails"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                reader.execute(statement)
+            reader.rollback()
