@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -22,7 +24,7 @@ import notifications
 from killmail_model import parse_killmail
 from notifications import Outcome, SenderOptions
 from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import Receiver, plain_answer
 
 NOW = datetime.now(UTC)
 FAST = SenderOptions(user_agent="killmail-worker-tests/1.0 (tests@example.org)", timeout=0.5, max_attempts=3,
@@ -225,15 +227,6 @@ def test_an_error_names_only_the_webhooks_scheme_and_host(conn, url):
     assert row["last_error"] == "ConnectionError posting to http://127.0.0.1"
 
 
-def answer_redirect(location: str):
-    def answer(handler) -> None:
-        handler.send_response(307)
-        handler.send_header("Location", location)
-        handler.send_header("Content-Length", "0")
-        handler.end_headers()
-    return answer
-
-
 def answer_flood(handler) -> None:
     """200 with a body of 100 MiB, written until the sender hangs up."""
     handler.send_response(200)
@@ -257,7 +250,7 @@ def answer_trickle(handler) -> None:
 
 def test_a_post_follows_no_redirect_reads_a_capped_answer_and_has_a_deadline(conn, receivers):
     redirecting, internal, flooding, trickling = receivers(), receivers(), receivers(), receivers()
-    redirecting.answer_with = answer_redirect(internal.url)
+    redirecting.answer_with = plain_answer(307, {"Location": internal.url})
     flooding.answer_with, trickling.answer_with = answer_flood, answer_trickle
     for name, receiver in (("redirecting", redirecting), ("flooding", flooding), ("trickling", trickling)):
         db.add_webhook(conn, name, receiver.url, format="json")
@@ -315,21 +308,28 @@ def start_sender(settings, **env: str) -> subprocess.Popen:
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_zkillboard_push_registers_zkillboard_and_the_sender_posts_there(conn, database_url, receivers):
-    zkb = receivers()
-    sender = start_sender(make_settings(database_url), ZKILLBOARD_PUSH="1", ZKILLBOARD_URL=zkb.url)
+@contextmanager
+def sender_running(settings, **env: str) -> Iterator[subprocess.Popen]:
+    """send_notifications.py while the block runs; then SIGTERM, which must stop it with 0."""
+    sender = start_sender(settings, **env)
     try:
-        wait_until(lambda: db.get_webhook(conn, "zkillboard") or conn.rollback(), timeout=30,
-                   what="zKillboard registered")
-        db.save_killmails(conn, [killmail(9, victim=(7, 500), attackers=[(8, 600)], time=NOW - timedelta(days=5))])
-        conn.commit()
-        wait_until(lambda: zkb.posts, timeout=30, what="the post to zKillboard")
+        yield sender
         sender.send_signal(signal.SIGTERM)
         assert sender.wait(20) == 0
     finally:
         if sender.poll() is None:
             sender.kill()
             sender.wait()
+
+
+def test_zkillboard_push_registers_zkillboard_and_the_sender_posts_there(conn, database_url, receivers):
+    zkb = receivers()
+    with sender_running(make_settings(database_url), ZKILLBOARD_PUSH="1", ZKILLBOARD_URL=zkb.url):
+        wait_until(lambda: db.get_webhook(conn, "zkillboard") or conn.rollback(), timeout=30,
+                   what="zKillboard registered")
+        db.save_killmails(conn, [killmail(9, victim=(7, 500), attackers=[(8, 600)], time=NOW - timedelta(days=5))])
+        conn.commit()
+        wait_until(lambda: zkb.posts, timeout=30, what="the post to zKillboard")
     assert [p["path"] for p in zkb.posts] == [f"/hook/9/{9:040x}/"]
 
 
@@ -340,38 +340,20 @@ def test_the_sender_names_a_bad_setting_and_exits_2(database_url):
     assert output.strip() == "configuration error: ZKILLBOARD_PUSH: must be 1 or 0, got 'maybe'"
 
 
-def answer_429(retry_after: str):
-    """A receiver's 429 asking for this Retry-After, with a body that is not JSON."""
-    def answer(handler) -> None:
-        handler.send_response(429)
-        handler.send_header("Retry-After", retry_after)
-        handler.send_header("Content-Length", "8")
-        handler.end_headers()
-        handler.wfile.write(b"go away\n")
-    return answer
-
-
 def test_a_429_asking_for_forever_pauses_that_receiver_and_the_sender_serves_the_others(conn, database_url,
                                                                                          receivers):
     hostile, other = receivers(), receivers()
-    hostile.answer_with = answer_429("1e20")
+    hostile.answer_with = plain_answer(429, {"Retry-After": "1e20"}, b"go away\n")  # not JSON
     db.add_webhook(conn, "hostile", hostile.url)  # its row is first in line
     db.add_webhook(conn, "other", other.url)
     db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
     conn.commit()
-    sender = start_sender(make_settings(database_url))
-    try:
+    with sender_running(make_settings(database_url)) as sender:
         wait_until(lambda: other.bodies() or sender.poll() is not None, timeout=30, what="the other post")
         assert sender.poll() is None, sender.communicate()[0]
         assert hostile.requests == 1 and len(other.bodies()) == 1
         paused = conn.execute("SELECT paused_until - now() AS left FROM webhooks WHERE name = 'hostile'").fetchone()
         assert timedelta(seconds=esi.MAX_PAUSE - 60) < paused["left"] <= timedelta(seconds=esi.MAX_PAUSE)
-        sender.send_signal(signal.SIGTERM)
-        assert sender.wait(20) == 0
-    finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
 
 
 def test_a_post_that_raises_is_given_up_with_its_reason_and_the_sender_goes_on(conn, receivers, monkeypatch):

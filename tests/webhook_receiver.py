@@ -14,6 +14,17 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def plain_answer(status: int, headers: dict[str, str], body: bytes = b""):
+    """An answer_with that answers this status, these headers and this body."""
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+    return answer
+
+
 class Receiver:
     """An HTTP server on a free loopback port, in a thread; `posts` holds what it accepted."""
 
