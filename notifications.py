@@ -188,7 +188,8 @@ def post(session: requests.Session, format: str, url: str, killmail: Mapping,
          options: SenderOptions) -> tuple[requests.Response | None, str]:
     """Post one killmail; the response, or None and the error when it timed out or never connected."""
     target, body = request_for(format, url, killmail)
-    deadline = time.monotonic() + max(options.deadline, options.timeout)
+    allowed = max(options.deadline, options.timeout)
+    deadline = time.monotonic() + allowed
     try:
         # Never to another address than the one added (a 307 would send the body on, to an internal host
         # perhaps), and never more of an answer than esi reads from ESI, nor for longer than the deadline.
@@ -200,7 +201,7 @@ def post(session: requests.Session, format: str, url: str, killmail: Mapping,
     except esi.MalformedResponse:
         return None, f"answer larger than {esi.MAX_BODY_BYTES} bytes"
     except esi.ServerError:
-        return None, f"answer not read within {max(options.deadline, options.timeout):.0f} s"
+        return None, f"answer not read within {allowed:.0f} s"
     except requests.RequestException as exc:
         # requests' messages quote the URL, in parts and in several spellings: none of that text is kept.
         return None, f"{type(exc).__name__} posting to {destination(target)}"
