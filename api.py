@@ -37,6 +37,8 @@ def api_blueprint(sources: Sources) -> Blueprint:
         if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
             return jsonify(success=False, message="a valid bearer token is required"), 401, \
                 {"WWW-Authenticate": 'Bearer realm="killmail api"'}
+        if not 0 < (request.view_args or {}).get("character_id", 1) <= BIGINT_MAX:
+            return jsonify(success=False, message="no such character id"), 400
         return None
 
     @blueprint.post("/sync/<int:character_id>")
@@ -59,6 +61,8 @@ def api_blueprint(sources: Sources) -> Blueprint:
             before = int(request.args["before"]) if request.args.get("before") else None
         except ValueError:
             return jsonify(success=False, message="limit and before must be whole numbers"), 400
+        if before is not None and not -BIGINT_MAX <= before <= BIGINT_MAX:
+            return jsonify(success=False, message="before is out of range"), 400
         with sources.connection() as conn:
             if not db.user_exists(conn, character_id):
                 return jsonify(success=False, message=f"no user with character id {character_id}"), 404
@@ -68,6 +72,9 @@ def api_blueprint(sources: Sources) -> Blueprint:
                        next_before=rows[-1]["killmail_id"] if len(rows) == limit else None)
 
     return blueprint
+
+
+BIGINT_MAX = 2 ** 63 - 1  # PostgreSQL's BIGINT: a bigger number is no id, and a query with it fails
 
 
 def killmail_summary(row: dict, names: dict[int, str]) -> dict[str, Any]:

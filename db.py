@@ -242,11 +242,19 @@ def forget_tokens(conn, character_id: int) -> None:
     )
 
 
-def save_login_state(conn, state: str, code_verifier: str, scopes: str, now: datetime, *, max_age: int) -> None:
+def save_login_state(conn, state: str, code_verifier: str, scopes: str, now: datetime, *, max_age: int,
+                     client: str = "") -> None:
     """Remember a login under way by its state's hash, and delete those older than max_age seconds."""
     conn.execute("DELETE FROM login_states WHERE created_at < %s", (now - timedelta(seconds=max_age),))
-    conn.execute("INSERT INTO login_states (state_sha256, code_verifier, scopes, created_at) VALUES (%s, %s, %s, %s)",
-                 (token_sha256(state), code_verifier, scopes, now))
+    conn.execute("INSERT INTO login_states (state_sha256, code_verifier, scopes, created_at, client) "
+                 "VALUES (%s, %s, %s, %s, %s)", (token_sha256(state), code_verifier, scopes, now, client))
+
+
+def logins_under_way(conn, client: str, since: datetime) -> tuple[int, int]:
+    """Logins started since then and not used up yet: by anyone, and by this client."""
+    row = conn.execute("SELECT count(*) AS total, count(*) FILTER (WHERE client = %s) AS mine FROM login_states "
+                       "WHERE created_at >= %s", (client, since)).fetchone()
+    return row["total"], row["mine"]
 
 
 def take_login_state(conn, state: str, now: datetime, *, max_age: int) -> dict | None:

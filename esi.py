@@ -468,8 +468,8 @@ class EsiClient:
         if response.status_code == 200:
             return parse_grant(body, refresh_token)
         error = body.get("error") if isinstance(body, dict) else None
-        if error == "invalid_grant":
-            raise InvalidGrant(f"invalid_grant: {body.get('error_description', 'grant is gone')}",
+        if error == "invalid_grant":  # its description is kept on the user and shown: bounded, one line
+            raise InvalidGrant(f"invalid_grant: {_one_line(body.get('error_description', 'grant is gone'))}",
                                status=response.status_code)
         if error == "invalid_client" or response.status_code == 401:
             # The whole app's credentials are wrong: every process stops asking until someone fixes them.
@@ -478,7 +478,8 @@ class EsiClient:
             self.limits.pause(SSO_BUCKET, INVALID_CLIENT_PAUSE, status=response.status_code)
             raise InvalidClient("SSO rejected EVE_CLIENT_ID / EVE_CLIENT_SECRET (invalid_client)",
                                 status=response.status_code)
-        raise SsoError(f"SSO answered {response.status_code}: {error or 'no error code'}", status=response.status_code)
+        raise SsoError(f"SSO answered {response.status_code}: {_one_line(error or 'no error code')}",
+                       status=response.status_code)
 
     # ---------------------------------------------------------------------------------------------- transport
 
@@ -627,11 +628,11 @@ def _raise_for_status(response: requests.Response, what: str, group: str) -> Non
         return
     message = f"{what} -> {status}: {_error_text(response)}"
     if status == 420:
-        raise ErrorLimited(message, reset=_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60,
+        raise ErrorLimited(message, reset=pause_seconds(response.headers.get("X-ESI-Error-Limit-Reset"), 60,
                                                     header="X-ESI-Error-Limit-Reset"))
     if status == 429:
         raise RateLimited(message, group=response.headers.get("X-Ratelimit-Group", group),
-                          retry_after=_seconds(response.headers.get("Retry-After"), 60, header="Retry-After"))
+                          retry_after=pause_seconds(response.headers.get("Retry-After"), 60, header="Retry-After"))
     if status >= 500:
         raise ServerError(message, status=status)
     raise STATUS_ERRORS.get(status, BadRequest)(message, status=status)
@@ -646,6 +647,11 @@ def _json(response: requests.Response) -> Any:
         raise MalformedResponse(f"{response.url.split('?')[0]}: body is nested too deep") from None
 
 
+def _one_line(value: Any) -> str:
+    """A value from an answer, fit for a message: one line of at most 200 characters."""
+    return " ".join((value if isinstance(value, str) else reprlib.repr(value)).split())[:200]
+
+
 def _error_text(response: requests.Response) -> str:
     try:
         body = response.json()
@@ -655,7 +661,7 @@ def _error_text(response: requests.Response) -> str:
     return (shown if isinstance(shown, str) else reprlib.repr(shown))[:200]  # cut short in depth too
 
 
-def _seconds(value: str | None, default: float, *, header: str) -> float:
+def pause_seconds(value: str | None, default: float, *, header: str) -> float:
     """A header's seconds to wait, from 0 to MAX_PAUSE; the default when absent, unreadable or not finite."""
     if value is None:
         return default

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 STATE_COOKIE = "killmail_login_state"
 STATE_MAX_AGE = 600  # seconds a login may take from /login to /callback
+# /login needs no password and writes a row: logins under way (within STATE_MAX_AGE) are bounded per client
+# address and in all, so a flood costs a count on an index per hit and cannot fill the table or the pool.
+LOGINS_PER_CLIENT = 10
+LOGINS_UNDER_WAY = 10_000
 
 
 class BadCallback(sso.LoginError):
@@ -50,6 +54,17 @@ class NotAllowed(sso.LoginError):
 class DatabaseUnavailable(sso.LoginError):
     """PostgreSQL did not answer."""
 
+
+# OAuth's error codes at the callback (RFC 6749, 4.1.2.1) -> what the page says; any other text is not shown.
+SSO_ERRORS = {
+    "access_denied": "you declined",
+    "invalid_request": "it found the login request invalid (invalid_request)",
+    "unauthorized_client": "it does not let this app log pilots in (unauthorized_client)",
+    "unsupported_response_type": "it does not support this login (unsupported_response_type)",
+    "invalid_scope": "it refused the scopes asked for (invalid_scope)",
+    "server_error": "it failed (server_error)",
+    "temporarily_unavailable": "it is unavailable for now (temporarily_unavailable)",
+}
 
 # What went wrong -> the page's status, in one table.
 ERROR_STATUS: dict[type[sso.LoginError], int] = {
@@ -97,9 +112,16 @@ def login_blueprint(sources: Sources) -> Blueprint:
         settings, now = sources.settings, datetime.now(UTC)
         scopes = sso.login_scopes(corporation=request.args.get("corporation", "") in ("1", "true", "yes"))
         state, (verifier, challenge) = secrets.token_urlsafe(32), sso.pkce_pair()
+        client = request.remote_addr or ""
         try:
             with sources.connection() as conn:
-                db.save_login_state(conn, state, verifier, " ".join(scopes), now, max_age=STATE_MAX_AGE)
+                total, mine = db.logins_under_way(conn, client, now - timedelta(seconds=STATE_MAX_AGE))
+                if mine >= LOGINS_PER_CLIENT or total >= LOGINS_UNDER_WAY:
+                    return Response("too many logins under way; please try again in a few minutes\n",
+                                    429 if mine >= LOGINS_PER_CLIENT else 503, mimetype="text/plain",
+                                    headers={"Retry-After": str(STATE_MAX_AGE)})
+                db.save_login_state(conn, state, verifier, " ".join(scopes), now, max_age=STATE_MAX_AGE,
+                                    client=client)
         except psycopg.Error as exc:
             return refused(DatabaseUnavailable(f"the database did not answer ({describe(exc)[:80]})"))
         response = redirect(sso.authorize_url(settings, state=state, challenge=challenge, scopes=scopes), 302)
@@ -128,8 +150,10 @@ def login_blueprint(sources: Sources) -> Blueprint:
         if not sources.settings.status_basic_auth:  # status_app asks for the password when it is set
             return Response("forgetting pilots needs STATUS_BASIC_AUTH (an operator's password) to be set\n", 403,
                             mimetype="text/plain")
-        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-            return Response("refused: a cross-site request\n", 403, mimetype="text/plain")
+        if not same_origin(request, sources.settings.eve_callback_url):
+            return Response("refused: not a request from this app's own pages (a browser sends Sec-Fetch-Site, "
+                            "Origin or Referer; a script may send Origin: <this app's origin>)\n", 403,
+                            mimetype="text/plain")
         try:
             message, status = forget_pilot(sources, client.get(), character_id)
         except sso.LoginError as exc:
@@ -138,6 +162,25 @@ def login_blueprint(sources: Sources) -> Blueprint:
         return Response(message + "\n", status, mimetype="text/plain")
 
     return blueprint
+
+
+def same_origin(request_: Any, callback_url: str) -> bool:
+    """Whether a state-changing request comes from this app's own pages, as OWASP's CSRF defence checks it: a
+    browser's Sec-Fetch-Site where it sends one; else Origin, else Referer, must be the app's own origin (the
+    callback URL's, which a proxy serves, or the request's own); a request with neither is refused. A browser
+    attaches cached basic-auth credentials to a cross-site form post, so the password alone proves nothing."""
+    site = request_.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    source = request_.headers.get("Origin") or request_.headers.get("Referer")
+    if not source or source == "null":
+        return False
+    return _origin(source) in {_origin(callback_url), _origin(request_.host_url)}
+
+
+def _origin(url: str) -> str:
+    parts = urlparse(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def complete_login(sources: Sources, client: sso.SsoClient, args: Any, cookie: str | None) -> Added:
@@ -177,7 +220,9 @@ def take_state(conn, args: Any, cookie: str | None, now: datetime) -> dict:
     state = args.get("state", "")
     row = db.take_login_state(conn, state, now, max_age=STATE_MAX_AGE) if state else None
     if args.get("error"):
-        reason = "you declined" if args["error"] == "access_denied" else f"it answered {args['error'][:60]!r}"
+        # Anyone can send a browser here with ?error= of their choosing ("Account flagged, re-verify at ..."): the
+        # page says only what the code means, and the code only when it is one of OAuth's own.
+        reason = SSO_ERRORS.get(args["error"], "it refused the login")
         raise BadCallback(f"EVE SSO did not log you in: {reason}. Nothing was stored")
     if not state:
         raise BadCallback("the callback came without a state; please start at the login page")

@@ -23,6 +23,7 @@ import psycopg
 import requests
 
 import db
+import esi
 from settings import ConfigError, Settings, describe, load_settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class SenderOptions:
     """How a sender posts: its User-Agent, timeouts, retries and paces."""
 
     user_agent: str
-    timeout: float = 10.0
+    timeout: float = 10.0               # seconds to connect, and between two reads of the answer
+    deadline: float = 30.0              # seconds for the whole post, answer read: a trickle must not hold a row
     max_attempts: int = 8
     backoff_base: float = 5.0           # seconds before the second attempt; doubled each time, up to the cap
     backoff_cap: float = 900.0
@@ -188,17 +190,15 @@ def request_for(format: str, url: str, killmail: Mapping) -> tuple[str, dict]:
 
 
 def retry_after(response: requests.Response, default: float) -> float:
-    """Seconds a 429 asks us to wait: Discord's JSON `retry_after`, else the Retry-After header."""
+    """Seconds a 429 asks us to wait: Discord's JSON `retry_after`, else the Retry-After header; at most
+    esi.MAX_PAUSE, the default when unreadable (a receiver's 1e20 or inf must not stop the sender)."""
     try:
         body = response.json()
-        if isinstance(body, dict) and isinstance(body.get("retry_after"), int | float):
-            return max(0.0, float(body["retry_after"]))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, float(response.headers.get("Retry-After", "")))
-    except ValueError:
-        return default
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("retry_after"), int | float):
+        return esi.pause_seconds(str(body["retry_after"]), default, header="retry_after")
+    return esi.pause_seconds(response.headers.get("Retry-After"), default, header="Retry-After")
 
 
 def backoff(attempts: int, options: SenderOptions) -> float | None:
@@ -242,19 +242,36 @@ def post(session: requests.Session, format: str, url: str, killmail: Mapping,
          options: SenderOptions) -> tuple[requests.Response | None, str]:
     """Post one killmail; the response, or None and the error when it timed out or never connected."""
     target, body = request_for(format, url, killmail)
+    allowed = max(options.deadline, options.timeout)
+    deadline = time.monotonic() + allowed
     try:
-        response = session.post(target, data=json.dumps(body), timeout=options.timeout,
+        # Never to another address than the one added (a 307 would send the body on, to an internal host
+        # perhaps), and never more of an answer than esi reads from ESI, nor for longer than the deadline.
+        response = session.post(target, data=json.dumps(body), timeout=options.timeout, allow_redirects=False,
+                                stream=True,
                                 headers={"Content-Type": "application/json", "User-Agent": options.user_agent})
+        esi.read_body(response, deadline=deadline, what=f"POST {destination(target)}")
         return response, ""
+    except esi.MalformedResponse:
+        return None, f"answer larger than {esi.MAX_BODY_BYTES} bytes"
+    except esi.ServerError:
+        return None, f"answer not read within {allowed:.0f} s"
     except requests.RequestException as exc:
-        # A Discord webhook's URL holds its token: an error names the host only, never the path.
-        path = urlsplit(target).path
-        return None, f"{type(exc).__name__}: {exc}".replace(path, "/…" if path else "")[:300]
+        # requests' messages quote the URL, in parts and in several spellings: none of that text is kept.
+        return None, f"{type(exc).__name__} posting to {destination(target)}"
+
+
+def destination(url: str) -> str:
+    """A destination as error text may name it: its scheme and host. The rest of a webhook's URL is a secret (a
+    Discord token in the path, a token in the query, a password before the host)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}"
 
 
 def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> bool:
     """Post the next due outbox row and record what came of it; False when nothing was due."""
+    row = None
     try:
         row = db.claim_notification(conn, clock(), name_wait=options.name_wait)
         if row is None:
@@ -266,6 +283,17 @@ def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
         record(conn, row, outcome, clock(), options)
         conn.commit()
         return True
+    except Exception as exc:
+        conn.rollback()
+        if row is None or isinstance(exc, psycopg.OperationalError):
+            raise  # no row in hand, or PostgreSQL went away: serve() connects again
+        # Whatever a destination's answer broke must not stop the sender: this row would be first in line again
+        # after a restart, and every other destination would wait behind it.
+        reason = f"failed: {type(exc).__name__}: {hide_url(str(exc), row['url'])}"[:300]
+        log.error("❌ posting killmail %s to %s %s; given up", row["killmail_id"], row["name"], reason)
+        db.retry_notification(conn, row["id"], reason, None)
+        conn.commit()
+        return True
     except BaseException:
         conn.rollback()
         raise
@@ -274,6 +302,15 @@ def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
 def post_fields(conn, killmail: Mapping, webhook: Mapping) -> dict:
     """What a post to this webhook says about a killmail of db.notification_killmail: with names and side."""
     return {**with_names(conn, killmail), "side": side_of(killmail, webhook)}
+
+
+def hide_url(text: str, url: str) -> str:
+    """Text with a webhook's URL, and each secret part of it, replaced by its destination (scheme and host)."""
+    parts = urlsplit(url)
+    for secret in (url, parts.path + (f"?{parts.query}" if parts.query else ""), parts.query, parts.password):
+        if secret and len(secret) > 1:
+            text = text.replace(secret, destination(url) if secret == url else "…")
+    return text
 
 
 def record(conn, row: Mapping, outcome: Outcome, now: datetime, options: SenderOptions) -> None:

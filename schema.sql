@@ -64,12 +64,18 @@ CALL pg_temp.add_column('users', 'sync_requested_at', 'TIMESTAMPTZ');
 
 -- Logins under way (login.py): the hash of the state sent to EVE SSO and the PKCE verifier that goes with it.
 -- A state is used up by the callback that brings it back; rows older than ten minutes are deleted by the next login.
+-- /login needs no password: the client's address bounds the logins one client has under way, and the table is
+-- capped (login.py); created_at is indexed for both counts and for the deletion.
 CREATE TABLE IF NOT EXISTS login_states (
     state_sha256  TEXT PRIMARY KEY,
     code_verifier TEXT NOT NULL,
     scopes        TEXT NOT NULL,
-    created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    client        TEXT NOT NULL DEFAULT ''
 );
+CALL pg_temp.add_column('login_states', 'client', 'TEXT NOT NULL DEFAULT ''''');
+CALL pg_temp.create_index('login_states_created', 'login_states (created_at)');
+CALL pg_temp.create_index('login_states_client', 'login_states (client, created_at)');
 
 -- Corporations whose killmails are synced through a member with the corporation scope and the Director role.
 CREATE TABLE IF NOT EXISTS corporations (

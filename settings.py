@@ -39,8 +39,8 @@ class ConfigError(Exception):
 class Settings:
     """Everything the programs need from the environment, validated."""
 
-    database_url: str = "postgresql:///killmails"
-    rabbitmq_url: str = "amqp://guest:guest@localhost:5672/%2F"
+    database_url: str = field(default="postgresql:///killmails", repr=False)  # may hold a password
+    rabbitmq_url: str = field(default="amqp://guest:guest@localhost:5672/%2F", repr=False)
     queue_name: str = "killmail_sync_queue"
     prefetch_count: int = 5
     esi_base_url: str = "https://esi.evetech.net"
@@ -55,12 +55,13 @@ class Settings:
     retry_base_seconds: int = 30
     http_timeout_seconds: float = 20.0
     status_basic_auth: str = field(default="", repr=False)
+    status_auth_by_proxy: bool = False  # a proxy in front asks for a password: the pages answer beyond loopback
     app_api_token: str = field(default="", repr=False)
     health_max_sync_age_seconds: int = 1800
     esi_egress: str = ""
     # Read here once rather than by requests on every call: {"scheme://host": proxy URL} for the ESI and SSO
     # hosts that the standard *_PROXY / NO_PROXY variables route through a proxy, and a CA bundle if one is set.
-    http_proxies: tuple[tuple[str, str], ...] = ()
+    http_proxies: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # a proxy URL may hold a password
     ca_bundle: str = ""
     # Adding pilots from a browser (login.py): enabled by the callback URL, as registered with the EVE application.
     eve_callback_url: str = ""
@@ -143,11 +144,17 @@ def is_loopback(host: str | None) -> bool:
 def _https_url(env: Mapping[str, str], name: str, default: str) -> str:
     """An https URL; plain http only to a loopback host (the local simulator of the tests and the demo): tokens
     and the client secret travel on these."""
-    value = _url(env, name, default, ("http", "https"))
+    return destination_url(name, _url(env, name, default, ("http", "https")))
+
+
+def destination_url(name: str, value: str) -> str:
+    """A URL secrets travel to (tokens, a webhook's own): https, or http to a loopback host; ConfigError naming
+    only the scheme and host otherwise (the rest of a webhook's URL is its secret)."""
     parsed = _parse_url(name, value)
-    if parsed.scheme != "https" and not is_loopback(parsed.hostname):
-        raise ConfigError(name, f"must be an https URL (http only to localhost), got {redact_url(value)!r}")
-    return value
+    if parsed.scheme == "https" and parsed.hostname or parsed.scheme == "http" and is_loopback(parsed.hostname):
+        return value
+    shown = f"{parsed.scheme}://{parsed.hostname}" if parsed.hostname else f"a {parsed.scheme or 'relative'} URL"
+    raise ConfigError(name, f"must be an https URL (http only to localhost), got {shown}")
 
 
 def _database_url(env: Mapping[str, str]) -> str:
@@ -211,6 +218,8 @@ def _callback_url(env: Mapping[str, str]) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc or not parsed.path.endswith("/callback") \
             or parsed.query or parsed.fragment:
         raise ConfigError("EVE_CALLBACK_URL", f"must be an http or https URL ending in /callback, got {value!r}")
+    if parsed.scheme != "https" and not is_loopback(parsed.hostname):  # a login's code and cookie travel on it
+        raise ConfigError("EVE_CALLBACK_URL", f"must be https (http only to localhost), got {value!r}")
     return value
 
 
@@ -291,6 +300,7 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         retry_base_seconds=_integer(env, "RETRY_BASE_SECONDS", 30, 1, 3600),
         http_timeout_seconds=float(_integer(env, "HTTP_TIMEOUT_SECONDS", 20, 1, 300)),
         status_basic_auth=_basic_auth(env),
+        status_auth_by_proxy=_flag(env, "STATUS_AUTH_BY_PROXY"),
         app_api_token=env.get("APP_API_TOKEN", "").strip(),
         health_max_sync_age_seconds=_integer(env, "HEALTH_MAX_SYNC_AGE_SECONDS", 1800, 10, 86400 * 7),
         esi_egress=_egress(env),
@@ -315,11 +325,29 @@ def load_settings(*, need_esi: bool = True) -> Settings:
     return settings_from(os.environ, need_esi=need_esi)
 
 
+MAX_LOG_LINE = 4000  # characters of one log line; a longer one keeps its start and its end (a traceback's last line)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # newlines, escapes that move a terminal's cursor, ...
+
+
+class OneLineFormatter(logging.Formatter):
+    """One line per record, whitespace and control characters collapsed, the length capped: text from outside
+    (an error body, a header) cannot write a log line of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = " ".join(_CONTROL.sub(" ", super().format(record)).split())
+        if len(text) <= MAX_LOG_LINE:
+            return text
+        half = (MAX_LOG_LINE - 3) // 2
+        return f"{text[:half]} … {text[-half:]}"
+
+
 def setup_logging(*, verbose: bool) -> None:
-    """Log INFO records to stdout: the bare message for operators, or with time, level and pid when verbose."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s" if verbose
-                        else "%(message)s")
+    """Log INFO records to stdout, one line each: the bare message for operators, or with time, level and pid
+    when verbose."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+                                          if verbose else "%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("pika").setLevel(logging.WARNING)  # pika narrates every connection at INFO
 
 

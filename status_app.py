@@ -29,13 +29,24 @@ import status_charts
 from api import api_blueprint
 from login import login_blueprint
 from pilot_page import pilot_blueprint
-from settings import ConfigError, Settings, load_settings, setup_logging
+from settings import ConfigError, Settings, is_loopback, load_settings, setup_logging
 from status_report import Sources, StatusCollector, build_report, describe
 
 log = logging.getLogger(__name__)
 
 PROTECTED = ("/status", "/metrics")     # /health never asks for a password: load balancers probe it
 OPERATOR_PREFIX = "/pilots/"            # operator actions (login.py's forget) need the password too
+
+
+# On every answer. The pages need no script, font or image file: only their inline <style> and style attributes
+# (the charts are inline SVG); forms post to the app itself, and no other site may frame a page.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+                               "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 class UtcJsonProvider(DefaultJSONProvider):
@@ -89,6 +100,13 @@ def authorized(request_: Request, expected: str) -> bool:
         return False
     given = f"{auth.username or ''}:{auth.password or ''}".encode()
     return hmac.compare_digest(given, expected.encode())
+
+
+def from_this_machine(request_: Request) -> bool:
+    """Whether a request comes straight from this machine: a loopback peer, and no proxy's forwarding header (a
+    proxy on this host forwards the world's requests from loopback)."""
+    forwarded = any(name in request_.headers for name in ("Forwarded", "X-Forwarded-For", "X-Real-IP"))
+    return is_loopback(request_.remote_addr) and not forwarded
 
 
 def wants_json(request_: Request) -> bool:
@@ -146,16 +164,30 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
 
     @app.before_request
     def require_password():
-        expected = sources.settings.status_basic_auth
-        protected = request.path in PROTECTED or request.path.startswith(OPERATOR_PREFIX)
-        if expected and protected and not authorized(request, expected):
+        if not (request.path in PROTECTED or request.path.startswith(OPERATOR_PREFIX)):
+            return None
+        settings = sources.settings
+        if settings.status_basic_auth:
+            if authorized(request, settings.status_basic_auth):
+                return None
             return Response("authentication required\n", 401, mimetype="text/plain",
                             headers={"WWW-Authenticate": 'Basic realm="killmail status", charset="UTF-8"'})
-        return None
+        if settings.status_auth_by_proxy or from_this_machine(request):
+            return None
+        return Response("refused: beyond this machine, /status, /metrics and /pilots answer only with "
+                        "STATUS_BASIC_AUTH set (or STATUS_AUTH_BY_PROXY=1 where a proxy in front asks for a "
+                        "password)\n", 403, mimetype="text/plain")
 
     @app.after_request
-    def no_store(response: Response) -> Response:
+    def harden(response: Response) -> Response:
         response.headers["Cache-Control"] = "no-store"
+        response.headers.update(SECURITY_HEADERS)
+        try:
+            https = sources.settings.eve_callback_url.startswith("https://")
+        except ConfigError:  # the answer is the configuration error's page already
+            https = False
+        if https:  # the app is served over https: browsers are to keep to it
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
         return response
 
     @app.get("/health")

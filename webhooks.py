@@ -4,7 +4,9 @@ name them)."""
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -18,7 +20,7 @@ import sync
 from esi import EsiClient
 from killmail_model import Killmail, parse_killmail
 from limits import SharedLimits
-from settings import Settings
+from settings import ConfigError, Settings, destination_url
 
 SAMPLE = Path(__file__).resolve().parent / "tests" / "data" / "killmail_134265477.json"
 
@@ -28,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("add", help="add a webhook (or replace the one of that name)")
     add.add_argument("name")
-    add.add_argument("url")
+    add.add_argument("url", nargs="?", help="https (http only to this machine); best left out, as it shows in ps "
+                                            "and the shell's history: then WEBHOOK_URL, else a line on stdin")
     add.add_argument("--format", choices=("discord", "json"), default="discord")
     add.add_argument("--character", type=int, action="append", default=[], metavar="ID",
                      help="announce this character's kills and losses (repeat for more)")
@@ -79,6 +82,17 @@ def name_ids(conn, settings: Settings, killmail: dict) -> None:
         limits.close()
 
 
+def webhook_url(given: str | None) -> str:
+    """The URL to add: as given, else WEBHOOK_URL, else a line on stdin (asked for without echo on a terminal);
+    ConfigError unless it is https, or http to this machine."""
+    if given:
+        print("⚠️ a webhook URL holds its secret, and on the command line it shows in ps and the shell's history: "
+              "set WEBHOOK_URL or pipe it in instead", file=sys.stderr)
+    url = (given or os.environ.get("WEBHOOK_URL") or
+           (getpass.getpass("webhook URL: ") if sys.stdin.isatty() else sys.stdin.readline())).strip()
+    return destination_url("the webhook URL", url)
+
+
 def list_webhooks(conn) -> int:
     for w in db.list_webhooks(conn):
         state = "refused: " + w["refused"] if w["refused"] else "enabled" if w["enabled"] else "disabled"
@@ -120,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     with conn:
         if args.command == "add":
-            db.add_webhook(conn, args.name, args.url, format=args.format, character_ids=args.character,
+            try:
+                url = webhook_url(args.url)
+            except ConfigError as exc:
+                print(f"❌ {exc}", file=sys.stderr)
+                return 2
+            db.add_webhook(conn, args.name, url, format=args.format, character_ids=args.character,
                            corporation_ids=args.corporation, kills=args.kills, losses=args.losses,
                            min_value=args.min_value)
             conn.commit()

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import pika
 import psycopg
@@ -73,10 +74,19 @@ def watch_secrets(secrets: Iterable[str]) -> None:
     _watched.append(secrets)
 
 
+def url_secrets(url: str) -> set[str]:
+    """What a webhook's URL holds that only its owner may see: everything after the host (a Discord token is the
+    path's last part), each query value, and a password before the host."""
+    parts = urlsplit(url)
+    rest = parts.path + (f"?{parts.query}" if parts.query else "")
+    return {rest, parts.path.rpartition("/")[2], *(value for _, value in parse_qsl(parts.query)),
+            parts.password or ""}
+
+
 @pytest.fixture(autouse=True)
 def no_secret_leaks(caplog, monkeypatch):
-    """Fail the test when a test secret shows in a log record, in the output of a command the test read, in an
-    answer of a status app or in a queue message published or read in this process."""
+    """Fail the test when a test secret (a webhook's URL among them) shows in a log record, in the output of a
+    command the test read, in an answer of a status app or in a queue message published or read in this process."""
     # pika narrates every connection at INFO. set_level also sets the capturing handler's level: the root's last.
     caplog.set_level(logging.WARNING, logger="pika")
     caplog.set_level(logging.INFO)  # the level operators read
@@ -112,6 +122,8 @@ def no_secret_leaks(caplog, monkeypatch):
     monkeypatch.setattr(FlaskClient, "open", recorded_open)
     monkeypatch.setattr(BlockingChannel, "basic_publish", recorded_publish)
     monkeypatch.setattr(BlockingChannel, "basic_get", recorded_get)
+    for name in ("add_webhook", "keep_webhook"):  # every webhook a test makes, whichever way it is made
+        monkeypatch.setattr(db, name, _watching_url(getattr(db, name)))
     yield
     formatter = logging.Formatter()
     records = [*caplog.get_records("setup"), *caplog.get_records("call"), *caplog.records]
@@ -122,6 +134,13 @@ def no_secret_leaks(caplog, monkeypatch):
                     for secret in secrets if secret in text})
     if where:  # the secret itself is not repeated: this line is output too
         pytest.fail(f"a test secret leaked into {' and '.join(where)}", pytrace=False)
+
+
+def _watching_url(add):
+    def watched(conn, name, url, *args, **kwargs):
+        watch_secrets(url_secrets(url))
+        return add(conn, name, url, *args, **kwargs)
+    return watched
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import sys
 
 from flask import Flask
 
+import db
 from conftest import CLIENT_SECRET, insert_users
 
 log = logging.getLogger(__name__)
@@ -42,3 +43,8 @@ def test_client_secret_in_an_answer():
     app = Flask(__name__)
     app.get("/")(lambda: CLIENT_SECRET)
     assert app.test_client().get("/").status_code == 200
+
+
+def test_webhook_query_token_in_a_warning(conn):
+    db.add_webhook(conn, "probe", "https://hooks.example/x?token=probe-webhook-token-1")
+    log.warning("posting to hooks.example?token=probe-webhook-token-1 failed")

@@ -186,13 +186,14 @@ def status_env(database_url: str, *, queue: str, rabbitmq_url: str = RABBITMQ_UR
 
 @contextmanager
 def serve(env: dict[str, str], *, deadline: float = 20.0, log_path: Path | None = None,
-          port: int | None = None) -> Iterator[str]:
-    """Run gunicorn with gunicorn.conf.py on this port (or a free one); yield its base URL once /health answers."""
+          port: int | None = None, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run gunicorn with gunicorn.conf.py on this port (or a free one) of this address; yield its loopback base URL
+    once /health answers."""
     port = port or free_port()
     log = open(log_path or os.devnull, "wb")
     process = subprocess.Popen(
         [str(GUNICORN), "-c", "gunicorn.conf.py", "status_app:app"],
-        cwd=ROOT, env={**env, "STATUS_BIND": f"127.0.0.1:{port}"}, stdout=log, stderr=subprocess.STDOUT)
+        cwd=ROOT, env={**env, "STATUS_BIND": f"{host}:{port}"}, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_answering(f"{base}/health", process, deadline=deadline)

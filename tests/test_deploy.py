@@ -204,6 +204,65 @@ def test_systemd_units_parse(unit):
             or "gunicorn" in parser["Service"]["ExecStart"]
 
 
+SERVICES = ["killmail-worker@.service", "killmail-status.service", "killmail-queue.service",
+            "killmail-notify.service"]
+
+
+@pytest.mark.parametrize("unit", SERVICES)
+def test_systemd_services_are_sandboxed(unit):
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read(DEPLOY / "systemd" / unit)
+    service = parser["Service"]
+    assert (service["NoNewPrivileges"], service["ProtectSystem"], service["PrivateTmp"], service["ProtectHome"],
+            service["CapabilityBoundingSet"], service["UMask"]) == ("yes", "strict", "yes", "yes", "", "0077")
+    rated = subprocess.run(["systemd-analyze", "security", "--offline=true", str(DEPLOY / "systemd" / unit)],
+                           capture_output=True, text=True, timeout=60)
+    exposure = float(rated.stdout.rpartition("Overall exposure level for ")[2].split(":")[1].split()[0])
+    assert exposure <= 2.0, rated.stdout  # systemd's own scale: 10 is a unit with no sandboxing at all
+
+
+def test_kubernetes_network_policy_denies_all_but_what_the_pods_need():
+    documents = kubernetes_documents()
+    deny = documents[("NetworkPolicy", "killmail-default-deny")]["spec"]
+    (selected,) = deny["podSelector"]["matchExpressions"]
+    assert set(selected["values"]) == set(pod_specs()) and deny["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in deny  # no ingress rule: nothing reaches a pod but what another policy lets in
+    ports = {rule_port["port"] for rule in deny["egress"] for rule_port in rule["ports"]}
+    assert ports == {53, 5432, 5672, 5671, 443}
+    (https,) = [rule for rule in deny["egress"] if rule.get("to")]
+    blocked = https["to"][0]["ipBlock"]["except"]
+    assert "169.254.0.0/16" in blocked and "10.0.0.0/8" in blocked  # the metadata service, cluster addresses
+    status = documents[("NetworkPolicy", "killmail-status-ingress")]["spec"]
+    assert status["podSelector"] == {"matchLabels": {"app": "killmail-status"}}
+    assert [p["port"] for rule in status["ingress"] for p in rule["ports"]] == [8000]
+    templates = {name: d["spec"]["template"] if kind == "Deployment" else d["spec"]["jobTemplate"]["spec"]["template"]
+                 for (kind, name), d in documents.items() if kind in ("Deployment", "CronJob")}
+    assert {name: t["metadata"]["labels"]["app"] for name, t in templates.items()} == {n: n for n in templates}
+
+
+def test_every_kubernetes_container_has_a_memory_limit():
+    for name, spec in pod_specs().items():
+        for container in spec["containers"]:
+            assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"], name
+
+
+def test_the_tls_ingress_example_serves_the_status_app_over_https():
+    (ingress,) = yaml.safe_load_all((KUBERNETES / "ingress.yaml.example").read_text())
+    service = kubernetes_documents()[("Service", "killmail-status")]
+    (tls,), (rule,) = ingress["spec"]["tls"], ingress["spec"]["rules"]
+    assert tls["secretName"] and tls["hosts"] == [rule["host"]]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == "killmail-status" and backend["port"]["name"] in {p["name"] for p in
+                                                                                 service["spec"]["ports"]}
+    assert f"EVE_CALLBACK_URL must then be https://{rule['host']}/callback" in \
+        (KUBERNETES / "ingress.yaml.example").read_text().replace("\n# ", " ")
+
+
+def test_the_env_example_says_who_may_read_the_file():
+    assert "chown root:killmail .env && chmod 640 .env" in (ROOT / ".env.example").read_text()
+
+
 def test_compose_status_app_needs_basic_auth_and_is_published_on_loopback_only():
     status = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["status"]
     assert status["environment"]["STATUS_BASIC_AUTH"].startswith("${STATUS_BASIC_AUTH:?")

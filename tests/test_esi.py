@@ -705,6 +705,18 @@ def test_refresh_failures(http, client, status, body, error):
     assert len(http.calls) == 1
 
 
+@pytest.mark.parametrize("body", [
+    {"error": "invalid_grant", "error_description": "Token expired.\nFAKE LOG LINE " + "x" * 100_000},
+    {"error": "invalid_grant", "error_description": {"nested": ["x" * 100_000] * 50}},
+    {"error": "made_up\n" + "y" * 100_000},
+])
+def test_sso_error_text_is_one_bounded_line(http, client, body):
+    http.add(responses.POST, SSO_URL, status=400, json=body)
+    with pytest.raises(SsoError) as caught:
+        client.refresh(REFRESH)
+    assert len(str(caught.value)) <= 250 and "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize("expires_in", [float("inf"), float("nan"), 10 ** 12, 0, -5, "soon", None, True, [1199]])
 def test_an_sso_answer_with_an_unusable_expires_in_is_an_sso_error(http, client, expires_in):
     http.add(responses.POST, SSO_URL, body=json.dumps({**GRANT, "expires_in": expires_in}))

@@ -21,7 +21,7 @@ from conftest import CLIENT_ID, CLIENT_SECRET, insert_users, jobs
 
 CALLBACK = "http://localhost/callback"
 CLOSED = "http://127.0.0.1:9"
-OPERATOR = {"Authorization": "Basic " + base64.b64encode(b"op:secret").decode()}
+OPERATOR = {"Authorization": "Basic " + base64.b64encode(b"op:secret").decode(), "Origin": "http://localhost"}
 FAKE_SSO = "https://sso.test"
 SECRET_KEY = "test-flask-secret-key-0b7d1e5a93c2f6"
 

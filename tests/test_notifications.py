@@ -2,12 +2,16 @@
 429/5xx/timeouts/refusals, zKillboard's pace, and delivery exactly as filtered across a kill -9 of the sender."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -16,11 +20,12 @@ import pytest
 import requests
 
 import db
+import esi
 import notifications
 from killmail_model import named_ids, parse_killmail
 from notifications import Outcome, SenderOptions
-from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until, watch_secrets
-from tests.webhook_receiver import Receiver
+from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until
+from tests.webhook_receiver import Receiver, plain_answer
 
 NOW = datetime.now(UTC)
 FAST = SenderOptions(user_agent="killmail-worker-tests/1.0 (tests@example.org)", timeout=0.5, max_attempts=3,
@@ -136,6 +141,20 @@ def test_judge_maps_an_answer_to_what_happens_next(format, answer, attempts, out
 def test_backoff_is_capped():
     options = SenderOptions(user_agent="x", backoff_base=5, backoff_cap=60, max_attempts=20)
     assert [notifications.backoff(n, options) for n in (1, 2, 4, 5, 19, 20)] == [5, 10, 40, 60, 60, None]
+
+
+@pytest.mark.parametrize(("answer", "seconds"), [
+    (Answer(429, b"", {"Retry-After": "1e20"}), esi.MAX_PAUSE),
+    (Answer(429, b"", {"Retry-After": "inf"}), 5.0),
+    (Answer(429, b"", {"Retry-After": "nan"}), 5.0),
+    (Answer(429, b"", {"Retry-After": "-3"}), 0.0),
+    (Answer(429, b'{"retry_after": 1e300}'), esi.MAX_PAUSE),
+    (Answer(429, b'{"retry_after": 1e999}'), 5.0),            # Python's json reads it as inf
+    (Answer(429, b'{"retry_after": ' + b"9" * 400 + b"}"), 5.0),  # an int too big for a float
+    (Answer(429, b"[" * 100_000), 5.0),                       # deeper than the decoder goes
+])
+def test_every_pause_a_receiver_asks_for_is_clamped(answer, seconds):
+    assert notifications.retry_after(answer, 5.0) == seconds
 
 
 def name_everything(conn, killmails, *, unknown=()) -> None:
@@ -297,16 +316,59 @@ def test_5xx_and_timeouts_are_retried_then_given_up_with_the_error(conn, receive
                                                           "refused": []}
 
 
-def test_an_error_never_shows_the_webhooks_token(conn):
-    token = "discord-webhook-token-5f1e9a"
-    watch_secrets([token])
-    db.add_webhook(conn, "closed", f"http://127.0.0.1:9/api/webhooks/1/{token}")  # nothing listens on port 9
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/api/webhooks/1/discord-webhook-token-5f1e9a",  # nothing listens on port 9
+    "http://127.0.0.1:9/x?token=SUPERSECRET123",
+    "http://hook-user:hook-password-77@127.0.0.1:9/x",
+])
+def test_an_error_names_only_the_webhooks_scheme_and_host(conn, url):
+    db.add_webhook(conn, "closed", url)  # conftest watches the URL's secret parts from here on
     db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
     conn.commit()
     deliver_all(conn)
     (row,) = conn.execute("SELECT attempts, last_error FROM outbox").fetchall()
-    assert row["attempts"] == FAST.max_attempts and "ConnectionError" in row["last_error"]
-    assert token not in row["last_error"] and "127.0.0.1" in row["last_error"]
+    assert row["attempts"] == FAST.max_attempts
+    assert row["last_error"] == "ConnectionError posting to http://127.0.0.1"
+
+
+def answer_flood(handler) -> None:
+    """200 with a body of 100 MiB, written until the sender hangs up."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(100 * 2 ** 20))
+    handler.end_headers()
+    chunk = b"x" * 2 ** 16
+    for _ in range(100 * 2 ** 4):
+        handler.wfile.write(chunk)
+
+
+def answer_trickle(handler) -> None:
+    """200 with a body of a byte every 0.1 s (each read well within the sender's timeout), for 10 s."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "100")
+    handler.end_headers()
+    for _ in range(100):
+        handler.wfile.write(b"x")
+        handler.wfile.flush()
+        time.sleep(0.1)  # the receiver's pace, not a synchronisation
+
+
+def test_a_post_follows_no_redirect_reads_a_capped_answer_and_has_a_deadline(conn, receivers):
+    redirecting, internal, flooding, trickling = receivers(), receivers(), receivers(), receivers()
+    redirecting.answer_with = plain_answer(307, {"Location": internal.url})
+    flooding.answer_with, trickling.answer_with = answer_flood, answer_trickle
+    for name, receiver in (("redirecting", redirecting), ("flooding", flooding), ("trickling", trickling)):
+        db.add_webhook(conn, name, receiver.url, format="json")
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    started = time.monotonic()
+    deliver_all(conn, options=dataclasses.replace(FAST, max_attempts=1, deadline=2.0))
+    assert time.monotonic() - started < 8  # the trickle alone takes 10 s
+    rows = {r["name"]: r for r in conn.execute(
+        "SELECT w.name, o.* FROM outbox o JOIN webhooks w ON w.id = o.webhook_id")}
+    assert internal.requests == 0 and rows["redirecting"]["last_error"].startswith("HTTP 307")
+    assert rows["flooding"]["last_error"] == f"answer larger than {esi.MAX_BODY_BYTES} bytes"
+    assert rows["trickling"]["last_error"] == "answer not read within 2 s"
+    assert all(row["delivered_at"] is None and row["next_attempt_at"] is None for row in rows.values())
 
 
 def test_a_404_marks_the_webhook_refused_and_keeps_its_rows(conn, receivers):
@@ -350,21 +412,28 @@ def start_sender(settings, **env: str) -> subprocess.Popen:
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_zkillboard_push_registers_zkillboard_and_the_sender_posts_there(conn, database_url, receivers):
-    zkb = receivers()
-    sender = start_sender(make_settings(database_url), ZKILLBOARD_PUSH="1", ZKILLBOARD_URL=zkb.url)
+@contextmanager
+def sender_running(settings, **env: str) -> Iterator[subprocess.Popen]:
+    """send_notifications.py while the block runs; then SIGTERM, which must stop it with 0."""
+    sender = start_sender(settings, **env)
     try:
-        wait_until(lambda: db.get_webhook(conn, "zkillboard") or conn.rollback(), timeout=30,
-                   what="zKillboard registered")
-        db.save_killmails(conn, [killmail(9, victim=(7, 500), attackers=[(8, 600)], time=NOW - timedelta(days=5))])
-        conn.commit()
-        wait_until(lambda: zkb.posts, timeout=30, what="the post to zKillboard")
+        yield sender
         sender.send_signal(signal.SIGTERM)
         assert sender.wait(20) == 0
     finally:
         if sender.poll() is None:
             sender.kill()
             sender.wait()
+
+
+def test_zkillboard_push_registers_zkillboard_and_the_sender_posts_there(conn, database_url, receivers):
+    zkb = receivers()
+    with sender_running(make_settings(database_url), ZKILLBOARD_PUSH="1", ZKILLBOARD_URL=zkb.url):
+        wait_until(lambda: db.get_webhook(conn, "zkillboard") or conn.rollback(), timeout=30,
+                   what="zKillboard registered")
+        db.save_killmails(conn, [killmail(9, victim=(7, 500), attackers=[(8, 600)], time=NOW - timedelta(days=5))])
+        conn.commit()
+        wait_until(lambda: zkb.posts, timeout=30, what="the post to zKillboard")
     assert [p["path"] for p in zkb.posts] == [f"/hook/9/{9:040x}/"]
 
 
@@ -373,6 +442,44 @@ def test_the_sender_names_a_bad_setting_and_exits_2(database_url):
     output, _ = sender.communicate(timeout=30)
     assert sender.returncode == 2
     assert output.strip() == "configuration error: ZKILLBOARD_PUSH: must be 1 or 0, got 'maybe'"
+
+
+def test_a_429_asking_for_forever_pauses_that_receiver_and_the_sender_serves_the_others(conn, database_url,
+                                                                                         receivers):
+    hostile, other = receivers(), receivers()
+    hostile.answer_with = plain_answer(429, {"Retry-After": "1e20"}, b"go away\n")  # not JSON
+    db.add_webhook(conn, "hostile", hostile.url)  # its row is first in line
+    db.add_webhook(conn, "other", other.url)
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    with sender_running(make_settings(database_url)) as sender:
+        wait_until(lambda: other.bodies() or sender.poll() is not None, timeout=30, what="the other post")
+        assert sender.poll() is None, sender.communicate()[0]
+        assert hostile.requests == 1 and len(other.bodies()) == 1
+        paused = conn.execute("SELECT paused_until - now() AS left FROM webhooks WHERE name = 'hostile'").fetchone()
+        assert timedelta(seconds=esi.MAX_PAUSE - 60) < paused["left"] <= timedelta(seconds=esi.MAX_PAUSE)
+
+
+def test_a_post_that_raises_is_given_up_with_its_reason_and_the_sender_goes_on(conn, receivers, monkeypatch):
+    good = receivers()
+    db.add_webhook(conn, "broken", "http://127.0.0.1:9/broken")
+    db.add_webhook(conn, "good", good.url)
+    db.save_killmails(conn, [killmail(1, victim=(7, 500), attackers=[(8, 600)])])
+    conn.commit()
+    request_for = notifications.request_for
+
+    def breaks_for_one(format, url, killmail):
+        if url.endswith("/broken"):
+            raise ValueError("a post nobody foresaw")
+        return request_for(format, url, killmail)
+
+    monkeypatch.setattr(notifications, "request_for", breaks_for_one)
+    deliver_all(conn)
+    rows = {r["name"]: r for r in conn.execute(
+        "SELECT w.name, o.* FROM outbox o JOIN webhooks w ON w.id = o.webhook_id")}
+    assert rows["broken"]["next_attempt_at"] is None
+    assert rows["broken"]["last_error"] == "failed: ValueError: a post nobody foresaw"
+    assert rows["good"]["delivered_at"] is not None and len(good.bodies()) == 1
 
 
 def expected(killmails, *, corporation=None, character=None, kills=True, losses=True) -> set[int]:
@@ -510,6 +617,36 @@ def test_webhooks_cli_adds_lists_and_tests_with_names(conn, database_url, receiv
     receiver.refuse_with = 404
     assert run_script("webhooks.py", settings, "test", "losses").returncode == 1
     assert run_script("webhooks.py", settings, "test", "nobody").returncode == 1
+
+
+def add_webhook_cli(settings, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "webhooks.py"), "add", *args], env=settings_env(settings) | env,
+                          cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "http://hooks.example/api/webhooks/1/tok-3e1f0c9a",
+                                 "ftp://hooks.example/x", "discord.com/api/webhooks/1/tok-3e1f0c9a"])
+def test_webhooks_cli_adds_only_https_or_loopback_urls(conn, database_url, url):
+    added = add_webhook_cli(make_settings(database_url), "bad", stdin=url + "\n")
+    assert added.returncode == 2 and "must be an https URL (http only to localhost)" in added.stderr
+    assert "tok-3e1f0c9a" not in added.stderr and db.get_webhook(conn, "bad") is None
+
+
+def test_webhooks_cli_reads_the_url_from_stdin_or_the_environment_and_warns_about_the_command_line(conn,
+                                                                                                  database_url):
+    settings, url = make_settings(database_url), "https://discord.example/api/webhooks/1/tok-5d2b7e41"
+    assert add_webhook_cli(settings, "piped", stdin=url + "\n").returncode == 0
+    assert add_webhook_cli(settings, "env", WEBHOOK_URL=url).returncode == 0
+    assert db.get_webhook(conn, "piped")["url"] == db.get_webhook(conn, "env")["url"] == url
+    local = add_webhook_cli(settings, "local", "http://127.0.0.1:9/hook")
+    assert local.returncode == 0 and "shows in ps and the shell's history" in local.stderr
+
+
+def test_webhooks_cli_test_names_only_the_scheme_and_host_of_a_failing_webhook(conn, database_url):
+    db.add_webhook(conn, "closed", "http://127.0.0.1:9/x?token=SUPERSECRET123")
+    conn.commit()
+    tested = run_script("webhooks.py", make_settings(database_url), "test", "closed")
+    assert (tested.returncode, tested.stderr) == (1, "❌ closed: ConnectionError posting to http://127.0.0.1\n")
 
 
 def test_the_docs_embed_is_rendered_from_what_the_receiver_logged():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import DEFAULT_COMPATIBILITY_DATE, ConfigError, Settings, redact_url, settings_from
+from settings import DEFAULT_COMPATIBILITY_DATE, MAX_LOG_LINE, ConfigError, Settings, redact_url, settings_from
 
 ROOT = Path(__file__).resolve().parent.parent
 TODAY = date(2026, 11, 29)
@@ -70,6 +70,8 @@ def test_esi_values_are_read():
     ("ESI_COMPATIBILITY_DATE", TODAY.isoformat(), "esi_compatibility_date", TODAY.isoformat()),
     ("HTTP_TIMEOUT_SECONDS", "5", "http_timeout_seconds", 5.0),
     ("STATUS_BASIC_AUTH", "ops:pw", "status_basic_auth", "ops:pw"),
+    ("STATUS_AUTH_BY_PROXY", "1", "status_auth_by_proxy", True),
+    ("EVE_CALLBACK_URL", "http://localhost:8000/callback", "eve_callback_url", "http://localhost:8000/callback"),
     ("PREFETCH_COUNT", "", "prefetch_count", 5),     # empty is the default, as in a copied .env.example
     ("NOTIFY_MAX_AGE_SECONDS", "0", "notify_max_age_seconds", 0),
     ("ZKILLBOARD_PUSH", "1", "zkillboard_push", True),
@@ -249,8 +251,35 @@ def test_settings_is_frozen():
 
 def test_repr_shows_no_secret():
     settings = load(EVE_CLIENT_SECRET="client-SECRET", STATUS_BASIC_AUTH="ops:basic-SECRET",
-                    APP_API_TOKEN="api-SECRET")
-    assert "SECRET" not in repr(settings)
+                    APP_API_TOKEN="api-SECRET", DATABASE_URL="postgresql://app:db-SECRET@db.internal/killmails",
+                    RABBITMQ_URL="amqp://app:broker-SECRET@mq.internal/%2F",
+                    HTTPS_PROXY="http://proxy-user:proxy-SECRET@proxy.internal:3128")
+    assert settings.http_proxies and "SECRET" not in repr(settings) and "SECRET" not in str(settings)
+
+
+LOGS = """
+import logging, sys
+from settings import setup_logging
+setup_logging(verbose=sys.argv[1] == "verbose")
+log = logging.getLogger("worker")
+log.warning("ESI said: %s", "oops\\n✅ Synced 1000 killmails\\r\\n\\x1b[2J\\u2028 done")
+log.info("x" * 10000)
+try:
+    raise ValueError("a\\nfake line")
+except ValueError:
+    log.exception("job crashed")
+"""
+
+
+@pytest.mark.parametrize("verbose", ["verbose", "plain"])
+def test_a_log_record_is_one_line_with_whitespace_collapsed_and_a_capped_length(verbose):
+    result = subprocess.run([sys.executable, "-c", LOGS, verbose], cwd=ROOT, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    body, long, crash = result.stdout.splitlines()
+    assert body.endswith("ESI said: oops ✅ Synced 1000 killmails [2J done")  # ESC gone, the rest is text
+    assert len(long) == MAX_LOG_LINE - 1 and " … " in long
+    assert "job crashed Traceback (most recent call last):" in crash and crash.endswith("ValueError: a fake line")
 
 
 # ------------------------------------------------------------------------------------------------ the commands
@@ -337,6 +366,8 @@ def test_login_values_are_read():
     ("EVE_CALLBACK_URL", "km.example.org/callback"),
     ("EVE_CALLBACK_URL", "https://km.example.org/login"),
     ("EVE_CALLBACK_URL", "https://km.example.org/callback?x=1"),
+    ("EVE_CALLBACK_URL", "http://km.example.org/callback"),  # a login's code and cookie in the clear
+    ("STATUS_AUTH_BY_PROXY", "maybe"),
     ("SSO_AUTHORIZE_URL", "login.eveonline.com/v2/oauth/authorize"),
     ("SSO_JWKS_URL", "ftp://login.eveonline.com/oauth/jwks"),
     ("SSO_REVOKE_URL", "revoke"),

@@ -2,14 +2,27 @@
 
 It records every post it accepts and can answer 429 with a Discord-style `retry_after` for a window of its own
 clock, answer 5xx a number of times, answer slowly (a timeout for the sender), refuse (403/404), or hold one
-request until the test releases it (to kill the sender while a post is in flight).
+request until the test releases it (to kill the sender while a post is in flight). A hostile receiver is a
+function given as `answer_with`: it writes the whole answer itself (a redirect, a flood, a trickle, odd headers).
 """
 from __future__ import annotations
 
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def plain_answer(status: int, headers: dict[str, str], body: bytes = b""):
+    """An answer_with that answers this status, these headers and this body."""
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+    return answer
 
 
 class Receiver:
@@ -31,6 +44,7 @@ class Receiver:
         self.held = threading.Event()
         self.release = threading.Event()
         self.requests = 0
+        self.answer_with: Callable[[BaseHTTPRequestHandler], None] | None = None
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -85,6 +99,14 @@ class Receiver:
             def do_POST(self):  # noqa: N802 (http.server's name)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"null")
+                if receiver.answer_with is not None:
+                    with receiver.lock:
+                        receiver.requests += 1
+                    try:
+                        receiver.answer_with(self)
+                    except OSError:
+                        pass  # the sender gave up on this answer
+                    return
                 status, answer = receiver._answer(body, self.path, dict(self.headers))
                 with receiver.lock:
                     receiver.answers.append(status)
