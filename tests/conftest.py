@@ -216,6 +216,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "WORKER_STOP_GRACE_SECONDS": str(settings.worker_stop_grace_seconds),
         "JOB_STALL_SECONDS": str(settings.job_stall_seconds),
         "JOB_DEADLINE_SECONDS": str(settings.job_deadline_seconds),
+        "HTTP_TIMEOUT_SECONDS": str(int(settings.http_timeout_seconds)),
     })
     return env
 
