@@ -34,9 +34,18 @@ SESSION_KEEPALIVES = {"tcp_keepalives_idle": "60", "tcp_keepalives_interval": "1
                       "tcp_user_timeout": "120000"}
 
 
+# The client end probes too: a server (or a network path) that vanished without a word would otherwise hold a
+# query's wait, and the job waiting on it, for the kernel's two hours. libpq's connection parameters, which a
+# DATABASE_URL that sets its own overrides.
+CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+                     "keepalives_count": "3", "tcp_user_timeout": "60000"}
+
+
 def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
-    """Open a connection whose rows are dicts, with the session's keepalives set (one round trip)."""
-    conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=connect_timeout)
+    """Open a connection whose rows are dicts, with the session's keepalives set at both ends (one round trip)."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    client = {k: v for k, v in CLIENT_KEEPALIVES.items() if k not in given}
+    conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=connect_timeout, **client)
     try:
         conn.execute(
             "SELECT set_config(name, value, false) FROM (VALUES "
