@@ -34,9 +34,18 @@ SESSION_KEEPALIVES = {"tcp_keepalives_idle": "60", "tcp_keepalives_interval": "1
                       "tcp_user_timeout": "120000"}
 
 
+# The client end probes too: a server (or a network path) that vanished without a word would otherwise hold a
+# query's wait, and the job waiting on it, for the kernel's two hours. libpq's connection parameters, which a
+# DATABASE_URL that sets its own overrides.
+CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+                     "keepalives_count": "3", "tcp_user_timeout": "60000"}
+
+
 def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
-    """Open a connection whose rows are dicts, with the session's keepalives set (one round trip)."""
-    conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=connect_timeout)
+    """Open a connection whose rows are dicts, with the session's keepalives set at both ends (one round trip)."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    client = {k: v for k, v in CLIENT_KEEPALIVES.items() if k not in given}
+    conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=connect_timeout, **client)
     try:
         conn.execute(
             "SELECT set_config(name, value, false) FROM (VALUES "
@@ -1046,6 +1055,45 @@ _NEEDS_RELOGIN_SQL = f"NOT {_LIVE_GRANT_SQL}"
 def ping(conn) -> None:
     """Run a trivial query, to show the database answers."""
     conn.execute("SELECT 1").fetchone()
+
+
+JOB_SEEN_WITHIN = 60  # seconds: a worker_jobs row not written again within this is a dead process's
+
+
+def report_job(conn, worker: str, character_id: int, *, started_at: datetime, progress_at: datetime) -> None:
+    """Write a worker process's job in hand and its last progress; rows of dead processes go."""
+    conn.execute(
+        """
+        INSERT INTO worker_jobs (worker, character_id, started_at, progress_at, seen_at)
+        VALUES (%(worker)s, %(character)s, %(started)s, %(progress)s, now())
+        ON CONFLICT (worker) DO UPDATE SET character_id = EXCLUDED.character_id, started_at = EXCLUDED.started_at,
+            progress_at = EXCLUDED.progress_at, seen_at = now();
+        DELETE FROM worker_jobs WHERE seen_at < now() - make_interval(secs => %(gone)s * 10)
+        """,
+        {"worker": worker, "character": character_id, "started": started_at, "progress": progress_at,
+         "gone": JOB_SEEN_WITHIN})
+
+
+def end_job_report(conn, worker: str) -> None:
+    """A worker process's job ended: its row goes."""
+    conn.execute("DELETE FROM worker_jobs WHERE worker = %s", (worker,))
+
+
+def job_health(conn, now: datetime, *, stall_after: int, stale_claim_after: int) -> dict:
+    """Jobs in hand of live worker processes, the age of the oldest (seconds), those with no progress for
+    `stall_after` seconds, and pilots or corporations claimed for a queue longer than `stale_claim_after`."""
+    return conn.execute(
+        """
+        SELECT count(*) AS in_progress,
+               coalesce(max(extract(epoch FROM %(now)s - started_at)), 0)::float8 AS oldest_seconds,
+               count(*) FILTER (WHERE progress_at < %(now)s - make_interval(secs => %(stall)s)) AS stalled,
+               (SELECT count(*) FROM users WHERE queued_at < %(now)s - make_interval(secs => %(stale)s))
+             + (SELECT count(*) FROM corporations WHERE queued_at < %(now)s - make_interval(secs => %(stale)s))
+                   AS stale_claims
+        FROM worker_jobs WHERE seen_at >= %(now)s - make_interval(secs => %(seen)s)
+        """,
+        {"now": now, "stall": stall_after, "stale": stale_claim_after, "seen": JOB_SEEN_WITHIN},
+    ).fetchone()
 
 
 def latest_run(conn) -> dict | None:

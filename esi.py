@@ -313,8 +313,10 @@ class EsiClient:
     """ESI and SSO calls for one process; safe to share between the threads of one job."""
 
     def __init__(self, settings: Settings, *, limits: Limits | None = None, session: requests.Session | None = None,
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None,
+                 progress: Callable[[], None] | None = None):
         self.settings = settings
+        self.progress = progress or (lambda: None)  # told of every answer (a worker's heartbeat of progress)
         self.limits = limits or NoLimits()
         self.session = session or new_session(settings)
         self.sleep = sleep
@@ -540,6 +542,7 @@ class EsiClient:
             else:
                 self._count(group, response.status_code)
                 self.limits.settle(ticket, response.status_code, response.headers)
+                self.progress()
                 if response.status_code < 500 or attempt == SERVER_RETRIES:
                     return response
             self.sleep(backoff_seconds(attempt, base=0.5, cap=8.0, rng=self.rng))

@@ -10,17 +10,20 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import mmap
 import os
 import random
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import pika
 import pika.exceptions
@@ -44,13 +47,48 @@ LEDGER_KEEP = 7200             # seconds of ESI limit ledger kept: longer than a
 MALLOC_ARENAS = 2               # glibc malloc arenas per process, for DETAIL_CONCURRENCY threads (see below)
 M_ARENA_MAX = -8                # glibc's mallopt() parameter number for the arena cap
 BROKER_ERRORS = (pika.exceptions.AMQPError, OSError, broker.NotDelivered)
+REPORT_EVERY = 10.0             # seconds between a child's writes of its job's progress (worker_jobs)
+
+
+class Heartbeat:
+    """A child's job and its last progress, in memory shared with the parent (an anonymous mapping made before the
+    fork): when the job started, whose it is, and when it last got an answer, saved a batch or waited as the ESI
+    ledger said. A heartbeat of progress, not of liveness: a job blocked for ever beats no more, while its process
+    lives on. The parent's watchdog reads it; times are time.monotonic(), one clock for every process of the host."""
+
+    _LAYOUT = struct.Struct("ddq")  # job started (0.0: no job), last progress, character id
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, self._LAYOUT.size)
+
+    def start(self, character_id: int, *, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._LAYOUT.pack_into(self._map, 0, now, now, character_id)
+
+    def beat(self, *, now: float | None = None) -> None:
+        struct.pack_into("d", self._map, 8, time.monotonic() if now is None else now)
+
+    def end(self) -> None:
+        self._LAYOUT.pack_into(self._map, 0, 0.0, 0.0, 0)
+
+    def read(self) -> tuple[float, float, int]:
+        """(job started, last progress, character id); (0.0, 0.0, 0) when the child has no job."""
+        return self._LAYOUT.unpack_from(self._map, 0)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the current job has made no progress (0.0 with no job). Read twice, alike, so that a write the
+        child was making at that moment is never taken for a stall."""
+        first, second = self.read(), self.read()
+        if first != second or not first[0]:
+            return 0.0
+        return now - first[1]
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What the I/O thread does with a delivered message once its job ended."""
 
-    action: Literal["ack", "retry", "dead"]
+    action: Literal["ack", "retry", "dead", "release"]
     reason: str = ""
     delay: float = 0.0
 
@@ -94,12 +132,61 @@ class JobEsiClient(EsiClient):
         self._grants.clear()
 
 
+class JobReporter:
+    """Writes the child's job and its last progress to worker_jobs every REPORT_EVERY seconds, on a thread and a
+    connection of its own, so that /status, /metrics and /health?deep=1 see a stalled job (the watchdog in the
+    parent ends it); the row goes when the job ends. A failed write costs only that report."""
+
+    def __init__(self, connect: Callable[[], Any], heartbeat: Heartbeat, worker: str, *,
+                 every: float = REPORT_EVERY):
+        self._connect, self._heartbeat, self._worker, self._every = connect, heartbeat, worker, every
+        self._conn = None
+        self._reported = False
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-reporter", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._closing.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._closing.wait(self._every):
+            self.report()
+        self.report(final=True)
+        if self._conn is not None:
+            self._conn.close()
+
+    def report(self, *, final: bool = False) -> None:
+        started, progress, character_id = self._heartbeat.read()
+        if not started and not self._reported and not final:
+            return
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect()
+            now, clock = datetime.now(UTC), time.monotonic()
+            if started and not final:
+                db.report_job(self._conn, self._worker, character_id,
+                              started_at=now - timedelta(seconds=clock - started),
+                              progress_at=now - timedelta(seconds=clock - progress))
+                self._reported = True
+            else:
+                db.end_job_report(self._conn, self._worker)
+                self._reported = False
+        except psycopg.Error as exc:
+            log.warning("could not report the job's progress: %s", describe(exc))
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
 class Child:
     """One forked worker process: a pika consumer with prefetch 1 and a thread for the running job."""
 
-    def __init__(self, settings: Settings, *, burst: bool):
+    def __init__(self, settings: Settings, *, burst: bool, heartbeat: Heartbeat | None = None):
         self.settings = settings
         self.burst = burst
+        self.heartbeat = heartbeat or Heartbeat()
         self.stopping = threading.Event()
         self.rng = random.Random()
         self.conn = None                            # the job's psycopg connection
@@ -109,17 +196,21 @@ class Child:
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True),
                                    egress=settings.esi_egress, stopping=self.stopping)
-        self.esi = JobEsiClient(settings, limits=self.limits)
+        self.esi = JobEsiClient(settings, limits=self.limits, progress=self.heartbeat.beat)
+        self.limits.on_wait = self.heartbeat.beat  # a wait the ledger decreed is the job going at ESI's pace
         self.swept_at = -SWEEP_EVERY                # the first job's end sweeps
         self.namer: sync.Namer | None = None        # names new killmails' ids off the jobs' path (run)
 
     def run(self) -> int:
         """Consume until stopped (or, in burst mode, until the queue is empty); reconnect on broker loss."""
         self.namer = sync.Namer(lambda: db.connect(self.settings.database_url), self.esi)
+        reporter = JobReporter(lambda: db.connect(self.settings.database_url, autocommit=True), self.heartbeat,
+                               self.worker_name)
         try:
             return self.consume_until_done()
         finally:
-            self.namer.close()  # names what its last jobs saved
+            reporter.close()
+            self.namer.close(timeout=5.0)  # names what its last jobs saved, within the stop's grace
 
     def consume_until_done(self) -> int:
         try:
@@ -214,9 +305,12 @@ class Child:
             return Outcome("dead", str(exc))
         log.info("👤 Processing: %s (ID: %s), queued at %s", job.character_name or "unknown", job.character_id,
                  job.queued_at)
+        self.heartbeat.start(job.character_id)
+        self.limits.allow_waits()
         try:
             return self.run_sync(job, attempt)
         finally:
+            self.heartbeat.end()
             self.esi.forget_grants()
 
     def run_sync(self, job: broker.Job, attempt: int) -> Outcome:
@@ -241,6 +335,12 @@ class Child:
                 if tries == DB_RETRIES_PER_JOB:
                     return self.failure(job, attempt, f"database: {exc}", result=result)
                 continue
+            except sync.JobInterrupted as exc:
+                # The worker is stopping: what was fetched is saved, the rest released; another worker (or this
+                # one's successor) takes the job from the queue at once. Not a failure: no attempt is counted.
+                log.info("⏸️  Released: %s (%s)", job.character_name or job.character_id, exc)
+                self.record_interrupted(exc.result or result, str(exc))
+                return Outcome("release", str(exc))
             except sync.PermanentJobError as exc:
                 return self.failure(job, attempt, str(exc), permanent=True, result=exc.result or result)
             except sync.JobError as exc:
@@ -254,7 +354,19 @@ class Child:
     def sync_options(self, **job) -> sync.SyncOptions:
         """This process's settings for sync, with a job's own (full, attempt)."""
         return sync.SyncOptions(max_attempts=self.settings.max_attempts, worker=self.worker_name,
-                                notify_max_age=self.settings.notify_max_age_seconds, namer=self.namer, **job)
+                                notify_max_age=self.settings.notify_max_age_seconds, namer=self.namer,
+                                deadline=time.monotonic() + self.settings.job_deadline_seconds,
+                                stopping=self.stopping, progress=self.heartbeat.beat,
+                                cancel_waits=self.limits.cancel_waits, **job)
+
+    def record_interrupted(self, result: sync.SyncResult, reason: str) -> None:
+        """Record the run of a job released by a stop (its ESI calls, what it saved)."""
+        try:
+            self.ensure_db()
+            sync.record_failed_run(self.conn, self.esi, result, reason, status="interrupted")
+        except psycopg.Error as exc:
+            log.warning("could not record the interrupted run: %s", exc)
+            self.drop_db()
 
     def sweep_if_due(self) -> None:
         """Every SWEEP_EVERY seconds, after a job, fetch a few killmails whose pilots all need a new login (they
@@ -303,6 +415,9 @@ class Child:
         self.job_thread = None
         if not channel.is_open:
             log.warning("channel closed before the ack; the job will be redelivered")
+            return
+        if outcome.action == "release":  # not a failure: the job goes back to the queue's head, attempt unchanged
+            channel.basic_reject(delivery_tag, requeue=True)
             return
         try:
             self.hand_on(channel, properties, body, attempt, outcome)
@@ -367,6 +482,10 @@ class Supervisor:
     def __init__(self, settings: Settings, *, burst: bool):
         self.settings = settings
         self.burst = burst
+        # One per slot, made before any fork: each child's job and progress, shared with this process.
+        self.heartbeats = [Heartbeat() for _ in range(settings.prefetch_count)]
+        self.stalled: set[int] = set()       # children killed by the watchdog, not yet reaped
+        self.stop_by: float | None = None    # when the children still running after a SIGTERM are killed
         self.children: dict[int, int] = {}   # pid -> slot
         self.started: dict[int, float] = {}  # pid -> when it was forked (monotonic)
         self.signals = 0
@@ -390,9 +509,12 @@ class Supervisor:
                 relayed = self.signals
                 sig = signal.SIGTERM if relayed == 1 else signal.SIGKILL
                 if relayed == 1:
-                    log.info("🛑 Stopping: finishing current jobs...")
+                    log.info("🛑 Stopping: finishing current jobs (at most %d s)...",
+                             self.settings.worker_stop_grace_seconds)
+                    self.stop_by = time.monotonic() + self.settings.worker_stop_grace_seconds
                 for pid in list(self.children):
                     _kill(pid, sig)
+            self.watch(time.monotonic())
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -400,6 +522,7 @@ class Supervisor:
             if pid == 0:
                 time.sleep(0.2)
                 continue
+            self.stalled.discard(pid)
             slot = self.children.pop(pid, None)
             lived = time.monotonic() - self.started.pop(pid, time.monotonic())
             code = os.waitstatus_to_exitcode(status)
@@ -418,19 +541,42 @@ class Supervisor:
                 self.spawn(slot)
         return 0 if self.signals <= 1 and not self.give_up else 1
 
+    def watch(self, now: float) -> None:
+        """The watchdog: kill a child whose job made no progress for JOB_STALL_SECONDS (its message goes back to
+        the queue with its connection, and the child is replaced as any that died), and, once the stop's grace
+        is over, every child still running."""
+        if self.stop_by is not None and now >= self.stop_by:
+            self.stop_by = None
+            log.warning("⚠️  %d worker process(es) still running %d s after SIGTERM; killing them (their jobs are "
+                        "redelivered)", len(self.children), self.settings.worker_stop_grace_seconds)
+            for pid in list(self.children):
+                _kill(pid, signal.SIGKILL)
+        for pid, slot in list(self.children.items()):
+            stalled = self.heartbeats[slot].stalled_for(now)
+            if pid in self.stalled or stalled < self.settings.job_stall_seconds:
+                continue
+            character_id = self.heartbeats[slot].read()[2]
+            log.error("❌ worker process %d: its job (character %d) made no progress for %.0f s; killing the process "
+                      "(the job is redelivered)", pid, character_id, stalled)
+            self.stalled.add(pid)
+            _kill(pid, signal.SIGKILL)
+
     def wait_unless_signalled(self, seconds: float) -> None:
-        """Sleep, but not past a signal: SIGTERM is relayed at once, not after a restart delay."""
+        """Sleep, but not past a signal: SIGTERM is relayed at once, not after a restart delay (and the watchdog
+        keeps watching the other children meanwhile)."""
         deadline = time.monotonic() + seconds
         while not self.signals and time.monotonic() < deadline:
             time.sleep(max(0.0, min(0.2, deadline - time.monotonic())))
+            self.watch(time.monotonic())
 
     def spawn(self, slot: int) -> None:
         """Fork one child; it makes its own connections."""
+        self.heartbeats[slot].end()  # whatever the slot's last child left there
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = child_main(self.settings, burst=self.burst)
+                code = child_main(self.settings, burst=self.burst, heartbeat=self.heartbeats[slot])
             except BaseException:
                 log.exception("worker process crashed")
             finally:
@@ -440,10 +586,10 @@ class Supervisor:
         self.started[pid] = time.monotonic()
 
 
-def child_main(settings: Settings, *, burst: bool) -> int:
+def child_main(settings: Settings, *, burst: bool, heartbeat: Heartbeat | None = None) -> int:
     """Entry point of a forked child."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C goes to the parent, which relays SIGTERM
-    child = Child(settings, burst=burst)
+    child = Child(settings, burst=burst, heartbeat=heartbeat)
 
     def on_term(signum, frame):
         if child.stopping.is_set():

@@ -22,8 +22,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,7 +50,10 @@ MAX_INLINE_WAIT = 30.0     # a longer wait fails the job into the retry queue ra
 STOP_WAIT = 10.0           # a stopping process still waits this long for tokens to finish its jobs
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared pauses and limits
 RECHECK = 1.0              # a call waiting for tokens looks at the pauses at least this often
-FIRST_ANSWER_WAIT = 20.0   # at most this long a call waits for the first answer of a bucket whose limit is unknown
+# ESI's documented limits of the groups the worker calls (ESI.md), taken until an answer's X-Ratelimit-Limit says
+# otherwise: a new database (or egress) spends from the first call as ESI will count it, with no call waiting for
+# another's answer to learn them.
+DEFAULT_LIMITS = {"killmail": (3600, 900), "char-killmail": (30, 900), "corp-killmail": (30, 900)}
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
 LEASE_SLOTS = 16           # at most this many error slots leased at once: one process never holds the whole budget
 LEASE_LIFE = 5.0           # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
@@ -191,14 +194,30 @@ class SharedLimits:
         # One thread per process and bucket group asks the ledger at a time (and waits, when the bucket is spent);
         # the process's other threads queue here, so waiting costs one query per process, not one per thread.
         self._take_locks: dict[str, threading.Lock] = {}
-        # Per bucket group whose limit was not known, the first answer this process awaits (set once it came).
-        self._first_answer: dict[str, threading.Event] = {}
         # The process's leases of error slots; one thread at a time asks the ledger for a new one, for as many
         # slots as threads are waiting (`_wanting`), while the others wait on `_slots`.
         self._slots = threading.Condition()
         self._leases: list[_Lease] = []
         self._wanting = 0
         self._leasing = False
+        # Set by cancel_waits (the job's deadline passed, or the worker stops): every wait of the process's calls
+        # for the limits ends at once with Paused, until allow_waits (the next job).
+        self._cancelled = threading.Event()
+        self.on_wait: Callable[[], None] = lambda: None  # told of each wait the ledger decreed (a job's progress)
+
+    def cancel_waits(self) -> None:
+        """End every wait of this process's calls for ESI's limits now (Paused), and refuse new ones."""
+        self._cancelled.set()
+        with self._slots:
+            self._slots.notify_all()
+
+    def allow_waits(self) -> None:
+        """Let calls wait for ESI's limits again (a new job begins)."""
+        self._cancelled.clear()
+
+    def _check_cancelled(self, bucket: str) -> None:
+        if self._cancelled.is_set():
+            raise Paused(f"{bucket}: the job stopped waiting for ESI's limits", bucket=bucket, until=self._clock())
 
     def take(self, bucket: str) -> Ticket:
         """Wait while the error limit or this bucket is paused or spent, then take what one call may cost.
@@ -215,19 +234,8 @@ class SharedLimits:
         with self._slots:  # every thread on its way to a call counts, for the size of the next lease
             self._wanting += 1
         try:
-            with self._take_lock(group):
-                state = self._read(keys)
-                if not _per_owner(bucket) and self._await_first_answer(group, state):
-                    state = self._read(keys)
-                try:
-                    return self._take_waiting(bucket, group, keys, state)
-                except BaseException:
-                    # A first call that never went (a pause, the database, a stop): the next call asks instead.
-                    asked = self._first_answer.get(group)
-                    if asked is not None and not asked.is_set():
-                        self._first_answer.pop(group, None)
-                        asked.set()
-                    raise
+            with self._take_lock_held(group, bucket):
+                return self._take_waiting(bucket, group, keys, self._read(keys))
         finally:
             with self._slots:
                 self._wanting -= 1
@@ -263,6 +271,8 @@ class SharedLimits:
     def _take_once(self, bucket: str, limit_row: dict) -> tuple[Ticket | None, float]:
         """Take the call's tokens from the ledger: the ticket, or None and the seconds to wait."""
         limit, window = limit_row.get("limit_tokens"), limit_row.get("window_seconds")
+        if not (limit and window):
+            limit, window = DEFAULT_LIMITS.get(_group(bucket), (None, None))
         if not (limit and window):  # a bucket with no limit seen (or none at all) is only under the error limit
             return Ticket(bucket), 0.0
         # ESI charges a call when it arrives: a call's tokens are back one window after it was sent.
@@ -294,6 +304,7 @@ class SharedLimits:
                     lease.used += 1
                     return lease, 0.0
                 if self._leasing:  # another thread is asking the ledger: its lease may serve this call too
+                    self._check_cancelled(self.error_bucket)
                     self._slots.wait(RECHECK)
                     continue
                 self._leasing = True
@@ -366,13 +377,24 @@ class SharedLimits:
 
     def _nap(self, seconds: float, bucket: str, *, left: float) -> None:
         """Sleep. A stopping process (the `stopping` event set) finishes its jobs: it sleeps through a short wait
-        (`left` seconds in all) and ends a long one with Paused, so that job goes to the retry queue."""
+        (`left` seconds in all) and ends a long one with Paused, so that job goes to the retry queue. A cancelled
+        one (cancel_waits) ends every wait at once."""
+        self._check_cancelled(bucket)
+        self.on_wait()
         if self._stopping is not None and self._stopping.is_set() and left > STOP_WAIT:
             raise Paused(f"{bucket}: the process is stopping", bucket=bucket, until=self._clock())
         if self._stopping is None or self._stopping.is_set():
             self._sleep(seconds)
-        elif self._stopping.wait(seconds) and left - seconds > STOP_WAIT:
-            raise Paused(f"{bucket}: the process is stopping", bucket=bucket, until=self._clock())
+        else:
+            end = time.monotonic() + seconds
+            # In steps of RECHECK at most, so that cancel_waits ends the wait as surely as a stop does.
+            while not self._stopping.wait(max(0.0, min(RECHECK, end - time.monotonic()))):
+                self._check_cancelled(bucket)
+                if time.monotonic() >= end:
+                    return
+            if left - seconds > STOP_WAIT:
+                raise Paused(f"{bucket}: the process is stopping", bucket=bucket, until=self._clock())
+        self._check_cancelled(bucket)
 
     def settle(self, ticket: Ticket, status: int, headers: Any) -> None:
         """Book what the answer cost (a timeout is status 0) and feed its headers into the shared state."""
@@ -387,13 +409,6 @@ class SharedLimits:
             # The answer is paid for and in hand: losing it would fetch it again. The call's rows in flight stop
             # counting when their hold ends.
             log.warning("ESI limits: could not settle a %s call (%s)", ticket.bucket, exc)
-        finally:
-            # Only now, with the limit written, may the calls that waited for this first answer go.
-            asked = self._first_answer.get(_group(ticket.bucket))
-            if asked is not None and not asked.is_set():
-                if not status:  # a timeout tells nothing: the next call asks again
-                    self._first_answer.pop(_group(ticket.bucket), None)
-                asked.set()
 
     def _settle_ledger(self, ticket: Ticket, status: int, limit: tuple[int, int] | None, remaining: int | None,
                        errors_remain: int | None, ended: list[int]) -> None:
@@ -449,25 +464,16 @@ class SharedLimits:
         with self._lock:
             return self._take_locks.setdefault(group, threading.Lock())
 
-    def _await_first_answer(self, group: str, state: list[dict]) -> bool:
-        """While a shared bucket's limit is unknown (a new database, a new ESI_EGRESS name) and this process has
-        had no answer from it, one call goes and the process's other calls wait for its answer, which tells the
-        limit (and what other apps spent) or that the bucket has none. Otherwise every detail thread would start
-        at once, unmetered. (A pilot's list calls go one at a time anyway.) Called under the take lock; True if
-        it waited."""
-        row = _row(state, group)
-        waited = False
-        while not row.get("limit_tokens"):
-            asked = self._first_answer.get(group)
-            if asked is None:  # this call asks
-                self._first_answer[group] = threading.Event()
-                break
-            if asked.is_set():  # answered
-                break
-            waited = True
-            if not asked.wait(FIRST_ANSWER_WAIT):
-                self._first_answer.pop(group, None)  # no answer in time: this call asks instead
-        return waited
+    @contextmanager
+    def _take_lock_held(self, group: str, bucket: str) -> Iterator[None]:
+        """The group's take lock, waited for a RECHECK at a time so that cancel_waits ends the wait too."""
+        lock = self._take_lock(group)
+        while not lock.acquire(timeout=RECHECK):
+            self._check_cancelled(bucket)
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _wait_out_pause(self, bucket: str, state: list[dict]) -> bool:
         """Sleep through a short pause of these buckets (True if there was one); Paused for a long one."""

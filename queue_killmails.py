@@ -58,19 +58,31 @@ def queue_due(conn, channel, settings: Settings, now: datetime, *, users: bool =
     if claimed:
         log.info("📤 Adding to queue...")
     queued, problems = {"users": 0, "corporations": 0}, []
-    for job, priority, label in claimed:
+    for done, (job, priority, label) in enumerate(claimed):
         try:
             broker.publish(channel, settings.queue_name, broker.encode_job(job), priority=priority)
         except broker.NotDelivered as exc:
-            if job.corporation_id is not None:
-                db.release_corporation(conn, job.corporation_id)
-            else:
-                db.release_user(conn, job.character_id)
-            conn.commit()
+            _release(conn, [job])
             problems.append(f"{label}: {exc}")
             continue
+        except BaseException:
+            # The broker went away mid-run (or the run was stopped): none of the jobs not confirmed yet, this one
+            # included, may stay claimed, or those pilots would wait for the stale-claim limit (hours) unsynced.
+            # One that reached the queue after all is synced twice at worst, which the workers' locks allow.
+            _release(conn, [j for j, _, _ in claimed[done:]])
+            raise
         queued["users" if job.corporation_id is None else "corporations"] += 1
     return queued, problems
+
+
+def _release(conn, jobs: list[broker.Job]) -> None:
+    """Free the claims of jobs the broker did not take, so the next run queues them again."""
+    for job in jobs:
+        if job.corporation_id is not None:
+            db.release_corporation(conn, job.corporation_id)
+        else:
+            db.release_user(conn, job.character_id)
+    conn.commit()
 
 
 def _priority(row: dict) -> int:

@@ -221,6 +221,20 @@ CREATE TABLE IF NOT EXISTS esi_cache (
     expires_at TIMESTAMPTZ
 );
 
+-- The job each worker process has in hand, written every 10 s while it has one (killmail_worker.JobReporter), so
+-- that /status, /metrics and /health?deep=1 see a stalled job. A row not seen for a minute is a dead process's.
+CREATE UNLOGGED TABLE IF NOT EXISTS worker_jobs (
+    worker       TEXT PRIMARY KEY,      -- host:pid
+    character_id BIGINT NOT NULL,
+    started_at   TIMESTAMPTZ NOT NULL,
+    progress_at  TIMESTAMPTZ NOT NULL,  -- its last answer from ESI, saved batch or wait decreed by the ledger
+    seen_at      TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Claims older than the stale-claim limit, counted for /metrics without a pass over every pilot.
+CALL pg_temp.create_index('users_queued', 'users (queued_at) WHERE queued_at IS NOT NULL');
+CALL pg_temp.create_index('corporations_queued', 'corporations (queued_at) WHERE queued_at IS NOT NULL');
+
 -- One row per job run; the status page reads it.
 CREATE TABLE IF NOT EXISTS sync_runs (
     id             BIGSERIAL PRIMARY KEY,

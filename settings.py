@@ -74,6 +74,9 @@ class Settings:
     flask_secret_key: str = field(default="", repr=False)
     # Notifications (send_notifications.py): a killmail older than this when stored is announced nowhere.
     notify_max_age_seconds: int = 3600
+    worker_stop_grace_seconds: int = 30     # SIGTERM ends a worker within this; its jobs finish or are released
+    job_stall_seconds: int = 300            # a job with no progress for this long is killed with its process
+    job_deadline_seconds: int = 1800        # a job still running then fails into the retry queue
     zkillboard_push: bool = False
     zkillboard_url: str = ZKILLBOARD_URL
 
@@ -314,6 +317,9 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         login_allowed_alliances=_ids(env, "LOGIN_ALLOWED_ALLIANCES"),
         flask_secret_key=_secret_key(env, required=bool(callback_url)),
         notify_max_age_seconds=_integer(env, "NOTIFY_MAX_AGE_SECONDS", 3600, 0, 86400 * 365),
+        worker_stop_grace_seconds=_integer(env, "WORKER_STOP_GRACE_SECONDS", 30, 1, 3600),
+        job_stall_seconds=_integer(env, "JOB_STALL_SECONDS", 300, 10, 86400),
+        job_deadline_seconds=_integer(env, "JOB_DEADLINE_SECONDS", 1800, 10, 86400),
         zkillboard_push=_flag(env, "ZKILLBOARD_PUSH"),
         zkillboard_url=_https_url(env, "ZKILLBOARD_URL", ZKILLBOARD_URL),
     )

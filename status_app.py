@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 import db
 import status_charts
 from api import api_blueprint
+from enqueue import CLAIM_STALE_SECONDS
 from login import login_blueprint
 from pilot_page import pilot_blueprint
 from settings import ConfigError, Settings, is_loopback, load_settings, setup_logging
@@ -118,13 +119,17 @@ def wants_json(request_: Request) -> bool:
 
 
 def check_health(sources: Sources, *, deep: bool, now: datetime) -> tuple[dict[str, Any], int]:
-    """/health's body and status: the database and the broker answer; when deep, a run finished recently."""
+    """/health's body and status: the database and the broker answer; when deep, a run finished recently and no
+    job is stalled."""
     body: dict[str, Any] = {"status": "ok", "database": "ok", "broker": "ok"}
-    latest = None
+    latest = jobs = None
     try:
         with sources.connection() as conn:
             db.ping(conn)
-            latest = db.latest_run(conn) if deep else None
+            if deep:
+                latest = db.latest_run(conn)
+                jobs = db.job_health(conn, now, stall_after=sources.settings.job_stall_seconds,
+                                     stale_claim_after=CLAIM_STALE_SECONDS)
     except psycopg.Error as exc:
         log.warning("health: database unavailable: %s", describe(exc))
         body["database"] = body["status"] = "unavailable"
@@ -136,6 +141,9 @@ def check_health(sources: Sources, *, deep: bool, now: datetime) -> tuple[dict[s
         body.update(sync="ok" if age is not None and age <= max_age else "stalled",
                     last_sync=latest["finished_at"] if latest else None,
                     last_sync_age_seconds=round(age) if age is not None else None, max_sync_age_seconds=max_age)
+        body.update(jobs_in_progress=jobs["in_progress"], jobs_stalled=jobs["stalled"])
+        if jobs["stalled"]:
+            body["sync"] = "stalled"
         if body["sync"] == "stalled" and body["status"] == "ok":
             body["status"] = "stalled"
     return body, 200 if body["status"] == "ok" else 503

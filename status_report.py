@@ -222,6 +222,8 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
         "esi_limits": db.esi_limit_buckets(conn, now),
         "esi_calls": db.esi_call_counts(conn),
         "outbox": db.outbox_summary(conn, now),
+        "jobs": db.job_health(conn, now, stall_after=settings.job_stall_seconds,
+                              stale_claim_after=CLAIM_STALE_SECONDS),
     }
 
 
@@ -311,6 +313,14 @@ def database_metrics(conn, settings: Settings, now: datetime) -> Iterator[GaugeM
     yield rows
     yield GaugeMetricFamily("killmail_notify_refused", "Notification destinations that refused us",
                             value=len(outbox["refused"]))
+    jobs = db.job_health(conn, now, stall_after=settings.job_stall_seconds, stale_claim_after=CLAIM_STALE_SECONDS)
+    for name, key, text in (
+            ("killmail_jobs_in_progress", "in_progress", "Jobs in hand of the live worker processes"),
+            ("killmail_job_oldest_seconds", "oldest_seconds", "Age of the oldest job in hand, in seconds"),
+            ("killmail_jobs_stalled", "stalled", "Jobs in hand with no progress for JOB_STALL_SECONDS"),
+            ("killmail_claims_stale", "stale_claims",
+             "Pilots and corporations claimed for a queue longer than the stale-claim limit")):
+        yield GaugeMetricFamily(name, text, value=jobs[key])
     latest = db.latest_run(conn)
     # +Inf before the first run, so an alert on "age > N" fires for a worker that never ran.
     age = (now - latest["finished_at"]).total_seconds() if latest else math.inf

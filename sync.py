@@ -44,6 +44,9 @@ SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for i
                                         # process loses (and its redelivered job fetches again) only that much
 UNKNOWN_NAME_RETRY = timedelta(days=1)  # an id ESI could not name is not asked again for this long
 NAME_EVERY = 10.0                       # seconds between a process's rounds of names calls
+TICK = 1.0                              # seconds between a waiting job's looks at its deadline and at a stop
+FINISH_WAIT = 10.0                      # seconds an interrupted job waits for the fetches already under way: a
+                                        # stop's grace is 30 s, and a fetch past this is fetched again later
 PRICES = values.PriceBook()             # one per process: loaded once, refreshed when ESI's Expires passes
 VALUE_BATCH = 200                       # killmails saved without a value (no prices then) one job values at most
 
@@ -68,6 +71,11 @@ class JobError(JobFailed):
 
 class PermanentJobError(JobFailed):
     """A job that can never succeed as sent (unknown user, bad message); never retried."""
+
+
+class JobInterrupted(JobError):
+    """A job the stopping worker ended early: what it fetched is saved, the rest released, and the job goes back
+    to the queue as it was (no attempt counted)."""
 
 
 @dataclass
@@ -109,6 +117,11 @@ class SyncOptions:
     notify_max_age: int = 3600          # NOTIFY_MAX_AGE_SECONDS: older new killmails are announced nowhere
     namer: Any = None                   # a Namer takes the ids to name; None: the job names them itself
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    deadline: float | None = None       # time.monotonic() by which the job gives up (JOB_DEADLINE_SECONDS)
+    stopping: threading.Event | None = None  # set when the worker stops: the job saves what it has and ends
+    progress: Callable[[], None] = lambda: None  # told of each fetched killmail and each saved batch
+    cancel_waits: Callable[[], None] = lambda: None  # ends the waits of the job's calls for ESI's limits
+    finish_wait: float = FINISH_WAIT    # seconds an interrupted job waits for the fetches under way
 
 
 @dataclass(frozen=True)
@@ -429,15 +442,19 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
         stop = _collect(conn, claimed, futures, unfetched, now, options, result)
     except BaseException:
         # The job dies (its database connection, most likely) and is run again: fetch nothing more now, and
-        # let the fetches under way end before the rerun claims the same references.
+        # let the fetches under way end before the rerun claims the same references (for a bounded time: a
+        # fetch still running then is one the rerun may fetch again, never one that holds the job for ever).
         for future in futures:
             future.cancel()
-        wait(futures)
+        options.cancel_waits()
+        wait(futures, timeout=options.finish_wait)
         raise
     db.release_refs(conn, sorted(unfetched))
     conn.commit()
     log.info("  ✅ Saved: %d, Skipped: %d%s", result.saved, result.skipped,
              f", Failed: {result.failed}" if result.failed else "")
+    if isinstance(stop, JobFailed):
+        raise stop
     if stop is not None:
         raise _job_error("killmail details", stop)
     if options.namer is not None:
@@ -513,11 +530,15 @@ def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime) -> None:
 
 
 def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,
-             result: SyncResult) -> EsiError | None:
+             result: SyncResult) -> EsiError | JobFailed | None:
     """Save fetched killmails in small batches as they arrive (in the order they arrive: paced fetches end in no
-    set order, and one slow fetch must not hold the others unsaved), record failures, and return the limit error
-    that stopped the fetching (None when all were tried). Ids left in `unfetched` were never fetched."""
-    stop: EsiError | None = None
+    set order, and one slow fetch must not hold the others unsaved), record failures, and return what stopped the
+    fetching: ESI's limit error, the job's deadline or the worker's stop (None when all were tried). Ids left in
+    `unfetched` were never fetched. No wait here is unbounded: the job looks at its deadline and at a stop every
+    TICK, and once interrupted waits FINISH_WAIT at most for the fetches under way."""
+    stop: EsiError | JobFailed | None = None
+    interrupted: JobFailed | None = None
+    finish_by = float("inf")
     fetched: list[Killmail] = []
     batch_started = time.monotonic()
     refs = dict(zip(futures, claimed, strict=True))
@@ -528,15 +549,29 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
         future.add_done_callback(arrived.put)
     left = len(futures)
     while left:
-        if fetched and time.monotonic() - batch_started >= SAVE_EVERY:  # the batch waited long enough
+        clock = time.monotonic()
+        if fetched and clock - batch_started >= SAVE_EVERY:  # the batch waited long enough
             _save(conn, fetched, now, options, result)
             fetched = []
-        timeout = max(0.0, batch_started + SAVE_EVERY - time.monotonic()) if fetched else None
+        if interrupted is None:
+            interrupted = _interruption(options, clock, left)
+            if interrupted is not None:
+                log.warning("  ⏹️  %s", interrupted)
+                for other in futures:
+                    other.cancel()
+                options.cancel_waits()
+                finish_by = clock + options.finish_wait
+        if clock >= finish_by:
+            break  # fetches still under way: their references are released, the next run fetches them
+        timeout = min(TICK, finish_by - clock)
+        if fetched:
+            timeout = min(timeout, max(0.0, batch_started + SAVE_EVERY - clock))
         try:
             future = arrived.get(timeout=timeout)
         except queue.Empty:
             continue
         left -= 1
+        options.progress()
         killmail_id = refs[future]["killmail_id"]
         try:
             killmail = future.result()
@@ -560,7 +595,16 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
             _save(conn, fetched, now, options, result)
             fetched = []
     _save(conn, fetched, now, options, result)
-    return stop
+    return interrupted or stop
+
+
+def _interruption(options: SyncOptions, clock: float, left: int) -> JobFailed | None:
+    """Why the job must end now with `left` fetches not in: the worker stops, or the job's deadline passed."""
+    if options.stopping is not None and options.stopping.is_set():
+        return JobInterrupted(f"worker stopping: {left} killmail details left for the next run")
+    if options.deadline is not None and clock >= options.deadline:
+        return JobError(f"job deadline passed while waiting for {left} killmail details (ESI or its limits)")
+    return None
 
 
 def _fetch_one(esi: EsiClient, killmail_id: int, killmail_hash: str) -> Killmail:
@@ -579,6 +623,7 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
         conn.commit()
         result.saved += len(saved)
         _note_names(killmails, saved, result)
+        options.progress()
         return
     except db.psycopg.OperationalError:
         raise

@@ -60,7 +60,7 @@ GROUPS = ("char-killmail", "corp-killmail", "killmail")
 DEFAULTS: dict[str, Any] = {
     "page_size": 1000, "cache_seconds": 300, "latency_ms": 0, "error_rate_5xx": 0.0, "rate_429": 0.0,
     "detail_bucket": (3600, 900), "list_bucket": (30, 900), "error_limit": 100, "error_window": 60,
-    "rate_limits": True, "background_share": 0.0,
+    "rate_limits": True, "background_share": 0.0, "token_seconds": ACCESS_TOKEN_SECONDS,
 }
 
 # ESI paths may carry a version prefix (/latest, /v5, ...) and a trailing slash.
@@ -376,6 +376,8 @@ class Simulator:
         self._created_at: dict[int, float] = {}  # killmail id -> when it was added to the world
         self._visible_at: dict[int, float] = {}  # killmail id -> when a 200 list page first showed it
         self._faults: list[dict] = []
+        self._stalls: list[dict] = []
+        self._released = threading.Event()
         self._error_window_start, self._error_count = 0, 0
         self._in_flight = 0
         self.base_url: str | None = None  # set by start()
@@ -471,6 +473,19 @@ class Simulator:
         with self._lock:
             self._offset += seconds
 
+    def stall_next(self, path_regex: str, count: int = 1) -> None:
+        """Hold the answers of the next `count` requests whose path matches `path_regex` (an ESI that accepted the
+        call and never answers) until release_stalls()."""
+        with self._lock:
+            self._released.clear()
+            self._stalls.append({"regex": re.compile(path_regex), "count": int(count)})
+
+    def release_stalls(self) -> None:
+        """Answer every held request now, and hold no more."""
+        with self._lock:
+            self._stalls.clear()
+            self._released.set()
+
     def fail_next(self, path_regex: str, status: int, count: int = 1, *, retry_after: int | None = None,
                   body: dict | None = None) -> None:
         """Answer the next `count` requests whose path matches `path_regex` with `status` (before any other check)."""
@@ -560,6 +575,7 @@ class Simulator:
 
     def stop(self) -> None:
         """Stop the server started by start(), close its connections and free the port (harmless when not running)."""
+        self.release_stalls()
         server, thread = self._server, self._thread
         if server is None:
             return
@@ -603,9 +619,12 @@ class Simulator:
             self._in_flight += 1
             self._stats["max_in_flight"] = max(self._stats["max_in_flight"], self._in_flight)
             latency = self._config["latency_ms"]
+            stall = self._take_stall(request.path)
         try:
             if latency:
                 time.sleep(latency / 1000)  # outside the lock, so concurrent requests overlap
+            if stall is not None:
+                stall.wait()  # an answer that does not come until the test lets it (release_stalls)
             with self._lock:
                 now = self._now()
                 reply = self._token(request, now) if route == "token" else self._esi(route, params, request, now)
@@ -659,6 +678,17 @@ class Simulator:
         key = (route, params["id"], request.args.get("page", "1"), owner)
         if owner is not None and now < self._given_expires.get(key, 0):
             self._stats["early_list_fetches"] += 1
+
+    def _take_stall(self, path: str) -> threading.Event | None:
+        """The release event of a queued stall_next whose regex matches the path, used up once per request."""
+        for stall in self._stalls:
+            if stall["regex"].search(path):
+                stall["count"] -= 1
+                if stall["count"] <= 0:
+                    self._stalls.remove(stall)
+                self._stats["stalled"] += 1
+                return self._released
+        return None
 
     def _take_fault(self, path: str) -> Reply | None:
         """The first queued fail_next fault whose regex matches the path, used up once per request."""
@@ -946,9 +976,9 @@ class Simulator:
             self._stats["invalid_grants"] += 1
             return Reply(400, _json({"error": "invalid_grant",
                                      "error_description": "Invalid refresh token. Token missing/expired."}))
-        self._issue_tokens(pilot, int(now) + ACCESS_TOKEN_SECONDS, now)
+        self._issue_tokens(pilot, int(now) + self._config["token_seconds"], now)
         self._stats["refreshes"] += 1
-        return Reply(200, _json({"access_token": pilot.access_token, "expires_in": ACCESS_TOKEN_SECONDS,
+        return Reply(200, _json({"access_token": pilot.access_token, "expires_in": self._config["token_seconds"],
                                  "token_type": "Bearer", "refresh_token": pilot.refresh_token}),
                      {"Cache-Control": "no-store"})
 
@@ -1031,8 +1061,8 @@ class Simulator:
             return Reply(400, _json({"error": "invalid_grant", "error_description": problem}))
         pilot = self._pilots[entry["character_id"]]
         pilot.scopes, pilot.revoked = list(entry["scopes"]), False
-        self._issue_tokens(pilot, int(now) + ACCESS_TOKEN_SECONDS, now)
-        return Reply(200, _json({"access_token": pilot.access_token, "expires_in": ACCESS_TOKEN_SECONDS,
+        self._issue_tokens(pilot, int(now) + self._config["token_seconds"], now)
+        return Reply(200, _json({"access_token": pilot.access_token, "expires_in": self._config["token_seconds"],
                                  "token_type": "Bearer", "refresh_token": pilot.refresh_token}),
                      {"Cache-Control": "no-store"})
 
@@ -1135,7 +1165,7 @@ class Simulator:
 
     def _fresh_stats(self) -> dict:
         return {"requests": 0, "by_route": dict.fromkeys(ROUTES, 0), "by_status": {}, "detail_fetches": {},
-                "duplicate_detail_fetches": 0, "early_list_fetches": 0, "status_420": 0, "status_429": 0,
+                "duplicate_detail_fetches": 0, "early_list_fetches": 0, "status_420": 0, "status_429": 0, "stalled": 0,
                 "min_error_limit_remain": self._config["error_limit"], "tokens_spent": dict.fromkeys(GROUPS, 0),
                 "refreshes": 0, "invalid_grants": 0, "invalid_client": 0, "bad_user_agent": 0,
                 "bad_compatibility_date": 0, "faults_injected": 0, "max_in_flight": 0, "names_resolved": 0,

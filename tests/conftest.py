@@ -143,6 +143,11 @@ def _watching_url(add):
     return watched
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak-minutes", type=float, default=3.0,
+                     help="how long tests/faults/test_fault_soak.py runs its faults (default 3)")
+
+
 @pytest.fixture(scope="session")
 def database_url():
     """A fresh database with the schema applied, dropped after the run."""
@@ -228,6 +233,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "ESI_USER_AGENT": settings.esi_user_agent, "SYNC_INTERVAL_SECONDS": str(settings.sync_interval_seconds),
         "RETRY_BASE_SECONDS": str(settings.retry_base_seconds), "MAX_ATTEMPTS": str(settings.max_attempts),
         "DETAIL_CONCURRENCY": str(settings.detail_concurrency), "PYTHONUNBUFFERED": "1",
+        "WORKER_STOP_GRACE_SECONDS": str(settings.worker_stop_grace_seconds),
+        "JOB_STALL_SECONDS": str(settings.job_stall_seconds),
+        "JOB_DEADLINE_SECONDS": str(settings.job_deadline_seconds),
+        "HTTP_TIMEOUT_SECONDS": str(int(settings.http_timeout_seconds)),
     })
     return env
 

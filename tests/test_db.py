@@ -382,6 +382,15 @@ def test_a_session_asks_the_server_for_keepalives_that_find_a_vanished_host_in_m
         assert server_keepalive_seconds(plain) > 60
 
 
+def test_the_client_end_probes_a_silent_server_too_unless_the_url_says_otherwise(database_url):
+    with db.connect(database_url) as conn:
+        params = conn.info.get_parameters()
+        assert {k: params.get(k) for k in db.CLIENT_KEEPALIVES} == db.CLIENT_KEEPALIVES
+    separator = "&" if "?" in database_url else "?"
+    with db.connect(f"{database_url}{separator}keepalives_idle=300") as conn:
+        assert conn.info.get_parameters()["keepalives_idle"] == "300"
+
+
 def table_names(conn) -> list[str]:
     rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1").fetchall()
     conn.commit()

@@ -280,7 +280,7 @@ def test_any_attempt_header_and_any_exception_end_in_an_ack_and_a_retry(database
     assert channel.published[0][1][broker.ATTEMPT_HEADER] == retry_queue + 1
 
 
-def test_a_failed_jobs_wait_is_the_errors_own_field_and_outcomes_are_three(conn, database_url, queue_name,
+def test_a_failed_jobs_wait_is_the_errors_own_field_and_outcomes_are_four(conn, database_url, queue_name,
                                                                            monkeypatch):
     """A JobError carries the wait ESI asked for as a declared field; the retry waits at least that long."""
     def paused(conn, esi, character_id, now, *, options):
@@ -292,7 +292,8 @@ def test_a_failed_jobs_wait_is_the_errors_own_field_and_outcomes_are_three(conn,
     assert (outcome.action, outcome.reason) == ("retry", "recent killmails: paused") and outcome.delay >= 3600
     run = conn.execute("SELECT character_id, status, error FROM sync_runs").fetchone()
     assert run == {"character_id": 42, "status": "error", "error": "recent killmails: paused"}
-    assert typing.get_args(typing.get_type_hints(killmail_worker.Outcome)["action"]) == ("ack", "retry", "dead")
+    assert typing.get_args(typing.get_type_hints(killmail_worker.Outcome)["action"]) == ("ack", "retry", "dead",
+                                                                                  "release")
 
 
 def test_a_crash_message_never_reaches_the_dead_letter_header(database_url, queue_name):
@@ -316,3 +317,55 @@ def test_a_retry_that_cannot_be_published_as_asked_is_dead_lettered_and_acked(da
     child.on_job_done(channel, 9, pika.BasicProperties(headers={}), b"{}", 1, outcome)
     assert channel.acked == [9]
     assert len(channel.published) == 1
+
+
+def test_a_heartbeat_tells_how_long_the_job_made_no_progress():
+    beat = killmail_worker.Heartbeat()
+    assert beat.stalled_for(10**9) == 0.0                 # no job: nothing stalls
+    beat.start(4242)
+    started, progress, character = beat.read()
+    assert character == 4242 and started == progress
+    assert beat.stalled_for(progress + 30) == pytest.approx(30)
+    beat.beat()
+    assert beat.read()[1] >= progress
+    beat.end()
+    assert beat.read() == (0.0, 0.0, 0)
+
+
+def test_the_watchdog_kills_a_child_whose_job_made_no_progress_and_spares_the_others(caplog, database_url):
+    settings = make_settings(database_url, prefetch_count=2, job_stall_seconds=60)
+    supervisor = killmail_worker.Supervisor(settings, burst=False)
+    stuck, busy = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2))
+    try:
+        supervisor.children = {stuck.pid: 0, busy.pid: 1}
+        supervisor.heartbeats[0].start(1001, now=1000.0)
+        supervisor.heartbeats[1].start(1002, now=1000.0)
+        supervisor.heartbeats[1].beat(now=1050.0)         # this one's job answered since
+        stalled_at = 1061.0
+        with caplog.at_level("ERROR"):
+            supervisor.watch(stalled_at)
+        assert stuck.wait(timeout=10) == -signal.SIGKILL
+        assert busy.poll() is None
+        assert "character 1001) made no progress for 61 s" in caplog.text
+        supervisor.watch(stalled_at)                      # killed once: not again while it is being reaped
+        assert caplog.text.count("made no progress") == 1
+    finally:
+        for proc in (stuck, busy):
+            proc.kill()
+            proc.wait()
+
+
+def test_the_children_still_running_when_the_stops_grace_ends_are_killed(database_url):
+    settings = make_settings(database_url, prefetch_count=1, worker_stop_grace_seconds=5)
+    supervisor = killmail_worker.Supervisor(settings, burst=False)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        supervisor.children = {child.pid: 0}
+        supervisor.stop_by = 100.0
+        supervisor.watch(99.0)                            # within the grace: left alone
+        assert child.poll() is None
+        supervisor.watch(100.0)
+        assert child.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()

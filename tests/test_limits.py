@@ -296,6 +296,44 @@ def test_a_stopping_process_still_waits_out_a_short_wait(conn, process, clock):
     assert sum(clock.waits) == pytest.approx(60.75)
 
 
+def test_cancelled_waits_end_at_once_and_the_next_job_waits_again(conn, process, clock):
+    one = process()
+    learn(one)
+    for _ in range(299):
+        one.settle(one.take(DETAIL), 200, answer())
+    one.cancel_waits()                                    # the job's deadline passed: no call waits any more
+    with pytest.raises(Paused, match="stopped waiting"):
+        one.take(DETAIL)
+    assert clock.waits == []
+    one.allow_waits()                                     # the next job waits for the tokens as before
+    one.take(DETAIL)
+    assert sum(clock.waits) == pytest.approx(60.75)
+
+
+def test_cancel_waits_ends_a_wait_under_way_in_another_thread(conn, process, clock):
+    one = process(stopping=threading.Event())             # a worker's: it waits on the stop event, in real time
+    learn(one)
+    for _ in range(299):
+        one.settle(one.take(DETAIL), 200, answer())
+    waiting = threading.Event()
+    one.on_wait = waiting.set                             # the ledger decreed a wait: the job is waiting
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            one.take(DETAIL)
+        except Paused as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert waiting.wait(10)
+    one.cancel_waits()
+    caller.join(timeout=10)                               # ended within a RECHECK, not after the window
+    assert not caller.is_alive()
+    assert len(outcome) == 1 and "stopped waiting" in str(outcome[0])
+
+
 # ------------------------------------------------------------------------------------------------ error budget
 
 def test_calls_in_flight_leave_ten_errors_while_calm_and_half_the_budget_once_errors_come(conn, process, clock):
@@ -497,48 +535,24 @@ def test_a_420_pauses_every_route_of_every_process(conn, process, clock, monkeyp
     assert 50 <= seconds(caught.value.until) <= 52
 
 
-def test_until_a_bucket_is_known_one_call_goes_and_the_others_wait_for_its_answer(conn, process, clock):
+def test_a_bucket_not_answered_yet_is_spent_by_esis_default_limit_until_an_answer_corrects_it(conn, process, clock):
     shared = process()
-    first = shared.take(DETAIL)  # the first call asks
-    gone = threading.Event()
-    second = threading.Thread(target=lambda: (shared.take(DETAIL), gone.set()))
-    second.start()
-    assert not gone.wait(0.3)  # held until the first call's answer
-    shared.settle(first, 200, answer("3600/15m"))
-    assert gone.wait(5)
-    second.join()
+    first, second = shared.take(DETAIL), shared.take(DETAIL)  # no call waits for another's answer
+    assert first.ledgers == second.ledgers == [DETAIL]        # both counted from the first call on (3600/15m)
+    assert spent(conn, DETAIL, clock, 900)["in_flight"] == 4  # tokens: two calls of a 200 each
+    shared.settle(first, 200, answer("1800/15m"))             # ESI says otherwise: its word is kept
+    shared.settle(second, 200, answer("1800/15m"))
     (row,) = db.limit_state(conn, [DETAIL])
-    assert (row["limit_tokens"], row["window_seconds"]) == (3600, 900)
-    assert spent(conn, DETAIL, clock, 900)["in_flight"] == 2  # the second call was counted in the ledger
+    assert (row["limit_tokens"], row["window_seconds"]) == (1800, 900)
+    assert limits.DEFAULT_LIMITS[DETAIL] == (3600, 900)
 
 
-def test_a_timeout_is_no_answer_and_a_bucket_without_a_limit_is_only_under_the_error_limit(conn, process, clock):
+def test_a_route_without_a_rate_limit_is_only_under_the_error_limit(conn, process, clock):
     shared = process()
-    shared.settle(shared.take(DETAIL), 0, {})  # the first call timed out: it told nothing
-    asking = shared.take(DETAIL)               # so the next call asks again, without waiting
-    taken = []
-    third = threading.Thread(target=lambda: taken.append(shared.take(DETAIL)))
-    third.start()
-    shared.settle(shared.take("character"), 200, {"X-ESI-Error-Limit-Remain": "99"})  # another route's answer
-    assert not taken
-    shared.settle(asking, 200, {"X-ESI-Error-Limit-Remain": "100"})  # the detail answer: no rate-limit headers
-    third.join(5)
-    assert len(taken) == 1 and taken[0].ledgers == [] and taken[0].lease  # no limit it lacks, only an error slot
-    assert spent(conn, DETAIL, clock)["in_flight"] == 0
-
-
-def test_a_first_call_that_never_goes_lets_the_next_one_ask(conn, process, clock, monkeypatch):
-    """The first call of an unknown bucket is paused (a 420 elsewhere): the process's next call must not wait
-    for an answer that will never come."""
-    monkeypatch.setattr(limits, "MAX_INLINE_WAIT", 5.0)
-    one, other = process(), process()
-    other.settle(other.take("character"), 420, {"X-ESI-Error-Limit-Reset": "50"})
-    with pytest.raises(Paused):
-        one.take(DETAIL)
-    began = time.monotonic()
-    with pytest.raises(Paused):   # at once, not after FIRST_ANSWER_WAIT
-        one.take(DETAIL)
-    assert time.monotonic() - began < limits.FIRST_ANSWER_WAIT / 2
+    taken = shared.take("character")
+    assert taken.ledgers == [] and taken.lease               # no limit it lacks, only an error slot
+    shared.settle(taken, 200, {"X-ESI-Error-Limit-Remain": "100"})
+    assert spent(conn, "character", clock)["in_flight"] == 0
 
 
 def test_a_settle_the_database_refuses_loses_no_answer(conn, process, clock, monkeypatch, caplog):

@@ -1,13 +1,15 @@
 """sync.py end to end: real PostgreSQL, real HTTP to the local ESI simulator."""
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 import db
 import sync
-from conftest import insert_users, make_settings
+from conftest import insert_users, make_settings, wait_until
 from esi import EsiClient, InvalidGrant
 from limits import SharedLimits
 
@@ -140,6 +142,61 @@ def test_malformed_killmail_is_a_failed_reference_and_the_rest_are_saved(conn, w
         later += timedelta(hours=7)
         sync.sync_character(conn, world, pilot["character_id"], later)
     assert sim.stats()["detail_fetches"].get(ids[0], 0) == sync.SyncOptions().max_attempts - 1
+
+
+def test_a_detail_answer_that_never_comes_ends_the_job_at_its_deadline_and_loses_nothing(conn, world, sim):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    ids = sorted(sim.killmail_ids_for(pilot["character_id"]))
+    sim.stall_next(r"/killmails/\d+/", count=1)          # ESI took one detail call and never answers it
+    options = sync.SyncOptions(deadline=time.monotonic() + 2, finish_wait=0.5, cancel_waits=world.limits.cancel_waits)
+    with pytest.raises(sync.JobError, match="job deadline passed while waiting for 1 killmail details"):
+        sync.sync_character(conn, world, pilot["character_id"], now_for(sim), options=options)
+    stalled = set(ids) - stored_ids(conn)
+    assert len(stalled) == 1                              # every other killmail saved as it came
+    claims = conn.execute("SELECT count(*) AS n FROM killmail_refs WHERE killmail_id = ANY(%s) "
+                          "AND claimed_until IS NOT NULL", (list(stalled),)).fetchone()
+    assert claims["n"] == 0                               # and the one never answered released
+    conn.commit()
+    sim.release_stalls()
+    world.limits.allow_waits()                            # the next job (the retry) waits for ESI's limits again
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "ok" and stored_ids(conn) == set(ids)
+    assert sim.stats()["duplicate_detail_fetches"] <= 1   # the abandoned answer may have come after all
+
+
+def test_a_stopping_worker_saves_what_it_fetched_releases_the_rest_and_the_job_is_interrupted(conn, world, sim):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    ids = sorted(sim.killmail_ids_for(pilot["character_id"]))
+    sim.stall_next(r"/killmails/\d+/", count=len(ids))   # no detail answers until released
+    stopping = threading.Event()
+    options = sync.SyncOptions(stopping=stopping, finish_wait=0.5, cancel_waits=world.limits.cancel_waits)
+    runner = threading.Thread(target=lambda: outcome.append(run_capturing(
+        lambda: sync.sync_character(conn, world, pilot["character_id"], now_for(sim), options=options))))
+    outcome: list = []
+    runner.start()
+    wait_until(lambda: sim.stats()["stalled"] >= 1, what="a detail call under way")
+    stopping.set()                                        # SIGTERM
+    runner.join(timeout=30)
+    assert not runner.is_alive()
+    assert isinstance(outcome[0], sync.JobInterrupted) and "worker stopping" in str(outcome[0])
+    unsaved = list(set(ids) - stored_ids(conn))
+    assert unsaved                                        # none answered: nothing to save
+    claims = conn.execute("SELECT count(*) AS n FROM killmail_refs WHERE killmail_id = ANY(%s) "
+                          "AND claimed_until IS NOT NULL", (unsaved,)).fetchone()
+    assert claims["n"] == 0                               # every reference released for the next run
+    conn.commit()
+    sim.release_stalls()
+    world.limits.allow_waits()
+    assert sync.sync_character(conn, world, pilot["character_id"], now_for(sim)).status == "ok"
+    assert stored_ids(conn) == set(ids)
+
+
+def run_capturing(work):
+    """What work returned, or the exception it raised."""
+    try:
+        return work()
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        return exc
 
 
 @pytest.mark.parametrize("poison, reason", [

@@ -405,3 +405,71 @@ def answer_or_false(url: str, query):
             return query(conn)
     except psycopg.OperationalError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------- own RabbitMQ
+
+RABBIT_TIMEOUT = 60  # seconds a node start or an app restart may take
+
+
+class OwnRabbit:
+    """A RabbitMQ node of a test's own (its name, port, data and logs in a temporary directory): a test may stop and
+    start it with `rabbitmqctl stop_app` while the shared broker, which other tests and developers use, is never
+    touched. RabbitMQ's scripts run the node as the rabbitmq user, which owns the directory."""
+
+    def __init__(self):
+        self.home = Path(tempfile.mkdtemp(prefix="killmails-rabbit-"))
+        self.port, self.dist_port = free_port(), free_port()
+        self.node = f"killmails{self.port}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        (self.home / "enabled_plugins").write_text("[].\n")
+        (self.home / "rabbitmq-env.conf").write_text("")
+        (self.home / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+                                                 "loopback_users = none\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.home, "rabbitmq", "rabbitmq")
+            for path in self.home.iterdir():
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+        self.env = {**os.environ, "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
+                    "RABBITMQ_DIST_PORT": str(self.dist_port), "RABBITMQ_CONFIG_FILE": str(self.home / "rabbitmq.conf"),
+                    "RABBITMQ_CONF_ENV_FILE": str(self.home / "rabbitmq-env.conf"),
+                    "RABBITMQ_MNESIA_BASE": str(self.home / "mnesia"), "RABBITMQ_LOG_BASE": str(self.home / "log"),
+                    "RABBITMQ_PID_FILE": str(self.home / "pid"),
+                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.home / "enabled_plugins")}
+
+    def ctl(self, *args: str) -> str:
+        done = subprocess.run(["rabbitmqctl", "-n", self.node, *args], capture_output=True, text=True,
+                              env=self.env, timeout=RABBIT_TIMEOUT + 30)
+        assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    def start(self) -> None:
+        """Start the node and wait until it takes connections."""
+        subprocess.run(["rabbitmq-server", "-detached"], env=self.env, check=True, timeout=RABBIT_TIMEOUT,
+                       capture_output=True)
+        self.ctl("wait", str(self.home / "pid"), "--timeout", str(RABBIT_TIMEOUT))
+
+    def stop_app(self) -> None:
+        self.ctl("stop_app")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+
+    def stop(self) -> None:
+        """Stop the node and remove its directory."""
+        subprocess.run(["rabbitmqctl", "-n", self.node, "stop"], env=self.env, capture_output=True,
+                       timeout=RABBIT_TIMEOUT + 30)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@pytest.fixture(name="own_rabbit")
+def fixture_own_rabbit():
+    """A running RabbitMQ node of this test's own; gone after the test."""
+    if shutil.which("rabbitmq-server") is None:
+        pytest.skip("rabbitmq-server is not installed: no broker of the test's own to restart")
+    node = OwnRabbit()
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()

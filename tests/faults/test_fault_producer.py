@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import time
 
+import pika
 import pytest
 
 import broker
-from conftest import insert_users
+from conftest import ROOT, insert_users, make_settings, run_script, settings_env
 from fault_helpers import (  # noqa: F401
     assert_all_stored,
     check_stored,
     fault_settings,
     faults_line,
     fixture_fast,
+    fixture_own_rabbit,
     fixture_workers,
     overlapping_runs,
     publish_raw,
@@ -117,3 +121,42 @@ def test_producer_every_second_never_syncs_one_character_twice_at_once(conn, fas
     assert lost == []
     assert stats["duplicate_detail_fetches"] == 0
     assert stats["status_420"] == 0
+
+
+def test_a_broker_lost_in_the_middle_of_a_run_leaves_no_pilot_claimed_without_a_job(conn, database_url, queue_name,
+                                                                                   own_rabbit):
+    pilots = 3000  # enough that the run is still publishing when the broker goes
+    conn.execute("INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at) "
+                 "SELECT 90000000 + g, 'Pilot ' || g, 'a', 'r', now() + interval '1 hour' "
+                 "FROM generate_series(1, %s) AS g", (pilots,))
+    conn.commit()
+    settings = make_settings(database_url, rabbitmq_url=own_rabbit.url, queue_name=queue_name)
+    producer = subprocess.Popen([sys.executable, str(ROOT / "queue_killmails.py")], cwd=ROOT,
+                                env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    wait_until(lambda: claimed(conn) > 0, timeout=60, interval=0.005, what="the run to claim its pilots")
+    own_rabbit.stop_app()                                 # while it publishes
+    output = producer.communicate(timeout=120)[0]
+    own_rabbit.start_app()
+    assert producer.returncode == 1, output
+    assert 0 < depth(own_rabbit.url, queue_name) < pilots, output  # the broker went in the middle of the run
+    # Every pilot still claimed has its job in the queue: the rest were released, and the next run queues them.
+    assert claimed(conn) <= depth(own_rabbit.url, queue_name)
+    done = run_script("queue_killmails.py", settings, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert claimed(conn) == pilots and depth(own_rabbit.url, queue_name) >= pilots
+
+
+def claimed(conn) -> int:
+    n = conn.execute("SELECT count(*) AS n FROM users WHERE queued_at IS NOT NULL").fetchone()["n"]
+    conn.commit()
+    return n
+
+
+def depth(url: str, queue: str) -> int:
+    """Messages ready in a queue of this broker."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()
