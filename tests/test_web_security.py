@@ -30,7 +30,8 @@ def app_url(database_url):
                      APP_API_TOKEN=API_TOKEN, EVE_CALLBACK_URL=CALLBACK, ESI_USER_AGENT=USER_AGENT,
                      EVE_CLIENT_ID=CLIENT_ID, EVE_CLIENT_SECRET=CLIENT_SECRET, ESI_BASE_URL=CLOSED,
                      SSO_TOKEN_URL=f"{CLOSED}/v2/oauth/token", SSO_JWKS_URL=f"{CLOSED}/oauth/jwks",
-                     SSO_REVOKE_URL=f"{CLOSED}/v2/oauth/revoke", FLASK_SECRET_KEY="web-security-session-key-" + "s" * 16)
+                     SSO_REVOKE_URL=f"{CLOSED}/v2/oauth/revoke",
+                     FLASK_SECRET_KEY="web-security-session-key-" + "s" * 16)
     with serve(env) as base:
         yield base
 
