@@ -256,6 +256,10 @@ class SharedLimits:
                 if lease is not None:
                     return replace(ticket, lease=lease)
                 self._end_in_flight(ticket.ids)  # its tokens go back while it waits for the error budget
+            if ticket is None and wait > POLL:
+                # The bucket is spent: this process's calls wait for its tokens, and the error slots it leased
+                # that no call uses would only keep other processes' calls (those that have their tokens) waiting.
+                self._end_in_flight(self._over(waiting=True))
             if wait > MAX_INLINE_WAIT and _per_owner(bucket):
                 # One pilot's list bucket: its job goes to the retry queue rather than hold a process that
                 # other pilots' jobs could use.
@@ -342,7 +346,7 @@ class SharedLimits:
             self._slots.notify_all()
         return self._over()
 
-    def _over(self) -> list[int]:
+    def _over(self, *, waiting: bool = False) -> list[int]:
         """Take the leases that are over out of the process's hands; their ids, to end in the ledger. A lease no
         call uses is over once closed, or at once when no thread of the process wants a slot: idle slots held by
         one process are calls other processes cannot make. One single slot stays open, for a process's calls one
@@ -351,7 +355,9 @@ class SharedLimits:
             now = self._clock()
             idle = [lease for lease in self._leases if not lease.used]
             kept = [lease for lease in idle if lease.open(now)]
-            if not self._wanting:
+            if waiting:  # the process waits for a spent bucket's tokens: no call of its needs a slot soon
+                kept = []
+            elif not self._wanting:
                 kept = [lease for lease in kept if lease.slots == 1][-1:]
             over = [lease for lease in idle if lease not in kept]
             self._leases = [lease for lease in self._leases if lease not in over]

@@ -310,6 +310,21 @@ def test_cancelled_waits_end_at_once_and_the_next_job_waits_again(conn, process,
     assert sum(clock.waits) == pytest.approx(60.75)
 
 
+def test_a_process_waiting_for_a_spent_bucket_gives_back_the_error_slots_no_call_uses(conn, process, clock):
+    one = process()
+    learn(one)
+    for _ in range(299):
+        one.settle(one.take(DETAIL), 200, answer())
+    kept = spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"]  # the single slot kept for the next call
+    one._lease(8)                                         # slots leased for calls that now wait for tokens
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == kept + 8
+    held: list[int] = []
+    one.on_wait = lambda: held.append(spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"])
+    one.take(DETAIL)
+    assert held and held[0] == 0                          # given back while the call waited, not after
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 1  # the call's own slot, once it had its tokens
+
+
 def test_cancel_waits_ends_a_wait_under_way_in_another_thread(conn, process, clock):
     one = process(stopping=threading.Event())             # a worker's: it waits on the stop event, in real time
     learn(one)

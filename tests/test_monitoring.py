@@ -25,7 +25,7 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not in
 KEYWORDS = {"and", "or", "unless", "bool", "by", "without", "on", "ignoring", "group_left", "group_right", "offset",
             "inf", "nan"}
 ALERTS = {"KillmailSyncStalled", "KillmailStatusCannotReach", "KillmailDeadLetters", "KillmailEsiLimited",
-          "KillmailPilotsNeedLogin", "KillmailDetailBacklogStuck"}
+          "KillmailPilotsNeedLogin", "KillmailDetailBacklogStuck", "KillmailJobsStalled", "KillmailClaimsStale"}
 
 
 def series_names(expr: str) -> set[str]:

@@ -160,7 +160,8 @@ def test_deep_health_is_stalled_before_any_sync(client, conn):
     response = client.get("/health?deep=true")
     assert response.status_code == 503
     assert response.get_json() == {"status": "stalled", "database": "ok", "broker": "ok", "sync": "stalled",
-                                   "last_sync": None, "last_sync_age_seconds": None, "max_sync_age_seconds": 1800}
+                                   "last_sync": None, "last_sync_age_seconds": None, "max_sync_age_seconds": 1800,
+                                   "jobs_in_progress": 0, "jobs_stalled": 0}
 
 
 def test_plain_health_ignores_how_old_the_last_sync_is(client, conn):
