@@ -284,9 +284,9 @@ def jobs(queue: str) -> list[tuple[int, dict]]:
     return found
 
 
-def queue_counts(*queues: str) -> list[int]:
-    """Ready messages per queue (0 for a queue that does not exist)."""
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+def queue_counts(*queues: str, url: str = RABBITMQ_URL) -> list[int]:
+    """Ready messages per queue (0 for a queue that does not exist), on the shared broker unless `url` says."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         counts = []
         channel = connection.channel()

@@ -198,9 +198,9 @@ def broker_queue_state(*queues: str) -> dict[str, tuple[int, int]]:
     return state
 
 
-def broker_answers() -> bool:
+def broker_answers(url: str = RABBITMQ_URL) -> bool:
     try:
-        pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL)).close()
+        pika.BlockingConnection(pika.URLParameters(url)).close()
         return True
     except pika.exceptions.AMQPError:
         return False

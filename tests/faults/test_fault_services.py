@@ -17,6 +17,7 @@ from fault_helpers import (  # noqa: F401
     faults_line,
     fixture_fast,
     fixture_own_postgres,
+    fixture_own_rabbit,
     fixture_workers,
     per_pid,
     queue_all,
@@ -44,14 +45,15 @@ def jobs_running(*running_workers, at_least: int = 1):
     return lambda: sum(j["phase"] == "details" for w in running_workers for j in w.jobs().values()) >= at_least
 
 
-def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url, queue_name, workers):
+def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url, queue_name, workers, own_rabbit):
+    """On a RabbitMQ node of the test's own: stopping the shared one would cut every other client of it."""
     sim = fast
     sim.configure(latency_ms=20)
     sim.add_pilots(n_pilots=24, n_killmails=2400, share=1, expired_fraction=0.2, revoked=0, corporations=3)
     insert_users(conn, sim.pilots())
     # Four detail threads per child, not the default 32: jobs long enough for the broker to go down under them
     # each time (at 32 the queue can be empty before the last restart).
-    settings = fault_settings(database_url, sim, queue_name, detail_concurrency=4)
+    settings = fault_settings(database_url, sim, queue_name, detail_concurrency=4, rabbitmq_url=own_rabbit.url)
     queued = queue_all(settings)
     steady = workers(settings)                 # runs until stopped
     burst = workers(settings, "--burst")       # exits once the queue is empty
@@ -64,15 +66,16 @@ def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url
         lost_before = steady.count(LOST), burst.count(LOST)
         stopped_at = time.monotonic()
         try:
-            rabbitmqctl("stop_app")  # every client gets CONNECTION_FORCED
+            own_rabbit.stop_app()  # every client gets CONNECTION_FORCED
             # Down until both workers noticed it (a burst worker whose last job ended meanwhile has exited).
             wait_until(lambda lost_before=lost_before: steady.count(LOST) > lost_before[0]
                        and (burst.count(LOST) > lost_before[1] or not burst.running()),
                        timeout=20, what="both workers to notice the broker is gone", interval=0.1)
         finally:
-            rabbitmqctl("start_app")
+            own_rabbit.start_app()
         down_for.append(round(time.monotonic() - stopped_at, 1))
-        wait_until(broker_answers, timeout=60, what="RabbitMQ to answer again", interval=0.2)
+        wait_until(lambda: broker_answers(own_rabbit.url), timeout=60, what="RabbitMQ to answer again",
+                   interval=0.2)
         # Every child of the steady worker consumes again before the next restart (a job that ran on through the
         # outage would make "jobs in the middle of their details" true before any child reconnected).
         wait_until(lambda: all(per_pid(steady.lines(), BACK).get(pid, 0) >= len(down_for)
@@ -81,7 +84,7 @@ def test_broker_restarts_under_running_jobs_lose_no_job(conn, fast, database_url
 
     code = burst.wait(timeout=240)
     assert code == 0, burst.output()[-4000:]
-    wait_until(lambda: users_idle(conn) and queue_counts(queue_name) == [0], timeout=180,
+    wait_until(lambda: users_idle(conn) and queue_counts(queue_name, url=own_rabbit.url) == [0], timeout=180,
                what="every queued job to finish", interval=0.5)
     assert steady.running(), steady.output()[-4000:]  # it carried on by itself
     steady.terminate()
