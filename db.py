@@ -431,7 +431,7 @@ def pending_refs(conn, kind: str, owner_id: int, now: datetime, *, max_attempts:
     table, column = _LINKS[kind]
     return conn.execute(
         sql.SQL("""
-        SELECT r.killmail_id, r.killmail_hash
+        SELECT r.killmail_id, r.killmail_hash, r.first_seen_at
         FROM {} c
         JOIN killmail_refs r USING (killmail_id)
         WHERE c.{} = %(id)s

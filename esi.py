@@ -133,6 +133,11 @@ class Paused(EsiError):
         self.until = until
 
 
+class Deferred(Paused):
+    """A backlog detail (listed long ago, or in a pilot's first sync) that would wait long for ESI's detail bucket:
+    left for a later sync, so that fresh killmails keep their share of the bucket and the job its process."""
+
+
 class SsoError(EsiError):
     """EVE SSO refused or failed a token refresh."""
 
@@ -158,7 +163,7 @@ class Limits(Protocol):
     """Shared rate and error limit state (limits.SharedLimits); the client takes before and settles after every
     request."""
 
-    def take(self, bucket: str) -> Any: ...
+    def take(self, bucket: str, *, backlog: bool = False) -> Any: ...
 
     def settle(self, ticket: Any, status: int, headers: Any) -> None: ...
 
@@ -168,7 +173,7 @@ class Limits(Protocol):
 class NoLimits:
     """Limits that never wait: for unit tests and one-off scripts."""
 
-    def take(self, bucket: str) -> None:
+    def take(self, bucket: str, *, backlog: bool = False) -> None:
         """Never wait."""
 
     def settle(self, ticket: Any, status: int, headers: Any) -> None:
@@ -380,12 +385,13 @@ class EsiClient:
             etag = None
         raise ServerError(f"list of {character_id} kept changing while paging")
 
-    def get_killmail(self, killmail_id: int, killmail_hash: str) -> tuple[dict, str]:
-        """One killmail: the decoded body (the caller validates it) and its JSON text as ESI sent it."""
+    def get_killmail(self, killmail_id: int, killmail_hash: str, *, backlog: bool = False) -> tuple[dict, str]:
+        """One killmail: the decoded body (the caller validates it) and its JSON text as ESI sent it. A backlog
+        detail spends only its share of the detail bucket, and raises Deferred rather than wait long for it."""
         # The detail bucket is per source IP: workers behind one IP share it, so they share its pacing.
         bucket = f"killmail@{self.settings.esi_egress}" if self.settings.esi_egress else "killmail"
         path = f"/killmails/{killmail_id}/{quote(killmail_hash, safe='')}/"  # a hash is ESI's text: quoted
-        response = self._get(path, group="killmail", bucket=bucket)
+        response = self._get(path, group="killmail", bucket=bucket, backlog=backlog)
         try:
             raw = response.content.decode("utf-8")  # JSON is UTF-8 (RFC 8259); ESI says so too
             body = json.loads(raw)
@@ -486,7 +492,7 @@ class EsiClient:
     # ---------------------------------------------------------------------------------------------- transport
 
     def _get(self, path: str, *, group: str, bucket: str, token: str | None = None, etag: str | None = None,
-             params: dict | None = None) -> requests.Response:
+             params: dict | None = None, backlog: bool = False) -> requests.Response:
         headers = {"X-Compatibility-Date": self.settings.esi_compatibility_date}
         if token:
             if not is_bearer_token(token):  # never sent, never quoted: a refresh replaces it
@@ -495,7 +501,7 @@ class EsiClient:
         if etag:
             headers["If-None-Match"] = etag
         response = self._send("GET", self.settings.esi_base_url + path, group=group, bucket=bucket,
-                              headers=headers, params=params)
+                              headers=headers, params=params, backlog=backlog)
         status = response.status_code
         if status == 200:
             return response
@@ -507,7 +513,8 @@ class EsiClient:
         _raise_for_status(response, f"GET {path}", group)
         raise AssertionError("unreachable")
 
-    def _send(self, method: str, url: str, *, group: str, bucket: str, **kwargs: Any) -> requests.Response:
+    def _send(self, method: str, url: str, *, group: str, bucket: str, backlog: bool = False,
+              **kwargs: Any) -> requests.Response:
         """Send with the shared limits around it; 5xx and timeouts are retried with backoff and jitter."""
         # One deadline for the whole call, retries included: per-read timeouts alone let an answer that trickles
         # (or never ends) hold the job, and the pilot's lock, for ever.
@@ -515,7 +522,7 @@ class EsiClient:
         for attempt in range(1, SERVER_RETRIES + 1):
             request = self._prepare(method, url, **kwargs)
             asked = time.monotonic()
-            ticket = self.limits.take(bucket)
+            ticket = self.limits.take(bucket, backlog=backlog) if backlog else self.limits.take(bucket)
             # Waiting for ESI's limits (a spent bucket's tokens come back a window later) is no part of the
             # answer's time: an answer paid for must not be thrown away for the wait before it was sent.
             deadline += time.monotonic() - asked

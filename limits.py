@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import db
-from esi import MAX_PAUSE, REQUEST_DEADLINE, SSO_BUCKET, Paused
+from esi import MAX_PAUSE, REQUEST_DEADLINE, SSO_BUCKET, Deferred, Paused
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ MAX_WINDOW = 3600          # the longest rate-limit window believed
 HOLD_MARGIN = 10           # seconds past a call's deadline that its possible error is still held
 POLL = 0.05                # seconds before asking again when calls in flight may give tokens back
 MAX_INLINE_WAIT = 30.0     # a longer wait fails the job into the retry queue rather than holding a process
+MAX_SHARED_WAIT = 120.0    # the same for a bucket every process shares (the detail bucket), whose short waits
+                           # are the pace of its tokens coming back, and long ones a bucket spent for minutes
 STOP_WAIT = 10.0           # a stopping process still waits this long for tokens to finish its jobs
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared pauses and limits
 RECHECK = 1.0              # a call waiting for tokens looks at the pauses at least this often
@@ -54,6 +56,10 @@ RECHECK = 1.0              # a call waiting for tokens looks at the pauses at le
 # otherwise: a new database (or egress) spends from the first call as ESI will count it, with no call waiting for
 # another's answer to learn them.
 DEFAULT_LIMITS = {"killmail": (3600, 900), "char-killmail": (30, 900), "corp-killmail": (30, 900)}
+# A backlog (killmails listed long ago, or in a pilot's first sync) may spend this share of a bucket: the rest is
+# kept for fresh killmails. A rested detail bucket spent at once by a cold sync otherwise gives nothing back for a
+# whole window (tokens return 15 minutes after they were spent), and new kills wait that long to be stored.
+BACKLOG_SHARE = 0.6
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
 LEASE_SLOTS = 16           # at most this many error slots leased at once: one process never holds the whole budget
 LEASE_LIFE = 5.0           # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
@@ -198,6 +204,8 @@ class SharedLimits:
         # slots as threads are waiting (`_wanting`), while the others wait on `_slots`.
         self._slots = threading.Condition()
         self._leases: list[_Lease] = []
+        # Groups with a default limit whose answers came without one: ESI (or the stand-in) meters them not.
+        self._unlimited: set[str] = set()
         self._wanting = 0
         self._leasing = False
         # Set by cancel_waits (the job's deadline passed, or the worker stops): every wait of the process's calls
@@ -219,8 +227,11 @@ class SharedLimits:
         if self._cancelled.is_set():
             raise Paused(f"{bucket}: the job stopped waiting for ESI's limits", bucket=bucket, until=self._clock())
 
-    def take(self, bucket: str) -> Ticket:
+    def take(self, bucket: str, *, backlog: bool = False) -> Ticket:
         """Wait while the error limit or this bucket is paused or spent, then take what one call may cost.
+
+        A backlog call (see BACKLOG_SHARE) spends only its share of the bucket and raises Deferred rather than wait
+        longer than MAX_INLINE_WAIT for it.
 
         A pause (a 420 or 429) or a spent list bucket of one pilot's longer than MAX_INLINE_WAIT raises Paused,
         so the job goes to the retry queue. The shared detail bucket is waited out here, however long: its tokens
@@ -235,17 +246,18 @@ class SharedLimits:
             self._wanting += 1
         try:
             with self._take_lock_held(group, bucket):
-                return self._take_waiting(bucket, group, keys, self._read(keys))
+                return self._take_waiting(bucket, group, keys, self._read(keys), backlog=backlog)
         finally:
             with self._slots:
                 self._wanting -= 1
 
-    def _take_waiting(self, bucket: str, group: str, keys: list[str], state: list[dict]) -> Ticket:
+    def _take_waiting(self, bucket: str, group: str, keys: list[str], state: list[dict], *,
+                      backlog: bool = False) -> Ticket:
         """Take the call's ledger rows and error slot, sleeping through pauses and spent buckets (see take)."""
         waited = 0.0
         while True:
             self._wait_out_pause(bucket, state)
-            ticket, wait = self._take_once(bucket, _row(state, group))
+            ticket, wait = self._take_once(bucket, _row(state, group), backlog=backlog)
             if ticket is not None:
                 try:
                     lease, wait = self._error_slot()
@@ -260,9 +272,13 @@ class SharedLimits:
                 # The bucket is spent: this process's calls wait for its tokens, and the error slots it leased
                 # that no call uses would only keep other processes' calls (those that have their tokens) waiting.
                 self._end_in_flight(self._over(waiting=True))
-            if wait > MAX_INLINE_WAIT and _per_owner(bucket):
-                # One pilot's list bucket: its job goes to the retry queue rather than hold a process that
-                # other pilots' jobs could use.
+            if wait > MAX_INLINE_WAIT and backlog:
+                raise Deferred(f"{bucket}: the backlog's share spent for {wait:.0f} s", bucket=bucket,
+                               until=self._clock() + timedelta(seconds=wait))
+            if wait > (MAX_INLINE_WAIT if _per_owner(bucket) else MAX_SHARED_WAIT):
+                # A spent bucket gives nothing back for minutes (its tokens return a window after they were
+                # spent): the job goes to the retry queue rather than hold a process that other pilots' jobs
+                # could use (their lists, their fresh kills in the share a backlog leaves).
                 raise Paused(f"{bucket} spent for {wait:.0f} s", bucket=bucket,
                              until=self._clock() + timedelta(seconds=wait))
             if waited == 0.0 and wait > POLL:
@@ -272,16 +288,17 @@ class SharedLimits:
             waited += wait
             state = self._read(keys)
 
-    def _take_once(self, bucket: str, limit_row: dict) -> tuple[Ticket | None, float]:
+    def _take_once(self, bucket: str, limit_row: dict, *, backlog: bool = False) -> tuple[Ticket | None, float]:
         """Take the call's tokens from the ledger: the ticket, or None and the seconds to wait."""
         limit, window = limit_row.get("limit_tokens"), limit_row.get("window_seconds")
-        if not (limit and window):
+        if not (limit and window) and _group(bucket) not in self._unlimited:
             limit, window = DEFAULT_LIMITS.get(_group(bucket), (None, None))
-        if not (limit and window):  # a bucket with no limit seen (or none at all) is only under the error limit
+        if not (limit and window):  # a bucket with no limit (ESI answered without one) is only under the error limit
             return Ticket(bucket), 0.0
         # ESI charges a call when it arrives: a call's tokens are back one window after it was sent.
         spend = _Spend(bucket, cost=CALL_COST, limit=limit, window=window, hold=window, reserve=reserve(limit),
-                       headroom=HEADROOM, frees=HEADROOM, charged=True)
+                       headroom=HEADROOM, frees=HEADROOM, charged=True,
+                       floor=limit - int(limit * BACKLOG_SHARE) if backlog else 0)
         ids, wait, _ = self._ask_ledger(spend)
         if not ids:
             return None, wait
@@ -443,6 +460,10 @@ class SharedLimits:
                 remaining: int | None) -> None:
         """Pauses, a bucket's limit when it is new to this process, and now and then its remaining count."""
         group = _group(bucket)
+        if limit is None and group in DEFAULT_LIMITS and (200 <= status < 300 or status == 304):
+            self._unlimited.add(group)  # a later answer with the headers meters it again (see _take_once)
+        elif limit is not None:
+            self._unlimited.discard(group)
         pauses = pause_after(status, headers, self._clock())
         if ERROR_LIMIT_BUCKET in pauses:
             log.warning("ESI error limit spent (420): pausing every route until %s",

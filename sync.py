@@ -16,6 +16,7 @@ import db
 import values
 from esi import (
     INVALID_CLIENT_PAUSE,
+    Deferred,
     ErrorLimited,
     EsiClient,
     EsiError,
@@ -134,18 +135,19 @@ class Owner:
     reader_id: int                      # whose token reads the list: the pilot itself, or a director
     list_etag: str | None               # the stored list's ETag and Expires (its users or corporations row)
     list_expires_at: datetime | None
+    synced_at: datetime | None = None   # its last sync's end: references first seen since are fresh
 
     @classmethod
     def pilot(cls, user: dict) -> Owner:
         """A pilot's own list, read with its own token."""
         return cls("character", user["character_id"], user["character_id"], user["list_etag"],
-                   user["list_expires_at"])
+                   user["list_expires_at"], user.get("last_sync_at"))
 
     @classmethod
     def corporation(cls, corporation: dict, director: dict) -> Owner:
         """A corporation's list, read with one of its directors' tokens."""
         return cls("corporation", corporation["corporation_id"], director["character_id"],
-                   corporation["list_etag"], corporation["list_expires_at"])
+                   corporation["list_etag"], corporation["list_expires_at"], corporation.get("last_sync_at"))
 
 
 def needs_refresh(expires_at: datetime | None, now: datetime) -> bool:
@@ -400,7 +402,11 @@ def fetch_killmails(conn, esi: EsiClient, owner: Owner, now: datetime, options: 
         if result.listed:
             log.info("  ✅ Saved: 0, Skipped: %d", result.skipped)
         return
-    _fetch_claimed(conn, esi, claimed, now, options, result)
+    # An owner's first sync is all backlog (its 90 days); later, what was first listed since its last sync is fresh.
+    fresh = {r["killmail_id"] for r in pending
+             if owner.synced_at is not None and r["first_seen_at"] > owner.synced_at}
+    _fetch_claimed(conn, esi, [{**r, "backlog": r["killmail_id"] not in fresh} for r in claimed], now, options,
+                   result)
 
 
 def sweep_stranded(conn, esi: EsiClient, now: datetime, options: SyncOptions) -> SyncResult:
@@ -437,7 +443,10 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
     """Fetch (on the client's detail threads) and save claimed references; release what was not fetched."""
     unfetched = {r["killmail_id"] for r in claimed}
     pool = esi.detail_pool()
-    futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"]) for r in claimed]
+    # Fresh ones first: the pool starts them first, and they may spend what a backlog may not.
+    claimed = sorted(claimed, key=lambda r: r.get("backlog", False))
+    futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"], r.get("backlog", False))
+               for r in claimed]
     try:
         stop = _collect(conn, claimed, futures, unfetched, now, options, result)
     except BaseException:
@@ -451,6 +460,8 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
         raise
     db.release_refs(conn, sorted(unfetched))
     conn.commit()
+    if stop is None:
+        result.skipped += len(unfetched)  # backlog deferred to later syncs (see _collect)
     log.info("  ✅ Saved: %d, Skipped: %d%s", result.saved, result.skipped,
              f", Failed: {result.failed}" if result.failed else "")
     if isinstance(stop, JobFailed):
@@ -538,6 +549,7 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
     TICK, and once interrupted waits FINISH_WAIT at most for the fetches under way."""
     stop: EsiError | JobFailed | None = None
     interrupted: JobFailed | None = None
+    deferred = 0
     finish_by = float("inf")
     fetched: list[Killmail] = []
     batch_started = time.monotonic()
@@ -577,6 +589,16 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
             killmail = future.result()
         except CancelledError:
             continue
+        except Deferred as exc:
+            # The backlog's share of the detail bucket is spent: the rest of the backlog waits for a later sync
+            # (its references stay pending), and this job, its fresh killmails done, gives its process back.
+            if not deferred:
+                log.info("  ⏳ %s: the backlog is left for later syncs", exc)
+            deferred += 1
+            for other, ref in refs.items():
+                if ref.get("backlog"):
+                    other.cancel()
+            continue
         except (ErrorLimited, RateLimited, Paused) as exc:
             # ESI says stop: fetch nothing more; the rest are released and fetched on the job's retry.
             stop = stop or exc
@@ -607,8 +629,9 @@ def _interruption(options: SyncOptions, clock: float, left: int) -> JobFailed | 
     return None
 
 
-def _fetch_one(esi: EsiClient, killmail_id: int, killmail_hash: str) -> Killmail:
-    body, raw = esi.get_killmail(killmail_id, killmail_hash)
+def _fetch_one(esi: EsiClient, killmail_id: int, killmail_hash: str, backlog: bool = False) -> Killmail:
+    body, raw = esi.get_killmail(killmail_id, killmail_hash, backlog=backlog) if backlog else \
+        esi.get_killmail(killmail_id, killmail_hash)
     return parse_killmail(body, killmail_id=killmail_id, killmail_hash=killmail_hash, raw=raw)
 
 

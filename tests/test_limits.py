@@ -296,6 +296,26 @@ def test_a_stopping_process_still_waits_out_a_short_wait(conn, process, clock):
     assert sum(clock.waits) == pytest.approx(60.75)
 
 
+def test_a_backlog_spends_its_share_and_is_deferred_while_fresh_calls_spend_the_rest(conn, process, clock):
+    one = process()
+    learn(one)                                            # 600 tokens a minute
+    backlog = 0
+    with pytest.raises(limits.Deferred, match="backlog's share spent"):
+        while backlog < 300:
+            one.settle(one.take(DETAIL, backlog=True), 200, answer())
+            backlog += 1
+    assert sum(clock.waits) < limits.MAX_INLINE_WAIT      # deferred, not after a wait of a window
+    assert backlog * limits.CALL_COST <= 600 * limits.BACKLOG_SHARE
+    one.take(DETAIL)                                      # a fresh call still finds tokens, without waiting
+    assert clock.waits == []
+
+
+def test_an_answer_without_rate_limit_headers_lifts_the_default_limit(conn, process, clock):
+    one = process()
+    one.settle(one.take(DETAIL), 200, {"X-ESI-Error-Limit-Remain": "100"})  # ESI meters this group not
+    assert one.take(DETAIL).ledgers == []
+
+
 def test_cancelled_waits_end_at_once_and_the_next_job_waits_again(conn, process, clock):
     one = process()
     learn(one)

@@ -191,6 +191,29 @@ def test_a_stopping_worker_saves_what_it_fetched_releases_the_rest_and_the_job_i
     assert stored_ids(conn) == set(ids)
 
 
+def test_a_cold_backlog_leaves_part_of_the_detail_bucket_to_new_kills_and_ends_its_job(conn, sim, database_url):
+    sim.configure(detail_bucket=(100, 900))               # a rested bucket of 50 details, back 15 minutes later
+    sim.add_pilots(n_pilots=1, n_killmails=120, share=1, expired_fraction=0.0, revoked=0, corporations=1)
+    insert_users(conn, sim.pilots())
+    (pilot,) = sim.pilots()
+    limits = SharedLimits(lambda: db.connect(database_url, autocommit=True), sleep=lambda s: None)
+    client = EsiClient(make_settings(database_url, sim.base_url), limits=limits, sleep=lambda s: None)
+    try:
+        some = next(iter(sim.killmail_ids_for(pilot["character_id"])))
+        client.get_killmail(some, sim.killmail_hash(some))  # one answer: the bucket's limit is known
+        first = sync.sync_character(conn, client, pilot["character_id"], now_for(sim))
+        # Its first sync is all backlog: it spends the backlog's share, leaves the rest pending and ends (no
+        # wait of minutes holding a process, no error).
+        assert first.status == "ok" and 0 < first.saved <= 29 and first.saved + first.skipped == 120
+        new = set(sim.add_killmails(pilot["character_id"], 2))
+        sim.advance(301)                                  # the list's cache turns over: the new kills show
+        second = sync.sync_character(conn, client, pilot["character_id"], sim.now())
+        assert new <= stored_ids(conn)                    # fresh: fetched from the share kept for them
+        assert second.status == "ok" and sim.stats()["status_429"] == 0
+    finally:
+        limits.close()
+
+
 def run_capturing(work):
     """What work returned, or the exception it raised."""
     try:
@@ -208,8 +231,8 @@ def test_a_body_the_model_cannot_take_is_a_failed_reference_with_its_reason(conn
     ids = sorted(sim.killmail_ids_for(pilot["character_id"]))
     get_killmail = world.get_killmail
 
-    def poisoned(killmail_id, killmail_hash):
-        body, raw = get_killmail(killmail_id, killmail_hash)
+    def poisoned(killmail_id, killmail_hash, **options):
+        body, raw = get_killmail(killmail_id, killmail_hash, **options)
         if killmail_id == ids[0]:
             poison(body)
         return body, raw
