@@ -67,14 +67,15 @@ def apply_schema(conn: psycopg.Connection) -> None:
 
 
 def token_sha256(refresh_token: str) -> str:
-    """The sha256 of a refresh token, as stored for a revoked grant (never the token itself)."""
+    """The sha256 of a refresh token as stored (sealed or not), kept for a revoked grant (never the token)."""
     return hashlib.sha256(refresh_token.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- users
 
 # A usable grant: a refresh token, and not the very one SSO answered invalid_grant for (mark_revoked). The
-# web app writing a new token at login makes the user usable again.
+# web app writing a new token at login makes the user usable again. The hash is of the column as stored, sealed
+# or not (tokens.py), so this needs no key.
 _LIVE_GRANT_SQL = """
     (refresh_token IS NOT NULL AND refresh_token <> ''
      AND (revoked_token_sha256 IS NULL
@@ -200,14 +201,43 @@ def store_tokens(conn, character_id: int, access_token: str, refresh_token: str,
     return cursor.rowcount == 1
 
 
+def stored_refresh_tokens(conn, *, after: int = 0, limit: int = 500) -> list[dict]:
+    """Users holding a refresh token, with it as stored, by character id beyond `after` (a batch of them)."""
+    return conn.execute(
+        """
+        SELECT character_id, refresh_token FROM users
+        WHERE character_id > %s AND refresh_token IS NOT NULL AND refresh_token <> ''
+        ORDER BY character_id LIMIT %s
+        """,
+        (after, limit),
+    ).fetchall()
+
+
+def replace_stored_token(conn, character_id: int, stored: str, *, replaces: str) -> bool:
+    """Store a refresh token rewritten under another key (or sealed at last), only where the row still holds
+    `replaces`; a revoked grant stays revoked. False when the row changed meanwhile."""
+    cursor = conn.execute(
+        """
+        UPDATE users SET refresh_token = %(new)s,
+            revoked_token_sha256 = CASE WHEN revoked_token_sha256 = %(old_sha)s THEN %(new_sha)s
+                                        ELSE revoked_token_sha256 END
+        WHERE character_id = %(id)s AND refresh_token = %(old)s
+        """,
+        {"new": stored, "old": replaces, "id": character_id, "old_sha": token_sha256(replaces),
+         "new_sha": token_sha256(stored)},
+    )
+    return cursor.rowcount == 1
+
+
 def expire_access_token(conn, character_id: int, now: datetime) -> None:
     """Make the next job refresh the access token (ESI refused it before its time)."""
     conn.execute("UPDATE users SET expires_at = %s WHERE character_id = %s", (now, character_id))
 
 
 def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> bool:
-    """Remember that this refresh token is dead, so the user is not queued until it logs in again; only while the
-    row still holds that token (False when the web app has already replaced it with a new login)."""
+    """Remember that this refresh token (as stored, sealed or not) is dead, so the user is not queued until it
+    logs in again; only while the row still holds that token (False when the web app has already replaced it with
+    a new login)."""
     cursor = conn.execute(
         """
         UPDATE users SET revoked_token_sha256 = %s, token_error = %s, queued_at = NULL,

@@ -35,6 +35,7 @@ import sync
 from esi import EsiClient, TokenGrant
 from limits import SharedLimits
 from settings import ConfigError, Settings, describe, load_settings, setup_logging
+from tokens import TokenKeyError, TokenVault
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class Child:
         self.limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True),
                                    egress=settings.esi_egress, stopping=self.stopping)
         self.esi = JobEsiClient(settings, limits=self.limits, progress=self.heartbeat.beat)
+        self.tokens = TokenVault(settings.token_keys)
         self.limits.on_wait = self.heartbeat.beat  # a wait the ledger decreed is the job going at ESI's pace
         self.swept_at = -SWEEP_EVERY                # the first job's end sweeps
         self.namer: sync.Namer | None = None        # names new killmails' ids off the jobs' path (run)
@@ -357,7 +359,7 @@ class Child:
                                 notify_max_age=self.settings.notify_max_age_seconds, namer=self.namer,
                                 deadline=time.monotonic() + self.settings.job_deadline_seconds,
                                 stopping=self.stopping, progress=self.heartbeat.beat,
-                                cancel_waits=self.limits.cancel_waits, **job)
+                                cancel_waits=self.limits.cancel_waits, tokens=self.tokens, **job)
 
     def record_interrupted(self, result: sync.SyncResult, reason: str) -> None:
         """Record the run of a job released by a stop (its ESI calls, what it saved)."""
@@ -626,11 +628,35 @@ def replay_dead(settings: Settings, limit: int | None) -> int:
     return moved
 
 
+def seal_tokens(settings: Settings) -> tuple[int, int]:
+    """Rewrite every stored refresh token under TOKEN_KEY's first key, plaintext ones included, each in its own
+    transaction and only over the value it read (a login or a refresh meanwhile wins); returns how many were
+    rewritten and how many no key opens (left as they are)."""
+    vault, rewritten, unopened, after = TokenVault(settings.token_keys), 0, 0, 0
+    with db.connect(settings.database_url) as conn:
+        while batch := db.stored_refresh_tokens(conn, after=after):
+            conn.commit()
+            for row in batch:
+                try:
+                    resealed = vault.reseal(row["refresh_token"])
+                except TokenKeyError as exc:
+                    log.warning("🔑 %s: %s; left as it is", row["character_id"], exc)
+                    unopened += 1
+                    continue
+                rewritten += db.replace_stored_token(conn, row["character_id"], resealed,
+                                                     replaces=row["refresh_token"])
+                conn.commit()
+            after = batch[-1]["character_id"]
+    return rewritten, unopened
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sync killmails from ESI for queued users.")
     parser.add_argument("--burst", action="store_true", help="exit 0 once the queue is empty and nothing is in flight")
     parser.add_argument("--replay-dead", action="store_true", help="move dead-lettered jobs back to the queue")
     parser.add_argument("--limit", type=int, metavar="N", help="with --replay-dead: move at most N jobs")
+    parser.add_argument("--seal-tokens", action="store_true",
+                        help="rewrite every stored refresh token under TOKEN_KEY's first key, then exit")
     parser.add_argument("--verbose", action="store_true", help="log with time, level and pid")
     return parser.parse_args(argv)
 
@@ -651,10 +677,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log.info("♻️  Moved %d dead jobs back to %s", moved, settings.queue_name)
         return 0
+    if args.seal_tokens:
+        return run_seal_tokens(settings)
     log.info("🔄 Killmail Worker Started")
     cap_malloc_arenas()
     log.info("📦 Queue: %s", settings.queue_name)
     log.info("⚡ Prefetch: %d concurrent users", settings.prefetch_count)
+    log.info("🔐 Refresh tokens: %s", f"sealed with TOKEN_KEY ({len(settings.token_keys)} keys)"
+             if settings.token_keys else "stored as given (TOKEN_KEY is not set)")
     # The parent checks the broker and declares the queues, then closes: it holds no connection at the fork.
     try:
         with broker.open_channel(settings.rabbitmq_url, settings.queue_name, max_attempts=settings.max_attempts):
@@ -670,6 +700,20 @@ def main(argv: list[str] | None = None) -> int:
     log.info("✅ Connected to RabbitMQ")
     log.info("⏳ Waiting for killmail sync jobs...")
     return Supervisor(settings, burst=args.burst).run()
+
+
+def run_seal_tokens(settings: Settings) -> int:
+    """The --seal-tokens command: 0 when every stored token is under the first key now, 1 otherwise."""
+    if not settings.token_keys:
+        print("configuration error: TOKEN_KEY: must be set to seal tokens", file=sys.stderr)
+        return 2
+    try:
+        rewritten, unopened = seal_tokens(settings)
+    except psycopg.OperationalError as exc:
+        print(f"❌ cannot reach PostgreSQL at DATABASE_URL: {describe(exc)}", file=sys.stderr)
+        return 1
+    log.info("🔐 Sealed %d refresh tokens with TOKEN_KEY's first key; %d no key opens", rewritten, unopened)
+    return 1 if unopened else 0
 
 
 def cap_malloc_arenas() -> None:

@@ -11,7 +11,8 @@ The error limit is a bucket of the same ledger: each call in flight holds one er
 error answer is spent for a window. While errors come (any error in the window, ours or another app's), half of
 ESI's 100 errors a window are never used: however many processes and threads there are, the calls in flight can
 never take the error budget below half. After a window without any, up to 90 calls may be in flight: should
-every one of them fail at once, 10 errors are still left, and the first error brings the half back. A process
+every one of them fail at once, 10 errors are still left, and the first error brings the half back: a process
+closes the leases it took calm as soon as an answer shows errors, so no new call goes out on them. A process
 leases those slots several at a time (one ledger row) and hands them to its threads, so that a call which ends
 without an error costs the ledger nothing; errors are booked as they come. A 420 or a 429 still pauses the route
 group for every process until its reset.
@@ -155,7 +156,9 @@ class _Lease:
     taken_at: datetime
     used: int = 0    # calls holding a slot now
     spent: int = 0   # slots whose call ended in an error: booked as spent, never handed out again
-    closed: bool = False  # taken on a connection since lost: its row may soon look like a dead process's
+    closed: bool = False  # taken on a connection since lost (its row may soon look like a dead process's), or
+    #                       taken calm and errors came since
+    calm: bool = False  # taken while the process had seen no error for a window: it may hold the calm floor's
 
     def open(self, now: datetime) -> bool:
         """Whether the lease still takes new calls: a free slot, and young enough that its calls end in its hold."""
@@ -212,6 +215,7 @@ class SharedLimits:
         # for the limits ends at once with Paused, until allow_waits (the next job).
         self._cancelled = threading.Event()
         self.on_wait: Callable[[], None] = lambda: None  # told of each wait the ledger decreed (a job's progress)
+        self._errors_seen_at: datetime | None = None  # this process's last answer that showed ESI counting errors
 
     def cancel_waits(self) -> None:
         """End every wait of this process's calls for ESI's limits now (Paused), and refuse new ones."""
@@ -349,8 +353,19 @@ class SharedLimits:
         if not ids:
             return wait
         with self._slots:
-            self._leases.append(_Lease(ids[0], 1 + granted[0], self._clock()))
+            now = self._clock()
+            calm = self._errors_seen_at is None or (now - self._errors_seen_at).total_seconds() > ERROR_WINDOW
+            self._leases.append(_Lease(ids[0], 1 + granted[0], now, calm=calm))
         return 0.0
+
+    def _end_the_calm(self) -> None:
+        """An answer showed errors: the leases taken calm take no new call. They may hold up to the calm floor's
+        90 slots, which kept being handed out while the errors came would take the budget below half; new leases
+        are asked of the ledger, under its floor of half."""
+        with self._slots:
+            self._errors_seen_at = self._clock()
+            for lease in self._leases:
+                lease.closed = lease.closed or lease.calm
 
     def _give_back(self, lease: _Lease | None, *, error: bool = False) -> list[int]:
         """A call's error slot is free again (or spent, when its answer was an error); returns the leases that are
@@ -424,9 +439,12 @@ class SharedLimits:
         limit = parse_rate_limit(headers.get("X-Ratelimit-Limit"))
         remaining = _int(headers.get("X-Ratelimit-Remaining"))
         try:
+            errors_remain = _int(headers.get("X-ESI-Error-Limit-Remain"))
+            counted = errors_remain is not None and errors_remain < ERROR_LIMIT  # ESI counts errors in its window
+            if ticket.lease is not None and (error_cost(status) or counted):
+                self._end_the_calm()  # before the slot goes back, so that a lease left idle ends with this answer
             ended = self._give_back(ticket.lease, error=error_cost(status) > 0)
-            self._settle_ledger(ticket, status, limit, remaining, _int(headers.get("X-ESI-Error-Limit-Remain")),
-                                ended)
+            self._settle_ledger(ticket, status, limit, remaining, errors_remain, ended)
             self._record(ticket.bucket, status, headers, limit, remaining)
         except db.psycopg.Error as exc:
             # The answer is paid for and in hand: losing it would fetch it again. The call's rows in flight stop

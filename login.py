@@ -31,6 +31,7 @@ from enqueue import queue_from_web
 from pilot_page import start_session
 from settings import Settings
 from status_report import Sources, describe
+from tokens import TokenKeyError, TokenVault
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ def complete_login(sources: Sources, client: sso.SsoClient, args: Any, cookie: s
     try:
         with sources.connection() as conn:
             with conn.transaction():
-                new = db.save_login(conn, pilot.character_id, pilot.name, grant.access_token, grant.refresh_token,
+                refresh_token = TokenVault(settings.token_keys).seal(grant.refresh_token)
+                new = db.save_login(conn, pilot.character_id, pilot.name, grant.access_token, refresh_token,
                                     now + timedelta(seconds=grant.expires_in), " ".join(pilot.scopes))
             queued = queue_from_web(conn, settings, pilot.character_id, now)
     except psycopg.Error as exc:
@@ -246,16 +248,30 @@ def forget_pilot(sources: Sources, client: sso.SsoClient, character_id: int) -> 
                 user = db.get_user(conn, character_id)
                 if user is None:
                     return f"no user with character id {character_id}", 404
-                if user["refresh_token"]:
-                    client.revoke(user["refresh_token"])
+                not_revoked = revoke_grant(client, TokenVault(sources.settings.token_keys), user)
                 db.forget_tokens(conn, character_id)
             finally:
                 db.unlock(conn, db.LOCK_CHARACTER, character_id)
     except psycopg.Error as exc:
         raise DatabaseUnavailable(f"the database did not answer ({describe(exc)[:80]})") from None
     name = user["character_name"] or character_id
+    if not_revoked:
+        return f"forgot {name} ({character_id}): its tokens are cleared, but its grant was not revoked at EVE SSO " \
+               f"({not_revoked}; the pilot can revoke it in its EVE account); its killmails stay", 200
     return f"forgot {name} ({character_id}): its grant is revoked at EVE SSO and its tokens are cleared; its " \
            "killmails stay", 200
+
+
+def revoke_grant(client: sso.SsoClient, vault: TokenVault, user: dict) -> str | None:
+    """Revoke a user's refresh token at SSO; why not when its stored value cannot be opened, else None."""
+    try:
+        refresh_token = vault.open(user["refresh_token"])
+    except TokenKeyError as exc:  # the operator asked to forget the pilot: a key it lacks must not stop that
+        log.warning("forget %s: %s; its grant is not revoked at EVE SSO", user["character_id"], exc)
+        return str(exc)
+    if refresh_token:
+        client.revoke(refresh_token)
+    return None
 
 
 def refused(exc: sso.LoginError) -> Response:

@@ -17,6 +17,8 @@ import psycopg
 from dotenv import load_dotenv
 from psycopg.conninfo import conninfo_to_dict
 
+import tokens
+
 # The date of the spec in ../shared/esi (the one this client was built and tested against).
 DEFAULT_COMPATIBILITY_DATE = "2026-08-18"
 SSO_AUTHORIZE_URL = "https://login.eveonline.com/v2/oauth/authorize"
@@ -79,6 +81,8 @@ class Settings:
     job_deadline_seconds: int = 1800        # a job still running then fails into the retry queue
     zkillboard_push: bool = False
     zkillboard_url: str = ZKILLBOARD_URL
+    # Seal refresh tokens at rest (tokens.py): the first key seals, every key opens. Empty: stored as given.
+    token_keys: tuple[str, ...] = field(default=(), repr=False)
 
 
 def _text(env: Mapping[str, str], name: str, default: str | None) -> str:
@@ -255,6 +259,22 @@ def _ids(env: Mapping[str, str], name: str) -> tuple[int, ...]:
     return ids
 
 
+def _token_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """TOKEN_KEY: one Fernet key, or several separated by commas while rotating (the first seals)."""
+    keys = tuple(part.strip() for part in env.get("TOKEN_KEY", "").split(",") if part.strip())
+    for number, key in enumerate(keys, 1):
+        if key == PLACEHOLDER:
+            raise ConfigError("TOKEN_KEY", f"still has the example's placeholder {PLACEHOLDER}")
+        try:
+            tokens.check_key(key)
+        except ValueError:  # the key itself is never quoted: it may be a real one mistyped
+            which = f"key {number} of {len(keys)}" if len(keys) > 1 else "the key"
+            raise ConfigError("TOKEN_KEY", f"{which} is not a Fernet key (32 bytes in url-safe base64; python -c "
+                                           "'from cryptography.fernet import Fernet; "
+                                           "print(Fernet.generate_key().decode())' makes one)") from None
+    return keys
+
+
 def _proxies(env: Mapping[str, str], urls: list[str]) -> tuple[tuple[str, str], ...]:
     """Which of these URLs' hosts go through a proxy, as curl and requests read HTTPS_PROXY, HTTP_PROXY,
     ALL_PROXY and NO_PROXY (the lower-case name wins)."""
@@ -322,6 +342,7 @@ def settings_from(env: Mapping[str, str], *, today: date | None = None, need_esi
         job_deadline_seconds=_integer(env, "JOB_DEADLINE_SECONDS", 1800, 10, 86400),
         zkillboard_push=_flag(env, "ZKILLBOARD_PUSH"),
         zkillboard_url=_https_url(env, "ZKILLBOARD_URL", ZKILLBOARD_URL),
+        token_keys=_token_keys(env),
     )
 
 

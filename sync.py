@@ -32,6 +32,7 @@ from esi import (
 )
 from killmail_model import InvalidKillmail, Killmail, named_ids, parse_killmail
 from settings import describe
+from tokens import TokenKeyError, TokenVault
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class SyncOptions:
     progress: Callable[[], None] = lambda: None  # told of each fetched killmail and each saved batch
     cancel_waits: Callable[[], None] = lambda: None  # ends the waits of the job's calls for ESI's limits
     finish_wait: float = FINISH_WAIT    # seconds an interrupted job waits for the fetches under way
+    tokens: TokenVault = TokenVault()   # seals and opens refresh tokens at rest (TOKEN_KEY)
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
     if user is None:
         raise PermanentJobError(f"unknown character {character_id}: no such user")
     result.character_name = user["character_name"]
-    token = _live_token(conn, esi, user, now, result)
+    token = _live_token(conn, esi, user, now, result, options.tokens)
     if token is not None:
         _learn_profile(conn, esi, user, token, now)
         owner = Owner.pilot(user)
@@ -270,7 +272,7 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
         raise PermanentJobError(f"unknown corporation {corporation_id} or director {character_id}")
     result.character_name = user["character_name"]
     log.info("  🏢 Corporation %s through %s", corporation_id, user["character_name"] or character_id)
-    token = _live_token(conn, esi, user, now, result)
+    token = _live_token(conn, esi, user, now, result, options.tokens)
     if token is not None:
         owner = Owner.corporation(corporation, director=user)
         try:
@@ -288,13 +290,14 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
     _finish(conn, esi, result, options, locks)
 
 
-def _live_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncResult) -> str | None:
+def _live_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncResult,
+                vault: TokenVault) -> str | None:
     """A usable access token, or None (and the result says why) when the user needs a new login."""
     if user["revoked"]:
         result.status = "needs_relogin"
         log.info("  🔑 %s needs a new login; skipping", user["character_name"] or user["character_id"])
         return None
-    return _usable_token(conn, esi, user, now, result)
+    return _usable_token(conn, esi, user, now, result, vault)
 
 
 def _learn_profile(conn, esi: EsiClient, user: dict, token: str, now: datetime) -> None:
@@ -316,26 +319,38 @@ def _learn_profile(conn, esi: EsiClient, user: dict, token: str, now: datetime) 
         conn.commit()
 
 
-def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncResult) -> str | None:
-    """The user's access token, refreshed under the lock when it is about to expire; None if the grant is gone."""
+def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncResult,
+                  vault: TokenVault) -> str | None:
+    """The user's access token, refreshed under the lock when it is about to expire; None if the grant is gone
+    or TOKEN_KEY cannot open it. `user["refresh_token"]` stays the value as stored (sealed or not)."""
     if not needs_refresh(user["expires_at"], now):
         return user["access_token"]
     try:
-        grant = esi.refresh(user["refresh_token"])
+        refresh_token = vault.open(user["refresh_token"])
+    except TokenKeyError as exc:
+        # An operator's mistake (a key dropped too soon, a wrong one): the row is left as it is, so the right
+        # TOKEN_KEY brings the pilot back; the run ends at once, recorded, and the next one tries again.
+        result.status, result.error = "error", str(exc)
+        log.error("  🔑 %s: %s; skipping", user["character_name"] or user["character_id"], exc)
+        return None
+    try:
+        grant = esi.refresh(refresh_token)
     except InvalidGrant as exc:
         return _revoke(conn, user, result, exc)
     except InvalidClient as exc:
         raise _job_error("SSO configuration error", exc) from exc
     except EsiError as exc:
         raise _job_error("token refresh failed", exc) from exc
-    # The old refresh token is dead from this moment: store the new one before anything else can fail.
-    stored = db.store_tokens(conn, user["character_id"], grant.access_token, grant.refresh_token,
+    # The old refresh token is dead from this moment: store the new one before anything else can fail. Sealed
+    # with TOKEN_KEY's first key, which also moves a plaintext row (or one under an older key) to it.
+    sealed = vault.seal(grant.refresh_token)
+    stored = db.store_tokens(conn, user["character_id"], grant.access_token, sealed,
                              now + timedelta(seconds=grant.expires_in), replaces=user["refresh_token"])
     conn.commit()
     if not stored:  # the web app wrote a new login while SSO answered: the login's grant stays the pilot's
         log.info("  🔑 %s logged in again during the refresh; the new login's tokens stay",
                  user["character_name"] or user["character_id"])
-    user["refresh_token"] = grant.refresh_token  # the one this job holds, should it have to mark it revoked
+    user["refresh_token"] = sealed  # the one this job holds, as stored, should it have to mark it revoked
     return grant.access_token
 
 

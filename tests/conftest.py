@@ -39,6 +39,8 @@ USER_AGENT = "killmail-worker-tests/1.0 (tests@example.org)"
 # The test databases' URLs carry this password (trust authentication ignores it) so that a URL printed whole is
 # found out; the admin URL's own password, where it has one, is watched instead.
 DATABASE_PASSWORD = "test-database-password-81d4"
+# TOKEN_KEY's keys of the tests (tokens.py): watched like every secret, whichever test uses them.
+TOKEN_KEYS = ("qYk44BBQN3hGrczweYUtIY6Shtdte2y-EjLSz4GAHL4=", "ryXaL6MLFoG1iBTgd5DUk9tEvvCeT_QXVsEXkzRW4dU=")
 
 
 def _password(url: str) -> str | None:
@@ -57,10 +59,10 @@ def _with_password(url: str, password: str) -> str:
 
 def _fixed_secrets() -> set[str]:
     """The secrets every test may hold: the app's client secret, the database password, the broker's user:password
-    (the broker's password alone, "guest", is also its user name), the status rows' tokens."""
+    (the broker's password alone, "guest", is also its user name), the status rows' tokens, TOKEN_KEY's keys."""
     from tests.screenshot import ACCESS_TOKEN, REFRESH_TOKEN
     broker_userinfo = RABBITMQ_URL.partition("://")[2].rpartition("@")[0]
-    return {CLIENT_SECRET, _password(ADMIN_URL) or DATABASE_PASSWORD, ACCESS_TOKEN, REFRESH_TOKEN,
+    return {CLIENT_SECRET, _password(ADMIN_URL) or DATABASE_PASSWORD, ACCESS_TOKEN, REFRESH_TOKEN, *TOKEN_KEYS,
             *([f"{broker_userinfo}@"] if ":" in broker_userinfo else [])} - {None}
 
 
@@ -219,12 +221,14 @@ def make_settings(database_url: str, sim_url: str = "http://127.0.0.1:9", **over
                   sso_token_url=f"{sim_url}/v2/oauth/token", eve_client_id=CLIENT_ID,
                   eve_client_secret=CLIENT_SECRET, esi_user_agent=USER_AGENT, retry_base_seconds=1)
     values.update(overrides)
+    watch_secrets(values.get("token_keys", ()))  # a key a test made up is watched too
     return Settings(**values)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a subprocess these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "RABBITMQ_", "ESI_", "EVE_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DATABASE_", "RABBITMQ_", "ESI_", "EVE_", "TOKEN_KEY"))}
     env.update({
         "DATABASE_URL": settings.database_url, "RABBITMQ_URL": settings.rabbitmq_url,
         "QUEUE_NAME": settings.queue_name, "PREFETCH_COUNT": str(settings.prefetch_count),
@@ -237,6 +241,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "JOB_STALL_SECONDS": str(settings.job_stall_seconds),
         "JOB_DEADLINE_SECONDS": str(settings.job_deadline_seconds),
         "HTTP_TIMEOUT_SECONDS": str(int(settings.http_timeout_seconds)),
+        **({"TOKEN_KEY": ",".join(settings.token_keys)} if settings.token_keys else {}),
     })
     return env
 

@@ -12,8 +12,9 @@ import psycopg
 import pytest
 
 import db
-from conftest import wait_until
+from conftest import TOKEN_KEYS, wait_until
 from killmail_model import parse_killmail
+from tokens import TokenVault
 
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -125,6 +126,34 @@ def test_a_revoked_token_is_not_due_until_a_new_one_is_written(conn):
     stored = conn.execute("SELECT revoked_token_sha256 FROM users").fetchone()["revoked_token_sha256"]
     assert "r1" not in stored and len(stored) == 64
 
+
+
+def test_a_revoked_sealed_token_is_told_by_its_stored_value_without_a_key(conn):
+    sealed = TokenVault(TOKEN_KEYS[:1]).seal("r1")
+    add_user(conn, 1, refresh_token=sealed)
+    assert db.mark_revoked(conn, 1, sealed, "invalid_grant") is True
+    assert db.get_user(conn, 1)["revoked"] is True
+    assert db.due_users(conn, NOW, interval=300, stale_after=7200) == []
+
+
+def test_stored_refresh_tokens_come_in_batches_of_rows_that_hold_one(conn):
+    for character_id, token in [(1, "r1"), (2, None), (3, ""), (4, "r4"), (5, "r5")]:
+        add_user(conn, character_id, refresh_token=token)
+    assert [r["character_id"] for r in db.stored_refresh_tokens(conn, limit=2)] == [1, 4]
+    assert [(r["character_id"], r["refresh_token"]) for r in db.stored_refresh_tokens(conn, after=4)] == [(5, "r5")]
+
+
+def test_a_token_rewritten_under_another_key_replaces_only_what_was_read_and_stays_revoked(conn):
+    vault = TokenVault(TOKEN_KEYS[:1])
+    add_user(conn, 1, refresh_token="r1")
+    add_user(conn, 2, refresh_token="r2")
+    db.mark_revoked(conn, 2, "r2", "invalid_grant")
+    sealed1, sealed2 = vault.reseal("r1"), vault.reseal("r2")
+    assert db.replace_stored_token(conn, 1, sealed1, replaces="r1") is True
+    assert db.replace_stored_token(conn, 2, sealed2, replaces="r2") is True
+    assert db.replace_stored_token(conn, 1, vault.reseal("r1"), replaces="r1") is False  # a login came meanwhile
+    assert (db.get_user(conn, 1)["refresh_token"], db.get_user(conn, 1)["revoked"]) == (sealed1, False)
+    assert db.get_user(conn, 2)["revoked"] is True and db.get_user(conn, 2)["refresh_token"] == sealed2
 
 
 def add_member(conn, character_id, corporation_id):

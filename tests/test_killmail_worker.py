@@ -1,6 +1,7 @@
 """killmail_worker.py as operators run it: subprocesses on the real broker and database, ESI simulated."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -9,11 +10,23 @@ import typing
 
 import pika
 import pytest
+from cryptography.fernet import Fernet
 
 import broker
 import killmail_worker
 import sync
-from conftest import RABBITMQ_URL, ROOT, insert_users, make_settings, queue_counts, run_script, settings_env, wait_until
+from conftest import (
+    RABBITMQ_URL,
+    ROOT,
+    TOKEN_KEYS,
+    insert_users,
+    make_settings,
+    queue_counts,
+    run_script,
+    settings_env,
+    wait_until,
+)
+from tokens import TokenVault, is_sealed
 
 
 def start_worker(settings, *args: str) -> subprocess.Popen:
@@ -369,3 +382,48 @@ def test_the_children_still_running_when_the_stops_grace_ends_are_killed(databas
     finally:
         child.kill()
         child.wait()
+
+
+# ---------------------------------------------------------------------------------------------- TOKEN_KEY
+
+def test_a_worker_with_token_key_refreshes_sealed_and_plaintext_tokens_and_stores_them_sealed(conn, sim,
+                                                                                              settings):
+    import db
+    sim.add_pilots(n_pilots=3, n_killmails=30, share=1, expired_fraction=1.0, revoked=0, corporations=1)
+    insert_users(conn, sim.pilots())
+    under_old = sim.pilots()[0]
+    conn.execute("UPDATE users SET refresh_token = %s WHERE character_id = %s",
+                 (TokenVault([TOKEN_KEYS[1]]).seal(under_old["refresh_token"]), under_old["character_id"]))
+    conn.commit()
+    settings = dataclasses.replace(settings, token_keys=TOKEN_KEYS)
+    assert run_script("queue_killmails.py", settings).returncode == 0
+    output = start_worker(settings, "--burst").communicate(timeout=120)[0]
+    assert "🔐 Refresh tokens: sealed with TOKEN_KEY (2 keys)" in output, output
+    assert sim.stats()["refreshes"] == 3 and sim.stats()["invalid_grants"] == 0
+    assert_complete(conn, sim)
+    for pilot in sim.pilots():
+        stored_token = db.get_user(conn, pilot["character_id"])["refresh_token"]
+        assert is_sealed(stored_token) and TokenVault(TOKEN_KEYS[:1]).open(stored_token) == pilot["refresh_token"]
+
+
+def test_seal_tokens_rewrites_every_row_under_the_first_key_and_leaves_what_no_key_opens(conn, sim, settings):
+    import db
+    sim.add_pilots(n_pilots=4, n_killmails=0, revoked=0, corporations=1)
+    insert_users(conn, sim.pilots())
+    plain, under_old, revoked, foreign = sim.pilots()
+    conn.execute("UPDATE users SET refresh_token = %s WHERE character_id = %s",
+                 (TokenVault([TOKEN_KEYS[1]]).seal(under_old["refresh_token"]), under_old["character_id"]))
+    unknown_key = TokenVault([Fernet.generate_key().decode()]).seal(foreign["refresh_token"])
+    conn.execute("UPDATE users SET refresh_token = %s WHERE character_id = %s",
+                 (unknown_key, foreign["character_id"]))
+    db.mark_revoked(conn, revoked["character_id"], revoked["refresh_token"], "invalid_grant")
+    conn.commit()
+    assert run_script("killmail_worker.py", settings, "--seal-tokens").returncode == 2  # without TOKEN_KEY
+    result = run_script("killmail_worker.py", dataclasses.replace(settings, token_keys=TOKEN_KEYS), "--seal-tokens")
+    assert result.returncode == 1 and "Sealed 3 refresh tokens" in result.stdout and "1 no key opens" in result.stdout
+    first = TokenVault(TOKEN_KEYS[:1])
+    for pilot in (plain, under_old, revoked):
+        assert first.open(db.get_user(conn, pilot["character_id"])["refresh_token"]) == pilot["refresh_token"]
+    assert db.get_user(conn, revoked["character_id"])["revoked"] is True
+    assert db.get_user(conn, plain["character_id"])["revoked"] is False
+    assert db.get_user(conn, foreign["character_id"])["refresh_token"] == unknown_key

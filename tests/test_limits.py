@@ -390,6 +390,27 @@ def test_calls_in_flight_leave_ten_errors_while_calm_and_half_the_budget_once_er
     assert other._lease(1) == 0.0
 
 
+def test_the_first_answer_showing_errors_closes_the_leases_taken_calm(conn, process, clock):
+    """A calm lease's slots, handed out again after the errors came, would let the calm floor's 90 calls turn into
+    errors one after another: once an answer shows errors, no new call goes on it, and a new lease is under the
+    floor of half. A lease taken once errors were seen stays open."""
+    one, other = process(), process()
+    assert one._lease(limits.LEASE_SLOTS) == 0.0 and other._lease(limits.LEASE_SLOTS) == 0.0
+    calm, quiet = one._leases[0], other._leases[0]
+    assert calm.calm and calm.slots == limits.LEASE_SLOTS and calm.open(clock())
+    calm.used = 2                                                          # two calls in flight on it
+    one.settle(limits.Ticket("character", lease=calm), 502, {"X-ESI-Error-Limit-Remain": "99"})
+    assert calm.closed and not calm.open(clock()) and calm in one._leases  # its last call still holds a slot
+    one.settle(limits.Ticket("character", lease=calm), 200, {"X-ESI-Error-Limit-Remain": "99"})
+    assert calm not in one._leases                                         # idle and closed: ended in the ledger
+    assert quiet.open(clock())                                             # the other process saw no error yet
+    quiet.used = 1
+    other.settle(limits.Ticket("character", lease=quiet), 200, {"X-ESI-Error-Limit-Remain": "99"})
+    assert quiet.closed                                                    # ESI counts errors: calm no more
+    one.take("character")
+    assert not one._leases[-1].calm and not one._leases[-1].closed
+
+
 def test_errors_shrink_what_may_be_in_flight_until_they_age_out(conn, process, clock):
     one = process()
     for n in range(1, 11):  # the first answer is an error too: it tells the route has no rate-limit bucket
@@ -403,8 +424,8 @@ def test_errors_shrink_what_may_be_in_flight_until_they_age_out(conn, process, c
 def test_errors_of_other_apps_behind_the_ip_count_too(conn, process, clock):
     one = process()
     one.settle(one.take("character"), 200, {"X-ESI-Error-Limit-Remain": "70"})   # 30 errors that are not ours
-    # In flight: the process's lease of one slot, idle (ESI does not count it, nor does the booking).
-    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 30, "in_flight": 1}
+    # Its lease was taken calm: the answer that shows errors ends it (ESI did not count it, nor does the booking).
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 30, "in_flight": 0}
     for _ in range(20):
         one.take("character")
     assert clock.waits == []
@@ -421,8 +442,9 @@ def test_errors_esi_counts_end_the_calm_even_when_the_calls_in_flight_could_be_t
     for lease in one._leases + other._leases:
         lease.used = 1
     one.settle(limits.Ticket("character", lease=one._leases[0]), 200, {"X-ESI-Error-Limit-Remain": "60"})
-    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 0, "in_flight": 80}
-    assert other._lease(1) > 0                   # 80 in flight + 1 + 50 > 100, where a calm 10 would let it go
+    # The answered call's lease was taken calm and is idle now: it ends; the 79 others still hold their calls.
+    assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 0, "in_flight": 79}
+    assert other._lease(1) > 0                   # 79 in flight + 1 + 50 > 100, where a calm 10 would let it go
 
 
 def test_an_sso_answer_is_no_esi_error(conn, process, clock):

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import broker
 import db
 import sso
-from conftest import CLIENT_ID, CLIENT_SECRET, insert_users, jobs
+from conftest import CLIENT_ID, CLIENT_SECRET, TOKEN_KEYS, insert_users, jobs
+from tokens import TokenVault, is_sealed
 
 CALLBACK = "http://localhost/callback"
 CLOSED = "http://127.0.0.1:9"
@@ -140,6 +141,16 @@ def test_a_login_adds_the_pilot_as_the_web_app_would_and_queues_its_first_sync(c
                                                        "queued_at": jobs_stamp(user)})]
     assert_no_token(response, granted["access_token"], granted["refresh_token"])
     assert client.get_cookie("killmail_login_state", path="/callback") is None  # used up
+
+
+def test_with_token_key_a_login_stores_the_refresh_token_sealed(login_app, conn, sim, pilots):
+    response = log_in(login_app(token_keys=TOKEN_KEYS), pilots[0])
+    assert response.status_code == 200, response.get_data(as_text=True)
+    [user] = users(conn)
+    granted = next(p for p in sim.pilots() if p["character_id"] == pilots[0])
+    assert is_sealed(user["refresh_token"]) and granted["refresh_token"] not in user["refresh_token"]
+    assert TokenVault(TOKEN_KEYS[:1]).open(user["refresh_token"]) == granted["refresh_token"]
+    assert user["access_token"] == granted["access_token"]  # 20 minutes of life: stored as given (tokens.py)
 
 
 def jobs_stamp(user: dict) -> str:
@@ -349,6 +360,28 @@ def test_forget_revokes_the_grant_and_clears_the_tokens_but_keeps_the_killmails(
     answer = requests.post(f"{sim.base_url}/v2/oauth/token", data={"grant_type": "refresh_token",
                            "refresh_token": refresh}, auth=(CLIENT_ID, CLIENT_SECRET), timeout=5)
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_grant"
+
+
+def test_forget_opens_a_sealed_token_to_revoke_it_at_sso(login_app, conn, sim, known):
+    plain = db.get_user(conn, known)["refresh_token"]
+    conn.execute("UPDATE users SET refresh_token = %s WHERE character_id = %s",
+                 (TokenVault(TOKEN_KEYS[:1]).seal(plain), known))
+    conn.commit()
+    response = login_app(token_keys=TOKEN_KEYS).post(f"/pilots/{known}/forget", headers=OPERATOR)
+    assert response.status_code == 200 and "revoked at EVE SSO" in response.get_data(as_text=True)
+    assert next(p for p in sim.pilots() if p["character_id"] == known)["revoked"] is True
+
+
+def test_forget_of_a_token_no_key_opens_clears_it_and_says_it_was_not_revoked(login_app, conn, sim, known):
+    plain = db.get_user(conn, known)["refresh_token"]
+    conn.execute("UPDATE users SET refresh_token = %s WHERE character_id = %s",
+                 (TokenVault(TOKEN_KEYS[1:]).seal(plain), known))
+    conn.commit()
+    response = login_app(token_keys=TOKEN_KEYS[:1]).post(f"/pilots/{known}/forget", headers=OPERATOR)
+    page = response.get_data(as_text=True)
+    assert response.status_code == 200 and "not revoked at EVE SSO" in page and "TOKEN_KEY" in page
+    assert db.get_user(conn, known)["refresh_token"] is None
+    assert next(p for p in sim.pilots() if p["character_id"] == known)["revoked"] is False
 
 
 def test_forget_leaves_the_tokens_when_sso_cannot_revoke(login_app, conn, known):

@@ -66,5 +66,6 @@ def test_the_security_section_lists_what_an_operator_must_set():
     security = section("### Security: what to set, and what the app refuses without it")
     for needed in ("`STATUS_BASIC_AUTH`", "`STATUS_AUTH_BY_PROXY=1`", "`EVE_CALLBACK_URL`", "403", "chmod 640",
                    "sslmode=verify-full", "amqps://", "`Origin: <the app's origin>`", "network-policy.yaml",
-                   "ingress.yaml.example", "postgresql/status-role.sql"):
+                   "ingress.yaml.example", "postgresql/status-role.sql", "`TOKEN_KEY`", "--seal-tokens",
+                   "`TOKEN_KEY=new,old`"):
         assert needed in security, needed

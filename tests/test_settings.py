@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TOKEN_KEYS
 from settings import DEFAULT_COMPATIBILITY_DATE, MAX_LOG_LINE, ConfigError, Settings, redact_url, settings_from
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,6 +259,28 @@ def test_repr_shows_no_secret():
     assert settings.http_proxies and "SECRET" not in repr(settings) and "SECRET" not in str(settings)
 
 
+def test_token_key_is_unset_by_default_and_read_as_keys_in_order():
+    assert load().token_keys == ()
+    assert load(TOKEN_KEY=f" {TOKEN_KEYS[0]} ").token_keys == (TOKEN_KEYS[0],)
+    assert load(TOKEN_KEY=f"{TOKEN_KEYS[1]}, {TOKEN_KEYS[0]},").token_keys == (TOKEN_KEYS[1], TOKEN_KEYS[0])
+
+
+@pytest.mark.parametrize("raw, words", [
+    ("not-a-fernet-key", "the key is not a Fernet key"),
+    (f"{TOKEN_KEYS[0]},{TOKEN_KEYS[1][:-3]}", "key 2 of 2 is not a Fernet key"),
+    ("CHANGE-ME", "placeholder"),
+])
+def test_a_bad_token_key_names_the_variable_and_never_the_key(raw, words):
+    error = config_error({**ESI_ENV, "TOKEN_KEY": raw})
+    assert error.variable == "TOKEN_KEY" and words in str(error)
+    assert all(part not in str(error) for part in raw.split(",") if part != "CHANGE-ME")
+
+
+def test_repr_shows_no_token_key():
+    settings = load(TOKEN_KEY=",".join(TOKEN_KEYS))
+    assert not any(key in repr(settings) or key in str(settings) for key in TOKEN_KEYS)
+
+
 LOGS = """
 import logging, sys
 from settings import setup_logging
@@ -292,7 +315,7 @@ def clean_env(**overrides: str) -> dict[str, str]:
     load_dotenv(override=False) leaves set variables alone.
     """
     prefixes = ("ESI_", "EVE_", "DATABASE_", "RABBITMQ_", "QUEUE_", "PREFETCH_", "SSO_", "SYNC_", "DETAIL_",
-                "MAX_", "RETRY_", "HTTP_", "STATUS_", "APP_", "HEALTH_", "FLASK_")
+                "MAX_", "RETRY_", "HTTP_", "STATUS_", "APP_", "HEALTH_", "FLASK_", "TOKEN_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update({"DATABASE_URL": "postgresql:///killmails", "RABBITMQ_URL": "amqp://guest:guest@localhost:5672/%2F",
                 "QUEUE_NAME": "killmail_sync_queue", "PREFETCH_COUNT": "5", "ESI_COMPATIBILITY_DATE": "2026-08-18",
@@ -307,6 +330,8 @@ def clean_env(**overrides: str) -> dict[str, str]:
     ("killmail_worker.py", {"PREFETCH_COUNT": "abc"}, "PREFETCH_COUNT"),
     ("queue_killmails.py", {"PREFETCH_COUNT": "abc"}, "PREFETCH_COUNT"),
     ("queue_killmails.py", {"DATABASE_URL": "mysql://localhost/km"}, "DATABASE_URL"),
+    ("killmail_worker.py", {"TOKEN_KEY": "not-a-fernet-key"}, "TOKEN_KEY"),
+    ("status_app.py", {"TOKEN_KEY": f"{TOKEN_KEYS[0]},not-a-fernet-key"}, "TOKEN_KEY"),
 ])
 def test_a_bad_setting_stops_the_command_with_one_line_and_exit_2(script, overrides, variable):
     result = subprocess.run([sys.executable, str(ROOT / script)], env=clean_env(**overrides), cwd=ROOT,

@@ -9,9 +9,10 @@ import pytest
 
 import db
 import sync
-from conftest import insert_users, make_settings, wait_until
+from conftest import TOKEN_KEYS, insert_users, make_settings, wait_until
 from esi import EsiClient, InvalidGrant
 from limits import SharedLimits
+from tokens import TokenVault, is_sealed
 
 
 @pytest.fixture
@@ -729,3 +730,88 @@ def test_killmails_saved_while_prices_are_unreachable_are_valued_by_later_jobs_a
     for pilot in pilots:
         sync.sync_character(conn, world, pilot, later + timedelta(minutes=1), options=options)
     assert conn.execute(outbox, ("priced",)).fetchone()["n"] == wanted
+
+
+# ---------------------------------------------------------------------------------------------- TOKEN_KEY
+
+NEW_KEY, OLD_KEY = TOKEN_KEYS
+
+
+def sealed_sync(conn, client, sim, keys, *, now=None):
+    """Sync every pilot with refresh tokens sealed and opened with these keys."""
+    options = sync.SyncOptions(tokens=TokenVault(keys))
+    return {p["character_id"]: sync.sync_character(conn, client, p["character_id"], now or now_for(sim),
+                                                   options=options)
+            for p in sim.pilots()}
+
+
+def seal_rows(conn, keys) -> None:
+    """Seal every stored refresh token with these keys, as an earlier worker would have."""
+    vault = TokenVault(keys)
+    for row in conn.execute("SELECT character_id, refresh_token FROM users").fetchall():
+        conn.execute("UPDATE users SET refresh_token = %s WHERE character_id = %s",
+                     (vault.seal(row["refresh_token"]), row["character_id"]))
+    conn.commit()
+
+
+def test_with_token_key_plaintext_rows_are_read_and_every_refreshed_token_is_stored_sealed(conn, world, sim):
+    """Rows the web app wrote in plaintext are refreshed, and sealed as the rotated token is stored; twenty-one
+    minutes later every live grant is refreshed from its sealed value."""
+    results = sealed_sync(conn, world, sim, [NEW_KEY])
+    assert sorted(r.status for r in results.values()).count("ok") == 9
+    current = {p["character_id"]: p for p in sim.pilots()}
+    refreshed = [cid for cid, r in results.items() if r.status == "ok"
+                 and db.get_user(conn, cid)["refresh_token"] != current[cid]["refresh_token"]]
+    assert refreshed  # those whose access token had expired
+    for cid in refreshed:
+        stored = db.get_user(conn, cid)["refresh_token"]
+        assert is_sealed(stored) and current[cid]["refresh_token"] not in stored
+        assert TokenVault([NEW_KEY]).open(stored) == current[cid]["refresh_token"]
+    sim.advance(21 * 60)
+    sim.reset_stats()
+    again = sealed_sync(conn, world, sim, [NEW_KEY], now=now_for(sim))
+    assert sim.stats()["refreshes"] == 9 and sim.stats()["invalid_grants"] == 0
+    assert sum(r.status == "ok" for r in again.values()) == 9
+    stored = conn.execute("SELECT refresh_token FROM users WHERE revoked_token_sha256 IS NULL").fetchall()
+    assert len(stored) == 9 and all(is_sealed(r["refresh_token"]) for r in stored)
+
+
+def test_rotation_a_token_under_the_second_key_is_refreshed_and_stored_under_the_first(conn, world, sim):
+    seal_rows(conn, [OLD_KEY])
+    results = sealed_sync(conn, world, sim, [NEW_KEY, OLD_KEY])
+    assert sum(r.status == "ok" for r in results.values()) == 9
+    assert sim.stats()["invalid_grants"] == 1  # the revoked pilot's only: each sealed token opened to the right one
+    current = {p["character_id"]: p["refresh_token"] for p in sim.pilots()}
+    expired = [p["character_id"] for p in sim.pilots() if not p["revoked"] and p["expires_at"] <= now_for(sim)]
+    for cid in expired:
+        assert TokenVault([NEW_KEY]).open(db.get_user(conn, cid)["refresh_token"]) == current[cid]
+
+
+def test_a_token_no_key_opens_ends_the_run_with_a_clear_error_and_loses_nothing(conn, world, sim):
+    seal_rows(conn, [OLD_KEY])
+    pilot = next(p for p in sim.pilots() if not p["revoked"] and p["expires_at"] <= now_for(sim))
+    before = db.get_user(conn, pilot["character_id"])["refresh_token"]
+    sim.reset_stats()
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim),
+                                 options=sync.SyncOptions(tokens=TokenVault([NEW_KEY])))
+    assert result.status == "error" and "TOKEN_KEY does not hold" in result.error
+    assert sim.stats()["requests"] == 0  # SSO was not asked: the token it holds is still good
+    user = db.get_user(conn, pilot["character_id"])
+    assert user["refresh_token"] == before and user["revoked"] is False
+    run = conn.execute("SELECT status, error FROM sync_runs WHERE character_id = %s",
+                       (pilot["character_id"],)).fetchone()
+    assert run["status"] == "error" and "TOKEN_KEY" in run["error"]
+    # The operator puts the old key back as the second: the same row syncs, nothing was lost.
+    fixed = sync.sync_character(conn, world, pilot["character_id"], now_for(sim),
+                                options=sync.SyncOptions(tokens=TokenVault([NEW_KEY, OLD_KEY])))
+    assert fixed.status == "ok"
+
+
+def test_a_sealed_token_sso_refuses_is_marked_revoked_and_not_due_again(conn, world, sim):
+    seal_rows(conn, [NEW_KEY])
+    revoked = next(p for p in sim.pilots() if p["revoked"])
+    result = sync.sync_character(conn, world, revoked["character_id"], now_for(sim),
+                                 options=sync.SyncOptions(tokens=TokenVault([NEW_KEY])))
+    assert result.status == "needs_relogin" and db.get_user(conn, revoked["character_id"])["revoked"]
+    due = db.due_users(conn, now_for(sim) + timedelta(hours=1), interval=300, stale_after=7200)
+    assert revoked["character_id"] not in {u["character_id"] for u in due}
