@@ -123,7 +123,7 @@ def test_each_mode_is_a_function_of_its_own(conn, settings, caplog):
     with broker.open_channel(RABBITMQ_URL, settings.queue_name) as channel:
         assert queue_killmails.queue_character(conn, channel, settings, 1001, NOW, full=True) == 0
         assert queue_killmails.queue_character(conn, channel, settings, 42, NOW, full=False) == 1
-        assert queue_killmails.queue_all(conn, channel, settings, NOW, corporations_only=False) == 0
+        assert queue_killmails.queue_all(conn, settings, NOW, corporations_only=False) == 0
         assert queue_killmails.print_stats(conn, channel.connection, settings, NOW) == 0
     assert "Queued Pilot 1 at high priority" in caplog.text and "All 1 users queued successfully" in caplog.text
     assert "queued or running: 2" in caplog.text
