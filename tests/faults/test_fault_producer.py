@@ -125,7 +125,7 @@ def test_producer_every_second_never_syncs_one_character_twice_at_once(conn, fas
 
 def test_a_broker_lost_in_the_middle_of_a_run_leaves_no_pilot_claimed_without_a_job(conn, database_url, queue_name,
                                                                                    own_rabbit):
-    pilots = 3000  # enough that the run is still publishing when the broker goes
+    pilots = 100_000  # enough that the run is still publishing when the broker goes (a run takes seconds)
     conn.execute("INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at) "
                  "SELECT 90000000 + g, 'Pilot ' || g, 'a', 'r', now() + interval '1 hour' "
                  "FROM generate_series(1, %s) AS g", (pilots,))
