@@ -78,7 +78,7 @@ def queue_due(conn, settings: Settings, now: datetime, *, users: bool = True,
         due_corporations = cursors.enter_context(db.open_due_corporations(conn, now, **window)) \
             if corporations else None
         conn.commit()  # the cursors are held from here: each batch is claimed in a transaction of its own
-        batches = _announce(conn, due_users, due_corporations, now, settings)
+        batches = _claimed_batches(conn, due_users, due_corporations, now, settings)
         queued, problems = {"users": 0, "corporations": 0}, []
 
         def settle(confirmed: list[Claim], failed: list[tuple[Claim, str]]) -> None:
@@ -99,8 +99,9 @@ def queue_due(conn, settings: Settings, now: datetime, *, users: bool = True,
     return queued, problems
 
 
-def _announce(conn, due_users, due_corporations, now: datetime, settings: Settings) -> Iterator[list[broker.Outgoing]]:
-    """Say how many are due, then claim and yield their messages a batch at a time, users first."""
+def _claimed_batches(conn, due_users, due_corporations, now: datetime,
+                     settings: Settings) -> Iterator[list[broker.Outgoing]]:
+    """Say how many are due, then claim them a batch at a time (users first), yielding each batch's messages."""
     first_users = due_users.fetchmany(CLAIM_BATCH) if due_users is not None else []
     first_corporations = due_corporations.fetchmany(CLAIM_BATCH) if due_corporations is not None else []
     conn.commit()

@@ -230,14 +230,18 @@ def test_a_claim_of_a_producer_session_that_is_gone_is_freed_by_the_next_run(con
     with db.connect(database_url) as producer:  # a run that claimed and was gone before the broker confirmed
         assert db.claim_users(producer, [1000, 1001], NOW, interval=300, stale_after=7200) == {1000, 1001}
         producer.commit()
-    wait_until(lambda: conn.execute("SELECT count(*) AS n FROM users u JOIN pg_stat_activity a "
-                                    "ON a.pid = u.claimed_by").fetchone()["n"] == 0 or conn.commit(),
-               what="the session to end")
-    conn.commit()
+    wait_until(lambda: sessions_holding_claims(conn) == 0, what="PostgreSQL to end the session")
     run = run_script("queue_killmails.py", settings)
     assert run.returncode == 0 and "✓ Found 3 users to sync" in run.stdout
     assert sorted(m[2]["character_id"] for m in drain(settings.queue_name)) == [1000, 1001, 1002]
     assert claims(conn) == {"claimed": 3, "unconfirmed": 0}
+
+
+def sessions_holding_claims(conn) -> int:
+    n = conn.execute("SELECT count(*) AS n FROM users u "
+                     "JOIN pg_stat_activity a ON a.pid = u.claimed_by").fetchone()["n"]
+    conn.commit()
+    return n
 
 
 def test_a_live_producers_unconfirmed_claims_are_left_alone(conn, settings, database_url):
