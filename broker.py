@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import takewhile
 from typing import Any
 
 import pika
@@ -83,9 +85,10 @@ def retry_delay(attempt: int, base: int, rng: random.Random) -> float:
     return base * 2 ** (attempt - 1) * (1 + rng.uniform(0, JITTER))
 
 
-def declare_job_queue(channel, queue: str) -> None:
-    """Declare the job queue (durable, with priorities), all a producer publishes to."""
-    channel.queue_declare(queue, durable=True, arguments={"x-max-priority": MAX_PRIORITY})
+def declare_job_queue(channel, queue: str, **callback) -> None:
+    """Declare the job queue (durable, with priorities), all a producer publishes to (an asynchronous channel
+    passes its `callback`)."""
+    channel.queue_declare(queue, durable=True, arguments={"x-max-priority": MAX_PRIORITY}, **callback)
 
 
 def declare_topology(channel, queue: str, *, max_attempts: int) -> None:
@@ -156,13 +159,168 @@ def publish(channel, routing_key: str, body: bytes, *, priority: int = 0, header
 def connect(url: str, *, heartbeat: int = 30, timeout: float = 10.0) -> pika.BlockingConnection:
     """A blocking connection with a heartbeat; connecting (TCP, TLS and the AMQP handshake) gives up after
     about twice `timeout` seconds."""
+    return pika.BlockingConnection(_parameters(url, heartbeat=heartbeat, timeout=timeout))
+
+
+def _parameters(url: str, *, heartbeat: int, timeout: float) -> pika.URLParameters:
     parameters = pika.URLParameters(url)
     parameters.heartbeat = heartbeat
     parameters.socket_timeout = timeout
     parameters.stack_timeout = 2 * timeout
+    # A broker short of memory or disk blocks publishers: after this long the connection is closed, so a run
+    # gives back what it holds rather than waiting for ever.
     parameters.blocked_connection_timeout = max(60.0, 2 * timeout)
     parameters.connection_attempts = 1
-    return pika.BlockingConnection(parameters)
+    return parameters
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A job message for publish_confirmed, with the caller's token, which comes back when it is settled."""
+
+    body: bytes
+    priority: int
+    token: Any
+
+
+# settle(confirmed tokens, [(token, why it was not taken)]): how publish_confirmed hands back what settled.
+Settle = Callable[[list[Any], list[tuple[Any, str]]], None]
+
+
+def publish_confirmed(url: str, queue: str, batches: Iterable[list[Outgoing]], settle: Settle, *,
+                      window: int = 4000, timeout: float = 10.0) -> None:
+    """Publish batches of persistent job messages to `queue` (declared first) on a connection of their own, with
+    up to `window` messages in flight, each settled by the broker's basic.ack or basic.nack (publisher confirms,
+    pipelined: pika's asynchronous adapter, as in pika's own asynchronous publisher example). A batch is taken
+    only when fewer than half the window are in flight, and `settle` is called with what settled so far before
+    each batch is taken and at the end. A connection that cannot be opened, or is lost, raises pika's error,
+    after every message still in flight was settled as failed."""
+    _Pipeline(_parameters(url, heartbeat=30, timeout=timeout), queue, iter(batches), settle, window).run()
+
+
+class _Pipeline:
+    """publish_confirmed's state: pika's callbacks (on_*) run in its I/O loop, which run() drives."""
+
+    def __init__(self, parameters: pika.URLParameters, queue: str, batches: Iterator[list[Outgoing]],
+                 settle: Settle, window: int):
+        self.queue, self.batches, self.settle, self.window = queue, batches, settle, window
+        self.in_flight: OrderedDict[int, tuple[Any, str]] = OrderedDict()  # delivery tag -> (token, message id)
+        self.returned: set[str] = set()  # message ids the broker returned as unroutable (their ack follows)
+        self.confirmed: list[Any] = []
+        self.failed: list[tuple[Any, str]] = []
+        self.published = 0  # the last delivery tag: the broker numbers a confirming channel's messages from 1
+        self.exhausted = self.closing = self.caller_failed = False
+        self.error: BaseException | None = None
+        self.channel = None
+        self.connection = pika.SelectConnection(parameters, on_open_callback=self.on_open,
+                                                on_open_error_callback=self.on_open_error,
+                                                on_close_callback=self.on_closed)
+
+    def run(self) -> None:
+        """Drive the I/O loop until every message is settled or the connection is gone."""
+        self.connection.ioloop.start()
+        if self.caller_failed:
+            raise self.error
+        if self.in_flight:  # the connection went before these were confirmed: none may stay claimed
+            reason = f"connection lost before the broker confirmed the message: {self.error!r}"
+            self.failed += [(token, reason) for token, _ in self.in_flight.values()]
+            self.in_flight.clear()
+        if self.confirmed or self.failed:
+            self._settle()
+        if self.error is not None:
+            raise self.error
+
+    def on_open(self, connection) -> None:
+        connection.channel(on_open_callback=self.on_channel_open)
+
+    def on_open_error(self, connection, error: BaseException) -> None:
+        self.error = error
+        connection.ioloop.stop()
+
+    def on_channel_open(self, channel) -> None:
+        self.channel = channel
+        channel.add_on_close_callback(self.on_channel_closed)
+        channel.add_on_return_callback(self.on_return)
+        channel.confirm_delivery(ack_nack_callback=self.on_confirm,
+                                 callback=lambda _: declare_job_queue(channel, self.queue, callback=self.on_declared))
+
+    def on_declared(self, _frame) -> None:
+        self._guarded(self._fill)
+
+    def on_return(self, _channel, _method, properties, _body) -> None:
+        self.returned.add(properties.message_id)
+
+    def on_confirm(self, frame) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        # With `multiple`, every tag up to this one: the oldest in flight, so the walk stops at the first beyond.
+        tags = list(takewhile(lambda tag: tag <= method.delivery_tag, self.in_flight)) if method.multiple \
+            else [method.delivery_tag]
+        for tag in tags:
+            token, message_id = self.in_flight.pop(tag)
+            if not acked:
+                self.failed.append((token, "the broker nacked the message"))
+            elif message_id in self.returned:
+                self.returned.discard(message_id)
+                self.failed.append((token, f"unroutable: no queue {self.queue}"))
+            else:
+                self.confirmed.append(token)
+        if not self.exhausted and len(self.in_flight) <= self.window // 2:
+            self._guarded(self._fill)
+        elif self.exhausted and not self.in_flight:
+            self._close()
+
+    def on_channel_closed(self, _channel, reason: BaseException) -> None:
+        if not self.closing:
+            self.error = self.error or reason
+            self._close()
+
+    def on_closed(self, connection, reason: BaseException) -> None:
+        if not self.closing:
+            self.error = self.error or reason
+        connection.ioloop.stop()
+
+    def _fill(self) -> None:
+        """Settle what was confirmed, then publish batches until the window is full or none is left."""
+        self._settle()
+        while len(self.in_flight) < self.window and not self.exhausted:
+            batch = next(self.batches, None)
+            if batch is None:
+                self.exhausted = True
+            else:
+                for message in batch:
+                    self._publish(message)
+        if self.exhausted and not self.in_flight:
+            self._close()
+
+    def _publish(self, message: Outgoing) -> None:
+        message_id = uuid.uuid4().hex
+        properties = pika.BasicProperties(content_type="application/json", delivery_mode=pika.DeliveryMode.Persistent,
+                                          priority=message.priority, message_id=message_id)
+        self.channel.basic_publish("", self.queue, message.body, properties=properties, mandatory=True)
+        self.published += 1
+        self.in_flight[self.published] = (message.token, message_id)
+
+    def _settle(self) -> None:
+        confirmed, failed, self.confirmed, self.failed = self.confirmed, self.failed, [], []
+        if confirmed or failed:
+            self.settle(confirmed, failed)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run the caller's code (taking a batch, settling) from a pika callback: an error in it ends the loop and
+        is raised by run() as it is, nothing more settled (the caller releases what it has not seen confirmed)."""
+        try:
+            step()
+        except BaseException as exc:  # raised again by run(), out of pika's loop
+            self.error, self.caller_failed = exc, True
+            self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        if self.connection.is_open:
+            self.connection.close()
+        elif not self.connection.is_closing:
+            self.connection.ioloop.stop()
 
 
 @contextmanager

@@ -96,35 +96,54 @@ _INTERVAL_SQL = """
 _DUE_SQL = _LIVE_GRANT_SQL + f"AND (last_sync_at IS NULL OR last_sync_at <= %(now)s - {_INTERVAL_SQL})"
 
 
-def claim_due_users(conn, now: datetime, *, interval: int, stale_after: int, limit: int = 100000) -> list[dict]:
-    """Mark every due user that is not already queued as queued now, and return them (first syncs first)."""
-    return conn.execute(
-        f"""
-        UPDATE users SET queued_at = %(now)s
-        WHERE character_id IN (
-            SELECT character_id FROM users
-            WHERE {_DUE_SQL}
-              AND (queued_at IS NULL OR queued_at < %(now)s - make_interval(secs => %(stale)s))
-            ORDER BY last_sync_at NULLS FIRST, character_id
-            LIMIT %(limit)s
-            FOR UPDATE SKIP LOCKED)
-        RETURNING character_id, character_name, last_sync_at
-        """,
-        {"now": now, "interval": interval, "stale": stale_after, "limit": limit},
-    ).fetchall()
+# Not queued: no claim, or one older than the stale-claim limit (its job was lost).
+_UNCLAIMED_SQL = "(queued_at IS NULL OR queued_at < %(now)s - make_interval(secs => %(stale)s))"
+
+# The due users not queued, first syncs first, then the longest unsynced; `due` repeats their number on every row.
+_DUE_USERS_SQL = f"""
+    SELECT character_id, character_name, last_sync_at, count(*) OVER () AS due FROM users
+    WHERE {_DUE_SQL} AND {_UNCLAIMED_SQL}
+    ORDER BY last_sync_at NULLS FIRST, character_id
+"""
 
 
 def due_users(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
-    """The users claim_due_users would queue, without claiming them."""
-    return conn.execute(
+    """The due users that are not queued, first syncs first (what a run would claim)."""
+    return conn.execute(_DUE_USERS_SQL, {"now": now, "interval": interval, "stale": stale_after}).fetchall()
+
+
+def open_due_users(conn, now: datetime, *, interval: int, stale_after: int) -> psycopg.ServerCursor:
+    """due_users as a cursor held past commits (WITH HOLD): the caller commits once, then fetches a batch at a
+    time and claims it (claim_users), committing each, and closes the cursor at the end."""
+    cursor = conn.cursor("due_users", withhold=True)
+    cursor.execute(_DUE_USERS_SQL, {"now": now, "interval": interval, "stale": stale_after})
+    return cursor
+
+
+def claim_users(conn, character_ids: Sequence[int], now: datetime, *, interval: int, stale_after: int) -> set[int]:
+    """Claim those of these users still due and not queued, for this session until confirm_claims; the ids
+    claimed. One whose row another transaction holds (its job ending, another run claiming it) is skipped."""
+    rows = conn.execute(
         f"""
-        SELECT character_id, character_name, last_sync_at FROM users
-        WHERE {_DUE_SQL}
-          AND (queued_at IS NULL OR queued_at < %(now)s - make_interval(secs => %(stale)s))
-        ORDER BY last_sync_at NULLS FIRST, character_id
+        UPDATE users SET queued_at = %(now)s, claimed_by = pg_backend_pid()
+        -- The ids outside the subquery too: the planner then reaches the rows by the index, not by a scan of all.
+        WHERE character_id = ANY(%(ids)s) AND character_id IN (
+            SELECT character_id FROM users
+            WHERE character_id = ANY(%(ids)s) AND {_DUE_SQL} AND {_UNCLAIMED_SQL}
+            FOR UPDATE SKIP LOCKED)
+        RETURNING character_id
         """,
-        {"now": now, "interval": interval, "stale": stale_after},
+        {"ids": list(character_ids), "now": now, "interval": interval, "stale": stale_after},
     ).fetchall()
+    return {row["character_id"] for row in rows}
+
+
+def claim_due_users(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+    """Claim every due user that is not queued, in one go (for this session, until confirm_claims); returns
+    them, first syncs first. The producer claims a batch at a time instead (open_due_users)."""
+    due = due_users(conn, now, interval=interval, stale_after=stale_after)
+    claimed = claim_users(conn, [u["character_id"] for u in due], now, interval=interval, stale_after=stale_after)
+    return [u for u in due if u["character_id"] in claimed]
 
 
 def claim_user(conn, character_id: int, now: datetime, *, stale_after: int) -> dict | None:
@@ -353,35 +372,62 @@ _CORPORATION_DUE_SQL = """
 """
 
 
-def claim_due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
-    """Mark every due corporation that has an eligible member as queued now; returns them with that member."""
+_DUE_CORPORATIONS_SQL = f"""
+    SELECT e.corporation_id, e.character_id, e.character_name, c.last_sync_at, count(*) OVER () AS due
+    FROM ({_ELIGIBLE_SQL}) e LEFT JOIN corporations c ON c.corporation_id = e.corporation_id
+    WHERE {_CORPORATION_DUE_SQL}
+    ORDER BY e.corporation_id
+"""
+
+
+def due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+    """The due corporations with an eligible member, not queued, each with that member (what a run would claim)."""
+    return conn.execute(_DUE_CORPORATIONS_SQL, {"now": now, "interval": interval, "stale": stale_after}).fetchall()
+
+
+def add_eligible_corporations(conn, now: datetime) -> None:
+    """Make a row for every corporation that has an eligible member (claim_corporations claims rows)."""
     conn.execute(f"""
         INSERT INTO corporations (corporation_id)
         SELECT corporation_id FROM ({_ELIGIBLE_SQL}) e
         ON CONFLICT DO NOTHING
     """, {"now": now})
-    return conn.execute(
-        f"""
-        UPDATE corporations c SET queued_at = %(now)s, director_character_id = e.character_id
-        FROM ({_ELIGIBLE_SQL}) e
-        WHERE c.corporation_id = e.corporation_id AND {_CORPORATION_DUE_SQL}
-        RETURNING c.corporation_id, e.character_id, e.character_name, c.last_sync_at
-        """,
-        {"now": now, "interval": interval, "stale": stale_after},
-    ).fetchall()
 
 
-def due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
-    """What claim_due_corporations would claim now, without claiming it (for --dry-run)."""
-    return conn.execute(
+def open_due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> psycopg.ServerCursor:
+    """due_corporations as a held cursor, as open_due_users (add_eligible_corporations first)."""
+    cursor = conn.cursor("due_corporations", withhold=True)
+    cursor.execute(_DUE_CORPORATIONS_SQL, {"now": now, "interval": interval, "stale": stale_after})
+    return cursor
+
+
+def claim_corporations(conn, due: Sequence[dict], now: datetime, *, interval: int, stale_after: int) -> set[int]:
+    """Claim these corporations (rows of due_corporations) where still due and not queued, each through the member
+    it came with, for this session until confirm_claims; the ids claimed."""
+    rows = conn.execute(
         f"""
-        SELECT e.corporation_id, e.character_id, e.character_name, c.last_sync_at
-        FROM ({_ELIGIBLE_SQL}) e LEFT JOIN corporations c ON c.corporation_id = e.corporation_id
-        WHERE {_CORPORATION_DUE_SQL}
-        ORDER BY e.corporation_id
+        UPDATE corporations c SET queued_at = %(now)s, claimed_by = pg_backend_pid(),
+               director_character_id = v.character_id
+        FROM unnest(%(ids)s::bigint[], %(members)s::bigint[]) AS v (corporation_id, character_id)
+        WHERE c.corporation_id = v.corporation_id AND c.corporation_id = ANY(%(ids)s) AND c.corporation_id IN (
+            SELECT corporation_id FROM corporations c
+            WHERE corporation_id = ANY(%(ids)s) AND {_CORPORATION_DUE_SQL}
+            FOR UPDATE SKIP LOCKED)
+        RETURNING c.corporation_id
         """,
-        {"now": now, "interval": interval, "stale": stale_after},
+        {"ids": [r["corporation_id"] for r in due], "members": [r["character_id"] for r in due], "now": now,
+         "interval": interval, "stale": stale_after},
     ).fetchall()
+    return {row["corporation_id"] for row in rows}
+
+
+def claim_due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+    """Claim every due corporation that has an eligible member, in one go, as claim_due_users; returns them with
+    that member."""
+    add_eligible_corporations(conn, now)
+    due = due_corporations(conn, now, interval=interval, stale_after=stale_after)
+    claimed = claim_corporations(conn, due, now, interval=interval, stale_after=stale_after)
+    return [c for c in due if c["corporation_id"] in claimed]
 
 
 def get_corporation(conn, corporation_id: int) -> dict | None:
@@ -392,6 +438,38 @@ def get_corporation(conn, corporation_id: int) -> dict | None:
 def release_corporation(conn, corporation_id: int) -> None:
     """Forget that a corporation is queued."""
     conn.execute("UPDATE corporations SET queued_at = NULL WHERE corporation_id = %s", (corporation_id,))
+
+
+def confirm_claims(conn, kind: str, owner_ids: Sequence[int]) -> None:
+    """The broker confirmed these jobs ('character' or 'corporation'): this session's claims of them stand on
+    their own now, and outlive it."""
+    table, column = _STATE_TABLES[kind]
+    conn.execute(sql.SQL("UPDATE {} SET claimed_by = NULL WHERE {} = ANY(%s) AND claimed_by = pg_backend_pid()")
+                 .format(sql.Identifier(table), sql.Identifier(column)), (list(owner_ids),))
+
+
+def release_claims(conn, kind: str, owner_ids: Sequence[int]) -> None:
+    """The broker did not take these jobs: free this session's claims of them, so the next run queues them."""
+    table, column = _STATE_TABLES[kind]
+    conn.execute(sql.SQL("UPDATE {} SET queued_at = NULL, claimed_by = NULL "
+                         "WHERE {} = ANY(%s) AND claimed_by = pg_backend_pid()")
+                 .format(sql.Identifier(table), sql.Identifier(column)), (list(owner_ids),))
+
+
+def release_unconfirmed(conn, kind: str) -> int:
+    """Free every claim whose job the broker never confirmed: this session's own, and those of producer sessions
+    that are gone (a run killed between publishing and the confirm); how many. A session is gone when no backend
+    has its pid: a killed process's connection closes with it, a vanished host's within the keepalive time
+    (SESSION_KEEPALIVES); a pid reused by a new backend meanwhile keeps the claim until it is stale."""
+    table, _ = _STATE_TABLES[kind]
+    # No index on claimed_by: one scan a run costs less than keeping an index through every claim and confirm,
+    # and leaves a confirm a HOT update.
+    return conn.execute(sql.SQL("""
+        UPDATE {} SET queued_at = NULL, claimed_by = NULL
+        WHERE claimed_by IS NOT NULL
+          AND (claimed_by = pg_backend_pid()
+               OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = claimed_by))
+        """).format(sql.Identifier(table))).rowcount
 
 
 # ---------------------------------------------------------------------------------------------- sync state

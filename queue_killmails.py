@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import pika.exceptions
 import psycopg
@@ -35,54 +38,116 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def queue_due(conn, channel, settings: Settings, now: datetime, *, users: bool = True,
+# Owners claimed (and committed) at a time, as fetched from the cursor of those due.
+CLAIM_BATCH = 2000
+# Messages published and not yet confirmed at most: enough that the broker always has work while a batch is
+# claimed, few enough that a run holds little.
+PUBLISH_WINDOW = 10000
+
+
+class Claim(NamedTuple):
+    """One claimed owner whose job is on its way to the broker: kind is Job.kind."""
+
+    kind: str
+    owner_id: int
+    label: str
+
+
+def queue_due(conn, settings: Settings, now: datetime, *, users: bool = True,
               corporations: bool = True) -> tuple[dict[str, int], list[str]]:
     """Claim and publish every due user and corporation; returns ({"users": n, "corporations": m}, problems).
-    One whose message the broker did not take is released again, so the next run retries it."""
-    claimed: list[tuple[broker.Job, int, str]] = []
-    if users:
-        rows = db.claim_due_users(conn, now, interval=settings.sync_interval_seconds,
-                                  stale_after=CLAIM_STALE_SECONDS)
-        conn.commit()
-        log.info("✓ Found %d users to sync", len(rows))
-        claimed += [(broker.new_job(r["character_id"], r["character_name"], now=now), _priority(r),
-                     r["character_name"] or str(r["character_id"])) for r in rows]
+
+    The due are read from a cursor held on the server and claimed CLAIM_BATCH at a time, each claim committed
+    before its messages go out, so the run holds one batch and the messages in flight, never every row. A claim
+    is marked with this session (`claimed_by`, the PostgreSQL backend's pid) until the broker confirms its
+    message; messages are published with up to PUBLISH_WINDOW in flight (broker.publish_confirmed). Each settles:
+    - confirmed: the mark is cleared, and the claim stands until the worker ends the job;
+    - nacked, returned or in flight when the connection went: the claim is released at once;
+    - in flight when this process dies (killed between publish and confirm): the claim keeps the mark of a session
+      that is gone, and the next run's db.release_unconfirmed frees it before it claims.
+    A job that reached the queue although its claim was freed is synced twice at worst, which the workers' locks
+    allow; a pilot is never left claimed without a job."""
+    kinds = (["character"] if users else []) + (["corporation"] if corporations else [])
+    for kind in kinds:
+        db.release_unconfirmed(conn, kind)
     if corporations:
-        rows = db.claim_due_corporations(conn, now, interval=settings.sync_interval_seconds,
-                                         stale_after=CLAIM_STALE_SECONDS)
-        conn.commit()
-        if rows or not users:
-            log.info("✓ Found %d corporations to sync through a director", len(rows))
-        claimed += [(broker.new_job(r["character_id"], r["character_name"], corporation_id=r["corporation_id"],
-                                    now=now), _priority(r), f"corporation {r['corporation_id']}") for r in rows]
-    if claimed:
-        log.info("📤 Adding to queue...")
-    queued, problems = {"users": 0, "corporations": 0}, []
-    for done, (job, priority, label) in enumerate(claimed):
+        db.add_eligible_corporations(conn, now)
+    window = {"interval": settings.sync_interval_seconds, "stale_after": CLAIM_STALE_SECONDS}
+    with contextlib.ExitStack() as cursors:
+        due_users = cursors.enter_context(db.open_due_users(conn, now, **window)) if users else None
+        due_corporations = cursors.enter_context(db.open_due_corporations(conn, now, **window)) \
+            if corporations else None
+        conn.commit()  # the cursors are held from here: each batch is claimed in a transaction of its own
+        batches = _claimed_batches(conn, due_users, due_corporations, now, settings)
+        queued, problems = {"users": 0, "corporations": 0}, []
+
+        def settle(confirmed: list[Claim], failed: list[tuple[Claim, str]]) -> None:
+            for kind in kinds:
+                db.confirm_claims(conn, kind, [c.owner_id for c in confirmed if c.kind == kind])
+                db.release_claims(conn, kind, [c.owner_id for c, _ in failed if c.kind == kind])
+            conn.commit()
+            for claim in confirmed:
+                queued["users" if claim.kind == "character" else "corporations"] += 1
+            problems.extend(f"{claim.label}: {why}" for claim, why in failed)
+
         try:
-            broker.publish(channel, settings.queue_name, broker.encode_job(job), priority=priority)
-        except broker.NotDelivered as exc:
-            _release(conn, [job])
-            problems.append(f"{label}: {exc}")
-            continue
+            broker.publish_confirmed(settings.rabbitmq_url, settings.queue_name, batches, settle,
+                                     window=PUBLISH_WINDOW)
         except BaseException:
-            # The broker went away mid-run (or the run was stopped): none of the jobs not confirmed yet, this one
-            # included, may stay claimed, or those pilots would wait for the stale-claim limit (hours) unsynced.
-            # One that reached the queue after all is synced twice at worst, which the workers' locks allow.
-            _release(conn, [j for j, _, _ in claimed[done:]])
+            _release_unconfirmed(conn, kinds)
             raise
-        queued["users" if job.corporation_id is None else "corporations"] += 1
     return queued, problems
 
 
-def _release(conn, jobs: list[broker.Job]) -> None:
-    """Free the claims of jobs the broker did not take, so the next run queues them again."""
-    for job in jobs:
-        if job.corporation_id is not None:
-            db.release_corporation(conn, job.corporation_id)
-        else:
-            db.release_user(conn, job.character_id)
+def _claimed_batches(conn, due_users, due_corporations, now: datetime,
+                     settings: Settings) -> Iterator[list[broker.Outgoing]]:
+    """Say how many are due, then claim them a batch at a time (users first), yielding each batch's messages."""
+    first_users = due_users.fetchmany(CLAIM_BATCH) if due_users is not None else []
+    first_corporations = due_corporations.fetchmany(CLAIM_BATCH) if due_corporations is not None else []
     conn.commit()
+    if due_users is not None:
+        log.info("✓ Found %d users to sync", first_users[0]["due"] if first_users else 0)
+    if due_corporations is not None and (first_corporations or due_users is None):
+        log.info("✓ Found %d corporations to sync through a director",
+                 first_corporations[0]["due"] if first_corporations else 0)
+    if first_users or first_corporations:
+        log.info("📤 Adding to queue...")
+    stamp = broker.new_job(0, None, now=now).queued_at
+    for rows, cursor in ((first_users, due_users), (first_corporations, due_corporations)):
+        while rows:
+            if "corporation_id" in rows[0]:
+                claimed = db.claim_corporations(conn, rows, now, interval=settings.sync_interval_seconds,
+                                                stale_after=CLAIM_STALE_SECONDS)
+            else:
+                claimed = db.claim_users(conn, [r["character_id"] for r in rows], now,
+                                         interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
+            conn.commit()
+            yield [_message(row, stamp) for row in rows
+                   if row.get("corporation_id", row["character_id"]) in claimed]
+            rows = cursor.fetchmany(CLAIM_BATCH)
+
+
+def _message(row: dict, stamp: str) -> broker.Outgoing:
+    """The job message of a claimed user or corporation (a row of the due cursor)."""
+    corporation_id = row.get("corporation_id")
+    job = broker.Job(row["character_id"], row["character_name"], stamp, corporation_id)
+    if corporation_id is None:
+        claim = Claim("character", row["character_id"], row["character_name"] or str(row["character_id"]))
+    else:
+        claim = Claim("corporation", corporation_id, f"corporation {corporation_id}")
+    return broker.Outgoing(broker.encode_job(job), _priority(row), claim)
+
+
+def _release_unconfirmed(conn, kinds: list[str]) -> None:
+    """The run stopped (the broker or the database went away, or a signal): free what it claimed and did not see
+    confirmed now, rather than at the next run."""
+    try:
+        conn.rollback()
+        for kind in kinds:
+            db.release_unconfirmed(conn, kind)
+        conn.commit()
+    except psycopg.Error:
+        log.warning("could not free this run's unconfirmed claims now; the next run frees them")
 
 
 def _priority(row: dict) -> int:
@@ -90,10 +155,10 @@ def _priority(row: dict) -> int:
     return broker.PRIORITY_FIRST if row["last_sync_at"] is None else broker.PRIORITY_ROUTINE
 
 
-def queue_all(conn, channel, settings: Settings, now: datetime, *, corporations_only: bool) -> int:
+def queue_all(conn, settings: Settings, now: datetime, *, corporations_only: bool) -> int:
     """A plain run (users and corporations) or --corporations: queue what is due and say so; 1 when the broker
     did not take some of it."""
-    queued, problems = queue_due(conn, channel, settings, now, users=not corporations_only)
+    queued, problems = queue_due(conn, settings, now, users=not corporations_only)
     for problem in problems:
         log.error("❌ not queued: %s", problem)
     if problems:
@@ -195,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         # declares them before it consumes), and a cron run should not spend its time on them. The stats read
         # them all.
         try:
+            if not args.stats and args.character_id is None:
+                return queue_all(conn, settings, now, corporations_only=args.corporations)
             with broker.open_channel(settings.rabbitmq_url, settings.queue_name,
                                      max_attempts=settings.max_attempts if args.stats else None) as channel:
                 if args.stats:
                     return print_stats(conn, channel.connection, settings, now)
-                if args.character_id is not None:
-                    return queue_character(conn, channel, settings, args.character_id, now, full=args.full)
-                return queue_all(conn, channel, settings, now, corporations_only=args.corporations)
+                return queue_character(conn, channel, settings, args.character_id, now, full=args.full)
         except pika.exceptions.AMQPError as exc:
             print(f"❌ cannot reach RabbitMQ at RABBITMQ_URL: {describe(exc)}", file=sys.stderr)
             return 1

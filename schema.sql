@@ -48,6 +48,9 @@ CALL pg_temp.add_column('users', 'revoked_token_sha256', 'TEXT');
 CALL pg_temp.add_column('users', 'token_error', 'TEXT');
 CALL pg_temp.add_column('users', 'sync_interval_seconds', 'INTEGER');
 CALL pg_temp.add_column('users', 'queued_at', 'TIMESTAMPTZ');
+-- The producer session (its PostgreSQL backend pid) that claimed the user, until the broker confirms the job:
+-- a claim whose session is gone was never confirmed, and the next run frees it (db.release_unconfirmed).
+CALL pg_temp.add_column('users', 'claimed_by', 'INTEGER');
 CALL pg_temp.add_column('users', 'last_sync_at', 'TIMESTAMPTZ');
 CALL pg_temp.add_column('users', 'last_sync_status', 'TEXT');
 CALL pg_temp.add_column('users', 'last_new_killmail_at', 'TIMESTAMPTZ');
@@ -82,6 +85,7 @@ CREATE TABLE IF NOT EXISTS corporations (
     corporation_id        BIGINT PRIMARY KEY,
     director_character_id BIGINT,
     queued_at             TIMESTAMPTZ,
+    claimed_by            INTEGER,      -- as users.claimed_by
     last_sync_at          TIMESTAMPTZ,
     last_sync_status      TEXT,
     last_new_killmail_at  TIMESTAMPTZ,
@@ -89,6 +93,7 @@ CREATE TABLE IF NOT EXISTS corporations (
     list_expires_at       TIMESTAMPTZ,
     created_at            TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+CALL pg_temp.add_column('corporations', 'claimed_by', 'INTEGER');
 
 -- Stage one: every (id, hash) pair a list returned. A reference without a row in killmails is pending;
 -- attempts/last_error/next_attempt_at keep the failures of its detail fetch; claimed_until and claimed_by (the

@@ -29,6 +29,7 @@ import freshness
 import ingest
 import latency
 import memory
+import producer
 import rested_burst
 import warm_polls
 import window_backlog
@@ -49,12 +50,13 @@ SCENARIOS = {
     "freshness": freshness.run,
     "error_storm": error_storm.run,
     "memory": memory.run,
+    "producer": producer.run,
 }
 # The memory soak lasts 10 minutes and measures RSS, not speed: once its cold part is over (that part runs alone),
 # it goes on in the background while the other scenarios run one at a time, which keeps the whole run
 # shorter by those 10 minutes. Its rounds wait while a scenario that measures speed on the CPU runs.
 BACKGROUND = "memory"
-TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness"}
+TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness", "producer"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

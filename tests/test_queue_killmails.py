@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import UTC, datetime, timedelta
 
 import pika
 import pytest
 
 import broker
+import db
 import queue_killmails
-from conftest import RABBITMQ_URL, insert_users, make_settings, run_script
+from conftest import RABBITMQ_URL, insert_users, make_settings, run_script, wait_until
 
 NOW = datetime.now(UTC)
 
@@ -123,7 +125,7 @@ def test_each_mode_is_a_function_of_its_own(conn, settings, caplog):
     with broker.open_channel(RABBITMQ_URL, settings.queue_name) as channel:
         assert queue_killmails.queue_character(conn, channel, settings, 1001, NOW, full=True) == 0
         assert queue_killmails.queue_character(conn, channel, settings, 42, NOW, full=False) == 1
-        assert queue_killmails.queue_all(conn, channel, settings, NOW, corporations_only=False) == 0
+        assert queue_killmails.queue_all(conn, settings, NOW, corporations_only=False) == 0
         assert queue_killmails.print_stats(conn, channel.connection, settings, NOW) == 0
     assert "Queued Pilot 1 at high priority" in caplog.text and "All 1 users queued successfully" in caplog.text
     assert "queued or running: 2" in caplog.text
@@ -193,3 +195,99 @@ def test_revalue_values_the_killmails_saved_without_a_value(conn, settings):
     assert "Valued 1 killmails" in run.stdout
     row = conn.execute("SELECT destroyed_value, dropped_value, total_value FROM killmails").fetchone()
     assert tuple(row.values()) == (Decimal(30_000_000), Decimal(5), Decimal(30_000_005))
+
+
+def claims(conn) -> dict[str, int]:
+    """Users claimed, and of them those whose claim still waits for the broker's confirm."""
+    row = conn.execute("SELECT count(*) FILTER (WHERE queued_at IS NOT NULL) AS claimed, "
+                       "count(*) FILTER (WHERE claimed_by IS NOT NULL) AS unconfirmed FROM users").fetchone()
+    conn.commit()
+    return row
+
+
+def test_a_message_the_broker_nacks_leaves_its_pilot_claimable_at_once(conn, settings):
+    # A policy, not the queue's declaration (which stays broker.py's): at most 2 messages, the rest refused.
+    policy = f"cap-{settings.queue_name}"
+    rabbitmqctl("set_policy", "--apply-to", "queues", policy, f"^{settings.queue_name}$",
+                '{"max-length": 2, "overflow": "reject-publish"}')
+    try:
+        insert_users(conn, pilots(5))
+        run = run_script("queue_killmails.py", settings)
+        assert run.returncode == 1
+        assert "❌ 3 users could not be queued" in run.stderr + run.stdout
+        assert "the broker nacked the message" in run.stderr + run.stdout
+        assert claims(conn) == {"claimed": 2, "unconfirmed": 0}
+        assert len(drain(settings.queue_name)) == 2
+    finally:
+        rabbitmqctl("clear_policy", policy)
+    again = run_script("queue_killmails.py", settings)
+    assert again.returncode == 0 and "✓ Found 3 users to sync" in again.stdout
+    assert claims(conn) == {"claimed": 5, "unconfirmed": 0}
+
+
+def test_a_claim_of_a_producer_session_that_is_gone_is_freed_by_the_next_run(conn, settings, database_url):
+    insert_users(conn, pilots(3))
+    with db.connect(database_url) as producer:  # a run that claimed and was gone before the broker confirmed
+        assert db.claim_users(producer, [1000, 1001], NOW, interval=300, stale_after=7200) == {1000, 1001}
+        producer.commit()
+    wait_until(lambda: sessions_holding_claims(conn) == 0, what="PostgreSQL to end the session")
+    run = run_script("queue_killmails.py", settings)
+    assert run.returncode == 0 and "✓ Found 3 users to sync" in run.stdout
+    assert sorted(m[2]["character_id"] for m in drain(settings.queue_name)) == [1000, 1001, 1002]
+    assert claims(conn) == {"claimed": 3, "unconfirmed": 0}
+
+
+def sessions_holding_claims(conn) -> int:
+    n = conn.execute("SELECT count(*) AS n FROM users u "
+                     "JOIN pg_stat_activity a ON a.pid = u.claimed_by").fetchone()["n"]
+    conn.commit()
+    return n
+
+
+def test_a_live_producers_unconfirmed_claims_are_left_alone(conn, settings, database_url):
+    insert_users(conn, pilots(2))
+    with db.connect(database_url) as producer:  # another run, still waiting for its confirm
+        db.claim_users(producer, [1000], NOW, interval=300, stale_after=7200)
+        producer.commit()
+        run = run_script("queue_killmails.py", settings)
+        assert run.returncode == 0 and "✓ Found 1 users to sync" in run.stdout
+        assert [m[2]["character_id"] for m in drain(settings.queue_name)] == [1001]
+        assert claims(conn) == {"claimed": 2, "unconfirmed": 1}
+
+
+@pytest.mark.timeout(600)
+def test_a_hundred_thousand_due_pilots_are_each_queued_once(conn, settings):
+    n = 100_000
+    conn.execute("INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at) "
+                 "SELECT 90000000 + g, 'Pilot ' || g, 'a', 'r', now() + interval '20 minutes' "
+                 "FROM generate_series(1, %s) AS g", (n,))
+    conn.execute("UPDATE users SET last_sync_at = now() - interval '1 hour' WHERE character_id % 2 = 0")
+    conn.commit()
+    run = run_script("queue_killmails.py", settings, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"✓ Found {n} users to sync" in run.stdout and f"✅ All {n} users queued successfully!" in run.stdout
+    assert claims(conn) == {"claimed": n, "unconfirmed": 0}
+    ids, priorities = consume_all(settings.queue_name)
+    assert len(ids) == n and set(ids) == set(range(90000001, 90000001 + n))
+    assert priorities == {broker.PRIORITY_FIRST: n // 2, broker.PRIORITY_ROUTINE: n // 2}
+    assert "✓ Found 0 users to sync" in run_script("queue_killmails.py", settings).stdout
+
+
+def consume_all(queue: str) -> tuple[list[int], dict[int, int]]:
+    """Every character id in a queue, in order, and the messages by priority (consumed, auto-acked)."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=1000)
+    ids, priorities = [], {}
+    for method, properties, body in channel.consume(queue, auto_ack=True, inactivity_timeout=2):
+        if method is None:
+            break
+        ids.append(json.loads(body)["character_id"])
+        priorities[properties.priority] = priorities.get(properties.priority, 0) + 1
+    connection.close()
+    return ids, priorities
+
+
+def rabbitmqctl(*args: str) -> None:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

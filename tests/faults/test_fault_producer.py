@@ -125,7 +125,7 @@ def test_producer_every_second_never_syncs_one_character_twice_at_once(conn, fas
 
 def test_a_broker_lost_in_the_middle_of_a_run_leaves_no_pilot_claimed_without_a_job(conn, database_url, queue_name,
                                                                                    own_rabbit):
-    pilots = 3000  # enough that the run is still publishing when the broker goes
+    pilots = 100_000  # enough that the run is still publishing when the broker goes (a run takes seconds)
     conn.execute("INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at) "
                  "SELECT 90000000 + g, 'Pilot ' || g, 'a', 'r', now() + interval '1 hour' "
                  "FROM generate_series(1, %s) AS g", (pilots,))
@@ -160,3 +160,49 @@ def depth(url: str, queue: str) -> int:
         return connection.channel().queue_declare(queue, passive=True).method.message_count
     finally:
         connection.close()
+
+
+def test_a_producer_killed_between_publish_and_confirm_has_its_pilots_queued_by_the_next_run(
+        conn, database_url, queue_name, own_rabbit):
+    pilots = 50
+    conn.execute("INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at) "
+                 "SELECT 90000000 + g, 'Pilot ' || g, 'a', 'r', now() + interval '1 hour' "
+                 "FROM generate_series(1, %s) AS g", (pilots,))
+    conn.commit()
+    settings = make_settings(database_url, rabbitmq_url=own_rabbit.url, queue_name=queue_name)
+    # A memory alarm: the broker takes the connection and its declarations, then blocks it at its first publish,
+    # so the run's messages are sent and never confirmed.
+    own_rabbit.ctl("set_vm_memory_high_watermark", "0")
+    producer = subprocess.Popen([sys.executable, str(ROOT / "queue_killmails.py")], cwd=ROOT,
+                                env=settings_env(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        wait_until(lambda: unconfirmed(conn) == pilots, timeout=60, interval=0.05, what="the run to claim")
+        time.sleep(1)  # its messages written to the socket, the broker silent
+        assert producer.poll() is None and unconfirmed(conn) == pilots
+    finally:
+        producer.kill()                                   # SIGKILL: no chance to release anything
+        producer.communicate(timeout=30)
+        own_rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+    assert claimed(conn) == pilots                         # still claimed, by a session that is gone
+    wait_until(lambda: sessions_alive(conn) == 0, timeout=30, what="PostgreSQL to end the killed run's session")
+    done = run_script("queue_killmails.py", settings, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"✓ Found {pilots} users to sync" in done.stdout
+    assert claimed(conn) == pilots and unconfirmed(conn) == 0
+    # Every pilot has a job; a message the broker took from the killed run before it noticed is a duplicate at worst.
+    assert pilots <= depth(own_rabbit.url, queue_name) <= 2 * pilots
+
+
+def unconfirmed(conn) -> int:
+    n = conn.execute("SELECT count(*) AS n FROM users WHERE claimed_by IS NOT NULL").fetchone()["n"]
+    conn.commit()
+    return n
+
+
+def sessions_alive(conn) -> int:
+    """Backends that still hold a claim."""
+    n = conn.execute("SELECT count(*) AS n FROM users u "
+                     "JOIN pg_stat_activity a ON a.pid = u.claimed_by").fetchone()["n"]
+    conn.commit()
+    return n
