@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import harness  # first: puts the project root on sys.path
@@ -124,14 +123,14 @@ WORLD_SQL = [
     """,
     "INSERT INTO webhooks (name, url) VALUES ('discord', 'https://discord.example/hook'), "
     "('json', 'https://json.example/hook')",
-    """
+    f"""
     INSERT INTO outbox (webhook_id, killmail_id, created_at, attempts, next_attempt_at, delivered_at, last_error)
-    SELECT 1 + g % 2, 100000000 + {kms} - g, now() - g * interval '10 seconds', 1,
+    SELECT 1 + g % 2, 100000000 + {KILLMAILS} - g, now() - g * interval '10 seconds', 1,
            CASE WHEN g <= 100 THEN now() WHEN g <= 110 THEN NULL END,
            CASE WHEN g > 110 THEN now() - g * interval '10 seconds' END,
            CASE WHEN g BETWEEN 101 AND 110 THEN 'HTTP 404' END
     FROM generate_series(1, 50110) g
-    """.format(kms=KILLMAILS),
+    """,
     """
     INSERT INTO worker_jobs (worker, character_id, started_at, progress_at)
     SELECT 'bench:' || g, 90000000 + g, now() - interval '5 seconds', now() - interval '1 second'
