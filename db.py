@@ -1233,18 +1233,25 @@ def run_stats(conn, since: datetime) -> dict:
 
 
 def runs_by_status(conn) -> list[dict]:
-    """Every run recorded so far, counted by status."""
-    return conn.execute("SELECT status, count(*) AS runs FROM sync_runs GROUP BY status ORDER BY status").fetchall()
+    """Every run recorded so far, counted by status (from the counters schema.sql's triggers keep)."""
+    return conn.execute(
+        """
+        SELECT substr(counter, length('sync_runs:') + 1) AS status, sum(n)::bigint AS runs
+        FROM row_counts WHERE starts_with(counter, 'sync_runs:')
+        GROUP BY counter HAVING sum(n) <> 0 ORDER BY status
+        """
+    ).fetchall()
 
 
 def killmail_growth(conn, now: datetime) -> dict:
-    """Stored killmails: in all, and stored in the last hour and the last 24 hours."""
+    """Stored killmails: in all (from the counter schema.sql's triggers keep), and stored in the last hour and the
+    last 24 hours (from the index on stored_at)."""
     return conn.execute(
         """
-        SELECT count(*) AS total,
+        SELECT (SELECT coalesce(sum(n), 0)::bigint FROM row_counts WHERE counter = 'killmails') AS total,
                count(*) FILTER (WHERE stored_at >= %(now)s - interval '1 hour') AS last_hour,
-               count(*) FILTER (WHERE stored_at >= %(now)s - interval '24 hours') AS last_day
-        FROM killmails
+               count(*) AS last_day
+        FROM killmails WHERE stored_at >= %(now)s - interval '24 hours'
         """,
         {"now": now},
     ).fetchone()
@@ -1308,16 +1315,19 @@ def run_durations_per_hour(conn, since: datetime, until: datetime) -> list[dict]
 
 
 def detail_backlog(conn, *, max_attempts: int) -> dict[str, int]:
-    """References with no stored killmail: `pending` (attempts left) and `gave_up` (every attempt used)."""
+    """References with no stored killmail: `pending` (attempts left) and `gave_up` (every attempt used), from the
+    counters schema.sql's triggers keep by attempts."""
     return conn.execute(
-        """
-        SELECT count(*) FILTER (WHERE r.attempts < %(max)s) AS pending,
-               count(*) FILTER (WHERE r.attempts >= %(max)s) AS gave_up
-        FROM killmail_refs r
-        WHERE NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+        f"""
+        SELECT coalesce(sum(n) FILTER (WHERE {_ATTEMPTS_SQL} < %(max)s), 0)::bigint AS pending,
+               coalesce(sum(n) FILTER (WHERE {_ATTEMPTS_SQL} >= %(max)s), 0)::bigint AS gave_up
+        FROM row_counts WHERE starts_with(counter, 'unstored_refs:')
         """,
         {"max": max_attempts},
     ).fetchone()
+
+
+_ATTEMPTS_SQL = "substr(counter, length('unstored_refs:') + 1)::int"  # an unstored_refs counter's attempts
 
 
 def user_states(conn, now: datetime, *, interval: int, stale_after: int) -> dict[str, int]:
@@ -1356,15 +1366,22 @@ def recent_runs(conn, *, limit: int) -> list[dict]:
 
 def failed_refs(conn, *, limit: int) -> list[dict]:
     """References whose detail fetch failed and that are still not stored, latest failure first; each row
-    also carries `total`, the number of such references."""
+    also carries `total`, the number of such references (from the counters schema.sql's triggers keep). The list
+    walks the index of failed references (killmail_refs_failed) only until it has found them; none when the
+    counters say there are none."""
+    total = conn.execute(
+        f"SELECT coalesce(sum(n), 0)::bigint AS total FROM row_counts "
+        f"WHERE starts_with(counter, 'unstored_refs:') AND {_ATTEMPTS_SQL} > 0").fetchone()["total"]
+    if not total:
+        return []
     return conn.execute(
         """
-        SELECT r.killmail_id, r.attempts, r.last_error, r.next_attempt_at, r.first_seen_at, count(*) OVER () AS total
+        SELECT r.killmail_id, r.attempts, r.last_error, r.next_attempt_at, r.first_seen_at, %(total)s::bigint AS total
         FROM killmail_refs r
         WHERE r.attempts > 0 AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
-        ORDER BY r.next_attempt_at DESC NULLS LAST, r.killmail_id DESC LIMIT %s
+        ORDER BY r.next_attempt_at DESC NULLS LAST, r.killmail_id DESC LIMIT %(limit)s
         """,
-        (limit,),
+        {"total": total, "limit": min(limit, total)},
     ).fetchall()
 
 

@@ -492,3 +492,152 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CALL pg_temp.create_index('outbox_pending', 'outbox (next_attempt_at) WHERE delivered_at IS NULL');
 CALL pg_temp.create_index('outbox_delivered', 'outbox (delivered_at) WHERE delivered_at IS NOT NULL');
+
+-- Row counts the status page reads instead of counting big tables at every view or scrape: stored killmails
+-- ('killmails'), runs by status ('sync_runs:<status>') and references without a stored killmail by their attempts
+-- ('unstored_refs:<attempts>'). Kept exact by the triggers below, in the transaction of each insert, update or
+-- delete, so a count is what count(*) would say once that transaction commits. A counter is the sum of its rows:
+-- each session adds to the row of its own shard (its backend pid modulo 8), so that concurrent saves seldom wait
+-- for each other's commit on one row.
+CREATE TABLE IF NOT EXISTS row_counts (
+    counter TEXT NOT NULL,
+    shard   INTEGER NOT NULL,
+    n       BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (counter, shard)
+);
+
+-- Add deltas to counters (in counter order: two sessions on one shard take its rows in the same order).
+CREATE OR REPLACE FUNCTION count_rows(p_counters TEXT[], p_deltas BIGINT[]) RETURNS VOID
+LANGUAGE sql AS $$
+    INSERT INTO row_counts (counter, shard, n)
+    SELECT c, pg_backend_pid() % 8, sum(d) FROM unnest(p_counters, p_deltas) AS t (c, d)
+    WHERE d <> 0 GROUP BY c ORDER BY c
+    ON CONFLICT (counter, shard) DO UPDATE SET n = row_counts.n + EXCLUDED.n
+$$;
+
+-- Count every counter of one table again from the table itself: when the triggers are first made, and after a
+-- TRUNCATE (which fires no row trigger).
+CREATE OR REPLACE FUNCTION recount_rows(p_table TEXT) RETURNS VOID
+LANGUAGE plpgsql AS $$ BEGIN
+    IF p_table = 'killmails' THEN
+        DELETE FROM row_counts WHERE counter = 'killmails';
+        INSERT INTO row_counts (counter, shard, n) SELECT 'killmails', 0, count(*) FROM killmails;
+    END IF;
+    IF p_table IN ('killmails', 'killmail_refs') THEN
+        DELETE FROM row_counts WHERE starts_with(counter, 'unstored_refs:');
+        INSERT INTO row_counts (counter, shard, n)
+        SELECT 'unstored_refs:' || r.attempts, 0, count(*) FROM killmail_refs r
+        WHERE NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id) GROUP BY r.attempts;
+    END IF;
+    IF p_table = 'sync_runs' THEN
+        DELETE FROM row_counts WHERE starts_with(counter, 'sync_runs:');
+        INSERT INTO row_counts (counter, shard, n)
+        SELECT 'sync_runs:' || status, 0, count(*) FROM sync_runs GROUP BY status;
+    END IF;
+END $$;
+
+-- Killmails stored or deleted: the count, and their references' leaving or joining the unstored ones. The
+-- references are read FOR SHARE: a failure being counted on one of them at the same moment (its attempts
+-- changing) commits first, and its new attempts are read here, or waits for this commit and then sees the
+-- killmail stored (killmail_refs_attempts_counted). A killmail is fetched only through a committed reference, so
+-- a reference and its killmail are never inserted by two transactions at once.
+CREATE OR REPLACE FUNCTION killmails_counted() RETURNS TRIGGER
+LANGUAGE plpgsql AS $$
+DECLARE
+    sign INTEGER := CASE WHEN TG_OP = 'INSERT' THEN 1 ELSE -1 END;
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM recount_rows('killmails');
+        RETURN NULL;
+    END IF;
+    PERFORM count_rows(array_agg(c), array_agg(d)) FROM (
+        SELECT 'killmails' AS c, sign * count(*) AS d FROM changed
+        UNION ALL
+        SELECT 'unstored_refs:' || r.attempts, -sign * count(*)
+        FROM (SELECT r.attempts FROM killmail_refs r JOIN changed USING (killmail_id) FOR SHARE OF r) r
+        GROUP BY r.attempts) t;
+    RETURN NULL;
+END $$;
+
+-- References listed or deleted: those without a stored killmail join or leave the unstored ones.
+CREATE OR REPLACE FUNCTION killmail_refs_counted() RETURNS TRIGGER
+LANGUAGE plpgsql AS $$
+DECLARE
+    sign INTEGER := CASE WHEN TG_OP = 'INSERT' THEN 1 ELSE -1 END;
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM recount_rows('killmail_refs');
+        RETURN NULL;
+    END IF;
+    PERFORM count_rows(array_agg('unstored_refs:' || attempts), array_agg(sign * refs)) FROM (
+        SELECT r.attempts, count(*) AS refs FROM changed r
+        WHERE NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id) GROUP BY r.attempts) t;
+    RETURN NULL;
+END $$;
+
+-- A failure counted on an unstored reference moves it from one attempts counter to another.
+CREATE OR REPLACE FUNCTION killmail_refs_attempts_counted() RETURNS TRIGGER
+LANGUAGE plpgsql AS $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = NEW.killmail_id) THEN
+        PERFORM count_rows(ARRAY['unstored_refs:' || OLD.attempts, 'unstored_refs:' || NEW.attempts],
+                           ARRAY[-1, 1]);
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Runs recorded, deleted or given another status.
+CREATE OR REPLACE FUNCTION sync_runs_counted() RETURNS TRIGGER
+LANGUAGE plpgsql AS $$ BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM recount_rows('sync_runs');
+    ELSIF TG_OP = 'UPDATE' THEN
+        PERFORM count_rows(ARRAY['sync_runs:' || OLD.status, 'sync_runs:' || NEW.status], ARRAY[-1, 1]);
+    ELSE
+        PERFORM count_rows(array_agg('sync_runs:' || status), array_agg(runs)) FROM (
+            SELECT status, CASE WHEN TG_OP = 'INSERT' THEN 1 ELSE -1 END * count(*) AS runs
+            FROM changed GROUP BY status) t;
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- The triggers, made once; the counts are taken in the same transaction, with the tables' writers held off by the
+-- lock CREATE TRIGGER takes, so no write falls between the count and the first trigger.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'killmails'::regclass AND tgname = 'killmails_added') THEN
+        LOCK TABLE killmails, killmail_refs IN SHARE ROW EXCLUSIVE MODE;
+        CREATE TRIGGER killmails_added AFTER INSERT ON killmails REFERENCING NEW TABLE AS changed
+            FOR EACH STATEMENT EXECUTE FUNCTION killmails_counted();
+        CREATE TRIGGER killmails_removed AFTER DELETE ON killmails REFERENCING OLD TABLE AS changed
+            FOR EACH STATEMENT EXECUTE FUNCTION killmails_counted();
+        CREATE TRIGGER killmails_truncated AFTER TRUNCATE ON killmails
+            FOR EACH STATEMENT EXECUTE FUNCTION killmails_counted();
+        CREATE TRIGGER killmail_refs_added AFTER INSERT ON killmail_refs REFERENCING NEW TABLE AS changed
+            FOR EACH STATEMENT EXECUTE FUNCTION killmail_refs_counted();
+        CREATE TRIGGER killmail_refs_removed AFTER DELETE ON killmail_refs REFERENCING OLD TABLE AS changed
+            FOR EACH STATEMENT EXECUTE FUNCTION killmail_refs_counted();
+        CREATE TRIGGER killmail_refs_truncated AFTER TRUNCATE ON killmail_refs
+            FOR EACH STATEMENT EXECUTE FUNCTION killmail_refs_counted();
+        CREATE TRIGGER killmail_refs_attempts AFTER UPDATE OF attempts ON killmail_refs
+            FOR EACH ROW WHEN (OLD.attempts IS DISTINCT FROM NEW.attempts)
+            EXECUTE FUNCTION killmail_refs_attempts_counted();
+        PERFORM recount_rows('killmails');
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'sync_runs'::regclass AND tgname = 'sync_runs_added') THEN
+        LOCK TABLE sync_runs IN SHARE ROW EXCLUSIVE MODE;
+        CREATE TRIGGER sync_runs_added AFTER INSERT ON sync_runs REFERENCING NEW TABLE AS changed
+            FOR EACH STATEMENT EXECUTE FUNCTION sync_runs_counted();
+        CREATE TRIGGER sync_runs_removed AFTER DELETE ON sync_runs REFERENCING OLD TABLE AS changed
+            FOR EACH STATEMENT EXECUTE FUNCTION sync_runs_counted();
+        CREATE TRIGGER sync_runs_truncated AFTER TRUNCATE ON sync_runs
+            FOR EACH STATEMENT EXECUTE FUNCTION sync_runs_counted();
+        CREATE TRIGGER sync_runs_status AFTER UPDATE OF status ON sync_runs
+            FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION sync_runs_counted();
+        PERFORM recount_rows('sync_runs');
+    END IF;
+END $$;
+
+-- The status page's failed references, latest failure first (db.failed_refs), and its runs of the last 24 hours
+-- read from the index alone (db.run_stats and the hourly charts).
+CALL pg_temp.create_index('killmail_refs_failed',
+                          'killmail_refs (next_attempt_at DESC NULLS LAST, killmail_id DESC) WHERE attempts > 0');
+CALL pg_temp.create_index('sync_runs_finished_covering', 'sync_runs (finished_at) INCLUDE (started_at, status)');

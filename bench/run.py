@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark scenario of issues #5 and #13 in one go, on the local ESI simulator, the real local
+"""`make bench`: every benchmark scenario of issues #5, #13 and #23 in one go, on the local ESI simulator, the local
 PostgreSQL and RabbitMQ. Prints one table (each figure beside its target) and writes bench/results.json.
 
     .venv/bin/python bench/run.py [--only cold,backlog,...]
@@ -31,6 +31,7 @@ import latency
 import memory
 import producer
 import rested_burst
+import status_page
 import warm_polls
 import window_backlog
 from results import Figure, format_table, write_json
@@ -51,12 +52,13 @@ SCENARIOS = {
     "error_storm": error_storm.run,
     "memory": memory.run,
     "producer": producer.run,
+    "status": status_page.run,
 }
 # The memory soak lasts 10 minutes and measures RSS, not speed: once its cold part is over (that part runs alone),
 # it goes on in the background while the other scenarios run one at a time, which keeps the whole run
 # shorter by those 10 minutes. Its rounds wait while a scenario that measures speed on the CPU runs.
 BACKGROUND = "memory"
-TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness", "producer"}
+TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness", "producer", "status"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
