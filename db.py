@@ -1175,11 +1175,10 @@ def report_job(conn, worker: str, character_id: int, *, started_at: datetime, pr
         INSERT INTO worker_jobs (worker, character_id, started_at, progress_at, seen_at)
         VALUES (%(worker)s, %(character)s, %(started)s, %(progress)s, now())
         ON CONFLICT (worker) DO UPDATE SET character_id = EXCLUDED.character_id, started_at = EXCLUDED.started_at,
-            progress_at = EXCLUDED.progress_at, seen_at = now();
-        DELETE FROM worker_jobs WHERE seen_at < now() - make_interval(secs => %(gone)s * 10)
+            progress_at = EXCLUDED.progress_at, seen_at = now()
         """,
-        {"worker": worker, "character": character_id, "started": started_at, "progress": progress_at,
-         "gone": JOB_SEEN_WITHIN})
+        {"worker": worker, "character": character_id, "started": started_at, "progress": progress_at})
+    conn.execute("DELETE FROM worker_jobs WHERE seen_at < now() - make_interval(secs => %s)", (JOB_SEEN_WITHIN * 10,))
 
 
 def end_job_report(conn, worker: str) -> None:

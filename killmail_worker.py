@@ -49,6 +49,8 @@ MALLOC_ARENAS = 2               # glibc malloc arenas per process, for DETAIL_CO
 M_ARENA_MAX = -8                # glibc's mallopt() parameter number for the arena cap
 BROKER_ERRORS = (pika.exceptions.AMQPError, OSError, broker.NotDelivered)
 REPORT_EVERY = 10.0             # seconds between a child's writes of its job's progress (worker_jobs)
+STOP_MARGIN = sync.FINISH_WAIT + 5.0  # seconds of a stop's grace left when a job in hand is ended early: its
+                                # fetches under way end, it saves and releases, the process exits
 
 
 class Heartbeat:
@@ -189,6 +191,7 @@ class Child:
         self.burst = burst
         self.heartbeat = heartbeat or Heartbeat()
         self.stopping = threading.Event()
+        self.stopped_at: float | None = None        # when SIGTERM came (time.monotonic())
         self.rng = random.Random()
         self.conn = None                            # the job's psycopg connection
         self.job_thread: threading.Thread | None = None
@@ -358,8 +361,15 @@ class Child:
         return sync.SyncOptions(max_attempts=self.settings.max_attempts, worker=self.worker_name,
                                 notify_max_age=self.settings.notify_max_age_seconds, namer=self.namer,
                                 deadline=time.monotonic() + self.settings.job_deadline_seconds,
-                                stopping=self.stopping, progress=self.heartbeat.beat,
+                                stop_by=self.stop_by, progress=self.heartbeat.beat,
                                 cancel_waits=self.limits.cancel_waits, tokens=self.tokens, **job)
+
+    def stop_by(self) -> float | None:
+        """Once stopping, by when a job in hand ends early: time to save what it fetched, release the rest and
+        exit, within the stop's grace. None while not stopping: jobs run to their end."""
+        if self.stopped_at is None:
+            return None
+        return self.stopped_at + self.settings.worker_stop_grace_seconds - STOP_MARGIN
 
     def record_interrupted(self, result: sync.SyncResult, reason: str) -> None:
         """Record the run of a job released by a stop (its ESI calls, what it saved)."""
@@ -596,6 +606,7 @@ def child_main(settings: Settings, *, burst: bool, heartbeat: Heartbeat | None =
     def on_term(signum, frame):
         if child.stopping.is_set():
             os._exit(1)  # a second signal means now; unacked messages are redelivered
+        child.stopped_at = time.monotonic()
         child.stopping.set()
 
     signal.signal(signal.SIGTERM, on_term)

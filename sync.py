@@ -120,7 +120,8 @@ class SyncOptions:
     namer: Any = None                   # a Namer takes the ids to name; None: the job names them itself
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     deadline: float | None = None       # time.monotonic() by which the job gives up (JOB_DEADLINE_SECONDS)
-    stopping: threading.Event | None = None  # set when the worker stops: the job saves what it has and ends
+    stop_by: Callable[[], float | None] = lambda: None  # once the worker stops: by when (time.monotonic()) the
+                                        # job ends early, saving what it has, to leave within the stop's grace
     progress: Callable[[], None] = lambda: None  # told of each fetched killmail and each saved batch
     cancel_waits: Callable[[], None] = lambda: None  # ends the waits of the job's calls for ESI's limits
     finish_wait: float = FINISH_WAIT    # seconds an interrupted job waits for the fetches under way
@@ -637,7 +638,8 @@ def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now:
 
 def _interruption(options: SyncOptions, clock: float, left: int) -> JobFailed | None:
     """Why the job must end now with `left` fetches not in: the worker stops, or the job's deadline passed."""
-    if options.stopping is not None and options.stopping.is_set():
+    stop_by = options.stop_by()
+    if stop_by is not None and clock >= stop_by:
         return JobInterrupted(f"worker stopping: {left} killmail details left for the next run")
     if options.deadline is not None and clock >= options.deadline:
         return JobError(f"job deadline passed while waiting for {left} killmail details (ESI or its limits)")

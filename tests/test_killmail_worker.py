@@ -13,6 +13,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 import broker
+import db
 import killmail_worker
 import sync
 from conftest import (
@@ -427,3 +428,22 @@ def test_seal_tokens_rewrites_every_row_under_the_first_key_and_leaves_what_no_k
     assert db.get_user(conn, revoked["character_id"])["revoked"] is True
     assert db.get_user(conn, plain["character_id"])["revoked"] is False
     assert db.get_user(conn, foreign["character_id"])["refresh_token"] == unknown_key
+
+
+def test_a_childs_job_and_its_progress_reach_worker_jobs_and_go_when_it_ends(conn, database_url):
+    beat = killmail_worker.Heartbeat()
+    reporter = killmail_worker.JobReporter(lambda: db.connect(database_url, autocommit=True), beat, "host:7",
+                                           every=0.05)
+
+    def row():
+        found = conn.execute("SELECT character_id, progress_at FROM worker_jobs WHERE worker = 'host:7'").fetchone()
+        conn.commit()
+        return found
+
+    try:
+        beat.start(4242)
+        assert wait_until(row, timeout=10, what="the job reported")["character_id"] == 4242
+        beat.end()
+        wait_until(lambda: row() is None, timeout=10, what="the ended job's row gone")
+    finally:
+        reporter.close()

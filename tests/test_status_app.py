@@ -567,3 +567,32 @@ def test_status_shows_the_isk_destroyed_and_lost_in_the_last_day(client, conn):
     assert (metrics["isk_lost_last_day"], metrics["isk_destroyed_last_day"]) == (1.5e9, 2.5e6)
     page = client.get("/status", headers=BROWSER).get_data(as_text=True)
     assert 'id="isk-lost">1.50&thinsp;B<' in page and 'id="isk-destroyed">2.50&thinsp;M<' in page
+
+
+def test_a_stalled_job_fails_deep_health_and_shows_in_metrics_and_status(client, conn):
+    now = datetime.now(UTC)
+    db.report_job(conn, "host:1", 42, started_at=now - timedelta(minutes=9), progress_at=now - timedelta(minutes=8))
+    db.report_job(conn, "host:2", 43, started_at=now - timedelta(seconds=20), progress_at=now)
+    conn.execute("UPDATE users SET queued_at = NULL")  # (none here) and one pilot claimed three hours ago:
+    conn.execute("INSERT INTO users (character_id, character_name, queued_at) VALUES (44, 'Old Claim', %s)",
+                 (now - timedelta(hours=3),))
+    conn.commit()
+    health = client.get("/health?deep=1")
+    assert health.status_code == 503
+    assert health.get_json()["jobs_stalled"] == 1 and health.get_json()["jobs_in_progress"] == 2
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "killmail_jobs_in_progress 2.0" in metrics and "killmail_jobs_stalled 1.0" in metrics
+    assert "killmail_claims_stale 1.0" in metrics
+    oldest = next(line for line in metrics.splitlines() if line.startswith("killmail_job_oldest_seconds "))
+    assert 539 <= float(oldest.split()[1]) <= 600
+    jobs = client.get("/status?format=json").get_json()["jobs"]
+    assert (jobs["in_progress"], jobs["stalled"], jobs["stale_claims"]) == (2, 1, 1)
+    assert 'id="jobs"' in client.get("/status?format=html").get_data(as_text=True)
+
+
+def test_a_dead_processs_job_counts_no_more(client, conn):
+    now = datetime.now(UTC)
+    db.report_job(conn, "host:1", 42, started_at=now - timedelta(hours=1), progress_at=now - timedelta(hours=1))
+    conn.execute("UPDATE worker_jobs SET seen_at = now() - interval '2 minutes'")  # its process died
+    conn.commit()
+    assert client.get("/status?format=json").get_json()["jobs"]["in_progress"] == 0

@@ -170,7 +170,8 @@ def test_a_stopping_worker_saves_what_it_fetched_releases_the_rest_and_the_job_i
     ids = sorted(sim.killmail_ids_for(pilot["character_id"]))
     sim.stall_next(r"/killmails/\d+/", count=len(ids))   # no detail answers until released
     stopping = threading.Event()
-    options = sync.SyncOptions(stopping=stopping, finish_wait=0.5, cancel_waits=world.limits.cancel_waits)
+    options = sync.SyncOptions(stop_by=lambda: 0.0 if stopping.is_set() else None, finish_wait=0.5,
+                               cancel_waits=world.limits.cancel_waits)
     runner = threading.Thread(target=lambda: outcome.append(run_capturing(
         lambda: sync.sync_character(conn, world, pilot["character_id"], now_for(sim), options=options))))
     outcome: list = []

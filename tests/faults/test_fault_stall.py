@@ -64,7 +64,7 @@ def test_sigterm_releases_a_job_waiting_for_an_answer_and_the_worker_exits_withi
     assert worker.wait(timeout=settings.worker_stop_grace_seconds + 30) == 0
     took = time.monotonic() - signalled
     assert took < settings.worker_stop_grace_seconds
-    assert worker.count("⏸️  Released:") == 1, worker.output()[-3000:]
+    assert worker.count("Released: Pilot") == 1, worker.output()[-3000:]
     assert queue_counts(queue_name) == [1]                # the job is back in the queue, whole
     run = conn.execute("SELECT status, attempt FROM sync_runs ORDER BY id DESC LIMIT 1").fetchone()
     assert (run["status"], run["attempt"]) == ("interrupted", 1)
