@@ -540,19 +540,45 @@ class Namer:
 
 
 def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime) -> None:
-    """Name the ids not named yet, in one batched call (or a few, see EsiClient.resolve_names). A failure costs
-    only the names: the next job that shows these ids asks again."""
+    """Name the ids not named yet, in one batched call (or a few, see EsiClient.resolve_names), then the regions
+    of the systems among them (see locate_systems). A failure costs only the names: the next job that shows
+    these ids asks again."""
+    if _name(conn, esi, ids, now):
+        _name(conn, esi, locate_systems(conn, esi, ids, now), now)
+
+
+def _name(conn, esi: EsiClient, ids: set[int], now: datetime) -> bool:
     wanted = db.names_to_resolve(conn, ids, now)
     conn.commit()
     if not wanted:
-        return
+        return True
     try:
         names, unknown = esi.resolve_names(wanted)
     except EsiError as exc:
         log.warning("  names not resolved: %s", exc)
-        return
+        return False
     db.save_names(conn, names, unknown, now, unknown_for=UNKNOWN_NAME_RETRY)
     conn.commit()
+    return True
+
+
+def locate_systems(conn, esi: EsiClient, ids: set[int], now: datetime) -> set[int]:
+    """The regions of the systems among these ids (those ESI named as systems). A system is looked up once, its
+    system then its constellation, and its region kept: systems never move. A failure leaves the system
+    without a region until a later killmail shows it again (its posts go without one after the names wait)."""
+    for system_id in db.systems_to_locate(conn, ids):
+        try:
+            region_id = esi.get_region_of(esi.get_constellation_of(system_id))
+        except (Paused, ErrorLimited, RateLimited) as exc:  # every further call would wait or fail the same
+            log.warning("  regions not found: %s", exc)
+            break
+        except EsiError as exc:
+            log.warning("  region of system %s not found: %s", system_id, exc)
+            continue
+        db.save_system_region(conn, system_id, region_id, now)
+    regions = set(db.regions_of(conn, ids).values())
+    conn.commit()
+    return regions
 
 
 def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,
