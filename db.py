@@ -786,29 +786,33 @@ def save_names(conn, names: Sequence[dict], unknown: Sequence[int], now: datetim
         )
 
 
+# ESI's id ranges: solar systems (New Eden's, wormholes', Abyssal deadspace's) are 30 000 000 to 32 999 999.
+SYSTEM_IDS = range(30_000_000, 33_000_000)
+
+
 def systems_to_locate(conn, ids: Iterable[int]) -> list[int]:
-    """Of these ids, the systems (named so by ESI) whose region is not stored yet."""
+    """Of these ids, the systems whose region was not looked up yet."""
     rows = conn.execute(
         """
-        SELECT n.id FROM names n
-        WHERE n.id = ANY(%s) AND n.category = 'solar_system'
-          AND NOT EXISTS (SELECT 1 FROM system_regions s WHERE s.system_id = n.id)
-        ORDER BY n.id
+        SELECT i.id FROM unnest(%s::bigint[]) AS i (id)
+        WHERE NOT EXISTS (SELECT 1 FROM system_regions s WHERE s.system_id = i.id)
+        ORDER BY i.id
         """,
-        (sorted({i for i in ids if i is not None}),),
+        (sorted({i for i in ids if i in SYSTEM_IDS}),),
     ).fetchall()
     return [r["id"] for r in rows]
 
 
-def save_system_region(conn, system_id: int, region_id: int, now: datetime) -> None:
-    """Store a system's region (once: systems never move)."""
+def save_system_region(conn, system_id: int, region_id: int | None, now: datetime) -> None:
+    """Store a system's region, None for one ESI knows no region of (once: systems never move)."""
     conn.execute("INSERT INTO system_regions (system_id, region_id, located_at) VALUES (%s, %s, %s) "
                  "ON CONFLICT (system_id) DO NOTHING", (system_id, region_id, now))
 
 
 def regions_of(conn, system_ids: Iterable[int]) -> dict[int, int]:
     """The stored region of each of these systems (those not located yet are left out)."""
-    rows = conn.execute("SELECT system_id, region_id FROM system_regions WHERE system_id = ANY(%s)",
+    rows = conn.execute("SELECT system_id, region_id FROM system_regions "
+                        "WHERE system_id = ANY(%s) AND region_id IS NOT NULL",
                         (sorted({i for i in system_ids if i is not None}),)).fetchall()
     return {r["system_id"]: r["region_id"] for r in rows}
 
@@ -976,7 +980,7 @@ def notification_killmail(conn, killmail_id: int | None = None) -> dict | None:
 
 
 # Every id a post shows (NAMED_COLUMNS, and its system's region) was looked up by name (named, or known to have
-# none), and a system ESI named was located in its region, for outbox row o.
+# none), and the system, where ESI named it as one, was looked up for its region, for outbox row o.
 _NAMES_LOOKED_UP = f"""
     (NOT EXISTS (SELECT 1 FROM killmails k {_FINAL_BLOW_SQL}
                 LEFT JOIN system_regions s ON s.system_id = k.solar_system_id

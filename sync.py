@@ -24,6 +24,7 @@ from esi import (
     InvalidClient,
     InvalidGrant,
     InvalidHash,
+    NotFound,
     NotModified,
     Paused,
     RateLimited,
@@ -540,35 +541,33 @@ class Namer:
 
 
 def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime) -> None:
-    """Name the ids not named yet, in one batched call (or a few, see EsiClient.resolve_names), then the regions
-    of the systems among them (see locate_systems). A failure costs only the names: the next job that shows
-    these ids asks again."""
-    if _name(conn, esi, ids, now):
-        _name(conn, esi, locate_systems(conn, esi, ids, now), now)
-
-
-def _name(conn, esi: EsiClient, ids: set[int], now: datetime) -> bool:
-    wanted = db.names_to_resolve(conn, ids, now)
+    """Name the ids not named yet, and the regions of the systems among them (see locate_systems), in one batched
+    call (or a few, see EsiClient.resolve_names). A failure costs only the names: the next job that shows these
+    ids asks again."""
+    wanted = db.names_to_resolve(conn, ids | locate_systems(conn, esi, ids, now), now)
     conn.commit()
     if not wanted:
-        return True
+        return
     try:
         names, unknown = esi.resolve_names(wanted)
     except EsiError as exc:
         log.warning("  names not resolved: %s", exc)
-        return False
+        return
     db.save_names(conn, names, unknown, now, unknown_for=UNKNOWN_NAME_RETRY)
     conn.commit()
-    return True
 
 
 def locate_systems(conn, esi: EsiClient, ids: set[int], now: datetime) -> set[int]:
-    """The regions of the systems among these ids (those ESI named as systems). A system is looked up once, its
-    system then its constellation, and its region kept: systems never move. A failure leaves the system
-    without a region until a later killmail shows it again (its posts go without one after the names wait)."""
+    """The regions of the systems among these ids. A system is looked up once (its system, then its
+    constellation) and its region kept: systems never move. A failure leaves the system without a region until
+    a later killmail shows it again (its posts go without one after the names wait); a 404 is kept as no
+    region, since asking again costs the error limit every time."""
     for system_id in db.systems_to_locate(conn, ids):
         try:
             region_id = esi.get_region_of(esi.get_constellation_of(system_id))
+        except NotFound as exc:
+            log.warning("  system %s has no region: %s", system_id, exc)
+            region_id = None
         except (Paused, ErrorLimited, RateLimited) as exc:  # every further call would wait or fail the same
             log.warning("  regions not found: %s", exc)
             break
