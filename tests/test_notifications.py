@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -698,7 +699,7 @@ def test_the_docs_embed_is_rendered_from_what_the_receiver_logged():
     body = received_embed()
     page = render(body)
     assert body["embeds"][0]["url"] == "https://zkillboard.com/kill/134265477/"
-    assert body["embeds"][0]["title"].startswith("Retriever destroyed in ")
+    assert re.fullmatch(r"Retriever destroyed in \S+ \(\w+\)", body["embeds"][0]["title"])  # with the region
     assert "https://zkillboard.com/kill/134265477/" in page and "187.65M ISK" in page
     assert '<a href="https://zkillboard.com/ship/35683/">Hecate</a>' in page
     assert "images.evetech.net/types/17478/render?size=64" in page
