@@ -786,6 +786,37 @@ def save_names(conn, names: Sequence[dict], unknown: Sequence[int], now: datetim
         )
 
 
+# ESI's id ranges: solar systems (New Eden's, wormholes', Abyssal deadspace's) are 30 000 000 to 32 999 999.
+SYSTEM_IDS = range(30_000_000, 33_000_000)
+
+
+def systems_to_locate(conn, ids: Iterable[int]) -> list[int]:
+    """Of these ids, the systems whose region was not looked up yet."""
+    rows = conn.execute(
+        """
+        SELECT i.id FROM unnest(%s::bigint[]) AS i (id)
+        WHERE NOT EXISTS (SELECT 1 FROM system_regions s WHERE s.system_id = i.id)
+        ORDER BY i.id
+        """,
+        (sorted({i for i in ids if i in SYSTEM_IDS}),),
+    ).fetchall()
+    return [r["id"] for r in rows]
+
+
+def save_system_region(conn, system_id: int, region_id: int | None, now: datetime) -> None:
+    """Store a system's region, None for one ESI knows no region of (once: systems never move)."""
+    conn.execute("INSERT INTO system_regions (system_id, region_id, located_at) VALUES (%s, %s, %s) "
+                 "ON CONFLICT (system_id) DO NOTHING", (system_id, region_id, now))
+
+
+def regions_of(conn, system_ids: Iterable[int]) -> dict[int, int]:
+    """The stored region of each of these systems (those not located yet are left out)."""
+    rows = conn.execute("SELECT system_id, region_id FROM system_regions "
+                        "WHERE system_id = ANY(%s) AND region_id IS NOT NULL",
+                        (sorted({i for i in system_ids if i is not None}),)).fetchall()
+    return {r["system_id"]: r["region_id"] for r in rows}
+
+
 def names_of(conn, ids: Iterable[int]) -> dict[int, str]:
     """The stored names of these ids (unknown ones are left out)."""
     rows = conn.execute("SELECT id, name FROM names WHERE id = ANY(%s) AND name IS NOT NULL",
@@ -948,14 +979,19 @@ def notification_killmail(conn, killmail_id: int | None = None) -> dict | None:
     ).fetchone()
 
 
-# Every id a post shows (NAMED_COLUMNS) was looked up by name (named, or known to have none), for outbox row o.
+# Every id a post shows (NAMED_COLUMNS, and its system's region) was looked up by name (named, or known to have
+# none), and the system, where ESI named it as one, was looked up for its region, for outbox row o.
 _NAMES_LOOKED_UP = f"""
-    NOT EXISTS (SELECT 1 FROM killmails k {_FINAL_BLOW_SQL}
+    (NOT EXISTS (SELECT 1 FROM killmails k {_FINAL_BLOW_SQL}
+                LEFT JOIN system_regions s ON s.system_id = k.solar_system_id
                 CROSS JOIN LATERAL unnest(ARRAY[k.solar_system_id, k.victim_character_id, k.victim_corporation_id,
                                                 k.victim_alliance_id, k.victim_ship_type_id, f.character_id,
-                                                f.corporation_id, f.ship_type_id]) AS shown (id)
+                                                f.corporation_id, f.ship_type_id, s.region_id]) AS shown (id)
                 WHERE k.killmail_id = o.killmail_id AND shown.id IS NOT NULL
                   AND NOT EXISTS (SELECT 1 FROM names n WHERE n.id = shown.id))
+    AND NOT EXISTS (SELECT 1 FROM killmails k JOIN names n ON n.id = k.solar_system_id
+                    WHERE k.killmail_id = o.killmail_id AND n.category = 'solar_system'
+                      AND NOT EXISTS (SELECT 1 FROM system_regions s WHERE s.system_id = k.solar_system_id)))
 """
 
 

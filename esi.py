@@ -459,6 +459,21 @@ class EsiClient:
             raise MalformedResponse("/universe/names/: expected a list")
         return [n for n in body if isinstance(n, dict) and type(n.get("id")) is int and isinstance(n.get("name"), str)]
 
+    def get_constellation_of(self, system_id: int) -> int:
+        """The constellation a system is in (GET /universe/systems/{id}/, public, cached by ESI for a day)."""
+        return self._universe_field(f"/universe/systems/{system_id}/", "constellation_id")
+
+    def get_region_of(self, constellation_id: int) -> int:
+        """The region a constellation is in (GET /universe/constellations/{id}/, public, cached for a day)."""
+        return self._universe_field(f"/universe/constellations/{constellation_id}/", "region_id")
+
+    def _universe_field(self, path: str, key: str) -> int:
+        body = _json(self._get(path, group="universe", bucket="universe"))
+        value = body.get(key) if isinstance(body, dict) else None
+        if type(value) is not int:
+            raise MalformedResponse(f"{path}: expected an object with an integer {key}")
+        return value
+
     def refresh(self, refresh_token: str) -> TokenGrant:
         """Trade a refresh token for a new access token and the new refresh token that replaces it."""
         credentials = f"{self.settings.eve_client_id}:{self.settings.eve_client_secret}".encode()

@@ -35,7 +35,7 @@ COLOURS = {"kill": 0x2E8B57, "loss": 0xB22222, None: 0x5865F2}  # from the webho
 # What an id with no name shows as ("system 30000743"), and its zKillboard page, by the column that holds it.
 KINDS = {"solar_system_id": ("system", "system"), "character_id": ("character", "character"),
          "corporation_id": ("corporation", "corporation"), "alliance_id": ("alliance", "alliance"),
-         "ship_type_id": ("type", "ship")}
+         "ship_type_id": ("type", "ship"), "region_id": ("region", "region")}
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,12 @@ def format_isk(value: Decimal | float | None) -> str:
 
 
 def with_names(conn, killmail: Mapping) -> dict:
-    """The killmail with `<field>_name` beside each id a post shows (None where no name is known)."""
-    names = db.names_of(conn, (killmail[column] for column in db.NAMED_COLUMNS))
-    return {**killmail, **{_name_key(column): names.get(killmail[column]) for column in db.NAMED_COLUMNS}}
+    """The killmail with `<field>_name` beside each id a post shows, and its system's `region_id` and
+    `region_name` (None where no name or region is known)."""
+    region_id = db.regions_of(conn, [killmail["solar_system_id"]]).get(killmail["solar_system_id"])
+    shown, columns = {**killmail, "region_id": region_id}, (*db.NAMED_COLUMNS, "region_id")
+    names = db.names_of(conn, (shown[column] for column in columns))
+    return {**shown, **{_name_key(column): names.get(shown[column]) for column in columns}}
 
 
 def side_of(killmail: Mapping, webhook: Mapping) -> str | None:
@@ -131,8 +134,13 @@ def discord_embed(killmail: Mapping) -> dict:
     if killmail["final_blow_ship_type_id"] is not None:
         final_blow.append(_linked(killmail, "final_blow_ship_type_id"))
     when = killmail["killmail_time"]
+    title = f"{_shown(killmail, 'victim_ship_type_id')} destroyed in {_shown(killmail, 'solar_system_id')}"
+    system = _linked(killmail, "solar_system_id")
+    if killmail.get("region_name"):  # zKillboard's way: "Hek (Metropolis)"; no region where none is known
+        title += f" ({killmail['region_name']})"
+        system += f"\n{_linked(killmail, 'region_id')}"
     return {"embeds": [{
-        "title": f"{_shown(killmail, 'victim_ship_type_id')} destroyed in {_shown(killmail, 'solar_system_id')}",
+        "title": title,
         "url": KILL_URL.format(killmail["killmail_id"]),
         "timestamp": when.isoformat(),
         "color": COLOURS[killmail.get("side")],
@@ -140,7 +148,7 @@ def discord_embed(killmail: Mapping) -> dict:
         "fields": [
             {"name": "Victim", "value": "\n".join(victim) or "unknown", "inline": True},
             {"name": "Final blow", "value": " in ".join(final_blow) or "unknown", "inline": True},
-            {"name": "System", "value": _linked(killmail, "solar_system_id"), "inline": True},
+            {"name": "System", "value": system, "inline": True},
             {"name": "Value", "value": format_isk(killmail["total_value"]), "inline": True},
             {"name": "Attackers", "value": str(killmail["attackers"]), "inline": True},
             {"name": "Time", "value": when.astimezone(UTC).strftime("%Y-%m-%d %H:%M EVE"), "inline": True},

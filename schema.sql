@@ -211,6 +211,15 @@ CREATE TABLE IF NOT EXISTS names (
     unknown_until TIMESTAMPTZ
 );
 
+-- The region of each system a killmail was in (ESI's GET /universe/systems/{id}/ then /constellations/{id}/),
+-- looked up once: systems never move. The region's name is in names, as every other name. No region: ESI knows
+-- none for that system (it answered 404).
+CREATE TABLE IF NOT EXISTS system_regions (
+    system_id  BIGINT PRIMARY KEY,
+    region_id  BIGINT,
+    located_at TIMESTAMPTZ NOT NULL
+);
+
 -- ESI's GET /markets/prices/, one row per type; values.py prices killmails with them.
 CREATE TABLE IF NOT EXISTS market_prices (
     type_id        INTEGER PRIMARY KEY,

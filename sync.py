@@ -24,6 +24,7 @@ from esi import (
     InvalidClient,
     InvalidGrant,
     InvalidHash,
+    NotFound,
     NotModified,
     Paused,
     RateLimited,
@@ -541,9 +542,10 @@ class Namer:
 
 
 def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime) -> None:
-    """Name the ids not named yet, in one batched call (or a few, see EsiClient.resolve_names). A failure costs
-    only the names: the next job that shows these ids asks again."""
-    wanted = db.names_to_resolve(conn, ids, now)
+    """Name the ids not named yet, and the regions of the systems among them (see locate_systems), in one batched
+    call (or a few, see EsiClient.resolve_names). A failure costs only the names: the next job that shows these
+    ids asks again."""
+    wanted = db.names_to_resolve(conn, ids | locate_systems(conn, esi, ids, now), now)
     conn.commit()
     if not wanted:
         return
@@ -554,6 +556,29 @@ def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime) -> None:
         return
     db.save_names(conn, names, unknown, now, unknown_for=UNKNOWN_NAME_RETRY)
     conn.commit()
+
+
+def locate_systems(conn, esi: EsiClient, ids: set[int], now: datetime) -> set[int]:
+    """The regions of the systems among these ids. A system is looked up once (its system, then its
+    constellation) and its region kept: systems never move. A failure leaves the system without a region until
+    a later killmail shows it again (its posts go without one after the names wait); a 404 is kept as no
+    region, since asking again costs the error limit every time."""
+    for system_id in db.systems_to_locate(conn, ids):
+        try:
+            region_id = esi.get_region_of(esi.get_constellation_of(system_id))
+        except NotFound as exc:
+            log.warning("  system %s has no region: %s", system_id, exc)
+            region_id = None
+        except (Paused, ErrorLimited, RateLimited) as exc:  # every further call would wait or fail the same
+            log.warning("  regions not found: %s", exc)
+            break
+        except EsiError as exc:
+            log.warning("  region of system %s not found: %s", system_id, exc)
+            continue
+        db.save_system_region(conn, system_id, region_id, now)
+    regions = set(db.regions_of(conn, ids).values())
+    conn.commit()
+    return regions
 
 
 def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,

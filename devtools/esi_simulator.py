@@ -55,7 +55,8 @@ CORP_SCOPE = "esi-killmails.read_corporation_killmails.v1"
 ACCESS_TOKEN_SECONDS = 1199
 DETAIL_CACHE_SECONDS = 30 * 86400
 CHARACTER_CACHE_SECONDS = 86400
-ROUTES = ("list_character", "list_corporation", "detail", "token", "character", "names", "prices", "other")
+ROUTES = ("list_character", "list_corporation", "detail", "token", "character", "names", "prices", "system",
+          "constellation", "other")
 GROUPS = ("char-killmail", "corp-killmail", "killmail")
 DEFAULTS: dict[str, Any] = {
     "page_size": 1000, "cache_seconds": 300, "latency_ms": 0, "error_rate_5xx": 0.0, "rate_429": 0.0,
@@ -72,15 +73,28 @@ _ESI_ROUTES = [
     ("character", re.compile(_PREFIX + r"/characters/(?P<id>\d+)/?$")),
     ("names", re.compile(_PREFIX + r"/universe/names/?$")),
     ("prices", re.compile(_PREFIX + r"/markets/prices/?$")),
+    ("system", re.compile(_PREFIX + r"/universe/systems/(?P<id>\d+)/?$")),
+    ("constellation", re.compile(_PREFIX + r"/universe/constellations/(?P<id>\d+)/?$")),
 ]
 _POST_ROUTES = {"names"}
 # ESI's id ranges, as /universe/names/ tells categories apart: (first, end, category). Anything else is unknown.
 _ID_RANGES = [(1, 500_000, "inventory_type"), (500_000, 1_000_000, "faction"), (1_000_000, 2_000_000, "corporation"),
-              (3_000_000, 4_000_000, "character"), (30_000_000, 33_000_000, "solar_system"),
+              (3_000_000, 4_000_000, "character"), (10_000_000, 11_000_000, "region"),
+              (20_000_000, 21_000_000, "constellation"), (30_000_000, 33_000_000, "solar_system"),
               (90_000_000, 98_000_000, "character"), (98_000_000, 99_000_000, "corporation"),
               (99_000_000, 100_000_000, "alliance"), (2_100_000_000, 2_200_000_000, "character")]
 NAMES_MAX = 1000
 PRICES_CACHE_SECONDS = 3600
+UNIVERSE_CACHE_SECONDS = 86400  # systems and constellations: ESI caches them for a day
+# The map: every SYSTEMS_PER_CONSTELLATION systems from 30 000 001 make a constellation from 20 000 001, every
+# CONSTELLATIONS_PER_REGION constellations a region from 10 000 001, except the trade hubs, which sit in their
+# regions as ESI places them (their constellations look like the real ones; the worker treats ids as opaque).
+SYSTEMS_PER_CONSTELLATION = 8
+CONSTELLATIONS_PER_REGION = 10
+_HUB_CONSTELLATIONS = {30000142: 20000020, 30000144: 20000020, 30002187: 20000322, 30002659: 20000389,
+                       30002510: 20000367, 30002053: 20000303}
+_HUB_REGIONS = {20000020: 10000002, 20000322: 10000043, 20000389: 10000032, 20000367: 10000030,
+                20000303: 10000042}
 _TOKEN_PATH = re.compile(r"^/v2/oauth/token/?$")
 # The SSO login's routes and ESI's affiliation route (the SSO login section of Simulator).
 _LOGIN_PATHS = {
@@ -112,7 +126,8 @@ _KNOWN_NAMES = {
     1000125: "CONCORD", 1000127: "Guristas", 1000134: "Blood Raiders", 1000135: "Serpentis Corporation",
     500001: "Caldari State", 500002: "Minmatar Republic", 500003: "Amarr Empire", 500004: "Gallente Federation",
     30000142: "Jita", 30000144: "Perimeter", 30002187: "Amarr", 30002659: "Dodixie", 30002510: "Rens",
-    30002053: "Hek",
+    30002053: "Hek", 20000020: "Kimotoro", 10000002: "The Forge", 10000043: "Domain", 10000032: "Sinq Laison",
+    10000030: "Heimatar", 10000042: "Metropolis",
 }
 # Ids from before 2010 (100 000 000 to 2 099 999 999) are characters, corporations and alliances alike: only these
 # are named (the sample killmail's alliance).
@@ -897,6 +912,31 @@ class Simulator:
         start = int(now) // PRICES_CACHE_SECONDS * PRICES_CACHE_SECONDS
         return _cached(request, _json(prices), start, start + PRICES_CACHE_SECONDS, "public", now)
 
+    def _route_system(self, params: dict, request: Request, now: float) -> Reply:
+        """GET /universe/systems/{id}/: a system's name, constellation, security and position; 404 for an id
+        that names no system."""
+        entry = self.name_of(params["id"])
+        if entry is None or entry["category"] != "solar_system":
+            return _error(404, "Solar system not found")
+        rng = random.Random(params["id"])
+        body = {"system_id": params["id"], "name": entry["name"], "constellation_id": constellation_of(params["id"]),
+                "security_status": round(rng.uniform(-1, 1), 6), "position": _position(rng)}
+        return self._universe(request, body, now)
+
+    def _route_constellation(self, params: dict, request: Request, now: float) -> Reply:
+        """GET /universe/constellations/{id}/: a constellation's name, region and systems; 404 for an id that
+        names no constellation of the map."""
+        entry, systems = self.name_of(params["id"]), systems_of(params["id"])
+        if entry is None or entry["category"] != "constellation" or not systems:
+            return _error(404, "Constellation not found")
+        body = {"constellation_id": params["id"], "name": entry["name"], "region_id": region_of(params["id"]),
+                "position": _position(random.Random(params["id"])), "systems": systems}
+        return self._universe(request, body, now)
+
+    def _universe(self, request: Request, body: dict, now: float) -> Reply:
+        start = int(now) // UNIVERSE_CACHE_SECONDS * UNIVERSE_CACHE_SECONDS
+        return _cached(request, _json(body), start, start + UNIVERSE_CACHE_SECONDS, "public", now)
+
     def _route_other(self, params: dict, request: Request, now: float) -> Reply:
         return _error(404, "Not found")
 
@@ -1303,9 +1343,34 @@ def made_up_name(id_: int, category: str) -> str:
         return f"{word()} {rng.choice(_CORPORATION_WORDS)}"
     if category == "alliance":
         return f"{word()} {rng.choice(_ALLIANCE_WORDS)}"
+    if category in ("region", "constellation"):
+        return word()
     if category == "npc_ship":
         return f"{word()} {rng.choice(['Raider', 'Sentinel', 'Invader'])}"
     return f"{word()} {'Module' if category == 'inventory_type' else 'Faction'} {id_ % 1000}"
+
+
+def constellation_of(system_id: int) -> int:
+    """The constellation a system of the simulated map is in."""
+    return _HUB_CONSTELLATIONS.get(system_id) or 20_000_001 + (system_id - 30_000_001) // SYSTEMS_PER_CONSTELLATION
+
+
+def region_of(constellation_id: int) -> int:
+    """The region a constellation of the simulated map is in."""
+    return _HUB_REGIONS.get(constellation_id) or \
+        10_000_001 + (constellation_id - 20_000_001) // CONSTELLATIONS_PER_REGION
+
+
+def systems_of(constellation_id: int) -> list[int]:
+    """The systems of a constellation of the simulated map (none: no such constellation)."""
+    first = 30_000_001 + (constellation_id - 20_000_001) * SYSTEMS_PER_CONSTELLATION
+    near = range(max(30_000_001, first), min(33_000_000, first + SYSTEMS_PER_CONSTELLATION))
+    return sorted({s for s in near if constellation_of(s) == constellation_id}
+                  | {s for s, c in _HUB_CONSTELLATIONS.items() if c == constellation_id})
+
+
+def _position(rng: random.Random) -> dict:
+    return {axis: rng.uniform(-1e17, 1e17) for axis in ("x", "y", "z")}
 
 
 def _match(path: str) -> tuple[str, dict]:

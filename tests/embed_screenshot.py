@@ -26,7 +26,7 @@ for folder in (ROOT, ROOT / "devtools"):
 import db  # noqa: E402
 import notifications  # noqa: E402
 import webhooks  # noqa: E402
-from esi_simulator import Simulator  # noqa: E402
+from esi_simulator import Simulator, constellation_of, region_of  # noqa: E402
 from killmail_model import parse_killmail  # noqa: E402
 from tests.screenshot import take_screenshot  # noqa: E402
 from tests.webhook_receiver import Receiver  # noqa: E402
@@ -41,13 +41,16 @@ OFFLINE_THUMBNAIL = ("data:image/svg+xml;utf8,<svg xmlns='http://www.w3.org/2000
 
 
 def sample_killmail() -> dict:
-    """The fields a post reads, from the sample killmail, with its ids named as the simulator names them."""
+    """The fields a post reads, from the sample killmail, with its ids named (and its system placed in its
+    region) as the simulator names them."""
     body = json.loads(SAMPLE.read_text())
     columns = webhooks.post_columns(parse_killmail(body, killmail_id=body["killmail_id"], killmail_hash="0" * 40),
                                     total_value=SAMPLE_VALUE)
     simulator = Simulator(seed=1, client_id="embed", client_secret="embed")
     names = {column.removesuffix("_id") + "_name": (simulator.name_of(columns[column]) or {}).get("name")
              for column in db.NAMED_COLUMNS if columns[column] is not None}
+    region_id = region_of(constellation_of(columns["solar_system_id"]))
+    names |= {"region_id": region_id, "region_name": simulator.name_of(region_id)["name"]}
     # The point of view of a webhook following the victim's corporation: a loss.
     side = notifications.side_of(columns, {"character_ids": [], "corporation_ids": [columns["victim_corporation_id"]]})
     return {**columns, **names, "side": side}

@@ -1083,3 +1083,26 @@ def test_names_stop_splitting_after_a_bounded_number_of_refusals(http):
     http.add_callback(responses.POST, NAMES_URL, callback=answer_names(set(range(1, 100))))
     names, unknown = EsiClient(SETTINGS).resolve_names(range(1, 100))
     assert len(http.calls) == esi.NAMES_REFUSALS and names == [] and len(unknown) < 99
+
+
+def test_a_systems_region_is_read_through_its_constellation_under_the_universe_bucket(http):
+    http.add(responses.GET, "https://esi.example/universe/systems/30002053/",
+             json={"system_id": 30002053, "name": "Hek", "constellation_id": 20000303, "security_status": 0.5})
+    http.add(responses.GET, "https://esi.example/universe/constellations/20000303/",
+             json={"constellation_id": 20000303, "name": "Hed", "region_id": 10000042, "systems": [30002053]})
+    limits = RecordingLimits()
+    client = EsiClient(SETTINGS, limits=limits)
+    assert client.get_region_of(client.get_constellation_of(30002053)) == 10000042
+    assert [e[:3] for e in limits.events] == [("take", "universe"), ("settle", "universe", 200)] * 2
+    assert all(c.request.headers["X-Compatibility-Date"] for c in http.calls)
+
+
+@pytest.mark.parametrize(("status", "body", "error"), [
+    (404, {"error": "Solar system not found"}, NotFound),
+    (200, {"system_id": 30002053, "constellation_id": "20000303"}, MalformedResponse),
+    (200, [20000303], MalformedResponse),
+])
+def test_a_system_esi_does_not_place_raises_an_esi_error(http, status, body, error):
+    http.add(responses.GET, "https://esi.example/universe/systems/30002053/", status=status, json=body)
+    with pytest.raises(error):
+        EsiClient(SETTINGS).get_constellation_of(30002053)

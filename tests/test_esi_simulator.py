@@ -651,3 +651,22 @@ def test_market_prices_cover_the_worlds_types_and_are_cached(esi):
     prices = {p["type_id"]: p for p in answer.json()}
     assert {17478, 17482, 3467}.issubset(prices) and prices[17478]["average_price"] > 0
     assert esi.get("/markets/prices/", **{"If-None-Match": answer.headers["ETag"]}).status_code == 304
+
+
+def test_systems_and_constellations_place_each_system_in_its_region_and_are_cached(esi):
+    hek = esi.get("/universe/systems/30002053/")
+    assert hek.status_code == 200 and {"Expires", "ETag", "Last-Modified"} <= set(hek.headers)
+    assert (hek.json()["name"], hek.json()["system_id"]) == ("Hek", 30002053)
+    constellation = esi.get(f"/latest/universe/constellations/{hek.json()['constellation_id']}")
+    assert constellation.status_code == 200 and "Expires" in constellation.headers
+    assert constellation.json()["region_id"] == 10000042 and 30002053 in constellation.json()["systems"]
+    assert post_names(esi, [10000042]).json() == [{"id": 10000042, "category": "region", "name": "Metropolis"}]
+    # Any other system sits in a constellation that lists it, in a region /universe/names/ names.
+    system = esi.get("/universe/systems/30000743/").json()
+    assert system["name"] == post_names(esi, [30000743]).json()[0]["name"]
+    placed = esi.get(f"/universe/constellations/{system['constellation_id']}/").json()
+    assert 30000743 in placed["systems"] and post_names(esi, [placed["region_id"]]).json()[0]["category"] == "region"
+    assert esi.get("/universe/systems/30002053/", **{"If-None-Match": hek.headers["ETag"]}).status_code == 304
+    assert esi.get("/universe/systems/17478/").status_code == 404  # a type, not a system
+    assert esi.get("/universe/constellations/20999999/").status_code == 404
+    assert esi.sim.stats()["by_route"]["system"] == 4 and esi.sim.stats()["by_route"]["constellation"] == 3

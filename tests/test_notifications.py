@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import requests
 import db
 import esi
 import notifications
+import sync
 from killmail_model import named_ids, parse_killmail
 from notifications import Outcome, SenderOptions
 from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until
@@ -33,11 +35,11 @@ FAST = SenderOptions(user_agent="killmail-worker-tests/1.0 (tests@example.org)",
 
 
 def killmail(killmail_id: int, *, victim: tuple[int, int], attackers: list[tuple[int, int]],
-             time: datetime = NOW):
+             time: datetime = NOW, system: int = 30000142):
     """A parsed killmail: victim and attackers as (character_id, corporation_id)."""
     body = {
         "killmail_id": killmail_id, "killmail_time": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "solar_system_id": 30000142,
+        "solar_system_id": system,
         "victim": {"character_id": victim[0], "corporation_id": victim[1], "ship_type_id": 587,
                    "damage_taken": 100},
         "attackers": [{"character_id": c, "corporation_id": corp, "damage_done": 100, "final_blow": i == 0,
@@ -192,6 +194,16 @@ def test_a_discord_post_reads_like_zkillboards_with_every_name():
     assert embed["color"] == notifications.COLOURS["loss"] != notifications.COLOURS["kill"]
 
 
+def test_a_discord_post_names_the_systems_region_where_known():
+    embed = notifications.discord_embed({**POST, **NAMES, "region_id": 10000042, "region_name": "Metropolis"})
+    _, fields = embed_fields({"embeds": embed["embeds"]})
+    assert embed["embeds"][0]["title"] == "Retriever destroyed in Hek (Metropolis)"
+    assert fields["System"] == ("[Hek](https://zkillboard.com/system/30000743/)\n"
+                                "[Metropolis](https://zkillboard.com/region/10000042/)")
+    embed = notifications.discord_embed({**POST, **NAMES, "region_id": None, "region_name": None})
+    assert embed["embeds"][0]["title"] == "Retriever destroyed in Hek"
+
+
 def test_an_id_without_a_name_shows_as_its_kind_and_id():
     structure = {**POST, **NAMES, "victim_character_id": None, "victim_ship_type_id": 35832,
                  "victim_ship_type_name": None, "solar_system_name": None, "final_blow_character_id": None,
@@ -295,6 +307,35 @@ def test_a_post_whose_names_never_come_goes_after_the_bounded_wait_with_kinds_an
     assert embed["title"] == "Name 587 destroyed in system 30000142"
     assert fields["Final blow"] == "[Name 10](https://zkillboard.com/character/10/)"
     assert fields["Victim"].startswith("[character 9]")
+
+
+def test_a_post_waits_for_its_systems_region_and_goes_without_it_when_the_lookup_fails(conn, receivers, sim,
+                                                                                         database_url):
+    discord, plain = receivers(), receivers()
+    db.add_webhook(conn, "discord", discord.url)
+    db.add_webhook(conn, "plain", plain.url, format="json")
+    in_hek = killmail(1, victim=(90000001, 98000001), attackers=[], system=30002053)
+    db.save_killmails(conn, [in_hek])
+    conn.commit()
+    client = esi.EsiClient(make_settings(database_url, sim.base_url), sleep=lambda s: None)
+    waiting = replace(FAST, name_wait=30.0)
+    after = lambda seconds: lambda: datetime.now(UTC) + timedelta(seconds=seconds)  # noqa: E731
+    sim.fail_next(r"/universe/systems/", 503, count=10)  # ESI cannot place the system: named, but no region
+    sync.resolve_names(conn, client, named_ids(in_hek), NOW)
+    sim.clear_faults()
+    with requests.Session() as session:
+        assert not notifications.deliver_next(conn, session, waiting, clock=after(25))  # waiting for the region
+        assert notifications.deliver_next(conn, session, waiting, clock=after(31))
+        assert notifications.deliver_next(conn, session, waiting, clock=after(31))
+    in_jita = killmail(2, victim=(90000001, 98000001), attackers=[])
+    db.save_killmails(conn, [in_jita])
+    conn.commit()
+    sync.resolve_names(conn, client, named_ids(in_jita), NOW)
+    deliver_all(conn, options=waiting)  # all named and placed: no wait
+    titles = [embed_fields(body)[0]["title"] for body in discord.bodies()]
+    assert titles == ["Rifter destroyed in Hek", "Rifter destroyed in Jita (The Forge)"]
+    assert [(b["solar_system_name"], b["region_id"], b["region_name"]) for b in plain.bodies()] == [
+        ("Hek", None, None), ("Jita", 10000002, "The Forge")]
 
 
 def test_5xx_and_timeouts_are_retried_then_given_up_with_the_error(conn, receivers):
@@ -658,7 +699,7 @@ def test_the_docs_embed_is_rendered_from_what_the_receiver_logged():
     body = received_embed()
     page = render(body)
     assert body["embeds"][0]["url"] == "https://zkillboard.com/kill/134265477/"
-    assert body["embeds"][0]["title"].startswith("Retriever destroyed in ")
+    assert re.fullmatch(r"Retriever destroyed in \S+ \(\w+\)", body["embeds"][0]["title"])  # with the region
     assert "https://zkillboard.com/kill/134265477/" in page and "187.65M ISK" in page
     assert '<a href="https://zkillboard.com/ship/35683/">Hecate</a>' in page
     assert "images.evetech.net/types/17478/render?size=64" in page

@@ -816,3 +816,28 @@ def test_a_sealed_token_sso_refuses_is_marked_revoked_and_not_due_again(conn, wo
     assert result.status == "needs_relogin" and db.get_user(conn, revoked["character_id"])["revoked"]
     due = db.due_users(conn, now_for(sim) + timedelta(hours=1), interval=300, stale_after=7200)
     assert revoked["character_id"] not in {u["character_id"] for u in due}
+
+
+def test_a_systems_region_is_looked_up_once_and_named_with_the_other_ids(conn, sim, database_url):
+    client = EsiClient(make_settings(database_url, sim.base_url), sleep=lambda s: None)
+    sync.resolve_names(conn, client, {30002053, 17478}, now_for(sim))  # a Retriever's killmail in Hek
+    assert db.regions_of(conn, [30002053]) == {30002053: 10000042}
+    assert db.names_of(conn, [30002053, 10000042, 17478]) == {30002053: "Hek", 10000042: "Metropolis",
+                                                              17478: "Retriever"}
+    routes = sim.stats()["by_route"]
+    assert (routes["system"], routes["constellation"], routes["names"]) == (1, 1, 1)  # the region in the same call
+    sync.resolve_names(conn, client, {30002053, 17478}, now_for(sim))  # a second killmail in Hek
+    assert sim.stats()["by_route"] == routes
+
+
+def test_a_system_esi_does_not_place_is_not_asked_again_and_a_failed_lookup_is(conn, sim, database_url):
+    client = EsiClient(make_settings(database_url, sim.base_url), sleep=lambda s: None)
+    sim.make_unknown_names(30000743)  # ESI answers 404 for it: no region, and asking again costs the error limit
+    sim.fail_next(r"/universe/constellations/", 503, count=10)  # a constellation unreachable for now
+    sync.resolve_names(conn, client, {30000743, 30002053}, now_for(sim))
+    assert db.regions_of(conn, [30000743, 30002053]) == {}
+    assert db.systems_to_locate(conn, [30000743, 30002053]) == [30002053]
+    sim.clear_faults()
+    sync.resolve_names(conn, client, {30000743, 30002053}, now_for(sim))  # the next killmail in both
+    assert db.regions_of(conn, [30000743, 30002053]) == {30002053: 10000042}
+    assert sim.stats()["by_route"]["system"] == 3  # 30000743 once, 30002053 twice
