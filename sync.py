@@ -47,6 +47,7 @@ SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for i
                                         # process loses (and its redelivered job fetches again) only that much
 UNKNOWN_NAME_RETRY = timedelta(days=1)  # an id ESI could not name is not asked again for this long
 NAME_EVERY = 10.0                       # seconds between a process's rounds of names calls
+CLOSE_LOCATE = 1.0                      # seconds a stopping process spends on systems' regions at the most
 TICK = 1.0                              # seconds between a waiting job's looks at its deadline and at a stop
 FINISH_WAIT = 10.0                      # seconds an interrupted job waits for the fetches already under way: a
                                         # stop's grace is 30 s, and a fetch past this is fetched again later
@@ -504,6 +505,7 @@ class Namer:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
+        self._locate_until = float("inf")  # close() bounds the region lookups of the rounds left
         self._thread = threading.Thread(target=self._run, name="namer", daemon=True)
         self._thread.start()
 
@@ -512,6 +514,10 @@ class Namer:
             self._pending |= ids
 
     def close(self, timeout: float = 30.0) -> None:
+        """Name what is pending, within `timeout`: systems' regions (two calls a system) are looked up for
+        CLOSE_LOCATE seconds (or half the timeout) at the most, leaving the rest to the names call; systems not
+        reached get their region from a later killmail that shows them."""
+        self._locate_until = time.monotonic() + min(CLOSE_LOCATE, timeout / 2)
         self._closing.set()
         self._wake.set()
         self._thread.join(timeout)
@@ -533,7 +539,8 @@ class Namer:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()
-            resolve_names(self._conn, self._esi, ids, datetime.now(UTC))
+            resolve_names(self._conn, self._esi, ids, datetime.now(UTC),
+                          locate_while=lambda: time.monotonic() < self._locate_until)
         except Exception as exc:  # names are no job's: a failure costs only these names
             log.warning("  names not resolved: %s", describe(exc))
             if self._conn is not None:
@@ -541,11 +548,12 @@ class Namer:
                 self._conn = None
 
 
-def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime) -> None:
+def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime, *,
+                  locate_while: Callable[[], bool] = lambda: True) -> None:
     """Name the ids not named yet, and the regions of the systems among them (see locate_systems), in one batched
     call (or a few, see EsiClient.resolve_names). A failure costs only the names: the next job that shows these
     ids asks again."""
-    wanted = db.names_to_resolve(conn, ids | locate_systems(conn, esi, ids, now), now)
+    wanted = db.names_to_resolve(conn, ids | locate_systems(conn, esi, ids, now, locate_while=locate_while), now)
     conn.commit()
     if not wanted:
         return
@@ -558,12 +566,17 @@ def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime) -> None:
     conn.commit()
 
 
-def locate_systems(conn, esi: EsiClient, ids: set[int], now: datetime) -> set[int]:
+def locate_systems(conn, esi: EsiClient, ids: set[int], now: datetime, *,
+                   locate_while: Callable[[], bool] = lambda: True) -> set[int]:
     """The regions of the systems among these ids. A system is looked up once (its system, then its
     constellation) and its region kept: systems never move. A failure leaves the system without a region until
     a later killmail shows it again (its posts go without one after the names wait); a 404 is kept as no
-    region, since asking again costs the error limit every time."""
+    region, since asking again costs the error limit every time. The lookups end early once locate_while()
+    is false (a stopping namer's deadline)."""
     for system_id in db.systems_to_locate(conn, ids):
+        if not locate_while():
+            log.info("  regions of the other systems left to later killmails: the process is stopping")
+            break
         try:
             region_id = esi.get_region_of(esi.get_constellation_of(system_id))
         except NotFound as exc:

@@ -841,3 +841,26 @@ def test_a_system_esi_does_not_place_is_not_asked_again_and_a_failed_lookup_is(c
     sync.resolve_names(conn, client, {30000743, 30002053}, now_for(sim))  # the next killmail in both
     assert db.regions_of(conn, [30000743, 30002053]) == {30002053: 10000042}
     assert sim.stats()["by_route"]["system"] == 3  # 30000743 once, 30002053 twice
+
+
+def test_region_lookups_end_when_told_and_the_names_call_still_comes(conn, sim, database_url):
+    """A stopping namer (close) bounds its region lookups, two ESI calls a system, so that a worker's SIGTERM
+    is not held by a cold start's hundreds of new systems; the ids themselves are still named."""
+    client = EsiClient(make_settings(database_url, sim.base_url), sleep=lambda s: None)
+    asked = []
+    sync.resolve_names(conn, client, {30002053, 30000743, 17478}, now_for(sim),
+                       locate_while=lambda: not asked.append(1) and len(asked) <= 1)
+    routes = sim.stats()["by_route"]
+    assert (routes["system"], routes["constellation"], routes["names"]) == (1, 1, 1)
+    assert len(db.systems_to_locate(conn, [30002053, 30000743])) == 1  # the other is left for a later killmail
+    assert set(db.names_of(conn, [30002053, 30000743, 17478])) == {30002053, 30000743, 17478}
+
+
+def test_a_namer_closed_without_time_names_its_ids_and_looks_up_no_region(conn, world, sim, database_url):
+    namer = sync.Namer(lambda: db.connect(database_url), world, every=3600)
+    namer.add({30002053, 17478})
+    namer.close(timeout=0.0)
+    namer._thread.join()  # close(0) returns at once; the last round still runs
+    routes = sim.stats()["by_route"]
+    assert (routes["system"], routes["names"]) == (0, 1)
+    assert set(db.names_of(conn, [30002053, 17478])) == {30002053, 17478}
