@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat $(LOCKS) | cksum | cut -d' ' -f1)
 COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(PYTHON) -m piptools compile --quiet --generate-hashes \
           --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 
-.PHONY: demo demo-serve test lint lock test-faults bench screenshot services clean
+.PHONY: demo demo-serve test lint lock pin-images test-faults bench screenshot services clean
 
 demo: $(STAMP)
 	$(PYTHON) devtools/demo.py
@@ -47,6 +47,10 @@ $(STAMP): $(LOCKS)
 lock: $(STAMP)
 	$(COMPILE) --output-file requirements.lock requirements.txt
 	$(COMPILE) --constraint requirements.lock --output-file requirements-dev.lock requirements-dev.txt
+
+# The Dockerfile's and docker-compose.yml's images pinned to the digests their tags point at now.
+pin-images: $(STAMP)
+	$(PYTHON) devtools/pin_images.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -145,7 +145,7 @@ def test_the_kubernetes_secret_example_holds_what_the_pods_read():
     (example,) = yaml.safe_load_all((KUBERNETES / "secret.yaml.example").read_text())
     assert (example["kind"], example["metadata"]["name"]) == ("Secret", "killmail-worker-secrets")
     assert set(example["stringData"]) == {"DATABASE_URL", "RABBITMQ_URL", "EVE_CLIENT_ID", "EVE_CLIENT_SECRET",
-                                          "STATUS_BASIC_AUTH"}
+                                          "STATUS_BASIC_AUTH", "TOKEN_KEY"}
     assert all("CHANGE-ME" in value for value in example["stringData"].values())
     for spec in pod_specs().values():
         assert {"secretRef": {"name": "killmail-worker-secrets"}} in spec["containers"][0]["envFrom"]
