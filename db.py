@@ -1189,7 +1189,7 @@ def ledger_spent(conn, bucket: str, now: datetime, *, window: int) -> dict:
 
 
 # --- status page
-# Read-only queries of status_app.py. None of them selects a token column; times come back as timestamptz.
+# Read-only queries of the web app (web/). None of them selects a token column; times come back as timestamptz.
 
 USER_STATES = ("active", "due", "queued", "never_synced", "needs_relogin")
 

@@ -201,12 +201,12 @@ def sim():
 def make_client(database_url, queue_name):
     """Build Flask test clients of status apps with these settings overrides (and clock); their pools and broker
     connections are closed after."""
-    import status_app
+    from web import create_app
     apps = []
 
     def make(*, clock=time.monotonic, **overrides):
         overrides = {"database_url": database_url, "queue_name": queue_name, **overrides}
-        app = status_app.create_app(make_settings(**overrides), clock=clock)
+        app = create_app(make_settings(**overrides), clock=clock)
         apps.append(app)
         return app.test_client()
 

@@ -1,4 +1,4 @@
-"""login.py through Flask's test client: /login, /callback and /pilots/<id>/forget against the real test database
+"""web/login.py through Flask's test client: /login, /callback and /pilots/<id>/forget against the real test database
 and broker, with EVE SSO and ESI simulated (the simulator), or answered by `responses` for forged tokens."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import broker
 import db
-import sso
 from conftest import CLIENT_ID, CLIENT_SECRET, TOKEN_KEYS, insert_users, jobs
 from tokens import TokenVault, is_sealed
+from web import sso
 
 CALLBACK = "http://localhost/callback"
 CLOSED = "http://127.0.0.1:9"

@@ -27,10 +27,11 @@ from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from itsdangerous import URLSafeTimedSerializer
 
 import db
-import sso
-from api import killmail_summary
 from enqueue import queue_from_web
-from status_report import Sources
+
+from . import sso
+from .api import killmail_summary
+from .sources import Sources
 
 SESSION_COOKIE = "killmail_session"
 SESSION_LIFETIME = timedelta(days=7)
