@@ -35,7 +35,7 @@ import sync
 from backoff import exponential
 from esi import EsiClient, TokenGrant
 from limits import SharedLimits
-from settings import ConfigError, Settings, describe, load_settings, setup_logging
+from settings import Settings, describe, load_settings_or_exit, setup_logging
 from tokens import TokenKeyError, TokenVault
 
 log = logging.getLogger(__name__)
@@ -676,11 +676,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(verbose=args.verbose)
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings_or_exit()
     if args.replay_dead:
         try:
             moved = replay_dead(settings, args.limit)

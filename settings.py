@@ -352,6 +352,16 @@ def load_settings(*, need_esi: bool = True) -> Settings:
     return settings_from(os.environ, need_esi=need_esi)
 
 
+def load_settings_or_exit(*, need_esi: bool = True) -> Settings:
+    """load_settings for a command's start: a bad or missing value prints one line naming the variable and exits
+    2, never a traceback."""
+    try:
+        return load_settings(need_esi=need_esi)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 MAX_LOG_LINE = 4000  # characters of one log line; a longer one keeps its start and its end (a traceback's last line)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # newlines, escapes that move a terminal's cursor, ...
 

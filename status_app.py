@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from settings import ConfigError, load_settings, setup_logging
+from settings import load_settings_or_exit, setup_logging
 from web import create_app
 
 app = create_app()
@@ -20,11 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--verbose", action="store_true", help="log with time, level and pid")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(need_esi=False)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings_or_exit(need_esi=False)
     setup_logging(verbose=args.verbose)
     create_app(settings).run(host=args.host, port=args.port, threaded=True)
     return 0
