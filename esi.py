@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import random
@@ -591,7 +592,7 @@ class EsiClient:
 
 
 def read_body(response: requests.Response, *, deadline: float, what: str) -> None:
-    """Read a whole answer into response.content, decompressed: ServerError past the deadline (time.monotonic),
+    """Read a whole answer, decompressed, for response.content: ServerError past the deadline (time.monotonic),
     MalformedResponse beyond MAX_BODY_BYTES. The connection of an answer given up on is closed, never reused."""
     chunks, size = [], 0
     try:
@@ -605,8 +606,9 @@ def read_body(response: requests.Response, *, deadline: float, what: str) -> Non
     except BaseException:
         response.close()
         raise
-    response._content = b"".join(chunks)
-    response._content_consumed = True
+    # The body read, in place of the socket it came from: requests reads .content (and .json(), .text) from any
+    # file-like `raw`, so the answer reads as any other once its size and time are checked.
+    response.raw = io.BytesIO(b"".join(chunks))
 
 
 def _read_chunk(response: requests.Response) -> bytes:
