@@ -26,6 +26,7 @@ from limits import (
     pause_after,
     reserve,
 )
+from tests.helpers import ledger_spent
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, 250000, tzinfo=UTC)  # a quarter into a second
 DETAIL = "killmail"
@@ -86,7 +87,7 @@ def learn(shared: SharedLimits, bucket: str = DETAIL, limit: str = "600/1m") -> 
 
 
 def spent(conn, bucket: str, clock: Clock, window: int = 60) -> dict:
-    return db.ledger_spent(conn, bucket, clock.now, window=window)
+    return ledger_spent(conn, bucket, clock.now, window=window)
 
 
 # ------------------------------------------------------------------------------------------------ pure rules

@@ -132,7 +132,8 @@ def test_the_corporation_view_is_refused_without_the_scope_and_shown_with_it(cli
     log_in_as(client, PILOT)
     refused = client.get("/me?view=corporation")
     assert refused.status_code == 403 and "401" not in page(refused)
-    db.save_profile(conn, PILOT, corporation_id=CORPORATION, scopes=f"publicData {sso.CHAR_SCOPE} {sso.CORP_SCOPE}")
+    db.save_profile(conn, PILOT, corporation_id=CORPORATION,
+                    scopes=f"publicData {sso.CHAR_SCOPE} {db.CORPORATION_SCOPE}")
     conn.commit()
     assert shown_killmails(page(client.get("/me?view=corporation"))) == [401]
     assert 'href="/me?view=corporation"' in page(client.get("/me"))
