@@ -25,8 +25,8 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVTOOLS = ROOT / "devtools"
-sys.path[:0] = [str(ROOT), str(DEVTOOLS)]  # the project's modules, and the simulator beside the demo
 
+# The project's modules and the simulator (devtools/) are on sys.path by pyproject.toml's pytest pythonpath.
 import broker  # noqa: E402
 import db  # noqa: E402
 from esi_simulator import Simulator  # noqa: E402

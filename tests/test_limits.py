@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from requests.structures import CaseInsensitiveDict
 
@@ -618,7 +619,7 @@ def test_a_settle_the_database_refuses_loses_no_answer(conn, process, clock, mon
     ticket = one.take(DETAIL)
 
     def refuse(*args, **kwargs):
-        raise db.psycopg.OperationalError("the server closed the connection")
+        raise psycopg.OperationalError("the server closed the connection")
 
     monkeypatch.setattr(db, "settle_tokens", refuse)
     one.settle(ticket, 200, answer())         # the caller keeps its answer
