@@ -6,7 +6,7 @@ COPY requirements.lock .
 RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 # The top level's modules only: the ESI simulator and the demo live in devtools/ and never ship.
 COPY *.py schema.sql gunicorn.conf.py ./
-COPY templates ./templates
+COPY web ./web
 RUN groupadd --system --gid 10001 killmail && useradd --system --uid 10001 --gid 10001 killmail
 # Numeric, so that Kubernetes' runAsNonRoot can check it. The root filesystem may be read-only: no .pyc is written.
 USER 10001:10001

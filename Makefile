@@ -11,11 +11,11 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(PYTHON) -m piptools compile --qui
 .PHONY: demo demo-serve test lint lock pin-images test-faults bench screenshot services clean
 
 demo: $(STAMP)
-	$(PYTHON) devtools/demo.py
+	$(PYTHON) -m devtools.demo
 
 # The demo kept running until Ctrl-C, with the status app's /login to add simulated pilots in a browser.
 demo-serve: $(STAMP)
-	$(PYTHON) devtools/demo.py --serve
+	$(PYTHON) -m devtools.demo --serve
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -20,6 +20,8 @@ from typing import Any
 import pika
 from pika.exceptions import NackError, UnroutableError
 
+from backoff import exponential
+
 MAX_PRIORITY = 10
 PRIORITY_NOW = 9        # a user asked for a sync now
 PRIORITY_FIRST = 5      # a user's first sync
@@ -82,7 +84,7 @@ def dead_queue(queue: str) -> str:
 
 def retry_delay(attempt: int, base: int, rng: random.Random) -> float:
     """Seconds a job waits after its attempt-th failure: base * 2**(attempt-1), stretched by up to JITTER."""
-    return base * 2 ** (attempt - 1) * (1 + rng.uniform(0, JITTER))
+    return exponential(attempt, base=base) * (1 + rng.uniform(0, JITTER))
 
 
 def declare_job_queue(channel, queue: str, **callback) -> None:

@@ -347,7 +347,7 @@ def set_director(conn, character_id: int, is_director: bool, *, checked_at: date
 
 # ---------------------------------------------------------------------------------------------- corporations
 
-CORPORATION_SCOPE = "esi-killmails.read_corporation_killmails.v1"
+CORPORATION_SCOPE = "esi-killmails.read_corporation_killmails.v1"  # the grant a login asks for (web/sso.py)
 
 # A member who may read the corporation's killmails: a live grant with the corporation scope, not known to
 # lack the Director role; a pilot found without it is asked again a week later (roles are given any day; a new
@@ -628,17 +628,19 @@ _ATTACKER_COLUMNS = (
     "killmail_id, attacker_index, character_id, corporation_id, alliance_id, faction_id, ship_type_id, "
     "weapon_type_id, damage_done, final_blow, security_status"
 )
+ATTACKER_COLUMN_NAMES = [name.strip() for name in _ATTACKER_COLUMNS.split(",")]
 _ITEM_COLUMNS = (
     "killmail_id, item_index, parent_index, flag, item_type_id, singleton, quantity_destroyed, quantity_dropped"
 )
+ITEM_COLUMN_NAMES = [name.strip() for name in _ITEM_COLUMNS.split(",")]
 _ATTACKER_TYPES = ["int8", "int4", "int8", "int8", "int8", "int8", "int8", "int8", "int8", "bool", "float8"]
 _ITEM_TYPES = ["int8", "int4", "int4", "int4", "int8", "int4", "int8", "int8"]
 
 
 def save_killmails(conn, killmails: Sequence[Any], values: Sequence[tuple | None] | None = None, *,
                    notify_max_age: int = 3600) -> list[int]:
-    """Store validated killmails (objects from killmail_rows) with attackers and items, and their (destroyed,
-    dropped, total) values where given (None: not known yet); returns the new ids.
+    """Store validated killmails (killmail_model's, from parse_killmail) with attackers and items, and their
+    (destroyed, dropped, total) values where given (None: not known yet); returns the new ids.
 
     A killmail already stored is left as it is, with its children: the insert of the parent row decides, and a
     concurrent insert of the same id waits for the other transaction, so nothing is ever stored twice. The new
@@ -874,23 +876,6 @@ def _copy_rows(cur, table: str, columns: str, types: list[str], rows: Iterable[t
         copy.set_types(types)
         for row in rows:
             copy.write_row(row)
-
-
-def save_killmail_row_by_row(conn, killmail: Any) -> bool:
-    """Store one killmail with a statement per row (the slow path the benchmark compares against)."""
-    row = killmail.row
-    inserted = conn.execute(
-        f"INSERT INTO killmails ({_KILLMAIL_COLUMNS}) VALUES ({', '.join(['%s'] * 16)}) "
-        "ON CONFLICT (killmail_id) DO NOTHING RETURNING killmail_id",
-        (*row[:-1], Jsonb(row[-1], dumps=_as_sent)),
-    ).fetchone()
-    if inserted is None:
-        return False
-    for attacker in killmail.attackers:
-        conn.execute(f"INSERT INTO attackers ({_ATTACKER_COLUMNS}) VALUES ({', '.join(['%s'] * 11)})", attacker)
-    for item in killmail.items:
-        conn.execute(f"INSERT INTO killmail_items ({_ITEM_COLUMNS}) VALUES ({', '.join(['%s'] * 8)})", item)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- notifications
@@ -1173,23 +1158,9 @@ def prune_ledger(conn, *, older_than: int) -> int:
     return spent + flying
 
 
-def ledger_spent(conn, bucket: str, now: datetime, *, window: int) -> dict:
-    """What the ledger counts against a bucket now: own and other tokens spent in the window, and in flight."""
-    return conn.execute(
-        """
-        SELECT (SELECT coalesce(sum(own), 0) FROM esi_spent
-                WHERE bucket = %(b)s AND second > %(since)s)::int AS own,
-               (SELECT coalesce(sum(other), 0) FROM esi_spent
-                WHERE bucket = %(b)s AND second > %(since)s)::int AS other,
-               (SELECT coalesce(sum(tokens), 0) FROM esi_in_flight
-                WHERE bucket = %(b)s AND sent_at > %(since)s)::int AS in_flight
-        """,
-        {"b": bucket, "since": now - timedelta(seconds=window)},
-    ).fetchone()
+# ---------------------------------------------------------------------------------------------- status page
 
-
-# --- status page
-# Read-only queries of status_app.py. None of them selects a token column; times come back as timestamptz.
+# Read-only queries of the web app (web/). None of them selects a token column; times come back as timestamptz.
 
 USER_STATES = ("active", "due", "queued", "never_synced", "needs_relogin")
 
@@ -1441,7 +1412,7 @@ def esi_call_counts(conn) -> list[dict]:
     return conn.execute("SELECT route_group, status, calls FROM esi_calls ORDER BY route_group, status").fetchall()
 
 
-# --- web app API
+# ---------------------------------------------------------------------------------------------- web app API
 
 
 def user_exists(conn, character_id: int) -> bool:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
-import math
 import random
 import re
 import reprlib
@@ -24,6 +24,8 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
+from backoff import MAX_PAUSE as MAX_PAUSE  # limits.py reads it here, until its own header parser joins backoff.py
+from backoff import exponential, pause_seconds
 from settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,6 @@ _HASH = re.compile(r"[0-9a-fA-F]{40}")  # a killmail hash: a SHA-1 in hexadecima
 _BEARER = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 MIN_TOKEN_LIFETIME = 1       # seconds an access token may live, as SSO's expires_in says (20 minutes in practice)
 MAX_TOKEN_LIFETIME = 86400
-MAX_PAUSE = 900.0       # the longest pause any header may ask for: ESI's own window is 15 minutes
 MAX_BODY_BYTES = 32 * 1024 * 1024  # decompressed; a list page is ~100 kB, the biggest fights' details a few MB
 REQUEST_DEADLINE = 120.0  # seconds for a whole call, retries and all: a trickling answer must not hold a lock
 READ_CHUNK = 64 * 1024  # bytes read (and decompressed) at a time
@@ -591,7 +592,7 @@ class EsiClient:
 
 
 def read_body(response: requests.Response, *, deadline: float, what: str) -> None:
-    """Read a whole answer into response.content, decompressed: ServerError past the deadline (time.monotonic),
+    """Read a whole answer, decompressed, for response.content: ServerError past the deadline (time.monotonic),
     MalformedResponse beyond MAX_BODY_BYTES. The connection of an answer given up on is closed, never reused."""
     chunks, size = [], 0
     try:
@@ -605,8 +606,9 @@ def read_body(response: requests.Response, *, deadline: float, what: str) -> Non
     except BaseException:
         response.close()
         raise
-    response._content = b"".join(chunks)
-    response._content_consumed = True
+    # The body read, in place of the socket it came from: requests reads .content (and .json(), .text) from any
+    # file-like `raw`, so the answer reads as any other once its size and time are checked.
+    response.raw = io.BytesIO(b"".join(chunks))
 
 
 def _read_chunk(response: requests.Response) -> bytes:
@@ -626,7 +628,7 @@ def _read_chunk(response: requests.Response) -> bytes:
 
 def backoff_seconds(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
     """Exponential backoff with full jitter: a random time up to base * 2**(attempt-1), at most cap."""
-    return rng.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+    return rng.uniform(0, exponential(attempt, base=base, cap=cap))
 
 
 def new_session(settings: Settings) -> requests.Session:
@@ -684,17 +686,3 @@ def _error_text(response: requests.Response) -> str:
         return response.text[:200]
     shown = body.get("error", body) if isinstance(body, dict) else body
     return (shown if isinstance(shown, str) else reprlib.repr(shown))[:200]  # cut short in depth too
-
-
-def pause_seconds(value: str | None, default: float, *, header: str) -> float:
-    """A header's seconds to wait, from 0 to MAX_PAUSE; the default when absent, unreadable or not finite."""
-    if value is None:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds):
-        log.warning("ignoring an unreadable %s header: %r", header, value[:40])
-        return default
-    return min(max(0.0, seconds), MAX_PAUSE)

@@ -4,11 +4,9 @@ STATUS_BIND (host:port) says where to listen; else PORT (all interfaces, as plat
 else 127.0.0.1:8000. Command-line flags still win over this file.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from settings import ConfigError, load_settings, setup_logging  # noqa: E402
+# gunicorn puts its working directory (the project's) on sys.path before it reads this file.
+from settings import load_settings_or_exit, setup_logging
 
 bind = os.environ.get("STATUS_BIND") or (f"0.0.0.0:{os.environ['PORT']}" if os.environ.get("PORT") else
                                          "127.0.0.1:8000")
@@ -39,11 +37,7 @@ access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
 def on_starting(server):
     """Refuse to start on a bad environment with one line naming the variable, as the other commands do."""
-    try:
-        load_settings(need_esi=False)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    load_settings_or_exit(need_esi=False)
 
 
 def post_fork(server, worker):

@@ -32,9 +32,10 @@ import psycopg
 import broker
 import db
 import sync
+from backoff import exponential
 from esi import EsiClient, TokenGrant
 from limits import SharedLimits
-from settings import ConfigError, Settings, describe, load_settings, setup_logging
+from settings import Settings, describe, load_settings_or_exit, setup_logging
 from tokens import TokenKeyError, TokenVault
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Outcome:
 
 def reconnect_delay(failures: int, rng: random.Random) -> float:
     """Backoff with jitter between reconnect attempts: up to 1, 2, 4 ... 30 seconds."""
-    return min(RECONNECT_CAP, 2 ** min(failures, 5)) * rng.uniform(0.5, 1.0)
+    return exponential(failures + 1, base=1.0, cap=RECONNECT_CAP) * rng.uniform(0.5, 1.0)
 
 
 def failures_in_a_row(failures: int, lasted: float | None, cap: float) -> int:
@@ -546,7 +547,7 @@ class Supervisor:
                 log.error("❌ worker processes keep dying; giving up this burst run")
                 self.give_up = True
                 continue
-            delay = min(RESTART_BACKOFF_CAP, 0.5 * 2 ** min(failures, 6))
+            delay = exponential(failures + 1, base=0.5, cap=RESTART_BACKOFF_CAP)
             log.warning("⚠️  worker process %d exited with %s; starting another in %.1f s", pid, code, delay)
             self.wait_unless_signalled(delay)
             if not self.signals:
@@ -675,11 +676,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(verbose=args.verbose)
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings_or_exit()
     if args.replay_dead:
         try:
             moved = replay_dead(settings, args.limit)

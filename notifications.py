@@ -24,6 +24,7 @@ import requests
 
 import db
 import esi
+from backoff import exponential, pause_seconds
 from settings import ConfigError, Settings, describe, load_settings
 
 log = logging.getLogger(__name__)
@@ -199,21 +200,21 @@ def request_for(format: str, url: str, killmail: Mapping) -> tuple[str, dict]:
 
 def retry_after(response: requests.Response, default: float) -> float:
     """Seconds a 429 asks us to wait: Discord's JSON `retry_after`, else the Retry-After header; at most
-    esi.MAX_PAUSE, the default when unreadable (a receiver's 1e20 or inf must not stop the sender)."""
+    MAX_PAUSE (backoff.py), the default when unreadable (a receiver's 1e20 or inf must not stop the sender)."""
     try:
         body = response.json()
     except (ValueError, RecursionError):  # not JSON, or nested deeper than the decoder goes
         body = None
     if isinstance(body, dict) and isinstance(body.get("retry_after"), int | float):
-        return esi.pause_seconds(str(body["retry_after"]), default, header="retry_after")
-    return esi.pause_seconds(response.headers.get("Retry-After"), default, header="Retry-After")
+        return pause_seconds(str(body["retry_after"]), default, header="retry_after")
+    return pause_seconds(response.headers.get("Retry-After"), default, header="Retry-After")
 
 
 def backoff(attempts: int, options: SenderOptions) -> float | None:
     """Seconds before the next attempt after this many failed ones, or None once they are spent."""
     if attempts >= options.max_attempts:
         return None
-    return min(options.backoff_cap, options.backoff_base * 2 ** (attempts - 1))
+    return exponential(attempts, base=options.backoff_base, cap=options.backoff_cap)
 
 
 def judge(format: str, response: requests.Response | None, error: str, attempts: int,
@@ -368,4 +369,4 @@ def serve(connect: Callable[[], psycopg.Connection], options: SenderOptions, sto
         except psycopg.OperationalError as exc:
             failures += 1
             log.warning("⚠️ PostgreSQL unreachable (%s); trying again", describe(exc))
-            stop.wait(min(60.0, options.poll * 2 ** failures))
+            stop.wait(exponential(failures + 1, base=options.poll, cap=60.0))

@@ -18,7 +18,7 @@ import values
 from enqueue import CLAIM_STALE_SECONDS, queue_one
 from esi import EsiClient
 from limits import SharedLimits
-from settings import ConfigError, Settings, describe, load_settings, setup_logging
+from settings import Settings, describe, load_settings_or_exit, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     """Read the settings, connect, and run the mode the flags ask for; the exit status."""
     args = parse_args(argv)
     setup_logging(verbose=args.verbose)
-    try:
-        settings = load_settings(need_esi=args.revalue)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings_or_exit(need_esi=args.revalue)
     log.info("📡 Queueing users for killmail sync...")
     now = datetime.now(UTC)
     try:

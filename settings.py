@@ -65,14 +65,14 @@ class Settings:
     # hosts that the standard *_PROXY / NO_PROXY variables route through a proxy, and a CA bundle if one is set.
     http_proxies: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # a proxy URL may hold a password
     ca_bundle: str = ""
-    # Adding pilots from a browser (login.py): enabled by the callback URL, as registered with the EVE application.
+    # Adding pilots from a browser (web/login.py): enabled by the callback URL, as registered with the EVE application.
     eve_callback_url: str = ""
     sso_authorize_url: str = SSO_AUTHORIZE_URL
     sso_jwks_url: str = SSO_JWKS_URL
     sso_revoke_url: str = SSO_REVOKE_URL
     login_allowed_corporations: tuple[int, ...] = ()   # empty: any corporation (unless the alliances say no)
     login_allowed_alliances: tuple[int, ...] = ()
-    # Signs a pilot's session cookie (pilot_page.py); required with login, which is what makes sessions.
+    # Signs a pilot's session cookie (web/pilot.py); required with login, which is what makes sessions.
     flask_secret_key: str = field(default="", repr=False)
     # Notifications (send_notifications.py): a killmail older than this when stored is announced nowhere.
     notify_max_age_seconds: int = 3600
@@ -350,6 +350,16 @@ def load_settings(*, need_esi: bool = True) -> Settings:
     """Read `.env` (without overriding the real environment) and the environment into Settings."""
     load_dotenv(override=False)
     return settings_from(os.environ, need_esi=need_esi)
+
+
+def load_settings_or_exit(*, need_esi: bool = True) -> Settings:
+    """load_settings for a command's start: a bad or missing value prints one line naming the variable and exits
+    2, never a traceback."""
+    try:
+        return load_settings(need_esi=need_esi)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 MAX_LOG_LINE = 4000  # characters of one log line; a longer one keeps its start and its end (a traceback's last line)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
+
 import db
 import values
 from esi import (
@@ -236,7 +238,7 @@ def _release(conn, locks: list[tuple[int, int]]) -> None:
         for namespace, key in reversed(locks):
             db.unlock(conn, namespace, key)
         conn.commit()
-    except db.psycopg.Error:
+    except psycopg.Error:
         log.warning("could not release the locks %s; they end with the connection", locks)
 
 
@@ -703,9 +705,9 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
         _note_names(killmails, saved, result)
         options.progress()
         return
-    except db.psycopg.OperationalError:
+    except psycopg.OperationalError:
         raise
-    except db.psycopg.Error:
+    except psycopg.Error:
         conn.rollback()
     for killmail, value in zip(killmails, worth, strict=True):
         try:
@@ -713,9 +715,9 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
             conn.commit()
             result.saved += len(saved)
             _note_names([killmail], saved, result)
-        except db.psycopg.OperationalError:
+        except psycopg.OperationalError:
             raise
-        except db.psycopg.Error as exc:
+        except psycopg.Error as exc:
             conn.rollback()
             _record_failure(conn, killmail.killmail_id, exc, now, options, result)
 

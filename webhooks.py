@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 
 import requests
 
@@ -22,7 +20,17 @@ from killmail_model import Killmail, parse_killmail
 from limits import SharedLimits
 from settings import ConfigError, Settings, destination_url
 
-SAMPLE = Path(__file__).resolve().parent / "tests" / "data" / "killmail_134265477.json"
+# What `test` posts when no killmail is stored yet: a real one from ESI (134265477), without its items, which no
+# post shows. It ships with the code, so a fresh production install can test a webhook too.
+SAMPLE = {
+    "killmail_id": 134265477, "killmail_time": "2026-03-25T14:26:36Z", "solar_system_id": 30000743,
+    "victim": {"alliance_id": 1354830081, "character_id": 2121652582, "corporation_id": 98366055,
+               "damage_taken": 14136, "ship_type_id": 17478,
+               "position": {"x": -84679075260.99292, "y": -37815568744.85742, "z": 84616162342.0539}},
+    "attackers": [{"alliance_id": 99013537, "character_id": 96424385, "corporation_id": 98601573,
+                   "damage_done": 14136, "final_blow": True, "security_status": 5, "ship_type_id": 35683,
+                   "weapon_type_id": 3178}],
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,15 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sample_killmail(conn) -> dict | None:
-    """The latest stored killmail, or the one in tests/data when none is stored (None where tests/ is absent)."""
+def sample_killmail(conn) -> dict:
+    """The latest stored killmail, or SAMPLE when none is stored."""
     stored = db.notification_killmail(conn)
     if stored is not None:
         return stored
-    if not SAMPLE.exists():  # the production image ships no tests/
-        return None
-    body = json.loads(SAMPLE.read_text())
-    return post_columns(parse_killmail(body, killmail_id=body["killmail_id"], killmail_hash="0" * 40))
+    return post_columns(parse_killmail(SAMPLE, killmail_id=SAMPLE["killmail_id"], killmail_hash="0" * 40))
 
 
 def post_columns(killmail: Killmail, *, total_value: Decimal | None = None) -> dict:
@@ -109,9 +114,6 @@ def test_webhook(conn, name: str, settings: Settings) -> int:
         print(f"no webhook named {name!r}", file=sys.stderr)
         return 1
     killmail = sample_killmail(conn)
-    if killmail is None:
-        print("no killmail stored yet to post as a sample", file=sys.stderr)
-        return 1
     name_ids(conn, settings, killmail)
     killmail = notifications.post_fields(conn, killmail, webhook)
     options = notifications.SenderOptions(user_agent=settings.esi_user_agent or "killmail-worker webhooks test")

@@ -1,6 +1,6 @@
 """Ingest of prefetched killmail bodies into PostgreSQL: the worker's batch path (db.save_killmails: one
 multi-row INSERT plus COPY of attackers and items, SAVE_BATCH killmails per transaction) against the row-by-row
-path (db.save_killmail_row_by_row, one transaction per killmail, as the seed saved). Both start from the JSON
+path (row_by_row.py, one transaction per killmail, as the seed saved). Both start from the JSON
 text ESI sent and include decoding and validation (parse_killmail). Each path runs in two processes with a
 connection each (the machine's two cores, as two worker children would), and once in one process."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sync
 from esi_simulator import Simulator
 from killmail_model import parse_killmail
 from results import Figure, median
+from row_by_row import save_killmail_row_by_row
 
 BATCH_KILLMAILS = 4000
 ROW_BY_ROW_KILLMAILS = 1000
@@ -117,5 +118,5 @@ def save_batched(conn, prefetched: list[tuple[int, str, bytes]]) -> None:
 def save_row_by_row(conn, prefetched: list[tuple[int, str, bytes]]) -> None:
     """The seed's path: one statement per row, one commit per killmail."""
     for entry in prefetched:
-        db.save_killmail_row_by_row(conn, _parsed(entry))
+        save_killmail_row_by_row(conn, _parsed(entry))
         conn.commit()

@@ -3,7 +3,7 @@
 Five users at a time (a thread pool of five, one user per thread). For each user: one list call (page 1 only;
 the seed read the first page and never looked at X-Pages), then for each listed killmail in turn: ask the
 database whether it is stored (SELECT 1 FROM killmails WHERE killmail_id = %s), fetch the detail, insert the
-killmail and each attacker and item row by row (db.save_killmail_row_by_row) and commit. No token refresh (it is
+killmail and each attacker and item row by row (row_by_row.py) and commit. No token refresh (it is
 given valid tokens), no ETag, no Expires, no shared limits, no claims: two threads may fetch the same killmail.
 Each thread has its own database connection and its own requests.Session (keep-alive, as the seed's was).
 
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import db  # noqa: E402
 from killmail_model import parse_killmail  # noqa: E402
+from row_by_row import save_killmail_row_by_row  # noqa: E402
 from settings import ConfigError, Settings, load_settings  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def sync_user(settings: Settings, user: dict) -> Tally:
                 continue
             tally.fetched += 1
             killmail = parse_killmail(detail.json(), killmail_id=killmail_id, killmail_hash=killmail_hash)
-            tally.saved += db.save_killmail_row_by_row(conn, killmail)
+            tally.saved += save_killmail_row_by_row(conn, killmail)
             conn.commit()
     return tally
 

@@ -31,10 +31,11 @@ import harness  # first: puts the project root on sys.path
 
 # isort: split
 import db
-import status_report
+from enqueue import CLAIM_STALE_SECONDS
 from results import Figure
 from settings import Settings
 from tests.screenshot import serve, status_env
+from web import report
 
 USERS, KILLMAILS, RUNS, UNSTORED_REFS = 100_000, 1_000_000, 200_000, 30_000
 REQUESTS = 30          # sequential requests to each endpoint, after WARM_UP
@@ -183,15 +184,15 @@ def time_endpoints(url: str, queue: str, requests: int) -> dict[str, dict]:
 
 
 def time_queries(url: str, requests: int) -> dict[str, dict]:
-    """Each status query of db.py timed alone, as status_report calls it (p50 and p95 of `requests` calls)."""
+    """Each status query of db.py timed alone, as web/report.py calls it (p50 and p95 of `requests` calls)."""
     now = datetime.now(UTC)
     settings = Settings(database_url=url, max_attempts=harness.MAX_ATTEMPTS)
-    interval, stale = settings.sync_interval_seconds, status_report.CLAIM_STALE_SECONDS
-    first = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=status_report.HOURS_CHARTED - 1)
-    until = first + timedelta(hours=status_report.HOURS_CHARTED)
+    interval, stale = settings.sync_interval_seconds, CLAIM_STALE_SECONDS
+    first = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=report.HOURS_CHARTED - 1)
+    until = first + timedelta(hours=report.HOURS_CHARTED)
     calls = {
         "latest_run": lambda c: db.latest_run(c),
-        "run_stats": lambda c: db.run_stats(c, now - status_report.METRICS_WINDOW),
+        "run_stats": lambda c: db.run_stats(c, now - report.METRICS_WINDOW),
         "runs_by_status": lambda c: db.runs_by_status(c),
         "killmail_growth": lambda c: db.killmail_growth(c, now),
         "isk_last_day": lambda c: db.isk_last_day(c, now),
@@ -200,8 +201,8 @@ def time_queries(url: str, requests: int) -> dict[str, dict]:
         "run_durations_per_hour": lambda c: db.run_durations_per_hour(c, first, until),
         "detail_backlog": lambda c: db.detail_backlog(c, max_attempts=settings.max_attempts),
         "user_states": lambda c: db.user_states(c, now, interval=interval, stale_after=stale),
-        "recent_runs": lambda c: db.recent_runs(c, limit=status_report.RECENT_RUNS),
-        "failed_refs": lambda c: db.failed_refs(c, limit=status_report.FAILED_REFS_SHOWN),
+        "recent_runs": lambda c: db.recent_runs(c, limit=report.RECENT_RUNS),
+        "failed_refs": lambda c: db.failed_refs(c, limit=report.FAILED_REFS_SHOWN),
         "esi_limit_buckets": lambda c: db.esi_limit_buckets(c, now),
         "esi_call_counts": lambda c: db.esi_call_counts(c),
         "outbox_summary": lambda c: db.outbox_summary(c, now),

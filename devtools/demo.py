@@ -24,14 +24,12 @@ from pathlib import Path
 import pika
 import psycopg
 
-# Run as `python devtools/demo.py`: this folder is on sys.path already; the project's modules are one level up.
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Run from the project's folder as `python -m devtools.demo` (make demo): the project's modules are importable.
+import db
+from devtools.esi_simulator import Simulator
+from settings import redact_url
 
-import db  # noqa: E402
-from esi_simulator import Simulator  # noqa: E402
-from settings import redact_url  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 ADMIN_URL = os.environ.get("DEMO_ADMIN_DATABASE_URL", "postgresql://root@127.0.0.1:5432/postgres")
 DEMO_DB = os.environ.get("DEMO_DATABASE_NAME", "killmails_demo")

@@ -25,8 +25,8 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVTOOLS = ROOT / "devtools"
-sys.path[:0] = [str(ROOT), str(DEVTOOLS)]  # the project's modules, and the simulator beside the demo
 
+# The project's modules and the simulator (devtools/) are on sys.path by pyproject.toml's pytest pythonpath.
 import broker  # noqa: E402
 import db  # noqa: E402
 from esi_simulator import Simulator  # noqa: E402
@@ -201,12 +201,12 @@ def sim():
 def make_client(database_url, queue_name):
     """Build Flask test clients of status apps with these settings overrides (and clock); their pools and broker
     connections are closed after."""
-    import status_app
+    from web import create_app
     apps = []
 
     def make(*, clock=time.monotonic, **overrides):
         overrides = {"database_url": database_url, "queue_name": queue_name, **overrides}
-        app = status_app.create_app(make_settings(**overrides), clock=clock)
+        app = create_app(make_settings(**overrides), clock=clock)
         apps.append(app)
         return app.test_client()
 

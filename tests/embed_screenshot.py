@@ -18,18 +18,15 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-for folder in (ROOT, ROOT / "devtools"):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+import db
+import notifications
+import webhooks
+from devtools.esi_simulator import Simulator, constellation_of, region_of
+from killmail_model import parse_killmail
+from tests.screenshot import take_screenshot
+from tests.webhook_receiver import Receiver
 
-import db  # noqa: E402
-import notifications  # noqa: E402
-import webhooks  # noqa: E402
-from esi_simulator import Simulator, constellation_of, region_of  # noqa: E402
-from killmail_model import parse_killmail  # noqa: E402
-from tests.screenshot import take_screenshot  # noqa: E402
-from tests.webhook_receiver import Receiver  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLE = ROOT / "tests" / "data" / "killmail_134265477.json"
 SAMPLE_VALUE = Decimal("187654321.09")  # a value as the other half of issue 16 computes it

@@ -12,8 +12,10 @@ import psycopg
 import pytest
 
 import db
+from bench.row_by_row import save_killmail_row_by_row
 from conftest import TOKEN_KEYS, wait_until
 from killmail_model import parse_killmail
+from tests.helpers import ledger_spent
 from tokens import TokenVault
 
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
@@ -239,8 +241,8 @@ def test_save_killmails_stores_everything_once(conn):
 
 
 def test_row_by_row_path_matches_the_batch_path(conn):
-    assert db.save_killmail_row_by_row(conn, sample(1)) is True
-    assert db.save_killmail_row_by_row(conn, sample(1)) is False
+    assert save_killmail_row_by_row(conn, sample(1)) is True
+    assert save_killmail_row_by_row(conn, sample(1)) is False
     db.save_killmails(conn, [sample(2)])
     counts = conn.execute("SELECT killmail_id, count(*) AS n FROM killmail_items GROUP BY 1 ORDER BY 1").fetchall()
     assert [c["n"] for c in counts] == [18, 18]
@@ -258,7 +260,7 @@ def test_binary_copy_stores_every_column_as_the_row_by_row_path_does(conn):
     killmails = {path: parse_killmail(dict(body, killmail_id=i), killmail_id=i, killmail_hash="h" * 40)
                  for path, i in (("batch", 1), ("row", 2))}
     db.save_killmails(conn, [killmails["batch"]])
-    db.save_killmail_row_by_row(conn, killmails["row"])
+    save_killmail_row_by_row(conn, killmails["row"])
     for table, order in (("killmails", "killmail_id"), ("attackers", "attacker_index"),
                          ("killmail_items", "item_index")):
         rows = conn.execute(f"SELECT * FROM {table} ORDER BY killmail_id, {order}").fetchall()
@@ -309,13 +311,13 @@ def test_take_tokens_names_when_the_oldest_spends_come_back(conn):
     assert nothing is None and wait == pytest.approx(50)  # NOW is a whole second: booked in it, back at +60
     assert take(conn, later, limit=23)[0] is not None               # one more call fits a bigger bucket ...
     assert take(conn, later, limit=23)[1] == pytest.approx(0.05)    # ... the next only if that one's answer is cheap
-    assert db.ledger_spent(conn, "killmail", later, window=60) == {"own": 20, "other": 0, "in_flight": 2}
+    assert ledger_spent(conn, "killmail", later, window=60) == {"own": 20, "other": 0, "in_flight": 2}
 
 
 def test_take_tokens_leases_as_many_extra_calls_as_fit_in_one_row(conn):
     ids, _, granted = take(conn, NOW, extras=15)          # a bucket of 10 calls: the call and 9 more
     assert len(ids) == 1 and granted == [9]
-    assert db.ledger_spent(conn, "killmail", NOW, window=60) == {"own": 0, "other": 0, "in_flight": 20}
+    assert ledger_spent(conn, "killmail", NOW, window=60) == {"own": 0, "other": 0, "in_flight": 20}
     assert take(conn, NOW, extras=3)[:2] == (None, pytest.approx(0.05))   # full: nothing, not even the call
     settle(conn, NOW, ids, cost=4)                        # the lease ended having spent two calls' worth
     ids, _, granted = take(conn, NOW, extras=15)
@@ -326,9 +328,9 @@ def test_settle_tokens_books_what_esi_counts_beyond_the_ledger(conn):
     (taken, _), (flying, _) = take(conn, NOW), take(conn, NOW)
     settle(conn, NOW, taken, used=50)
     # ESI counts 50; the ledger 2 answered + 2 in flight: 46 are another app's.
-    assert db.ledger_spent(conn, "killmail", NOW, window=60) == {"own": 2, "other": 46, "in_flight": 2}
+    assert ledger_spent(conn, "killmail", NOW, window=60) == {"own": 2, "other": 46, "in_flight": 2}
     settle(conn, NOW, flying, used=50)       # ESI's count has not moved: both of ours were in it, nothing more
-    assert db.ledger_spent(conn, "killmail", NOW, window=60)["other"] == 46
+    assert ledger_spent(conn, "killmail", NOW, window=60)["other"] == 46
 
 
 def test_take_tokens_on_the_database_clock_and_prune(conn):

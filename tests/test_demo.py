@@ -23,8 +23,8 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 def test_demo_serve_serves_status_and_login_until_ctrl_c():
     name, queue, port = f"killmails_test_demo_{uuid.uuid4().hex[:8]}", f"test_demo_{uuid.uuid4().hex[:8]}", free_port()
     env = dict(os.environ, DEMO_DATABASE_NAME=name, DEMO_SERVE_QUEUE_NAME=queue, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "devtools/demo.py", "--serve", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "devtools.demo", "--serve", "--port", str(port)], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         printed = []
         while not any("Ctrl-C stops everything" in line for line in printed):

@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from requests.structures import CaseInsensitiveDict
 
@@ -26,6 +27,7 @@ from limits import (
     pause_after,
     reserve,
 )
+from tests.helpers import ledger_spent
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, 250000, tzinfo=UTC)  # a quarter into a second
 DETAIL = "killmail"
@@ -86,7 +88,7 @@ def learn(shared: SharedLimits, bucket: str = DETAIL, limit: str = "600/1m") -> 
 
 
 def spent(conn, bucket: str, clock: Clock, window: int = 60) -> dict:
-    return db.ledger_spent(conn, bucket, clock.now, window=window)
+    return ledger_spent(conn, bucket, clock.now, window=window)
 
 
 # ------------------------------------------------------------------------------------------------ pure rules
@@ -617,7 +619,7 @@ def test_a_settle_the_database_refuses_loses_no_answer(conn, process, clock, mon
     ticket = one.take(DETAIL)
 
     def refuse(*args, **kwargs):
-        raise db.psycopg.OperationalError("the server closed the connection")
+        raise psycopg.OperationalError("the server closed the connection")
 
     monkeypatch.setattr(db, "settle_tokens", refuse)
     one.settle(ticket, 200, answer())         # the caller keeps its answer

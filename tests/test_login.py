@@ -1,4 +1,4 @@
-"""login.py through Flask's test client: /login, /callback and /pilots/<id>/forget against the real test database
+"""web/login.py through Flask's test client: /login, /callback and /pilots/<id>/forget against the real test database
 and broker, with EVE SSO and ESI simulated (the simulator), or answered by `responses` for forged tokens."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import broker
 import db
-import sso
 from conftest import CLIENT_ID, CLIENT_SECRET, TOKEN_KEYS, insert_users, jobs
 from tokens import TokenVault, is_sealed
+from web import sso
 
 CALLBACK = "http://localhost/callback"
 CLOSED = "http://127.0.0.1:9"
@@ -134,7 +134,7 @@ def test_a_login_adds_the_pilot_as_the_web_app_would_and_queues_its_first_sync(c
     granted = next(p for p in sim.pilots() if p["character_id"] == pilots[0])
     assert (user["character_id"], user["character_name"], user["refresh_token"], user["access_token"]) == \
         (pilots[0], "Pilot 1", granted["refresh_token"], granted["access_token"])
-    assert user["scopes"].split() == ["publicData", sso.CHAR_SCOPE, sso.CORP_SCOPE]
+    assert user["scopes"].split() == ["publicData", sso.CHAR_SCOPE, db.CORPORATION_SCOPE]
     assert abs((user["expires_at"] - datetime.now(UTC)).total_seconds() - 1199) < 30
     assert user["revoked_token_sha256"] is None and user["queued_at"] is not None
     assert jobs(queue_name) == [(broker.PRIORITY_NOW, {"character_id": pilots[0], "character_name": "Pilot 1",

@@ -17,6 +17,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import psycopg
 import pytest
 import requests
 
@@ -617,7 +618,7 @@ def test_the_sender_connects_again_when_postgresql_went_away(conn, database_url,
     def connect():
         attempts.append(1)
         if len(attempts) == 1:
-            raise db.psycopg.OperationalError("connection refused")
+            raise psycopg.OperationalError("connection refused")
         return db.connect(database_url)
 
     stop = threading.Event()

@@ -1,4 +1,4 @@
-"""pilot_page.py through Flask's test client, against the real test database and broker: a pilot's /me, its
+"""web/pilot.py through Flask's test client, against the real test database and broker: a pilot's /me, its
 "Sync now" and /logout, and the sessions that are refused (none, forged, tampered, expired)."""
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 import broker
 import db
-import pilot_page
-import sso
 from conftest import insert_users, jobs, queue_counts
 from killmail_model import parse_killmail
+from web import pilot, sso
 
 SECRET_KEY = "test-flask-secret-key-4d9e2a7c15b08f"
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
@@ -111,7 +110,7 @@ def test_the_page_lists_the_pilots_kills_and_losses_newest_first_with_names_valu
 
 
 def test_the_page_is_paged_newest_first(client, conn, pilots, monkeypatch):
-    monkeypatch.setattr(pilot_page, "PAGE_SIZE", 2)
+    monkeypatch.setattr(pilot, "PAGE_SIZE", 2)
     log_in_as(client, PILOT)
     first = page(client.get("/me"))
     assert shown_killmails(first) == [201, 102] and 'href="/me?before=102"' in first
@@ -133,7 +132,8 @@ def test_the_corporation_view_is_refused_without_the_scope_and_shown_with_it(cli
     log_in_as(client, PILOT)
     refused = client.get("/me?view=corporation")
     assert refused.status_code == 403 and "401" not in page(refused)
-    db.save_profile(conn, PILOT, corporation_id=CORPORATION, scopes=f"publicData {sso.CHAR_SCOPE} {sso.CORP_SCOPE}")
+    db.save_profile(conn, PILOT, corporation_id=CORPORATION,
+                    scopes=f"publicData {sso.CHAR_SCOPE} {db.CORPORATION_SCOPE}")
     conn.commit()
     assert shown_killmails(page(client.get("/me?view=corporation"))) == [401]
     assert 'href="/me?view=corporation"' in page(client.get("/me"))
@@ -168,14 +168,14 @@ def test_the_sync_state_is_said_in_plain_words(client, conn, pilots):
     ({"run_status": "locked"}, None),
 ])
 def test_sync_problems_in_plain_words(state, words):
-    assert pilot_page.sync_problem({"revoked": False, "token_error": None, "run_status": None, "run_error": None,
+    assert pilot.sync_problem({"revoked": False, "token_error": None, "run_status": None, "run_error": None,
                                     **state}) == words
 
 
 @pytest.mark.parametrize("value, shown", [(None, "–"), (950, "950 ISK"), (12_500, "12.5k ISK"),
                                           (Decimal("3400000"), "3.40M ISK"), (1_250_000_000, "1.25B ISK")])
 def test_isk_values_as_pilots_write_them(value, shown):
-    assert pilot_page.isk(value) == shown
+    assert pilot.isk(value) == shown
 
 
 # ---------------------------------------------------------------------------------------------- Sync now
@@ -225,31 +225,31 @@ def test_without_a_session_the_page_and_sync_now_are_refused(client, pilots, que
 
 
 def test_a_forged_session_is_refused(client, pilots):
-    client.set_cookie(pilot_page.SESSION_COOKIE, signed_cookie({"character_id": OTHER, "csrf": "x"},
+    client.set_cookie(pilot.SESSION_COOKIE, signed_cookie({"character_id": OTHER, "csrf": "x"},
                                                                 key="another-key-an-attacker-chose-123456"))
     response = client.get("/me")
     assert response.status_code == 401 and shown_killmails(page(response)) == []
-    client.set_cookie(pilot_page.SESSION_COOKIE, signed_cookie({"character_id": OTHER, "csrf": "x"}))
+    client.set_cookie(pilot.SESSION_COOKIE, signed_cookie({"character_id": OTHER, "csrf": "x"}))
     assert shown_killmails(page(client.get("/me"))) == [301]  # the same session, signed with the key: accepted
 
 
 def test_a_tampered_session_is_refused(client, pilots):
     log_in_as(client, PILOT)
-    value = client.get_cookie(pilot_page.SESSION_COOKIE).value
+    value = client.get_cookie(pilot.SESSION_COOKIE).value
     payload, _, signature = value.partition(".")
     forged_payload = signed_cookie({"character_id": OTHER, "csrf": "x"}).partition(".")[0]
-    client.set_cookie(pilot_page.SESSION_COOKIE, f"{forged_payload}.{signature}")
+    client.set_cookie(pilot.SESSION_COOKIE, f"{forged_payload}.{signature}")
     response = client.get("/me")
     assert response.status_code == 401 and shown_killmails(page(response)) == []
 
 
 def test_an_expired_session_is_refused(client, pilots):
-    lifetime = pilot_page.SESSION_LIFETIME.total_seconds()
-    client.set_cookie(pilot_page.SESSION_COOKIE, signed_cookie({"character_id": PILOT, "csrf": "x"},
+    lifetime = pilot.SESSION_LIFETIME.total_seconds()
+    client.set_cookie(pilot.SESSION_COOKIE, signed_cookie({"character_id": PILOT, "csrf": "x"},
                                                                 signed_at=time.time() - lifetime - 60))
     response = client.get("/me")
     assert response.status_code == 401 and "expired" in page(response) and shown_killmails(page(response)) == []
-    client.set_cookie(pilot_page.SESSION_COOKIE, signed_cookie({"character_id": PILOT, "csrf": "x"},
+    client.set_cookie(pilot.SESSION_COOKIE, signed_cookie({"character_id": PILOT, "csrf": "x"},
                                                                 signed_at=time.time() - lifetime + 60))
     assert shown_killmails(page(client.get("/me"))) == [201, 102, 101]
 
@@ -260,7 +260,7 @@ def test_logout_ends_the_session(client, pilots):
     assert client.get("/me").status_code == 200
     response = client.post("/logout", data={"csrf_token": csrf})
     assert response.status_code == 200 and "You are logged out" in page(response)
-    assert client.get_cookie(pilot_page.SESSION_COOKIE) is None
+    assert client.get_cookie(pilot.SESSION_COOKIE) is None
     assert client.get("/me").status_code == 401
 
 

@@ -1,4 +1,4 @@
-"""sso.py: PKCE, scopes, the key set's cache, and the login's calls against the simulator's SSO and ESI."""
+"""web/sso.py: PKCE, scopes, the key set's cache, and the login's calls against the simulator's SSO and ESI."""
 from __future__ import annotations
 
 import base64
@@ -11,8 +11,8 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import esi
-import sso
 from conftest import make_settings
+from web import sso
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import pika
 import pytest
 from flask import Flask
 
-import api
 import broker
 import db
 from conftest import RABBITMQ_URL, insert_users, make_settings, watch_secrets
 from killmail_model import parse_killmail
-from status_report import Sources
+from web import api
+from web.sources import Sources
 
 TOKEN = "api-secret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -43,7 +43,7 @@ def store_killmails(conn, ids):
 
 
 def test_the_api_is_a_blueprint_of_its_own(database_url, queue_name, pilot):
-    """api.py serves /api on any Flask app, behind its own bearer token, without the status app around it."""
+    """web/api.py serves /api on any Flask app, behind its own bearer token, without the status app around it."""
     sources = Sources(make_settings(database_url, queue_name=queue_name, app_api_token=TOKEN))
     app = Flask(__name__)
     app.register_blueprint(api.api_blueprint(sources))

@@ -1,4 +1,4 @@
-"""status_app.py and status_report.py through Flask's test client, against the real test database and broker
+"""The web app (web/) through Flask's test client, against the real test database and broker
 with known rows."""
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import db
-import status_app
-import status_report
+import web
+import web.report
+import web.sources
 from conftest import RABBITMQ_URL, ROOT
 from tests.screenshot import (
     ACCESS_TOKEN,
@@ -288,7 +289,7 @@ def test_a_consumer_means_the_worker_is_running(make_client, conn, queue_name):
     try:
         channel = connection.channel()
         channel.basic_consume(queue_name, lambda *args: None)
-        clock.now += status_report.QUEUE_CACHE_SECONDS
+        clock.now += web.sources.QUEUE_CACHE_SECONDS
         report = client.get("/status?format=json").get_json()
     finally:
         connection.close()
@@ -303,7 +304,7 @@ def broker_connections(monkeypatch):
     def open_broker(url):
         opened.append(connection := pika.BlockingConnection(pika.URLParameters(url)))
         return connection
-    monkeypatch.setattr(status_report, "open_broker", open_broker)
+    monkeypatch.setattr(web.sources, "open_broker", open_broker)
     return opened
 
 
@@ -315,11 +316,11 @@ def test_queue_figures_are_kept_for_a_few_seconds_and_read_through_one_connectio
     depth = lambda: client.get("/status?format=json").get_json()["queue"]["depth"]  # noqa: E731
     assert depth() == 1
     fill_queues(queue_name, max_attempts=8, waiting=2, retrying=0, dead=0)
-    clock.now += status_report.QUEUE_CACHE_SECONDS - 0.1
+    clock.now += web.sources.QUEUE_CACHE_SECONDS - 0.1
     assert depth() == 1 and samples(client.get("/metrics"))[("killmail_queue_depth", ())] == 1  # kept
     clock.now += 0.1
     assert depth() == 3
-    clock.now += status_report.QUEUE_CACHE_SECONDS
+    clock.now += web.sources.QUEUE_CACHE_SECONDS
     assert samples(client.get("/metrics"))[("killmail_queue_depth", ())] == 3
     assert len(broker_connections) == 1 and broker_connections[0].is_open  # one connection, kept
 
@@ -333,11 +334,11 @@ def test_a_kept_broker_connection_is_replaced_when_idle_or_lost(make_client, see
     queue = lambda: client.get("/status?format=json").get_json()["queue"]  # noqa: E731
     try:
         assert queue()["depth"] == 2
-        clock.now += status_report.BROKER_KEEP_SECONDS + 1  # its heartbeats went unanswered: the broker drops it
+        clock.now += web.sources.BROKER_KEEP_SECONDS + 1  # its heartbeats went unanswered: the broker drops it
         assert queue()["depth"] == 2 and len(broker_connections) == 2 and not broker_connections[0].is_open
         relay.stop()  # the broker restarts: the kept connection is gone, pika does not know yet
         relay.start()
-        clock.now += status_report.QUEUE_CACHE_SECONDS
+        clock.now += web.sources.QUEUE_CACHE_SECONDS
         assert (queue()["error"], queue()["depth"], len(broker_connections)) == (None, 2, 3)
     finally:
         relay.stop()
@@ -467,7 +468,7 @@ def test_no_response_ever_contains_a_token(make_client, seeded, queue_name):
 
 def test_settings_are_read_at_the_first_request_and_a_bad_one_is_one_line(monkeypatch, caplog):
     monkeypatch.setenv("STATUS_BASIC_AUTH", "no-colon-here")
-    app = status_app.create_app()  # reads nothing yet
+    app = web.create_app()  # reads nothing yet
     response = app.test_client().get("/health")
     assert response.status_code == 500
     assert response.get_data(as_text=True) == "configuration error in STATUS_BASIC_AUTH; see the log\n"
@@ -521,7 +522,7 @@ def test_python_status_app_serves_locally_on_the_given_port(database_url, queue_
                                                "1 h ago"),
 ])
 def test_ago(moment, expected):
-    assert status_app.ago(moment, NOW) == expected
+    assert web.ago(moment, NOW) == expected
 
 
 @pytest.mark.parametrize("seconds, expected", [
@@ -529,7 +530,7 @@ def test_ago(moment, expected):
     (7800, "2 h 10 min"),
 ])
 def test_duration(seconds, expected):
-    assert status_app.duration(seconds) == expected
+    assert web.duration(seconds) == expected
 
 
 @pytest.mark.parametrize("last_sync, consumers, running", [
@@ -537,11 +538,11 @@ def test_duration(seconds, expected):
     (NOW - timedelta(minutes=6), None, False),
 ])
 def test_is_running(last_sync, consumers, running):
-    assert status_report.is_running(last_sync, consumers, NOW) is running
+    assert web.report.is_running(last_sync, consumers, NOW) is running
 
 
 def test_times_are_utc_iso_8601_in_json():
-    assert status_app.iso_utc(datetime(2026, 11, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))) == \
+    assert web.iso_utc(datetime(2026, 11, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))) == \
         "2026-11-01T12:00:00Z"
 
 

@@ -1,5 +1,5 @@
-"""The /status page's hourly charts: the numbers status_report.hourly() reads for each clock hour, and the SVG
-status_charts.py draws of them, alone and on the page served by the Flask test client."""
+"""The /status page's hourly charts: the numbers web/report.py's hourly() reads for each clock hour, and the SVG
+web/charts.py draws of them, alone and on the page served by the Flask test client."""
 from __future__ import annotations
 
 import re
@@ -7,14 +7,14 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-import status_charts
-import status_report
+import web.charts
+import web.report
 from tests.screenshot import add_killmail, add_run, charts_in
 
 NOW = datetime(2026, 11, 1, 12, 40, tzinfo=UTC)
 FIRST_HOUR = datetime(2026, 10, 31, 13, 0, tzinfo=UTC)   # 23 hours before NOW's hour
 BROWSER = {"Accept": "text/html"}
-PLOT_HEIGHT = status_charts.HEIGHT - status_charts.TOP - status_charts.BOTTOM
+PLOT_HEIGHT = web.charts.HEIGHT - web.charts.TOP - web.charts.BOTTOM
 
 
 def run(finished: datetime, seconds: float, status: str) -> tuple:
@@ -27,7 +27,7 @@ def hour_key(moment: datetime) -> str:
 
 
 def empty_hours(changes: dict[int, dict] | None = None) -> list[dict]:
-    """status_report.hourly()'s shape for the 24 hours from FIRST_HOUR, zeros but for these hours (by index)."""
+    """web.report.hourly()'s shape for the 24 hours from FIRST_HOUR, zeros but for these hours (by index)."""
     hours = [{"hour": FIRST_HOUR + timedelta(hours=n), "killmails": 0, "runs": {}, "duration_p50_seconds": None,
               "duration_p95_seconds": None} for n in range(24)]
     for index, values in (changes or {}).items():
@@ -57,7 +57,7 @@ def known_hours(conn):
 
 
 def test_hourly_counts_each_clock_hour_of_the_last_day(known_hours):
-    hours = status_report.hourly(known_hours, NOW)
+    hours = web.report.hourly(known_hours, NOW)
     assert [h["hour"] for h in hours] == [FIRST_HOUR + timedelta(hours=n) for n in range(24)]
     assert {n: h["killmails"] for n, h in enumerate(hours) if h["killmails"]} == {0: 1, 21: 1, 22: 1, 23: 2}
     assert {n: h["runs"] for n, h in enumerate(hours) if h["runs"]} == {
@@ -71,14 +71,14 @@ def test_hourly_counts_each_clock_hour_of_the_last_day(known_hours):
 
 def test_hourly_hours_are_utc_clock_hours_whatever_the_zone_of_now(known_hours):
     tokyo = NOW.astimezone(timezone(timedelta(hours=9)))
-    assert status_report.hourly(known_hours, tokyo) == status_report.hourly(known_hours, NOW)
-    assert status_report.hourly(known_hours, NOW)[0]["hour"].utcoffset() == timedelta(0)
+    assert web.report.hourly(known_hours, tokyo) == web.report.hourly(known_hours, NOW)
+    assert web.report.hourly(known_hours, NOW)[0]["hour"].utcoffset() == timedelta(0)
 
 
 def test_the_charts_draw_each_hour_with_its_numbers(known_hours):
-    hours = status_report.hourly(known_hours, NOW)
-    page = "".join(chart(hours) for chart in (status_charts.killmails_chart, status_charts.runs_chart,
-                                              status_charts.durations_chart))
+    hours = web.report.hourly(known_hours, NOW)
+    page = "".join(chart(hours) for chart in (web.charts.killmails_chart, web.charts.runs_chart,
+                                              web.charts.durations_chart))
     charts = charts_in(page)
     assert sorted(charts) == ["chart-durations", "chart-killmails", "chart-runs"]
     assert all(list(chart) == [hour_key(h["hour"]) for h in hours] for chart in charts.values())
@@ -101,19 +101,19 @@ def bars(svg: str, series: str) -> dict[str, tuple[float, float]]:
 
 def test_bar_heights_are_to_scale_and_stack():
     hours = empty_hours({22: {"killmails": 1, "runs": {"ok": 1}}, 23: {"killmails": 2, "runs": {"ok": 1, "error": 1}}})
-    heights = {hour: height for hour, (_, height) in bars(status_charts.killmails_chart(hours), "killmails").items()}
+    heights = {hour: height for hour, (_, height) in bars(web.charts.killmails_chart(hours), "killmails").items()}
     assert len(heights) == 24
     assert (heights["2026-11-01T11:00Z"], heights["2026-11-01T12:00Z"]) == (PLOT_HEIGHT / 2, PLOT_HEIGHT)
     assert set(heights.values()) == {0, PLOT_HEIGHT / 2, PLOT_HEIGHT}
-    runs = status_charts.runs_chart(hours)
+    runs = web.charts.runs_chart(hours)
     (ok_top, ok_height), (error_top, error_height) = (bars(runs, s)["2026-11-01T12:00Z"] for s in ("ok", "error"))
     assert (ok_height, error_height) == (PLOT_HEIGHT / 2, PLOT_HEIGHT / 2)
-    assert (error_top, error_top + error_height) == (status_charts.TOP, ok_top)  # error on ok, up to the top, 2
+    assert (error_top, error_top + error_height) == (web.charts.TOP, ok_top)  # error on ok, up to the top, 2
     assert ">0</text>" in runs and ">1</text>" in runs and ">2</text>" in runs  # the y axis' tick labels
 
 
 def test_a_chart_has_axis_labels_hour_ticks_and_a_legend():
-    svg = status_charts.runs_chart(empty_hours())
+    svg = web.charts.runs_chart(empty_hours())
     assert "hour (UTC)" in svg and ">runs</text>" in svg
     assert [label for label in re.findall(r'class="chart-tick">(\d\d:\d\d)<', svg)] == [
         "18:00", "00:00", "06:00", "12:00"]
@@ -122,7 +122,7 @@ def test_a_chart_has_axis_labels_hour_ticks_and_a_legend():
 
 
 def test_chart_text_is_escaped():
-    svg = status_charts.runs_chart(empty_hours({23: {"runs": {'<script>alert("x")</script>': 2}}}))
+    svg = web.charts.runs_chart(empty_hours({23: {"runs": {'<script>alert("x")</script>': 2}}}))
     assert "<script" not in svg
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in svg
 
@@ -133,13 +133,13 @@ def test_chart_text_is_escaped():
     (8.8, False, (10, 5)),
 ])
 def test_nice_scale(peak, whole, scale):
-    assert status_charts.nice_scale(peak, whole=whole) == pytest.approx(scale)
+    assert web.charts.nice_scale(peak, whole=whole) == pytest.approx(scale)
 
 
 @pytest.mark.parametrize("value, text", [(0, "0"), (0.30000000000000004, "0.3"), (6.5, "6.5"), (125, "125"),
                                          (3600, "3,600")])
 def test_seconds(value, text):
-    assert status_charts.seconds(value) == text
+    assert web.charts.seconds(value) == text
 
 
 def test_the_status_page_charts_the_rows_in_their_hours(make_client, conn):

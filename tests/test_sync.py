@@ -5,6 +5,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 
 import db
@@ -447,7 +448,7 @@ def test_a_locked_character_is_skipped_without_calls_and_freed_for_the_next_prod
         sim.reset_stats()
         result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
     assert result.status == "locked" and sim.stats()["requests"] == 0
-    assert conn.info.transaction_status == db.psycopg.pq.TransactionStatus.IDLE  # nothing left open
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # nothing left open
     assert db.get_user(conn, pilot["character_id"])["queued_at"] is None  # not stuck until the claim is stale
     (run,) = conn.execute("SELECT status, error, esi_calls FROM sync_runs WHERE character_id = %s",
                           (pilot["character_id"],)).fetchall()
@@ -458,7 +459,7 @@ def test_a_finished_job_leaves_no_lock_and_no_open_transaction(conn, world, sim,
     pilot = next(p for p in sim.pilots() if not p["revoked"])
     result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
     assert result.status == "ok"
-    assert conn.info.transaction_status == db.psycopg.pq.TransactionStatus.IDLE
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with db.connect(database_url) as other:
         assert db.try_lock(other, db.LOCK_CHARACTER, pilot["character_id"])
 

@@ -27,10 +27,10 @@ from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from itsdangerous import URLSafeTimedSerializer
 
 import db
-import sso
-from api import killmail_summary
 from enqueue import queue_from_web
-from status_report import Sources
+
+from .api import killmail_summary
+from .sources import Sources
 
 SESSION_COOKIE = "killmail_session"
 SESSION_LIFETIME = timedelta(days=7)
@@ -161,7 +161,7 @@ def pilot_blueprint(sources: Sources) -> Blueprint:
                 return logged_out("This pilot is no longer a user here; please log in again.", 401)
             owner = character_id
             if view == "corporation":
-                if sso.CORP_SCOPE not in (state["scopes"] or "").split() or state["corporation_id"] is None:
+                if db.CORPORATION_SCOPE not in (state["scopes"] or "").split() or state["corporation_id"] is None:
                     return Response("refused: your login did not grant your corporation's killmails (log in "
                                     "with the corporation option to add them)\n", 403, mimetype="text/plain")
                 owner = state["corporation_id"]
@@ -173,7 +173,7 @@ def pilot_blueprint(sources: Sources) -> Blueprint:
         return render_template(
             "me.html", state=state, now=now, killmails=killmails, view=view, welcome=session.pop("welcome", None),
             message=session.pop("message", None), problem=sync_problem(state), next_due=next_due(state, now),
-            corporation_allowed=sso.CORP_SCOPE in (state["scopes"] or "").split(), csrf=session.get("csrf", ""),
+            corporation_allowed=db.CORPORATION_SCOPE in (state["scopes"] or "").split(), csrf=session.get("csrf", ""),
             older=rows[-1]["killmail_id"] if len(rows) == PAGE_SIZE else None, paged=bool(before))
 
     @blueprint.post("/me/sync")

@@ -5,7 +5,7 @@
   `login_states`, and an HttpOnly cookie binds it to this browser.
 - `GET /callback` uses the state up, exchanges the code, verifies the access token against SSO's keys, checks
   the allow-lists with ESI's affiliation route, and only then writes `users` (as the web app would), queues the
-  pilot's first sync at high priority, starts the pilot's session and sends it to its page, /me (pilot_page.py).
+  pilot's first sync at high priority, starts the pilot's session and sends it to its page, /me (pilot.py).
   Whatever goes wrong gets a plain page saying what, and stores nothing.
 - `POST /pilots/<id>/forget` (behind STATUS_BASIC_AUTH) revokes the pilot's grant at SSO and clears its tokens;
   its killmails stay.
@@ -26,12 +26,13 @@ import psycopg
 from flask import Blueprint, Response, redirect, render_template, request, url_for
 
 import db
-import sso
 from enqueue import queue_from_web
-from pilot_page import start_session
-from settings import Settings
-from status_report import Sources, describe
+from settings import Settings, describe
 from tokens import TokenKeyError, TokenVault
+
+from . import sso
+from .pilot import start_session
+from .sources import Sources
 
 log = logging.getLogger(__name__)
 

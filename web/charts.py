@@ -1,7 +1,7 @@
 """The /status page's charts of the last 24 hours, drawn here as inline SVG: no script and no external asset, so
 the page stays one self-contained file that any browser, or a screenshot, shows as it is.
 
-Each chart takes status_report.hourly()'s list. Every hour is a <g data-hour="..."> holding one <rect> per
+Each chart takes report.hourly()'s list. Every hour is a <g data-hour="..."> holding one <rect> per
 series with its number in data-value and a <title> that a browser shows on hover; an hour with nothing in it
 is drawn as zero. Every text is escaped.
 """

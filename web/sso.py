@@ -23,13 +23,13 @@ from urllib.parse import urlencode
 import jwt
 import requests
 
+from db import CORPORATION_SCOPE
 from esi import TokenGrant, new_session
 from settings import Settings
 
 log = logging.getLogger(__name__)
 
 CHAR_SCOPE = "esi-killmails.read_killmails.v1"
-CORP_SCOPE = "esi-killmails.read_corporation_killmails.v1"
 LOGIN_SCOPES = ("publicData", CHAR_SCOPE)
 ISSUERS = ("login.eveonline.com", "https://login.eveonline.com")
 AUDIENCE = "EVE Online"      # besides the app's client id, as CCP's own validation advice asks
@@ -89,7 +89,7 @@ def code_challenge(verifier: str) -> str:
 
 def login_scopes(*, corporation: bool) -> tuple[str, ...]:
     """The scopes a login asks for: the pilot's own killmails, and its corporation's when asked."""
-    return LOGIN_SCOPES + ((CORP_SCOPE,) if corporation else ())
+    return LOGIN_SCOPES + ((CORPORATION_SCOPE,) if corporation else ())
 
 
 def authorize_url(settings: Settings, *, state: str, challenge: str, scopes: tuple[str, ...]) -> str:

@@ -1,5 +1,6 @@
 """The web app's API, behind the APP_API_TOKEN bearer token: the seed's syncMyKillmails mutation and myKillmails
-query as JSON routes. status_app.py serves it beside the operators' pages, which have a password of their own.
+query as JSON routes. The app (web/__init__.py) serves it beside the operators' pages, which have a password of
+their own.
 
 - `POST /api/sync/<character_id>` queues the pilot now, at high priority: `{"success": true, "message": "Queued
   <name> at high priority"}` (or that it is already queued), 404 for an unknown pilot, 503 when the broker fails.
@@ -21,7 +22,8 @@ from flask import Blueprint, jsonify, request
 import broker
 import db
 from enqueue import BrokerUnavailable, queue_one_now
-from status_report import Sources
+
+from .sources import Sources
 
 
 def api_blueprint(sources: Sources) -> Blueprint:
