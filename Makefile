@@ -18,14 +18,14 @@ demo-serve: $(STAMP)
 	$(PYTHON) devtools/demo.py --serve
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
 
 # ruff, configured in pyproject.toml, on the whole tree.
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
 
 test-faults: $(STAMP)
-	$(PYTHON) -m pytest -q tests/faults
+	$(PYTHON) -m pytest -q -rs tests/faults
 
 bench: $(STAMP)
 	$(PYTHON) bench/run.py
