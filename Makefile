@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(PYTHON) bench/run.py
 
 screenshot: $(STAMP)
-	$(PYTHON) -m tests.screenshot docs/status.png
+	$(PYTHON) devtools/screenshot.py docs/status.png
 
 # Start the local PostgreSQL and RabbitMQ where they are installed but stopped (Debian packages).
 services:

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 import db
-from conftest import TOKEN_KEYS, wait_until
+from helpers import TOKEN_KEYS, wait_until
 from killmail_model import parse_killmail
 from tokens import TokenVault
 

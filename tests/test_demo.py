@@ -11,8 +11,8 @@ import uuid
 
 import psycopg
 
-from conftest import ADMIN_URL, ROOT
-from tests.screenshot import delete_queues, free_port, wait_until_answering
+from helpers import ADMIN_URL, ROOT
+from screenshot import delete_queues, free_port, wait_until_answering
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):

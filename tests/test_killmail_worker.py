@@ -16,7 +16,7 @@ import broker
 import db
 import killmail_worker
 import sync
-from conftest import (
+from helpers import (
     RABBITMQ_URL,
     ROOT,
     TOKEN_KEYS,

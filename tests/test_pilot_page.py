@@ -16,7 +16,7 @@ import broker
 import db
 import pilot_page
 import sso
-from conftest import insert_users, jobs, queue_counts
+from helpers import insert_users, jobs, queue_counts
 from killmail_model import parse_killmail
 
 SECRET_KEY = "test-flask-secret-key-4d9e2a7c15b08f"

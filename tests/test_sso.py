@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import esi
 import sso
-from conftest import make_settings
+from helpers import make_settings
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import db
 import status_app
 import status_report
-from conftest import RABBITMQ_URL, ROOT
-from tests.screenshot import (
+from helpers import RABBITMQ_URL, ROOT
+from screenshot import (
     ACCESS_TOKEN,
     EXPECTED_USERS,
     GUNICORN,

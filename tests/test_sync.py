@@ -9,8 +9,8 @@ import pytest
 
 import db
 import sync
-from conftest import TOKEN_KEYS, insert_users, make_settings, wait_until
 from esi import EsiClient, InvalidGrant
+from helpers import TOKEN_KEYS, insert_users, make_settings, wait_until
 from limits import SharedLimits
 from tokens import TokenVault, is_sealed
 
@@ -624,7 +624,7 @@ def test_fetched_killmails_are_saved_as_they_arrive_not_behind_a_slower_fetch(co
     import threading
     from concurrent.futures import Future
 
-    from conftest import wait_until
+    from helpers import wait_until
     from killmail_model import parse_killmail
 
     monkeypatch.setattr(sync, "SAVE_EVERY", 0.05)

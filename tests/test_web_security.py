@@ -11,9 +11,9 @@ import pytest
 import requests
 
 import db
-from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, USER_AGENT, watch_secrets
+from helpers import CLIENT_ID, CLIENT_SECRET, ROOT, USER_AGENT, watch_secrets
 from login import LOGINS_PER_CLIENT, LOGINS_UNDER_WAY
-from tests.screenshot import EXPECTED_USERS, seed_status_rows, serve, status_env
+from screenshot import EXPECTED_USERS, seed_status_rows, serve, status_env
 
 PASSWORD = "web-security-password-3f9a"
 OPERATOR = ("ops", PASSWORD)

@@ -1,4 +1,4 @@
-"""Screenshot of a posted Discord embed for the docs: `python -m tests.embed_screenshot docs/embed.png`.
+"""Screenshot of a posted Discord embed for the docs: `python devtools/embed_screenshot.py docs/embed.png`.
 
 The sample killmail in tests/data, its ids named as the ESI simulator names them, is posted by the sender's own
 code (notifications.post) to the local webhook receiver; the embed JSON the receiver logged is rendered as a
@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-for folder in (ROOT, ROOT / "devtools"):
+for folder in (ROOT, ROOT / "devtools"):  # the project's modules, and this folder's when imported by the tests
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
@@ -28,8 +28,8 @@ import notifications  # noqa: E402
 import webhooks  # noqa: E402
 from esi_simulator import Simulator, constellation_of, region_of  # noqa: E402
 from killmail_model import parse_killmail  # noqa: E402
-from tests.screenshot import take_screenshot  # noqa: E402
-from tests.webhook_receiver import Receiver  # noqa: E402
+from screenshot import take_screenshot  # noqa: E402
+from webhook_receiver import Receiver  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "killmail_134265477.json"
 SAMPLE_VALUE = Decimal("187654321.09")  # a value as the other half of issue 16 computes it
