@@ -456,6 +456,18 @@ class Simulator:
             # within the last 30 s, so newer than every generated kill (those are at least 60 s old)
             return [self._create_killmail(now - self._rng.randint(0, 30), pilots, now) for _ in range(n)]
 
+    def add_killmail_body(self, character_id: int, body: dict, killmail_hash: str) -> int:
+        """Give a pilot this killmail body as it is (a real one from tests/data, say), newer than every generated
+        one; it shows in the pilot's list once the current cache turns over."""
+        with self._lock:
+            pilot = self._pilot(character_id)
+            now = int(self._now())
+            killmail_id = body["killmail_id"]
+            self._killmails[killmail_id] = Killmail(killmail_id, killmail_hash, now, copy.deepcopy(body), now)
+            self._created_at[killmail_id] = self._now()
+            self._links[pilot.character_id].add(killmail_id)
+            return killmail_id
+
     def make_malformed(self, killmail_id: int) -> None:
         """Serve that killmail's detail without its required `victim` field from now on."""
         with self._lock:
