@@ -460,7 +460,8 @@ def sender_running(settings, **env: str) -> Iterator[subprocess.Popen]:
     try:
         yield sender
         sender.send_signal(signal.SIGTERM)
-        assert sender.wait(20) == 0
+        output = sender.communicate(timeout=20)[0]  # read, so that the leak check sees it too
+        assert sender.returncode == 0, output
     finally:
         if sender.poll() is None:
             sender.kill()
