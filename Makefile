@@ -30,6 +30,7 @@ test-faults: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) bench/run.py
 
+# docs/status.png from a throwaway database and queue (devtools/embed_screenshot.py makes docs/embed.png).
 screenshot: $(STAMP)
 	$(PYTHON) devtools/screenshot.py docs/status.png
 
