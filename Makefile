@@ -18,20 +18,21 @@ demo-serve: $(STAMP)
 	$(PYTHON) -m devtools.demo --serve
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
 
 # ruff, configured in pyproject.toml, on the whole tree.
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
 
 test-faults: $(STAMP)
-	$(PYTHON) -m pytest -q tests/faults
+	$(PYTHON) -m pytest -q -rs tests/faults
 
 bench: $(STAMP)
 	$(PYTHON) bench/run.py
 
+# docs/status.png from a throwaway database and queue (`python -m devtools.embed_screenshot` makes docs/embed.png).
 screenshot: $(STAMP)
-	$(PYTHON) -m tests.screenshot docs/status.png
+	$(PYTHON) -m devtools.screenshot docs/status.png
 
 # Start the local PostgreSQL and RabbitMQ where they are installed but stopped (Debian packages).
 services:

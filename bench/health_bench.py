@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "devtools"))  # the screenshot tool's runner
 
-from tests.screenshot import ADMIN_URL, RABBITMQ_URL, free_port, serve, status_env  # noqa: E402
+from screenshot import ADMIN_URL, RABBITMQ_URL, free_port, serve, status_env  # noqa: E402
 
 UP_TARGET_MS = 50.0
 DOWN_TARGET_S = 2.0

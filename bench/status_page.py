@@ -27,14 +27,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
-import harness  # first: puts the project root on sys.path
+import harness  # first: puts the project root and devtools/ on sys.path
 
 # isort: split
 import db
 from enqueue import CLAIM_STALE_SECONDS
 from results import Figure
+from screenshot import serve, status_env
 from settings import Settings
-from tests.screenshot import serve, status_env
 from web import report
 
 USERS, KILLMAILS, RUNS, UNSTORED_REFS = 100_000, 1_000_000, 200_000, 30_000

@@ -456,6 +456,18 @@ class Simulator:
             # within the last 30 s, so newer than every generated kill (those are at least 60 s old)
             return [self._create_killmail(now - self._rng.randint(0, 30), pilots, now) for _ in range(n)]
 
+    def add_killmail_body(self, character_id: int, body: dict, killmail_hash: str) -> int:
+        """Give a pilot this killmail body as it is (a real one from tests/data, say), newer than every generated
+        one; it shows in the pilot's list once the current cache turns over."""
+        with self._lock:
+            pilot = self._pilot(character_id)
+            now = int(self._now())
+            killmail_id = body["killmail_id"]
+            self._killmails[killmail_id] = Killmail(killmail_id, killmail_hash, now, copy.deepcopy(body), now)
+            self._created_at[killmail_id] = self._now()
+            self._links[pilot.character_id].add(killmail_id)
+            return killmail_id
+
     def make_malformed(self, killmail_id: int) -> None:
         """Serve that killmail's detail without its required `victim` field from now on."""
         with self._lock:
@@ -490,7 +502,8 @@ class Simulator:
 
     def stall_next(self, path_regex: str, count: int = 1) -> None:
         """Hold the answers of the next `count` requests whose path matches `path_regex` (an ESI that accepted the
-        call and never answers) until release_stalls()."""
+        call and never answers) until release_stalls(). The path is searched with its query string
+        ("/characters/1/killmails/recent/?page=2"), so that one page of a list can be held."""
         with self._lock:
             self._released.clear()
             self._stalls.append({"regex": re.compile(path_regex), "count": int(count)})
@@ -503,7 +516,8 @@ class Simulator:
 
     def fail_next(self, path_regex: str, status: int, count: int = 1, *, retry_after: int | None = None,
                   body: dict | None = None) -> None:
-        """Answer the next `count` requests whose path matches `path_regex` with `status` (before any other check)."""
+        """Answer the next `count` requests whose path (with its query string, as for stall_next) matches
+        `path_regex` with `status` (before any other check)."""
         if status < 400:
             raise ValueError("fail_next needs an error status (>= 400)")
         with self._lock:
@@ -634,7 +648,7 @@ class Simulator:
             self._in_flight += 1
             self._stats["max_in_flight"] = max(self._stats["max_in_flight"], self._in_flight)
             latency = self._config["latency_ms"]
-            stall = self._take_stall(request.path)
+            stall = self._take_stall(request.full_path)
         try:
             if latency:
                 time.sleep(latency / 1000)  # outside the lock, so concurrent requests overlap
@@ -662,7 +676,7 @@ class Simulator:
             reply = _error(420, "error limited")
         else:
             group, key = self._group(route, params, request)
-            reply = (self._take_fault(request.path) or self._random_fault(group)
+            reply = (self._take_fault(request.full_path) or self._random_fault(group)
                      or self._check_request(request, route))
             if reply is None:
                 reply = getattr(self, f"_route_{route}")(params, request, now)
@@ -996,7 +1010,7 @@ class Simulator:
         """POST /v2/oauth/token: refresh_token grant with rotation; not under ESI's limits."""
         if not request.headers.get("User-Agent") or _BARE_REQUESTS_AGENT.match(request.headers["User-Agent"]):
             self._stats["bad_user_agent"] += 1  # counted, not refused: SSO does not enforce it
-        fault = self._take_fault(request.path)
+        fault = self._take_fault(request.full_path)
         if fault:
             return fault
         if request.method != "POST":

@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import Any
 
-from tests.screenshot import CHROMIUM
+from screenshot import CHROMIUM
 
 
 class BrowserError(Exception):

@@ -8,7 +8,7 @@ import sys
 from flask import Flask
 
 import db
-from conftest import CLIENT_SECRET, insert_users
+from helpers import CLIENT_SECRET, insert_users, record_output
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +48,12 @@ def test_client_secret_in_an_answer():
 def test_webhook_query_token_in_a_warning(conn):
     db.add_webhook(conn, "probe", "https://hooks.example/x?token=probe-webhook-token-1")
     log.warning("posting to hooks.example?token=probe-webhook-token-1 failed")
+
+
+def test_webhook_token_in_a_line_read_from_a_pipe(conn):
+    db.add_webhook(conn, "probe", "https://hooks.example/api/webhooks/1/probe-webhook-token-2")
+    child = subprocess.Popen([sys.executable, "-c", "print('posting to .../probe-webhook-token-2')"],
+                             stdout=subprocess.PIPE, text=True)
+    with child:
+        for line in child.stdout:  # as the fault tests read a worker's log while it runs
+            record_output(line)

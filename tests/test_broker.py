@@ -11,7 +11,7 @@ from pika.exceptions import NackError, UnroutableError
 
 import broker
 from broker import BadMessage, Job, NotDelivered, decode_job, encode_job, new_job, retry_delay
-from conftest import RABBITMQ_URL
+from helpers import RABBITMQ_URL
 
 # ------------------------------------------------------------------------------------------------ messages
 

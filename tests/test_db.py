@@ -13,9 +13,8 @@ import pytest
 
 import db
 from bench.row_by_row import save_killmail_row_by_row
-from conftest import TOKEN_KEYS, wait_until
+from helpers import TOKEN_KEYS, ledger_spent, wait_until
 from killmail_model import parse_killmail
-from tests.helpers import ledger_spent
 from tokens import TokenVault
 
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())

@@ -11,8 +11,8 @@ import uuid
 
 import psycopg
 
-from conftest import ADMIN_URL, ROOT
-from tests.screenshot import delete_queues, free_port, wait_until_answering
+from helpers import ADMIN_URL, ROOT, record_output
+from screenshot import delete_queues, free_port, wait_until_answering
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -30,6 +30,7 @@ def test_demo_serve_serves_status_and_login_until_ctrl_c():
         while not any("Ctrl-C stops everything" in line for line in printed):
             line = process.stdout.readline()
             assert line, "".join(printed)
+            record_output(line)  # for the leak check, as communicate's output is
             printed.append(line)
         base = f"http://127.0.0.1:{port}"
         assert f"{base}/status" in "".join(printed) and f"{base}/login" in "".join(printed)

@@ -162,7 +162,7 @@ def test_every_call_goes_through_the_sessions_proxies_ca_bundle_and_timeout(http
 def test_every_answer_gives_its_connection_back_to_the_pool(sim):
     """304s and error answers carry nothing the client reads, but their connection must still be reused: over
     TLS each new one costs a handshake."""
-    from conftest import make_settings
+    from helpers import make_settings
     sim.add_pilots(n_pilots=1, n_killmails=3, share=1, expired_fraction=0.0, revoked=0, corporations=1)
     pilot = sim.pilots()[0]
     client = EsiClient(make_settings("postgresql://unused/unused", sim.base_url))

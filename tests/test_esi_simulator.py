@@ -24,6 +24,7 @@ import requests
 
 import esi_simulator
 from esi_simulator import CHAR_SCOPE, CORP_SCOPE, Bucket, Simulator
+from helpers import record_output
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HEADERS = {"User-Agent": "esi-simulator-tests/1.0 (dev@example.org)", "X-Compatibility-Date": "2026-08-18"}
@@ -612,6 +613,7 @@ def test_cli_runs_until_sigterm():
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stderr.readline()  # the one start line, logged once the server listens
+        record_output(line)
         base_url = re.search(r"http://127\.0\.0\.1:\d+", line).group()
         assert requests.get(base_url + "/_sim/pilots", timeout=5).json()[0]["character_name"] == "Pilot 1"
         assert "token" not in line

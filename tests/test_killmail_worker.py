@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import typing
+from datetime import UTC, datetime
 
 import pika
 import pytest
@@ -16,7 +17,7 @@ import broker
 import db
 import killmail_worker
 import sync
-from conftest import (
+from helpers import (
     RABBITMQ_URL,
     ROOT,
     TOKEN_KEYS,
@@ -252,48 +253,6 @@ def test_the_reconnect_backoff_starts_again_after_a_connection_that_lasted_and_n
     assert killmail_worker.failures_in_a_row(failures, cap - 0.1, cap) == 6
 
 
-class FakeChannel:
-    """What on_job_done uses of a pika channel: publishes and acks, recorded."""
-
-    is_open = True
-
-    def __init__(self):
-        self.published: list[tuple[str, dict]] = []
-        self.acked: list[int] = []
-
-    def basic_publish(self, exchange, routing_key, body, *, properties, mandatory):
-        self.published.append((routing_key, properties.headers))
-
-    def basic_ack(self, delivery_tag):
-        self.acked.append(delivery_tag)
-
-
-class FakeConnection:
-    """Runs the job thread's callback at once, as pika's I/O thread would run it later."""
-
-    def add_callback_threadsafe(self, callback):
-        callback()
-
-
-@pytest.mark.parametrize("header, retry_queue", [
-    ("abc", 1), (b"\xff", 1), (0, 1), (-3, 1), ("2", 2), (None, 1),
-])
-@pytest.mark.parametrize("crash", [RuntimeError("a bug"), OverflowError("int too large"), KeyError("x")])
-def test_any_attempt_header_and_any_exception_end_in_an_ack_and_a_retry(database_url, queue_name, header,
-                                                                        retry_queue, crash):
-    child = killmail_worker.Child(make_settings(database_url, queue_name=queue_name), burst=True)
-
-    def process(body, attempt):
-        raise crash
-    child.process = process
-    channel = FakeChannel()
-    headers = {} if header is None else {broker.ATTEMPT_HEADER: header}
-    child.run_job(FakeConnection(), channel, 7, pika.BasicProperties(headers=headers), b"{}")
-    assert channel.acked == [7]
-    assert [q for q, _ in channel.published] == [broker.retry_queue(queue_name, retry_queue)]
-    assert channel.published[0][1][broker.ATTEMPT_HEADER] == retry_queue + 1
-
-
 def test_a_failed_jobs_wait_is_the_errors_own_field_and_outcomes_are_four(conn, database_url, queue_name,
                                                                            monkeypatch):
     """A JobError carries the wait ESI asked for as a declared field; the retry waits at least that long."""
@@ -310,27 +269,117 @@ def test_a_failed_jobs_wait_is_the_errors_own_field_and_outcomes_are_four(conn, 
                                                                                   "release")
 
 
+# ---------------------------------------------------------------------------------------------- a job's end
+# A child's own consume loop on the real broker, its `process` replaced: RabbitMQ delivers the job, the job thread
+# runs it, the I/O loop publishes the retry or dead letter and acks. The job queue is empty at the end only if the
+# job was acked: the connection's close gives an unacked delivery back to it.
+
+RETRY_HOURS = 3600  # retry_base_seconds that keep a retried job in its retry queue while the test looks
+
+
+def run_one_job(settings, process, *, headers: dict | None, body: bytes = b"{}") -> None:
+    """Queue one message (priority 3, message id "job-7") and have a burst child consume it with this `process`."""
+    with broker.open_channel(RABBITMQ_URL, settings.queue_name, max_attempts=settings.max_attempts) as channel:
+        broker.publish(channel, settings.queue_name, body, priority=3, headers=headers, message_id="job-7")
+    child = killmail_worker.Child(settings, burst=True)
+    child.process = process
+    try:
+        assert child.consume() is True  # burst: done once the queue has nothing ready
+    finally:
+        child.drop_db()
+
+
+def messages(queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    """Every message in a queue, taken off it."""
+    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
+    found = []
+    try:
+        channel = connection.channel()
+        while (taken := channel.basic_get(queue, auto_ack=True))[0] is not None:
+            found.append(taken[1:])
+    finally:
+        connection.close()
+    return found
+
+
+def where_jobs_are(settings) -> dict[str, int]:
+    """Ready messages in each of the job's queues that holds any."""
+    queue = settings.queue_name
+    names = [queue, *(broker.retry_queue(queue, n) for n in range(1, settings.max_attempts)), broker.dead_queue(queue)]
+    return {name: n for name, n in zip(names, queue_counts(*names), strict=True) if n}
+
+
+def crashing(exc: Exception):
+    def process(body, attempt):
+        raise exc
+    return process
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("header, retry_queue", [
+    ("abc", 1), (b"\xff", 1), (0, 1), (-3, 1), ("2", 2), (None, 1),
+])
+@pytest.mark.parametrize("crash", [RuntimeError("a bug"), OverflowError("int too large"), KeyError("x")])
+def test_any_attempt_header_and_any_exception_end_in_an_ack_and_a_retry(database_url, queue_name, header,
+                                                                        retry_queue, crash):
+    settings = make_settings(database_url, queue_name=queue_name, retry_base_seconds=RETRY_HOURS)
+    run_one_job(settings, crashing(crash), headers=None if header is None else {broker.ATTEMPT_HEADER: header})
+    retry = broker.retry_queue(queue_name, retry_queue)
+    assert where_jobs_are(settings) == {retry: 1}  # acked, and handed on to the attempt's retry queue
+    (properties, body), = messages(retry)
+    assert body == b"{}" and (properties.priority, properties.message_id) == (3, "job-7")
+    assert properties.headers == {broker.ATTEMPT_HEADER: retry_queue + 1}
+    assert int(properties.expiration) >= RETRY_HOURS * 1000 * 2 ** (retry_queue - 1)
+
+
+@pytest.mark.timeout(60)
+def test_a_retried_job_comes_back_to_the_job_queue_after_its_delay_one_attempt_on(database_url, queue_name):
+    settings = make_settings(database_url, queue_name=queue_name, retry_base_seconds=1)
+    run_one_job(settings, crashing(RuntimeError("a bug")), headers={broker.ATTEMPT_HEADER: 1})
+    wait_until(lambda: where_jobs_are(settings) == {queue_name: 1}, timeout=30,
+               what="the retry's expiry to dead-letter the job back to its queue")
+    (properties, body), = messages(queue_name)
+    assert body == b"{}" and properties.headers[broker.ATTEMPT_HEADER] == 2
+    death, = properties.headers["x-death"]  # RabbitMQ's own record of the hop
+    assert (death["queue"], death["reason"]) == (broker.retry_queue(queue_name, 1), "expired")
+
+
+@pytest.mark.timeout(60)
 def test_a_crash_message_never_reaches_the_dead_letter_header(database_url, queue_name):
     """An unforeseen error's text may quote what the failing call was given (http.client quotes a whole header)."""
     settings = make_settings(database_url, queue_name=queue_name, max_attempts=2)
-    child = killmail_worker.Child(settings, burst=True)
+    run_one_job(settings, crashing(ValueError("Invalid header value b'Bearer token-SECRET-6\\n'")),
+                headers={broker.ATTEMPT_HEADER: 2})
+    dead = broker.dead_queue(queue_name)
+    assert where_jobs_are(settings) == {dead: 1}  # the last attempt: no retry queue
+    (properties, body), = messages(dead)
+    headers = properties.headers
+    assert (headers["x-death-reason"], headers[broker.ATTEMPT_HEADER]) == ("worker error: ValueError", 2)
+    assert datetime.fromisoformat(headers["x-failed-at"]) <= datetime.now(UTC)
+    assert "SECRET" not in repr(headers) and body == b"{}" and properties.message_id == "job-7"
 
-    def process(body, attempt):
-        raise ValueError("Invalid header value b'Bearer token-SECRET-6\\n'")
-    child.process = process
-    channel = FakeChannel()
-    child.run_job(FakeConnection(), channel, 7, pika.BasicProperties(headers={broker.ATTEMPT_HEADER: 2}), b"{}")
-    (queue, headers), = channel.published
-    assert (queue, headers["x-death-reason"]) == (broker.dead_queue(queue_name), "worker error: ValueError")
+
+@pytest.mark.timeout(60)
+def test_a_message_that_is_no_job_is_dead_lettered_at_once_with_the_reason(database_url, queue_name):
+    settings = make_settings(database_url, queue_name=queue_name)
+    child_process = killmail_worker.Child(settings, burst=True).process  # the real one: it fails at decoding
+    run_one_job(settings, child_process, headers=None, body=b"not json")
+    dead = broker.dead_queue(queue_name)
+    assert where_jobs_are(settings) == {dead: 1}  # attempt 1 of 8, yet no retry: it would fail the same way
+    (properties, body), = messages(dead)
+    assert body == b"not json" and properties.headers[broker.ATTEMPT_HEADER] == 1
+    assert properties.headers["x-death-reason"] == "message is not JSON: b'not json'"
 
 
+@pytest.mark.timeout(60)
 def test_a_retry_that_cannot_be_published_as_asked_is_dead_lettered_and_acked(database_url, queue_name):
-    child = killmail_worker.Child(make_settings(database_url, queue_name=queue_name), burst=True)
-    channel = FakeChannel()
+    settings = make_settings(database_url, queue_name=queue_name)
     outcome = killmail_worker.Outcome("retry", "paused", float("inf"))   # a delay no expiration can carry
-    child.on_job_done(channel, 9, pika.BasicProperties(headers={}), b"{}", 1, outcome)
-    assert channel.acked == [9]
-    assert len(channel.published) == 1
+    run_one_job(settings, lambda body, attempt: outcome, headers={})
+    dead = broker.dead_queue(queue_name)
+    assert where_jobs_are(settings) == {dead: 1}
+    (properties, _), = messages(dead)
+    assert properties.headers["x-death-reason"] == "paused (and OverflowError publishing it)"
 
 
 def test_a_heartbeat_tells_how_long_the_job_made_no_progress():

@@ -16,6 +16,7 @@ from requests.structures import CaseInsensitiveDict
 import db
 import limits
 from esi import MAX_PAUSE, SSO_BUCKET, Paused
+from helpers import ledger_spent
 from limits import (
     ANSWERED_BUCKET,
     ERROR_LIMIT,
@@ -27,7 +28,6 @@ from limits import (
     pause_after,
     reserve,
 )
-from tests.helpers import ledger_spent
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, 250000, tzinfo=UTC)  # a quarter into a second
 DETAIL = "killmail"

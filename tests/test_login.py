@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import broker
 import db
-from conftest import CLIENT_ID, CLIENT_SECRET, TOKEN_KEYS, insert_users, jobs
+from helpers import CLIENT_ID, CLIENT_SECRET, TOKEN_KEYS, insert_users, jobs
 from tokens import TokenVault, is_sealed
 from web import sso
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import db
-from conftest import CLIENT_ID, CLIENT_SECRET, USER_AGENT, make_settings, queue_counts, run_script
-from tests.screenshot import CHROMIUM, chromium, free_port, serve, status_env
+from helpers import CLIENT_ID, CLIENT_SECRET, USER_AGENT, make_settings, queue_counts, run_script
+from screenshot import CHROMIUM, chromium, free_port, serve, status_env
 
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
                                     reason=f"{CHROMIUM} is not installed (apt-get install -y chromium)")

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT
-from tests.screenshot import fill_queues, seed_status_rows
+from helpers import ROOT
+from screenshot import fill_queues, seed_status_rows
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "killmail-sync.json"

@@ -25,10 +25,10 @@ import db
 import esi
 import notifications
 import sync
+from helpers import ROOT, make_settings, run_script, settings_env, wait_until
 from killmail_model import named_ids, parse_killmail
 from notifications import Outcome, SenderOptions
-from tests.conftest import ROOT, make_settings, run_script, settings_env, wait_until
-from tests.webhook_receiver import Receiver, plain_answer
+from webhook_receiver import Receiver, plain_answer
 
 NOW = datetime.now(UTC)
 FAST = SenderOptions(user_agent="killmail-worker-tests/1.0 (tests@example.org)", timeout=0.5, max_attempts=3,
@@ -461,7 +461,8 @@ def sender_running(settings, **env: str) -> Iterator[subprocess.Popen]:
     try:
         yield sender
         sender.send_signal(signal.SIGTERM)
-        assert sender.wait(20) == 0
+        output = sender.communicate(timeout=20)[0]  # read, so that the leak check sees it too
+        assert sender.returncode == 0, output
     finally:
         if sender.poll() is None:
             sender.kill()
@@ -696,7 +697,7 @@ def test_webhooks_cli_test_names_only_the_scheme_and_host_of_a_failing_webhook(c
 
 
 def test_the_docs_embed_is_rendered_from_what_the_receiver_logged():
-    from tests.embed_screenshot import received_embed, render
+    from embed_screenshot import received_embed, render
     body = received_embed()
     page = render(body)
     assert body["embeds"][0]["url"] == "https://zkillboard.com/kill/134265477/"

@@ -14,7 +14,7 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
 import broker
 import db
-from conftest import insert_users, jobs, queue_counts
+from helpers import insert_users, jobs, queue_counts
 from killmail_model import parse_killmail
 from web import pilot, sso
 

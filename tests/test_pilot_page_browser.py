@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLIENT_ID, CLIENT_SECRET, USER_AGENT, make_settings, queue_counts, run_script
-from tests.browser import Browser
-from tests.screenshot import CHROMIUM, free_port, serve, status_env
+from browser import Browser
+from helpers import CLIENT_ID, CLIENT_SECRET, USER_AGENT, make_settings, queue_counts, run_script
+from screenshot import CHROMIUM, free_port, serve, status_env
 
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
                                     reason=f"{CHROMIUM} is not installed (apt-get install -y chromium)")

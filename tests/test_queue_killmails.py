@@ -11,7 +11,7 @@ import pytest
 import broker
 import db
 import queue_killmails
-from conftest import RABBITMQ_URL, insert_users, make_settings, run_script, wait_until
+from helpers import RABBITMQ_URL, insert_users, make_settings, run_script, wait_until
 
 NOW = datetime.now(UTC)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 from settings import settings_from
 
 README = (ROOT / "README.md").read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKEN_KEYS
+from helpers import TOKEN_KEYS
 from settings import DEFAULT_COMPATIBILITY_DATE, MAX_LOG_LINE, ConfigError, Settings, redact_url, settings_from
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import esi
-from conftest import make_settings
+from helpers import make_settings
 from web import sso
 
 

@@ -11,7 +11,7 @@ from flask import Flask
 
 import broker
 import db
-from conftest import RABBITMQ_URL, insert_users, make_settings, watch_secrets
+from helpers import RABBITMQ_URL, insert_users, make_settings, watch_secrets
 from killmail_model import parse_killmail
 from web import api
 from web.sources import Sources

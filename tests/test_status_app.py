@@ -19,8 +19,8 @@ import db
 import web
 import web.report
 import web.sources
-from conftest import RABBITMQ_URL, ROOT
-from tests.screenshot import (
+from helpers import RABBITMQ_URL, ROOT
+from screenshot import (
     ACCESS_TOKEN,
     EXPECTED_USERS,
     GUNICORN,

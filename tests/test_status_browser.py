@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.screenshot import (
+from screenshot import (
     ACCESS_TOKEN,
     CHROMIUM,
     REFRESH_TOKEN,

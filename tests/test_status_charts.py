@@ -9,7 +9,7 @@ import pytest
 
 import web.charts
 import web.report
-from tests.screenshot import add_killmail, add_run, charts_in
+from screenshot import add_killmail, add_run, charts_in
 
 NOW = datetime(2026, 11, 1, 12, 40, tzinfo=UTC)
 FIRST_HOUR = datetime(2026, 10, 31, 13, 0, tzinfo=UTC)   # 23 hours before NOW's hour

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TOKEN_KEYS
+from helpers import TOKEN_KEYS
 from tokens import PREFIX, TokenKeyError, TokenVault, check_key, is_sealed
 
 NEW, OLD = TOKEN_KEYS

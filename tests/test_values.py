@@ -13,8 +13,8 @@ import pytest
 import db
 import values
 from esi import MarketPrices, ServerError
+from helpers import wait_until
 from killmail_model import parse_killmail
-from tests.conftest import wait_until
 
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
 NOW = datetime(2026, 3, 25, 15, 0, tzinfo=UTC)

@@ -11,8 +11,8 @@ import pytest
 import requests
 
 import db
-from conftest import CLIENT_ID, CLIENT_SECRET, ROOT, USER_AGENT, watch_secrets
-from tests.screenshot import EXPECTED_USERS, seed_status_rows, serve, status_env
+from helpers import CLIENT_ID, CLIENT_SECRET, ROOT, USER_AGENT, watch_secrets
+from screenshot import EXPECTED_USERS, seed_status_rows, serve, status_env
 from web.login import LOGINS_PER_CLIENT, LOGINS_UNDER_WAY
 
 PASSWORD = "web-security-password-3f9a"

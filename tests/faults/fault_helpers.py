@@ -1,8 +1,8 @@
 """Helpers of the fault-injection tests: workers whose output is read as it comes, broker and database faults.
 
-Not a conftest.py on purpose: a second conftest.py without a package would replace the module `conftest` that
-the tests beside tests/conftest.py import their helpers from. The fixtures of tests/conftest.py (database_url,
-conn, queue_name, sim) reach this directory anyway.
+Not a conftest.py on purpose: two conftest.py without a package would both be the module `conftest`. The fixtures
+of tests/conftest.py (database_url, conn, queue_name, sim) reach this directory anyway; the helpers every test
+shares are imported from tests/helpers.py.
 """
 from __future__ import annotations
 
@@ -26,7 +26,16 @@ import pytest
 import broker
 import db
 import sync
-from conftest import RABBITMQ_URL, ROOT, make_settings, queue_counts, run_script, settings_env, wait_until  # noqa: F401
+from helpers import (  # noqa: F401
+    RABBITMQ_URL,
+    ROOT,
+    make_settings,
+    queue_counts,
+    record_output,
+    run_script,
+    settings_env,
+    wait_until,
+)
 
 RABBITMQCTL_TIMEOUT = 60
 # Detail fetches a lost database connection makes twice because of sync.fetch_killmails, not the worker:
@@ -65,6 +74,7 @@ class Worker:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
+            record_output(line)  # for the secret-leak check, like every output a test reads
             with self._lock:
                 self._lines.append(line.rstrip("\n"))
 

@@ -6,7 +6,6 @@ import time
 import pytest
 
 import broker
-from conftest import insert_users, run_script
 from fault_helpers import (  # noqa: F401
     assert_all_stored,
     fault_settings,
@@ -18,6 +17,7 @@ from fault_helpers import (  # noqa: F401
     users_idle,
     wait_until,
 )
+from helpers import insert_users, run_script
 
 pytestmark = pytest.mark.timeout(420)
 

@@ -8,7 +8,6 @@ import time
 import pytest
 
 import sync
-from conftest import insert_users
 from fault_helpers import (  # noqa: F401
     assert_all_stored,
     fault_settings,
@@ -21,6 +20,7 @@ from fault_helpers import (  # noqa: F401
     users_idle,
     wait_until,
 )
+from helpers import insert_users
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,7 +8,6 @@ import pika
 import pytest
 
 import broker
-from conftest import RABBITMQ_URL, insert_users, run_script
 from fault_helpers import (  # noqa: F401
     assert_all_stored,
     broker_queue_state,
@@ -23,6 +22,7 @@ from fault_helpers import (  # noqa: F401
     users_idle,
     wait_until,
 )
+from helpers import RABBITMQ_URL, insert_users, run_script
 
 pytestmark = pytest.mark.timeout(240)
 

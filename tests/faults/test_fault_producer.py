@@ -10,7 +10,6 @@ import pika
 import pytest
 
 import broker
-from conftest import ROOT, insert_users, make_settings, run_script, settings_env
 from fault_helpers import (  # noqa: F401
     assert_all_stored,
     check_stored,
@@ -26,6 +25,7 @@ from fault_helpers import (  # noqa: F401
     users_idle,
     wait_until,
 )
+from helpers import ROOT, insert_users, make_settings, run_script, settings_env
 
 pytestmark = pytest.mark.timeout(300)
 

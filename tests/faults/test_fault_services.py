@@ -7,7 +7,6 @@ import time
 import pytest
 
 import db
-from conftest import insert_users
 from fault_helpers import (  # noqa: F401
     admin_connection,
     answer_or_false,
@@ -30,6 +29,7 @@ from fault_helpers import (  # noqa: F401
     users_idle,
     wait_until,
 )
+from helpers import insert_users
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -20,7 +20,6 @@ import time
 
 import pytest
 
-from conftest import insert_users, make_settings, run_script
 from fault_helpers import (  # noqa: F401
     admin_connection,
     check_stored,
@@ -30,6 +29,7 @@ from fault_helpers import (  # noqa: F401
     terminate_backends,
     wait_until,
 )
+from helpers import insert_users, make_settings, run_script
 
 PILOTS = 100
 BACKLOG = 3500            # killmails the pilots have before the soak: twice what a rested detail bucket allows

@@ -1,4 +1,4 @@
-"""Screenshot of a posted Discord embed for the docs: `python -m tests.embed_screenshot docs/embed.png`.
+"""Screenshot of a posted Discord embed for the docs: `python -m devtools.embed_screenshot docs/embed.png`.
 
 The sample killmail in tests/data, its ids named as the ESI simulator names them, is posted by the sender's own
 code (notifications.post) to the local webhook receiver; the embed JSON the receiver logged is rendered as a
@@ -22,9 +22,9 @@ import db
 import notifications
 import webhooks
 from devtools.esi_simulator import Simulator, constellation_of, region_of
+from devtools.screenshot import take_screenshot
+from devtools.webhook_receiver import Receiver
 from killmail_model import parse_killmail
-from tests.screenshot import take_screenshot
-from tests.webhook_receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 

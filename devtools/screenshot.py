@@ -1,9 +1,9 @@
-"""Screenshot of /status for the docs: `python -m tests.screenshot docs/status.png` (`make screenshot`).
+"""Screenshot of /status for the docs: `python -m devtools.screenshot docs/status.png` (`make screenshot`).
 
 It makes a throwaway database and queue, fills them with the known rows below, serves the status app with
 gunicorn on a free port and photographs /status with headless Chromium; then removes all it made. The rows,
-the gunicorn runner and the Chromium helpers are shared with tests/test_status_app.py,
-tests/test_status_browser.py and bench/health_bench.py.
+the gunicorn runner and the Chromium helpers are shared with the tests of the status app and the browser tests
+(which put devtools/ on sys.path, as for the simulator) and with bench/health_bench.py and bench/status_page.py.
 
 The known rows, relative to now: six users (2 active, 1 due, 1 queued, 1 never synced, 1 needing a new login),
 six runs (five in the last 24 hours: 2 ok, 1 partial, 1 error, 1 needs_relogin; the latest 2 min ago and
@@ -32,10 +32,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import broker
+import db
 
-import broker  # noqa: E402
-import db  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS_HEIGHT = 2060  # the docs' screenshot: the whole page, with its 20 latest runs
