@@ -47,7 +47,7 @@ def client(make_client):
 
 @pytest.fixture
 def seeded(conn):
-    """The known rows of tests/screenshot.py, written now."""
+    """The known rows of devtools/screenshot.py, written now."""
     seed_status_rows(conn, datetime.now(UTC))
     return conn
 
