@@ -36,14 +36,40 @@ log = logging.getLogger(__name__)
 
 ERROR_LIMIT_BUCKET = "error-limit"
 ANSWERED_BUCKET = "answered-bucket"  # pause_after's name for the bucket of the call that got the 429
+
+# ---------------------------------------------------------------------------------------------- the rule
+# The whole rule, each line beside the fact of ESI.md ("Limits: two systems at once") it follows. schema.sql's
+# section "ESI's limits: the rule" is the ledger that applies it (esi_take_calls does the arithmetic); token_take and
+# error_take below hand it these numbers.
+#
+# Rate limit: a bucket per group, of `limit` tokens a floating `window` (X-Ratelimit-Limit, e.g. '3600/15m').
+# Until an answer says otherwise, ESI's documented limits (below): a new database (or egress) spends from the
+# first call as ESI will count it, with no call waiting for another's answer to learn them.
+DEFAULT_LIMITS = {"killmail": (3600, 900),       # details: 3600 / 15 min per source IP (our egress)
+                  "char-killmail": (30, 900),    # a character's recent list: 30 / 15 min per app + character
+                  "corp-killmail": (30, 900)}    # a corporation's: the same, per app + director character
+# An answer costs 2 (2xx), 1 (304), 5 (4xx), nothing (429, 5xx): answer_cost; a timeout what a 200 would. Its
+# tokens are booked in the whole second after it and come back one window later, never before ESI's.
+CALL_COST = 2              # what a call holds until its answer: the cost of a 200
+HEADROOM = 3               # per call in flight: a 4xx costs 5 where the call holds the 2 of a 200
+# A call goes when spent + in flight (cost and headroom each) + its cost + floor (+ reserve) <= limit. The floor
+# is 0 for a fresh call. A backlog (killmails listed long ago, or in a pilot's first sync) may spend this share of
+# a bucket: the rest is kept for fresh killmails. A rested detail bucket spent at once by a cold sync otherwise
+# gives nothing back for a whole window (tokens return 15 minutes after they were spent), and new kills wait that
+# long to be stored.
+BACKLOG_SHARE = 0.6
+RESERVE_SHARE = 0.02       # kept unspent while another app behind the IP spends the same bucket (it spends unseen
+RESERVE_CALLS = 2          # between our answers), at least this many calls' tokens
+# Error limit: at most 100 answers >= 400 (and timeouts) per window of about 60 s per IP; past it, 420s. A call
+# in flight holds one slot (an error it may turn into); an error answer is spent for a window.
 ERROR_LIMIT = 100          # ESI's error answers a window, per IP
 ERROR_WINDOW = 60          # ESI's error window is fixed; the ledger's floating one never forgets an error sooner
 ERROR_FLOOR = 50           # half of the error budget is never used once errors are coming, whatever is in flight
 ERROR_CALM_FLOOR = 10      # while none came for a window: were every call in flight to fail at once, still no 420
-HEADROOM = 3               # per call in flight: a 4xx costs 5 tokens where the call holds the 2 of a 200
-RESERVE_SHARE = 0.02       # kept unspent while another app behind the IP spends the same bucket (it spends unseen
-RESERVE_CALLS = 2          # between our answers), at least this many calls' tokens
-CALL_COST = 2              # what a call holds until its answer: the cost of a 200
+# A 420 pauses every route until X-ESI-Error-Limit-Reset, a 429 its bucket until Retry-After (pause_after),
+# for every process.
+# ---------------------------------------------------------------------------------------------- end of the rule
+
 MAX_WINDOW = 3600          # the longest rate-limit window believed
 HOLD_MARGIN = 10           # seconds past a call's deadline that its possible error is still held
 POLL = 0.05                # seconds before asking again when calls in flight may give tokens back
@@ -53,14 +79,6 @@ MAX_SHARED_WAIT = 120.0    # the same for a bucket every process shares (the det
 STOP_WAIT = 10.0           # a stopping process still waits this long for tokens to finish its jobs
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared pauses and limits
 RECHECK = 1.0              # a call waiting for tokens looks at the pauses at least this often
-# ESI's documented limits of the groups the worker calls (ESI.md), taken until an answer's X-Ratelimit-Limit says
-# otherwise: a new database (or egress) spends from the first call as ESI will count it, with no call waiting for
-# another's answer to learn them.
-DEFAULT_LIMITS = {"killmail": (3600, 900), "char-killmail": (30, 900), "corp-killmail": (30, 900)}
-# A backlog (killmails listed long ago, or in a pilot's first sync) may spend this share of a bucket: the rest is
-# kept for fresh killmails. A rested detail bucket spent at once by a cold sync otherwise gives nothing back for a
-# whole window (tokens return 15 minutes after they were spent), and new kills wait that long to be stored.
-BACKLOG_SHARE = 0.6
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
 LEASE_SLOTS = 16           # at most this many error slots leased at once: one process never holds the whole budget
 LEASE_LIFE = 5.0           # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
@@ -107,6 +125,20 @@ def reserve(limit_tokens: int) -> int:
     return max(RESERVE_CALLS * CALL_COST, int(limit_tokens * RESERVE_SHARE))
 
 
+def token_take(bucket: str, limit: int, window: int, *, backlog: bool = False, calls: int = 1) -> db.TokenTake:
+    """What a call (or a lease of `calls`) takes from a rate-limit bucket of `limit` tokens a `window`, by the
+    rule: a backlog call leaves the share BACKLOG_SHARE does not give it to fresh calls."""
+    return db.TokenTake(bucket, cost=CALL_COST, headroom=HEADROOM, limit=limit, window=window,
+                        floor=limit - int(limit * BACKLOG_SHARE) if backlog else 0, reserve=reserve(limit),
+                        calls=calls)
+
+
+def error_take(bucket: str, slots: int = 1) -> db.SlotTake:
+    """What a lease of `slots` calls takes from the error budget of one egress, by the rule."""
+    return db.SlotTake(bucket, limit=ERROR_LIMIT, window=ERROR_WINDOW, hold=ERROR_HOLD, floor=ERROR_FLOOR,
+                       calm_floor=ERROR_CALM_FLOOR, slots=slots)
+
+
 def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]:
     """What an answer pauses for every process, and until when: the error limit (ERROR_LIMIT_BUCKET) on a 420,
     the bucket of the call answered (ANSWERED_BUCKET) on a 429 (a pure function of the answer and the clock)."""
@@ -128,23 +160,6 @@ def _pause_seconds(headers: Any, name: str) -> float:
             log.warning("ignoring an unreadable %s header: %r", name, str(value)[:40])
         seconds = 60
     return min(max(seconds, 0) + 1, MAX_PAUSE)
-
-
-@dataclass(frozen=True)
-class _Spend:
-    """What one call may cost one bucket of the ledger, and that bucket's rules (schema.sql's esi_take)."""
-
-    bucket: str
-    cost: int
-    limit: int
-    window: int
-    hold: int          # seconds a call in flight counts at most (one of a killed process)
-    floor: int = 0     # never spent
-    calm_floor: int | None = None  # the floor while nothing was spent in the window (None: `floor`)
-    reserve: int = 0   # kept while other apps spend the bucket
-    headroom: int = 0  # room kept per call in flight for an answer dearer than its cost
-    frees: int = 0     # what an ordinary answer gives back per call in flight
-    charged: bool = False  # a dead process's call still costs what it holds (ESI charged it on arrival)
 
 
 @dataclass(eq=False)
@@ -299,21 +314,11 @@ class SharedLimits:
             limit, window = DEFAULT_LIMITS.get(_group(bucket), (None, None))
         if not (limit and window):  # a bucket with no limit (ESI answered without one) is only under the error limit
             return Ticket(bucket), 0.0
-        # ESI charges a call when it arrives: a call's tokens are back one window after it was sent.
-        spend = _Spend(bucket, cost=CALL_COST, limit=limit, window=window, hold=window, reserve=reserve(limit),
-                       headroom=HEADROOM, frees=HEADROOM, charged=True,
-                       floor=limit - int(limit * BACKLOG_SHARE) if backlog else 0)
-        ids, wait, _ = self._ask_ledger(spend)
-        if not ids:
-            return None, wait
-        return Ticket(bucket, ids, [bucket], [window]), 0.0
-
-    def _ask_ledger(self, spend: _Spend, extras: int = 0) -> tuple[list[int] | None, float, list[int]]:
-        return self._with_conn(lambda c: db.take_tokens(
-            c, self._ledger_clock(), buckets=[spend.bucket], costs=[spend.cost], limits=[spend.limit],
-            windows=[spend.window], holds=[spend.hold], floors=[spend.floor], reserves=[spend.reserve],
-            headroom=[spend.headroom], frees=[spend.frees], charged=[spend.charged], poll=POLL, extras=[extras],
-            calm_floors=[spend.floor if spend.calm_floor is None else spend.calm_floor]))
+        taken = self._with_conn(lambda c: db.take_tokens(
+            c, self._ledger_clock(), token_take(bucket, limit, window, backlog=backlog), poll=POLL))
+        if taken.id is None:
+            return None, taken.wait
+        return Ticket(bucket, [taken.id], [bucket], [window]), 0.0
 
     # ---------------------------------------------------------------------------------------------- error slots
 
@@ -347,15 +352,14 @@ class SharedLimits:
     def _lease(self, want: int) -> float:
         """Ask the ledger for `want` error slots in one row (as many as fit, at least one): 0.0 once the lease
         is this process's, or the seconds until one slot would fit."""
-        spend = _Spend(self.error_bucket, cost=1, limit=ERROR_LIMIT, window=ERROR_WINDOW, hold=ERROR_HOLD,
-                       floor=ERROR_FLOOR, calm_floor=ERROR_CALM_FLOOR, frees=1)
-        ids, wait, granted = self._ask_ledger(spend, extras=want - 1)
-        if not ids:
-            return wait
+        taken = self._with_conn(lambda c: db.take_error_slots(
+            c, self._ledger_clock(), error_take(self.error_bucket, want), poll=POLL))
+        if taken.id is None:
+            return taken.wait
         with self._slots:
             now = self._clock()
             calm = self._errors_seen_at is None or (now - self._errors_seen_at).total_seconds() > ERROR_WINDOW
-            self._leases.append(_Lease(ids[0], 1 + granted[0], now, calm=calm))
+            self._leases.append(_Lease(taken.id, taken.calls, now, calm=calm))
         return 0.0
 
     def _end_the_calm(self) -> None:

@@ -506,7 +506,7 @@ def test_threads_of_a_process_lease_error_slots_together_and_an_answer_without_e
         real = getattr(db, name)
         return lambda *args, **kwargs: queries.append(name) or real(*args, **kwargs)
 
-    for name in ("take_tokens", "settle_tokens"):
+    for name in ("take_tokens", "take_error_slots", "settle_tokens"):
         monkeypatch.setattr(db, name, counted(name))
     tickets = []
 
@@ -531,13 +531,13 @@ def test_threads_of_a_process_lease_error_slots_together_and_an_answer_without_e
         busy.execute(f"SELECT pg_advisory_unlock({lock})", (ERROR_LIMIT_BUCKET,))
     for thread in threads:
         thread.join(10)
-    assert len(tickets) == 20 and queries == ["take_tokens"] * 3
+    assert len(tickets) == 20 and queries == ["take_error_slots"] * 3
     leases = {id(ticket.lease): ticket.lease for ticket in tickets}.values()
     assert sorted(lease.slots for lease in leases) == [1, 20 - 1 - limits.LEASE_SLOTS, limits.LEASE_SLOTS]
     assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 0, "in_flight": 20}
     for ticket in tickets:
         shared.settle(ticket, 200, {"X-ESI-Error-Limit-Remain": "100"})
-    assert queries == ["take_tokens"] * 3 + ["settle_tokens"] * 2
+    assert queries == ["take_error_slots"] * 3 + ["settle_tokens"] * 2
     assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 1
     shared.end_idle_leases()                       # still young: the single slot takes new calls for LEASE_LIFE
     assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 1
