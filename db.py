@@ -1139,7 +1139,8 @@ def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds:
 class TokenTake(NamedTuple):
     """What a call takes from a rate-limit bucket of the ledger (schema.sql's esi_take_tokens): `cost` held while
     in flight and `headroom` kept beside it, under the bucket's `limit` a `window`, leaving `floor` unspent and
-    `reserve` while other apps spend it; `calls` asks for a lease of that many calls' worth in one row."""
+    `reserve` while other apps spend it; `calls` asks for a lease of that many calls' worth in one row, handed
+    out for `life` seconds."""
 
     bucket: str
     cost: int
@@ -1149,6 +1150,7 @@ class TokenTake(NamedTuple):
     floor: int
     reserve: int
     calls: int = 1
+    life: int = 0
 
 
 class SlotTake(NamedTuple):
@@ -1178,7 +1180,7 @@ def take_tokens(conn, now: datetime | None, take: TokenTake, *, poll: float) -> 
     """Take rate-limit tokens for one call, or a lease of up to `take.calls` (schema.sql's esi_take_tokens);
     `poll` is the wait while calls in flight are about to give enough back; `now` None is the database's clock."""
     return _take(conn, "esi_take_tokens(%(now)s, %(bucket)s, p_calls => %(calls)s, p_cost => %(cost)s, "
-                       "p_headroom => %(headroom)s, p_limit => %(limit)s, p_window => %(window)s, "
+                       "p_headroom => %(headroom)s, p_limit => %(limit)s, p_window => %(window)s, p_life => %(life)s, "
                        "p_floor => %(floor)s, p_reserve => %(reserve)s, p_poll => %(poll)s)", now, take, poll)
 
 
@@ -1195,12 +1197,23 @@ def _take(conn, call: str, now: datetime | None, take: TokenTake | SlotTake, pol
     return Taken(id_, calls or 0, wait or 0.0)
 
 
-def settle_tokens(conn, now: datetime | None, *, ids: Sequence[int], buckets: Sequence[str],
-                  costs: Sequence[int], windows: Sequence[int], used: Sequence[int | None]) -> None:
-    """Book what an answer cost in each of its buckets and end its in-flight rows (schema.sql's esi_settle);
-    `used` is ESI's own count of a bucket where the answer gave it, to book what other apps spent."""
-    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[])",
-                 (now, list(ids), list(buckets), list(costs), list(windows), list(used)))
+class Booking(NamedTuple):
+    """What one answer cost a bucket (`window` its window), to book: `used` is ESI's own count of the bucket where
+    the answer gave it, `ago` the seconds between the answer and the settling (0: now)."""
+
+    bucket: str
+    cost: int
+    window: int
+    used: int | None = None
+    ago: float = 0.0
+
+
+def settle_tokens(conn, now: datetime | None, *, ids: Sequence[int], bookings: Sequence[Booking]) -> None:
+    """End these in-flight rows and book what the answers cost, each in the second after it came (schema.sql's
+    esi_settle); ESI's own counts book what other apps spent."""
+    columns = [list(column) for column in zip(*bookings, strict=True)] or [[]] * len(Booking._fields)
+    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[], %s::float8[])",
+                 (now, list(ids), *columns))
 
 
 def prune_ledger(conn, *, older_than: int) -> int:

@@ -16,6 +16,12 @@ closes the leases it took calm as soon as an answer shows errors, so no new call
 leases those slots several at a time (one ledger row) and hands them to its threads, so that a call which ends
 without an error costs the ledger nothing; errors are booked as they come. A 420 or a 429 still pauses the route
 group for every process until its reset.
+
+Rate-limit tokens are leased the same way (as YouTube's Doorman leases capacity to its clients): when several of
+a process's threads are on their way to one bucket, it takes their calls' worth in one row, hands the calls out
+for LEASE_LIFE at most, and books the answers together when the lease's last call is answered, each cost in the
+second after its own answer. The ledger stays exact: the row holds every call of the lease, and the room for a
+dearer answer, until its answers are booked.
 """
 from __future__ import annotations
 
@@ -81,7 +87,8 @@ STATE_TTL = 1.0            # seconds a process trusts its last read of the share
 RECHECK = 1.0              # a call waiting for tokens looks at the pauses at least this often
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
 LEASE_SLOTS = 16           # at most this many error slots leased at once: one process never holds the whole budget
-LEASE_LIFE = 5.0           # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
+LEASE_CALLS = 16           # at most this many calls' tokens of one bucket leased at once, for the same reason
+LEASE_LIFE = 5            # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
 LONGEST_READ = 300         # HTTP_TIMEOUT_SECONDS at most: the last read of a call may block that long past its deadline
 # A lease's row counts this long at most: its last call starts within LEASE_LIFE and ends within its deadline and
 # one last read.
@@ -130,7 +137,7 @@ def token_take(bucket: str, limit: int, window: int, *, backlog: bool = False, c
     rule: a backlog call leaves the share BACKLOG_SHARE does not give it to fresh calls."""
     return db.TokenTake(bucket, cost=CALL_COST, headroom=HEADROOM, limit=limit, window=window,
                         floor=limit - int(limit * BACKLOG_SHARE) if backlog else 0, reserve=reserve(limit),
-                        calls=calls)
+                        calls=calls, life=LEASE_LIFE)
 
 
 def error_take(bucket: str, slots: int = 1) -> db.SlotTake:
@@ -181,14 +188,40 @@ class _Lease:
                 and (now - self.taken_at).total_seconds() < LEASE_LIFE)
 
 
+@dataclass(eq=False)
+class _TokenLease:
+    """Rate-limit tokens one process took from the ledger in one row for up to `calls` calls of one bucket,
+    handed to its calls one at a time. The answers' costs are kept here and booked together when it ends, each in
+    the second after it came, so a call that does not end a lease costs the ledger nothing."""
+
+    id: int
+    bucket: str
+    window: int
+    calls: int
+    taken_at: datetime
+    backlog: bool      # taken under a backlog's floor: a fresh call may use it, and a backlog call only such a one
+    started: int = 0   # calls handed out
+    answers: list[tuple[float, int, int | None]] = field(default_factory=list)  # (when, cost, ESI's count)
+    closed: bool = False  # taken on a connection since lost: its row may soon look like a dead process's
+
+    def open(self, now: datetime) -> bool:
+        """Whether the lease still takes new calls: a call left, and young enough that ESI charges its last
+        call within the row's hold (a window past LEASE_LIFE)."""
+        return (not self.closed and self.started < self.calls
+                and (now - self.taken_at).total_seconds() < LEASE_LIFE)
+
+    def in_flight(self) -> int:
+        """Calls handed out and not answered yet."""
+        return self.started - len(self.answers)
+
+
 @dataclass(frozen=True)
 class Ticket:
-    """What one call took from the ledger: its error slot, and its in-flight rows and the buckets they hold."""
+    """What one call took from the ledger: a call of a lease of its bucket's tokens (none for a bucket without a
+    rate limit) and its error slot (none for SSO)."""
 
     bucket: str
-    ids: list[int] = field(default_factory=list)
-    ledgers: list[str] = field(default_factory=list)
-    windows: list[int] = field(default_factory=list)
+    tokens: _TokenLease | None = None
     lease: _Lease | None = None
 
 
@@ -225,6 +258,13 @@ class SharedLimits:
         # Groups with a default limit whose answers came without one: ESI (or the stand-in) meters them not.
         self._unlimited: set[str] = set()
         self._wanting = 0
+        # The process's leases of rate-limit tokens, and how many of its threads are on their way to a call of
+        # each bucket (the size of its next lease); guarded by `_token_lock`, never held across a query.
+        self._token_lock = threading.Lock()
+        self._token_leases: list[_TokenLease] = []
+        self._wanting_tokens: dict[str, int] = {}
+        # Seconds on a clock that only moves forward, for how long ago an answer came (the test's clock if given).
+        self._ticks = (lambda: clock().timestamp()) if clock else time.monotonic
         self._leasing = False
         # Set by cancel_waits (the job's deadline passed, or the worker stops): every wait of the process's calls
         # for the limits ends at once with Paused, until allow_waits (the next job).
@@ -263,12 +303,16 @@ class SharedLimits:
         keys = [self.error_bucket, bucket, group] if group != bucket else [self.error_bucket, bucket]
         with self._slots:  # every thread on its way to a call counts, for the size of the next lease
             self._wanting += 1
+        with self._token_lock:
+            self._wanting_tokens[bucket] = self._wanting_tokens.get(bucket, 0) + 1
         try:
             with self._take_lock_held(group, bucket):
                 return self._take_waiting(bucket, group, keys, self._read(keys), backlog=backlog)
         finally:
             with self._slots:
                 self._wanting -= 1
+            with self._token_lock:
+                self._wanting_tokens[bucket] -= 1
 
     def _take_waiting(self, bucket: str, group: str, keys: list[str], state: list[dict], *,
                       backlog: bool = False) -> Ticket:
@@ -282,15 +326,16 @@ class SharedLimits:
                     lease, wait = self._error_slot()
                 except BaseException:
                     with suppress(db.psycopg.Error):
-                        self._end_in_flight(ticket.ids)
+                        self._end(*self._unstart(ticket.tokens))
                     raise
                 if lease is not None:
                     return replace(ticket, lease=lease)
-                self._end_in_flight(ticket.ids)  # its tokens go back while it waits for the error budget
+                self._end(*self._unstart(ticket.tokens))  # its tokens go back while it waits for the error budget
             if ticket is None and wait > POLL:
-                # The bucket is spent: this process's calls wait for its tokens, and the error slots it leased
-                # that no call uses would only keep other processes' calls (those that have their tokens) waiting.
-                self._end_in_flight(self._over(waiting=True))
+                # The bucket is spent: this process's calls wait for its tokens, and the error slots and tokens
+                # it leased that no call uses would only keep other processes' calls waiting.
+                self._end(self._over(waiting=True), [])
+                self._end(*self._tokens_over(waiting=True))
             if wait > MAX_INLINE_WAIT and backlog:
                 raise Deferred(f"{bucket}: the backlog's share spent for {wait:.0f} s", bucket=bucket,
                                until=self._clock() + timedelta(seconds=wait))
@@ -314,11 +359,51 @@ class SharedLimits:
             limit, window = DEFAULT_LIMITS.get(_group(bucket), (None, None))
         if not (limit and window):  # a bucket with no limit (ESI answered without one) is only under the error limit
             return Ticket(bucket), 0.0
+        with self._token_lock:
+            now = self._clock()
+            # A lease taken under a backlog's floor serves any call; one taken for fresh calls no backlog call.
+            tokens = next((lease for lease in self._token_leases if lease.bucket == bucket and lease.open(now)
+                           and (lease.backlog or not backlog)), None)
+            if tokens is not None:
+                tokens.started += 1
+                return Ticket(bucket, tokens), 0.0
+            want = max(1, min(self._wanting_tokens.get(bucket, 0), LEASE_CALLS))
         taken = self._with_conn(lambda c: db.take_tokens(
-            c, self._ledger_clock(), token_take(bucket, limit, window, backlog=backlog), poll=POLL))
+            c, self._ledger_clock(), token_take(bucket, limit, window, backlog=backlog, calls=want), poll=POLL))
         if taken.id is None:
             return None, taken.wait
-        return Ticket(bucket, [taken.id], [bucket], [window]), 0.0
+        tokens = _TokenLease(taken.id, bucket, window, taken.calls, self._clock(), backlog, started=1)
+        with self._token_lock:
+            self._token_leases.append(tokens)
+        return Ticket(bucket, tokens), 0.0
+
+    def _unstart(self, tokens: _TokenLease | None) -> tuple[list[int], list[db.Booking]]:
+        """A call that took its tokens does not go after all: they go back to its lease, which may be over."""
+        if tokens is None:
+            return [], []
+        with self._token_lock:
+            tokens.started -= 1
+        return self._tokens_over()
+
+    def _tokens_over(self, *, waiting: bool = False) -> tuple[list[int], list[db.Booking]]:
+        """Take the token leases that are over out of the process's hands: their ids, and their answers to book.
+        A lease with no call in flight is over once it takes no new call, or at once when no thread of the
+        process wants its bucket (or all wait for a spent bucket): unused tokens held by one process are calls
+        other processes cannot make."""
+        now, ticks = self._clock(), self._ticks()
+        with self._token_lock:
+            over = [lease for lease in self._token_leases if not lease.in_flight()
+                    and (waiting or not lease.open(now) or not self._wanting_tokens.get(lease.bucket))]
+            self._token_leases = [lease for lease in self._token_leases if lease not in over]
+            # ESI does not count the calls this process still holds unused in its other leases; the ledger does.
+            unused = {lease.bucket: 0 for lease in over}
+            for lease in self._token_leases:
+                if lease.bucket in unused:
+                    unused[lease.bucket] += CALL_COST * (lease.calls - lease.started)
+        bookings = [db.Booking(lease.bucket, cost, lease.window, None if used is None else used + unused[lease.bucket],
+                               ago=max(0.0, ticks - at))
+                    for lease in over for at, cost, used in lease.answers]
+        return [lease.id for lease in over], bookings
 
     # ---------------------------------------------------------------------------------------------- error slots
 
@@ -340,7 +425,7 @@ class SharedLimits:
                 self._leasing = True
                 want = max(1, min(self._wanting, LEASE_SLOTS))
             try:
-                self._end_in_flight(self._over())
+                self._end(self._over(), [])
                 wait = self._lease(want)
             finally:
                 with self._slots:
@@ -403,7 +488,8 @@ class SharedLimits:
         """End the leases that are over: an idle process (no job) calls this, so that its last lease does not hold
         slots other processes could use until its row's hold ends."""
         try:
-            self._end_in_flight(self._over())
+            ids, bookings = self._tokens_over()
+            self._end(self._over() + ids, bookings)
         except db.psycopg.Error as exc:
             log.warning("ESI limits: could not end the error leases (%s)", exc)
 
@@ -412,10 +498,10 @@ class SharedLimits:
         with self._slots:
             return sum(lease.slots - lease.used for lease in self._leases)
 
-    def _end_in_flight(self, ids: list[int]) -> None:
-        if ids:
-            self._with_conn(lambda c: db.settle_tokens(c, self._ledger_clock(), ids=ids, buckets=[], costs=[],
-                                                       windows=[], used=[]))
+    def _end(self, ids: list[int], bookings: list[db.Booking]) -> None:
+        """End these leases' rows in the ledger and book their answers (one round trip, when there are any)."""
+        if ids or bookings:
+            self._with_conn(lambda c: db.settle_tokens(c, self._ledger_clock(), ids=ids, bookings=bookings))
 
     def _nap(self, seconds: float, bucket: str, *, left: float) -> None:
         """Sleep. A stopping process (the `stopping` event set) finishes its jobs: it sleeps through a short wait
@@ -448,35 +534,33 @@ class SharedLimits:
             if ticket.lease is not None and (error_cost(status) or counted):
                 self._end_the_calm()  # before the slot goes back, so that a lease left idle ends with this answer
             ended = self._give_back(ticket.lease, error=error_cost(status) > 0)
-            self._settle_ledger(ticket, status, limit, remaining, errors_remain, ended)
+            if ticket.tokens is not None:
+                used = limit[0] - remaining if limit and remaining is not None and status != 429 else None
+                with self._token_lock:
+                    ticket.tokens.answers.append((self._ticks(), answer_cost(status), used))
+            ids, bookings = self._tokens_over()
+            self._settle_ledger(ticket, status, limit, errors_remain, ended + ids, bookings)
             self._record(ticket.bucket, status, headers, limit, remaining)
         except db.psycopg.Error as exc:
             # The answer is paid for and in hand: losing it would fetch it again. The call's rows in flight stop
             # counting when their hold ends.
             log.warning("ESI limits: could not settle a %s call (%s)", ticket.bucket, exc)
 
-    def _settle_ledger(self, ticket: Ticket, status: int, limit: tuple[int, int] | None, remaining: int | None,
-                       errors_remain: int | None, ended: list[int]) -> None:
-        """One round trip, and only where there is something to book: the call's rate-limit tokens, its error, what
-        ESI counts of errors beyond the ledger (when it counts any), and the leases that are over."""
-        entries = []
-        for ledger, window in zip(ticket.ledgers, ticket.windows, strict=True):
-            used = limit[0] - remaining if limit and remaining is not None and status != 429 else None
-            entries.append((ledger, answer_cost(status), window, used))
-        if limit and ticket.bucket not in ticket.ledgers:  # the call that found the bucket's limit spends from it
-            entries.append((ticket.bucket, answer_cost(status), limit[1], None))
+    def _settle_ledger(self, ticket: Ticket, status: int, limit: tuple[int, int] | None, errors_remain: int | None,
+                       ids: list[int], bookings: list[db.Booking]) -> None:
+        """One round trip, and only where there is something to book: the answers of the token leases that are
+        over, the call's error, what ESI counts of errors beyond the ledger (when it counts any), and the leases'
+        rows to end. A call of a lease that goes on costs the ledger nothing."""
+        if limit and ticket.tokens is None:
+            # The call that found its bucket's limit (a bucket not metered until now) spends from it.
+            bookings = [*bookings, db.Booking(ticket.bucket, answer_cost(status), limit[1])]
         counted = errors_remain is not None and errors_remain < ERROR_LIMIT  # ESI counts errors in its window
         if ticket.lease is not None and (error_cost(status) or counted):  # an ESI call (SSO's are not counted)
             # The ledger counts this process's unused slots as in flight (idle ones, and those whose error is
             # booked besides); ESI does not see them.
             used = ERROR_LIMIT - errors_remain + self._unused_slots() if errors_remain is not None else None
-            entries.append((self.error_bucket, error_cost(status), ERROR_WINDOW, used))
-        if not (entries or ticket.ids or ended):
-            return
-        entries.sort(key=lambda entry: entry[0])  # the locks' order
-        self._with_conn(lambda c: db.settle_tokens(
-            c, self._ledger_clock(), ids=ticket.ids + ended, buckets=[e[0] for e in entries],
-            costs=[e[1] for e in entries], windows=[e[2] for e in entries], used=[e[3] for e in entries]))
+            bookings = [*bookings, db.Booking(self.error_bucket, error_cost(status), ERROR_WINDOW, used)]
+        self._end(ids, bookings)
 
     def _record(self, bucket: str, status: int, headers: Any, limit: tuple[int, int] | None,
                 remaining: int | None) -> None:
@@ -584,6 +668,9 @@ class SharedLimits:
                     with self._slots:
                         for lease in self._leases:
                             lease.closed = True
+                    with self._token_lock:
+                        for tokens in self._token_leases:
+                            tokens.closed = True
                 conn.close()
                 if attempt == 2:
                     raise
@@ -596,10 +683,14 @@ class SharedLimits:
         """End the process's leases and close its limits connection."""
         with self._slots:
             ids, self._leases = [lease.id for lease in self._leases], []
+        with self._token_lock:
+            for tokens in self._token_leases:
+                tokens.closed = True
+        token_ids, bookings = self._tokens_over()
         try:
-            self._end_in_flight(ids)
+            self._end(ids + token_ids, bookings)
         except db.psycopg.Error as exc:  # a dead session's rows stop counting once the budget is short
-            log.warning("ESI limits: could not end the error leases (%s)", exc)
+            log.warning("ESI limits: could not end the leases (%s)", exc)
         if self._conn is not None:
             self._conn.close()
             self._conn = None

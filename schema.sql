@@ -332,20 +332,6 @@ DO $$ BEGIN
     END IF;
 END $$;
 
--- esi_take, one function for a call's every bucket in parallel arrays, gave way to esi_take_tokens and
--- esi_take_errors (a call never took more than one bucket at once): whatever signature of it a database still has
--- goes, as does esi_settle's with p_before. Workers that still call them need the code of this schema.
-DO $$
-DECLARE
-    old REGPROCEDURE;
-BEGIN
-    FOR old IN SELECT p.oid::regprocedure FROM pg_proc p
-               WHERE p.pronamespace = current_schema()::regnamespace
-                 AND (p.proname = 'esi_take' OR (p.proname = 'esi_settle' AND p.pronargs <> 6)) LOOP
-        EXECUTE format('DROP FUNCTION %s', old);
-    END LOOP;
-END $$;
-
 -- Take what `p_calls` calls may cost at most (a lease of several, one row), at least one, from one bucket of the
 -- ledger (ESI's limits, the rule above): the row's id and how many calls it holds; or no row, no calls and the
 -- seconds to wait, until enough spent tokens come back, or a short `p_poll` while the answers of calls in flight
@@ -354,13 +340,14 @@ END $$;
 -- room beside it (an answer dearer than its cost). It fits when spent + in flight + its cost + the floor (+ the
 -- reserve once other apps were seen spending) is within the limit; the floor is `p_calm_floor` while the bucket
 -- has no row in the window (nothing spent, and ESI counted nothing: see esi_settle), `p_floor` once it has one.
--- A row in flight counts for `p_hold` seconds at most (a killed process's). The check and the take are one step
--- under the bucket's advisory lock, for every process on every host, and one round trip. Times are the
--- database's clock, one for every host, unless the caller gives one.
+-- A row in flight counts for `p_hold` seconds at most (a killed process's); a lease hands its calls out for
+-- `p_life` seconds after it was taken. The check and the take are one step under the bucket's advisory lock, for
+-- every process on every host, and one round trip. Times are the database's clock, one for every host, unless
+-- the caller gives one.
 CREATE OR REPLACE FUNCTION esi_take_calls(p_now TIMESTAMPTZ, p_bucket TEXT, p_calls INTEGER, p_cost INTEGER,
                                           p_headroom INTEGER, p_frees INTEGER, p_limit INTEGER, p_window INTEGER,
-                                          p_hold INTEGER, p_floor INTEGER, p_calm_floor INTEGER, p_reserve INTEGER,
-                                          p_charged BOOLEAN, p_poll DOUBLE PRECISION,
+                                          p_hold INTEGER, p_life INTEGER, p_floor INTEGER, p_calm_floor INTEGER,
+                                          p_reserve INTEGER, p_charged BOOLEAN, p_poll DOUBLE PRECISION,
                                           OUT id BIGINT, OUT calls INTEGER, OUT wait DOUBLE PRECISION)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -389,14 +376,14 @@ BEGIN
                   + CASE WHEN spent_other > 0 THEN p_reserve ELSE 0 END - p_limit;
         EXIT WHEN excess <= 0 OR flying_calls = 0 OR pass = 2;
         -- Short: the calls of processes that died (their session is gone) hold nothing more in flight. What
-        -- ESI charged on arrival (`p_charged`) stays spent from the second they were sent.
+        -- ESI charged on arrival (`p_charged`) stays spent from the second the last of them may have been sent.
         WITH dead AS (
             DELETE FROM esi_in_flight f WHERE f.bucket = p_bucket
                 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = f.backend_pid)
-            RETURNING f.sent_at, f.tokens)
+            RETURNING f.sent_at + make_interval(secs => p_life) AS sent_by, f.tokens)
         INSERT INTO esi_spent (bucket, second, own)
-            SELECT p_bucket, to_timestamp(ceil(extract(epoch FROM d.sent_at))), sum(d.tokens)
-            FROM dead d WHERE p_charged AND d.sent_at > since GROUP BY 2
+            SELECT p_bucket, to_timestamp(ceil(extract(epoch FROM d.sent_by))), sum(d.tokens)
+            FROM dead d WHERE p_charged AND d.sent_by > since GROUP BY 2
         ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
     END LOOP;
     IF excess <= 0 THEN
@@ -421,18 +408,20 @@ BEGIN
                  ELSE p_window END;
 END $$;
 
--- Rate-limit tokens for one call, or a lease of up to `p_calls`. A call holds a 200's `p_cost` and keeps
--- `p_headroom` of room for a 4xx; an ordinary answer gives the headroom back. ESI charges a call on arrival: its
--- row counts one window at most, and a dead process's tokens stay spent.
+-- Rate-limit tokens for one call, or a lease of up to `p_calls` handed out for `p_life` seconds. A call holds a
+-- 200's `p_cost` and keeps `p_headroom` of room for a 4xx; an ordinary answer gives the headroom back. ESI
+-- charges a call on arrival: a row counts one window past its last call at most, and a dead process's tokens
+-- stay spent.
 CREATE OR REPLACE FUNCTION esi_take_tokens(p_now TIMESTAMPTZ, p_bucket TEXT, p_calls INTEGER, p_cost INTEGER,
-                                           p_headroom INTEGER, p_limit INTEGER, p_window INTEGER, p_floor INTEGER,
-                                           p_reserve INTEGER, p_poll DOUBLE PRECISION,
+                                           p_headroom INTEGER, p_limit INTEGER, p_window INTEGER, p_life INTEGER,
+                                           p_floor INTEGER, p_reserve INTEGER, p_poll DOUBLE PRECISION,
                                            OUT id BIGINT, OUT calls INTEGER, OUT wait DOUBLE PRECISION)
 LANGUAGE sql AS $$
     SELECT * FROM esi_take_calls(p_now, p_bucket, p_calls, p_cost => p_cost, p_headroom => p_headroom,
-                                 p_frees => p_headroom, p_limit => p_limit, p_window => p_window, p_hold => p_window,
-                                 p_floor => p_floor, p_calm_floor => p_floor, p_reserve => p_reserve,
-                                 p_charged => true, p_poll => p_poll)
+                                 p_frees => p_headroom, p_limit => p_limit, p_window => p_window,
+                                 p_hold => p_window + p_life, p_life => p_life, p_floor => p_floor,
+                                 p_calm_floor => p_floor, p_reserve => p_reserve, p_charged => true,
+                                 p_poll => p_poll)
 $$;
 
 -- Error slots for one call, or a lease of up to `p_slots`: a slot is one error a call in flight may turn into,
@@ -445,19 +434,21 @@ CREATE OR REPLACE FUNCTION esi_take_errors(p_now TIMESTAMPTZ, p_bucket TEXT, p_s
                                            OUT id BIGINT, OUT slots INTEGER, OUT wait DOUBLE PRECISION)
 LANGUAGE sql AS $$
     SELECT * FROM esi_take_calls(p_now, p_bucket, p_slots, p_cost => 1, p_headroom => 0, p_frees => 1,
-                                 p_limit => p_limit, p_window => p_window, p_hold => p_hold, p_floor => p_floor,
-                                 p_calm_floor => p_calm_floor, p_reserve => 0, p_charged => false, p_poll => p_poll)
+                                 p_limit => p_limit, p_window => p_window, p_hold => p_hold, p_life => 0,
+                                 p_floor => p_floor, p_calm_floor => p_calm_floor, p_reserve => 0,
+                                 p_charged => false, p_poll => p_poll)
 $$;
 
--- Settle answered calls, one or a batch: their in-flight rows go, and what each answer cost is spent in the second
--- after the settling (never earlier than the answer). Entries are (bucket, cost, window, used), sorted by bucket
--- (the locks' order), each call's in the order answered. Where an answer said how much of a bucket ESI counts
--- (`used`, its limit minus its remaining count, null where not said), whatever ESI counts beyond this ledger is
--- spent by someone else: booked as `other`, from the last such answer of each bucket, once every cost of the
--- batch is booked. Our calls still in flight count as ours, spent: only what is sure to be another app's is
--- booked.
+-- Settle answered calls, one or a batch: their in-flight rows go (a lease's row once its last call is answered),
+-- and what each answer cost is spent in the whole second after it: `ago` is how long before the settling it came
+-- (0 for now), measured by the caller's clock, so the second booked is never earlier than the answer, and never
+-- later than the settling. Entries are (bucket, cost, window, used, ago), each bucket's in the order answered.
+-- Where an answer said how much of a bucket ESI counts (`used`, its limit minus its remaining count, null where
+-- not said), whatever ESI counts beyond this ledger is spent by someone else: booked as `other`, from the last
+-- such answer of each bucket, once every cost of the batch is booked. Our calls still in flight count as ours,
+-- spent: only what is sure to be another app's is booked.
 CREATE OR REPLACE FUNCTION esi_settle(p_now TIMESTAMPTZ, p_ids BIGINT[], p_buckets TEXT[], p_costs INTEGER[],
-                                      p_windows INTEGER[], p_used INTEGER[])
+                                      p_windows INTEGER[], p_used INTEGER[], p_ago DOUBLE PRECISION[])
 RETURNS VOID LANGUAGE plpgsql AS $$
 DECLARE
     now_ TIMESTAMPTZ;
@@ -466,14 +457,14 @@ DECLARE
     counted BIGINT;
     seen TEXT[] := '{}';
 BEGIN
-    FOR i IN 1 .. cardinality(p_buckets) LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_buckets[i], 0));
-    END LOOP;
+    PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || b, 0))  -- the buckets' locks, in their order
+        FROM (SELECT DISTINCT b FROM unnest(p_buckets) AS t (b) ORDER BY b) t;
     now_ := coalesce(p_now, clock_timestamp());
     second_after := to_timestamp(ceil(extract(epoch FROM now_)));
     DELETE FROM esi_in_flight WHERE id = ANY(p_ids);
     INSERT INTO esi_spent (bucket, second, own)
-        SELECT b, second_after, sum(c) FROM unnest(p_buckets, p_costs) AS t (b, c) WHERE c > 0 GROUP BY b
+        SELECT b, to_timestamp(ceil(extract(epoch FROM now_) - coalesce(ago, 0))), sum(c)
+        FROM unnest(p_buckets, p_costs, p_ago) AS t (b, c, ago) WHERE c > 0 GROUP BY 1, 2
     ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
     FOR i IN REVERSE cardinality(p_buckets) .. 1 LOOP
         CONTINUE WHEN p_used[i] IS NULL OR p_buckets[i] = ANY(seen);
@@ -491,6 +482,26 @@ BEGIN
             -- bucket is not calm, see esi_take_calls).
             INSERT INTO esi_spent (bucket, second) VALUES (p_buckets[i], second_after) ON CONFLICT DO NOTHING;
         END IF;
+    END LOOP;
+END $$;
+
+-- The ledger's functions have these signatures and no other: esi_take (one function for a call's every bucket,
+-- in parallel arrays, though a call never took more than one bucket at once) and the former signatures of these
+-- go, so that applying this file upgrades a database in place. Workers that still call them need this code.
+DO $$
+DECLARE
+    old REGPROCEDURE;
+BEGIN
+    FOR old IN SELECT p.oid::regprocedure FROM pg_proc p
+               WHERE p.pronamespace = current_schema()::regnamespace
+                 AND p.proname IN ('esi_take', 'esi_take_calls', 'esi_take_tokens', 'esi_take_errors', 'esi_settle')
+                 AND p.oid NOT IN (
+                     'esi_take_calls(timestamptz, text, int, int, int, int, int, int, int, int, int, int, int, bool,
+                                     float8)'::regprocedure,
+                     'esi_take_tokens(timestamptz, text, int, int, int, int, int, int, int, int, float8)'::regprocedure,
+                     'esi_take_errors(timestamptz, text, int, int, int, int, int, int, float8)'::regprocedure,
+                     'esi_settle(timestamptz, bigint[], text[], int[], int[], int[], float8[])'::regprocedure) LOOP
+        EXECUTE format('DROP FUNCTION %s', old);
     END LOOP;
 END $$;
 

@@ -281,7 +281,7 @@ def take(conn, now, bucket="killmail", limit=50, window=60, calls=1):
 
 
 def settle(conn, now, ids, *, cost=2, used=None):
-    db.settle_tokens(conn, now, ids=ids, buckets=["killmail"], costs=[cost], windows=[60], used=[used])
+    db.settle_tokens(conn, now, ids=ids, bookings=[db.Booking("killmail", cost, 60, used)])
 
 
 def test_take_tokens_is_one_step_for_every_session(conn, database_url):
@@ -333,8 +333,24 @@ def test_take_error_slots_keeps_the_calm_floor_until_an_error_is_booked(conn):
     taken = db.take_error_slots(conn, NOW, slots, poll=0.05)
     assert (taken.calls, taken.wait) == (90, 0.0)
     assert db.take_error_slots(conn, NOW, slots, poll=0.05) == (None, 0, pytest.approx(0.05))
-    db.settle_tokens(conn, NOW, ids=[taken.id], buckets=["error-limit"], costs=[1], windows=[60], used=[None])
+    db.settle_tokens(conn, NOW, ids=[taken.id], bookings=[db.Booking("error-limit", 1, 60)])
     assert db.take_error_slots(conn, NOW, slots, poll=0.05)[1] == 49     # 1 spent + 49 + the floor of 50
+
+
+def test_a_leases_answers_are_booked_each_in_the_second_after_it_came(conn):
+    """Settled together at the lease's end, 12.5 s after its first answer: each cost is spent in the whole second
+    after its own answer (never before it, so never back before ESI gives it back), ESI's count once, for the
+    last answer."""
+    (lease,), _, calls = take(conn, NOW, calls=3)
+    assert calls == 3
+    settled = NOW + timedelta(seconds=12.5)
+    db.settle_tokens(conn, settled, ids=[lease], bookings=[
+        db.Booking("killmail", 2, 60, ago=12.5), db.Booking("killmail", 5, 60, ago=12.0),
+        db.Booking("killmail", 1, 60, used=9, ago=0.2)])
+    rows = conn.execute("SELECT second - %s AS after, own, other FROM esi_spent ORDER BY second",
+                        (NOW,)).fetchall()
+    assert [(r["after"].total_seconds(), r["own"], r["other"]) for r in rows] == [(0, 2, 0), (1, 5, 0), (13, 1, 1)]
+    assert db.ledger_spent(conn, "killmail", settled, window=60)["in_flight"] == 0
 
 
 def test_settle_tokens_books_what_esi_counts_beyond_the_ledger(conn):
