@@ -618,6 +618,22 @@ def test_a_backlog_call_never_spends_from_a_lease_taken_for_fresh_calls(conn, pr
     assert shared.take(DETAIL).tokens is backlog.tokens
 
 
+def test_a_killed_processs_lease_stays_spent_a_window_past_its_last_possible_call(conn, process, clock):
+    """Its calls may have gone out until LEASE_LIFE after the lease was taken, and ESI charged each on arrival:
+    once its session is gone, the whole lease is spent from that last second, and back a window after it."""
+    one = process()
+    learn(one)                                             # 2 tokens, back at 12:01:01
+    one._wanting_tokens[DETAIL] = 3
+    assert one.take(DETAIL).tokens.calls == 4              # 8 tokens leased at 12:00:00.25
+    one._conn.close()                                      # killed
+    later = process()
+    small = {"limit_tokens": 9, "window_seconds": 60}
+    clock.sleep(61)                                        # 12:01:01.25: the learned call's tokens are back
+    assert later._take_once(DETAIL, small)[0] is None      # the lease's 8 are not: its last call may be 5 s later
+    clock.sleep(limits.LEASE_LIFE)
+    assert later._take_once(DETAIL, small)[0] is not None
+
+
 def test_a_detail_call_costs_a_fraction_of_a_round_trip_when_threads_share_leases(database_url, conn, clock):
     """Round trips of the limits connection per ESI call: 32 threads of one process fetching details (a 200 each,
     with ESI's rate-limit headers) share leases of tokens and of error slots."""
