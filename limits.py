@@ -88,7 +88,7 @@ RECHECK = 1.0              # a call waiting for tokens looks at the pauses at le
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
 LEASE_SLOTS = 16           # at most this many error slots leased at once: one process never holds the whole budget
 LEASE_CALLS = 16           # at most this many calls' tokens of one bucket leased at once, for the same reason
-LEASE_LIFE = 5            # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
+LEASE_LIFE = 5             # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
 LONGEST_READ = 300         # HTTP_TIMEOUT_SECONDS at most: the last read of a call may block that long past its deadline
 # A lease's row counts this long at most: its last call starts within LEASE_LIFE and ends within its deadline and
 # one last read.
@@ -334,8 +334,8 @@ class SharedLimits:
             if ticket is None and wait > POLL:
                 # The bucket is spent: this process's calls wait for its tokens, and the error slots and tokens
                 # it leased that no call uses would only keep other processes' calls waiting.
-                self._end(self._over(waiting=True), [])
-                self._end(*self._tokens_over(waiting=True))
+                ids, bookings = self._tokens_over(waiting=True)
+                self._end(self._over(waiting=True) + ids, bookings)
             if wait > MAX_INLINE_WAIT and backlog:
                 raise Deferred(f"{bucket}: the backlog's share spent for {wait:.0f} s", bucket=bucket,
                                until=self._clock() + timedelta(seconds=wait))

@@ -280,7 +280,9 @@ CALL pg_temp.create_index('sync_runs_character', 'sync_runs (character_id, start
 -- - A call takes before it goes (esi_take_tokens) and settles when answered (esi_settle). In flight it holds a
 --   200's cost in esi_in_flight and keeps room beside it for a dearer answer; it goes only when what is spent,
 --   what is in flight and its own cost leave the bucket's floor (what a backlog leaves to fresh calls) and, once
---   ESI counts spends beyond the ledger (other apps behind the IP, booked as `other`), a reserve.
+--   ESI counts spends beyond the ledger (other apps behind the IP, booked as `other`), a reserve. A process may
+--   take several calls' worth in one row (a lease) and settle their answers together, each booked in the second
+--   after its own answer.
 -- - The error limit is a bucket of the same ledger ('error-limit@<egress>', a token per error answer): each call
 --   in flight holds a slot, one error it may turn into (esi_take_errors), under a floor of half the budget once
 --   errors come and a small one after a window without any.
