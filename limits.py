@@ -313,6 +313,8 @@ class SharedLimits:
                 self._wanting -= 1
             with self._token_lock:
                 self._wanting_tokens[bucket] -= 1
+                if not self._wanting_tokens[bucket]:  # one key per pilot's list bucket: none kept for long
+                    del self._wanting_tokens[bucket]
 
     def _take_waiting(self, bucket: str, group: str, keys: list[str], state: list[dict], *,
                       backlog: bool = False) -> Ticket:

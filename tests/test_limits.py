@@ -618,6 +618,17 @@ def test_a_backlog_call_never_spends_from_a_lease_taken_for_fresh_calls(conn, pr
     assert shared.take(DETAIL).tokens is backlog.tokens
 
 
+def test_a_pilots_list_call_leaves_no_lease_and_no_count_behind(conn, process, clock):
+    """One list call a job, a bucket per pilot: its lease ends with the answer (nobody else wants that bucket),
+    and the process keeps nothing per pilot once the call is done (100,000 pilots pass through one process)."""
+    shared = process()
+    for character_id in range(1, 6):
+        bucket = f"char-killmail:{character_id}"
+        shared.settle(shared.take(bucket), 304, answer("30/15m"))
+        assert spent(conn, bucket, clock, 900) == {"own": 1, "other": 0, "in_flight": 0}
+    assert shared._token_leases == [] and shared._wanting_tokens == {}
+
+
 def test_a_killed_processs_lease_stays_spent_a_window_past_its_last_possible_call(conn, process, clock):
     """Its calls may have gone out until LEASE_LIFE after the lease was taken, and ESI charged each on arrival:
     once its session is gone, the whole lease is spent from that last second, and back a window after it."""
