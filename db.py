@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -1121,37 +1121,89 @@ def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds:
     )
 
 
-def take_tokens(conn, now: datetime | None, *, buckets: Sequence[str], costs: Sequence[int],
-                limits: Sequence[int], windows: Sequence[int], holds: Sequence[int], floors: Sequence[int],
-                reserves: Sequence[int], headroom: Sequence[int], frees: Sequence[int], charged: Sequence[bool],
-                poll: float, extras: Sequence[int] | None = None,
-                calm_floors: Sequence[int] | None = None) -> tuple[list[int] | None, float, list[int]]:
-    """Take one call's cost from each bucket of the ledger, all or nothing (schema.sql's esi_take), and up to
-    `extras` more calls' worth of each where they fit too: the in-flight row ids, 0.0 and how many extra calls
-    each row holds; or None, the seconds until it would fit and []. `calm_floors` (default `floors`) are the
-    floors while nothing was spent in the window. Bucket names come sorted (the locks' order); `now` None is the
-    database's clock."""
-    row = conn.execute(
-        "SELECT ids, wait, granted FROM esi_take(%s, %s::text[], %s::int[], %s::int[], %s::int[], %s::int[], "
-        "%s::int[], %s::int[], %s::int[], %s::int[], %s::int[], %s::int[], %s::bool[], %s)",
-        (now, list(buckets), list(costs), list(extras or [0] * len(buckets)), list(limits), list(windows),
-         list(holds), list(floors), list(calm_floors or floors), list(reserves), list(headroom), list(frees),
-         list(charged), poll),
-    ).fetchone()
-    return row["ids"], row["wait"] or 0.0, row["granted"] or []
+class TokenTake(NamedTuple):
+    """What a call takes from a rate-limit bucket of the ledger (schema.sql's esi_take_tokens): `cost` held while
+    in flight and `headroom` kept beside it, under the bucket's `limit` a `window`, leaving `floor` unspent and
+    `reserve` while other apps spend it; `calls` asks for a lease of that many calls' worth in one row, handed
+    out for `life` seconds."""
+
+    bucket: str
+    cost: int
+    headroom: int
+    limit: int
+    window: int
+    floor: int
+    reserve: int
+    calls: int = 1
+    life: int = 0
 
 
-def settle_tokens(conn, now: datetime | None, *, ids: Sequence[int], buckets: Sequence[str],
-                  costs: Sequence[int], windows: Sequence[int], used: Sequence[int | None]) -> None:
-    """Book what an answer cost in each of its buckets and end its in-flight rows (schema.sql's esi_settle);
-    `used` is ESI's own count of a bucket where the answer gave it, to book what other apps spent."""
-    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[])",
-                 (now, list(ids), list(buckets), list(costs), list(windows), list(used)))
+class SlotTake(NamedTuple):
+    """What a call takes from the error budget (schema.sql's esi_take_errors): one slot, an error it may turn
+    into, under `limit` errors a `window`, leaving `floor` (`calm_floor` after a window without errors); a row
+    counts `hold` seconds at most; `slots` asks for a lease of that many in one row."""
+
+    bucket: str
+    limit: int
+    window: int
+    hold: int
+    floor: int
+    calm_floor: int
+    slots: int = 1
+
+
+class Taken(NamedTuple):
+    """The ledger's answer to a take: the in-flight row and how many calls it holds, or no row and the seconds
+    until the call would fit."""
+
+    id: int | None
+    calls: int
+    wait: float
+
+
+def take_tokens(conn, now: datetime | None, take: TokenTake, *, poll: float) -> Taken:
+    """Take rate-limit tokens for one call, or a lease of up to `take.calls` (schema.sql's esi_take_tokens);
+    `poll` is the wait while calls in flight are about to give enough back; `now` None is the database's clock."""
+    return _take(conn, "esi_take_tokens(%(now)s, %(bucket)s, p_calls => %(calls)s, p_cost => %(cost)s, "
+                       "p_headroom => %(headroom)s, p_limit => %(limit)s, p_window => %(window)s, p_life => %(life)s, "
+                       "p_floor => %(floor)s, p_reserve => %(reserve)s, p_poll => %(poll)s)", now, take, poll)
+
+
+def take_error_slots(conn, now: datetime | None, take: SlotTake, *, poll: float) -> Taken:
+    """Take error slots for one call, or a lease of up to `take.slots` (schema.sql's esi_take_errors)."""
+    return _take(conn, "esi_take_errors(%(now)s, %(bucket)s, p_slots => %(slots)s, p_limit => %(limit)s, "
+                       "p_window => %(window)s, p_hold => %(hold)s, p_floor => %(floor)s, "
+                       "p_calm_floor => %(calm_floor)s, p_poll => %(poll)s)", now, take, poll)
+
+
+def _take(conn, call: str, now: datetime | None, take: TokenTake | SlotTake, poll: float) -> Taken:
+    row = conn.execute(f"SELECT * FROM {call}", {**take._asdict(), "now": now, "poll": poll}).fetchone()
+    id_, calls, wait = row.values()
+    return Taken(id_, calls or 0, wait or 0.0)
+
+
+class Booking(NamedTuple):
+    """What one answer cost a bucket (`window` its window), to book: `used` is ESI's own count of the bucket where
+    the answer gave it, `ago` the seconds between the answer and the settling (0: now)."""
+
+    bucket: str
+    cost: int
+    window: int
+    used: int | None = None
+    ago: float = 0.0
+
+
+def settle_tokens(conn, now: datetime | None, *, ids: Sequence[int], bookings: Sequence[Booking]) -> None:
+    """End these in-flight rows and book what the answers cost, each in the second after it came (schema.sql's
+    esi_settle); ESI's own counts book what other apps spent."""
+    columns = [list(column) for column in zip(*bookings, strict=True)] or [[]] * len(Booking._fields)
+    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[], %s::float8[])",
+                 (now, list(ids), *columns))
 
 
 def prune_ledger(conn, *, older_than: int) -> int:
     """Delete ledger rows older than this many seconds (buckets nobody calls any more: a pilot gone, an old
-    egress name; esi_take prunes the buckets in use); returns how many went."""
+    egress name; esi_take_calls prunes the buckets in use); returns how many went."""
     cut = "clock_timestamp() - make_interval(secs => %s)"
     spent = conn.execute(f"DELETE FROM esi_spent WHERE second < {cut}", (older_than,)).rowcount
     flying = conn.execute(f"DELETE FROM esi_in_flight WHERE sent_at < {cut}", (older_than,)).rowcount

@@ -24,7 +24,6 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from backoff import MAX_PAUSE as MAX_PAUSE  # limits.py reads it here, until its own header parser joins backoff.py
 from backoff import exponential, pause_seconds
 from settings import Settings
 

@@ -16,6 +16,12 @@ closes the leases it took calm as soon as an answer shows errors, so no new call
 leases those slots several at a time (one ledger row) and hands them to its threads, so that a call which ends
 without an error costs the ledger nothing; errors are booked as they come. A 420 or a 429 still pauses the route
 group for every process until its reset.
+
+Rate-limit tokens are leased the same way (as YouTube's Doorman leases capacity to its clients): when several of
+a process's threads are on their way to one bucket, it takes their calls' worth in one row, hands the calls out
+for LEASE_LIFE at most, and books the answers together when the lease's last call is answered, each cost in the
+second after its own answer. The ledger stays exact: the row holds every call of the lease, and the room for a
+dearer answer, until its answers are booked.
 """
 from __future__ import annotations
 
@@ -29,21 +35,51 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
+
+import backoff
 import db
-from esi import MAX_PAUSE, REQUEST_DEADLINE, SSO_BUCKET, Deferred, Paused
+from backoff import MAX_PAUSE
+from esi import REQUEST_DEADLINE, SSO_BUCKET, Deferred, Paused
 
 log = logging.getLogger(__name__)
 
 ERROR_LIMIT_BUCKET = "error-limit"
 ANSWERED_BUCKET = "answered-bucket"  # pause_after's name for the bucket of the call that got the 429
+
+# ---------------------------------------------------------------------------------------------- the rule
+# The whole rule, each line beside the fact of ESI.md ("Limits: two systems at once") it follows. schema.sql's
+# section "ESI's limits: the rule" is the ledger that applies it (esi_take_calls does the arithmetic); token_take and
+# error_take below hand it these numbers.
+#
+# Rate limit: a bucket per group, of `limit` tokens a floating `window` (X-Ratelimit-Limit, e.g. '3600/15m').
+# Until an answer says otherwise, ESI's documented limits (below): a new database (or egress) spends from the
+# first call as ESI will count it, with no call waiting for another's answer to learn them.
+DEFAULT_LIMITS = {"killmail": (3600, 900),       # details: 3600 / 15 min per source IP (our egress)
+                  "char-killmail": (30, 900),    # a character's recent list: 30 / 15 min per app + character
+                  "corp-killmail": (30, 900)}    # a corporation's: the same, per app + director character
+# An answer costs 2 (2xx), 1 (304), 5 (4xx), nothing (429, 5xx): answer_cost; a timeout what a 200 would. Its
+# tokens are booked in the whole second after it and come back one window later, never before ESI's.
+CALL_COST = 2              # what a call holds until its answer: the cost of a 200
+HEADROOM = 3               # per call in flight: a 4xx costs 5 where the call holds the 2 of a 200
+# A call goes when spent + in flight (cost and headroom each) + its cost + floor (+ reserve) <= limit. The floor
+# is 0 for a fresh call. A backlog (killmails listed long ago, or in a pilot's first sync) may spend this share of
+# a bucket: the rest is kept for fresh killmails. A rested detail bucket spent at once by a cold sync otherwise
+# gives nothing back for a whole window (tokens return 15 minutes after they were spent), and new kills wait that
+# long to be stored.
+BACKLOG_SHARE = 0.6
+RESERVE_SHARE = 0.02       # kept unspent while another app behind the IP spends the same bucket (it spends unseen
+RESERVE_CALLS = 2          # between our answers), at least this many calls' tokens
+# Error limit: at most 100 answers >= 400 (and timeouts) per window of about 60 s per IP; past it, 420s. A call
+# in flight holds one slot (an error it may turn into); an error answer is spent for a window.
 ERROR_LIMIT = 100          # ESI's error answers a window, per IP
 ERROR_WINDOW = 60          # ESI's error window is fixed; the ledger's floating one never forgets an error sooner
 ERROR_FLOOR = 50           # half of the error budget is never used once errors are coming, whatever is in flight
 ERROR_CALM_FLOOR = 10      # while none came for a window: were every call in flight to fail at once, still no 420
-HEADROOM = 3               # per call in flight: a 4xx costs 5 tokens where the call holds the 2 of a 200
-RESERVE_SHARE = 0.02       # kept unspent while another app behind the IP spends the same bucket (it spends unseen
-RESERVE_CALLS = 2          # between our answers), at least this many calls' tokens
-CALL_COST = 2              # what a call holds until its answer: the cost of a 200
+# A 420 pauses every route until X-ESI-Error-Limit-Reset, a 429 its bucket until Retry-After (pause_after),
+# for every process.
+# ---------------------------------------------------------------------------------------------- end of the rule
+
 MAX_WINDOW = 3600          # the longest rate-limit window believed
 HOLD_MARGIN = 10           # seconds past a call's deadline that its possible error is still held
 POLL = 0.05                # seconds before asking again when calls in flight may give tokens back
@@ -53,17 +89,10 @@ MAX_SHARED_WAIT = 120.0    # the same for a bucket every process shares (the det
 STOP_WAIT = 10.0           # a stopping process still waits this long for tokens to finish its jobs
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared pauses and limits
 RECHECK = 1.0              # a call waiting for tokens looks at the pauses at least this often
-# ESI's documented limits of the groups the worker calls (ESI.md), taken until an answer's X-Ratelimit-Limit says
-# otherwise: a new database (or egress) spends from the first call as ESI will count it, with no call waiting for
-# another's answer to learn them.
-DEFAULT_LIMITS = {"killmail": (3600, 900), "char-killmail": (30, 900), "corp-killmail": (30, 900)}
-# A backlog (killmails listed long ago, or in a pilot's first sync) may spend this share of a bucket: the rest is
-# kept for fresh killmails. A rested detail bucket spent at once by a cold sync otherwise gives nothing back for a
-# whole window (tokens return 15 minutes after they were spent), and new kills wait that long to be stored.
-BACKLOG_SHARE = 0.6
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
 LEASE_SLOTS = 16           # at most this many error slots leased at once: one process never holds the whole budget
-LEASE_LIFE = 5.0           # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
+LEASE_CALLS = 16           # at most this many calls' tokens of one bucket leased at once, for the same reason
+LEASE_LIFE = 5             # seconds a lease takes new calls; within HOLD_MARGIN, so its last call ends in its hold
 LONGEST_READ = 300         # HTTP_TIMEOUT_SECONDS at most: the last read of a call may block that long past its deadline
 # A lease's row counts this long at most: its last call starts within LEASE_LIFE and ends within its deadline and
 # one last read.
@@ -107,6 +136,20 @@ def reserve(limit_tokens: int) -> int:
     return max(RESERVE_CALLS * CALL_COST, int(limit_tokens * RESERVE_SHARE))
 
 
+def token_take(bucket: str, limit: int, window: int, *, backlog: bool = False, calls: int = 1) -> db.TokenTake:
+    """What a call (or a lease of `calls`) takes from a rate-limit bucket of `limit` tokens a `window`, by the
+    rule: a backlog call leaves the share BACKLOG_SHARE does not give it to fresh calls."""
+    return db.TokenTake(bucket, cost=CALL_COST, headroom=HEADROOM, limit=limit, window=window,
+                        floor=limit - int(limit * BACKLOG_SHARE) if backlog else 0, reserve=reserve(limit),
+                        calls=calls, life=LEASE_LIFE)
+
+
+def error_take(bucket: str, slots: int = 1) -> db.SlotTake:
+    """What a lease of `slots` calls takes from the error budget of one egress, by the rule."""
+    return db.SlotTake(bucket, limit=ERROR_LIMIT, window=ERROR_WINDOW, hold=ERROR_HOLD, floor=ERROR_FLOOR,
+                       calm_floor=ERROR_CALM_FLOOR, slots=slots)
+
+
 def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]:
     """What an answer pauses for every process, and until when: the error limit (ERROR_LIMIT_BUCKET) on a 420,
     the bucket of the call answered (ANSWERED_BUCKET) on a 429 (a pure function of the answer and the clock)."""
@@ -119,32 +162,10 @@ def pause_after(status: int, headers: Any, now: datetime) -> dict[str, datetime]
 
 
 def _pause_seconds(headers: Any, name: str) -> float:
-    """The pause a header asks for, a second more (ESI's reset is rounded), at most MAX_PAUSE: pauses only grow,
-    so one absurd value would otherwise stop every process for years. A minute when absent or unreadable."""
-    value = headers.get(name)
-    seconds = _int(value)
-    if seconds is None:
-        if value not in (None, ""):
-            log.warning("ignoring an unreadable %s header: %r", name, str(value)[:40])
-        seconds = 60
-    return min(max(seconds, 0) + 1, MAX_PAUSE)
-
-
-@dataclass(frozen=True)
-class _Spend:
-    """What one call may cost one bucket of the ledger, and that bucket's rules (schema.sql's esi_take)."""
-
-    bucket: str
-    cost: int
-    limit: int
-    window: int
-    hold: int          # seconds a call in flight counts at most (one of a killed process)
-    floor: int = 0     # never spent
-    calm_floor: int | None = None  # the floor while nothing was spent in the window (None: `floor`)
-    reserve: int = 0   # kept while other apps spend the bucket
-    headroom: int = 0  # room kept per call in flight for an answer dearer than its cost
-    frees: int = 0     # what an ordinary answer gives back per call in flight
-    charged: bool = False  # a dead process's call still costs what it holds (ESI charged it on arrival)
+    """The pause a header asks for (backoff.pause_seconds: at most MAX_PAUSE, since pauses only grow and one absurd
+    value would otherwise stop every process for years; a minute when absent or unreadable), a second more:
+    ESI's reset is rounded."""
+    return min(backoff.pause_seconds(headers.get(name), 60, header=name) + 1, MAX_PAUSE)
 
 
 @dataclass(eq=False)
@@ -166,14 +187,40 @@ class _Lease:
                 and (now - self.taken_at).total_seconds() < LEASE_LIFE)
 
 
+@dataclass(eq=False)
+class _TokenLease:
+    """Rate-limit tokens one process took from the ledger in one row for up to `calls` calls of one bucket,
+    handed to its calls one at a time. The answers' costs are kept here and booked together when it ends, each in
+    the second after it came, so a call that does not end a lease costs the ledger nothing."""
+
+    id: int
+    bucket: str
+    window: int
+    calls: int
+    taken_at: datetime
+    backlog: bool      # taken under a backlog's floor: a fresh call may use it, and a backlog call only such a one
+    started: int = 0   # calls handed out
+    answers: list[tuple[float, int, int | None]] = field(default_factory=list)  # (when, cost, ESI's count)
+    closed: bool = False  # taken on a connection since lost: its row may soon look like a dead process's
+
+    def open(self, now: datetime) -> bool:
+        """Whether the lease still takes new calls: a call left, and young enough that ESI charges its last
+        call within the row's hold (a window past LEASE_LIFE)."""
+        return (not self.closed and self.started < self.calls
+                and (now - self.taken_at).total_seconds() < LEASE_LIFE)
+
+    def in_flight(self) -> int:
+        """Calls handed out and not answered yet."""
+        return self.started - len(self.answers)
+
+
 @dataclass(frozen=True)
 class Ticket:
-    """What one call took from the ledger: its error slot, and its in-flight rows and the buckets they hold."""
+    """What one call took from the ledger: a call of a lease of its bucket's tokens (none for a bucket without a
+    rate limit) and its error slot (none for SSO)."""
 
     bucket: str
-    ids: list[int] = field(default_factory=list)
-    ledgers: list[str] = field(default_factory=list)
-    windows: list[int] = field(default_factory=list)
+    tokens: _TokenLease | None = None
     lease: _Lease | None = None
 
 
@@ -210,6 +257,13 @@ class SharedLimits:
         # Groups with a default limit whose answers came without one: ESI (or the stand-in) meters them not.
         self._unlimited: set[str] = set()
         self._wanting = 0
+        # The process's leases of rate-limit tokens, and how many of its threads are on their way to a call of
+        # each bucket (the size of its next lease); guarded by `_token_lock`, never held across a query.
+        self._token_lock = threading.Lock()
+        self._token_leases: list[_TokenLease] = []
+        self._wanting_tokens: dict[str, int] = {}
+        # Seconds on a clock that only moves forward, for how long ago an answer came (the test's clock if given).
+        self._ticks = (lambda: clock().timestamp()) if clock else time.monotonic
         self._leasing = False
         # Set by cancel_waits (the job's deadline passed, or the worker stops): every wait of the process's calls
         # for the limits ends at once with Paused, until allow_waits (the next job).
@@ -248,12 +302,18 @@ class SharedLimits:
         keys = [self.error_bucket, bucket, group] if group != bucket else [self.error_bucket, bucket]
         with self._slots:  # every thread on its way to a call counts, for the size of the next lease
             self._wanting += 1
+        with self._token_lock:
+            self._wanting_tokens[bucket] = self._wanting_tokens.get(bucket, 0) + 1
         try:
             with self._take_lock_held(group, bucket):
                 return self._take_waiting(bucket, group, keys, self._read(keys), backlog=backlog)
         finally:
             with self._slots:
                 self._wanting -= 1
+            with self._token_lock:
+                self._wanting_tokens[bucket] -= 1
+                if not self._wanting_tokens[bucket]:  # one key per pilot's list bucket: none kept for long
+                    del self._wanting_tokens[bucket]
 
     def _take_waiting(self, bucket: str, group: str, keys: list[str], state: list[dict], *,
                       backlog: bool = False) -> Ticket:
@@ -266,16 +326,17 @@ class SharedLimits:
                 try:
                     lease, wait = self._error_slot()
                 except BaseException:
-                    with suppress(db.psycopg.Error):
-                        self._end_in_flight(ticket.ids)
+                    with suppress(psycopg.Error):
+                        self._end(*self._unstart(ticket.tokens))
                     raise
                 if lease is not None:
                     return replace(ticket, lease=lease)
-                self._end_in_flight(ticket.ids)  # its tokens go back while it waits for the error budget
+                self._end(*self._unstart(ticket.tokens))  # its tokens go back while it waits for the error budget
             if ticket is None and wait > POLL:
-                # The bucket is spent: this process's calls wait for its tokens, and the error slots it leased
-                # that no call uses would only keep other processes' calls (those that have their tokens) waiting.
-                self._end_in_flight(self._over(waiting=True))
+                # The bucket is spent: this process's calls wait for its tokens, and the error slots and tokens
+                # it leased that no call uses would only keep other processes' calls waiting.
+                ids, bookings = self._tokens_over(waiting=True)
+                self._end(self._over(waiting=True) + ids, bookings)
             if wait > MAX_INLINE_WAIT and backlog:
                 raise Deferred(f"{bucket}: the backlog's share spent for {wait:.0f} s", bucket=bucket,
                                until=self._clock() + timedelta(seconds=wait))
@@ -299,21 +360,51 @@ class SharedLimits:
             limit, window = DEFAULT_LIMITS.get(_group(bucket), (None, None))
         if not (limit and window):  # a bucket with no limit (ESI answered without one) is only under the error limit
             return Ticket(bucket), 0.0
-        # ESI charges a call when it arrives: a call's tokens are back one window after it was sent.
-        spend = _Spend(bucket, cost=CALL_COST, limit=limit, window=window, hold=window, reserve=reserve(limit),
-                       headroom=HEADROOM, frees=HEADROOM, charged=True,
-                       floor=limit - int(limit * BACKLOG_SHARE) if backlog else 0)
-        ids, wait, _ = self._ask_ledger(spend)
-        if not ids:
-            return None, wait
-        return Ticket(bucket, ids, [bucket], [window]), 0.0
+        with self._token_lock:
+            now = self._clock()
+            # A lease taken under a backlog's floor serves any call; one taken for fresh calls no backlog call.
+            tokens = next((lease for lease in self._token_leases if lease.bucket == bucket and lease.open(now)
+                           and (lease.backlog or not backlog)), None)
+            if tokens is not None:
+                tokens.started += 1
+                return Ticket(bucket, tokens), 0.0
+            want = max(1, min(self._wanting_tokens.get(bucket, 0), LEASE_CALLS))
+        taken = self._with_conn(lambda c: db.take_tokens(
+            c, self._ledger_clock(), token_take(bucket, limit, window, backlog=backlog, calls=want), poll=POLL))
+        if taken.id is None:
+            return None, taken.wait
+        tokens = _TokenLease(taken.id, bucket, window, taken.calls, self._clock(), backlog, started=1)
+        with self._token_lock:
+            self._token_leases.append(tokens)
+        return Ticket(bucket, tokens), 0.0
 
-    def _ask_ledger(self, spend: _Spend, extras: int = 0) -> tuple[list[int] | None, float, list[int]]:
-        return self._with_conn(lambda c: db.take_tokens(
-            c, self._ledger_clock(), buckets=[spend.bucket], costs=[spend.cost], limits=[spend.limit],
-            windows=[spend.window], holds=[spend.hold], floors=[spend.floor], reserves=[spend.reserve],
-            headroom=[spend.headroom], frees=[spend.frees], charged=[spend.charged], poll=POLL, extras=[extras],
-            calm_floors=[spend.floor if spend.calm_floor is None else spend.calm_floor]))
+    def _unstart(self, tokens: _TokenLease | None) -> tuple[list[int], list[db.Booking]]:
+        """A call that took its tokens does not go after all: they go back to its lease, which may be over."""
+        if tokens is None:
+            return [], []
+        with self._token_lock:
+            tokens.started -= 1
+        return self._tokens_over()
+
+    def _tokens_over(self, *, waiting: bool = False) -> tuple[list[int], list[db.Booking]]:
+        """Take the token leases that are over out of the process's hands: their ids, and their answers to book.
+        A lease with no call in flight is over once it takes no new call, or at once when no thread of the
+        process wants its bucket (or all wait for a spent bucket): unused tokens held by one process are calls
+        other processes cannot make."""
+        now, ticks = self._clock(), self._ticks()
+        with self._token_lock:
+            over = [lease for lease in self._token_leases if not lease.in_flight()
+                    and (waiting or not lease.open(now) or not self._wanting_tokens.get(lease.bucket))]
+            self._token_leases = [lease for lease in self._token_leases if lease not in over]
+            # ESI does not count the calls this process still holds unused in its other leases; the ledger does.
+            unused = {lease.bucket: 0 for lease in over}
+            for lease in self._token_leases:
+                if lease.bucket in unused:
+                    unused[lease.bucket] += CALL_COST * (lease.calls - lease.started)
+        bookings = [db.Booking(lease.bucket, cost, lease.window, None if used is None else used + unused[lease.bucket],
+                               ago=max(0.0, ticks - at))
+                    for lease in over for at, cost, used in lease.answers]
+        return [lease.id for lease in over], bookings
 
     # ---------------------------------------------------------------------------------------------- error slots
 
@@ -335,7 +426,7 @@ class SharedLimits:
                 self._leasing = True
                 want = max(1, min(self._wanting, LEASE_SLOTS))
             try:
-                self._end_in_flight(self._over())
+                self._end(self._over(), [])
                 wait = self._lease(want)
             finally:
                 with self._slots:
@@ -347,15 +438,14 @@ class SharedLimits:
     def _lease(self, want: int) -> float:
         """Ask the ledger for `want` error slots in one row (as many as fit, at least one): 0.0 once the lease
         is this process's, or the seconds until one slot would fit."""
-        spend = _Spend(self.error_bucket, cost=1, limit=ERROR_LIMIT, window=ERROR_WINDOW, hold=ERROR_HOLD,
-                       floor=ERROR_FLOOR, calm_floor=ERROR_CALM_FLOOR, frees=1)
-        ids, wait, granted = self._ask_ledger(spend, extras=want - 1)
-        if not ids:
-            return wait
+        taken = self._with_conn(lambda c: db.take_error_slots(
+            c, self._ledger_clock(), error_take(self.error_bucket, want), poll=POLL))
+        if taken.id is None:
+            return taken.wait
         with self._slots:
             now = self._clock()
             calm = self._errors_seen_at is None or (now - self._errors_seen_at).total_seconds() > ERROR_WINDOW
-            self._leases.append(_Lease(ids[0], 1 + granted[0], now, calm=calm))
+            self._leases.append(_Lease(taken.id, taken.calls, now, calm=calm))
         return 0.0
 
     def _end_the_calm(self) -> None:
@@ -399,8 +489,9 @@ class SharedLimits:
         """End the leases that are over: an idle process (no job) calls this, so that its last lease does not hold
         slots other processes could use until its row's hold ends."""
         try:
-            self._end_in_flight(self._over())
-        except db.psycopg.Error as exc:
+            ids, bookings = self._tokens_over()
+            self._end(self._over() + ids, bookings)
+        except psycopg.Error as exc:
             log.warning("ESI limits: could not end the error leases (%s)", exc)
 
     def _unused_slots(self) -> int:
@@ -408,10 +499,10 @@ class SharedLimits:
         with self._slots:
             return sum(lease.slots - lease.used for lease in self._leases)
 
-    def _end_in_flight(self, ids: list[int]) -> None:
-        if ids:
-            self._with_conn(lambda c: db.settle_tokens(c, self._ledger_clock(), ids=ids, buckets=[], costs=[],
-                                                       windows=[], used=[]))
+    def _end(self, ids: list[int], bookings: list[db.Booking]) -> None:
+        """End these leases' rows in the ledger and book their answers (one round trip, when there are any)."""
+        if ids or bookings:
+            self._with_conn(lambda c: db.settle_tokens(c, self._ledger_clock(), ids=ids, bookings=bookings))
 
     def _nap(self, seconds: float, bucket: str, *, left: float) -> None:
         """Sleep. A stopping process (the `stopping` event set) finishes its jobs: it sleeps through a short wait
@@ -444,35 +535,33 @@ class SharedLimits:
             if ticket.lease is not None and (error_cost(status) or counted):
                 self._end_the_calm()  # before the slot goes back, so that a lease left idle ends with this answer
             ended = self._give_back(ticket.lease, error=error_cost(status) > 0)
-            self._settle_ledger(ticket, status, limit, remaining, errors_remain, ended)
+            if ticket.tokens is not None:
+                used = limit[0] - remaining if limit and remaining is not None and status != 429 else None
+                with self._token_lock:
+                    ticket.tokens.answers.append((self._ticks(), answer_cost(status), used))
+            ids, bookings = self._tokens_over()
+            self._settle_ledger(ticket, status, limit, errors_remain, ended + ids, bookings)
             self._record(ticket.bucket, status, headers, limit, remaining)
-        except db.psycopg.Error as exc:
+        except psycopg.Error as exc:
             # The answer is paid for and in hand: losing it would fetch it again. The call's rows in flight stop
             # counting when their hold ends.
             log.warning("ESI limits: could not settle a %s call (%s)", ticket.bucket, exc)
 
-    def _settle_ledger(self, ticket: Ticket, status: int, limit: tuple[int, int] | None, remaining: int | None,
-                       errors_remain: int | None, ended: list[int]) -> None:
-        """One round trip, and only where there is something to book: the call's rate-limit tokens, its error, what
-        ESI counts of errors beyond the ledger (when it counts any), and the leases that are over."""
-        entries = []
-        for ledger, window in zip(ticket.ledgers, ticket.windows, strict=True):
-            used = limit[0] - remaining if limit and remaining is not None and status != 429 else None
-            entries.append((ledger, answer_cost(status), window, used))
-        if limit and ticket.bucket not in ticket.ledgers:  # the call that found the bucket's limit spends from it
-            entries.append((ticket.bucket, answer_cost(status), limit[1], None))
+    def _settle_ledger(self, ticket: Ticket, status: int, limit: tuple[int, int] | None, errors_remain: int | None,
+                       ids: list[int], bookings: list[db.Booking]) -> None:
+        """One round trip, and only where there is something to book: the answers of the token leases that are
+        over, the call's error, what ESI counts of errors beyond the ledger (when it counts any), and the leases'
+        rows to end. A call of a lease that goes on costs the ledger nothing."""
+        if limit and ticket.tokens is None:
+            # The call that found its bucket's limit (a bucket not metered until now) spends from it.
+            bookings = [*bookings, db.Booking(ticket.bucket, answer_cost(status), limit[1])]
         counted = errors_remain is not None and errors_remain < ERROR_LIMIT  # ESI counts errors in its window
         if ticket.lease is not None and (error_cost(status) or counted):  # an ESI call (SSO's are not counted)
             # The ledger counts this process's unused slots as in flight (idle ones, and those whose error is
             # booked besides); ESI does not see them.
             used = ERROR_LIMIT - errors_remain + self._unused_slots() if errors_remain is not None else None
-            entries.append((self.error_bucket, error_cost(status), ERROR_WINDOW, used))
-        if not (entries or ticket.ids or ended):
-            return
-        entries.sort(key=lambda entry: entry[0])  # the locks' order
-        self._with_conn(lambda c: db.settle_tokens(
-            c, self._ledger_clock(), ids=ticket.ids + ended, buckets=[e[0] for e in entries],
-            costs=[e[1] for e in entries], windows=[e[2] for e in entries], used=[e[3] for e in entries]))
+            bookings = [*bookings, db.Booking(self.error_bucket, error_cost(status), ERROR_WINDOW, used)]
+        self._end(ids, bookings)
 
     def _record(self, bucket: str, status: int, headers: Any, limit: tuple[int, int] | None,
                 remaining: int | None) -> None:
@@ -572,7 +661,7 @@ class SharedLimits:
                 conn = self._conn = self._connect()
             try:
                 return work(conn)
-            except db.psycopg.OperationalError:
+            except psycopg.OperationalError:
                 if self._conn is conn:
                     self._conn = None
                     # The leases' rows name the lost session: once a bucket is short, other processes take them
@@ -580,6 +669,9 @@ class SharedLimits:
                     with self._slots:
                         for lease in self._leases:
                             lease.closed = True
+                    with self._token_lock:
+                        for tokens in self._token_leases:
+                            tokens.closed = True
                 conn.close()
                 if attempt == 2:
                     raise
@@ -592,10 +684,14 @@ class SharedLimits:
         """End the process's leases and close its limits connection."""
         with self._slots:
             ids, self._leases = [lease.id for lease in self._leases], []
+        with self._token_lock:
+            for tokens in self._token_leases:
+                tokens.closed = True
+        token_ids, bookings = self._tokens_over()
         try:
-            self._end_in_flight(ids)
-        except db.psycopg.Error as exc:  # a dead session's rows stop counting once the budget is short
-            log.warning("ESI limits: could not end the error leases (%s)", exc)
+            self._end(ids + token_ids, bookings)
+        except psycopg.Error as exc:  # a dead session's rows stop counting once the budget is short
+            log.warning("ESI limits: could not end the leases (%s)", exc)
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -271,6 +271,23 @@ CREATE TABLE IF NOT EXISTS sync_runs (
 CALL pg_temp.create_index('sync_runs_finished', 'sync_runs (finished_at DESC)');
 CALL pg_temp.create_index('sync_runs_character', 'sync_runs (character_id, started_at DESC)');
 
+-- ESI's limits: the rule. limits.py states it with its numbers, each beside the line of ESI.md it follows (its
+-- section "The rule"); this section is the ledger that applies it for every process on every host, on the
+-- database's clock:
+-- - A rate-limit bucket ('killmail@<egress>', 'char-killmail:<character id>', ...) holds `limit` tokens a
+--   floating `window`: what an answer cost is booked in esi_spent in the whole second after it, and comes back
+--   one window after that second, never before ESI gives it back.
+-- - A call takes before it goes (esi_take_tokens) and settles when answered (esi_settle). In flight it holds a
+--   200's cost in esi_in_flight and keeps room beside it for a dearer answer; it goes only when what is spent,
+--   what is in flight and its own cost leave the bucket's floor (what a backlog leaves to fresh calls) and, once
+--   ESI counts spends beyond the ledger (other apps behind the IP, booked as `other`), a reserve. A process may
+--   take several calls' worth in one row (a lease) and settle their answers together, each booked in the second
+--   after its own answer.
+-- - The error limit is a bucket of the same ledger ('error-limit@<egress>', a token per error answer): each call
+--   in flight holds a slot, one error it may turn into (esi_take_errors), under a floor of half the budget once
+--   errors come and a small one after a window without any.
+-- - A pause (420, 429) is a row of esi_limits that every process reads.
+
 -- ESI's limits as every process on every host last saw them, one row per bucket key ('error-limit',
 -- 'killmail', 'char-killmail' for the limit every character's list bucket has, ...). paused_until stops every
 -- caller of that bucket (a 420 or a 429); the spending itself is counted in esi_spent and esi_in_flight.
@@ -317,23 +334,23 @@ DO $$ BEGIN
     END IF;
 END $$;
 
--- Take what one call may cost from each of its buckets, all or nothing, under each bucket's advisory lock (taken
--- in the order given; callers sort the names): so that the check and the spend are one step for every process
--- on every host, and one round trip. Returns the in-flight row ids, or none and the seconds to wait: until
--- enough spent tokens come back, or a short `poll` while the answers of calls in flight would give enough back
--- (`frees` a call; a row holds tokens / cost calls). A call fits when spent + in flight + cost + headroom per
--- call in flight + floor (+ reserve once other apps were seen spending) is within the limit; the floor is
--- `calm_floors` while the bucket has no row in the window (nothing spent, and ESI counted nothing: see
--- esi_settle), `floors` once it has one. Once it fits, up to `extras` more of the same cost are taken in the same
--- row where they fit too (a lease of several calls' worth, `granted` says how many). A row in flight counts for
--- `holds` seconds at most (a killed process's). Times are the database's clock, one for every host, unless the
--- caller gives one. (Its former signature, without extras and calm_floors, stays for workers not yet updated.)
-CREATE OR REPLACE FUNCTION esi_take(p_now TIMESTAMPTZ, p_buckets TEXT[], p_costs INTEGER[], p_extras INTEGER[],
-                                    p_limits INTEGER[], p_windows INTEGER[], p_holds INTEGER[], p_floors INTEGER[],
-                                    p_calm_floors INTEGER[], p_reserves INTEGER[], p_headroom INTEGER[],
-                                    p_frees INTEGER[],
-                                    p_charged BOOLEAN[], p_poll DOUBLE PRECISION,
-                                    OUT ids BIGINT[], OUT wait DOUBLE PRECISION, OUT granted INTEGER[])
+-- Take what `p_calls` calls may cost at most (a lease of several, one row), at least one, from one bucket of the
+-- ledger (ESI's limits, the rule above): the row's id and how many calls it holds; or no row, no calls and the
+-- seconds to wait, until enough spent tokens come back, or a short `p_poll` while the answers of calls in flight
+-- would give enough back (`p_frees` each). The arithmetic both takes share, esi_take_tokens and esi_take_errors,
+-- which name its parameters for their bucket. A call holds `p_cost` while in flight and keeps `p_headroom` of
+-- room beside it (an answer dearer than its cost). It fits when spent + in flight + its cost + the floor (+ the
+-- reserve once other apps were seen spending) is within the limit; the floor is `p_calm_floor` while the bucket
+-- has no row in the window (nothing spent, and ESI counted nothing: see esi_settle), `p_floor` once it has one.
+-- A row in flight counts for `p_hold` seconds at most (a killed process's); a lease hands its calls out for
+-- `p_life` seconds after it was taken. The check and the take are one step under the bucket's advisory lock, for
+-- every process on every host, and one round trip. Times are the database's clock, one for every host, unless
+-- the caller gives one.
+CREATE OR REPLACE FUNCTION esi_take_calls(p_now TIMESTAMPTZ, p_bucket TEXT, p_calls INTEGER, p_cost INTEGER,
+                                          p_headroom INTEGER, p_frees INTEGER, p_limit INTEGER, p_window INTEGER,
+                                          p_hold INTEGER, p_life INTEGER, p_floor INTEGER, p_calm_floor INTEGER,
+                                          p_reserve INTEGER, p_charged BOOLEAN, p_poll DOUBLE PRECISION,
+                                          OUT id BIGINT, OUT calls INTEGER, OUT wait DOUBLE PRECISION)
 LANGUAGE plpgsql AS $$
 DECLARE
     now_ TIMESTAMPTZ;
@@ -345,82 +362,95 @@ DECLARE
     flying_calls BIGINT;
     excess BIGINT;
     back_at TIMESTAMPTZ;
-    bucket_wait DOUBLE PRECISION;
 BEGIN
-    wait := 0;
-    granted := array_fill(0, ARRAY[cardinality(p_buckets)]);
-    FOR i IN 1 .. cardinality(p_buckets) LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_buckets[i], 0));
-    END LOOP;
+    PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_bucket, 0));
     now_ := coalesce(p_now, clock_timestamp());
-    FOR i IN 1 .. cardinality(p_buckets) LOOP
-        since := now_ - make_interval(secs => p_windows[i]);
-        DELETE FROM esi_spent WHERE bucket = p_buckets[i] AND second <= since;
-        DELETE FROM esi_in_flight WHERE bucket = p_buckets[i]
-            AND sent_at <= now_ - make_interval(secs => p_holds[i]);
+    since := now_ - make_interval(secs => p_window);
+    DELETE FROM esi_spent WHERE bucket = p_bucket AND second <= since;
+    DELETE FROM esi_in_flight WHERE bucket = p_bucket AND sent_at <= now_ - make_interval(secs => p_hold);
+    FOR pass IN 1 .. 2 LOOP
         SELECT coalesce(sum(own), 0), coalesce(sum(other), 0), count(*) INTO spent_own, spent_other, spent_rows
-            FROM esi_spent WHERE bucket = p_buckets[i];
-        SELECT coalesce(sum(tokens), 0), coalesce(sum(tokens), 0) / p_costs[i] INTO flying, flying_calls
-            FROM esi_in_flight WHERE bucket = p_buckets[i];
-        excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls
-                  + CASE WHEN spent_rows > 0 THEN p_floors[i] ELSE p_calm_floors[i] END
-                  + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
-        IF excess > 0 AND flying_calls > 0 THEN
-            -- Short: the calls of processes that died (their session is gone) hold nothing more in flight.
-            WITH dead AS (
-                DELETE FROM esi_in_flight f WHERE f.bucket = p_buckets[i]
-                    AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = f.backend_pid)
-                RETURNING f.sent_at, f.tokens)
-            INSERT INTO esi_spent (bucket, second, own)
-                SELECT p_buckets[i], to_timestamp(ceil(extract(epoch FROM d.sent_at))), sum(d.tokens)
-                FROM dead d WHERE p_charged[i] AND d.sent_at > since GROUP BY 2
-            ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
-            SELECT coalesce(sum(own), 0), coalesce(sum(other), 0), count(*)
-                INTO spent_own, spent_other, spent_rows FROM esi_spent WHERE bucket = p_buckets[i];
-            SELECT coalesce(sum(tokens), 0), coalesce(sum(tokens), 0) / p_costs[i] INTO flying, flying_calls
-                FROM esi_in_flight WHERE bucket = p_buckets[i];
-            excess := spent_own + spent_other + flying + p_costs[i] + p_headroom[i] * flying_calls
-                      + CASE WHEN spent_rows > 0 THEN p_floors[i] ELSE p_calm_floors[i] END
-                      + CASE WHEN spent_other > 0 THEN p_reserves[i] ELSE 0 END - p_limits[i];
-        END IF;
-        IF excess > 0 THEN
-            IF flying_calls > 0 AND excess <= p_frees[i] * flying_calls THEN
-                bucket_wait := p_poll;  -- the answers in flight are about to give enough back
-            ELSE
-                -- The oldest seconds come back first: the one by which `excess` tokens are back.
-                SELECT s.second INTO back_at FROM (
-                    SELECT second, sum(own + other) OVER (ORDER BY second) AS back
-                    FROM esi_spent WHERE bucket = p_buckets[i]) s
-                WHERE s.back >= excess ORDER BY s.second LIMIT 1;
-                bucket_wait := CASE WHEN back_at IS NOT NULL THEN extract(epoch FROM back_at - since)
-                                    WHEN flying_calls > 0 THEN p_poll  -- what is in flight holds the rest
-                                    ELSE p_windows[i] END;
-            END IF;
-            wait := greatest(wait, bucket_wait);
-        ELSIF p_extras[i] > 0 THEN
-            granted[i] := least(p_extras[i], -excess / (p_costs[i] + p_headroom[i]));
-        END IF;
+            FROM esi_spent WHERE bucket = p_bucket;
+        SELECT coalesce(sum(tokens), 0) INTO flying FROM esi_in_flight WHERE bucket = p_bucket;
+        flying_calls := flying / p_cost;  -- a lease's row holds several calls
+        excess := spent_own + spent_other + flying + p_headroom * flying_calls + p_cost
+                  + CASE WHEN spent_rows > 0 THEN p_floor ELSE p_calm_floor END
+                  + CASE WHEN spent_other > 0 THEN p_reserve ELSE 0 END - p_limit;
+        EXIT WHEN excess <= 0 OR flying_calls = 0 OR pass = 2;
+        -- Short: the calls of processes that died (their session is gone) hold nothing more in flight. What
+        -- ESI charged on arrival (`p_charged`) stays spent from the second the last of them may have been sent.
+        WITH dead AS (
+            DELETE FROM esi_in_flight f WHERE f.bucket = p_bucket
+                AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = f.backend_pid)
+            RETURNING f.sent_at + make_interval(secs => p_life) AS sent_by, f.tokens)
+        INSERT INTO esi_spent (bucket, second, own)
+            SELECT p_bucket, to_timestamp(ceil(extract(epoch FROM d.sent_by))), sum(d.tokens)
+            FROM dead d WHERE p_charged AND d.sent_by > since GROUP BY 2
+        ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
     END LOOP;
-    IF wait > 0 THEN
-        granted := NULL;
+    IF excess <= 0 THEN
+        -- The call, and as many more as fit beside it, each with its headroom.
+        calls := least(1 + (-excess) / (p_cost + p_headroom), greatest(p_calls, 1));
+        wait := 0;
+        INSERT INTO esi_in_flight (bucket, sent_at, tokens) VALUES (p_bucket, now_, p_cost * calls)
+        RETURNING esi_in_flight.id INTO id;
         RETURN;
     END IF;
-    WITH taken AS (
-        INSERT INTO esi_in_flight (bucket, sent_at, tokens)
-        SELECT b, now_, c * (1 + g) FROM unnest(p_buckets, p_costs, granted) AS t (b, c, g)
-        RETURNING id)
-    SELECT array_agg(id) INTO ids FROM taken;
+    calls := 0;
+    IF flying_calls > 0 AND excess <= p_frees * flying_calls THEN
+        wait := p_poll;  -- the answers in flight are about to give enough back
+        RETURN;
+    END IF;
+    -- The oldest seconds come back first: the one by which `excess` tokens are back.
+    SELECT s.second INTO back_at FROM (
+        SELECT second, sum(own + other) OVER (ORDER BY second) AS back FROM esi_spent WHERE bucket = p_bucket) s
+    WHERE s.back >= excess ORDER BY s.second LIMIT 1;
+    wait := CASE WHEN back_at IS NOT NULL THEN extract(epoch FROM back_at - since)
+                 WHEN flying_calls > 0 THEN p_poll  -- what is in flight holds the rest
+                 ELSE p_window END;
 END $$;
 
--- Settle answered calls, one or a batch: their in-flight rows go, and what each answer cost is spent in the second
--- after the settling (never earlier than the answer). Entries are (bucket, cost, window, used), sorted by bucket
--- (the locks' order), each call's in the order answered. Where an answer said how much of a bucket ESI counts
--- (`used`, its limit minus its remaining count, null where not said), whatever ESI counts beyond this ledger is
--- spent by someone else: booked as `other`, from the last such answer of each bucket, once every cost of the
--- batch is booked. Our calls still in flight count as ours, spent: only what is sure to be another app's is
--- booked.
+-- Rate-limit tokens for one call, or a lease of up to `p_calls` handed out for `p_life` seconds. A call holds a
+-- 200's `p_cost` and keeps `p_headroom` of room for a 4xx; an ordinary answer gives the headroom back. ESI
+-- charges a call on arrival: a row counts one window past its last call at most, and a dead process's tokens
+-- stay spent.
+CREATE OR REPLACE FUNCTION esi_take_tokens(p_now TIMESTAMPTZ, p_bucket TEXT, p_calls INTEGER, p_cost INTEGER,
+                                           p_headroom INTEGER, p_limit INTEGER, p_window INTEGER, p_life INTEGER,
+                                           p_floor INTEGER, p_reserve INTEGER, p_poll DOUBLE PRECISION,
+                                           OUT id BIGINT, OUT calls INTEGER, OUT wait DOUBLE PRECISION)
+LANGUAGE sql AS $$
+    SELECT * FROM esi_take_calls(p_now, p_bucket, p_calls, p_cost => p_cost, p_headroom => p_headroom,
+                                 p_frees => p_headroom, p_limit => p_limit, p_window => p_window,
+                                 p_hold => p_window + p_life, p_life => p_life, p_floor => p_floor,
+                                 p_calm_floor => p_floor, p_reserve => p_reserve, p_charged => true,
+                                 p_poll => p_poll)
+$$;
+
+-- Error slots for one call, or a lease of up to `p_slots`: a slot is one error a call in flight may turn into,
+-- costs one and keeps no headroom, and an answer without error gives it back. The floor is `p_calm_floor` after a
+-- window without errors; a row counts `p_hold` seconds at most, and a dead process's slots are dropped (an error
+-- it caused shows in ESI's count).
+CREATE OR REPLACE FUNCTION esi_take_errors(p_now TIMESTAMPTZ, p_bucket TEXT, p_slots INTEGER, p_limit INTEGER,
+                                           p_window INTEGER, p_hold INTEGER, p_floor INTEGER, p_calm_floor INTEGER,
+                                           p_poll DOUBLE PRECISION,
+                                           OUT id BIGINT, OUT slots INTEGER, OUT wait DOUBLE PRECISION)
+LANGUAGE sql AS $$
+    SELECT * FROM esi_take_calls(p_now, p_bucket, p_slots, p_cost => 1, p_headroom => 0, p_frees => 1,
+                                 p_limit => p_limit, p_window => p_window, p_hold => p_hold, p_life => 0,
+                                 p_floor => p_floor, p_calm_floor => p_calm_floor, p_reserve => 0,
+                                 p_charged => false, p_poll => p_poll)
+$$;
+
+-- Settle answered calls, one or a batch: their in-flight rows go (a lease's row once its last call is answered),
+-- and what each answer cost is spent in the whole second after it: `ago` is how long before the settling it came
+-- (0 for now), measured by the caller's clock, so the second booked is never earlier than the answer, and never
+-- later than the settling. Entries are (bucket, cost, window, used, ago), each bucket's in the order answered.
+-- Where an answer said how much of a bucket ESI counts (`used`, its limit minus its remaining count, null where
+-- not said), whatever ESI counts beyond this ledger is spent by someone else: booked as `other`, from the last
+-- such answer of each bucket, once every cost of the batch is booked. Our calls still in flight count as ours,
+-- spent: only what is sure to be another app's is booked.
 CREATE OR REPLACE FUNCTION esi_settle(p_now TIMESTAMPTZ, p_ids BIGINT[], p_buckets TEXT[], p_costs INTEGER[],
-                                      p_windows INTEGER[], p_used INTEGER[])
+                                      p_windows INTEGER[], p_used INTEGER[], p_ago DOUBLE PRECISION[])
 RETURNS VOID LANGUAGE plpgsql AS $$
 DECLARE
     now_ TIMESTAMPTZ;
@@ -429,14 +459,14 @@ DECLARE
     counted BIGINT;
     seen TEXT[] := '{}';
 BEGIN
-    FOR i IN 1 .. cardinality(p_buckets) LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || p_buckets[i], 0));
-    END LOOP;
+    PERFORM pg_advisory_xact_lock(hashtextextended('esi:' || b, 0))  -- the buckets' locks, in their order
+        FROM (SELECT DISTINCT b FROM unnest(p_buckets) AS t (b) ORDER BY b) t;
     now_ := coalesce(p_now, clock_timestamp());
     second_after := to_timestamp(ceil(extract(epoch FROM now_)));
     DELETE FROM esi_in_flight WHERE id = ANY(p_ids);
     INSERT INTO esi_spent (bucket, second, own)
-        SELECT b, second_after, sum(c) FROM unnest(p_buckets, p_costs) AS t (b, c) WHERE c > 0 GROUP BY b
+        SELECT b, to_timestamp(ceil(extract(epoch FROM now_) - coalesce(ago, 0))), sum(c)
+        FROM unnest(p_buckets, p_costs, p_ago) AS t (b, c, ago) WHERE c > 0 GROUP BY 1, 2
     ON CONFLICT (bucket, second) DO UPDATE SET own = esi_spent.own + EXCLUDED.own;
     FOR i IN REVERSE cardinality(p_buckets) .. 1 LOOP
         CONTINUE WHEN p_used[i] IS NULL OR p_buckets[i] = ANY(seen);
@@ -451,9 +481,29 @@ BEGIN
             ON CONFLICT (bucket, second) DO UPDATE SET other = esi_spent.other + EXCLUDED.other;
         ELSIF p_used[i] > 0 THEN
             -- ESI counts something, though not beyond the ledger: a row of nothing says so for a window (the
-            -- bucket is not calm, see esi_take).
+            -- bucket is not calm, see esi_take_calls).
             INSERT INTO esi_spent (bucket, second) VALUES (p_buckets[i], second_after) ON CONFLICT DO NOTHING;
         END IF;
+    END LOOP;
+END $$;
+
+-- The ledger's functions have these signatures and no other: esi_take (one function for a call's every bucket,
+-- in parallel arrays, though a call never took more than one bucket at once) and the former signatures of these
+-- go, so that applying this file upgrades a database in place. Workers that still call them need this code.
+DO $$
+DECLARE
+    old REGPROCEDURE;
+BEGIN
+    FOR old IN SELECT p.oid::regprocedure FROM pg_proc p
+               WHERE p.pronamespace = current_schema()::regnamespace
+                 AND p.proname IN ('esi_take', 'esi_take_calls', 'esi_take_tokens', 'esi_take_errors', 'esi_settle')
+                 AND p.oid NOT IN (
+                     'esi_take_calls(timestamptz, text, int, int, int, int, int, int, int, int, int, int, int, bool,
+                                     float8)'::regprocedure,
+                     'esi_take_tokens(timestamptz, text, int, int, int, int, int, int, int, int, float8)'::regprocedure,
+                     'esi_take_errors(timestamptz, text, int, int, int, int, int, int, float8)'::regprocedure,
+                     'esi_settle(timestamptz, bigint[], text[], int[], int[], int[], float8[])'::regprocedure) LOOP
+        EXECUTE format('DROP FUNCTION %s', old);
     END LOOP;
 END $$;
 

@@ -274,57 +274,88 @@ def test_binary_copy_stores_every_column_as_the_row_by_row_path_does(conn):
         [(2 ** 40, None, -9.87, False), (None, 2 ** 62, 5.0, True)]
 
 
-def take(conn, now, bucket="killmail", limit=20, window=60, extras=0):
-    ids, wait, granted = db.take_tokens(
-        conn, now, buckets=[bucket], costs=[2], limits=[limit], windows=[window], holds=[window], floors=[0],
-        reserves=[0], headroom=[0], frees=[2], charged=[True], poll=0.05, extras=[extras])
-    return (ids, wait, granted) if extras else (ids, wait)
+def take(conn, now, bucket="killmail", limit=50, window=60, calls=1):
+    """A call's take as limits.py makes it: 2 tokens held and 3 of room beside them (a 4xx costs 5)."""
+    taken = db.take_tokens(conn, now, db.TokenTake(bucket, cost=2, headroom=3, limit=limit, window=window, floor=0,
+                                                   reserve=0, calls=calls), poll=0.05)
+    return ([taken.id] if taken.id is not None else None), taken.wait, taken.calls
 
 
 def settle(conn, now, ids, *, cost=2, used=None):
-    db.settle_tokens(conn, now, ids=ids, buckets=["killmail"], costs=[cost], windows=[60], used=[used])
+    db.settle_tokens(conn, now, ids=ids, bookings=[db.Booking("killmail", cost, 60, used)])
 
 
 def test_take_tokens_is_one_step_for_every_session(conn, database_url):
-    """Sessions racing for a bucket of 10 calls: exactly 10 get tokens, whatever the interleaving."""
+    """Sessions racing for a bucket of 10 calls in flight (5 tokens of room each): exactly 10 get tokens, whatever
+    the interleaving."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def race(_):
-        with db.connect(database_url, autocommit=True) as own:
-            return [take(own, NOW)[0] is not None for _ in range(5)]
+    def race(own):
+        return [take(own, NOW)[0] is not None for _ in range(5)]
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        won = sum(sum(r) for r in pool.map(race, range(8)))
+    # Every session stays open to the end: a closed one's calls are a dead process's, spent and holding no room.
+    sessions = [db.connect(database_url, autocommit=True) for _ in range(8)]
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            won = sum(sum(r) for r in pool.map(race, sessions))
+    finally:
+        for own in sessions:
+            own.close()
     assert won == 10
 
 
 def test_take_tokens_names_when_the_oldest_spends_come_back(conn):
-    ids = [take(conn, NOW)[0] for _ in range(3)]
+    ids = [take(conn, NOW, limit=20)[0] for _ in range(3)]
     for n, taken in enumerate(ids):  # answered in three seconds in turn: booked in the second after each answer
         settle(conn, NOW + timedelta(seconds=n), taken)
     later = NOW + timedelta(seconds=10)
     for _ in range(7):
-        taken, _ = take(conn, later)
+        taken, _, _ = take(conn, later, limit=20)
         settle(conn, later, taken)
-    nothing, wait = take(conn, later)             # full: the first answer's 2 tokens come back first
+    nothing, wait, _ = take(conn, later, limit=20)    # full: the first answer's 2 tokens come back first
     assert nothing is None and wait == pytest.approx(50)  # NOW is a whole second: booked in it, back at +60
-    assert take(conn, later, limit=23)[0] is not None               # one more call fits a bigger bucket ...
-    assert take(conn, later, limit=23)[1] == pytest.approx(0.05)    # ... the next only if that one's answer is cheap
+    assert take(conn, later, limit=24)[0] is not None               # one more call fits a bigger bucket ...
+    assert take(conn, later, limit=24)[1] == pytest.approx(0.05)    # ... the next once its answer frees its room
     assert ledger_spent(conn, "killmail", later, window=60) == {"own": 20, "other": 0, "in_flight": 2}
 
 
-def test_take_tokens_leases_as_many_extra_calls_as_fit_in_one_row(conn):
-    ids, _, granted = take(conn, NOW, extras=15)          # a bucket of 10 calls: the call and 9 more
-    assert len(ids) == 1 and granted == [9]
+def test_take_tokens_leases_as_many_calls_as_fit_in_one_row(conn):
+    ids, _, calls = take(conn, NOW, calls=16)             # a bucket of 10 calls in flight: 10 of the 16
+    assert len(ids) == 1 and calls == 10
     assert ledger_spent(conn, "killmail", NOW, window=60) == {"own": 0, "other": 0, "in_flight": 20}
-    assert take(conn, NOW, extras=3)[:2] == (None, pytest.approx(0.05))   # full: nothing, not even the call
+    assert take(conn, NOW, calls=4)[:2] == (None, pytest.approx(0.05))   # full: nothing, not even the call
     settle(conn, NOW, ids, cost=4)                        # the lease ended having spent two calls' worth
-    ids, _, granted = take(conn, NOW, extras=15)
-    assert granted == [7]
+    assert take(conn, NOW, calls=16)[2] == 9              # 4 spent + 9 x 5 of room + 2 within 50
+
+
+def test_take_error_slots_keeps_the_calm_floor_until_an_error_is_booked(conn):
+    """No row in the window: 90 slots may be out (the calm floor of 10); once an error is spent, half."""
+    slots = db.SlotTake("error-limit", limit=100, window=60, hold=400, floor=50, calm_floor=10, slots=100)
+    taken = db.take_error_slots(conn, NOW, slots, poll=0.05)
+    assert (taken.calls, taken.wait) == (90, 0.0)
+    assert db.take_error_slots(conn, NOW, slots, poll=0.05) == (None, 0, pytest.approx(0.05))
+    db.settle_tokens(conn, NOW, ids=[taken.id], bookings=[db.Booking("error-limit", 1, 60)])
+    assert db.take_error_slots(conn, NOW, slots, poll=0.05)[1] == 49     # 1 spent + 49 + the floor of 50
+
+
+def test_a_leases_answers_are_booked_each_in_the_second_after_it_came(conn):
+    """Settled together at the lease's end, 12.5 s after its first answer: each cost is spent in the whole second
+    after its own answer (never before it, so never back before ESI gives it back), ESI's count once, for the
+    last answer."""
+    (lease,), _, calls = take(conn, NOW, calls=3)
+    assert calls == 3
+    settled = NOW + timedelta(seconds=12.5)
+    db.settle_tokens(conn, settled, ids=[lease], bookings=[
+        db.Booking("killmail", 2, 60, ago=12.5), db.Booking("killmail", 5, 60, ago=12.0),
+        db.Booking("killmail", 1, 60, used=9, ago=0.2)])
+    rows = conn.execute("SELECT second - %s AS after, own, other FROM esi_spent ORDER BY second",
+                        (NOW,)).fetchall()
+    assert [(r["after"].total_seconds(), r["own"], r["other"]) for r in rows] == [(0, 2, 0), (1, 5, 0), (13, 1, 1)]
+    assert ledger_spent(conn, "killmail", settled, window=60)["in_flight"] == 0
 
 
 def test_settle_tokens_books_what_esi_counts_beyond_the_ledger(conn):
-    (taken, _), (flying, _) = take(conn, NOW), take(conn, NOW)
+    (taken, _, _), (flying, _, _) = take(conn, NOW), take(conn, NOW)
     settle(conn, NOW, taken, used=50)
     # ESI counts 50; the ledger 2 answered + 2 in flight: 46 are another app's.
     assert ledger_spent(conn, "killmail", NOW, window=60) == {"own": 2, "other": 46, "in_flight": 2}
@@ -333,7 +364,7 @@ def test_settle_tokens_books_what_esi_counts_beyond_the_ledger(conn):
 
 
 def test_take_tokens_on_the_database_clock_and_prune(conn):
-    ids, _ = take(conn, None)
+    ids, _, _ = take(conn, None)
     settle(conn, None, ids)
     (row,) = conn.execute("SELECT second - now() AS ahead FROM esi_spent").fetchall()
     assert timedelta(0) <= row["ahead"] <= timedelta(seconds=2)
@@ -470,6 +501,26 @@ def test_applying_the_schema_completes_a_database_that_misses_its_later_changes(
         """).fetchone()
     assert catalog == {"column_added": True, "index_made": True, "compression": "l", "fk_dropped": True,
                        "column_dropped": True}
+
+
+def test_applying_the_schema_drops_the_ledgers_former_functions(conn):
+    """A database made by an earlier schema keeps no esi_take (one bucket's call in parallel arrays) nor the
+    former esi_settle beside the functions that replaced them."""
+    arrays = "TIMESTAMPTZ, TEXT[], " + "INTEGER[], " * 10 + "BOOLEAN[], DOUBLE PRECISION"
+    conn.execute(f"CREATE FUNCTION esi_take({arrays}, OUT ids BIGINT[], OUT wait DOUBLE PRECISION, "
+                 "OUT granted INTEGER[]) LANGUAGE sql AS 'SELECT NULL::bigint[], 0::float8, NULL::int[]'")
+    conn.execute("CREATE FUNCTION esi_take(TIMESTAMPTZ, TEXT[], INTEGER[], INTEGER[], INTEGER[], INTEGER[], "
+                 "INTEGER[], INTEGER[], DOUBLE PRECISION, OUT ids BIGINT[], OUT wait DOUBLE PRECISION) "
+                 "LANGUAGE sql AS 'SELECT NULL::bigint[], 0::float8'")
+    conn.execute("CREATE FUNCTION esi_settle(TIMESTAMPTZ, BIGINT[], TEXT[], INTEGER[], INTEGER[], INTEGER[], "
+                 "BOOLEAN[]) RETURNS VOID LANGUAGE sql AS ''")
+    conn.commit()
+    db.apply_schema(conn)
+    conn.commit()
+    functions = conn.execute("SELECT oid::regprocedure::text AS f FROM pg_proc WHERE proname LIKE 'esi\\_%' "
+                             "ORDER BY 1").fetchall()
+    assert [r["f"].split("(")[0] for r in functions] == ["esi_settle", "esi_take_calls", "esi_take_errors",
+                                                         "esi_take_tokens"]
 
 
 def test_values_are_saved_with_the_killmail_and_missing_ones_filled_in_later(conn):

@@ -15,7 +15,8 @@ from requests.structures import CaseInsensitiveDict
 
 import db
 import limits
-from esi import MAX_PAUSE, SSO_BUCKET, Paused
+from backoff import MAX_PAUSE
+from esi import SSO_BUCKET, Paused
 from helpers import ledger_spent
 from limits import (
     ANSWERED_BUCKET,
@@ -89,6 +90,14 @@ def learn(shared: SharedLimits, bucket: str = DETAIL, limit: str = "600/1m") -> 
 
 def spent(conn, bucket: str, clock: Clock, window: int = 60) -> dict:
     return ledger_spent(conn, bucket, clock.now, window=window)
+
+
+def until(condition) -> None:
+    """Wait for another thread to reach a state (it sets nothing to wait on)."""
+    deadline = time.monotonic() + 10
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert condition()
 
 
 # ------------------------------------------------------------------------------------------------ pure rules
@@ -315,7 +324,7 @@ def test_a_backlog_spends_its_share_and_is_deferred_while_fresh_calls_spend_the_
 def test_an_answer_without_rate_limit_headers_lifts_the_default_limit(conn, process, clock):
     one = process()
     one.settle(one.take(DETAIL), 200, {"X-ESI-Error-Limit-Remain": "100"})  # ESI meters this group not
-    assert one.take(DETAIL).ledgers == []
+    assert one.take(DETAIL).tokens is None
 
 
 def test_cancelled_waits_end_at_once_and_the_next_job_waits_again(conn, process, clock):
@@ -385,7 +394,7 @@ def test_calls_in_flight_leave_ten_errors_while_calm_and_half_the_budget_once_er
     failing = one._leases[0]
     one.settle(limits.Ticket("character", lease=failing), 502, {"X-ESI-Error-Limit-Remain": "99"})
     assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 1, "other": 0, "in_flight": 89}
-    one._end_in_flight([lease.id for lease in one._leases[:41]])          # 41 more answers: 48 in flight
+    one._end([lease.id for lease in one._leases[:41]], [])                # 41 more answers: 48 in flight
     assert other._lease(1) == 0.0                                          # 1 + 49 + 50: the floor, now half
     assert other._lease(1) > 0
     clock.sleep(limits.ERROR_WINDOW + 1)                                   # the error is a window old: calm again
@@ -508,18 +517,12 @@ def test_threads_of_a_process_lease_error_slots_together_and_an_answer_without_e
         real = getattr(db, name)
         return lambda *args, **kwargs: queries.append(name) or real(*args, **kwargs)
 
-    for name in ("take_tokens", "settle_tokens"):
+    for name in ("take_tokens", "take_error_slots", "settle_tokens"):
         monkeypatch.setattr(db, name, counted(name))
     tickets = []
 
     def call():
         tickets.append(shared.take("character"))
-
-    def until(condition):
-        deadline = time.monotonic() + 10
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert condition()
 
     lock = "hashtextextended('esi:' || %s, 0)"
     threads = [threading.Thread(target=call) for _ in range(20)]
@@ -533,13 +536,13 @@ def test_threads_of_a_process_lease_error_slots_together_and_an_answer_without_e
         busy.execute(f"SELECT pg_advisory_unlock({lock})", (ERROR_LIMIT_BUCKET,))
     for thread in threads:
         thread.join(10)
-    assert len(tickets) == 20 and queries == ["take_tokens"] * 3
+    assert len(tickets) == 20 and queries == ["take_error_slots"] * 3
     leases = {id(ticket.lease): ticket.lease for ticket in tickets}.values()
     assert sorted(lease.slots for lease in leases) == [1, 20 - 1 - limits.LEASE_SLOTS, limits.LEASE_SLOTS]
     assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 0, "other": 0, "in_flight": 20}
     for ticket in tickets:
         shared.settle(ticket, 200, {"X-ESI-Error-Limit-Remain": "100"})
-    assert queries == ["take_tokens"] * 3 + ["settle_tokens"] * 2
+    assert queries == ["take_error_slots"] * 3 + ["settle_tokens"] * 2
     assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 1
     shared.end_idle_leases()                       # still young: the single slot takes new calls for LEASE_LIFE
     assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 1
@@ -561,6 +564,121 @@ def test_an_error_is_booked_when_it_comes_and_its_slot_is_not_handed_out_again(c
     assert spent(conn, ERROR_LIMIT_BUCKET, clock) == {"own": 1, "other": 0, "in_flight": 1}
 
 
+
+
+# ------------------------------------------------------------------------------------------------ token leases
+
+def test_threads_of_a_process_lease_tokens_together_and_book_them_when_the_lease_ends(conn, process, clock,
+                                                                                      monkeypatch):
+    """One thread asks for tokens while the ledger is busy; nineteen more come meanwhile: the first gets its one
+    call, the nineteen a lease of LEASE_CALLS and one of the rest, three queries in all. Their answers are booked
+    once per lease, when its last call is answered, and the ledger counts exactly what they cost."""
+    shared = process()
+    learn(shared)                                  # 600 tokens a minute; its lease of one call ends with it
+    queries = []
+    real_take, real_settle = db.take_tokens, db.settle_tokens
+    monkeypatch.setattr(db, "take_tokens", lambda *a, **k: queries.append("take") or real_take(*a, **k))
+    monkeypatch.setattr(db, "settle_tokens",
+                        lambda *a, **k: queries.append(("settle", sum(b.bucket == DETAIL for b in k["bookings"])))
+                        or real_settle(*a, **k))
+    tickets = []
+    threads = [threading.Thread(target=lambda: tickets.append(shared.take(DETAIL))) for _ in range(20)]
+    lock = "hashtextextended('esi:' || %s, 0)"
+    with db.connect(conn.info.dsn) as busy:  # holds the bucket's lock: the first take waits in the ledger
+        busy.execute(f"SELECT pg_advisory_lock({lock})", (DETAIL,))
+        threads[0].start()
+        until(lambda: queries == ["take"])
+        for thread in threads[1:]:
+            thread.start()
+        until(lambda: shared._wanting_tokens.get(DETAIL) == 20)
+        busy.execute(f"SELECT pg_advisory_unlock({lock})", (DETAIL,))
+    for thread in threads:
+        thread.join(10)
+    leases = {id(ticket.tokens): ticket.tokens for ticket in tickets}.values()
+    assert len(tickets) == 20 and queries.count("take") == 3
+    assert sorted(lease.calls for lease in leases) == [1, 20 - 1 - limits.LEASE_CALLS, limits.LEASE_CALLS]
+    assert spent(conn, DETAIL, clock) == {"own": 2, "other": 0, "in_flight": 40}
+    for ticket in tickets[:-1]:
+        shared.settle(ticket, 200, answer())
+    shared.settle(tickets[-1], 404, answer())      # a 4xx: 5 tokens, within the room its lease kept
+    booked = [query[1] for query in queries if query[0] == "settle" and query[1]]
+    assert sorted(booked) == [1, 20 - 1 - limits.LEASE_CALLS, limits.LEASE_CALLS]  # one booking per lease
+    assert spent(conn, DETAIL, clock) == {"own": 2 + 19 * 2 + 5, "other": 0, "in_flight": 0}
+
+
+def test_a_backlog_call_never_spends_from_a_lease_taken_for_fresh_calls(conn, process, clock):
+    """A fresh lease was taken without the backlog's floor: a backlog call on it would spend the share kept for
+    fresh killmails. A lease taken under the floor serves fresh calls too."""
+    shared = process()
+    learn(shared)
+    shared._wanting_tokens[DETAIL] = 3             # three more threads on their way: leases of four calls' worth
+    fresh = shared.take(DETAIL)
+    backlog = shared.take(DETAIL, backlog=True)
+    assert fresh.tokens.calls == backlog.tokens.calls == 4 and backlog.tokens is not fresh.tokens
+    assert shared.take(DETAIL, backlog=True).tokens is backlog.tokens
+    assert shared.take(DETAIL).tokens is fresh.tokens
+    fresh.tokens.started = fresh.tokens.calls      # the fresh lease is used up: a fresh call takes a backlog's
+    assert shared.take(DETAIL).tokens is backlog.tokens
+
+
+def test_a_pilots_list_call_leaves_no_lease_and_no_count_behind(conn, process, clock):
+    """One list call a job, a bucket per pilot: its lease ends with the answer (nobody else wants that bucket),
+    and the process keeps nothing per pilot once the call is done (100,000 pilots pass through one process)."""
+    shared = process()
+    for character_id in range(1, 6):
+        bucket = f"char-killmail:{character_id}"
+        shared.settle(shared.take(bucket), 304, answer("30/15m"))
+        assert spent(conn, bucket, clock, 900) == {"own": 1, "other": 0, "in_flight": 0}
+    assert shared._token_leases == [] and shared._wanting_tokens == {}
+
+
+def test_a_killed_processs_lease_stays_spent_a_window_past_its_last_possible_call(conn, process, clock):
+    """Its calls may have gone out until LEASE_LIFE after the lease was taken, and ESI charged each on arrival:
+    once its session is gone, the whole lease is spent from that last second, and back a window after it."""
+    one = process()
+    learn(one)                                             # 2 tokens, back at 12:01:01
+    one._wanting_tokens[DETAIL] = 3
+    assert one.take(DETAIL).tokens.calls == 4              # 8 tokens leased at 12:00:00.25
+    one._conn.close()                                      # killed
+    later = process()
+    small = {"limit_tokens": 9, "window_seconds": 60}
+    clock.sleep(61)                                        # 12:01:01.25: the learned call's tokens are back
+    assert later._take_once(DETAIL, small)[0] is None      # the lease's 8 are not: its last call may be 5 s later
+    clock.sleep(limits.LEASE_LIFE)
+    assert later._take_once(DETAIL, small)[0] is not None
+
+
+def test_a_detail_call_costs_a_fraction_of_a_round_trip_when_threads_share_leases(database_url, conn, clock):
+    """Round trips of the limits connection per ESI call: 32 threads of one process fetching details (a 200 each,
+    with ESI's rate-limit headers) share leases of tokens and of error slots."""
+    executed = []
+
+    class Counted:
+        def __init__(self, connection):
+            self._connection = connection
+
+        def execute(self, *args, **kwargs):
+            executed.append(args[0])
+            return self._connection.execute(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._connection, name)
+
+    shared = SharedLimits(lambda: Counted(db.connect(database_url, autocommit=True)))
+    shared.open()
+
+    def fetch(calls: int) -> None:
+        for _ in range(calls):
+            shared.settle(shared.take(DETAIL), 200, answer("3600/15m"))
+
+    threads = [threading.Thread(target=fetch, args=(20,)) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    shared.close()
+    assert spent(conn, DETAIL, clock, 900) == {"own": 32 * 20 * 2, "other": 0, "in_flight": 0}
+    assert len(executed) / (32 * 20) < 0.5        # one call each was two round trips: a take and a settle
 
 
 # ------------------------------------------------------------------------------------------------ pauses shared
@@ -597,7 +715,7 @@ def test_a_420_pauses_every_route_of_every_process(conn, process, clock, monkeyp
 def test_a_bucket_not_answered_yet_is_spent_by_esis_default_limit_until_an_answer_corrects_it(conn, process, clock):
     shared = process()
     first, second = shared.take(DETAIL), shared.take(DETAIL)  # no call waits for another's answer
-    assert first.ledgers == second.ledgers == [DETAIL]        # both counted from the first call on (3600/15m)
+    assert first.tokens and second.tokens                     # both counted from the first call on (3600/15m)
     assert spent(conn, DETAIL, clock, 900)["in_flight"] == 4  # tokens: two calls of a 200 each
     shared.settle(first, 200, answer("1800/15m"))             # ESI says otherwise: its word is kept
     shared.settle(second, 200, answer("1800/15m"))
@@ -609,7 +727,7 @@ def test_a_bucket_not_answered_yet_is_spent_by_esis_default_limit_until_an_answe
 def test_a_route_without_a_rate_limit_is_only_under_the_error_limit(conn, process, clock):
     shared = process()
     taken = shared.take("character")
-    assert taken.ledgers == [] and taken.lease               # no limit it lacks, only an error slot
+    assert taken.tokens is None and taken.lease              # no limit it lacks, only an error slot
     shared.settle(taken, 200, {"X-ESI-Error-Limit-Remain": "100"})
     assert spent(conn, "character", clock)["in_flight"] == 0
 

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 import requests
 
+import backoff
 import db
 import esi
 import notifications
@@ -147,11 +148,11 @@ def test_backoff_is_capped():
 
 
 @pytest.mark.parametrize(("answer", "seconds"), [
-    (Answer(429, b"", {"Retry-After": "1e20"}), esi.MAX_PAUSE),
+    (Answer(429, b"", {"Retry-After": "1e20"}), backoff.MAX_PAUSE),
     (Answer(429, b"", {"Retry-After": "inf"}), 5.0),
     (Answer(429, b"", {"Retry-After": "nan"}), 5.0),
     (Answer(429, b"", {"Retry-After": "-3"}), 0.0),
-    (Answer(429, b'{"retry_after": 1e300}'), esi.MAX_PAUSE),
+    (Answer(429, b'{"retry_after": 1e300}'), backoff.MAX_PAUSE),
     (Answer(429, b'{"retry_after": 1e999}'), 5.0),            # Python's json reads it as inf
     (Answer(429, b'{"retry_after": ' + b"9" * 400 + b"}"), 5.0),  # an int too big for a float
     (Answer(429, b"[" * 100_000), 5.0),                       # deeper than the decoder goes
@@ -502,7 +503,7 @@ def test_a_429_asking_for_forever_pauses_that_receiver_and_the_sender_serves_the
         assert sender.poll() is None, sender.communicate()[0]
         assert hostile.requests == 1 and len(other.bodies()) == 1
         paused = conn.execute("SELECT paused_until - now() AS left FROM webhooks WHERE name = 'hostile'").fetchone()
-        assert timedelta(seconds=esi.MAX_PAUSE - 60) < paused["left"] <= timedelta(seconds=esi.MAX_PAUSE)
+        assert timedelta(seconds=backoff.MAX_PAUSE - 60) < paused["left"] <= timedelta(seconds=backoff.MAX_PAUSE)
 
 
 def test_a_post_that_raises_is_given_up_with_its_reason_and_the_sender_goes_on(conn, receivers, monkeypatch):
