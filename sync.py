@@ -108,6 +108,8 @@ class SyncResult:
     linked_new: int = field(default=0, repr=False)
     # Ids shown beside the killmails this run saved, named in one call once they are saved.
     name_ids: set[int] = field(default_factory=set, repr=False)
+    # The ETag and Expires of a list answered 304, not yet written: the run's end writes them with its row.
+    list_cache: tuple[str | None, datetime | None] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -388,7 +390,8 @@ def _list_references(conn, esi: EsiClient, owner: Owner, token: str, now: dateti
         listing = esi.list_recent(character_id=owner.reader_id, token=token, etag=etag,
                                   corporation_id=owner.id if owner.kind == "corporation" else None)
     except NotModified as exc:
-        db.save_list_cache(conn, owner.kind, owner.id, etag, _list_expiry(now, result, options, exc.expires_in))
+        # Written with the run's end (_finish), or before any fetch (fetch_killmails): one write a warm poll.
+        result.list_cache = (etag, _list_expiry(now, result, options, exc.expires_in))
         return
     except Forbidden:
         raise
@@ -409,6 +412,9 @@ def fetch_killmails(conn, esi: EsiClient, owner: Owner, now: datetime, options: 
                     result: SyncResult) -> None:
     """Fetch and save the details of a pilot's (or corporation's) references that no process has stored or
     is fetching."""
+    if result.list_cache is not None:  # a 304's Expires holds before anything is waited for, however the job ends
+        db.save_list_cache(conn, owner.kind, owner.id, *result.list_cache)
+        result.list_cache = None
     conn.commit()  # the references just listed, before anything else is committed or waited for
     value_backlog(conn, esi, now, options)
     pending = db.pending_refs(conn, owner.kind, owner.id, now, max_attempts=options.max_attempts)
@@ -740,23 +746,19 @@ def _record_failure(conn, killmail_id: int, exc: Exception, now: datetime, optio
 
 
 def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, locks: list[tuple[int, int]]) -> None:
-    """Record the run, the ESI calls and the user's (or corporation's) sync state in one transaction, then
-    release the locks: one round trip to PostgreSQL (a pipeline), the locks let go only after the commit."""
+    """Record the run, the ESI calls and the user's (or corporation's) sync state, with a 304's ETag and Expires,
+    in one statement, its own transaction, then release the locks: a round trip each, the locks let go only after
+    the commit."""
     result.finished_at = options.clock()
     if result.status == "ok" and result.failed:
         result.status = "partial"
     calls = esi.take_calls()
     result.esi_calls = sum(calls.values())
-    owner_id = result.corporation_id if result.kind == "corporation" else result.character_id
-    with conn.pipeline():
-        db.add_esi_calls(conn, calls)
-        db.finish_sync(conn, result.kind, owner_id, result.finished_at, result.status,
-                       found_new=result.linked_new > 0 or result.saved > 0)
-        db.record_run(conn, run_row(result))
-        conn.commit()
+    with db.autocommitted(conn):
+        db.record_outcome(conn, run_row(result), calls, found_new=result.linked_new > 0 or result.saved > 0,
+                          list_cache=result.list_cache)
         for namespace, key in reversed(locks):
             db.unlock(conn, namespace, key)
-        conn.commit()
     locks.clear()
 
 
@@ -776,7 +778,7 @@ def run_row(result: SyncResult) -> dict:
     """A SyncResult as the columns of sync_runs."""
     # Every field is a plain value: a shallow copy does (asdict deep-copies each one, for a row every job writes).
     return {f.name: getattr(result, f.name) for f in fields(result)
-            if f.name not in ("character_name", "linked_new", "name_ids")}
+            if f.name not in ("character_name", "linked_new", "name_ids", "list_cache")}
 
 
 def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,

@@ -106,6 +106,20 @@ def test_second_run_makes_no_call_before_expires_and_gets_304_after(conn, world,
     assert stats["early_list_fetches"] == 0 and stats["by_route"]["detail"] == 0
 
 
+def test_a_304_keeps_the_etag_stores_the_new_expires_and_records_its_run(conn, world, sim):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    etag = db.get_user(conn, pilot["character_id"])["list_etag"]
+    sim.advance(301)
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    user = db.get_user(conn, pilot["character_id"])
+    assert (result.status, result.listed, sim.stats()["by_status"]["304"]) == ("ok", 0, 1)
+    assert user["list_etag"] == etag and user["list_expires_at"] > now_for(sim) + timedelta(seconds=290)
+    assert user["queued_at"] is None and user["last_sync_at"] == result.finished_at
+    run = conn.execute("SELECT status, esi_calls FROM sync_runs ORDER BY id DESC LIMIT 1").fetchone()
+    assert (run["status"], run["esi_calls"]) == ("ok", 1)
+
+
 def test_new_killmails_after_expires_are_fetched(conn, world, sim):
     sync_all(conn, world, sim)
     pilot = next(p for p in sim.pilots() if not p["revoked"])
