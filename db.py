@@ -554,6 +554,14 @@ def store_refs(conn, kind: str, owner_id: int, refs: Sequence[tuple[int, str]]) 
     ).rowcount
 
 
+# A reference `r` a sync may fetch now: no stored killmail, tries left, and its retry time come.
+_PENDING_REF_SQL = """
+    NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+    AND r.attempts < %(max)s
+    AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= %(now)s)
+"""
+
+
 def pending_refs(conn, kind: str, owner_id: int, now: datetime, *, max_attempts: int) -> list[dict]:
     """A pilot's (or corporation's) references with no stored killmail that may be fetched now, newest first."""
     table, column = _LINKS[kind]
@@ -562,14 +570,25 @@ def pending_refs(conn, kind: str, owner_id: int, now: datetime, *, max_attempts:
         SELECT r.killmail_id, r.killmail_hash, r.first_seen_at
         FROM {} c
         JOIN killmail_refs r USING (killmail_id)
-        WHERE c.{} = %(id)s
-          AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
-          AND r.attempts < %(max)s
-          AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= %(now)s)
+        WHERE c.{} = %(id)s AND {}
         ORDER BY r.killmail_id DESC
-        """).format(sql.Identifier(table), sql.Identifier(column)),
+        """).format(sql.Identifier(table), sql.Identifier(column), sql.SQL(_PENDING_REF_SQL)),
         {"id": owner_id, "now": now, "max": max_attempts},
     ).fetchall()
+
+
+def get_user_to_sync(conn, character_id: int, now: datetime, *, max_attempts: int) -> dict | None:
+    """get_user's row, and `refs_pending`: whether pending_refs would find any of the pilot's references now. A list
+    answered 304 adds none, so a sync that finds none pending has nothing to fetch."""
+    return conn.execute(
+        f"""
+        SELECT *, NOT {_LIVE_GRANT_SQL} AS revoked,
+               EXISTS (SELECT 1 FROM character_killmails c JOIN killmail_refs r USING (killmail_id)
+                       WHERE c.character_id = users.character_id AND {_PENDING_REF_SQL}) AS refs_pending
+        FROM users WHERE character_id = %(id)s
+        """,
+        {"id": character_id, "now": now, "max": max_attempts},
+    ).fetchone()
 
 
 def stranded_refs(conn, now: datetime, *, max_attempts: int, limit: int) -> list[dict]:

@@ -221,13 +221,15 @@ def _locked_run(conn, locks: list[tuple[int, int]], result: SyncResult, options:
 def _lock(conn, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
     """Take every lock, each a (namespace, key) pair, or none; None when another process holds one of them."""
     taken = []
-    for namespace, key in keys:
-        if not db.try_lock(conn, namespace, key):
-            conn.rollback()
-            _release(conn, taken)
-            return None
-        taken.append((namespace, key))
-    return taken  # session locks: the caller's next commit ends this transaction, the locks stay
+    with db.autocommitted(conn):  # session locks, one statement each: no transaction to hold them in
+        for namespace, key in keys:
+            if not db.try_lock(conn, namespace, key):
+                break
+            taken.append((namespace, key))
+        else:
+            return taken
+    _release(conn, taken)
+    return None
 
 
 def _release(conn, locks: list[tuple[int, int]]) -> None:
@@ -244,8 +246,8 @@ def _release(conn, locks: list[tuple[int, int]]) -> None:
 
 def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
                            result: SyncResult, locks: list[tuple[int, int]]) -> None:
-    user = db.get_user(conn, character_id)
-    conn.commit()
+    with db.autocommitted(conn):  # read after the lock: a run that held it has committed all it wrote
+        user = db.get_user_to_sync(conn, character_id, now, max_attempts=options.max_attempts)
     if user is None:
         raise PermanentJobError(f"unknown character {character_id}: no such user")
     result.character_name = user["character_name"]
@@ -264,7 +266,10 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
             conn.commit()
             result.error = str(exc)
         else:
-            fetch_killmails(conn, esi, owner, now, options, result)
+            # Nothing listed anew and nothing left pending (a warm poll, most of them): nothing to fetch, and the
+            # run's outcome is its one write.
+            if result.list_cache is None or user["refs_pending"]:
+                fetch_killmails(conn, esi, owner, now, options, result)
     _finish(conn, esi, result, options, locks)
 
 

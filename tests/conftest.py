@@ -11,9 +11,11 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -22,6 +24,7 @@ import psycopg
 import pytest
 from flask.testing import FlaskClient
 from pika.adapters.blocking_connection import BlockingChannel
+from psycopg import pq
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVTOOLS = ROOT / "devtools"
@@ -304,3 +307,25 @@ def queue_counts(*queues: str, url: str = RABBITMQ_URL) -> list[int]:
         return counts
     finally:
         connection.close()
+
+
+@contextmanager
+def round_trips(conn) -> Iterator[list[int]]:
+    """Count the round trips a connection makes in the block, from libpq's protocol trace: each turn from the
+    client's messages to the server's. The count is the list's one item once the block ends."""
+    counted = [0]
+    with tempfile.TemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield counted
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        sending = False
+        for line in trace:  # a query's text may go on over several lines, which start with neither
+            if line.startswith("F\t"):
+                sending = True
+            elif line.startswith("B\t") and sending:
+                counted[0] += 1
+                sending = False

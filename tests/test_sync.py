@@ -9,7 +9,7 @@ import pytest
 
 import db
 import sync
-from conftest import TOKEN_KEYS, insert_users, make_settings, wait_until
+from conftest import TOKEN_KEYS, insert_users, make_settings, round_trips, wait_until
 from esi import EsiClient, InvalidGrant
 from limits import SharedLimits
 from tokens import TokenVault, is_sealed
@@ -118,6 +118,32 @@ def test_a_304_keeps_the_etag_stores_the_new_expires_and_records_its_run(conn, w
     assert user["queued_at"] is None and user["last_sync_at"] == result.finished_at
     run = conn.execute("SELECT status, esi_calls FROM sync_runs ORDER BY id DESC LIMIT 1").fetchone()
     assert (run["status"], run["esi_calls"]) == ("ok", 1)
+
+
+def test_a_warm_poll_locks_reads_writes_its_outcome_and_unlocks_in_four_round_trips(conn, world, sim):
+    sync_all(conn, world, sim)
+    sim.advance(301)
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    assert not db.get_user_to_sync(conn, pilot["character_id"], now_for(sim), max_attempts=8)["refs_pending"]
+    conn.commit()
+    with round_trips(conn) as counted:
+        result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "ok" and sim.stats()["by_status"]["304"] >= 1
+    assert counted == [4]  # the lock, the pilot's row, the outcome, the unlock
+
+
+def test_a_304_still_fetches_what_an_earlier_run_left_pending(conn, world, sim):
+    sync_all(conn, world, sim)
+    pilot = next(p for p in sim.pilots() if not p["revoked"] and sim.killmail_ids_for(p["character_id"]))
+    left = max(sim.killmail_ids_for(pilot["character_id"]))
+    for table in ("attackers", "killmail_items", "killmails"):  # as if its fetch had failed
+        conn.execute(f"DELETE FROM {table} WHERE killmail_id = %s", (left,))
+    conn.commit()
+    sim.advance(301)
+    sim.reset_stats()
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert sim.stats()["by_status"].get("304") == 1 and sim.stats()["by_route"]["detail"] == 1
+    assert result.saved == 1 and left in stored_ids(conn)
 
 
 def test_new_killmails_after_expires_are_fetched(conn, world, sim):
