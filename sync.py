@@ -354,9 +354,9 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
     # The old refresh token is dead from this moment: store the new one before anything else can fail. Sealed
     # with TOKEN_KEY's first key, which also moves a plaintext row (or one under an older key) to it.
     sealed = vault.seal(grant.refresh_token)
-    stored = db.store_tokens(conn, user["character_id"], grant.access_token, sealed,
-                             now + timedelta(seconds=grant.expires_in), replaces=user["refresh_token"])
-    conn.commit()
+    with db.autocommitted(conn):  # one statement, committed as it ends: one round trip where a transaction takes three
+        stored = db.store_tokens(conn, user["character_id"], grant.access_token, sealed,
+                                 now + timedelta(seconds=grant.expires_in), replaces=user["refresh_token"])
     if not stored:  # the web app wrote a new login while SSO answered: the login's grant stays the pilot's
         log.info("  🔑 %s logged in again during the refresh; the new login's tokens stay",
                  user["character_name"] or user["character_id"])

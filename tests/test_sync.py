@@ -132,6 +132,19 @@ def test_a_warm_poll_locks_reads_writes_its_outcome_and_unlocks_in_four_round_tr
     assert counted == [4]  # the lock, the pilot's row, the outcome, the unlock
 
 
+def test_a_warm_poll_that_refreshes_its_token_stores_it_in_one_more_round_trip(conn, world, sim):
+    sync_all(conn, world, sim)
+    sim.advance(21 * 60)  # every access token has expired
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    conn.commit()
+    with round_trips(conn) as counted:
+        result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    user = db.get_user(conn, pilot["character_id"])
+    now_held = next(p for p in sim.pilots() if p["character_id"] == pilot["character_id"])
+    assert result.status == "ok" and user["refresh_token"] == now_held["refresh_token"]
+    assert counted == [5]  # the lock, the pilot's row, the new tokens, the outcome, the unlock
+
+
 def test_a_304_still_fetches_what_an_earlier_run_left_pending(conn, world, sim):
     sync_all(conn, world, sim)
     pilot = next(p for p in sim.pilots() if not p["revoked"] and sim.killmail_ids_for(p["character_id"]))
