@@ -393,6 +393,19 @@ def test_an_outcome_is_one_statement_that_writes_the_run_the_calls_and_the_list_
     assert not conn.autocommit
 
 
+def test_the_paused_buckets_of_every_pilot_are_read_by_an_index_not_a_pass_over_all(conn):
+    conn.execute("INSERT INTO esi_limits (bucket, paused_until) SELECT 'char-killmail:' || g, "
+                 "CASE WHEN g % 1000 = 0 THEN now() + interval '1 minute' END FROM generate_series(1, 20000) g")
+    conn.execute("ANALYZE esi_limits")
+    conn.commit()
+    paused = db.limit_state(conn, ["error-limit", "char-killmail:7"], paused_per_owner_at=datetime.now(UTC))
+    expected = ["char-killmail:7"] + [f"char-killmail:{g}" for g in range(1000, 20001, 1000)]  # named, or paused
+    assert sorted(r["bucket"] for r in paused) == sorted(expected)
+    plan = conn.execute("EXPLAIN SELECT * FROM esi_limits WHERE bucket = ANY(ARRAY['error-limit']) "
+                        "OR (split_part(bucket, ':', 1) = ANY(ARRAY['char-killmail']) AND paused_until > now())")
+    assert "esi_limits_paused" in " ".join(row["QUERY PLAN"] for row in plan)
+
+
 def test_raw_bodies_are_compressed_with_lz4(conn):
     db.save_killmails(conn, [sample()])
     row = conn.execute("SELECT pg_column_compression(raw) AS method, attcompression FROM killmails, pg_attribute "
