@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import types
 import typing
 
 import pika
@@ -322,6 +325,28 @@ def test_a_crash_message_never_reaches_the_dead_letter_header(database_url, queu
     child.run_job(FakeConnection(), channel, 7, pika.BasicProperties(headers={broker.ATTEMPT_HEADER: 2}), b"{}")
     (queue, headers), = channel.published
     assert (queue, headers["x-death-reason"]) == (broker.dead_queue(queue_name), "worker error: ValueError")
+
+
+def test_a_childs_jobs_run_on_one_thread_for_its_life_each_ended_before_its_ack(database_url, queue_name):
+    child = killmail_worker.Child(make_settings(database_url, queue_name=queue_name), burst=True)
+    ran_on: list[int] = []
+
+    def process(body, attempt):
+        ran_on.append(threading.get_ident())
+        return killmail_worker.Outcome("ack")
+    child.process = process
+    callbacks: queue.SimpleQueue = queue.SimpleQueue()  # this test's thread plays pika's I/O thread
+    connection = types.SimpleNamespace(add_callback_threadsafe=callbacks.put)
+    channel, idle_at_ack = FakeChannel(), []
+    for tag in (1, 2, 3):
+        child.on_message(connection, channel, types.SimpleNamespace(delivery_tag=tag), pika.BasicProperties(),
+                         b"{}")
+        assert child.job_in_hand
+        callback = callbacks.get(timeout=30)
+        idle_at_ack.append(child.job_idle.is_set())
+        callback()
+    assert channel.acked == [1, 2, 3] and idle_at_ack == [True, True, True] and not child.job_in_hand
+    assert len(set(ran_on)) == 1 and ran_on[0] != threading.get_ident()
 
 
 def test_a_retry_that_cannot_be_published_as_asked_is_dead_lettered_and_acked(database_url, queue_name):
