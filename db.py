@@ -1143,17 +1143,22 @@ def _calls_columns(counts: dict[tuple[str, int], int]) -> dict[str, list]:
             "calls": [n for _, n in ordered]}
 
 
+# record_outcome's statement for each kind of owner, composed once at import rather than again for every run.
+_OUTCOME_SQL = {
+    kind: sql.SQL("WITH state AS ({}), calls AS ({}) {}").format(
+        sql.SQL(_FINISH_SQL).format(sql.Identifier(table), sql.Identifier(column)), sql.SQL(_ADD_ESI_CALLS_SQL),
+        sql.SQL(_INSERT_RUN_SQL)).as_string()
+    for kind, (table, column) in _STATE_TABLES.items()}
+
+
 def record_outcome(conn, run: dict, calls: dict[tuple[str, int], int], *, found_new: bool,
                    list_cache: tuple[str | None, datetime | None] | None = None) -> None:
     """A run's end in one statement: its sync_runs row, its ESI calls added to the totals, and its pilot's (or
     corporation's) sync state as finish_sync leaves it, with the list's ETag and Expires when the run read them
     and nothing else wrote them (list_cache)."""
-    table, column = _STATE_TABLES[run["kind"]]
     etag, expires_at = list_cache or (None, None)
     conn.execute(
-        sql.SQL("WITH state AS ({}), calls AS ({}) {}").format(
-            sql.SQL(_FINISH_SQL).format(sql.Identifier(table), sql.Identifier(column)), sql.SQL(_ADD_ESI_CALLS_SQL),
-            sql.SQL(_INSERT_RUN_SQL)),
+        _OUTCOME_SQL[run["kind"]],
         {**run, **_calls_columns(calls), "found_new": found_new, "cached": list_cache is not None, "etag": etag,
          "expires_at": expires_at,
          "owner_id": run["corporation_id"] if run["kind"] == "corporation" else run["character_id"]},
