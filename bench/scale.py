@@ -67,14 +67,16 @@ LINKS_SQL = f"""
 def run(*, pilots: int = PILOTS, round_trip_pilots: int = ROUND_TRIP_PILOTS, profile: Path | None = None
         ) -> tuple[list[Figure], dict]:
     """Build the world, time one warm pass, count round trips in a traced one; the figures. With `profile`, py-spy
-    samples the worker and its children through the timed pass (which then costs more CPU) into that file."""
+    samples the worker and its children through the timed pass (which then costs more CPU) into that file, only
+    where a thread holds the GIL: the Python code's CPU, not its waits."""
     with harness.lab("scale", seed=23, sim_options=SIM) as lab:
         built = build_world(lab, pilots)
         print(f"  world built in {built['seconds']:.0f} s", flush=True)
         workers = lab.start_ready_workers(WORKERS, prefetch=CHILDREN)
         spy = None if profile is None else subprocess.Popen(
-            ["py-spy", "record", "--subprocesses", "--nonblocking", "--format", "speedscope", "--output", str(profile),
-             "--pid", str(workers[0].pid)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            ["py-spy", "record", "--subprocesses", "--nonblocking", "--gil", "--format", "speedscope",
+             "--output", str(profile), "--pid", str(workers[0].pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         timed = timed_pass(lab, workers, pilots)
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
@@ -95,7 +97,7 @@ def run(*, pilots: int = PILOTS, round_trip_pilots: int = ROUND_TRIP_PILOTS, pro
                f"PostgreSQL {cpu['postgres']:.2f} ms, broker {cpu['broker']:.2f} ms, producer "
                f"{cpu['producer']:.2f} ms, simulator+bench {cpu['bench']:.2f} ms", "measured"),
         Figure(SCENARIO, "database round trips a poll (traced pass)",
-               f"{trips['per_poll']:.1f} ({trips['commits_per_poll']:.1f} commits)",
+               f"{trips['per_poll']:.1f} ({trips['statements_per_poll']:.1f} statements)",
                "measured"),
         Figure(SCENARIO, "polls a second, producer to last run (wall clock, shared machine)",
                f"{timed['polls_per_s']:.0f}/s", "measured"),
@@ -214,9 +216,9 @@ def round_trip_pass(lab: harness.Lab, pilots: int) -> dict:
         worker.stop()
     lab.workers.clear()
     end = count_trace(trace_dir)
-    trips, commits = end[0] - start[0], end[1] - start[1]
-    return {"polls": jobs, "round_trips": trips, "per_poll": round(trips / jobs, 2), "commits": commits,
-            "commits_per_poll": round(commits / jobs, 2), "trace_dir": str(trace_dir)}
+    trips, statements = end[0] - start[0], end[1] - start[1]
+    return {"polls": jobs, "round_trips": trips, "per_poll": round(trips / jobs, 2), "statements": statements,
+            "statements_per_poll": round(statements / jobs, 2), "trace_dir": str(trace_dir)}
 
 
 def traced_worker(lab: harness.Lab, extra_env: dict[str, str]) -> harness.Worker:
@@ -228,9 +230,9 @@ def traced_worker(lab: harness.Lab, extra_env: dict[str, str]) -> harness.Worker
 
 
 def count_trace(trace_dir: Path) -> tuple[int, int]:
-    """Round trips (turns from client messages, F, to the server's, B) and commits, over every trace file of the
-    folder."""
-    turns = commits = 0
+    """Round trips (turns from client messages, F, to the server's, B) and statements (each one's completion,
+    BEGIN and COMMIT among them), over every trace file of the folder."""
+    turns = statements = 0
     for path in trace_dir.glob("*.trace"):
         sending = False
         with open(path, errors="replace") as trace:
@@ -240,8 +242,8 @@ def count_trace(trace_dir: Path) -> tuple[int, int]:
                 elif line.startswith("B\t"):
                     turns += sending
                     sending = False
-                    commits += line.endswith('"COMMIT"\n')
-    return turns, commits
+                    statements += "\tCommandComplete\t" in line
+    return turns, statements
 
 
 def launch_producer(lab: harness.Lab) -> tuple[subprocess.Popen, Path]:
