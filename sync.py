@@ -295,7 +295,8 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
             log.warning("  🏢 %s may not read corporation %s's killmails: %s", user["character_name"],
                         corporation_id, exc)
         else:
-            db.set_director(conn, character_id, True, checked_at=now)
+            if not user["is_director"]:  # learned once: only a 403 says otherwise, and it is written then
+                db.set_director(conn, character_id, True, checked_at=now)
             fetch_killmails(conn, esi, owner, now, options, result)
     _finish(conn, esi, result, options, locks)
 

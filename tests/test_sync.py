@@ -567,6 +567,22 @@ def test_directors_sync_their_corporations_and_shared_kills_are_fetched_once(con
     assert sync_corporations(conn, world, sim) == []  # synced just now: not due
 
 
+def test_a_directors_role_is_written_when_learned_not_on_every_corporation_poll(conn, world, sim):
+    sync_all(conn, world, sim)
+    sync_corporations(conn, world, sim)
+    learned = {u["character_id"]: u["director_checked_at"]
+               for u in conn.execute("SELECT * FROM users WHERE is_director").fetchall()}
+    assert learned and all(learned.values())
+    sim.advance(301)
+    conn.execute("UPDATE corporations SET last_sync_at = last_sync_at - interval '1 hour'")
+    conn.commit()
+    results = sync_corporations(conn, world, sim)
+    assert results and all(r.status == "ok" for r in results)
+    again = {u["character_id"]: u["director_checked_at"]
+             for u in conn.execute("SELECT * FROM users WHERE is_director").fetchall()}
+    assert again == learned
+
+
 def test_a_corporation_whose_director_is_being_synced_is_skipped_and_freed(conn, world, sim, database_url):
     sync_all(conn, world, sim)
     due = db.claim_due_corporations(conn, now_for(sim), interval=300, stale_after=7200)
