@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -57,6 +58,20 @@ def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) ->
         conn.close()
         raise
     return conn
+
+
+@contextmanager
+def autocommitted(conn: psycopg.Connection) -> Iterator[None]:
+    """Each statement of the block is a transaction of its own. psycopg opens a transaction with a BEGIN of its own
+    round trip and ends it with a COMMIT of another: a write that is one statement costs three round trips in a
+    transaction and one here. What the connection had open is committed first."""
+    conn.commit()
+    conn.autocommit = True
+    try:
+        yield
+    finally:
+        if not (conn.closed or conn.broken):
+            conn.autocommit = False
 
 
 def apply_schema(conn: psycopg.Connection) -> None:
@@ -489,17 +504,22 @@ def save_list_cache(conn, kind: str, owner_id: int, etag: str | None, expires_at
     )
 
 
+# A sync's end on its pilot's (or corporation's) row: freed for the next producer run.
+_FINISH_SQL = """
+    UPDATE {} SET last_sync_at = %(finished_at)s, last_sync_status = %(status)s, queued_at = NULL,
+           last_new_killmail_at = CASE WHEN %(found_new)s THEN %(finished_at)s ELSE last_new_killmail_at END,
+           list_etag = CASE WHEN %(cached)s THEN %(etag)s ELSE list_etag END,
+           list_expires_at = CASE WHEN %(cached)s THEN %(expires_at)s ELSE list_expires_at END
+    WHERE {} = %(owner_id)s
+"""
+
+
 def finish_sync(conn, kind: str, owner_id: int, now: datetime, status: str, *, found_new: bool) -> None:
     """Record the end of a pilot's (or corporation's) sync and free it for the next producer run."""
     table, column = _STATE_TABLES[kind]
-    conn.execute(
-        sql.SQL("""
-        UPDATE {} SET last_sync_at = %(now)s, last_sync_status = %(status)s, queued_at = NULL,
-               last_new_killmail_at = CASE WHEN %(new)s THEN %(now)s ELSE last_new_killmail_at END
-        WHERE {} = %(id)s
-        """).format(sql.Identifier(table), sql.Identifier(column)),
-        {"now": now, "status": status, "new": found_new, "id": owner_id},
-    )
+    conn.execute(sql.SQL(_FINISH_SQL).format(sql.Identifier(table), sql.Identifier(column)),
+                 {"finished_at": now, "status": status, "found_new": found_new, "owner_id": owner_id,
+                  "cached": False, "etag": None, "expires_at": None})
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -534,6 +554,14 @@ def store_refs(conn, kind: str, owner_id: int, refs: Sequence[tuple[int, str]]) 
     ).rowcount
 
 
+# A reference `r` a sync may fetch now: no stored killmail, tries left, and its retry time come.
+_PENDING_REF_SQL = """
+    NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+    AND r.attempts < %(max)s
+    AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= %(now)s)
+"""
+
+
 def pending_refs(conn, kind: str, owner_id: int, now: datetime, *, max_attempts: int) -> list[dict]:
     """A pilot's (or corporation's) references with no stored killmail that may be fetched now, newest first."""
     table, column = _LINKS[kind]
@@ -542,14 +570,25 @@ def pending_refs(conn, kind: str, owner_id: int, now: datetime, *, max_attempts:
         SELECT r.killmail_id, r.killmail_hash, r.first_seen_at
         FROM {} c
         JOIN killmail_refs r USING (killmail_id)
-        WHERE c.{} = %(id)s
-          AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
-          AND r.attempts < %(max)s
-          AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= %(now)s)
+        WHERE c.{} = %(id)s AND {}
         ORDER BY r.killmail_id DESC
-        """).format(sql.Identifier(table), sql.Identifier(column)),
+        """).format(sql.Identifier(table), sql.Identifier(column), sql.SQL(_PENDING_REF_SQL)),
         {"id": owner_id, "now": now, "max": max_attempts},
     ).fetchall()
+
+
+def get_user_to_sync(conn, character_id: int, now: datetime, *, max_attempts: int) -> dict | None:
+    """get_user's row, and `refs_pending`: whether pending_refs would find any of the pilot's references now. A list
+    answered 304 adds none, so a sync that finds none pending has nothing to fetch."""
+    return conn.execute(
+        f"""
+        SELECT *, NOT {_LIVE_GRANT_SQL} AS revoked,
+               EXISTS (SELECT 1 FROM character_killmails c JOIN killmail_refs r USING (killmail_id)
+                       WHERE c.character_id = users.character_id AND {_PENDING_REF_SQL}) AS refs_pending
+        FROM users WHERE character_id = %(id)s
+        """,
+        {"id": character_id, "now": now, "max": max_attempts},
+    ).fetchone()
 
 
 def stranded_refs(conn, now: datetime, *, max_attempts: int, limit: int) -> list[dict]:
@@ -1058,32 +1097,56 @@ def outbox_summary(conn, now: datetime) -> dict:
 # ---------------------------------------------------------------------------------------------- runs
 
 
+_INSERT_RUN_SQL = """
+    INSERT INTO sync_runs (character_id, corporation_id, kind, started_at, finished_at, status, listed, new,
+                           saved, skipped, failed, esi_calls, attempt, worker, error)
+    VALUES (%(character_id)s, %(corporation_id)s, %(kind)s, %(started_at)s, %(finished_at)s, %(status)s,
+            %(listed)s, %(new)s, %(saved)s, %(skipped)s, %(failed)s, %(esi_calls)s, %(attempt)s, %(worker)s,
+            %(error)s)
+"""
+_ADD_ESI_CALLS_SQL = """
+    INSERT INTO esi_calls (route_group, status, calls)
+    SELECT * FROM unnest(%(groups)s::text[], %(statuses)s::int[], %(calls)s::bigint[])
+    ON CONFLICT (route_group, status) DO UPDATE SET calls = esi_calls.calls + EXCLUDED.calls
+"""
+
+
 def record_run(conn, run: dict) -> None:
     """Insert one sync_runs row."""
-    conn.execute(
-        """
-        INSERT INTO sync_runs (character_id, corporation_id, kind, started_at, finished_at, status, listed, new,
-                               saved, skipped, failed, esi_calls, attempt, worker, error)
-        VALUES (%(character_id)s, %(corporation_id)s, %(kind)s, %(started_at)s, %(finished_at)s, %(status)s,
-                %(listed)s, %(new)s, %(saved)s, %(skipped)s, %(failed)s, %(esi_calls)s, %(attempt)s, %(worker)s,
-                %(error)s)
-        """,
-        run,
-    )
+    conn.execute(_INSERT_RUN_SQL, run)
 
 
 def add_esi_calls(conn, counts: dict[tuple[str, int], int]) -> None:
     """Add a job's ESI calls, by route group and status, to the running totals."""
-    if not counts:
-        return
-    groups, statuses, calls = zip(*((g, s, n) for (g, s), n in sorted(counts.items())), strict=True)
+    if counts:
+        conn.execute(_ADD_ESI_CALLS_SQL, _calls_columns(counts))
+
+
+def _calls_columns(counts: dict[tuple[str, int], int]) -> dict[str, list]:
+    ordered = sorted(counts.items())  # one order for every process: upserts of several rows never deadlock
+    return {"groups": [g for (g, _), _ in ordered], "statuses": [s for (_, s), _ in ordered],
+            "calls": [n for _, n in ordered]}
+
+
+# record_outcome's statement for each kind of owner, composed once at import rather than again for every run.
+_OUTCOME_SQL = {
+    kind: sql.SQL("WITH state AS ({}), calls AS ({}) {}").format(
+        sql.SQL(_FINISH_SQL).format(sql.Identifier(table), sql.Identifier(column)), sql.SQL(_ADD_ESI_CALLS_SQL),
+        sql.SQL(_INSERT_RUN_SQL)).as_string()
+    for kind, (table, column) in _STATE_TABLES.items()}
+
+
+def record_outcome(conn, run: dict, calls: dict[tuple[str, int], int], *, found_new: bool,
+                   list_cache: tuple[str | None, datetime | None] | None = None) -> None:
+    """A run's end in one statement: its sync_runs row, its ESI calls added to the totals, and its pilot's (or
+    corporation's) sync state as finish_sync leaves it, with the list's ETag and Expires when the run read them
+    and nothing else wrote them (list_cache)."""
+    etag, expires_at = list_cache or (None, None)
     conn.execute(
-        """
-        INSERT INTO esi_calls (route_group, status, calls)
-        SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[])
-        ON CONFLICT (route_group, status) DO UPDATE SET calls = esi_calls.calls + EXCLUDED.calls
-        """,
-        (list(groups), list(statuses), list(calls)),
+        _OUTCOME_SQL[run["kind"]],
+        {**run, **_calls_columns(calls), "found_new": found_new, "cached": list_cache is not None, "etag": etag,
+         "expires_at": expires_at,
+         "owner_id": run["corporation_id"] if run["kind"] == "corporation" else run["character_id"]},
     )
 
 

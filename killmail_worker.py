@@ -12,6 +12,7 @@ import ctypes
 import logging
 import mmap
 import os
+import queue
 import random
 import signal
 import socket
@@ -185,7 +186,7 @@ class JobReporter:
 
 
 class Child:
-    """One forked worker process: a pika consumer with prefetch 1 and a thread for the running job."""
+    """One forked worker process: a pika consumer with prefetch 1 and a thread that runs its jobs one by one."""
 
     def __init__(self, settings: Settings, *, burst: bool, heartbeat: Heartbeat | None = None):
         self.settings = settings
@@ -195,7 +196,14 @@ class Child:
         self.stopped_at: float | None = None        # when SIGTERM came (time.monotonic())
         self.rng = random.Random()
         self.conn = None                            # the job's psycopg connection
-        self.job_thread: threading.Thread | None = None
+        # The job thread lives as long as the process: a thread started for every job cost more CPU than a warm
+        # poll's own work. The I/O thread hands it deliveries; `job_in_hand` (the I/O thread's own) holds from a
+        # delivery to its ack, `job_idle` (the job thread's) says the last job handed over has ended.
+        self.deliveries: queue.SimpleQueue = queue.SimpleQueue()
+        self.job_in_hand = False
+        self.job_idle = threading.Event()
+        self.job_idle.set()
+        self.job_thread = threading.Thread(target=self.run_jobs, name="job", daemon=True)
         self.broker_failures = 0                    # broker connections lost in a row (the reconnect backoff)
         self.consuming_since: float | None = None   # when the current broker connection began to consume
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
@@ -256,7 +264,7 @@ class Child:
                 log.info("✅ RabbitMQ connection back after %d attempt(s); consuming again", self.broker_failures)
             while True:
                 connection.process_data_events(time_limit=0.5)
-                if self.job_thread is not None:
+                if self.job_in_hand:
                     continue
                 self.limits.end_idle_leases()  # no job: the error slots it leased go back to the other processes
                 if self.stopping.is_set():
@@ -266,7 +274,7 @@ class Child:
                     # A delivery may have arrived during the check (the queue then counts it as unacked, not
                     # ready): dispatch it before deciding that this child is done.
                     connection.process_data_events(time_limit=0)
-                    if self.job_thread is None:
+                    if not self.job_in_hand:
                         channel.basic_cancel(tag)
                         return True
 
@@ -279,10 +287,21 @@ class Child:
         if self.stopping.is_set():
             channel.basic_reject(method.delivery_tag, requeue=True)  # untouched; another worker takes it
             return
-        self.job_thread = threading.Thread(
-            target=self.run_job, args=(connection, channel, method.delivery_tag, properties, body),
-            name="job", daemon=True)
-        self.job_thread.start()
+        if not self.job_thread.is_alive():
+            self.job_thread.start()  # here, not at the fork: a child that never gets a job runs no thread for it
+        self.job_in_hand = True
+        self.job_idle.clear()
+        self.deliveries.put((connection, channel, method.delivery_tag, properties, body))
+
+    def run_jobs(self) -> None:
+        """The job thread: run each delivery the I/O thread hands over, one at a time, for the process's life."""
+        while True:
+            delivery = self.deliveries.get()
+            try:
+                self.run_job(*delivery)  # sets job_idle as it hands its outcome over
+            except BaseException:
+                self.job_idle.set()
+                raise
 
     def run_job(self, connection, channel, delivery_tag: int, properties, body: bytes) -> None:
         """The job thread: do the work, then hand the outcome to the I/O thread."""
@@ -296,6 +315,8 @@ class Child:
             # The type alone travels on (log line, dead-letter header): an unforeseen error's text may quote what
             # the failing call was given, as http.client quotes a whole header it refuses.
             outcome = self.failure(None, attempt, f"worker error: {type(exc).__name__}")
+        # Idle before the outcome goes to the I/O thread, which may hand over the next job as soon as it acks.
+        self.job_idle.set()
         try:
             connection.add_callback_threadsafe(partial(self.on_job_done, channel, delivery_tag, properties, body,
                                                        attempt, outcome))
@@ -425,7 +446,7 @@ class Child:
     def on_job_done(self, channel, delivery_tag: int, properties, body: bytes, attempt: int,
                     outcome: Outcome) -> None:
         """In the I/O thread: publish a retry or dead letter if needed, then ack (after the job's commit)."""
-        self.job_thread = None
+        self.job_in_hand = False
         if not channel.is_open:
             log.warning("channel closed before the ack; the job will be redelivered")
             return
@@ -480,10 +501,9 @@ class Child:
 
     def wait_for_job(self) -> None:
         """Let a running job finish (its ack may be lost with the connection; it is then redelivered)."""
-        thread = self.job_thread
-        if thread is not None:
-            thread.join()
-            self.job_thread = None
+        if self.job_in_hand:
+            self.job_idle.wait()
+            self.job_in_hand = False
 
 
 # ---------------------------------------------------------------------------------------------- the parent

@@ -301,6 +301,9 @@ CREATE TABLE IF NOT EXISTS esi_limits (
     updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CALL pg_temp.drop_column('esi_limits', 'next_slot');  -- the former pacer's schedule; the ledger replaced it
+-- Each process reads every per-character bucket paused beyond now once a second (db.limit_state), beside the
+-- buckets it names: without this index that OR is a pass over a row per pilot, with it a look at the few paused.
+CALL pg_temp.create_index('esi_limits_paused', 'esi_limits (paused_until) WHERE paused_until IS NOT NULL');
 
 -- The ledger of ESI's floating windows: what was spent of each bucket ('killmail@<egress>',
 -- 'char-killmail:<character id>', 'error-limit@<egress>' where a token is an error answer) in each whole second,

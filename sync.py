@@ -110,6 +110,8 @@ class SyncResult:
     linked_new: int = field(default=0, repr=False)
     # Ids shown beside the killmails this run saved, named in one call once they are saved.
     name_ids: set[int] = field(default_factory=set, repr=False)
+    # The ETag and Expires of a list answered 304, not yet written: the run's end writes them with its row.
+    list_cache: tuple[str | None, datetime | None] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -221,13 +223,15 @@ def _locked_run(conn, locks: list[tuple[int, int]], result: SyncResult, options:
 def _lock(conn, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
     """Take every lock, each a (namespace, key) pair, or none; None when another process holds one of them."""
     taken = []
-    for namespace, key in keys:
-        if not db.try_lock(conn, namespace, key):
-            conn.rollback()
-            _release(conn, taken)
-            return None
-        taken.append((namespace, key))
-    return taken  # session locks: the caller's next commit ends this transaction, the locks stay
+    with db.autocommitted(conn):  # session locks, one statement each: no transaction to hold them in
+        for namespace, key in keys:
+            if not db.try_lock(conn, namespace, key):
+                break
+            taken.append((namespace, key))
+        else:
+            return taken
+    _release(conn, taken)
+    return None
 
 
 def _release(conn, locks: list[tuple[int, int]]) -> None:
@@ -244,8 +248,8 @@ def _release(conn, locks: list[tuple[int, int]]) -> None:
 
 def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
                            result: SyncResult, locks: list[tuple[int, int]]) -> None:
-    user = db.get_user(conn, character_id)
-    conn.commit()
+    with db.autocommitted(conn):  # read after the lock: a run that held it has committed all it wrote
+        user = db.get_user_to_sync(conn, character_id, now, max_attempts=options.max_attempts)
     if user is None:
         raise PermanentJobError(f"unknown character {character_id}: no such user")
     result.character_name = user["character_name"]
@@ -264,7 +268,10 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
             conn.commit()
             result.error = str(exc)
         else:
-            fetch_killmails(conn, esi, owner, now, options, result)
+            # Nothing listed anew and nothing left pending (a warm poll, most of them): nothing to fetch, and the
+            # run's outcome is its one write.
+            if result.list_cache is None or user["refs_pending"]:
+                fetch_killmails(conn, esi, owner, now, options, result)
     _finish(conn, esi, result, options, locks)
 
 
@@ -290,7 +297,8 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
             log.warning("  🏢 %s may not read corporation %s's killmails: %s", user["character_name"],
                         corporation_id, exc)
         else:
-            db.set_director(conn, character_id, True, checked_at=now)
+            if not user["is_director"]:  # learned once: only a 403 says otherwise, and it is written then
+                db.set_director(conn, character_id, True, checked_at=now)
             fetch_killmails(conn, esi, owner, now, options, result)
     _finish(conn, esi, result, options, locks)
 
@@ -349,9 +357,9 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
     # The old refresh token is dead from this moment: store the new one before anything else can fail. Sealed
     # with TOKEN_KEY's first key, which also moves a plaintext row (or one under an older key) to it.
     sealed = vault.seal(grant.refresh_token)
-    stored = db.store_tokens(conn, user["character_id"], grant.access_token, sealed,
-                             now + timedelta(seconds=grant.expires_in), replaces=user["refresh_token"])
-    conn.commit()
+    with db.autocommitted(conn):  # one statement, committed as it ends: one round trip where a transaction takes three
+        stored = db.store_tokens(conn, user["character_id"], grant.access_token, sealed,
+                                 now + timedelta(seconds=grant.expires_in), replaces=user["refresh_token"])
     if not stored:  # the web app wrote a new login while SSO answered: the login's grant stays the pilot's
         log.info("  🔑 %s logged in again during the refresh; the new login's tokens stay",
                  user["character_name"] or user["character_id"])
@@ -390,7 +398,8 @@ def _list_references(conn, esi: EsiClient, owner: Owner, token: str, now: dateti
         listing = esi.list_recent(character_id=owner.reader_id, token=token, etag=etag,
                                   corporation_id=owner.id if owner.kind == "corporation" else None)
     except NotModified as exc:
-        db.save_list_cache(conn, owner.kind, owner.id, etag, _list_expiry(now, result, options, exc.expires_in))
+        # Written with the run's end (_finish), or before any fetch (fetch_killmails): one write a warm poll.
+        result.list_cache = (etag, _list_expiry(now, result, options, exc.expires_in))
         return
     except Forbidden:
         raise
@@ -411,6 +420,9 @@ def fetch_killmails(conn, esi: EsiClient, owner: Owner, now: datetime, options: 
                     result: SyncResult) -> None:
     """Fetch and save the details of a pilot's (or corporation's) references that no process has stored or
     is fetching."""
+    if result.list_cache is not None:  # a 304's Expires holds before anything is waited for, however the job ends
+        db.save_list_cache(conn, owner.kind, owner.id, *result.list_cache)
+        result.list_cache = None
     conn.commit()  # the references just listed, before anything else is committed or waited for
     value_backlog(conn, esi, now, options)
     pending = db.pending_refs(conn, owner.kind, owner.id, now, max_attempts=options.max_attempts)
@@ -742,23 +754,19 @@ def _record_failure(conn, killmail_id: int, exc: Exception, now: datetime, optio
 
 
 def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, locks: list[tuple[int, int]]) -> None:
-    """Record the run, the ESI calls and the user's (or corporation's) sync state in one transaction, then
-    release the locks: one round trip to PostgreSQL (a pipeline), the locks let go only after the commit."""
+    """Record the run, the ESI calls and the user's (or corporation's) sync state, with a 304's ETag and Expires,
+    in one statement, its own transaction, then release the locks: a round trip each, the locks let go only after
+    the commit."""
     result.finished_at = options.clock()
     if result.status == "ok" and result.failed:
         result.status = "partial"
     calls = esi.take_calls()
     result.esi_calls = sum(calls.values())
-    owner_id = result.corporation_id if result.kind == "corporation" else result.character_id
-    with conn.pipeline():
-        db.add_esi_calls(conn, calls)
-        db.finish_sync(conn, result.kind, owner_id, result.finished_at, result.status,
-                       found_new=result.linked_new > 0 or result.saved > 0)
-        db.record_run(conn, run_row(result))
-        conn.commit()
+    with db.autocommitted(conn):
+        db.record_outcome(conn, run_row(result), calls, found_new=result.linked_new > 0 or result.saved > 0,
+                          list_cache=result.list_cache)
         for namespace, key in reversed(locks):
             db.unlock(conn, namespace, key)
-        conn.commit()
     locks.clear()
 
 
@@ -778,7 +786,7 @@ def run_row(result: SyncResult) -> dict:
     """A SyncResult as the columns of sync_runs."""
     # Every field is a plain value: a shallow copy does (asdict deep-copies each one, for a row every job writes).
     return {f.name: getattr(result, f.name) for f in fields(result)
-            if f.name not in ("character_name", "linked_new", "name_ids")}
+            if f.name not in ("character_name", "linked_new", "name_ids", "list_cache")}
 
 
 def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,

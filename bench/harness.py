@@ -52,12 +52,12 @@ def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, ev
     raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def rss_mb(pid: int) -> float | None:
-    """A process's resident set (VmRSS) in MB, or None when it is gone."""
+def rss_mb(pid: int, *, field: str = "VmRSS") -> float | None:
+    """A process's resident set (VmRSS; VmHWM: its peak) in MB, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except (FileNotFoundError, ProcessLookupError):
         return None
@@ -286,6 +286,12 @@ class Lab:
         if self._polling is None or self._polling.closed:
             self._polling = self.connect(autocommit=True)
         return list(self._polling.execute(sql).fetchone().values())[0]
+
+    def column(self, sql: str) -> list:
+        """The first column of every row a query returns, on the same connection as count()."""
+        if self._polling is None or self._polling.closed:
+            self._polling = self.connect(autocommit=True)
+        return [next(iter(row.values())) for row in self._polling.execute(sql).fetchall()]
 
     def close(self) -> None:
         """Close the polling connection."""

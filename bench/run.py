@@ -31,6 +31,7 @@ import latency
 import memory
 import producer
 import rested_burst
+import scale
 import status_page
 import warm_polls
 import window_backlog
@@ -53,12 +54,13 @@ SCENARIOS = {
     "memory": memory.run,
     "producer": producer.run,
     "status": status_page.run,
+    "scale": scale.run,
 }
 # The memory soak lasts 10 minutes and measures RSS, not speed: once its cold part is over (that part runs alone),
 # it goes on in the background while the other scenarios run one at a time, which keeps the whole run
 # shorter by those 10 minutes. Its rounds wait while a scenario that measures speed on the CPU runs.
 BACKGROUND = "memory"
-TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness", "producer", "status"}
+TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness", "producer", "status", "scale"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

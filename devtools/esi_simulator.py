@@ -541,6 +541,14 @@ class Simulator:
                 "scopes": " ".join(p.scopes),
             } for p in self._pilots.values()]
 
+    def list_etag(self, character_id: int) -> str:
+        """The ETag a pilot's list (its first page) answers with now: what a worker that polled it before holds,
+        so a benchmark can start from warm pilots without a cold sync of each."""
+        with self._lock:
+            cache = self._list_cache(("character", character_id), self._now())
+            chunk = cache.items[:self._config["page_size"]]
+            return _etag(_json([{"killmail_hash": h, "killmail_id": i} for i, h in chunk]))
+
     def killmail_ids_for(self, character_id: int) -> set[int]:
         """Ids of every killmail linked to that pilot (whether or not its list cache shows them yet)."""
         with self._lock:

@@ -12,13 +12,16 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import pika
+from psycopg import pq
 
 from screenshot import ACCESS_TOKEN, REFRESH_TOKEN
 from settings import Settings
@@ -189,3 +192,25 @@ def ledger_spent(conn, bucket: str, now: datetime, *, window: int) -> dict:
         """,
         {"b": bucket, "since": now - timedelta(seconds=window)},
     ).fetchone()
+
+
+@contextmanager
+def round_trips(conn) -> Iterator[list[int]]:
+    """Count the round trips a connection makes in the block, from libpq's protocol trace: each turn from the
+    client's messages to the server's. The count is the list's one item once the block ends."""
+    counted = [0]
+    with tempfile.TemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield counted
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        sending = False
+        for line in trace:  # a query's text may go on over several lines, which start with neither
+            if line.startswith("F\t"):
+                sending = True
+            elif line.startswith("B\t") and sending:
+                counted[0] += 1
+                sending = False

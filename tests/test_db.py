@@ -398,6 +398,46 @@ def test_esi_calls_accumulate(conn):
                                                                           ("killmail", 200, 5)]
 
 
+def run_of(character_id, **fields):
+    return {"character_id": character_id, "corporation_id": None, "kind": "character", "started_at": NOW,
+            "finished_at": NOW + timedelta(seconds=1), "status": "ok", "listed": 0, "new": 0, "saved": 0,
+            "skipped": 0, "failed": 0, "esi_calls": 1, "attempt": 1, "worker": "w", "error": None, **fields}
+
+
+def test_an_outcome_is_one_statement_that_writes_the_run_the_calls_and_the_list_cache(conn):
+    add_user(conn, 7, list_etag='"old"', queued_at=NOW)
+    add_user(conn, 8, list_etag='"kept"', list_expires_at=NOW, queued_at=NOW)
+    expires = NOW + timedelta(minutes=5)
+    with db.autocommitted(conn):
+        db.record_outcome(conn, run_of(7), {("char-killmail", 304): 1}, found_new=False,
+                          list_cache=('"old"', expires))
+        db.record_outcome(conn, run_of(8, status="partial"), {}, found_new=True)
+    users = {u["character_id"]: u for u in conn.execute("SELECT * FROM users ORDER BY character_id")}
+    assert (users[7]["list_etag"], users[7]["list_expires_at"], users[7]["queued_at"]) == ('"old"', expires, None)
+    assert users[7]["last_sync_at"] == NOW + timedelta(seconds=1) and users[7]["last_new_killmail_at"] is None
+    assert (users[8]["list_etag"], users[8]["list_expires_at"], users[8]["last_sync_status"]) == ('"kept"', NOW,
+                                                                                                  "partial")
+    assert users[8]["last_new_killmail_at"] == NOW + timedelta(seconds=1)
+    runs = conn.execute("SELECT character_id, status FROM sync_runs ORDER BY id").fetchall()
+    assert [(r["character_id"], r["status"]) for r in runs] == [(7, "ok"), (8, "partial")]
+    calls = conn.execute("SELECT route_group, status, calls FROM esi_calls").fetchall()
+    assert [(c["route_group"], c["status"], c["calls"]) for c in calls] == [("char-killmail", 304, 1)]
+    assert not conn.autocommit
+
+
+def test_the_paused_buckets_of_every_pilot_are_read_by_an_index_not_a_pass_over_all(conn):
+    conn.execute("INSERT INTO esi_limits (bucket, paused_until) SELECT 'char-killmail:' || g, "
+                 "CASE WHEN g % 1000 = 0 THEN now() + interval '1 minute' END FROM generate_series(1, 20000) g")
+    conn.execute("ANALYZE esi_limits")
+    conn.commit()
+    paused = db.limit_state(conn, ["error-limit", "char-killmail:7"], paused_per_owner_at=datetime.now(UTC))
+    expected = ["char-killmail:7"] + [f"char-killmail:{g}" for g in range(1000, 20001, 1000)]  # named, or paused
+    assert sorted(r["bucket"] for r in paused) == sorted(expected)
+    plan = conn.execute("EXPLAIN SELECT * FROM esi_limits WHERE bucket = ANY(ARRAY['error-limit']) "
+                        "OR (split_part(bucket, ':', 1) = ANY(ARRAY['char-killmail']) AND paused_until > now())")
+    assert "esi_limits_paused" in " ".join(row["QUERY PLAN"] for row in plan)
+
+
 def test_raw_bodies_are_compressed_with_lz4(conn):
     db.save_killmails(conn, [sample()])
     row = conn.execute("SELECT pg_column_compression(raw) AS method, attcompression FROM killmails, pg_attribute "

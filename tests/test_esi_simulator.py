@@ -136,6 +136,13 @@ def test_etag_gives_304_and_costs_one_token(esi):
     assert again.headers["X-Ratelimit-Used"] == "3"
 
 
+def test_list_etag_is_the_one_the_first_page_answers_with(esi):
+    pilot = esi.pilot()
+    etag = esi.sim.list_etag(pilot["character_id"])
+    answer = esi.recent(pilot, **{"If-None-Match": etag})
+    assert answer.status_code == 304 and answer.headers["ETag"] == etag
+
+
 def test_expires_and_early_fetch_counter(esi):
     pilot = esi.pilot()
     first = esi.recent(pilot)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import typing
 from datetime import UTC, datetime
 
@@ -369,6 +370,28 @@ def test_a_message_that_is_no_job_is_dead_lettered_at_once_with_the_reason(datab
     (properties, body), = messages(dead)
     assert body == b"not json" and properties.headers[broker.ATTEMPT_HEADER] == 1
     assert properties.headers["x-death-reason"] == "message is not JSON: b'not json'"
+
+
+@pytest.mark.timeout(60)
+def test_a_childs_jobs_run_on_one_thread_for_its_life_each_acked(database_url, queue_name):
+    settings = make_settings(database_url, queue_name=queue_name)
+    with broker.open_channel(RABBITMQ_URL, queue_name, max_attempts=settings.max_attempts) as channel:
+        for n in range(3):
+            broker.publish(channel, queue_name, b"{}", priority=3, headers=None, message_id=f"job-{n}")
+    child = killmail_worker.Child(settings, burst=True)
+    ran_on: list[int] = []
+
+    def process(body, attempt):
+        ran_on.append(threading.get_ident())
+        return killmail_worker.Outcome("ack")
+    child.process = process
+    try:
+        assert child.consume() is True  # burst: done once the queue has nothing ready
+    finally:
+        child.drop_db()
+    assert len(ran_on) == 3 and not child.job_in_hand
+    assert len(set(ran_on)) == 1 and ran_on[0] != threading.get_ident()  # one job thread, not one per job
+    assert where_jobs_are(settings) == {}  # each acked: an unacked one would be back in the queue
 
 
 @pytest.mark.timeout(60)

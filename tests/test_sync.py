@@ -14,7 +14,7 @@ import pytest
 import db
 import sync
 from esi import EsiClient, InvalidGrant
-from helpers import TOKEN_KEYS, insert_users, make_settings, wait_until
+from helpers import TOKEN_KEYS, insert_users, make_settings, round_trips, wait_until
 from limits import SharedLimits
 from tokens import TokenVault, is_sealed
 
@@ -129,6 +129,59 @@ def test_second_run_makes_no_call_before_expires_and_gets_304_after(conn, world,
     stats = sim.stats()
     assert stats["by_route"]["list_character"] == 9 and stats["by_status"] == {"304": 9}
     assert stats["early_list_fetches"] == 0 and stats["by_route"]["detail"] == 0
+
+
+def test_a_304_keeps_the_etag_stores_the_new_expires_and_records_its_run(conn, world, sim):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    etag = db.get_user(conn, pilot["character_id"])["list_etag"]
+    sim.advance(301)
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    user = db.get_user(conn, pilot["character_id"])
+    assert (result.status, result.listed, sim.stats()["by_status"]["304"]) == ("ok", 0, 1)
+    assert user["list_etag"] == etag and user["list_expires_at"] > now_for(sim) + timedelta(seconds=290)
+    assert user["queued_at"] is None and user["last_sync_at"] == result.finished_at
+    run = conn.execute("SELECT status, esi_calls FROM sync_runs ORDER BY id DESC LIMIT 1").fetchone()
+    assert (run["status"], run["esi_calls"]) == ("ok", 1)
+
+
+def test_a_warm_poll_locks_reads_writes_its_outcome_and_unlocks_in_four_round_trips(conn, world, sim):
+    sync_all(conn, world, sim)
+    sim.advance(301)
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    assert not db.get_user_to_sync(conn, pilot["character_id"], now_for(sim), max_attempts=8)["refs_pending"]
+    conn.commit()
+    with round_trips(conn) as counted:
+        result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "ok" and sim.stats()["by_status"]["304"] >= 1
+    assert counted == [4]  # the lock, the pilot's row, the outcome, the unlock
+
+
+def test_a_warm_poll_that_refreshes_its_token_stores_it_in_one_more_round_trip(conn, world, sim):
+    sync_all(conn, world, sim)
+    sim.advance(21 * 60)  # every access token has expired
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    conn.commit()
+    with round_trips(conn) as counted:
+        result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    user = db.get_user(conn, pilot["character_id"])
+    now_held = next(p for p in sim.pilots() if p["character_id"] == pilot["character_id"])
+    assert result.status == "ok" and user["refresh_token"] == now_held["refresh_token"]
+    assert counted == [5]  # the lock, the pilot's row, the new tokens, the outcome, the unlock
+
+
+def test_a_304_still_fetches_what_an_earlier_run_left_pending(conn, world, sim):
+    sync_all(conn, world, sim)
+    pilot = next(p for p in sim.pilots() if not p["revoked"] and sim.killmail_ids_for(p["character_id"]))
+    left = max(sim.killmail_ids_for(pilot["character_id"]))
+    for table in ("attackers", "killmail_items", "killmails"):  # as if its fetch had failed
+        conn.execute(f"DELETE FROM {table} WHERE killmail_id = %s", (left,))
+    conn.commit()
+    sim.advance(301)
+    sim.reset_stats()
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert sim.stats()["by_status"].get("304") == 1 and sim.stats()["by_route"]["detail"] == 1
+    assert result.saved == 1 and left in stored_ids(conn)
 
 
 def test_new_killmails_after_expires_are_fetched(conn, world, sim):
@@ -537,6 +590,22 @@ def test_directors_sync_their_corporations_and_shared_kills_are_fetched_once(con
     runs = conn.execute("SELECT count(*) AS n FROM sync_runs WHERE kind = 'corporation'").fetchone()["n"]
     assert runs == len(results)
     assert sync_corporations(conn, world, sim) == []  # synced just now: not due
+
+
+def test_a_directors_role_is_written_when_learned_not_on_every_corporation_poll(conn, world, sim):
+    sync_all(conn, world, sim)
+    sync_corporations(conn, world, sim)
+    learned = {u["character_id"]: u["director_checked_at"]
+               for u in conn.execute("SELECT * FROM users WHERE is_director").fetchall()}
+    assert learned and all(learned.values())
+    sim.advance(301)
+    conn.execute("UPDATE corporations SET last_sync_at = last_sync_at - interval '1 hour'")
+    conn.commit()
+    results = sync_corporations(conn, world, sim)
+    assert results and all(r.status == "ok" for r in results)
+    again = {u["character_id"]: u["director_checked_at"]
+             for u in conn.execute("SELECT * FROM users WHERE is_director").fetchall()}
+    assert again == learned
 
 
 def test_a_corporation_whose_director_is_being_synced_is_skipped_and_freed(conn, world, sim, database_url):
