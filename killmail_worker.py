@@ -32,7 +32,9 @@ import psycopg
 
 import broker
 import db
+import names
 import sync
+import values
 from backoff import exponential
 from esi import EsiClient, TokenGrant
 from limits import SharedLimits
@@ -211,13 +213,14 @@ class Child:
                                    egress=settings.esi_egress, stopping=self.stopping)
         self.esi = JobEsiClient(settings, limits=self.limits, progress=self.heartbeat.beat)
         self.tokens = TokenVault(settings.token_keys)
+        self.prices = values.PriceBook()            # the market prices, loaded once for every job of the process
         self.limits.on_wait = self.heartbeat.beat  # a wait the ledger decreed is the job going at ESI's pace
         self.swept_at = -SWEEP_EVERY                # the first job's end sweeps
-        self.namer: sync.Namer | None = None        # names new killmails' ids off the jobs' path (run)
+        self.namer: names.Namer | None = None        # names new killmails' ids off the jobs' path (run)
 
     def run(self) -> int:
         """Consume until stopped (or, in burst mode, until the queue is empty); reconnect on broker loss."""
-        self.namer = sync.Namer(lambda: db.connect(self.settings.database_url), self.esi)
+        self.namer = names.Namer(lambda: db.connect(self.settings.database_url), self.esi)
         reporter = JobReporter(lambda: db.connect(self.settings.database_url, autocommit=True), self.heartbeat,
                                self.worker_name)
         try:
@@ -384,7 +387,8 @@ class Child:
                                 notify_max_age=self.settings.notify_max_age_seconds, namer=self.namer,
                                 deadline=time.monotonic() + self.settings.job_deadline_seconds,
                                 stop_by=self.stop_by, progress=self.heartbeat.beat,
-                                cancel_waits=self.limits.cancel_waits, tokens=self.tokens, **job)
+                                cancel_waits=self.limits.cancel_waits, tokens=self.tokens, prices=self.prices,
+                                **job)
 
     def stop_by(self) -> float | None:
         """Once stopping, by when a job in hand ends early: time to save what it fetched, release the rest and

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, wait
@@ -15,6 +14,7 @@ from typing import Any
 import psycopg
 
 import db
+import names
 import values
 from esi import (
     INVALID_CLIENT_PAUSE,
@@ -26,7 +26,6 @@ from esi import (
     InvalidClient,
     InvalidGrant,
     InvalidHash,
-    NotFound,
     NotModified,
     Paused,
     RateLimited,
@@ -34,7 +33,6 @@ from esi import (
     token_scopes,
 )
 from killmail_model import InvalidKillmail, Killmail, named_ids, parse_killmail
-from settings import describe
 from tokens import TokenKeyError, TokenVault
 
 log = logging.getLogger(__name__)
@@ -47,13 +45,9 @@ CLAIM_SECONDS = 6 * 3600                # a claim holds while its process lives 
 SAVE_BATCH = 50                         # killmails per insert transaction at the most
 SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for its batch at the most: a killed
                                         # process loses (and its redelivered job fetches again) only that much
-UNKNOWN_NAME_RETRY = timedelta(days=1)  # an id ESI could not name is not asked again for this long
-NAME_EVERY = 10.0                       # seconds between a process's rounds of names calls
-CLOSE_LOCATE = 1.0                      # seconds a stopping process spends on systems' regions at the most
 TICK = 1.0                              # seconds between a waiting job's looks at its deadline and at a stop
 FINISH_WAIT = 10.0                      # seconds an interrupted job waits for the fetches already under way: a
                                         # stop's grace is 30 s, and a fetch past this is fetched again later
-PRICES = values.PriceBook()             # one per process: loaded once, refreshed when ESI's Expires passes
 VALUE_BATCH = 200                       # killmails saved without a value (no prices then) one job values at most
 
 
@@ -132,6 +126,9 @@ class SyncOptions:
     cancel_waits: Callable[[], None] = lambda: None  # ends the waits of the job's calls for ESI's limits
     finish_wait: float = FINISH_WAIT    # seconds an interrupted job waits for the fetches under way
     tokens: TokenVault = TokenVault()   # seals and opens refresh tokens at rest (TOKEN_KEY)
+    # The market prices: one book per process (the worker's child holds it), loaded once and refreshed when ESI's
+    # Expires passes; a caller that passes none gets one book for every call of this process without options.
+    prices: values.PriceBook = field(default_factory=values.PriceBook)
 
 
 @dataclass(frozen=True)
@@ -464,8 +461,9 @@ def sweep_stranded(conn, esi: EsiClient, now: datetime, options: SyncOptions) ->
 def value_backlog(conn, esi: EsiClient, now: datetime, options: SyncOptions) -> None:
     """Load or refresh the process's prices (before a job saves anything), then value a bounded batch of the
     killmails stored while no prices were known, announcing those a minimum-value webhook now wants."""
-    if PRICES.refresh(conn, esi, now):
-        valued = values.value_missing(conn, PRICES.prices, limit=VALUE_BATCH, notify_max_age=options.notify_max_age)
+    if options.prices.refresh(conn, esi, now):
+        valued = values.value_missing(conn, options.prices.prices, limit=VALUE_BATCH,
+                                      notify_max_age=options.notify_max_age)
         if valued:
             log.info("  💰 Valued %d killmails stored without a value", len(valued))
 
@@ -503,109 +501,7 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
     if options.namer is not None:
         options.namer.add(result.name_ids)
     else:
-        resolve_names(conn, esi, result.name_ids, now)
-
-
-class Namer:
-    """Names the ids of a process's newly saved killmails on a thread of its own, every NAME_EVERY seconds, in
-    ESI's batches of 1 000: a names call in every job would add an ESI round trip to each job's time, and names
-    are for people to read, who can wait seconds for them. Jobs hand their ids over and go on; close() names
-    what is still pending."""
-
-    def __init__(self, connect: Callable[[], Any], esi: EsiClient, *, every: float = NAME_EVERY):
-        self._connect, self._esi, self._every = connect, esi, every
-        self._conn = None
-        self._pending: set[int] = set()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closing = threading.Event()
-        self._locate_until = float("inf")  # close() bounds the region lookups of the rounds left
-        self._thread = threading.Thread(target=self._run, name="namer", daemon=True)
-        self._thread.start()
-
-    def add(self, ids: set[int]) -> None:
-        with self._lock:
-            self._pending |= ids
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Name what is pending, within `timeout`: systems' regions (two calls a system) are looked up for
-        CLOSE_LOCATE seconds (or half the timeout) at the most, leaving the rest to the names call; systems not
-        reached get their region from a later killmail that shows them."""
-        self._locate_until = time.monotonic() + min(CLOSE_LOCATE, timeout / 2)
-        self._closing.set()
-        self._wake.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._closing.is_set():
-            self._wake.wait(self._every)
-            self._wake.clear()
-            self._name_pending()
-        self._name_pending()
-        if self._conn is not None:
-            self._conn.close()
-
-    def _name_pending(self) -> None:
-        with self._lock:
-            ids, self._pending = self._pending, set()
-        if not ids:
-            return
-        try:
-            if self._conn is None or self._conn.closed:
-                self._conn = self._connect()
-            resolve_names(self._conn, self._esi, ids, datetime.now(UTC),
-                          locate_while=lambda: time.monotonic() < self._locate_until)
-        except Exception as exc:  # names are no job's: a failure costs only these names
-            log.warning("  names not resolved: %s", describe(exc))
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-
-def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime, *,
-                  locate_while: Callable[[], bool] = lambda: True) -> None:
-    """Name the ids not named yet, and the regions of the systems among them (see locate_systems), in one batched
-    call (or a few, see EsiClient.resolve_names). A failure costs only the names: the next job that shows these
-    ids asks again."""
-    wanted = db.names_to_resolve(conn, ids | locate_systems(conn, esi, ids, now, locate_while=locate_while), now)
-    conn.commit()
-    if not wanted:
-        return
-    try:
-        names, unknown = esi.resolve_names(wanted)
-    except EsiError as exc:
-        log.warning("  names not resolved: %s", exc)
-        return
-    db.save_names(conn, names, unknown, now, unknown_for=UNKNOWN_NAME_RETRY)
-    conn.commit()
-
-
-def locate_systems(conn, esi: EsiClient, ids: set[int], now: datetime, *,
-                   locate_while: Callable[[], bool] = lambda: True) -> set[int]:
-    """The regions of the systems among these ids. A system is looked up once (its system, then its
-    constellation) and its region kept: systems never move. A failure leaves the system without a region until
-    a later killmail shows it again (its posts go without one after the names wait); a 404 is kept as no
-    region, since asking again costs the error limit every time. The lookups end early once locate_while()
-    is false (a stopping namer's deadline)."""
-    for system_id in db.systems_to_locate(conn, ids):
-        if not locate_while():
-            log.info("  regions of the other systems left to later killmails: the process is stopping")
-            break
-        try:
-            region_id = esi.get_region_of(esi.get_constellation_of(system_id))
-        except NotFound as exc:
-            log.warning("  system %s has no region: %s", system_id, exc)
-            region_id = None
-        except (Paused, ErrorLimited, RateLimited) as exc:  # every further call would wait or fail the same
-            log.warning("  regions not found: %s", exc)
-            break
-        except EsiError as exc:
-            log.warning("  region of system %s not found: %s", system_id, exc)
-            continue
-        db.save_system_region(conn, system_id, region_id, now)
-    regions = set(db.regions_of(conn, ids).values())
-    conn.commit()
-    return regions
+        names.resolve_names(conn, esi, result.name_ids, now)
 
 
 def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,
@@ -708,7 +604,7 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
     """Save a batch in one transaction; if the batch fails, save one by one so one bad killmail loses no other."""
     if not killmails:
         return
-    prices = PRICES.prices
+    prices = options.prices.prices
     worth = [values.killmail_values(k.row[10], k.items, prices) if prices else None for k in killmails]
     try:
         saved = db.save_killmails(conn, killmails, worth, notify_max_age=options.notify_max_age)

@@ -13,8 +13,8 @@ from decimal import Decimal
 import requests
 
 import db
+import names
 import notifications
-import sync
 from esi import EsiClient
 from killmail_model import Killmail, parse_killmail
 from limits import SharedLimits
@@ -82,7 +82,7 @@ def name_ids(conn, settings: Settings, killmail: dict) -> None:
     limits = SharedLimits(lambda: db.connect(settings.database_url, autocommit=True), egress=settings.esi_egress)
     try:
         ids = {killmail[column] for column in db.NAMED_COLUMNS} - {None}
-        sync.resolve_names(conn, EsiClient(settings, limits=limits), ids, datetime.now(UTC))
+        names.resolve_names(conn, EsiClient(settings, limits=limits), ids, datetime.now(UTC))
     finally:
         limits.close()
 

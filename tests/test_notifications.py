@@ -24,8 +24,8 @@ import requests
 import backoff
 import db
 import esi
+import names
 import notifications
-import sync
 from helpers import ROOT, make_settings, run_script, settings_env, wait_until
 from killmail_model import named_ids, parse_killmail
 from notifications import Outcome, SenderOptions
@@ -323,7 +323,7 @@ def test_a_post_waits_for_its_systems_region_and_goes_without_it_when_the_lookup
     waiting = replace(FAST, name_wait=30.0)
     after = lambda seconds: lambda: datetime.now(UTC) + timedelta(seconds=seconds)  # noqa: E731
     sim.fail_next(r"/universe/systems/", 503, count=10)  # ESI cannot place the system: named, but no region
-    sync.resolve_names(conn, client, named_ids(in_hek), NOW)
+    names.resolve_names(conn, client, named_ids(in_hek), NOW)
     sim.clear_faults()
     with requests.Session() as session:
         assert not notifications.deliver_next(conn, session, waiting, clock=after(25))  # waiting for the region
@@ -332,7 +332,7 @@ def test_a_post_waits_for_its_systems_region_and_goes_without_it_when_the_lookup
     in_jita = killmail(2, victim=(90000001, 98000001), attackers=[])
     db.save_killmails(conn, [in_jita])
     conn.commit()
-    sync.resolve_names(conn, client, named_ids(in_jita), NOW)
+    names.resolve_names(conn, client, named_ids(in_jita), NOW)
     deliver_all(conn, options=waiting)  # all named and placed: no wait
     titles = [embed_fields(body)[0]["title"] for body in discord.bodies()]
     assert titles == ["Rifter destroyed in Hek", "Rifter destroyed in Jita (The Forge)"]

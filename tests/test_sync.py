@@ -12,7 +12,9 @@ import psycopg
 import pytest
 
 import db
+import names
 import sync
+import values
 from esi import EsiClient, InvalidGrant
 from helpers import TOKEN_KEYS, insert_users, make_settings, round_trips, wait_until
 from limits import SharedLimits
@@ -57,8 +59,11 @@ def now_for(sim) -> datetime:
     return sim.now()
 
 
-def sync_all(conn, client, sim, now=None):
-    return {p["character_id"]: sync.sync_character(conn, client, p["character_id"], now or now_for(sim))
+def sync_all(conn, client, sim, now=None, options=None):
+    """Sync every pilot in turn, as one process would: one set of options (one price book) for all."""
+    options = options or sync.SyncOptions()
+    return {p["character_id"]: sync.sync_character(conn, client, p["character_id"], now or now_for(sim),
+                                                   options=options)
             for p in sim.pilots()}
 
 
@@ -741,10 +746,8 @@ def test_fetched_killmails_are_saved_as_they_arrive_not_behind_a_slower_fetch(co
         assert stored_ids(other) >= set(ids) and result.saved == 4
 
 
-def test_killmails_are_valued_when_saved_and_their_ids_named_once_per_job(conn, world, sim, monkeypatch):
-    import values
-    monkeypatch.setattr(sync, "PRICES", values.PriceBook())  # a new process: prices not loaded yet
-    results = sync_all(conn, world, sim)
+def test_killmails_are_valued_when_saved_and_their_ids_named_once_per_job(conn, world, sim):
+    results = sync_all(conn, world, sim, options=sync.SyncOptions())  # a new process: prices not loaded yet
     stats = sim.stats()
     assert stats["by_route"]["prices"] == 1  # once for every job, until the prices expire
     jobs_that_saved = sum(1 for r in results.values() if r.saved)
@@ -756,8 +759,7 @@ def test_killmails_are_valued_when_saved_and_their_ids_named_once_per_job(conn, 
     # Which values and names, exactly: test_a_real_killmail_is_saved_valued_and_named_as_worked_out_by_hand.
 
 
-def test_a_real_killmail_is_saved_valued_and_named_as_worked_out_by_hand(conn, sim, esi, monkeypatch):
-    import values
+def test_a_real_killmail_is_saved_valued_and_named_as_worked_out_by_hand(conn, sim, esi):
     sim.add_pilots(n_pilots=1, n_killmails=0, expired_fraction=0.0, revoked=0, corporations=1)
     pilot = sim.pilots()[0]
     sim.add_killmail_body(pilot["character_id"], SAMPLE, "f" * 40)
@@ -766,8 +768,8 @@ def test_a_real_killmail_is_saved_valued_and_named_as_worked_out_by_hand(conn, s
     db.save_market_prices(conn, SAMPLE_PRICES, now)  # as the process that last refreshed them left them
     db.save_esi_cache(conn, values.PRICES_KEY, '"v1"', now + timedelta(hours=1))
     conn.commit()
-    monkeypatch.setattr(sync, "PRICES", values.PriceBook())  # a new process: it loads those
-    result = sync.sync_character(conn, esi, pilot["character_id"], now)
+    # A new process (a price book of its own): it loads those.
+    result = sync.sync_character(conn, esi, pilot["character_id"], now, options=sync.SyncOptions())
     assert (result.status, result.saved) == ("ok", 1)
     assert conn.execute("SELECT destroyed_value, dropped_value, total_value FROM killmails "
                         "WHERE killmail_id = 134265477").fetchone() == SAMPLE_VALUES
@@ -781,7 +783,7 @@ def test_a_namer_names_the_ids_jobs_hand_it_off_their_path(conn, world, sim, dat
     """With a Namer, a job makes no names call: it hands its ids over, and the namer names them all together
     (here when it closes: its period is an hour)."""
     sim.add_killmail_body(sim.pilots()[0]["character_id"], SAMPLE, "f" * 40)
-    namer = sync.Namer(lambda: db.connect(database_url), world, every=3600)
+    namer = names.Namer(lambda: db.connect(database_url), world, every=3600)
     options = sync.SyncOptions(namer=namer)
     results = [sync.sync_character(conn, world, p["character_id"], now_for(sim), options=options)
                for p in sim.pilots()]
@@ -807,13 +809,12 @@ def test_ids_esi_cannot_name_are_remembered_and_the_sync_goes_on(conn, world, si
 
 def test_killmails_saved_while_prices_are_unreachable_are_valued_by_later_jobs_and_announced_once(
         conn, world, sim, monkeypatch):
-    import values
-    monkeypatch.setattr(sync, "PRICES", values.PriceBook())  # a new process: prices not loaded yet
     monkeypatch.setattr(sync, "VALUE_BATCH", 40)               # several jobs share the backlog
     db.add_webhook(conn, "all", "http://127.0.0.1:9/all", format="json")
     db.add_webhook(conn, "priced", "http://127.0.0.1:9/priced", format="json", min_value=1)
     conn.commit()
-    options = sync.SyncOptions(notify_max_age=40 * 86400)  # old enough to announce some, not all
+    # Old enough to announce some, not all; a new process: its price book has no prices yet.
+    options = sync.SyncOptions(notify_max_age=40 * 86400)
     pilots = [p["character_id"] for p in sim.pilots()]
     sim.fail_next(r"/markets/prices", 503, count=1000)
     now = now_for(sim)
@@ -928,13 +929,13 @@ def test_a_sealed_token_sso_refuses_is_marked_revoked_and_not_due_again(conn, wo
 
 def test_a_systems_region_is_looked_up_once_and_named_with_the_other_ids(conn, sim, database_url):
     client = EsiClient(make_settings(database_url, sim.base_url), sleep=lambda s: None)
-    sync.resolve_names(conn, client, {30002053, 17478}, now_for(sim))  # a Retriever's killmail in Hek
+    names.resolve_names(conn, client, {30002053, 17478}, now_for(sim))  # a Retriever's killmail in Hek
     assert db.regions_of(conn, [30002053]) == {30002053: 10000042}
     assert db.names_of(conn, [30002053, 10000042, 17478]) == {30002053: "Hek", 10000042: "Metropolis",
                                                               17478: "Retriever"}
     routes = sim.stats()["by_route"]
     assert (routes["system"], routes["constellation"], routes["names"]) == (1, 1, 1)  # the region in the same call
-    sync.resolve_names(conn, client, {30002053, 17478}, now_for(sim))  # a second killmail in Hek
+    names.resolve_names(conn, client, {30002053, 17478}, now_for(sim))  # a second killmail in Hek
     assert sim.stats()["by_route"] == routes
 
 
@@ -942,11 +943,11 @@ def test_a_system_esi_does_not_place_is_not_asked_again_and_a_failed_lookup_is(c
     client = EsiClient(make_settings(database_url, sim.base_url), sleep=lambda s: None)
     sim.make_unknown_names(30000743)  # ESI answers 404 for it: no region, and asking again costs the error limit
     sim.fail_next(r"/universe/constellations/", 503, count=10)  # a constellation unreachable for now
-    sync.resolve_names(conn, client, {30000743, 30002053}, now_for(sim))
+    names.resolve_names(conn, client, {30000743, 30002053}, now_for(sim))
     assert db.regions_of(conn, [30000743, 30002053]) == {}
     assert db.systems_to_locate(conn, [30000743, 30002053]) == [30002053]
     sim.clear_faults()
-    sync.resolve_names(conn, client, {30000743, 30002053}, now_for(sim))  # the next killmail in both
+    names.resolve_names(conn, client, {30000743, 30002053}, now_for(sim))  # the next killmail in both
     assert db.regions_of(conn, [30000743, 30002053]) == {30002053: 10000042}
     assert sim.stats()["by_route"]["system"] == 3  # 30000743 once, 30002053 twice
 
@@ -956,7 +957,7 @@ def test_region_lookups_end_when_told_and_the_names_call_still_comes(conn, sim, 
     is not held by a cold start's hundreds of new systems; the ids themselves are still named."""
     client = EsiClient(make_settings(database_url, sim.base_url), sleep=lambda s: None)
     asked = []
-    sync.resolve_names(conn, client, {30002053, 30000743, 17478}, now_for(sim),
+    names.resolve_names(conn, client, {30002053, 30000743, 17478}, now_for(sim),
                        locate_while=lambda: not asked.append(1) and len(asked) <= 1)
     routes = sim.stats()["by_route"]
     assert (routes["system"], routes["constellation"], routes["names"]) == (1, 1, 1)
@@ -965,7 +966,7 @@ def test_region_lookups_end_when_told_and_the_names_call_still_comes(conn, sim, 
 
 
 def test_a_namer_closed_without_time_names_its_ids_and_looks_up_no_region(conn, world, sim, database_url):
-    namer = sync.Namer(lambda: db.connect(database_url), world, every=3600)
+    namer = names.Namer(lambda: db.connect(database_url), world, every=3600)
     namer.add({30002053, 17478})
     namer.close(timeout=0.0)
     namer._thread.join()  # close(0) returns at once; the last round still runs
