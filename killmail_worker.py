@@ -303,8 +303,12 @@ class Child:
             try:
                 self.run_job(*delivery)  # sets job_idle as it hands its outcome over
             except BaseException:
-                self.job_idle.set()
-                raise
+                # run_job turns every failure of a job into an outcome; what escapes it is a bug of the worker's
+                # own. The process ends at once rather than hold the delivery unacked with no thread to run the
+                # next (prefetch 1): its connection closes, the job is redelivered and the parent forks another.
+                log.exception("❌ the job thread failed outside any job; ending the process (the job is redelivered)")
+                logging.shutdown()
+                os._exit(70)
 
     def run_job(self, connection, channel, delivery_tag: int, properties, body: bytes) -> None:
         """The job thread: do the work, then hand the outcome to the I/O thread."""

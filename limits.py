@@ -332,9 +332,9 @@ class SharedLimits:
                 if lease is not None:
                     return replace(ticket, lease=lease)
                 self._end(*self._unstart(ticket.tokens))  # its tokens go back while it waits for the error budget
-            if ticket is None and wait > POLL:
-                # The bucket is spent: this process's calls wait for its tokens, and the error slots and tokens
-                # it leased that no call uses would only keep other processes' calls waiting.
+            if wait > POLL:
+                # The bucket is spent, or the error budget short: this process's calls wait, and the error slots
+                # and tokens it leased that no call uses would only keep other processes' calls waiting.
                 ids, bookings = self._tokens_over(waiting=True)
                 self._end(self._over(waiting=True) + ids, bookings)
             if wait > MAX_INLINE_WAIT and backlog:

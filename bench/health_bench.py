@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "devtools"))  # the screenshot tool's runner
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "devtools")]  # the project's modules, and the screenshot tool's runner
 
 from screenshot import ADMIN_URL, RABBITMQ_URL, free_port, serve, status_env  # noqa: E402
 

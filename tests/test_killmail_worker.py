@@ -519,3 +519,30 @@ def test_a_childs_job_and_its_progress_reach_worker_jobs_and_go_when_it_ends(con
         wait_until(lambda: row() is None, timeout=10, what="the ended job's row gone")
     finally:
         reporter.close()
+
+
+JOB_THREAD_BUG = """
+import sys
+import killmail_worker
+from settings import load_settings_or_exit
+def broken(self, *delivery):
+    raise RuntimeError("a bug outside any job")
+killmail_worker.Child.run_job = broken
+child = killmail_worker.Child(load_settings_or_exit(), burst=True)
+child.consume()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_job_thread_that_fails_outside_any_job_ends_its_process_and_the_job_is_redelivered(database_url,
+                                                                                              queue_name):
+    """With prefetch 1, a delivery held by a thread that died would hold the child for good; the process ends
+    instead (the parent forks another) and the broker gives the message to the next consumer."""
+    settings = make_settings(database_url, queue_name=queue_name)
+    with broker.open_channel(RABBITMQ_URL, queue_name, max_attempts=settings.max_attempts) as channel:
+        broker.publish(channel, queue_name, b'{"character_id": 1}', priority=3, headers=None, message_id="job-1")
+    done = subprocess.run([sys.executable, "-c", JOB_THREAD_BUG], cwd=ROOT, env=settings_env(settings),
+                          capture_output=True, text=True, timeout=50)
+    assert done.returncode == 70, done.stderr[-2000:]
+    assert "the job thread failed outside any job" in done.stderr and "a bug outside any job" in done.stderr
+    assert where_jobs_are(settings) == {queue_name: 1}  # back in its queue, untouched

@@ -356,6 +356,21 @@ def test_a_process_waiting_for_a_spent_bucket_gives_back_the_error_slots_no_call
     assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 1  # the call's own slot, once it had its tokens
 
 
+def test_a_call_waiting_for_the_error_budget_gives_back_the_tokens_its_lease_holds(conn, process, clock):
+    """Its tokens came from a lease of several calls; while the error budget keeps it waiting, the calls of that
+    lease no thread uses go back to the ledger, where other processes' calls can spend them."""
+    one = process()
+    learn(one)
+    for n in range(1, 51):                               # 50 errors: half the budget, no slot until they age
+        one.settle(one.take("character"), 502, {"X-ESI-Error-Limit-Remain": str(100 - n)})
+    one._wanting_tokens[DETAIL] = 5                       # five more threads on their way: a lease of six calls
+    held: list[int] = []
+    one.on_wait = lambda: held.append(spent(conn, DETAIL, clock)["in_flight"])
+    ticket = one.take(DETAIL)
+    assert held and held[0] == 0                          # nothing held while it waited, not 6 calls' tokens
+    assert ticket.tokens is not None and spent(conn, DETAIL, clock)["in_flight"] > 0  # taken again once it could
+
+
 def test_cancel_waits_ends_a_wait_under_way_in_another_thread(conn, process, clock):
     one = process(stopping=threading.Event())             # a worker's: it waits on the stop event, in real time
     learn(one)
