@@ -81,7 +81,13 @@ def test_workers_keep_storing_every_new_kill_through_overlapping_faults(request,
     pool = [workers(settings), workers(settings)]
     # Every pilot's first sync (its backlog) has begun before the new kills and the faults: a kill made before a
     # pilot's first listing is part of its backlog.
-    wait_until(lambda: synced_once(conn) == PILOTS, timeout=120, interval=0.5, what="every pilot's first sync")
+    try:
+        wait_until(lambda: synced_once(conn) == PILOTS, timeout=120, interval=0.5, what="every pilot's first sync")
+    except AssertionError as exc:  # what the workers were doing is the clue: keep it in the failure
+        unsynced = [r["character_id"] for r in conn.execute(
+            "SELECT character_id FROM users WHERE last_sync_at IS NULL ORDER BY 1").fetchall()]
+        tails = "\n".join(f"--- worker {n}:\n{worker.output()[-6000:]}" for n, worker in enumerate(pool))
+        raise AssertionError(f"{exc}; never synced: {unsynced}\n{tails}") from None
     added: dict[int, float] = {}
     started, wall_started = time.monotonic(), time.time()
     events: list[str] = []
