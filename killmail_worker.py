@@ -88,7 +88,9 @@ class Heartbeat:
         first, second = self.read(), self.read()
         if first != second or not first[0]:
             return 0.0
-        return now - first[1]
+        # A job's progress is never older than its start: a progress field from before it (a write of start()
+        # seen half done) counts from the start.
+        return now - max(first[0], first[1])
 
 
 @dataclass(frozen=True)

@@ -292,9 +292,9 @@ class SharedLimits:
         longer than MAX_INLINE_WAIT for it.
 
         A pause (a 420 or 429) or a spent list bucket of one pilot's longer than MAX_INLINE_WAIT raises Paused,
-        so the job goes to the retry queue. The shared detail bucket is waited out here, however long: its tokens
-        come back within a window, at the moment the ledger names, and every job needs them alike. The stop of
-        the process ends any wait with Paused."""
+        so the job goes to the retry queue; so does a wait for the shared detail bucket longer than MAX_SHARED_WAIT
+        (its tokens come back a window after they were spent). The bound is on the waits' sum. The stop of the
+        process ends any wait with Paused."""
         if bucket == SSO_BUCKET:  # SSO is not under ESI's limits: only its own pause
             self._wait_out_pause(bucket, self._read([bucket]))
             return Ticket(bucket)
@@ -337,20 +337,27 @@ class SharedLimits:
                 # and tokens it leased that no call uses would only keep other processes' calls waiting.
                 ids, bookings = self._tokens_over(waiting=True)
                 self._end(self._over(waiting=True) + ids, bookings)
-            if wait > MAX_INLINE_WAIT and backlog:
-                raise Deferred(f"{bucket}: the backlog's share spent for {wait:.0f} s", bucket=bucket,
+            elif ticket is None:
+                # The ledger answers a short wait while calls in flight may give tokens back, and counts this
+                # process's leases whose life is over as in flight until they end: kept, they would hold every
+                # process's calls (this one's too) polling for as long as no answer of theirs ends them.
+                self._end(*self._tokens_over())
+            # Short waits add up (answers in flight that never give enough back): the bound is on their sum.
+            if waited + wait > MAX_INLINE_WAIT and backlog:
+                raise Deferred(f"{bucket}: the backlog's share spent for {waited + wait:.0f} s", bucket=bucket,
                                until=self._clock() + timedelta(seconds=wait))
-            if wait > (MAX_INLINE_WAIT if _per_owner(bucket) else MAX_SHARED_WAIT):
+            if waited + wait > (MAX_INLINE_WAIT if _per_owner(bucket) else MAX_SHARED_WAIT):
                 # A spent bucket gives nothing back for minutes (its tokens return a window after they were
                 # spent): the job goes to the retry queue rather than hold a process that other pilots' jobs
                 # could use (their lists, their fresh kills in the share a backlog leaves).
-                raise Paused(f"{bucket} spent for {wait:.0f} s", bucket=bucket,
+                raise Paused(f"{bucket} spent for {waited + wait:.0f} s", bucket=bucket,
                              until=self._clock() + timedelta(seconds=wait))
             if waited == 0.0 and wait > POLL:
                 log.info("ESI limits: %s spent, %.1f s until its tokens come back", bucket, wait)
             # Never longer than the state's life: a 420 or 429 seen elsewhere meanwhile holds this call back.
-            self._nap(min(wait, RECHECK), bucket, left=wait)
-            waited += wait
+            nap = min(wait, RECHECK)
+            self._nap(nap, bucket, left=wait)
+            waited += nap
             state = self._read(keys)
 
     def _take_once(self, bucket: str, limit_row: dict, *, backlog: bool = False) -> tuple[Ticket | None, float]:

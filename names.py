@@ -102,7 +102,11 @@ def locate_systems(conn, esi: EsiClient, ids: set[int], now: datetime, *,
     a later killmail shows it again (its posts go without one after the names wait); a 404 is kept as no
     region, since asking again costs the error limit every time. The lookups end early once locate_while()
     is false (a stopping namer's deadline)."""
-    for system_id in db.systems_to_locate(conn, ids):
+    systems = db.systems_to_locate(conn, ids)
+    # No transaction stays open across an ESI call: another process saving the same system's region would wait
+    # on it (an INSERT waits for the uncommitted row of the same key), for as long as this call waits for ESI.
+    conn.commit()
+    for system_id in systems:
         if not locate_while():
             log.info("  regions of the other systems left to later killmails: the process is stopping")
             break
@@ -118,6 +122,7 @@ def locate_systems(conn, esi: EsiClient, ids: set[int], now: datetime, *,
             log.warning("  region of system %s not found: %s", system_id, exc)
             continue
         db.save_system_region(conn, system_id, region_id, now)
+        conn.commit()
     regions = set(db.regions_of(conn, ids).values())
     conn.commit()
     return regions

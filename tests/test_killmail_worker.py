@@ -418,6 +418,16 @@ def test_a_heartbeat_tells_how_long_the_job_made_no_progress():
     assert beat.read() == (0.0, 0.0, 0)
 
 
+def test_a_heartbeat_read_half_written_never_shows_a_stall_older_than_the_job():
+    """The parent reads while a child writes start() (no lock between processes): a start seen with the last
+    job's progress (or none) counts from the start, not from that older progress."""
+    beat = killmail_worker.Heartbeat()
+    beat._LAYOUT.pack_into(beat._map, 0, 1000.0, 0.0, 4242)      # the job's start written, its progress not yet
+    assert beat.stalled_for(1010.0) == pytest.approx(10)
+    beat._LAYOUT.pack_into(beat._map, 0, 1000.0, 400.0, 4242)    # the last job's progress still there
+    assert beat.stalled_for(1010.0) == pytest.approx(10)
+
+
 def test_the_watchdog_kills_a_child_whose_job_made_no_progress_and_spares_the_others(caplog, database_url):
     settings = make_settings(database_url, prefetch_count=2, job_stall_seconds=60)
     supervisor = killmail_worker.Supervisor(settings, burst=False)

@@ -636,6 +636,57 @@ def test_a_backlog_call_never_spends_from_a_lease_taken_for_fresh_calls(conn, pr
     assert shared.take(DETAIL).tokens is backlog.tokens
 
 
+def spend_to(shared: SharedLimits, tokens: int) -> None:
+    """Fresh calls answered 200 until the bucket (600 a minute, learnt) has `tokens` spent."""
+    while spent_now(shared) < tokens:
+        shared.settle(shared.take(DETAIL), 200, answer())
+
+
+def spent_now(shared: SharedLimits) -> int:
+    return shared._with_conn(lambda c: c.execute(
+        "SELECT coalesce(sum(own + other), 0) AS n FROM esi_spent WHERE bucket = %s", (DETAIL,)).fetchone()["n"])
+
+
+def test_a_lease_whose_life_is_over_ends_when_its_process_waits_rather_than_hold_every_call_polling(
+        conn, process, clock):
+    """A lease of four backlog calls, one used, kept open while other threads of the process wanted the bucket,
+    then past its life: the ledger counts its three unused calls as in flight, and with the bucket a few tokens
+    short of the backlog's floor it answers a short poll ("answers are about to give enough back"). No answer
+    will: the process must end the lease itself, or every backlog call of every process polls until the spent
+    tokens come back a window later."""
+    shared = process()
+    learn(shared)                                         # 600 tokens a minute; a backlog keeps 240 unspent
+    spend_to(shared, 340)
+    shared._wanting_tokens[DETAIL] = 3                    # three more threads on their way: a lease of four calls
+    ticket = shared.take(DETAIL, backlog=True)
+    assert ticket.tokens.calls == 4
+    shared.settle(ticket, 200, answer())                  # kept: open, and wanted
+    del shared._wanting_tokens[DETAIL]                    # the threads went elsewhere (their job ended)
+    clock.sleep(limits.LEASE_LIFE)                        # its life is over with three calls unused
+    clock.waits.clear()
+    assert shared.take(DETAIL, backlog=True).tokens.calls == 1
+    assert sum(clock.waits) <= limits.POLL                # one poll, not a window's worth of them
+    assert spent(conn, DETAIL, clock)["own"] == 342       # the lease's one answer booked as it ended
+
+
+def test_a_backlog_call_polling_for_answers_that_never_come_is_deferred_within_the_inline_wait(conn, process,
+                                                                                           clock):
+    """Another process holds a lease past its life and never ends it (its threads are stuck elsewhere): the
+    ledger answers short polls. They add up, and the backlog call is deferred once their sum passes
+    MAX_INLINE_WAIT, rather than poll for a window; a fresh call, under no floor, is not held at all."""
+    one, other = process(), process()
+    learn(one)
+    spend_to(one, 340)
+    other._wanting_tokens[DETAIL] = 3
+    other.take(DETAIL, backlog=True)                      # four calls' tokens in flight, none ever answered
+    with pytest.raises(limits.Deferred, match="backlog's share"):
+        one.take(DETAIL, backlog=True)
+    assert limits.MAX_INLINE_WAIT - 1 <= sum(clock.waits) <= limits.MAX_INLINE_WAIT + limits.RECHECK
+    clock.waits.clear()
+    one.take(DETAIL)
+    assert clock.waits == []
+
+
 def test_a_pilots_list_call_leaves_no_lease_and_no_count_behind(conn, process, clock):
     """One list call a job, a bucket per pilot: its lease ends with the answer (nobody else wants that bucket),
     and the process keeps nothing per pilot once the call is done (100,000 pilots pass through one process)."""

@@ -952,6 +952,19 @@ def test_a_system_esi_does_not_place_is_not_asked_again_and_a_failed_lookup_is(c
     assert sim.stats()["by_route"]["system"] == 3  # 30000743 once, 30002053 twice
 
 
+def test_no_transaction_is_open_while_a_systems_region_is_asked_of_esi(conn, sim, database_url):
+    """Another process saving the same system's region would wait on an uncommitted row for as long as this
+    lookup waits for ESI (its limits, a slow answer): every ESI call of the lookup finds the session idle."""
+    client = EsiClient(make_settings(database_url, sim.base_url), sleep=lambda s: None)
+    states = []
+    for name in ("get_constellation_of", "get_region_of"):
+        call = getattr(client, name)
+        setattr(client, name, lambda arg, call=call: states.append(conn.info.transaction_status) or call(arg))
+    names.locate_systems(conn, client, {30002053, 30000743}, now_for(sim))
+    assert states == [psycopg.pq.TransactionStatus.IDLE] * 4  # two systems, two calls each
+    assert db.regions_of(conn, [30002053, 30000743]) == {30002053: 10000042, 30000743: 10000010}
+
+
 def test_region_lookups_end_when_told_and_the_names_call_still_comes(conn, sim, database_url):
     """A stopping namer (close) bounds its region lookups, two ESI calls a system, so that a worker's SIGTERM
     is not held by a cold start's hundreds of new systems; the ids themselves are still named."""
