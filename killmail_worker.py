@@ -539,10 +539,17 @@ class Supervisor:
         """Signal handler: only counts; the loop does the work."""
         self.signals += 1
 
-    def run(self) -> int:
-        """Run the children until stopped (or, in burst mode, until all have finished)."""
+    def catch_signals(self) -> None:
+        """SIGTERM and SIGINT stop the worker from now on, the start-up's checks included."""
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
+
+    def run(self) -> int:
+        """Run the children until stopped (or, in burst mode, until all have finished)."""
+        self.catch_signals()
+        if self.signals:
+            log.info("🛑 Stopped before the first job")
+            return 0
         for slot in range(self.settings.prefetch_count):
             self.spawn(slot)
         relayed = 0
@@ -723,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("⚡ Prefetch: %d concurrent users", settings.prefetch_count)
     log.info("🔐 Refresh tokens: %s", f"sealed with TOKEN_KEY ({len(settings.token_keys)} keys)"
              if settings.token_keys else "stored as given (TOKEN_KEY is not set)")
+    supervisor = Supervisor(settings, burst=args.burst)
+    supervisor.catch_signals()  # a stop while the broker and the database are checked ends the worker cleanly
     # The parent checks the broker and declares the queues, then closes: it holds no connection at the fork.
     try:
         with broker.open_channel(settings.rabbitmq_url, settings.queue_name, max_attempts=settings.max_attempts):
@@ -737,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("✅ Connected to RabbitMQ")
     log.info("⏳ Waiting for killmail sync jobs...")
-    return Supervisor(settings, burst=args.burst).run()
+    return supervisor.run()
 
 
 def run_seal_tokens(settings: Settings) -> int:

@@ -405,6 +405,20 @@ def test_a_retry_that_cannot_be_published_as_asked_is_dead_lettered_and_acked(da
     assert properties.headers["x-death-reason"] == "paused (and OverflowError publishing it)"
 
 
+def test_a_worker_stopped_during_its_start_up_exits_cleanly_and_forks_nothing(database_url, queue_name):
+    """SIGTERM while the parent checks the broker and the database (systemd stopping a unit just started)."""
+    supervisor = killmail_worker.Supervisor(make_settings(database_url, queue_name=queue_name), burst=False)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        supervisor.catch_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert supervisor.run() == 0
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    assert supervisor.children == {} and supervisor.restarts == 0
+
+
 def test_a_heartbeat_tells_how_long_the_job_made_no_progress():
     beat = killmail_worker.Heartbeat()
     assert beat.stalled_for(10**9) == 0.0                 # no job: nothing stalls

@@ -144,6 +144,9 @@ def test_workers_keep_storing_every_new_kill_through_overlapping_faults(request,
         # What was queued is done: no pilot stays claimed once the queue is empty and no job runs.
         wait_until(lambda: claimed(conn) == 0, timeout=STORE_BOUND, interval=1.0,
                    what="every claim released once the queue drained")
+        # Started, not only spawned: a SIGTERM before Python has even imported the worker ends it by the signal.
+        wait_until(lambda: all(w.count("Waiting for killmail sync jobs") for w in pool[2:]), timeout=60,
+                   interval=0.2, what="the second workers started")
         for worker in pool[2:]:
             worker.terminate()
         codes += [worker.wait(timeout=GRACE + 60) for worker in pool[2:]]
