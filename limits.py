@@ -322,7 +322,9 @@ class SharedLimits:
         while True:
             self._wait_out_pause(bucket, state)
             ticket, wait = self._take_once(bucket, _row(state, group), backlog=backlog)
+            short = bucket  # what the call waits for: its bucket's tokens, or an error slot
             if ticket is not None:
+                short = self.error_bucket
                 try:
                     lease, wait = self._error_slot()
                 except BaseException:
@@ -344,16 +346,17 @@ class SharedLimits:
                 self._end(*self._tokens_over())
             # Short waits add up (answers in flight that never give enough back): the bound is on their sum.
             if waited + wait > MAX_INLINE_WAIT and backlog:
-                raise Deferred(f"{bucket}: the backlog's share spent for {waited + wait:.0f} s", bucket=bucket,
+                what = f"{bucket}: the backlog's share" if short == bucket else short
+                raise Deferred(f"{what} spent for {waited + wait:.0f} s", bucket=bucket,
                                until=self._clock() + timedelta(seconds=wait))
             if waited + wait > (MAX_INLINE_WAIT if _per_owner(bucket) else MAX_SHARED_WAIT):
                 # A spent bucket gives nothing back for minutes (its tokens return a window after they were
                 # spent): the job goes to the retry queue rather than hold a process that other pilots' jobs
                 # could use (their lists, their fresh kills in the share a backlog leaves).
-                raise Paused(f"{bucket} spent for {waited + wait:.0f} s", bucket=bucket,
+                raise Paused(f"{short} spent for {waited + wait:.0f} s", bucket=bucket,
                              until=self._clock() + timedelta(seconds=wait))
             if waited == 0.0 and wait > POLL:
-                log.info("ESI limits: %s spent, %.1f s until its tokens come back", bucket, wait)
+                log.info("ESI limits: %s spent, %.1f s until its tokens come back", short, wait)
             # Never longer than the state's life: a 420 or 429 seen elsewhere meanwhile holds this call back.
             nap = min(wait, RECHECK)
             self._nap(nap, bucket, left=wait)

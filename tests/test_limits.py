@@ -506,6 +506,17 @@ def test_a_short_error_budget_waits_briefly_for_the_slots_a_lease_holds(conn, pr
     assert one._lease(1) == pytest.approx(limits.POLL)   # 25 + 30 + 1 + 50 > 100, and 25 calls may free it
 
 
+def test_a_call_held_too_long_by_the_error_budget_names_the_error_limit_not_its_bucket(conn, process, clock):
+    """Half the error budget spent: a pilot's list call would wait a minute for an error slot. Its job goes to
+    the retry queue, and what the log and the run's error say is the error limit: that pilot's own bucket is
+    untouched."""
+    one = process()
+    for n in range(1, 51):
+        one.settle(one.take("character"), 502, {"X-ESI-Error-Limit-Remain": str(100 - n)})   # 50 errors
+    with pytest.raises(Paused, match=r"^error-limit spent for \d+ s"):
+        one.take("char-killmail:90000001")
+
+
 def test_the_error_budget_is_per_egress(conn, process, clock):
     one, other = process(egress="nat-1"), process(egress="nat-2")
     for shared in (one, other):
