@@ -197,8 +197,6 @@ CREATE TABLE IF NOT EXISTS killmail_items (
     quantity_dropped   BIGINT,
     PRIMARY KEY (killmail_id, item_index)
 );
-CALL pg_temp.drop_constraint('attackers', 'attackers_killmail_id_fkey');
-CALL pg_temp.drop_constraint('killmail_items', 'killmail_items_killmail_id_fkey');
 
 -- Names of the ids the API and the pages show (characters, corporations, alliances, factions, types, systems),
 -- from ESI's POST /universe/names/. An id ESI could not resolve has no name and is not asked again until
@@ -300,7 +298,6 @@ CREATE TABLE IF NOT EXISTS esi_limits (
     last_status    INTEGER,
     updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
-CALL pg_temp.drop_column('esi_limits', 'next_slot');  -- the former pacer's schedule; the ledger replaced it
 -- Each process reads every per-character bucket paused beyond now once a second (db.limit_state), beside the
 -- buckets it names: without this index that OR is a pass over a row per pilot, with it a look at the few paused.
 CALL pg_temp.create_index('esi_limits_paused', 'esi_limits (paused_until) WHERE paused_until IS NOT NULL');
@@ -487,26 +484,6 @@ BEGIN
             -- bucket is not calm, see esi_take_calls).
             INSERT INTO esi_spent (bucket, second) VALUES (p_buckets[i], second_after) ON CONFLICT DO NOTHING;
         END IF;
-    END LOOP;
-END $$;
-
--- The ledger's functions have these signatures and no other: esi_take (one function for a call's every bucket,
--- in parallel arrays, though a call never took more than one bucket at once) and the former signatures of these
--- go, so that applying this file upgrades a database in place. Workers that still call them need this code.
-DO $$
-DECLARE
-    old REGPROCEDURE;
-BEGIN
-    FOR old IN SELECT p.oid::regprocedure FROM pg_proc p
-               WHERE p.pronamespace = current_schema()::regnamespace
-                 AND p.proname IN ('esi_take', 'esi_take_calls', 'esi_take_tokens', 'esi_take_errors', 'esi_settle')
-                 AND p.oid NOT IN (
-                     'esi_take_calls(timestamptz, text, int, int, int, int, int, int, int, int, int, int, int, bool,
-                                     float8)'::regprocedure,
-                     'esi_take_tokens(timestamptz, text, int, int, int, int, int, int, int, int, float8)'::regprocedure,
-                     'esi_take_errors(timestamptz, text, int, int, int, int, int, int, float8)'::regprocedure,
-                     'esi_settle(timestamptz, bigint[], text[], int[], int[], int[], float8[])'::regprocedure) LOOP
-        EXECUTE format('DROP FUNCTION %s', old);
     END LOOP;
 END $$;
 
@@ -703,3 +680,26 @@ END $$;
 CALL pg_temp.create_index('killmail_refs_failed',
                           'killmail_refs (next_attempt_at DESC NULLS LAST, killmail_id DESC) WHERE attempts > 0');
 CALL pg_temp.create_index('sync_runs_finished_covering', 'sync_runs (finished_at) INCLUDE (started_at, status)');
+
+-- What an older version made and this one does not have goes, so that applying this file upgrades a database in
+-- place: a column and two foreign keys (attackers and items are written with their killmail, see above), and
+-- every other signature of the ledger's functions (workers still calling one need this version's code).
+CALL pg_temp.drop_column('esi_limits', 'next_slot');
+CALL pg_temp.drop_constraint('attackers', 'attackers_killmail_id_fkey');
+CALL pg_temp.drop_constraint('killmail_items', 'killmail_items_killmail_id_fkey');
+DO $$
+DECLARE
+    old REGPROCEDURE;
+BEGIN
+    FOR old IN SELECT p.oid::regprocedure FROM pg_proc p
+               WHERE p.pronamespace = current_schema()::regnamespace
+                 AND p.proname IN ('esi_take', 'esi_take_calls', 'esi_take_tokens', 'esi_take_errors', 'esi_settle')
+                 AND p.oid NOT IN (
+                     'esi_take_calls(timestamptz, text, int, int, int, int, int, int, int, int, int, int, int, bool,
+                                     float8)'::regprocedure,
+                     'esi_take_tokens(timestamptz, text, int, int, int, int, int, int, int, int, float8)'::regprocedure,
+                     'esi_take_errors(timestamptz, text, int, int, int, int, int, int, float8)'::regprocedure,
+                     'esi_settle(timestamptz, bigint[], text[], int[], int[], int[], float8[])'::regprocedure) LOOP
+        EXECUTE format('DROP FUNCTION %s', old);
+    END LOOP;
+END $$;
