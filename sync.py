@@ -605,7 +605,7 @@ def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, 
     if not killmails:
         return
     prices = options.prices.prices
-    worth = [values.killmail_values(k.row[10], k.items, prices) if prices else None for k in killmails]
+    worth = [values.killmail_values(k.row.victim_ship_type_id, k.items, prices) if prices else None for k in killmails]
     try:
         saved = db.save_killmails(conn, killmails, worth, notify_max_age=options.notify_max_age)
         conn.commit()

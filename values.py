@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import db
 from esi import EsiError
+from killmail_model import ItemRow
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,25 @@ def price_of(row: Mapping[str, Any]) -> Decimal:
     return Decimal(0)
 
 
-def killmail_values(ship_type_id: int, items: list[tuple], prices: Mapping[int, Decimal]
+class StoredItem(NamedTuple):
+    """What valuing reads of a stored item: the four columns db.killmails_without_value gives each item."""
+
+    item_type_id: int
+    singleton: int
+    quantity_destroyed: int | None
+    quantity_dropped: int | None
+
+
+def killmail_values(ship_type_id: int, items: Iterable[ItemRow | StoredItem], prices: Mapping[int, Decimal]
                     ) -> tuple[Decimal, Decimal, Decimal]:
-    """(destroyed, dropped, total) of a killmail: its victim's ship and its item rows (killmail_model's rows,
-    nested ones included) at `prices`."""
+    """(destroyed, dropped, total) of a killmail: its victim's ship and its items (killmail_model's rows, nested
+    ones included, or the stored items' columns) at `prices`."""
     destroyed = prices.get(ship_type_id, Decimal(0))
     dropped = Decimal(0)
-    for _, _, _, _, type_id, singleton, quantity_destroyed, quantity_dropped in items:
-        each = BLUEPRINT_COPY_VALUE if singleton == BLUEPRINT_COPY else prices.get(type_id, Decimal(0))
-        destroyed += each * (quantity_destroyed or 0)
-        dropped += each * (quantity_dropped or 0)
+    for item in items:
+        each = BLUEPRINT_COPY_VALUE if item.singleton == BLUEPRINT_COPY else prices.get(item.item_type_id, Decimal(0))
+        destroyed += each * (item.quantity_destroyed or 0)
+        dropped += each * (item.quantity_dropped or 0)
     return destroyed, dropped, destroyed + dropped
 
 
@@ -60,8 +70,7 @@ def value_missing(conn, prices: Mapping[int, Decimal], *, limit: int, notify_max
     rows = db.killmails_without_value(conn, limit=limit)
     worth = []
     for row in rows:
-        # Item rows as killmail_model lays them out: only type, singleton and quantities matter here.
-        items = [(None, None, None, None, *item) for item in row["items"]]
+        items = [StoredItem(*item) for item in row["items"]]
         worth.append((row["killmail_id"], *killmail_values(row["victim_ship_type_id"], items, prices)))
     db.set_killmail_values(conn, worth)
     ids = [row["killmail_id"] for row in rows]

@@ -64,14 +64,14 @@ def sample_killmail(conn) -> dict:
 
 def post_columns(killmail: Killmail, *, total_value: Decimal | None = None) -> dict:
     """A parsed killmail as the columns of db.notification_killmail."""
-    row = dict(zip(db.KILLMAIL_COLUMN_NAMES, killmail.row, strict=False))
-    # Attacker rows as db lays them out: [2] character, [3] corporation, [6] ship type, [9] final blow.
-    final = next((a for a in killmail.attackers if a[9]), (None,) * 10)
-    return {**row, "total_value": total_value, "attackers": len(killmail.attackers),
-            "final_blow_character_id": final[2], "final_blow_corporation_id": final[3],
-            "final_blow_ship_type_id": final[6],
-            "attacker_character_ids": sorted({a[2] for a in killmail.attackers if a[2] is not None}),
-            "attacker_corporation_ids": sorted({a[3] for a in killmail.attackers if a[3] is not None})}
+    attackers = killmail.attackers
+    final = next((a for a in attackers if a.final_blow), None)
+    return {**killmail.row._asdict(), "total_value": total_value, "attackers": len(attackers),
+            "final_blow_character_id": None if final is None else final.character_id,
+            "final_blow_corporation_id": None if final is None else final.corporation_id,
+            "final_blow_ship_type_id": None if final is None else final.ship_type_id,
+            "attacker_character_ids": sorted({a.character_id for a in attackers if a.character_id is not None}),
+            "attacker_corporation_ids": sorted({a.corporation_id for a in attackers if a.corporation_id is not None})}
 
 
 def name_ids(conn, settings: Settings, killmail: dict) -> None:
