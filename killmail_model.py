@@ -7,7 +7,7 @@ import re
 import reprlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 
 class InvalidKillmail(ValueError):
@@ -94,6 +94,10 @@ def _shown(value: Any) -> str:
         return f"a {type(value).__name__} holding an integer too long to print"
 
 
+@overload
+def _int(obj: dict, key: str, where: str, *, required: Literal[True], bound: int = INT64) -> int: ...
+@overload
+def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int = INT64) -> int | None: ...
 def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int = INT64) -> int | None:
     value = obj.get(key)
     if type(value) is int and -bound <= value < bound:  # the usual case first (a bool is no int here)
@@ -122,6 +126,10 @@ def _number(obj: dict, key: str, where: str) -> float:
     return number
 
 
+@overload
+def _object(obj: dict, key: str, where: str, *, required: Literal[True] = True) -> dict: ...
+@overload
+def _object(obj: dict, key: str, where: str, *, required: bool) -> dict | None: ...
 def _object(obj: dict, key: str, where: str, *, required: bool = True) -> dict | None:
     value = obj.get(key)
     if value is None and not required:
@@ -175,10 +183,10 @@ def _parse(body: Any, killmail_id: int, killmail_hash: str, raw: str | None) -> 
         raise InvalidKillmail(f"killmail.killmail_id is {body.get('killmail_id')}, fetched as {killmail_id}")
     victim = _object(body, "victim", "killmail")
     position = _object(victim, "position", "victim", required=False)
+    coords: tuple[float | None, float | None, float | None] = (None, None, None)
     if position is not None:
-        coords = [_number(position, axis, "victim.position") for axis in ("x", "y", "z")]
-    else:
-        coords = [None, None, None]
+        coords = (_number(position, "x", "victim.position"), _number(position, "y", "victim.position"),
+                  _number(position, "z", "victim.position"))
     row = KillmailRow(
         killmail_id, killmail_hash, _time(body, "killmail_time"),
         _int(body, "solar_system_id", "killmail", required=True),
@@ -272,5 +280,4 @@ def named_ids(killmail: Killmail) -> set[int]:
         if attacker.final_blow:
             ids.update((attacker.character_id, attacker.corporation_id, attacker.alliance_id, attacker.faction_id,
                         attacker.ship_type_id))
-    ids.discard(None)
-    return ids
+    return {i for i in ids if i is not None}

@@ -63,7 +63,7 @@ def killmail_values(ship_type_id: int, items: Iterable[ItemRow | StoredItem], pr
 REVALUE_BATCH = 500  # killmails valued per transaction by revalue
 
 
-def value_missing(conn, prices: Mapping[int, Decimal], *, limit: int, notify_max_age: int) -> list[int]:
+def value_missing(conn: db.Connection, prices: Mapping[int, Decimal], *, limit: int, notify_max_age: int) -> list[int]:
     """Value up to `limit` stored killmails that have no value yet (saved while prices were unknown) and write
     their outbox rows for the webhooks with a minimum value, which could not judge them before; commits and
     returns their ids. Rows another process is valuing are skipped, so each is valued (and announced) once."""
@@ -79,7 +79,7 @@ def value_missing(conn, prices: Mapping[int, Decimal], *, limit: int, notify_max
     return ids
 
 
-def revalue(conn, prices: Mapping[int, Decimal], *, notify_max_age: int) -> int:
+def revalue(conn: db.Connection, prices: Mapping[int, Decimal], *, notify_max_age: int) -> int:
     """Value every stored killmail whose value is missing (saved before prices were known); returns how many."""
     done = 0
     while ids := value_missing(conn, prices, limit=REVALUE_BATCH, notify_max_age=notify_max_age):
@@ -97,7 +97,7 @@ class PriceBook:
         self.expires_at: datetime | None = None
         self._lock = threading.Lock()
 
-    def refresh(self, conn, esi, now: datetime) -> dict[int, Decimal]:
+    def refresh(self, conn: db.Connection, esi, now: datetime) -> dict[int, Decimal]:
         """The prices, refreshed first if they expired; a failed refresh keeps the old ones (and logs it)."""
         with self._lock:
             if self.expires_at is not None and now < self.expires_at:
@@ -109,7 +109,7 @@ class PriceBook:
                 self.expires_at = now + RECHECK
             return self.prices
 
-    def _refresh(self, conn, esi, now: datetime) -> None:
+    def _refresh(self, conn: db.Connection, esi, now: datetime) -> None:
         if _expired(db.get_esi_cache(conn, PRICES_KEY), now) and self._take_lock(conn):
             try:
                 cached = db.get_esi_cache(conn, PRICES_KEY)  # the process waited for may have stored them
@@ -127,13 +127,13 @@ class PriceBook:
                 conn.commit()
         self._load(conn, now)
 
-    def _take_lock(self, conn) -> bool:
+    def _take_lock(self, conn: db.Connection) -> bool:
         """The refresh lock: at once or not at all while prices are loaded; else waiting for its holder."""
         if self.prices:
             return db.try_lock(conn, db.LOCK_PRICES, 0)
         return db.wait_lock(conn, db.LOCK_PRICES, 0, timeout=FIRST_LOAD_WAIT)
 
-    def _load(self, conn, now: datetime) -> None:
+    def _load(self, conn: db.Connection, now: datetime) -> None:
         self.prices = db.market_prices(conn)
         cached = db.get_esi_cache(conn, PRICES_KEY)
         conn.commit()
