@@ -20,9 +20,10 @@ demo-serve: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -rs
 
-# ruff, configured in pyproject.toml, on the whole tree.
+# ruff on the whole tree, then mypy on the modules pyproject.toml names; both configured there.
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 
 test-faults: $(STAMP)
 	$(PYTHON) -m pytest -q -rs tests/faults

@@ -213,7 +213,7 @@ class _Pipeline:
         self.published = 0  # the last delivery tag: the broker numbers a confirming channel's messages from 1
         self.exhausted = self.closing = self.caller_failed = False
         self.error: BaseException | None = None
-        self.channel = None
+        self.channel: Any = None  # pika's, once open (on_channel_open)
         self.connection = pika.SelectConnection(parameters, on_open_callback=self.on_open,
                                                 on_open_error_callback=self.on_open_error,
                                                 on_close_callback=self.on_closed)
@@ -222,6 +222,7 @@ class _Pipeline:
         """Drive the I/O loop until every message is settled or the connection is gone."""
         self.connection.ioloop.start()
         if self.caller_failed:
+            assert self.error is not None  # set with caller_failed
             raise self.error
         if self.in_flight:  # the connection went before these were confirmed: none may stay claimed
             reason = f"connection lost before the broker confirmed the message: {self.error!r}"

@@ -7,14 +7,17 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+
+# What connect returns, and what every function here takes first: a connection whose rows are dicts.
+Connection: TypeAlias = psycopg.Connection[DictRow]
 
 # Session-level advisory locks live in a namespace each, so a character id and a corporation id never collide.
 LOCK_CHARACTER = 1
@@ -42,10 +45,10 @@ CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "30", "keepalives_int
                      "keepalives_count": "3", "tcp_user_timeout": "60000"}
 
 
-def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> psycopg.Connection:
+def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) -> Connection:
     """Open a connection whose rows are dicts, with the session's keepalives set at both ends (one round trip)."""
     given = psycopg.conninfo.conninfo_to_dict(url)
-    client = {k: v for k, v in CLIENT_KEEPALIVES.items() if k not in given}
+    client: dict[str, Any] = {k: v for k, v in CLIENT_KEEPALIVES.items() if k not in given}
     conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=connect_timeout, **client)
     try:
         conn.execute(
@@ -60,8 +63,15 @@ def connect(url: str, *, autocommit: bool = False, connect_timeout: int = 10) ->
     return conn
 
 
+def one_row(cursor: psycopg.Cursor[DictRow]) -> DictRow:
+    """The row of a statement that always returns one: an aggregate, a function's result, an upsert's RETURNING."""
+    row = cursor.fetchone()
+    assert row is not None, "the statement returned no row"
+    return row
+
+
 @contextmanager
-def autocommitted(conn: psycopg.Connection) -> Iterator[None]:
+def autocommitted(conn: Connection) -> Iterator[None]:
     """Each statement of the block is a transaction of its own. psycopg opens a transaction with a BEGIN of its own
     round trip and ends it with a COMMIT of another: a write that is one statement costs three round trips in a
     transaction and one here. What the connection had open is committed first."""
@@ -74,7 +84,7 @@ def autocommitted(conn: psycopg.Connection) -> Iterator[None]:
             conn.autocommit = False
 
 
-def apply_schema(conn: psycopg.Connection) -> None:
+def apply_schema(conn: Connection) -> None:
     """Create or complete every table; harmless to run again."""
     # One advisory lock so two processes applying the schema at once do not race on CREATE IF NOT EXISTS.
     conn.execute("SELECT pg_advisory_xact_lock(0, 0)")
@@ -122,12 +132,13 @@ _DUE_USERS_SQL = f"""
 """
 
 
-def due_users(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+def due_users(conn: Connection, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
     """The due users that are not queued, first syncs first (what a run would claim)."""
     return conn.execute(_DUE_USERS_SQL, {"now": now, "interval": interval, "stale": stale_after}).fetchall()
 
 
-def open_due_users(conn, now: datetime, *, interval: int, stale_after: int) -> psycopg.ServerCursor:
+def open_due_users(conn: Connection, now: datetime, *, interval: int, stale_after: int
+                   ) -> psycopg.ServerCursor[DictRow]:
     """due_users as a cursor held past commits (WITH HOLD): the caller commits once, then fetches a batch at a
     time and claims it (claim_users), committing each, and closes the cursor at the end."""
     cursor = conn.cursor("due_users", withhold=True)
@@ -135,7 +146,8 @@ def open_due_users(conn, now: datetime, *, interval: int, stale_after: int) -> p
     return cursor
 
 
-def claim_users(conn, character_ids: Sequence[int], now: datetime, *, interval: int, stale_after: int) -> set[int]:
+def claim_users(conn: Connection, character_ids: Sequence[int], now: datetime, *, interval: int,
+                stale_after: int) -> set[int]:
     """Claim those of these users still due and not queued, for this session until confirm_claims; the ids
     claimed. One whose row another transaction holds (its job ending, another run claiming it) is skipped."""
     rows = conn.execute(
@@ -153,7 +165,7 @@ def claim_users(conn, character_ids: Sequence[int], now: datetime, *, interval: 
     return {row["character_id"] for row in rows}
 
 
-def claim_due_users(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+def claim_due_users(conn: Connection, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
     """Claim every due user that is not queued, in one go (for this session, until confirm_claims); returns
     them, first syncs first. The producer claims a batch at a time instead (open_due_users)."""
     due = due_users(conn, now, interval=interval, stale_after=stale_after)
@@ -161,7 +173,7 @@ def claim_due_users(conn, now: datetime, *, interval: int, stale_after: int) -> 
     return [u for u in due if u["character_id"] in claimed]
 
 
-def claim_user(conn, character_id: int, now: datetime, *, stale_after: int) -> dict | None:
+def claim_user(conn: Connection, character_id: int, now: datetime, *, stale_after: int) -> dict | None:
     """Mark one user as queued now unless it already is; None when unknown or already queued."""
     return conn.execute(
         """
@@ -174,12 +186,12 @@ def claim_user(conn, character_id: int, now: datetime, *, stale_after: int) -> d
     ).fetchone()
 
 
-def release_user(conn, character_id: int) -> None:
+def release_user(conn: Connection, character_id: int) -> None:
     """Forget that a user is queued (its message was not handed to the broker, or its job ended)."""
     conn.execute("UPDATE users SET queued_at = NULL WHERE character_id = %s", (character_id,))
 
 
-def get_user(conn, character_id: int) -> dict | None:
+def get_user(conn: Connection, character_id: int) -> dict | None:
     """One user's row, with `revoked` telling whether it has no usable grant (a new login is needed)."""
     return conn.execute(
         f"""
@@ -190,13 +202,13 @@ def get_user(conn, character_id: int) -> dict | None:
     ).fetchone()
 
 
-def try_lock(conn, namespace: int, key: int) -> bool:
+def try_lock(conn: Connection, namespace: int, key: int) -> bool:
     """Take the session-level lock on a character or corporation (namespace LOCK_CHARACTER or LOCK_CORPORATION)
     without waiting; False when another holds it."""
-    return conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (namespace, _lock_key(key))).fetchone()["ok"]
+    return one_row(conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (namespace, _lock_key(key))))["ok"]
 
 
-def wait_lock(conn, namespace: int, key: int, *, timeout: float) -> bool:
+def wait_lock(conn: Connection, namespace: int, key: int, *, timeout: float) -> bool:
     """Take the session-level lock, waiting up to `timeout` seconds for its holder; False when it was not freed.
     Ends the caller's transaction."""
     conn.commit()
@@ -210,7 +222,7 @@ def wait_lock(conn, namespace: int, key: int, *, timeout: float) -> bool:
     return True
 
 
-def unlock(conn, namespace: int, key: int) -> None:
+def unlock(conn: Connection, namespace: int, key: int) -> None:
     """Release a lock taken by try_lock."""
     conn.execute("SELECT pg_advisory_unlock(%s, %s)", (namespace, _lock_key(key)))
 
@@ -220,7 +232,7 @@ def _lock_key(key: int) -> int:
     return key if -(2**31) <= key < 2**31 else (key % (2**31))
 
 
-def store_tokens(conn, character_id: int, access_token: str, refresh_token: str, expires_at: datetime, *,
+def store_tokens(conn: Connection, character_id: int, access_token: str, refresh_token: str, expires_at: datetime, *,
                  replaces: str) -> bool:
     """Record a refreshed access token and the rotated refresh token together, only where the row still holds the
     refresh token that was refreshed (`replaces`); False when the web app wrote a new login meanwhile."""
@@ -235,7 +247,7 @@ def store_tokens(conn, character_id: int, access_token: str, refresh_token: str,
     return cursor.rowcount == 1
 
 
-def stored_refresh_tokens(conn, *, after: int = 0, limit: int = 500) -> list[dict]:
+def stored_refresh_tokens(conn: Connection, *, after: int = 0, limit: int = 500) -> list[dict]:
     """Users holding a refresh token, with it as stored, by character id beyond `after` (a batch of them)."""
     return conn.execute(
         """
@@ -247,7 +259,7 @@ def stored_refresh_tokens(conn, *, after: int = 0, limit: int = 500) -> list[dic
     ).fetchall()
 
 
-def replace_stored_token(conn, character_id: int, stored: str, *, replaces: str) -> bool:
+def replace_stored_token(conn: Connection, character_id: int, stored: str, *, replaces: str) -> bool:
     """Store a refresh token rewritten under another key (or sealed at last), only where the row still holds
     `replaces`; a revoked grant stays revoked. False when the row changed meanwhile."""
     cursor = conn.execute(
@@ -263,12 +275,12 @@ def replace_stored_token(conn, character_id: int, stored: str, *, replaces: str)
     return cursor.rowcount == 1
 
 
-def expire_access_token(conn, character_id: int, now: datetime) -> None:
+def expire_access_token(conn: Connection, character_id: int, now: datetime) -> None:
     """Make the next job refresh the access token (ESI refused it before its time)."""
     conn.execute("UPDATE users SET expires_at = %s WHERE character_id = %s", (now, character_id))
 
 
-def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> bool:
+def mark_revoked(conn: Connection, character_id: int, refresh_token: str, error: str) -> bool:
     """Remember that this refresh token (as stored, sealed or not) is dead, so the user is not queued until it
     logs in again; only while the row still holds that token (False when the web app has already replaced it with
     a new login)."""
@@ -283,12 +295,12 @@ def mark_revoked(conn, character_id: int, refresh_token: str, error: str) -> boo
     return cursor.rowcount == 1
 
 
-def save_login(conn, character_id: int, character_name: str, access_token: str, refresh_token: str,
+def save_login(conn: Connection, character_id: int, character_name: str, access_token: str, refresh_token: str,
                expires_at: datetime, scopes: str) -> bool:
     """Write a pilot who logged in, as the web app would, with its grant's scopes; True when the user is new.
     A returning pilot's new grant replaces the old one, ends its needing a new login, and has its Director role
     asked again."""
-    return conn.execute(
+    return one_row(conn.execute(
         """
         INSERT INTO users (character_id, character_name, access_token, refresh_token, expires_at, scopes)
         VALUES (%(id)s, %(name)s, %(access)s, %(refresh)s, %(expires)s, %(scopes)s)
@@ -300,10 +312,10 @@ def save_login(conn, character_id: int, character_name: str, access_token: str, 
         """,
         {"id": character_id, "name": character_name, "access": access_token, "refresh": refresh_token,
          "expires": expires_at, "scopes": scopes},
-    ).fetchone()["inserted"]
+    ))["inserted"]
 
 
-def forget_tokens(conn, character_id: int) -> None:
+def forget_tokens(conn: Connection, character_id: int) -> None:
     """Clear a pilot's tokens (an operator forgot it): it is synced no more; its killmails and runs stay."""
     conn.execute(
         """
@@ -315,7 +327,7 @@ def forget_tokens(conn, character_id: int) -> None:
     )
 
 
-def save_login_state(conn, state: str, code_verifier: str, scopes: str, now: datetime, *, max_age: int,
+def save_login_state(conn: Connection, state: str, code_verifier: str, scopes: str, now: datetime, *, max_age: int,
                      client: str = "") -> None:
     """Remember a login under way by its state's hash, and delete those older than max_age seconds."""
     conn.execute("DELETE FROM login_states WHERE created_at < %s", (now - timedelta(seconds=max_age),))
@@ -323,21 +335,21 @@ def save_login_state(conn, state: str, code_verifier: str, scopes: str, now: dat
                  "VALUES (%s, %s, %s, %s, %s)", (token_sha256(state), code_verifier, scopes, now, client))
 
 
-def logins_under_way(conn, client: str, since: datetime) -> tuple[int, int]:
+def logins_under_way(conn: Connection, client: str, since: datetime) -> tuple[int, int]:
     """Logins started since then and not used up yet: by anyone, and by this client."""
-    row = conn.execute("SELECT count(*) AS total, count(*) FILTER (WHERE client = %s) AS mine FROM login_states "
-                       "WHERE created_at >= %s", (client, since)).fetchone()
+    row = one_row(conn.execute("SELECT count(*) AS total, count(*) FILTER (WHERE client = %s) AS mine "
+                            "FROM login_states WHERE created_at >= %s", (client, since)))
     return row["total"], row["mine"]
 
 
-def take_login_state(conn, state: str, now: datetime, *, max_age: int) -> dict | None:
+def take_login_state(conn: Connection, state: str, now: datetime, *, max_age: int) -> dict | None:
     """Use up a login's state: its code_verifier and scopes, or None when it is unknown, used or too old."""
     row = conn.execute("DELETE FROM login_states WHERE state_sha256 = %s RETURNING code_verifier, scopes, created_at",
                        (token_sha256(state),)).fetchone()
     return row if row is not None and row["created_at"] >= now - timedelta(seconds=max_age) else None
 
 
-def save_profile(conn, character_id: int, *, corporation_id: int | None = None, scopes: str | None = None,
+def save_profile(conn: Connection, character_id: int, *, corporation_id: int | None = None, scopes: str | None = None,
                  checked_at: datetime | None = None) -> None:
     """Record what the worker learned of a pilot: its corporation (from ESI) and its token's scopes. A pilot in
     a new corporation has its Director role asked again: what was known was of the old one."""
@@ -353,7 +365,7 @@ def save_profile(conn, character_id: int, *, corporation_id: int | None = None, 
     )
 
 
-def set_director(conn, character_id: int, is_director: bool, *, checked_at: datetime) -> None:
+def set_director(conn: Connection, character_id: int, is_director: bool, *, checked_at: datetime) -> None:
     """Record whether a pilot may read its corporation's killmails (a 403 says it may not), and when it was
     learned."""
     conn.execute("UPDATE users SET is_director = %s, director_checked_at = %s WHERE character_id = %s",
@@ -395,12 +407,12 @@ _DUE_CORPORATIONS_SQL = f"""
 """
 
 
-def due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+def due_corporations(conn: Connection, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
     """The due corporations with an eligible member, not queued, each with that member (what a run would claim)."""
     return conn.execute(_DUE_CORPORATIONS_SQL, {"now": now, "interval": interval, "stale": stale_after}).fetchall()
 
 
-def add_eligible_corporations(conn, now: datetime) -> None:
+def add_eligible_corporations(conn: Connection, now: datetime) -> None:
     """Make a row for every corporation that has an eligible member (claim_corporations claims rows)."""
     conn.execute(f"""
         INSERT INTO corporations (corporation_id)
@@ -409,14 +421,16 @@ def add_eligible_corporations(conn, now: datetime) -> None:
     """, {"now": now})
 
 
-def open_due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> psycopg.ServerCursor:
+def open_due_corporations(conn: Connection, now: datetime, *, interval: int, stale_after: int
+                          ) -> psycopg.ServerCursor[DictRow]:
     """due_corporations as a held cursor, as open_due_users (add_eligible_corporations first)."""
     cursor = conn.cursor("due_corporations", withhold=True)
     cursor.execute(_DUE_CORPORATIONS_SQL, {"now": now, "interval": interval, "stale": stale_after})
     return cursor
 
 
-def claim_corporations(conn, due: Sequence[dict], now: datetime, *, interval: int, stale_after: int) -> set[int]:
+def claim_corporations(conn: Connection, due: Sequence[dict], now: datetime, *, interval: int,
+                       stale_after: int) -> set[int]:
     """Claim these corporations (rows of due_corporations) where still due and not queued, each through the member
     it came with, for this session until confirm_claims; the ids claimed."""
     rows = conn.execute(
@@ -436,7 +450,7 @@ def claim_corporations(conn, due: Sequence[dict], now: datetime, *, interval: in
     return {row["corporation_id"] for row in rows}
 
 
-def claim_due_corporations(conn, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
+def claim_due_corporations(conn: Connection, now: datetime, *, interval: int, stale_after: int) -> list[dict]:
     """Claim every due corporation that has an eligible member, in one go, as claim_due_users; returns them with
     that member."""
     add_eligible_corporations(conn, now)
@@ -445,17 +459,17 @@ def claim_due_corporations(conn, now: datetime, *, interval: int, stale_after: i
     return [c for c in due if c["corporation_id"] in claimed]
 
 
-def get_corporation(conn, corporation_id: int) -> dict | None:
+def get_corporation(conn: Connection, corporation_id: int) -> dict | None:
     """One corporation's sync state."""
     return conn.execute("SELECT * FROM corporations WHERE corporation_id = %s", (corporation_id,)).fetchone()
 
 
-def release_corporation(conn, corporation_id: int) -> None:
+def release_corporation(conn: Connection, corporation_id: int) -> None:
     """Forget that a corporation is queued."""
     conn.execute("UPDATE corporations SET queued_at = NULL WHERE corporation_id = %s", (corporation_id,))
 
 
-def confirm_claims(conn, kind: str, owner_ids: Sequence[int]) -> None:
+def confirm_claims(conn: Connection, kind: str, owner_ids: Sequence[int]) -> None:
     """The broker confirmed these jobs ('character' or 'corporation'): this session's claims of them stand on
     their own now, and outlive it."""
     table, column = _STATE_TABLES[kind]
@@ -463,7 +477,7 @@ def confirm_claims(conn, kind: str, owner_ids: Sequence[int]) -> None:
                  .format(sql.Identifier(table), sql.Identifier(column)), (list(owner_ids),))
 
 
-def release_claims(conn, kind: str, owner_ids: Sequence[int]) -> None:
+def release_claims(conn: Connection, kind: str, owner_ids: Sequence[int]) -> None:
     """The broker did not take these jobs: free this session's claims of them, so the next run queues them."""
     table, column = _STATE_TABLES[kind]
     conn.execute(sql.SQL("UPDATE {} SET queued_at = NULL, claimed_by = NULL "
@@ -471,7 +485,7 @@ def release_claims(conn, kind: str, owner_ids: Sequence[int]) -> None:
                  .format(sql.Identifier(table), sql.Identifier(column)), (list(owner_ids),))
 
 
-def release_unconfirmed(conn, kind: str) -> int:
+def release_unconfirmed(conn: Connection, kind: str) -> int:
     """Free every claim whose job the broker never confirmed: this session's own, and those of producer sessions
     that are gone (a run killed between publishing and the confirm); how many. A session is gone when no backend
     has its pid: a killed process's connection closes with it, a vanished host's within the keepalive time
@@ -494,7 +508,7 @@ def release_unconfirmed(conn, kind: str) -> int:
 _STATE_TABLES = {"character": ("users", "character_id"), "corporation": ("corporations", "corporation_id")}
 
 
-def save_list_cache(conn, kind: str, owner_id: int, etag: str | None, expires_at: datetime | None) -> None:
+def save_list_cache(conn: Connection, kind: str, owner_id: int, etag: str | None, expires_at: datetime | None) -> None:
     """Keep a recent list's ETag and Expires for the next poll."""
     table, column = _STATE_TABLES[kind]
     conn.execute(
@@ -514,7 +528,7 @@ _FINISH_SQL = """
 """
 
 
-def finish_sync(conn, kind: str, owner_id: int, now: datetime, status: str, *, found_new: bool) -> None:
+def finish_sync(conn: Connection, kind: str, owner_id: int, now: datetime, status: str, *, found_new: bool) -> None:
     """Record the end of a pilot's (or corporation's) sync and free it for the next producer run."""
     table, column = _STATE_TABLES[kind]
     conn.execute(sql.SQL(_FINISH_SQL).format(sql.Identifier(table), sql.Identifier(column)),
@@ -531,7 +545,7 @@ _LINKS = {"character": ("character_killmails", "character_id"),
           "corporation": ("corporation_killmails", "corporation_id")}
 
 
-def store_refs(conn, kind: str, owner_id: int, refs: Sequence[tuple[int, str]]) -> int:
+def store_refs(conn: Connection, kind: str, owner_id: int, refs: Sequence[tuple[int, str]]) -> int:
     """Store listed (killmail_id, killmail_hash) pairs and link them to their pilot or corporation; returns how
     many links are new."""
     if not refs:
@@ -562,7 +576,7 @@ _PENDING_REF_SQL = """
 """
 
 
-def pending_refs(conn, kind: str, owner_id: int, now: datetime, *, max_attempts: int) -> list[dict]:
+def pending_refs(conn: Connection, kind: str, owner_id: int, now: datetime, *, max_attempts: int) -> list[dict]:
     """A pilot's (or corporation's) references with no stored killmail that may be fetched now, newest first."""
     table, column = _LINKS[kind]
     return conn.execute(
@@ -577,7 +591,7 @@ def pending_refs(conn, kind: str, owner_id: int, now: datetime, *, max_attempts:
     ).fetchall()
 
 
-def get_user_to_sync(conn, character_id: int, now: datetime, *, max_attempts: int) -> dict | None:
+def get_user_to_sync(conn: Connection, character_id: int, now: datetime, *, max_attempts: int) -> dict | None:
     """get_user's row, and `refs_pending`: whether pending_refs would find any of the pilot's references now. A list
     answered 304 adds none, so a sync that finds none pending has nothing to fetch."""
     return conn.execute(
@@ -591,7 +605,7 @@ def get_user_to_sync(conn, character_id: int, now: datetime, *, max_attempts: in
     ).fetchone()
 
 
-def stranded_refs(conn, now: datetime, *, max_attempts: int, limit: int) -> list[dict]:
+def stranded_refs(conn: Connection, now: datetime, *, max_attempts: int, limit: int) -> list[dict]:
     """References with no stored killmail that no owner's sync will fetch any more: no pilot who listed them
     has a usable grant, and no corporation that listed them has a member who may still read its list. Newest
     first, at most `limit`, those whose retry time has come."""
@@ -613,7 +627,7 @@ def stranded_refs(conn, now: datetime, *, max_attempts: int, limit: int) -> list
     ).fetchall()
 
 
-def claim_refs(conn, killmail_ids: Sequence[int], now: datetime, *, seconds: int) -> list[dict]:
+def claim_refs(conn: Connection, killmail_ids: Sequence[int], now: datetime, *, seconds: int) -> list[dict]:
     """Claim references for fetching; those another live process holds, or already stored, are not returned."""
     if not killmail_ids:
         return []
@@ -631,7 +645,7 @@ def claim_refs(conn, killmail_ids: Sequence[int], now: datetime, *, seconds: int
     ).fetchall()
 
 
-def release_refs(conn, killmail_ids: Sequence[int]) -> None:
+def release_refs(conn: Connection, killmail_ids: Sequence[int]) -> None:
     """Give up claims (a job that stopped early), so the next sync may fetch them."""
     if killmail_ids:
         conn.execute(
@@ -639,7 +653,7 @@ def release_refs(conn, killmail_ids: Sequence[int]) -> None:
         )
 
 
-def record_ref_failure(conn, killmail_id: int, error: str, now: datetime, *, permanent: bool,
+def record_ref_failure(conn: Connection, killmail_id: int, error: str, now: datetime, *, permanent: bool,
                        max_attempts: int) -> None:
     """Count a failed detail fetch or save; the next try waits 1, 2, 4 ... minutes (at most 6 hours), and a
     permanent failure uses up every attempt at once."""
@@ -676,7 +690,7 @@ _ATTACKER_TYPES = ["int8", "int4", "int8", "int8", "int8", "int8", "int8", "int8
 _ITEM_TYPES = ["int8", "int4", "int4", "int4", "int8", "int4", "int8", "int8"]
 
 
-def save_killmails(conn, killmails: Sequence[Any], values: Sequence[tuple | None] | None = None, *,
+def save_killmails(conn: Connection, killmails: Sequence[Any], values: Sequence[tuple | None] | None = None, *,
                    notify_max_age: int = 3600) -> list[int]:
     """Store validated killmails (killmail_model's, from parse_killmail) with attackers and items, and their
     (destroyed, dropped, total) values where given (None: not known yet); returns the new ids.
@@ -714,7 +728,7 @@ def save_killmails(conn, killmails: Sequence[Any], values: Sequence[tuple | None
     return sorted(new_ids)
 
 
-def killmails_without_value(conn, *, limit: int) -> list[dict]:
+def killmails_without_value(conn: Connection, *, limit: int) -> list[dict]:
     """Lock and return up to `limit` killmails with no total_value yet (in id order): id, ship and item rows.
     Rows another transaction holds are skipped (SKIP LOCKED): two processes never value the same killmail."""
     return conn.execute(
@@ -733,7 +747,7 @@ def killmails_without_value(conn, *, limit: int) -> list[dict]:
     ).fetchall()
 
 
-def set_killmail_values(conn, values: Sequence[tuple[int, Any, Any, Any]]) -> None:
+def set_killmail_values(conn: Connection, values: Sequence[tuple[int, Any, Any, Any]]) -> None:
     """Store (killmail_id, destroyed, dropped, total) of killmails already saved."""
     if not values:
         return
@@ -750,12 +764,12 @@ def set_killmail_values(conn, values: Sequence[tuple[int, Any, Any, Any]]) -> No
 
 # ---------------------------------------------------------------------------------------------- prices, names
 
-def get_esi_cache(conn, key: str) -> dict | None:
+def get_esi_cache(conn: Connection, key: str) -> dict | None:
     """The ETag and expiry stored for a public ESI route (a key such as 'markets/prices'), or None."""
     return conn.execute("SELECT etag, expires_at FROM esi_cache WHERE key = %s", (key,)).fetchone()
 
 
-def save_esi_cache(conn, key: str, etag: str | None, expires_at: datetime | None) -> None:
+def save_esi_cache(conn: Connection, key: str, etag: str | None, expires_at: datetime | None) -> None:
     """Store the ETag and expiry of a public ESI route's last answer."""
     conn.execute(
         """
@@ -766,7 +780,7 @@ def save_esi_cache(conn, key: str, etag: str | None, expires_at: datetime | None
     )
 
 
-def save_market_prices(conn, prices: Sequence[dict], now: datetime) -> None:
+def save_market_prices(conn: Connection, prices: Sequence[dict], now: datetime) -> None:
     """Store ESI's market prices (its entries: type_id, average_price, adjusted_price), replacing older ones."""
     rows = [(p["type_id"], p.get("average_price"), p.get("adjusted_price")) for p in prices]
     if not rows:
@@ -783,14 +797,14 @@ def save_market_prices(conn, prices: Sequence[dict], now: datetime) -> None:
     )
 
 
-def market_prices(conn) -> dict[int, Decimal]:
+def market_prices(conn: Connection) -> dict[int, Decimal]:
     """Each type's price: its average price, else its adjusted price, else 0."""
     rows = conn.execute(
         "SELECT type_id, coalesce(average_price, adjusted_price, 0) AS price FROM market_prices").fetchall()
     return {r["type_id"]: r["price"] for r in rows}
 
 
-def names_to_resolve(conn, ids: Iterable[int], now: datetime) -> list[int]:
+def names_to_resolve(conn: Connection, ids: Iterable[int], now: datetime) -> list[int]:
     """Of these ids, those with no name stored and not known to be unknown (until a day after ESI said so)."""
     rows = conn.execute(
         """
@@ -804,7 +818,7 @@ def names_to_resolve(conn, ids: Iterable[int], now: datetime) -> list[int]:
     return [r["id"] for r in rows]
 
 
-def save_names(conn, names: Sequence[dict], unknown: Sequence[int], now: datetime, *, unknown_for: timedelta
+def save_names(conn: Connection, names: Sequence[dict], unknown: Sequence[int], now: datetime, *, unknown_for: timedelta
                ) -> None:
     """Store resolved names (ESI's entries: id, category, name) and remember ids ESI could not resolve."""
     if names:
@@ -831,7 +845,7 @@ def save_names(conn, names: Sequence[dict], unknown: Sequence[int], now: datetim
 SYSTEM_IDS = range(30_000_000, 33_000_000)
 
 
-def systems_to_locate(conn, ids: Iterable[int]) -> list[int]:
+def systems_to_locate(conn: Connection, ids: Iterable[int]) -> list[int]:
     """Of these ids, the systems whose region was not looked up yet."""
     rows = conn.execute(
         """
@@ -844,13 +858,13 @@ def systems_to_locate(conn, ids: Iterable[int]) -> list[int]:
     return [r["id"] for r in rows]
 
 
-def save_system_region(conn, system_id: int, region_id: int | None, now: datetime) -> None:
+def save_system_region(conn: Connection, system_id: int, region_id: int | None, now: datetime) -> None:
     """Store a system's region, None for one ESI knows no region of (once: systems never move)."""
     conn.execute("INSERT INTO system_regions (system_id, region_id, located_at) VALUES (%s, %s, %s) "
                  "ON CONFLICT (system_id) DO NOTHING", (system_id, region_id, now))
 
 
-def regions_of(conn, system_ids: Iterable[int]) -> dict[int, int]:
+def regions_of(conn: Connection, system_ids: Iterable[int]) -> dict[int, int]:
     """The stored region of each of these systems (those not located yet are left out)."""
     rows = conn.execute("SELECT system_id, region_id FROM system_regions "
                         "WHERE system_id = ANY(%s) AND region_id IS NOT NULL",
@@ -858,7 +872,7 @@ def regions_of(conn, system_ids: Iterable[int]) -> dict[int, int]:
     return {r["system_id"]: r["region_id"] for r in rows}
 
 
-def names_of(conn, ids: Iterable[int]) -> dict[int, str]:
+def names_of(conn: Connection, ids: Iterable[int]) -> dict[int, str]:
     """The stored names of these ids (unknown ones are left out)."""
     rows = conn.execute("SELECT id, name FROM names WHERE id = ANY(%s) AND name IS NOT NULL",
                         (sorted({i for i in ids if i is not None}),)).fetchall()
@@ -880,7 +894,8 @@ _WEBHOOK_WANTS = """
 """
 
 
-def queue_notifications(conn, killmail_ids: Sequence[int], *, max_age: int, valued_late: bool = False) -> int:
+def queue_notifications(conn: Connection, killmail_ids: Sequence[int], *, max_age: int,
+                        valued_late: bool = False) -> int:
     """Write an outbox row for each enabled destination that wants each of these (newly stored) killmails.
 
     Killmails older than max_age seconds (from their killmail_time) are announced nowhere but on zKillboard (a
@@ -888,8 +903,8 @@ def queue_notifications(conn, killmail_ids: Sequence[int], *, max_age: int, valu
     and just got one; only the destinations with a minimum value can want them now (the others got their rows
     when they were stored). Without an enabled webhook this is one look at a tiny table.
     """
-    if not killmail_ids or not conn.execute("SELECT EXISTS (SELECT 1 FROM webhooks WHERE enabled) AS any")\
-            .fetchone()["any"]:
+    if not killmail_ids or not one_row(
+            conn.execute("SELECT EXISTS (SELECT 1 FROM webhooks WHERE enabled) AS any"))["any"]:
         return 0
     return conn.execute(
         f"""
@@ -909,7 +924,7 @@ def _as_sent(text: str) -> str:
     return text
 
 
-def _copy_rows(cur, table: str, columns: str, types: list[str], rows: Iterable[tuple]) -> None:
+def _copy_rows(cur: psycopg.Cursor[DictRow], table: str, columns: str, types: list[str], rows: Iterable[tuple]) -> None:
     """COPY rows into a table in PostgreSQL's binary format (no text to format here or to parse there)."""
     with cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
         copy.set_types(types)
@@ -920,11 +935,11 @@ def _copy_rows(cur, table: str, columns: str, types: list[str], rows: Iterable[t
 # ---------------------------------------------------------------------------------------------- notifications
 
 
-def add_webhook(conn, name: str, url: str, *, format: str = "discord", character_ids: Sequence[int] = (),
+def add_webhook(conn: Connection, name: str, url: str, *, format: str = "discord", character_ids: Sequence[int] = (),
                 corporation_ids: Sequence[int] = (), kills: bool = True, losses: bool = True,
                 min_value: float | None = None) -> int:
     """Add a destination (or replace the one of that name, enabled and no longer refused); returns its id."""
-    return conn.execute(
+    return one_row(conn.execute(
         """
         INSERT INTO webhooks (name, url, format, character_ids, corporation_ids, kills, losses, min_value)
         VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
@@ -935,10 +950,10 @@ def add_webhook(conn, name: str, url: str, *, format: str = "discord", character
         RETURNING id
         """,
         (name, url, format, list(character_ids), list(corporation_ids), kills, losses, min_value),
-    ).fetchone()["id"]
+    ))["id"]
 
 
-def keep_webhook(conn, name: str, url: str, *, format: str, enabled: bool) -> None:
+def keep_webhook(conn: Connection, name: str, url: str, *, format: str, enabled: bool) -> None:
     """Add a destination without filters, or set its URL and whether it is enabled, keeping a refusal."""
     conn.execute(
         "INSERT INTO webhooks (name, url, format, enabled) VALUES (%s, %s, %s, %s) "
@@ -947,12 +962,12 @@ def keep_webhook(conn, name: str, url: str, *, format: str, enabled: bool) -> No
     )
 
 
-def set_webhook_enabled(conn, name: str, enabled: bool) -> None:
+def set_webhook_enabled(conn: Connection, name: str, enabled: bool) -> None:
     """Enable or disable a destination by name."""
     conn.execute("UPDATE webhooks SET enabled = %s WHERE name = %s", (enabled, name))
 
 
-def list_webhooks(conn) -> list[dict]:
+def list_webhooks(conn: Connection) -> list[dict]:
     """Every destination, with its outbox counts."""
     return conn.execute(
         """
@@ -965,7 +980,7 @@ def list_webhooks(conn) -> list[dict]:
     ).fetchall()
 
 
-def get_webhook(conn, name: str) -> dict | None:
+def get_webhook(conn: Connection, name: str) -> dict | None:
     """One destination by name."""
     return conn.execute("SELECT * FROM webhooks WHERE name = %s", (name,)).fetchone()
 
@@ -981,7 +996,7 @@ _FINAL_BLOW_SQL = """
 """
 
 
-def notification_killmail(conn, killmail_id: int | None = None) -> dict | None:
+def notification_killmail(conn: Connection, killmail_id: int | None = None) -> dict | None:
     """What a post says about a killmail (the latest stored one without an id): its facts, its final blow, its
     attacker count, and the characters and corporations among its attackers (whose kill it is)."""
     return conn.execute(
@@ -1019,7 +1034,7 @@ _NAMES_LOOKED_UP = f"""
 """
 
 
-def claim_notification(conn, now: datetime, *, name_wait: float = 30.0) -> dict | None:
+def claim_notification(conn: Connection, now: datetime, *, name_wait: float = 30.0) -> dict | None:
     """Lock the next due outbox row of a destination that is not paused (SKIP LOCKED: senders share the work),
     once the ids its post shows are named, or name_wait seconds after the row was written if they never are
     (zKillboard's posts show no names: they go at once).
@@ -1043,13 +1058,14 @@ def claim_notification(conn, now: datetime, *, name_wait: float = 30.0) -> dict 
     ).fetchone()
 
 
-def mark_delivered(conn, outbox_id: int, now: datetime) -> None:
+def mark_delivered(conn: Connection, outbox_id: int, now: datetime) -> None:
     """An outbox row was posted."""
     conn.execute("UPDATE outbox SET delivered_at = %s, attempts = attempts + 1, last_error = NULL WHERE id = %s",
                  (now, outbox_id))
 
 
-def retry_notification(conn, outbox_id: int, error: str, retry_at: datetime | None, *, counted: bool = True) -> None:
+def retry_notification(conn: Connection, outbox_id: int, error: str, retry_at: datetime | None, *,
+                       counted: bool = True) -> None:
     """An attempt failed: try again at retry_at, or never (None: given up, the error kept)."""
     conn.execute(
         "UPDATE outbox SET attempts = attempts + %s, next_attempt_at = %s, last_error = %s WHERE id = %s",
@@ -1057,17 +1073,17 @@ def retry_notification(conn, outbox_id: int, error: str, retry_at: datetime | No
     )
 
 
-def pause_webhook(conn, webhook_id: int, until: datetime) -> None:
+def pause_webhook(conn: Connection, webhook_id: int, until: datetime) -> None:
     """Hold every post to a destination until then (its 429, or a pace it asks for)."""
     conn.execute("UPDATE webhooks SET paused_until = GREATEST(paused_until, %s) WHERE id = %s", (until, webhook_id))
 
 
-def refuse_webhook(conn, webhook_id: int, reason: str) -> None:
+def refuse_webhook(conn: Connection, webhook_id: int, reason: str) -> None:
     """The destination refused us: stop sending to it until an operator adds it again."""
     conn.execute("UPDATE webhooks SET refused = %s WHERE id = %s", (reason[:300], webhook_id))
 
 
-def prune_outbox(conn, now: datetime, *, keep_days: int) -> int:
+def prune_outbox(conn: Connection, now: datetime, *, keep_days: int) -> int:
     """Delete outbox rows delivered or given up more than keep_days ago; returns how many.
 
     Safe at any age: rows are written only for newly stored killmails, never again for the same one.
@@ -1079,9 +1095,9 @@ def prune_outbox(conn, now: datetime, *, keep_days: int) -> int:
     ).rowcount
 
 
-def outbox_summary(conn, now: datetime) -> dict:
+def outbox_summary(conn: Connection, now: datetime) -> dict:
     """The status page's outbox panel: pending, delivered in 24 h, failed, and the refused destinations."""
-    counts = conn.execute(
+    counts = one_row(conn.execute(
         """
         SELECT count(*) FILTER (WHERE delivered_at IS NULL AND next_attempt_at IS NOT NULL) AS pending,
                count(*) FILTER (WHERE delivered_at > %s - interval '24 hours') AS delivered_24h,
@@ -1089,7 +1105,7 @@ def outbox_summary(conn, now: datetime) -> dict:
         FROM outbox
         """,
         (now,),
-    ).fetchone()
+    ))
     refused = conn.execute("SELECT name, refused FROM webhooks WHERE refused IS NOT NULL ORDER BY name").fetchall()
     return {**counts, "refused": refused}
 
@@ -1111,12 +1127,12 @@ _ADD_ESI_CALLS_SQL = """
 """
 
 
-def record_run(conn, run: dict) -> None:
+def record_run(conn: Connection, run: dict) -> None:
     """Insert one sync_runs row."""
     conn.execute(_INSERT_RUN_SQL, run)
 
 
-def add_esi_calls(conn, counts: dict[tuple[str, int], int]) -> None:
+def add_esi_calls(conn: Connection, counts: dict[tuple[str, int], int]) -> None:
     """Add a job's ESI calls, by route group and status, to the running totals."""
     if counts:
         conn.execute(_ADD_ESI_CALLS_SQL, _calls_columns(counts))
@@ -1136,7 +1152,7 @@ _OUTCOME_SQL = {
     for kind, (table, column) in _STATE_TABLES.items()}
 
 
-def record_outcome(conn, run: dict, calls: dict[tuple[str, int], int], *, found_new: bool,
+def record_outcome(conn: Connection, run: dict, calls: dict[tuple[str, int], int], *, found_new: bool,
                    list_cache: tuple[str | None, datetime | None] | None = None) -> None:
     """A run's end in one statement: its sync_runs row, its ESI calls added to the totals, and its pilot's (or
     corporation's) sync state as finish_sync leaves it, with the list's ETag and Expires when the run read them
@@ -1153,7 +1169,7 @@ def record_outcome(conn, run: dict, calls: dict[tuple[str, int], int], *, found_
 # ---------------------------------------------------------------------------------------------- ESI limits
 
 
-def limit_state(conn, buckets: Sequence[str], *, paused_per_owner_at: datetime | None = None) -> list[dict]:
+def limit_state(conn: Connection, buckets: Sequence[str], *, paused_per_owner_at: datetime | None = None) -> list[dict]:
     """The shared state of these buckets (missing ones have no row); with paused_per_owner_at, also every
     per-character bucket (named '<group>:<character id>') paused beyond that time."""
     return conn.execute(
@@ -1163,7 +1179,7 @@ def limit_state(conn, buckets: Sequence[str], *, paused_per_owner_at: datetime |
     ).fetchall()
 
 
-def record_limit(conn, bucket: str, *, limit_tokens: int | None, window_seconds: int | None,
+def record_limit(conn: Connection, bucket: str, *, limit_tokens: int | None, window_seconds: int | None,
                  remaining: int | None, paused_until: datetime | None, status: int | None) -> None:
     """Store what a response said about a bucket; a pause only ever extends."""
     conn.execute(
@@ -1224,7 +1240,7 @@ class Taken(NamedTuple):
     wait: float
 
 
-def take_tokens(conn, now: datetime | None, take: TokenTake, *, poll: float) -> Taken:
+def take_tokens(conn: Connection, now: datetime | None, take: TokenTake, *, poll: float) -> Taken:
     """Take rate-limit tokens for one call, or a lease of up to `take.calls` (schema.sql's esi_take_tokens);
     `poll` is the wait while calls in flight are about to give enough back; `now` None is the database's clock."""
     return _take(conn, "esi_take_tokens(%(now)s, %(bucket)s, p_calls => %(calls)s, p_cost => %(cost)s, "
@@ -1232,15 +1248,15 @@ def take_tokens(conn, now: datetime | None, take: TokenTake, *, poll: float) -> 
                        "p_floor => %(floor)s, p_reserve => %(reserve)s, p_poll => %(poll)s)", now, take, poll)
 
 
-def take_error_slots(conn, now: datetime | None, take: SlotTake, *, poll: float) -> Taken:
+def take_error_slots(conn: Connection, now: datetime | None, take: SlotTake, *, poll: float) -> Taken:
     """Take error slots for one call, or a lease of up to `take.slots` (schema.sql's esi_take_errors)."""
     return _take(conn, "esi_take_errors(%(now)s, %(bucket)s, p_slots => %(slots)s, p_limit => %(limit)s, "
                        "p_window => %(window)s, p_hold => %(hold)s, p_floor => %(floor)s, "
                        "p_calm_floor => %(calm_floor)s, p_poll => %(poll)s)", now, take, poll)
 
 
-def _take(conn, call: str, now: datetime | None, take: TokenTake | SlotTake, poll: float) -> Taken:
-    row = conn.execute(f"SELECT * FROM {call}", {**take._asdict(), "now": now, "poll": poll}).fetchone()
+def _take(conn: Connection, call: str, now: datetime | None, take: TokenTake | SlotTake, poll: float) -> Taken:
+    row = one_row(conn.execute(f"SELECT * FROM {call}", {**take._asdict(), "now": now, "poll": poll}))
     id_, calls, wait = row.values()
     return Taken(id_, calls or 0, wait or 0.0)
 
@@ -1256,7 +1272,7 @@ class Booking(NamedTuple):
     ago: float = 0.0
 
 
-def settle_tokens(conn, now: datetime | None, *, ids: Sequence[int], bookings: Sequence[Booking]) -> None:
+def settle_tokens(conn: Connection, now: datetime | None, *, ids: Sequence[int], bookings: Sequence[Booking]) -> None:
     """End these in-flight rows and book what the answers cost, each in the second after it came (schema.sql's
     esi_settle); ESI's own counts book what other apps spent."""
     columns = [list(column) for column in zip(*bookings, strict=True)] or [[]] * len(Booking._fields)
@@ -1264,7 +1280,7 @@ def settle_tokens(conn, now: datetime | None, *, ids: Sequence[int], bookings: S
                  (now, list(ids), *columns))
 
 
-def prune_ledger(conn, *, older_than: int) -> int:
+def prune_ledger(conn: Connection, *, older_than: int) -> int:
     """Delete ledger rows older than this many seconds (buckets nobody calls any more: a pilot gone, an old
     egress name; esi_take_calls prunes the buckets in use); returns how many went."""
     cut = "clock_timestamp() - make_interval(secs => %s)"
@@ -1282,7 +1298,7 @@ USER_STATES = ("active", "due", "queued", "never_synced", "needs_relogin")
 _NEEDS_RELOGIN_SQL = f"NOT {_LIVE_GRANT_SQL}"
 
 
-def ping(conn) -> None:
+def ping(conn: Connection) -> None:
     """Run a trivial query, to show the database answers."""
     conn.execute("SELECT 1").fetchone()
 
@@ -1290,7 +1306,8 @@ def ping(conn) -> None:
 JOB_SEEN_WITHIN = 60  # seconds: a worker_jobs row not written again within this is a dead process's
 
 
-def report_job(conn, worker: str, character_id: int, *, started_at: datetime, progress_at: datetime) -> None:
+def report_job(conn: Connection, worker: str, character_id: int, *, started_at: datetime,
+               progress_at: datetime) -> None:
     """Write a worker process's job in hand and its last progress; rows of dead processes go."""
     conn.execute(
         """
@@ -1303,15 +1320,15 @@ def report_job(conn, worker: str, character_id: int, *, started_at: datetime, pr
     conn.execute("DELETE FROM worker_jobs WHERE seen_at < now() - make_interval(secs => %s)", (JOB_SEEN_WITHIN * 10,))
 
 
-def end_job_report(conn, worker: str) -> None:
+def end_job_report(conn: Connection, worker: str) -> None:
     """A worker process's job ended: its row goes."""
     conn.execute("DELETE FROM worker_jobs WHERE worker = %s", (worker,))
 
 
-def job_health(conn, now: datetime, *, stall_after: int, stale_claim_after: int) -> dict:
+def job_health(conn: Connection, now: datetime, *, stall_after: int, stale_claim_after: int) -> dict:
     """Jobs in hand of live worker processes, the age of the oldest (seconds), those with no progress for
     `stall_after` seconds, and pilots or corporations claimed for a queue longer than `stale_claim_after`."""
-    return conn.execute(
+    return one_row(conn.execute(
         """
         SELECT count(*) AS in_progress,
                coalesce(max(extract(epoch FROM %(now)s - started_at)), 0)::float8 AS oldest_seconds,
@@ -1322,10 +1339,10 @@ def job_health(conn, now: datetime, *, stall_after: int, stale_claim_after: int)
         FROM worker_jobs WHERE seen_at >= %(now)s - make_interval(secs => %(seen)s)
         """,
         {"now": now, "stall": stall_after, "stale": stale_claim_after, "seen": JOB_SEEN_WITHIN},
-    ).fetchone()
+    ))
 
 
-def latest_run(conn) -> dict | None:
+def latest_run(conn: Connection) -> dict | None:
     """The most recently finished run's start, end and duration in seconds; None before the first run."""
     return conn.execute(
         """
@@ -1336,10 +1353,10 @@ def latest_run(conn) -> dict | None:
     ).fetchone()
 
 
-def run_stats(conn, since: datetime) -> dict:
+def run_stats(conn: Connection, since: datetime) -> dict:
     """Runs finished since a time: how many, how many succeeded (ok, partial) or failed (error), durations.
     Skips of a locked character ('locked') synced nothing and are left out."""
-    return conn.execute(
+    return one_row(conn.execute(
         """
         SELECT count(*) AS runs,
                count(*) FILTER (WHERE status IN ('ok', 'partial')) AS succeeded,
@@ -1350,10 +1367,10 @@ def run_stats(conn, since: datetime) -> dict:
         FROM sync_runs WHERE finished_at >= %s AND status <> 'locked'
         """,
         (since,),
-    ).fetchone()
+    ))
 
 
-def runs_by_status(conn) -> list[dict]:
+def runs_by_status(conn: Connection) -> list[dict]:
     """Every run recorded so far, counted by status (from the counters schema.sql's triggers keep)."""
     return conn.execute(
         """
@@ -1364,10 +1381,10 @@ def runs_by_status(conn) -> list[dict]:
     ).fetchall()
 
 
-def killmail_growth(conn, now: datetime) -> dict:
+def killmail_growth(conn: Connection, now: datetime) -> dict:
     """Stored killmails: in all (from the counter schema.sql's triggers keep), and stored in the last hour and the
     last 24 hours (from the index on stored_at)."""
-    return conn.execute(
+    return one_row(conn.execute(
         """
         SELECT (SELECT coalesce(sum(n), 0)::bigint FROM row_counts WHERE counter = 'killmails') AS total,
                count(*) FILTER (WHERE stored_at >= %(now)s - interval '1 hour') AS last_hour,
@@ -1375,13 +1392,13 @@ def killmail_growth(conn, now: datetime) -> dict:
         FROM killmails WHERE stored_at >= %(now)s - interval '24 hours'
         """,
         {"now": now},
-    ).fetchone()
+    ))
 
 
-def isk_last_day(conn, now: datetime) -> dict:
+def isk_last_day(conn: Connection, now: datetime) -> dict:
     """ISK of the killmails of the last 24 hours (by killmail_time): `lost` where the victim is one of the users,
     `destroyed` the rest (what the users and their corporations killed). Killmails not valued yet count 0."""
-    return conn.execute(
+    return one_row(conn.execute(
         """
         SELECT coalesce(sum(k.total_value) FILTER (WHERE u.character_id IS NULL), 0) AS destroyed,
                coalesce(sum(k.total_value) FILTER (WHERE u.character_id IS NOT NULL), 0) AS lost
@@ -1390,13 +1407,13 @@ def isk_last_day(conn, now: datetime) -> dict:
         WHERE k.killmail_time >= %(now)s - interval '24 hours'
         """,
         {"now": now},
-    ).fetchone()
+    ))
 
 
 # The hourly charts: each row's `hour` is the start of its hour, counted in whole hours from `since`, which the
 # caller puts on a clock hour. An hour with nothing in it has no row.
 
-def killmails_per_hour(conn, since: datetime, until: datetime) -> list[dict]:
+def killmails_per_hour(conn: Connection, since: datetime, until: datetime) -> list[dict]:
     """Killmails stored from `since` until `until`, counted by hour."""
     return conn.execute(
         """
@@ -1408,7 +1425,7 @@ def killmails_per_hour(conn, since: datetime, until: datetime) -> list[dict]:
     ).fetchall()
 
 
-def runs_per_hour(conn, since: datetime, until: datetime) -> list[dict]:
+def runs_per_hour(conn: Connection, since: datetime, until: datetime) -> list[dict]:
     """Runs finished from `since` until `until`, counted by hour and status (locked skips left out)."""
     return conn.execute(
         """
@@ -1420,7 +1437,7 @@ def runs_per_hour(conn, since: datetime, until: datetime) -> list[dict]:
     ).fetchall()
 
 
-def run_durations_per_hour(conn, since: datetime, until: datetime) -> list[dict]:
+def run_durations_per_hour(conn: Connection, since: datetime, until: datetime) -> list[dict]:
     """The median and 95th percentile of the durations in seconds of the runs finished from `since` until
     `until`, by hour (interpolated between the two nearest runs; locked skips left out)."""
     return conn.execute(
@@ -1435,23 +1452,23 @@ def run_durations_per_hour(conn, since: datetime, until: datetime) -> list[dict]
     ).fetchall()
 
 
-def detail_backlog(conn, *, max_attempts: int) -> dict[str, int]:
+def detail_backlog(conn: Connection, *, max_attempts: int) -> dict[str, int]:
     """References with no stored killmail: `pending` (attempts left) and `gave_up` (every attempt used), from the
     counters schema.sql's triggers keep by attempts."""
-    return conn.execute(
+    return one_row(conn.execute(
         f"""
         SELECT coalesce(sum(n) FILTER (WHERE {_ATTEMPTS_SQL} < %(max)s), 0)::bigint AS pending,
                coalesce(sum(n) FILTER (WHERE {_ATTEMPTS_SQL} >= %(max)s), 0)::bigint AS gave_up
         FROM row_counts WHERE starts_with(counter, 'unstored_refs:')
         """,
         {"max": max_attempts},
-    ).fetchone()
+    ))
 
 
 _ATTEMPTS_SQL = "substr(counter, length('unstored_refs:') + 1)::int"  # an unstored_refs counter's attempts
 
 
-def user_states(conn, now: datetime, *, interval: int, stale_after: int) -> dict[str, int]:
+def user_states(conn: Connection, now: datetime, *, interval: int, stale_after: int) -> dict[str, int]:
     """Users counted by state, each user in one: needs_relogin, else queued, else never_synced, else due, else
     active (synced within its interval). A claim older than stale_after no longer counts as queued."""
     rows = conn.execute(
@@ -1471,7 +1488,7 @@ def user_states(conn, now: datetime, *, interval: int, stale_after: int) -> dict
     return counts
 
 
-def recent_runs(conn, *, limit: int) -> list[dict]:
+def recent_runs(conn: Connection, *, limit: int) -> list[dict]:
     """The latest runs, newest first, with the pilot's name and the duration in seconds."""
     return conn.execute(
         """
@@ -1485,14 +1502,14 @@ def recent_runs(conn, *, limit: int) -> list[dict]:
     ).fetchall()
 
 
-def failed_refs(conn, *, limit: int) -> list[dict]:
+def failed_refs(conn: Connection, *, limit: int) -> list[dict]:
     """References whose detail fetch failed and that are still not stored, latest failure first; each row
     also carries `total`, the number of such references (from the counters schema.sql's triggers keep). The list
     walks the index of failed references (killmail_refs_failed) only until it has found them; none when the
     counters say there are none."""
-    total = conn.execute(
+    total = one_row(conn.execute(
         f"SELECT coalesce(sum(n), 0)::bigint AS total FROM row_counts "
-        f"WHERE starts_with(counter, 'unstored_refs:') AND {_ATTEMPTS_SQL} > 0").fetchone()["total"]
+        f"WHERE starts_with(counter, 'unstored_refs:') AND {_ATTEMPTS_SQL} > 0"))["total"]
     if not total:
         return []
     return conn.execute(
@@ -1506,7 +1523,7 @@ def failed_refs(conn, *, limit: int) -> list[dict]:
     ).fetchall()
 
 
-def esi_limit_buckets(conn, now: datetime) -> list[dict]:
+def esi_limit_buckets(conn: Connection, now: datetime) -> list[dict]:
     """ESI limit state by bucket. Per-character buckets ('<group>:<character id>') fold into their group: the
     lowest remaining count, the latest pause still running, and how many of them are paused."""
     return conn.execute(
@@ -1522,7 +1539,7 @@ def esi_limit_buckets(conn, now: datetime) -> list[dict]:
     ).fetchall()
 
 
-def esi_call_counts(conn) -> list[dict]:
+def esi_call_counts(conn: Connection) -> list[dict]:
     """ESI calls so far by route group and status."""
     return conn.execute("SELECT route_group, status, calls FROM esi_calls ORDER BY route_group, status").fetchall()
 
@@ -1530,12 +1547,12 @@ def esi_call_counts(conn) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- web app API
 
 
-def user_exists(conn, character_id: int) -> bool:
+def user_exists(conn: Connection, character_id: int) -> bool:
     """Whether a user with this character id exists."""
     return conn.execute("SELECT 1 FROM users WHERE character_id = %s", (character_id,)).fetchone() is not None
 
 
-def killmails_page(conn, kind: str, owner_id: int, *, limit: int, before: int | None) -> list[dict]:
+def killmails_page(conn: Connection, kind: str, owner_id: int, *, limit: int, before: int | None) -> list[dict]:
     """A pilot's (kind 'character') or corporation's kills and losses, newest first (by killmail id, for keyset
     paging), with their ISK values, a victim summary and an attacker summary (how many, and who dealt the final
     blow)."""
@@ -1562,7 +1579,7 @@ def killmails_page(conn, kind: str, owner_id: int, *, limit: int, before: int | 
     ).fetchall()
 
 
-def pilot_sync_state(conn, character_id: int, now: datetime, *, interval: int) -> dict | None:
+def pilot_sync_state(conn: Connection, character_id: int, now: datetime, *, interval: int) -> dict | None:
     """What a pilot's own page says of its syncs: the user's sync columns, `revoked`, `next_due_at` (by the
     producer's rule; null for a user never synced) and its latest run's status and error."""
     return conn.execute(
@@ -1581,7 +1598,7 @@ def pilot_sync_state(conn, character_id: int, now: datetime, *, interval: int) -
     ).fetchone()
 
 
-def request_sync(conn, character_id: int, now: datetime, *, min_gap: int) -> bool:
+def request_sync(conn: Connection, character_id: int, now: datetime, *, min_gap: int) -> bool:
     """Note a pilot's "Sync now" unless it pressed it less than min_gap seconds ago (in any process); True when
     this request may go on."""
     return conn.execute(

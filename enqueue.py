@@ -23,7 +23,7 @@ class BrokerUnavailable(Exception):
     """RabbitMQ could not be reached to queue the job."""
 
 
-def queue_one(conn, channel, settings: Settings, character_id: int, now: datetime, *,
+def queue_one(conn: db.Connection, channel, settings: Settings, character_id: int, now: datetime, *,
               full: bool) -> tuple[bool, str]:
     """Queue one character at high priority; returns whether it was queued now, and what happened in words.
     LookupError for an unknown character; broker.NotDelivered if the broker did not take the message."""
@@ -45,7 +45,7 @@ def queue_one(conn, channel, settings: Settings, character_id: int, now: datetim
     return True, f"Queued {user['character_name'] or character_id} at high priority"
 
 
-def queue_one_now(conn, settings: Settings, character_id: int, now: datetime, *,
+def queue_one_now(conn: db.Connection, settings: Settings, character_id: int, now: datetime, *,
                   timeout: float = 2.0) -> tuple[bool, str]:
     """queue_one over a short-lived broker connection of its own, for a web request; BrokerUnavailable when
     RabbitMQ does not answer within about twice `timeout` seconds."""
@@ -57,7 +57,7 @@ def queue_one_now(conn, settings: Settings, character_id: int, now: datetime, *,
         raise BrokerUnavailable(f"broker unavailable: {describe(exc)}") from exc
 
 
-def queue_from_web(conn, settings: Settings, character_id: int, now: datetime) -> str:
+def queue_from_web(conn: db.Connection, settings: Settings, character_id: int, now: datetime) -> str:
     """queue_one_now for a page (a login, a pilot's "Sync now"), in words: a broker that is down only delays the
     sync to the producer's next run."""
     try:

@@ -303,6 +303,8 @@ def is_bearer_token(token: str) -> bool:
 
 def token_scopes(access_token: str | None) -> list[str]:
     """The `scp` claim of an SSO access token (a JWT), unverified: the worker got it from SSO itself."""
+    if access_token is None:
+        return []
     try:
         payload = access_token.split(".")[1]
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -545,9 +547,10 @@ class EsiClient:
                 # Straight to the transport adapter: Session.send would look for cookies to store, redirects to
                 # follow and hooks to run, none of which ESI or SSO use (ESI routes do not redirect).
                 timeout = max(0.1, min(self.settings.http_timeout_seconds, deadline - time.monotonic()))
-                response = self.session.get_adapter(request.url).send(
+                # requests' stubs allow None for both: _prepare sets every URL, new_session leaves verify set.
+                response = self.session.get_adapter(request.url).send(  # type: ignore[arg-type]
                     request, timeout=timeout, proxies=self.session.proxies,
-                    verify=self.session.verify, cert=self.session.cert)
+                    verify=self.session.verify, cert=self.session.cert)  # type: ignore[arg-type]
                 # Read the whole answer now, as Session.send does: only then does the connection go back to the
                 # pool. A 304 or an error answer nobody reads would leave it out, and the next call would open
                 # (over TLS, handshake and all) a new one.

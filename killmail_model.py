@@ -7,21 +7,73 @@ import re
 import reprlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, NamedTuple, overload
 
 
 class InvalidKillmail(ValueError):
     """A killmail body that does not match ESI's schema (missing required field, wrong type)."""
 
 
-@dataclass(frozen=True)
-class Killmail:
-    """One validated killmail: its killmails row (the raw JSON text last), attacker rows and item rows."""
+# The rows are tuples in the column order of db.py's inserts (unnest and COPY take them as they are); their
+# fields are the columns' names.
+class KillmailRow(NamedTuple):
+    """A killmails row: the killmail, its victim (who died in what, where), and the raw JSON text last."""
 
     killmail_id: int
-    row: tuple
-    attackers: list[tuple]
-    items: list[tuple]
+    killmail_hash: str
+    killmail_time: datetime
+    solar_system_id: int
+    moon_id: int | None
+    war_id: int | None
+    victim_character_id: int | None
+    victim_corporation_id: int | None
+    victim_alliance_id: int | None
+    victim_faction_id: int | None
+    victim_ship_type_id: int
+    victim_damage_taken: int
+    position_x: float | None
+    position_y: float | None
+    position_z: float | None
+    raw: str
+
+
+class AttackerRow(NamedTuple):
+    """An attackers row: one attacker of a killmail, in ESI's order (attacker_index)."""
+
+    killmail_id: int
+    attacker_index: int
+    character_id: int | None
+    corporation_id: int | None
+    alliance_id: int | None
+    faction_id: int | None
+    ship_type_id: int | None
+    weapon_type_id: int | None
+    damage_done: int
+    final_blow: bool
+    security_status: float
+
+
+class ItemRow(NamedTuple):
+    """A killmail_items row: one item entry of the victim, a container's contents after it (parent_index)."""
+
+    killmail_id: int
+    item_index: int
+    parent_index: int | None
+    flag: int
+    item_type_id: int
+    singleton: int
+    quantity_destroyed: int | None
+    quantity_dropped: int | None
+
+
+@dataclass(frozen=True)
+class Killmail:
+    """One validated killmail: its killmails row, attacker rows and item rows."""
+
+    killmail_id: int
+    row: KillmailRow
+    attackers: list[AttackerRow]
+    items: list[ItemRow]
 
 
 INT64 = 2 ** 63     # ESI's integers are int64, as are the columns they go to,
@@ -42,6 +94,10 @@ def _shown(value: Any) -> str:
         return f"a {type(value).__name__} holding an integer too long to print"
 
 
+@overload
+def _int(obj: dict, key: str, where: str, *, required: Literal[True], bound: int = INT64) -> int: ...
+@overload
+def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int = INT64) -> int | None: ...
 def _int(obj: dict, key: str, where: str, *, required: bool = False, bound: int = INT64) -> int | None:
     value = obj.get(key)
     if type(value) is int and -bound <= value < bound:  # the usual case first (a bool is no int here)
@@ -70,6 +126,10 @@ def _number(obj: dict, key: str, where: str) -> float:
     return number
 
 
+@overload
+def _object(obj: dict, key: str, where: str, *, required: Literal[True] = True) -> dict: ...
+@overload
+def _object(obj: dict, key: str, where: str, *, required: bool) -> dict | None: ...
 def _object(obj: dict, key: str, where: str, *, required: bool = True) -> dict | None:
     value = obj.get(key)
     if value is None and not required:
@@ -123,11 +183,11 @@ def _parse(body: Any, killmail_id: int, killmail_hash: str, raw: str | None) -> 
         raise InvalidKillmail(f"killmail.killmail_id is {body.get('killmail_id')}, fetched as {killmail_id}")
     victim = _object(body, "victim", "killmail")
     position = _object(victim, "position", "victim", required=False)
+    coords: tuple[float | None, float | None, float | None] = (None, None, None)
     if position is not None:
-        coords = [_number(position, axis, "victim.position") for axis in ("x", "y", "z")]
-    else:
-        coords = [None, None, None]
-    row = (
+        coords = (_number(position, "x", "victim.position"), _number(position, "y", "victim.position"),
+                  _number(position, "z", "victim.position"))
+    row = KillmailRow(
         killmail_id, killmail_hash, _time(body, "killmail_time"),
         _int(body, "solar_system_id", "killmail", required=True),
         _int(body, "moon_id", "killmail"), _int(body, "war_id", "killmail"),
@@ -139,7 +199,7 @@ def _parse(body: Any, killmail_id: int, killmail_hash: str, raw: str | None) -> 
     )
     attackers = [_attacker_row(killmail_id, index, entry)
                  for index, entry in enumerate(_list(body, "attackers", "killmail", required=True))]
-    items: list[tuple] = []
+    items: list[ItemRow] = []
     for entry in _list(victim, "items", "victim", required=False):
         parent_index = len(items)
         items.append(_item_row(killmail_id, parent_index, None, entry, "victim.items"))
@@ -181,14 +241,14 @@ def _refuse_constant(name: str) -> None:
     raise InvalidKillmail(f"killmail holds {name}, which JSON does not have")
 
 
-def _attacker_row(killmail_id: int, index: int, entry: Any) -> tuple:
+def _attacker_row(killmail_id: int, index: int, entry: Any) -> AttackerRow:
     where = f"attackers[{index}]"
     if not isinstance(entry, dict):
         raise InvalidKillmail(f"{where} must be an object")
     final_blow = entry.get("final_blow")
     if not isinstance(final_blow, bool):
         raise InvalidKillmail(f"{where}.final_blow must be true or false")
-    return (
+    return AttackerRow(
         killmail_id, index,
         _int(entry, "character_id", where), _int(entry, "corporation_id", where),
         _int(entry, "alliance_id", where), _int(entry, "faction_id", where),
@@ -198,10 +258,10 @@ def _attacker_row(killmail_id: int, index: int, entry: Any) -> tuple:
     )
 
 
-def _item_row(killmail_id: int, index: int, parent_index: int | None, entry: Any, where: str) -> tuple:
+def _item_row(killmail_id: int, index: int, parent_index: int | None, entry: Any, where: str) -> ItemRow:
     if not isinstance(entry, dict):
         raise InvalidKillmail(f"{where} entries must be objects")
-    return (
+    return ItemRow(
         killmail_id, index, parent_index,
         _int(entry, "flag", where, required=True, bound=INT32), _int(entry, "item_type_id", where, required=True),
         _int(entry, "singleton", where, required=True, bound=INT32),
@@ -213,9 +273,11 @@ def named_ids(killmail: Killmail) -> set[int]:
     """The ids of a killmail that the API, the pages and the posts show by name: its system, the victim's and
     the final blow's character, corporation, alliance, faction and ship. (Every attacker and item would be tens
     of ids a killmail, named for nobody to read.)"""
-    ids = {killmail.row[3], *killmail.row[6:11]}
+    row = killmail.row
+    ids = {row.solar_system_id, row.victim_character_id, row.victim_corporation_id, row.victim_alliance_id,
+           row.victim_faction_id, row.victim_ship_type_id}
     for attacker in killmail.attackers:
-        if attacker[9]:  # final_blow
-            ids.update(attacker[2:7])
-    ids.discard(None)
-    return ids
+        if attacker.final_blow:
+            ids.update((attacker.character_id, attacker.corporation_id, attacker.alliance_id, attacker.faction_id,
+                        attacker.ship_type_id))
+    return {i for i in ids if i is not None}

@@ -149,7 +149,7 @@ class JobReporter:
     def __init__(self, connect: Callable[[], Any], heartbeat: Heartbeat, worker: str, *,
                  every: float = REPORT_EVERY):
         self._connect, self._heartbeat, self._worker, self._every = connect, heartbeat, worker, every
-        self._conn = None
+        self._conn: db.Connection | None = None
         self._reported = False
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-reporter", daemon=True)
@@ -199,7 +199,7 @@ class Child:
         self.stopping = threading.Event()
         self.stopped_at: float | None = None        # when SIGTERM came (time.monotonic())
         self.rng = random.Random()
-        self.conn = None                            # the job's psycopg connection
+        self.conn: db.Connection = None  # type: ignore[assignment]  # the job's; each use follows ensure_db()
         # The job thread lives as long as the process: a thread started for every job cost more CPU than a warm
         # poll's own work. The I/O thread hands it deliveries; `job_in_hand` (the I/O thread's own) holds from a
         # delivery to its ack, `job_idle` (the job thread's) says the last job handed over has ended.
@@ -507,7 +507,7 @@ class Child:
                 self.conn.close()
             except psycopg.Error:
                 pass
-            self.conn = None
+            self.conn = None  # type: ignore[assignment]  # until ensure_db() opens another
 
     def wait_for_job(self) -> None:
         """Let a running job finish (its ack may be lost with the connection; it is then redelivered)."""
@@ -573,7 +573,7 @@ class Supervisor:
                 time.sleep(0.2)
                 continue
             self.stalled.discard(pid)
-            slot = self.children.pop(pid, None)
+            slot = self.children.pop(pid, None)  # type: ignore[arg-type]  # None: a pid not forked (slot: int above)
             lived = time.monotonic() - self.started.pop(pid, time.monotonic())
             code = os.waitstatus_to_exitcode(status)
             if slot is None or self.signals or (self.burst and code == 0):

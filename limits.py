@@ -109,7 +109,8 @@ def parse_rate_limit(value: str | None) -> tuple[int, int] | None:
     tokens, amount, unit = int(match[1]), int(match[2]), match[3] or "s"
     window = amount * _WINDOW_UNITS[unit]
     if window > MAX_WINDOW:  # ESI's windows are 15 minutes: an absurd one would hold the bucket for years
-        log.warning("X-Ratelimit-Limit %r: window taken as %d s", value[:40], MAX_WINDOW)
+        log.warning("X-Ratelimit-Limit %r: window taken as %d s",
+                    value[:40], MAX_WINDOW)  # type: ignore[index]  # it matched: a str
         window = MAX_WINDOW
     return (tokens, window) if tokens > 0 and window > 0 else None
 
@@ -237,7 +238,7 @@ class SharedLimits:
         self._lock = threading.Lock()
         self._clock = clock or (lambda: datetime.now(UTC))
         # The ledger runs on the database's clock, one for every host (None), unless a test gives one.
-        self._ledger_clock = clock or (lambda: None)
+        self._ledger_clock: Callable[[], datetime | None] = clock or (lambda: None)
         self._sleep = sleep
         self.error_bucket = f"{ERROR_LIMIT_BUCKET}@{egress}" if egress else ERROR_LIMIT_BUCKET
         self._state: dict[str, dict] = {}

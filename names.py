@@ -29,7 +29,7 @@ class Namer:
 
     def __init__(self, connect: Callable[[], Any], esi: EsiClient, *, every: float = NAME_EVERY):
         self._connect, self._esi, self._every = connect, esi, every
-        self._conn = None
+        self._conn: db.Connection | None = None
         self._pending: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -77,7 +77,7 @@ class Namer:
                 self._conn = None
 
 
-def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime, *,
+def resolve_names(conn: db.Connection, esi: EsiClient, ids: set[int], now: datetime, *,
                   locate_while: Callable[[], bool] = lambda: True) -> None:
     """Name the ids not named yet, and the regions of the systems among them (see locate_systems), in one batched
     call (or a few, see EsiClient.resolve_names). A failure costs only the names: the next job that shows these
@@ -95,7 +95,7 @@ def resolve_names(conn, esi: EsiClient, ids: set[int], now: datetime, *,
     conn.commit()
 
 
-def locate_systems(conn, esi: EsiClient, ids: set[int], now: datetime, *,
+def locate_systems(conn: db.Connection, esi: EsiClient, ids: set[int], now: datetime, *,
                    locate_while: Callable[[], bool] = lambda: True) -> set[int]:
     """The regions of the systems among these ids. A system is looked up once (its system, then its
     constellation) and its region kept: systems never move. A failure leaves the system without a region until

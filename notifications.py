@@ -76,7 +76,7 @@ class CannotStart(Exception):
         self.code = code
 
 
-def open_database(*, need_user_agent: bool) -> tuple[Settings, psycopg.Connection]:
+def open_database(*, need_user_agent: bool) -> tuple[Settings, db.Connection]:
     """The settings and a database connection for the notification commands, or CannotStart."""
     try:
         settings = load_settings(need_esi=False)
@@ -104,7 +104,7 @@ def format_isk(value: Decimal | float | None) -> str:
     return f"{value:.0f} ISK"
 
 
-def with_names(conn, killmail: Mapping) -> dict:
+def with_names(conn: db.Connection, killmail: Mapping) -> dict:
     """The killmail with `<field>_name` beside each id a post shows, and its system's `region_id` and
     `region_name` (None where no name or region is known)."""
     region_id = db.regions_of(conn, [killmail["solar_system_id"]]).get(killmail["solar_system_id"])
@@ -239,7 +239,7 @@ def judge(format: str, response: requests.Response | None, error: str, attempts:
 # ------------------------------------------------------------------------------------------------- the sender
 
 
-def register_zkillboard(conn, url: str, *, enabled: bool) -> None:
+def register_zkillboard(conn: db.Connection, url: str, *, enabled: bool) -> None:
     """Make zKillboard a destination at this URL (or stop posting to it) as ZKILLBOARD_PUSH says; a refusal is
     kept, so that a restart does not post again to a zKillboard that refused the app."""
     if enabled or db.get_webhook(conn, ZKILLBOARD_NAME) is not None:
@@ -277,7 +277,7 @@ def destination(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or '?'}"
 
 
-def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
+def deliver_next(conn: db.Connection, session: requests.Session, options: SenderOptions, *,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> bool:
     """Post the next due outbox row and record what came of it; False when nothing was due."""
     row = None
@@ -286,7 +286,10 @@ def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
         if row is None:
             conn.rollback()
             return False
-        killmail = post_fields(conn, db.notification_killmail(conn, row["killmail_id"]), row)
+        stored = db.notification_killmail(conn, row["killmail_id"])
+        if stored is None:  # deleted since: given up below, as a row that cannot be posted is
+            raise LookupError(f"killmail {row['killmail_id']} is no longer stored")
+        killmail = post_fields(conn, stored, row)
         response, error = post(session, row["format"], row["url"], killmail, options)
         outcome = judge(row["format"], response, error, row["attempts"] + 1, options)
         record(conn, row, outcome, clock(), options)
@@ -308,7 +311,7 @@ def deliver_next(conn, session: requests.Session, options: SenderOptions, *,
         raise
 
 
-def post_fields(conn, killmail: Mapping, webhook: Mapping) -> dict:
+def post_fields(conn: db.Connection, killmail: Mapping, webhook: Mapping) -> dict:
     """What a post to this webhook says about a killmail of db.notification_killmail: with names and side."""
     return {**with_names(conn, killmail), "side": side_of(killmail, webhook)}
 
@@ -322,7 +325,7 @@ def hide_url(text: str, url: str) -> str:
     return text
 
 
-def record(conn, row: Mapping, outcome: Outcome, now: datetime, options: SenderOptions) -> None:
+def record(conn: db.Connection, row: Mapping, outcome: Outcome, now: datetime, options: SenderOptions) -> None:
     """Write an attempt's outcome to the outbox row and its destination."""
     if outcome.delivered:
         db.mark_delivered(conn, row["id"], now)
@@ -345,7 +348,7 @@ def record(conn, row: Mapping, outcome: Outcome, now: datetime, options: SenderO
         log.warning("❌ gave up posting killmail %s to %s: %s", row["killmail_id"], row["name"], outcome.error)
 
 
-def run(conn, options: SenderOptions, stop: threading.Event) -> None:
+def run(conn: db.Connection, options: SenderOptions, stop: threading.Event) -> None:
     """Deliver due rows until stop is set (the row in hand is finished first); prune old rows now and then."""
     pruned_at = -options.prune_every
     with requests.Session() as session:
@@ -358,7 +361,7 @@ def run(conn, options: SenderOptions, stop: threading.Event) -> None:
                 stop.wait(options.poll)
 
 
-def serve(connect: Callable[[], psycopg.Connection], options: SenderOptions, stop: threading.Event) -> None:
+def serve(connect: Callable[[], db.Connection], options: SenderOptions, stop: threading.Event) -> None:
     """run() until stop is set, on a new connection whenever PostgreSQL went away (waiting longer each time)."""
     failures = 0
     while not stop.is_set():

@@ -53,7 +53,7 @@ class Claim(NamedTuple):
     label: str
 
 
-def queue_due(conn, settings: Settings, now: datetime, *, users: bool = True,
+def queue_due(conn: db.Connection, settings: Settings, now: datetime, *, users: bool = True,
               corporations: bool = True) -> tuple[dict[str, int], list[str]]:
     """Claim and publish every due user and corporation; returns ({"users": n, "corporations": m}, problems).
 
@@ -79,7 +79,8 @@ def queue_due(conn, settings: Settings, now: datetime, *, users: bool = True,
             if corporations else None
         conn.commit()  # the cursors are held from here: each batch is claimed in a transaction of its own
         batches = _claimed_batches(conn, due_users, due_corporations, now, settings)
-        queued, problems = {"users": 0, "corporations": 0}, []
+        queued: dict[str, int] = {"users": 0, "corporations": 0}
+        problems: list[str] = []
 
         def settle(confirmed: list[Claim], failed: list[tuple[Claim, str]]) -> None:
             for kind in kinds:
@@ -99,7 +100,7 @@ def queue_due(conn, settings: Settings, now: datetime, *, users: bool = True,
     return queued, problems
 
 
-def _claimed_batches(conn, due_users, due_corporations, now: datetime,
+def _claimed_batches(conn: db.Connection, due_users, due_corporations, now: datetime,
                      settings: Settings) -> Iterator[list[broker.Outgoing]]:
     """Say how many are due, then claim them a batch at a time (users first), yielding each batch's messages."""
     first_users = due_users.fetchmany(CLAIM_BATCH) if due_users is not None else []
@@ -138,7 +139,7 @@ def _message(row: dict, stamp: str) -> broker.Outgoing:
     return broker.Outgoing(broker.encode_job(job), _priority(row), claim)
 
 
-def _release_unconfirmed(conn, kinds: list[str]) -> None:
+def _release_unconfirmed(conn: db.Connection, kinds: list[str]) -> None:
     """The run stopped (the broker or the database went away, or a signal): free what it claimed and did not see
     confirmed now, rather than at the next run."""
     try:
@@ -155,7 +156,7 @@ def _priority(row: dict) -> int:
     return broker.PRIORITY_FIRST if row["last_sync_at"] is None else broker.PRIORITY_ROUTINE
 
 
-def queue_all(conn, settings: Settings, now: datetime, *, corporations_only: bool) -> int:
+def queue_all(conn: db.Connection, settings: Settings, now: datetime, *, corporations_only: bool) -> int:
     """A plain run (users and corporations) or --corporations: queue what is due and say so; 1 when the broker
     did not take some of it."""
     queued, problems = queue_due(conn, settings, now, users=not corporations_only)
@@ -174,7 +175,8 @@ def queue_all(conn, settings: Settings, now: datetime, *, corporations_only: boo
     return 0
 
 
-def queue_character(conn, channel, settings: Settings, character_id: int, now: datetime, *, full: bool) -> int:
+def queue_character(conn: db.Connection, channel, settings: Settings, character_id: int, now: datetime, *,
+                    full: bool) -> int:
     """--character-id: queue one character now, at high priority; 1 when there is no such user."""
     try:
         queued, message = queue_one(conn, channel, settings, character_id, now, full=full)
@@ -185,7 +187,7 @@ def queue_character(conn, channel, settings: Settings, character_id: int, now: d
     return 0
 
 
-def print_stats(conn, connection, settings: Settings, now: datetime) -> int:
+def print_stats(conn: db.Connection, connection, settings: Settings, now: datetime) -> int:
     """--stats: what is due, queued, waiting for a retry and dead, for an operator."""
     users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
     log.info("👥 Users: %d in all; due now: %d, queued or running: %d, synced within their interval: %d, "
@@ -197,7 +199,8 @@ def print_stats(conn, connection, settings: Settings, now: datetime) -> int:
     return 0
 
 
-def dry_run(conn, settings: Settings, now: datetime, character_id: int | None, *, corporations_only: bool) -> int:
+def dry_run(conn: db.Connection, settings: Settings, now: datetime, character_id: int | None, *,
+            corporations_only: bool) -> int:
     """--dry-run: print what a real run with the same flags would queue."""
     if not corporations_only:
         users = db.due_users(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
@@ -223,7 +226,7 @@ def _last_sync(row: dict) -> str:
     return "first sync" if row["last_sync_at"] is None else f"last sync {row['last_sync_at'].isoformat()}"
 
 
-def revalue(conn, settings: Settings, now: datetime) -> int:
+def revalue(conn: db.Connection, settings: Settings, now: datetime) -> int:
     """Value the killmails saved without a value, at the stored prices (refreshed first when they expired)."""
     esi = EsiClient(settings, limits=SharedLimits(lambda: db.connect(settings.database_url, autocommit=True),
                                                  egress=settings.esi_egress))

@@ -166,7 +166,7 @@ def list_is_fresh(expires_at: datetime | None, now: datetime, *, full: bool) -> 
     return not full and expires_at is not None and expires_at > now
 
 
-def sync_character(conn, esi: EsiClient, character_id: int, now: datetime, *,
+def sync_character(conn: db.Connection, esi: EsiClient, character_id: int, now: datetime, *,
                    options: SyncOptions = SyncOptions()) -> SyncResult:
     """Sync one pilot's kills and losses, holding its lock; returns the result already recorded in sync_runs."""
     result = SyncResult(character_id, started_at=now, attempt=options.attempt, worker=options.worker)
@@ -183,7 +183,7 @@ def sync_character(conn, esi: EsiClient, character_id: int, now: datetime, *,
     return result
 
 
-def sync_corporation(conn, esi: EsiClient, corporation_id: int, character_id: int, now: datetime, *,
+def sync_corporation(conn: db.Connection, esi: EsiClient, corporation_id: int, character_id: int, now: datetime, *,
                      options: SyncOptions = SyncOptions()) -> SyncResult:
     """Sync a corporation's kills and losses with a director's token, holding the corporation's and the
     director's locks (the token may be refreshed); returns the recorded result."""
@@ -203,10 +203,11 @@ def sync_corporation(conn, esi: EsiClient, corporation_id: int, character_id: in
 
 
 @contextmanager
-def _locked_run(conn, locks: list[tuple[int, int]], result: SyncResult, options: SyncOptions) -> Iterator[None]:
+def _locked_run(conn: db.Connection, locks: list[tuple[int, int]], result: SyncResult,
+                options: SyncOptions) -> Iterator[None]:
     """A run under the locks just taken: it starts and, should it fail, ends while they are held, so runs of one
     owner never overlap in sync_runs; the locks are let go however it ends."""
-    result.started_at = max(result.started_at, options.clock())
+    result.started_at = max(result.started_at, options.clock())  # type: ignore[type-var]  # set as a job starts
     try:
         yield
     except JobFailed as exc:
@@ -217,7 +218,7 @@ def _locked_run(conn, locks: list[tuple[int, int]], result: SyncResult, options:
         _release(conn, locks)
 
 
-def _lock(conn, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+def _lock(conn: db.Connection, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
     """Take every lock, each a (namespace, key) pair, or none; None when another process holds one of them."""
     taken = []
     with db.autocommitted(conn):  # session locks, one statement each: no transaction to hold them in
@@ -231,7 +232,7 @@ def _lock(conn, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
     return None
 
 
-def _release(conn, locks: list[tuple[int, int]]) -> None:
+def _release(conn: db.Connection, locks: list[tuple[int, int]]) -> None:
     if not locks or conn.closed or conn.broken:
         return  # released by _finish already, or died with the session
     try:
@@ -243,7 +244,7 @@ def _release(conn, locks: list[tuple[int, int]]) -> None:
         log.warning("could not release the locks %s; they end with the connection", locks)
 
 
-def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
+def _sync_character_locked(conn: db.Connection, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
                            result: SyncResult, locks: list[tuple[int, int]]) -> None:
     with db.autocommitted(conn):  # read after the lock: a run that held it has committed all it wrote
         user = db.get_user_to_sync(conn, character_id, now, max_attempts=options.max_attempts)
@@ -272,7 +273,7 @@ def _sync_character_locked(conn, esi: EsiClient, character_id: int, now: datetim
     _finish(conn, esi, result, options, locks)
 
 
-def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, character_id: int, now: datetime,
+def _sync_corporation_locked(conn: db.Connection, esi: EsiClient, corporation_id: int, character_id: int, now: datetime,
                              options: SyncOptions, result: SyncResult, locks: list[tuple[int, int]]) -> None:
     corporation = db.get_corporation(conn, corporation_id)
     user = db.get_user(conn, character_id)
@@ -300,7 +301,7 @@ def _sync_corporation_locked(conn, esi: EsiClient, corporation_id: int, characte
     _finish(conn, esi, result, options, locks)
 
 
-def _live_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncResult,
+def _live_token(conn: db.Connection, esi: EsiClient, user: dict, now: datetime, result: SyncResult,
                 vault: TokenVault) -> str | None:
     """A usable access token, or None (and the result says why) when the user needs a new login."""
     if user["revoked"]:
@@ -310,7 +311,7 @@ def _live_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncRes
     return _usable_token(conn, esi, user, now, result, vault)
 
 
-def _learn_profile(conn, esi: EsiClient, user: dict, token: str, now: datetime) -> None:
+def _learn_profile(conn: db.Connection, esi: EsiClient, user: dict, token: str, now: datetime) -> None:
     """Keep the pilot's token scopes and (daily, for directors) its corporation, which corporation syncs need."""
     scopes = " ".join(token_scopes(token)) or None
     checked = user["corporation_checked_at"]
@@ -329,7 +330,7 @@ def _learn_profile(conn, esi: EsiClient, user: dict, token: str, now: datetime) 
         conn.commit()
 
 
-def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncResult,
+def _usable_token(conn: db.Connection, esi: EsiClient, user: dict, now: datetime, result: SyncResult,
                   vault: TokenVault) -> str | None:
     """The user's access token, refreshed under the lock when it is about to expire; None if the grant is gone
     or TOKEN_KEY cannot open it. `user["refresh_token"]` stays the value as stored (sealed or not)."""
@@ -346,7 +347,7 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
     try:
         grant = esi.refresh(refresh_token)
     except InvalidGrant as exc:
-        return _revoke(conn, user, result, exc)
+        return _revoke(conn, user, result, exc)  # type: ignore[func-returns-value]  # None: no token
     except InvalidClient as exc:
         raise _job_error("SSO configuration error", exc) from exc
     except EsiError as exc:
@@ -364,7 +365,7 @@ def _usable_token(conn, esi: EsiClient, user: dict, now: datetime, result: SyncR
     return grant.access_token
 
 
-def _revoke(conn, user: dict, result: SyncResult, exc: InvalidGrant) -> None:
+def _revoke(conn: db.Connection, user: dict, result: SyncResult, exc: InvalidGrant) -> None:
     """Mark the refresh token SSO refused as dead (unless the web app already replaced it); always None."""
     revoked = db.mark_revoked(conn, user["character_id"], user["refresh_token"], str(exc))
     conn.commit()
@@ -380,7 +381,7 @@ def _revoke(conn, user: dict, result: SyncResult, exc: InvalidGrant) -> None:
     return None
 
 
-def _list_references(conn, esi: EsiClient, owner: Owner, token: str, now: datetime, options: SyncOptions,
+def _list_references(conn: db.Connection, esi: EsiClient, owner: Owner, token: str, now: datetime, options: SyncOptions,
                      result: SyncResult) -> None:
     """Store a pilot's (or its corporation's) listed references, unless the stored list is still fresh; the
     caller commits them with what it does next (fetch_killmails' claims).
@@ -413,7 +414,7 @@ def _list_references(conn, esi: EsiClient, owner: Owner, token: str, now: dateti
     log.info("  📥 Found %d killmails", result.listed)
 
 
-def fetch_killmails(conn, esi: EsiClient, owner: Owner, now: datetime, options: SyncOptions,
+def fetch_killmails(conn: db.Connection, esi: EsiClient, owner: Owner, now: datetime, options: SyncOptions,
                     result: SyncResult) -> None:
     """Fetch and save the details of a pilot's (or corporation's) references that no process has stored or
     is fetching."""
@@ -438,7 +439,7 @@ def fetch_killmails(conn, esi: EsiClient, owner: Owner, now: datetime, options: 
                    result)
 
 
-def sweep_stranded(conn, esi: EsiClient, now: datetime, options: SyncOptions) -> SyncResult:
+def sweep_stranded(conn: db.Connection, esi: EsiClient, now: datetime, options: SyncOptions) -> SyncResult:
     """Fetch a few references that no owner's sync will fetch any more (every pilot who listed them needs a
     new login): a killmail once listed is stored even when its pilots left. Records its ESI calls itself;
     returns what it did (a limit that stopped it is logged, the rest waits for the next sweep)."""
@@ -458,7 +459,7 @@ def sweep_stranded(conn, esi: EsiClient, now: datetime, options: SyncOptions) ->
     return result
 
 
-def value_backlog(conn, esi: EsiClient, now: datetime, options: SyncOptions) -> None:
+def value_backlog(conn: db.Connection, esi: EsiClient, now: datetime, options: SyncOptions) -> None:
     """Load or refresh the process's prices (before a job saves anything), then value a bounded batch of the
     killmails stored while no prices were known, announcing those a minimum-value webhook now wants."""
     if options.prices.refresh(conn, esi, now):
@@ -468,7 +469,7 @@ def value_backlog(conn, esi: EsiClient, now: datetime, options: SyncOptions) -> 
             log.info("  💰 Valued %d killmails stored without a value", len(valued))
 
 
-def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, options: SyncOptions,
+def _fetch_claimed(conn: db.Connection, esi: EsiClient, claimed: list[dict], now: datetime, options: SyncOptions,
                    result: SyncResult) -> None:
     """Fetch (on the client's detail threads) and save claimed references; release what was not fetched."""
     unfetched = {r["killmail_id"] for r in claimed}
@@ -504,8 +505,8 @@ def _fetch_claimed(conn, esi: EsiClient, claimed: list[dict], now: datetime, opt
         names.resolve_names(conn, esi, result.name_ids, now)
 
 
-def _collect(conn, claimed: list[dict], futures: list, unfetched: set[int], now: datetime, options: SyncOptions,
-             result: SyncResult) -> EsiError | JobFailed | None:
+def _collect(conn: db.Connection, claimed: list[dict], futures: list, unfetched: set[int], now: datetime,
+             options: SyncOptions, result: SyncResult) -> EsiError | JobFailed | None:
     """Save fetched killmails in small batches as they arrive (in the order they arrive: paced fetches end in no
     set order, and one slow fetch must not hold the others unsaved), record failures, and return what stopped the
     fetching: ESI's limit error, the job's deadline or the worker's stop (None when all were tried). Ids left in
@@ -600,12 +601,13 @@ def _fetch_one(esi: EsiClient, killmail_id: int, killmail_hash: str, backlog: bo
     return parse_killmail(body, killmail_id=killmail_id, killmail_hash=killmail_hash, raw=raw)
 
 
-def _save(conn, killmails: list[Killmail], now: datetime, options: SyncOptions, result: SyncResult) -> None:
+def _save(conn: db.Connection, killmails: list[Killmail], now: datetime, options: SyncOptions,
+          result: SyncResult) -> None:
     """Save a batch in one transaction; if the batch fails, save one by one so one bad killmail loses no other."""
     if not killmails:
         return
     prices = options.prices.prices
-    worth = [values.killmail_values(k.row[10], k.items, prices) if prices else None for k in killmails]
+    worth = [values.killmail_values(k.row.victim_ship_type_id, k.items, prices) if prices else None for k in killmails]
     try:
         saved = db.save_killmails(conn, killmails, worth, notify_max_age=options.notify_max_age)
         conn.commit()
@@ -637,7 +639,7 @@ def _note_names(killmails: list[Killmail], saved: list[int], result: SyncResult)
             result.name_ids |= named_ids(killmail)
 
 
-def _record_failure(conn, killmail_id: int, exc: Exception, now: datetime, options: SyncOptions,
+def _record_failure(conn: db.Connection, killmail_id: int, exc: Exception, now: datetime, options: SyncOptions,
                     result: SyncResult) -> None:
     # A wrong hash never becomes right; anything else (a 5xx, a malformed body, a row the database refused)
     # is retried by later syncs a bounded number of times.
@@ -649,7 +651,8 @@ def _record_failure(conn, killmail_id: int, exc: Exception, now: datetime, optio
     log.warning("  ⚠️  killmail %s not saved: %s", killmail_id, exc)
 
 
-def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, locks: list[tuple[int, int]]) -> None:
+def _finish(conn: db.Connection, esi: EsiClient, result: SyncResult, options: SyncOptions,
+            locks: list[tuple[int, int]]) -> None:
     """Record the run, the ESI calls and the user's (or corporation's) sync state, with a 304's ETag and Expires,
     in one statement, its own transaction, then release the locks: a round trip each, the locks let go only after
     the commit."""
@@ -666,7 +669,8 @@ def _finish(conn, esi: EsiClient, result: SyncResult, options: SyncOptions, lock
     locks.clear()
 
 
-def record_failed_run(conn, esi: EsiClient, result: SyncResult, error: str, *, status: str = "error") -> None:
+def record_failed_run(conn: db.Connection, esi: EsiClient, result: SyncResult, error: str, *,
+                      status: str = "error") -> None:
     """Record a run that did not sync: failed (it will be retried or dead-lettered), or skipped as locked."""
     result.status, result.error = status, error[:2000]
     # A run that failed under its lock ended there (sync stamped it); one that never ran ends now.
@@ -691,7 +695,7 @@ def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,
     long after the job's start (a token refresh, a pause, retried timeouts), so `now` moves on by that much."""
     if expires_in is None:
         return None
-    answered_at = now + max(timedelta(0), options.clock() - result.started_at)
+    answered_at = now + max(timedelta(0), options.clock() - result.started_at)  # type: ignore[operator]  # set by now
     return answered_at + timedelta(seconds=expires_in)
 
 

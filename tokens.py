@@ -12,6 +12,7 @@ pilots and corporations they were granted for.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -45,12 +46,20 @@ class TokenVault:
         """Whether tokens written through this vault are sealed (TOKEN_KEY is set)."""
         return self._fernet is not None
 
+    @overload
+    def seal(self, token: str) -> str: ...
+    @overload
+    def seal(self, token: None) -> None: ...
     def seal(self, token: str | None) -> str | None:
         """The value to store for a refresh token: sealed with the first key, or as given without keys."""
         if not token or self._fernet is None:
             return token
         return PREFIX + self._fernet.encrypt(token.encode()).decode()
 
+    @overload
+    def open(self, stored: str) -> str: ...
+    @overload
+    def open(self, stored: None) -> None: ...
     def open(self, stored: str | None) -> str | None:
         """The refresh token a stored value holds (a plaintext value as it is); TokenKeyError when sealed with a
         key TOKEN_KEY does not hold."""
@@ -63,6 +72,10 @@ class TokenVault:
         except InvalidToken:
             raise TokenKeyError("the refresh token is sealed with a key TOKEN_KEY does not hold") from None
 
+    @overload
+    def reseal(self, stored: str) -> str: ...
+    @overload
+    def reseal(self, stored: None) -> None: ...
     def reseal(self, stored: str | None) -> str | None:
         """The stored value rewritten with the first key (a plaintext one sealed); as it is without keys."""
         if self._fernet is None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import db
 from esi import EsiError
+from killmail_model import ItemRow
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +38,39 @@ def price_of(row: Mapping[str, Any]) -> Decimal:
     return Decimal(0)
 
 
-def killmail_values(ship_type_id: int, items: list[tuple], prices: Mapping[int, Decimal]
+class StoredItem(NamedTuple):
+    """What valuing reads of a stored item: the four columns db.killmails_without_value gives each item."""
+
+    item_type_id: int
+    singleton: int
+    quantity_destroyed: int | None
+    quantity_dropped: int | None
+
+
+def killmail_values(ship_type_id: int, items: Iterable[ItemRow | StoredItem], prices: Mapping[int, Decimal]
                     ) -> tuple[Decimal, Decimal, Decimal]:
-    """(destroyed, dropped, total) of a killmail: its victim's ship and its item rows (killmail_model's rows,
-    nested ones included) at `prices`."""
+    """(destroyed, dropped, total) of a killmail: its victim's ship and its items (killmail_model's rows, nested
+    ones included, or the stored items' columns) at `prices`."""
     destroyed = prices.get(ship_type_id, Decimal(0))
     dropped = Decimal(0)
-    for _, _, _, _, type_id, singleton, quantity_destroyed, quantity_dropped in items:
-        each = BLUEPRINT_COPY_VALUE if singleton == BLUEPRINT_COPY else prices.get(type_id, Decimal(0))
-        destroyed += each * (quantity_destroyed or 0)
-        dropped += each * (quantity_dropped or 0)
+    for item in items:
+        each = BLUEPRINT_COPY_VALUE if item.singleton == BLUEPRINT_COPY else prices.get(item.item_type_id, Decimal(0))
+        destroyed += each * (item.quantity_destroyed or 0)
+        dropped += each * (item.quantity_dropped or 0)
     return destroyed, dropped, destroyed + dropped
 
 
 REVALUE_BATCH = 500  # killmails valued per transaction by revalue
 
 
-def value_missing(conn, prices: Mapping[int, Decimal], *, limit: int, notify_max_age: int) -> list[int]:
+def value_missing(conn: db.Connection, prices: Mapping[int, Decimal], *, limit: int, notify_max_age: int) -> list[int]:
     """Value up to `limit` stored killmails that have no value yet (saved while prices were unknown) and write
     their outbox rows for the webhooks with a minimum value, which could not judge them before; commits and
     returns their ids. Rows another process is valuing are skipped, so each is valued (and announced) once."""
     rows = db.killmails_without_value(conn, limit=limit)
     worth = []
     for row in rows:
-        # Item rows as killmail_model lays them out: only type, singleton and quantities matter here.
-        items = [(None, None, None, None, *item) for item in row["items"]]
+        items = [StoredItem(*item) for item in row["items"]]
         worth.append((row["killmail_id"], *killmail_values(row["victim_ship_type_id"], items, prices)))
     db.set_killmail_values(conn, worth)
     ids = [row["killmail_id"] for row in rows]
@@ -70,7 +79,7 @@ def value_missing(conn, prices: Mapping[int, Decimal], *, limit: int, notify_max
     return ids
 
 
-def revalue(conn, prices: Mapping[int, Decimal], *, notify_max_age: int) -> int:
+def revalue(conn: db.Connection, prices: Mapping[int, Decimal], *, notify_max_age: int) -> int:
     """Value every stored killmail whose value is missing (saved before prices were known); returns how many."""
     done = 0
     while ids := value_missing(conn, prices, limit=REVALUE_BATCH, notify_max_age=notify_max_age):
@@ -88,7 +97,7 @@ class PriceBook:
         self.expires_at: datetime | None = None
         self._lock = threading.Lock()
 
-    def refresh(self, conn, esi, now: datetime) -> dict[int, Decimal]:
+    def refresh(self, conn: db.Connection, esi, now: datetime) -> dict[int, Decimal]:
         """The prices, refreshed first if they expired; a failed refresh keeps the old ones (and logs it)."""
         with self._lock:
             if self.expires_at is not None and now < self.expires_at:
@@ -100,7 +109,7 @@ class PriceBook:
                 self.expires_at = now + RECHECK
             return self.prices
 
-    def _refresh(self, conn, esi, now: datetime) -> None:
+    def _refresh(self, conn: db.Connection, esi, now: datetime) -> None:
         if _expired(db.get_esi_cache(conn, PRICES_KEY), now) and self._take_lock(conn):
             try:
                 cached = db.get_esi_cache(conn, PRICES_KEY)  # the process waited for may have stored them
@@ -118,13 +127,13 @@ class PriceBook:
                 conn.commit()
         self._load(conn, now)
 
-    def _take_lock(self, conn) -> bool:
+    def _take_lock(self, conn: db.Connection) -> bool:
         """The refresh lock: at once or not at all while prices are loaded; else waiting for its holder."""
         if self.prices:
             return db.try_lock(conn, db.LOCK_PRICES, 0)
         return db.wait_lock(conn, db.LOCK_PRICES, 0, timeout=FIRST_LOAD_WAIT)
 
-    def _load(self, conn, now: datetime) -> None:
+    def _load(self, conn: db.Connection, now: datetime) -> None:
         self.prices = db.market_prices(conn)
         cached = db.get_esi_cache(conn, PRICES_KEY)
         conn.commit()

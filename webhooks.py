@@ -9,6 +9,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import requests
 
@@ -22,7 +23,7 @@ from settings import ConfigError, Settings, destination_url
 
 # What `test` posts when no killmail is stored yet: a real one from ESI (134265477), without its items, which no
 # post shows. It ships with the code, so a fresh production install can test a webhook too.
-SAMPLE = {
+SAMPLE: dict[str, Any] = {
     "killmail_id": 134265477, "killmail_time": "2026-03-25T14:26:36Z", "solar_system_id": 30000743,
     "victim": {"alliance_id": 1354830081, "character_id": 2121652582, "corporation_id": 98366055,
                "damage_taken": 14136, "ship_type_id": 17478,
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sample_killmail(conn) -> dict:
+def sample_killmail(conn: db.Connection) -> dict:
     """The latest stored killmail, or SAMPLE when none is stored."""
     stored = db.notification_killmail(conn)
     if stored is not None:
@@ -64,17 +65,17 @@ def sample_killmail(conn) -> dict:
 
 def post_columns(killmail: Killmail, *, total_value: Decimal | None = None) -> dict:
     """A parsed killmail as the columns of db.notification_killmail."""
-    row = dict(zip(db.KILLMAIL_COLUMN_NAMES, killmail.row, strict=False))
-    # Attacker rows as db lays them out: [2] character, [3] corporation, [6] ship type, [9] final blow.
-    final = next((a for a in killmail.attackers if a[9]), (None,) * 10)
-    return {**row, "total_value": total_value, "attackers": len(killmail.attackers),
-            "final_blow_character_id": final[2], "final_blow_corporation_id": final[3],
-            "final_blow_ship_type_id": final[6],
-            "attacker_character_ids": sorted({a[2] for a in killmail.attackers if a[2] is not None}),
-            "attacker_corporation_ids": sorted({a[3] for a in killmail.attackers if a[3] is not None})}
+    attackers = killmail.attackers
+    final = next((a for a in attackers if a.final_blow), None)
+    return {**killmail.row._asdict(), "total_value": total_value, "attackers": len(attackers),
+            "final_blow_character_id": None if final is None else final.character_id,
+            "final_blow_corporation_id": None if final is None else final.corporation_id,
+            "final_blow_ship_type_id": None if final is None else final.ship_type_id,
+            "attacker_character_ids": sorted({a.character_id for a in attackers if a.character_id is not None}),
+            "attacker_corporation_ids": sorted({a.corporation_id for a in attackers if a.corporation_id is not None})}
 
 
-def name_ids(conn, settings: Settings, killmail: dict) -> None:
+def name_ids(conn: db.Connection, settings: Settings, killmail: dict) -> None:
     """Name the ids the post shows through ESI (the shared limits, the names table), as the workers do."""
     if not settings.esi_user_agent:
         print("ESI_USER_AGENT is not set: ids not named yet show as their kind and id", file=sys.stderr)
@@ -98,7 +99,7 @@ def webhook_url(given: str | None) -> str:
     return destination_url("the webhook URL", url)
 
 
-def list_webhooks(conn) -> int:
+def list_webhooks(conn: db.Connection) -> int:
     for w in db.list_webhooks(conn):
         state = "refused: " + w["refused"] if w["refused"] else "enabled" if w["enabled"] else "disabled"
         who = ",".join(map(str, w["character_ids"] + w["corporation_ids"])) or "everyone"
@@ -108,7 +109,7 @@ def list_webhooks(conn) -> int:
     return 0
 
 
-def test_webhook(conn, name: str, settings: Settings) -> int:
+def test_webhook(conn: db.Connection, name: str, settings: Settings) -> int:
     webhook = db.get_webhook(conn, name)
     if webhook is None:
         print(f"no webhook named {name!r}", file=sys.stderr)
@@ -120,7 +121,7 @@ def test_webhook(conn, name: str, settings: Settings) -> int:
     with requests.Session() as session:
         response, error = notifications.post(session, webhook["format"], webhook["url"], killmail, options)
     if response is None or not response.ok:
-        print(f"❌ {name}: {error or f'HTTP {response.status_code}'}", file=sys.stderr)
+        print(f"❌ {name}: {error if response is None else f'HTTP {response.status_code}'}", file=sys.stderr)
         return 1
     print(f"✅ {name}: HTTP {response.status_code}")
     return 0

@@ -15,10 +15,10 @@ def _insert(table: str, columns: list[str]) -> str:
 
 def save_killmail_row_by_row(conn, killmail: Any) -> bool:
     """Store one parsed killmail with a statement per row; False when it is stored already."""
-    *row, raw = killmail.row
+    row = killmail.row
     inserted = conn.execute(
         _insert("killmails", db.KILLMAIL_COLUMN_NAMES) + " ON CONFLICT (killmail_id) DO NOTHING RETURNING killmail_id",
-        (*row, Jsonb(raw, dumps=lambda text: text)),  # raw is JSON text already, sent as it came
+        (*row[:-1], Jsonb(row.raw, dumps=lambda text: text)),  # raw (last) is JSON text already, sent as it came
     ).fetchone()
     if inserted is None:
         return False

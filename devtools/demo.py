@@ -190,9 +190,9 @@ def summarize(url: str, sim: Simulator, pilots: list[dict], stats: dict, codes: 
     with db.connect(url) as conn:
         stored = {r["killmail_id"] for r in conn.execute("SELECT killmail_id FROM killmails")}
         runs = conn.execute("SELECT status, count(*) AS n FROM sync_runs GROUP BY status").fetchall()
-        relogin = conn.execute("SELECT count(*) AS n FROM users WHERE revoked_token_sha256 IS NOT NULL").fetchone()
-        attackers = conn.execute("SELECT count(*) AS n FROM attackers").fetchone()["n"]
-        items = conn.execute("SELECT count(*) AS n FROM killmail_items").fetchone()["n"]
+        relogin = db.one_row(conn.execute("SELECT count(*) AS n FROM users WHERE revoked_token_sha256 IS NOT NULL"))
+        attackers = db.one_row(conn.execute("SELECT count(*) AS n FROM attackers"))["n"]
+        items = db.one_row(conn.execute("SELECT count(*) AS n FROM killmail_items"))["n"]
     by_status = {r["status"]: r["n"] for r in runs}
     synced = by_status.get("ok", 0) + by_status.get("partial", 0)
     missing = expected - stored

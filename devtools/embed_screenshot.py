@@ -47,7 +47,9 @@ def sample_killmail() -> dict:
     names = {column.removesuffix("_id") + "_name": (simulator.name_of(columns[column]) or {}).get("name")
              for column in db.NAMED_COLUMNS if columns[column] is not None}
     region_id = region_of(constellation_of(columns["solar_system_id"]))
-    names |= {"region_id": region_id, "region_name": simulator.name_of(region_id)["name"]}
+    region = simulator.name_of(region_id)
+    assert region is not None  # the simulator names every region
+    names |= {"region_id": region_id, "region_name": region["name"]}
     # The point of view of a webhook following the victim's corporation: a loss.
     side = notifications.side_of(columns, {"character_ids": [], "corporation_ids": [columns["victim_corporation_id"]]})
     return {**columns, **names, "side": side}

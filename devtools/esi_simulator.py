@@ -230,6 +230,7 @@ class _Connection(socketserver.StreamRequestHandler):
     cheroot spent far more CPU per request (a parked keep-alive connection went through a selector and a queue
     to a thread for every request; here its thread simply reads the next one)."""
 
+    server: _Server
     timeout = IDLE_SECONDS
     disable_nagle_algorithm = True
     wbufsize = 0  # each response goes out in one sendall
@@ -614,7 +615,7 @@ class Simulator:
         """Stop the server started by start(), close its connections and free the port (harmless when not running)."""
         self.release_stalls()
         server, thread = self._server, self._thread
-        if server is None:
+        if server is None or thread is None:  # both or neither
             return
         self._server = self._thread = self.base_url = None
         server.shutdown()
@@ -684,10 +685,9 @@ class Simulator:
             reply = _error(420, "error limited")
         else:
             group, key = self._group(route, params, request)
-            reply = (self._take_fault(request.full_path) or self._random_fault(group)
+            fault = (self._take_fault(request.full_path) or self._random_fault(group)
                      or self._check_request(request, route))
-            if reply is None:
-                reply = getattr(self, f"_route_{route}")(params, request, now)
+            reply = getattr(self, f"_route_{route}")(params, request, now) if fault is None else fault
             if group and self._config["rate_limits"]:
                 reply = self._charge(group, key, reply, now)
             self._account(reply, now)
@@ -843,9 +843,9 @@ class Simulator:
     # ---- ESI routes ---------------------------------------------------------------------------------------
 
     def _route_list_character(self, params: dict, request: Request, now: float) -> Reply:
-        pilot, denied = self._authorise(request, now)
-        if denied:
-            return denied
+        pilot = self._authorise(request, now)
+        if isinstance(pilot, Reply):
+            return pilot
         if pilot.character_id != params["id"]:
             return _error(403, "token is not valid for this character")
         if CHAR_SCOPE not in pilot.scopes:
@@ -853,9 +853,9 @@ class Simulator:
         return self._list_page(("character", params["id"]), request, now, pilot.character_id)
 
     def _route_list_corporation(self, params: dict, request: Request, now: float) -> Reply:
-        pilot, denied = self._authorise(request, now)
-        if denied:
-            return denied
+        pilot = self._authorise(request, now)
+        if isinstance(pilot, Reply):
+            return pilot
         if pilot.corporation_id != params["id"]:
             return _error(403, "character is not a member of this corporation")
         if CORP_SCOPE not in pilot.scopes:
@@ -962,18 +962,18 @@ class Simulator:
     def _route_other(self, params: dict, request: Request, now: float) -> Reply:
         return _error(404, "Not found")
 
-    def _authorise(self, request: Request, now: float) -> tuple[Pilot | None, Reply | None]:
+    def _authorise(self, request: Request, now: float) -> Pilot | Reply:
         """The pilot behind a valid Bearer token, or the 401 that answers an absent, stale or expired one."""
         token = _bearer_token(request)
         if not token:
-            return None, _error(401, "authentication required")
+            return _error(401, "authentication required")
         owner = self._issued.get(token)
         pilot = self._pilots.get(owner) if owner else None
         if pilot is None or token != pilot.access_token or pilot.revoked:
-            return None, _error(401, "invalid token")
+            return _error(401, "invalid token")
         if now >= pilot.expires_at:
-            return None, _error(401, "token is expired")
-        return pilot, None
+            return _error(401, "token is expired")
+        return pilot
 
     def _list_page(self, key: tuple[str, int], request: Request, now: float, owner: int) -> Reply:
         raw = request.args.get("page", "1")
@@ -1121,6 +1121,7 @@ class Simulator:
         if problem:
             self._stats["invalid_grants"] += 1
             return Reply(400, _json({"error": "invalid_grant", "error_description": problem}))
+        assert entry is not None  # no code is a problem above
         pilot = self._pilots[entry["character_id"]]
         pilot.scopes, pilot.revoked = list(entry["scopes"]), False
         self._issue_tokens(pilot, int(now) + self._config["token_seconds"], now)
@@ -1170,7 +1171,7 @@ class Simulator:
             return _error(400, "body must be a JSON list of character ids")
         answer = []
         for pilot in (self._pilots[i] for i in ids if i in self._pilots):
-            entry = {"character_id": pilot.character_id, "corporation_id": pilot.corporation_id}
+            entry: dict[str, int | None] = {"character_id": pilot.character_id, "corporation_id": pilot.corporation_id}
             if self._alliances.get(pilot.corporation_id):
                 entry["alliance_id"] = self._alliances[pilot.corporation_id]
             answer.append(entry)
@@ -1324,7 +1325,8 @@ def _make_attackers(rng: random.Random, pilots: list[Pilot], alliances: dict[int
 
 
 def _make_items(rng: random.Random) -> list[dict]:
-    total, items = rng.randint(0, 40), []
+    total = rng.randint(0, 40)
+    items: list[dict] = []
     while len(items) < total:
         roll, flag, type_id = rng.random(), rng.choice(_FLAGS), rng.choice(_ITEMS)
         if roll < 0.15 and len(items) + 2 <= total:  # one type under one flag, once destroyed and once dropped

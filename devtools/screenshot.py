@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import broker
 import db
@@ -51,10 +52,10 @@ PILOTS = {1001: "Aria Vex", 1002: "Borin Tal", 1003: "Cyra Lune", 1004: "Dax Mor
 EXPECTED_USERS = {"active": 2, "due": 1, "queued": 1, "never_synced": 1, "needs_relogin": 1}
 
 
-def seed_status_rows(conn, now: datetime) -> None:
+def seed_status_rows(conn: db.Connection, now: datetime) -> None:
     """Insert the known rows (described in the module docstring) and commit."""
     ago = lambda **kw: now - timedelta(**kw)  # noqa: E731
-    users = {  # the worker's columns of each pilot
+    users: dict[int, dict[str, Any]] = {  # the worker's columns of each pilot
         1001: {"last_sync_at": ago(minutes=2), "last_new_killmail_at": ago(minutes=2)},
         1002: {"last_sync_at": ago(hours=3), "last_new_killmail_at": ago(days=1)},
         1003: {"last_sync_at": ago(days=1), "revoked_token_sha256": db.token_sha256(f"{REFRESH_TOKEN}-1003"),
@@ -101,7 +102,7 @@ def seed_status_rows(conn, now: datetime) -> None:
     conn.commit()
 
 
-def add_run(conn, run: tuple) -> None:
+def add_run(conn: db.Connection, run: tuple) -> None:
     """Record one run given as (character, finished, seconds, status, listed, new, saved, skipped, failed, ESI
     calls, attempt, error)."""
     character_id, finished, seconds, status, listed, new, saved, skipped, failed, calls, attempt, error = run
@@ -112,7 +113,7 @@ def add_run(conn, run: tuple) -> None:
         "attempt": attempt, "worker": "worker-1", "error": error})
 
 
-def add_killmail(conn, killmail_id: int, stored: datetime) -> None:
+def add_killmail(conn: db.Connection, killmail_id: int, stored: datetime) -> None:
     """Store one small killmail at this time."""
     conn.execute(
         "INSERT INTO killmails (killmail_id, killmail_hash, killmail_time, solar_system_id, victim_ship_type_id, "
@@ -121,7 +122,7 @@ def add_killmail(conn, killmail_id: int, stored: datetime) -> None:
          stored))
 
 
-def seed_history(conn, now: datetime) -> None:
+def seed_history(conn: db.Connection, now: datetime) -> None:
     """A day of runs and stored killmails from 2 to 24 hours ago, the same every time, so that the screenshot's
     charts have a day to show (the tests count the known rows alone), and commit."""
     rng = random.Random(17)

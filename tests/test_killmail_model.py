@@ -12,7 +12,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import db
-from killmail_model import InvalidKillmail, parse_killmail
+from killmail_model import AttackerRow, InvalidKillmail, ItemRow, KillmailRow, parse_killmail
 from strategies import PROPERTY, hostile_killmail_body, json_value, killmail_body, mutate, nested
 
 SAMPLE_PATH = Path(__file__).resolve().parent / "data/killmail_134265477.json"
@@ -20,23 +20,9 @@ SAMPLE = json.loads(SAMPLE_PATH.read_text())
 SAMPLE_ID = 134265477
 HASH = "f" * 40
 
-# Row layouts (the column order db.py inserts).
-ROW = ("killmail_id", "killmail_hash", "killmail_time", "solar_system_id", "moon_id", "war_id",
-       "victim_character_id", "victim_corporation_id", "victim_alliance_id", "victim_faction_id",
-       "victim_ship_type_id", "victim_damage_taken", "position_x", "position_y", "position_z", "raw")
-ATTACKER = ("killmail_id", "index", "character_id", "corporation_id", "alliance_id", "faction_id", "ship_type_id",
-            "weapon_type_id", "damage_done", "final_blow", "security_status")
-ITEM = ("killmail_id", "index", "parent_index", "flag", "item_type_id", "singleton", "quantity_destroyed",
-        "quantity_dropped")
-
 
 def parse(body, killmail_id=SAMPLE_ID):
     return parse_killmail(body, killmail_id=killmail_id, killmail_hash=HASH)
-
-
-def named(layout, row):
-    assert len(row) == len(layout)
-    return dict(zip(layout, row, strict=True))
 
 
 def sample():
@@ -52,47 +38,53 @@ def minimal(**top):
 
 # ------------------------------------------------------------------------------------------------ the sample
 
+def test_the_rows_fields_are_the_columns_db_inserts_in_their_order():
+    assert list(KillmailRow._fields) == db.KILLMAIL_COLUMN_NAMES
+    assert list(AttackerRow._fields) == db.ATTACKER_COLUMN_NAMES
+    assert list(ItemRow._fields) == db.ITEM_COLUMN_NAMES
+
+
 def test_the_real_sample_parses_into_one_killmail_row():
     killmail = parse(sample())
-    row = named(ROW, killmail.row)
+    row = killmail.row
     assert killmail.killmail_id == SAMPLE_ID
-    assert row["killmail_id"] == SAMPLE_ID and row["killmail_hash"] == HASH
-    assert row["killmail_time"] == datetime(2026, 3, 25, 14, 26, 36, tzinfo=UTC)
-    assert row["solar_system_id"] == 30000743
-    assert (row["moon_id"], row["war_id"]) == (None, None)
-    assert row["victim_character_id"] == 2121652582
-    assert row["victim_corporation_id"] == 98366055
-    assert row["victim_alliance_id"] == 1354830081
-    assert row["victim_faction_id"] is None
-    assert (row["victim_ship_type_id"], row["victim_damage_taken"]) == (17478, 14136)
-    assert (row["position_x"], row["position_y"], row["position_z"]) == \
+    assert row.killmail_id == SAMPLE_ID and row.killmail_hash == HASH
+    assert row.killmail_time == datetime(2026, 3, 25, 14, 26, 36, tzinfo=UTC)
+    assert row.solar_system_id == 30000743
+    assert (row.moon_id, row.war_id) == (None, None)
+    assert row.victim_character_id == 2121652582
+    assert row.victim_corporation_id == 98366055
+    assert row.victim_alliance_id == 1354830081
+    assert row.victim_faction_id is None
+    assert (row.victim_ship_type_id, row.victim_damage_taken) == (17478, 14136)
+    assert (row.position_x, row.position_y, row.position_z) == \
         (-84679075260.99292, -37815568744.85742, 84616162342.0539)
 
 
 def test_the_raw_body_is_kept_as_sent():
     body = sample()
     killmail = parse(body)
-    assert json.loads(named(ROW, killmail.row)["raw"]) == SAMPLE
+    assert json.loads(killmail.row.raw) == SAMPLE
     assert body == SAMPLE    # parsing does not change the body
     text = SAMPLE_PATH.read_text()
     as_sent = parse_killmail(body, killmail_id=SAMPLE_ID, killmail_hash=HASH, raw=text)
-    assert named(ROW, as_sent.row)["raw"] is text   # the text ESI sent is stored as it is
+    assert as_sent.row.raw is text   # the text ESI sent is stored as it is
 
 
 def test_the_sample_has_one_attacker_and_security_status_5_is_a_number():
     attackers = parse(sample()).attackers
     assert len(attackers) == 1
-    assert named(ATTACKER, attackers[0]) == {
-        "killmail_id": SAMPLE_ID, "index": 0, "character_id": 96424385, "corporation_id": 98601573,
+    assert attackers[0]._asdict() == {
+        "killmail_id": SAMPLE_ID, "attacker_index": 0, "character_id": 96424385, "corporation_id": 98601573,
         "alliance_id": 99013537, "faction_id": None, "ship_type_id": 35683, "weapon_type_id": 3178,
         "damage_done": 14136, "final_blow": True, "security_status": 5.0,
     }
 
 
 def test_the_sample_has_18_item_rows_with_duplicate_type_and_flag_kept_apart():
-    items = [named(ITEM, row) for row in parse(sample()).items]
+    items = [row._asdict() for row in parse(sample()).items]
     assert len(items) == 18
-    assert [item["index"] for item in items] == list(range(18))
+    assert [item["item_index"] for item in items] == list(range(18))
     assert all(item["parent_index"] is None for item in items)
     same = [(i["quantity_destroyed"], i["quantity_dropped"]) for i in items
             if (i["item_type_id"], i["flag"]) == (82313, 134)]
@@ -104,28 +96,28 @@ def test_the_sample_has_18_item_rows_with_duplicate_type_and_flag_kept_apart():
 @pytest.mark.parametrize("security_status", [5, -9.9, 0, 0.0, 4.97])
 def test_security_status_accepts_ints_and_floats(security_status):
     body = minimal(attackers=[{"damage_done": 1, "final_blow": True, "security_status": security_status}])
-    assert named(ATTACKER, parse(body, 1).attackers[0])["security_status"] == float(security_status)
+    assert parse(body, 1).attackers[0].security_status == float(security_status)
 
 
 @pytest.mark.parametrize("stamp", ["2026-03-25T14:26:36Z", "2026-03-25T14:26:36+00:00", "2026-03-25T14:26:36.000Z"])
 def test_killmail_time_forms(stamp):
     body = minimal(killmail_time=stamp)
-    assert named(ROW, parse(body, 1).row)["killmail_time"] == datetime(2026, 3, 25, 14, 26, 36, tzinfo=UTC)
+    assert parse(body, 1).row.killmail_time == datetime(2026, 3, 25, 14, 26, 36, tzinfo=UTC)
 
 
 def test_the_edges_of_the_stored_integer_ranges_are_kept():
     body = minimal(war_id=2 ** 63 - 1, victim={"damage_taken": -2 ** 63, "ship_type_id": 1, "items": [
         {"flag": 2 ** 31 - 1, "item_type_id": 2 ** 63 - 1, "singleton": -2 ** 31, "quantity_destroyed": 1}]})
     killmail = parse(body, 1)
-    assert named(ROW, killmail.row)["war_id"] == 2 ** 63 - 1
-    item = named(ITEM, killmail.items[0])
-    assert (item["flag"], item["singleton"], item["item_type_id"]) == (2 ** 31 - 1, -2 ** 31, 2 ** 63 - 1)
+    assert killmail.row.war_id == 2 ** 63 - 1
+    item = killmail.items[0]
+    assert (item.flag, item.singleton, item.item_type_id) == (2 ** 31 - 1, -2 ** 31, 2 ** 63 - 1)
 
 
 def test_big_ids_are_kept():
     body = minimal(killmail_id=2 ** 40, war_id=2 ** 33, moon_id=40000001)
-    row = named(ROW, parse(body, 2 ** 40).row)
-    assert (row["killmail_id"], row["war_id"], row["moon_id"]) == (2 ** 40, 2 ** 33, 40000001)
+    row = parse(body, 2 ** 40).row
+    assert (row.killmail_id, row.war_id, row.moon_id) == (2 ** 40, 2 ** 33, 40000001)
 
 
 # ------------------------------------------------------------------------------------------------ shapes
@@ -139,8 +131,8 @@ def test_nested_container_items_point_at_their_parent():
         ]},
         {"flag": 27, "item_type_id": 13, "singleton": 1, "quantity_destroyed": 1, "items": []},
     ]})
-    items = [named(ITEM, row) for row in parse(body, 1).items]
-    assert [(i["index"], i["parent_index"], i["item_type_id"]) for i in items] == [
+    items = [row._asdict() for row in parse(body, 1).items]
+    assert [(i["item_index"], i["parent_index"], i["item_type_id"]) for i in items] == [
         (0, None, 10), (1, None, 11), (2, 1, 12), (3, 1, 12), (4, None, 13),
     ]
     assert [(i["quantity_destroyed"], i["quantity_dropped"]) for i in items[2:4]] == [(3, None), (None, 4)]
@@ -150,18 +142,18 @@ def test_identical_npc_attackers_stay_separate_rows():
     npc = {"corporation_id": 1000125, "faction_id": 500021, "ship_type_id": 3789, "damage_done": 50,
            "final_blow": False, "security_status": 0}
     body = minimal(attackers=[dict(npc), dict(npc), dict(npc, final_blow=True)])
-    attackers = [named(ATTACKER, row) for row in parse(body, 1).attackers]
-    assert [a["index"] for a in attackers] == [0, 1, 2]
+    attackers = [row._asdict() for row in parse(body, 1).attackers]
+    assert [a["attacker_index"] for a in attackers] == [0, 1, 2]
     assert all(a["character_id"] is None for a in attackers)
-    assert attackers[0] == dict(attackers[1], index=0)
+    assert attackers[0] == dict(attackers[1], attacker_index=0)
 
 
 def test_a_victim_without_character_is_fine():
     body = minimal(victim={"damage_taken": 5000, "ship_type_id": 35832, "corporation_id": 98000001})
-    row = named(ROW, parse(body, 1).row)
-    assert row["victim_character_id"] is None
-    assert row["victim_corporation_id"] == 98000001
-    assert (row["position_x"], row["position_y"], row["position_z"]) == (None, None, None)
+    row = parse(body, 1).row
+    assert row.victim_character_id is None
+    assert row.victim_corporation_id == 98000001
+    assert (row.position_x, row.position_y, row.position_z) == (None, None, None)
 
 
 def test_no_attackers_and_no_items_are_empty_lists():
@@ -302,7 +294,7 @@ def test_a_deep_or_huge_value_out_of_place_is_an_invalid_killmail_naming_its_fie
 
 def test_escapes_and_capitals_jsonb_takes_are_kept():
     raw = json.dumps(dict(sample(), x_new=["\ud83d\ude00", "é", "NaN", "Infinity", "\\u0000"]))
-    assert parse_killmail(json.loads(raw), killmail_id=SAMPLE_ID, killmail_hash=HASH, raw=raw).row[-1] == raw
+    assert parse_killmail(json.loads(raw), killmail_id=SAMPLE_ID, killmail_hash=HASH, raw=raw).row.raw == raw
 
 
 # ------------------------------------------------------------------------------------------------ properties
@@ -350,7 +342,7 @@ def test_a_mutated_killmail_is_a_killmail_or_an_invalid_killmail_and_keeps_its_t
     if sent is not None:
         raw, decoded = sent
         killmail = verdict(decoded, raw)
-        assert killmail is None or killmail.row[-1] == raw
+        assert killmail is None or killmail.row.raw == raw
 
 
 @settings(PROPERTY)
@@ -360,8 +352,8 @@ def test_a_body_of_esis_schema_is_accepted_whole_with_its_text(data):
     raw, decoded = as_sent(data, body)
     killmail = verdict(decoded, raw)
     assert killmail is not None
-    row = named(ROW, killmail.row)
-    assert (row["killmail_id"], row["solar_system_id"], row["raw"]) == \
+    row = killmail.row
+    assert (row.killmail_id, row.solar_system_id, row.raw) == \
         (body["killmail_id"], body["solar_system_id"], raw)
     assert len(killmail.attackers) == len(body["attackers"])
     assert len(killmail.items) == sum(1 + len(i.get("items", [])) for i in body["victim"].get("items", []))
@@ -378,13 +370,13 @@ def test_every_killmail_the_model_accepts_is_stored_with_its_text(conn, data):
     event("refused by the model" if killmail is None else "stored")  # shown by --hypothesis-show-statistics
     if killmail is None:
         return
-    assert raw is None or killmail.row[-1] == raw
+    assert raw is None or killmail.row.raw == raw
     try:
         assert db.save_killmails(conn, [killmail]) == [killmail.killmail_id]
         stored = conn.execute(
             "SELECT raw = %s::jsonb AS same, (SELECT count(*) FROM attackers) AS a, "
             "(SELECT count(*) FROM killmail_items) AS i FROM killmails",
-            (killmail.row[-1],)).fetchone()
+            (killmail.row.raw,)).fetchone()
     finally:
         conn.rollback()
     assert stored == {"same": True, "a": len(killmail.attackers), "i": len(killmail.items)}

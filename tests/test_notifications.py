@@ -531,8 +531,8 @@ def test_a_post_that_raises_is_given_up_with_its_reason_and_the_sender_goes_on(c
 def expected(killmails, *, corporation=None, character=None, kills=True, losses=True) -> set[int]:
     wanted = set()
     for k in killmails:
-        victim = (k.row[6], k.row[7])
-        attackers = [(a[2], a[3]) for a in k.attackers]
+        victim = (k.row.victim_character_id, k.row.victim_corporation_id)
+        attackers = [(a.character_id, a.corporation_id) for a in k.attackers]
         hit = lambda who: who[0] == character or who[1] == corporation  # noqa: E731
         if (losses and hit(victim)) or (kills and any(map(hit, attackers))):
             wanted.add(k.killmail_id)

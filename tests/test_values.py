@@ -29,7 +29,7 @@ PRICES = {17478: Decimal("30000000.00"),  # the victim's ship
 
 def sample_values(prices):
     killmail = parse_killmail(SAMPLE, killmail_id=134265477, killmail_hash="f" * 40)
-    return values.killmail_values(killmail.row[10], killmail.items, prices)
+    return values.killmail_values(killmail.row.victim_ship_type_id, killmail.items, prices)
 
 
 def test_the_sample_killmail_is_valued_as_by_hand():

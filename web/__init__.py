@@ -136,6 +136,7 @@ def check_health(sources: Sources, *, deep: bool, now: datetime) -> tuple[dict[s
     if sources.broker_error() is not None:
         body["broker"] = body["status"] = "unavailable"
     if deep and body["database"] == "ok":
+        assert jobs is not None  # read whenever the database answered
         max_age = sources.settings.health_max_sync_age_seconds
         age = (now - latest["finished_at"]).total_seconds() if latest else None
         body.update(sync="ok" if age is not None and age <= max_age else "stalled",

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import psycopg
 from flask import Blueprint, Response, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse
 
 import db
 from enqueue import queue_from_web
@@ -137,7 +138,7 @@ def login_blueprint(sources: Sources) -> Blueprint:
         try:
             added = complete_login(sources, client.get(), request.args, request.cookies.get(STATE_COOKIE))
         except sso.LoginError as exc:
-            response = refused(exc)
+            response: BaseResponse = refused(exc)
         else:
             start_session(added.pilot.character_id, welcome={
                 "title": f"{added.pilot.name} was added" if added.new else f"{added.pilot.name} logged in again",
@@ -217,7 +218,7 @@ def complete_login(sources: Sources, client: sso.SsoClient, args: Any, cookie: s
     return Added(pilot, tuple(started["scopes"].split()), new, queued)
 
 
-def take_state(conn, args: Any, cookie: str | None, now: datetime) -> dict:
+def take_state(conn: db.Connection, args: Any, cookie: str | None, now: datetime) -> dict:
     """Use up the callback's state and return its row (code_verifier, scopes); BadCallback when SSO sent an
     error or no code, or the state is missing, used, too old or not this browser's."""
     state = args.get("state", "")

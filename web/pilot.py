@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from flask import Blueprint, Flask, Request, Response, redirect, render_template, request, session, url_for
-from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin
 from itsdangerous import URLSafeTimedSerializer
 
 import db
@@ -61,7 +61,7 @@ class PilotSessions(SecureCookieSessionInterface):
             return self.session_class()  # /health and the operator's pages never need the settings for this
         return super().open_session(app, request_)
 
-    def save_session(self, app: Flask, session_: SecureCookieSession, response: Response) -> None:
+    def save_session(self, app: Flask, session_: SessionMixin, response: Response) -> None:
         if not session_ and not session_.modified:  # nothing to write or delete: no settings read (Flask's own
             if session_.accessed:                   # save asks for the cookie's attributes first)
                 response.vary.add("Cookie")

@@ -30,7 +30,7 @@ RECENT_RUNS = 20
 FAILED_REFS_SHOWN = 20
 
 
-def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime) -> dict[str, Any]:
+def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any], now: datetime) -> dict[str, Any]:
     """Everything /status shows, as plain data (times as aware datetimes)."""
     latest = db.latest_run(conn)
     stats = db.run_stats(conn, now - METRICS_WINDOW)
@@ -73,12 +73,13 @@ def build_report(conn, settings: Settings, queue: dict[str, Any], now: datetime)
     }
 
 
-def hourly(conn, now: datetime) -> list[dict[str, Any]]:
+def hourly(conn: db.Connection, now: datetime) -> list[dict[str, Any]]:
     """The last HOURS_CHARTED clock hours (UTC), oldest first, the current one last: killmails stored, runs
     finished by status, and the median and 95th percentile run duration in seconds. An hour with nothing in it
     counts zeros, and its durations are None."""
     first = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS_CHARTED - 1)
     until = first + timedelta(hours=HOURS_CHARTED)
+    hours: dict[datetime, dict[str, Any]]
     hours = {first + timedelta(hours=n): {"hour": first + timedelta(hours=n), "killmails": 0, "runs": {},
                                           "duration_p50_seconds": None, "duration_p95_seconds": None}
              for n in range(HOURS_CHARTED)}
@@ -132,7 +133,8 @@ class StatusCollector:
                 yield GaugeMetricFamily(name, text, value=queue[key])
 
 
-def database_metrics(conn, settings: Settings, now: datetime) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+def database_metrics(conn: db.Connection, settings: Settings, now: datetime
+                     ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     """The metric families read from the database."""
     runs = CounterMetricFamily("killmail_sync_runs", "Sync runs recorded, by status", labels=["status"])
     for row in db.runs_by_status(conn):
@@ -183,7 +185,7 @@ def database_metrics(conn, settings: Settings, now: datetime) -> Iterator[GaugeM
     yield paused
 
 
-def esi_call_metrics(conn) -> Iterator[CounterMetricFamily]:
+def esi_call_metrics(conn: db.Connection) -> Iterator[CounterMetricFamily]:
     """ESI calls by route group and status, and their 420s and 429s summed over route groups."""
     calls = CounterMetricFamily("killmail_esi_calls", "ESI calls by route group and status",
                                 labels=["group", "status"])

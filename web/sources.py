@@ -11,12 +11,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import pika
 import pika.exceptions
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
 import broker
@@ -46,7 +46,7 @@ class Sources:
     def __init__(self, settings: Settings | None = None, *, clock: Callable[[], float] = time.monotonic):
         self._settings = settings
         self._clock = clock
-        self._pool: ConnectionPool | None = None
+        self._pool: ConnectionPool[psycopg.Connection[DictRow]] | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
         self._broker_lock = threading.Lock()
@@ -67,22 +67,24 @@ class Sources:
         return self._settings
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
+    def connection(self) -> Iterator[psycopg.Connection[DictRow]]:
         """A pooled autocommit connection with dict rows; psycopg_pool.PoolTimeout when none comes in time."""
         with self._get_pool().connection(timeout=POOL_WAIT_SECONDS) as conn:
             yield conn
 
-    def _get_pool(self) -> ConnectionPool:
+    def _get_pool(self) -> ConnectionPool[psycopg.Connection[DictRow]]:
         with self._pool_lock:
             # A pool belongs to the process that opened it: after a fork, the child opens its own.
             if self._pool is None or self._pool_pid != os.getpid():
-                self._pool = ConnectionPool(
+                # Its connections' rows are dicts (kwargs' row_factory), which the pool's type cannot tell: only
+                # a connection_class would, and one given replaces the pool's own (psycopg_pool's PoolConnection).
+                self._pool = cast("ConnectionPool[psycopg.Connection[DictRow]]", ConnectionPool(
                     self.settings.database_url, min_size=1, max_size=4, open=False, name="status",
                     timeout=POOL_WAIT_SECONDS, reconnect_timeout=POOL_RECONNECT_SECONDS,
                     check=ConnectionPool.check_connection,
                     kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_SECONDS,
                             "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
-                )
+                ))
                 self._pool.open(wait=False)
                 self._pool_pid = os.getpid()
             return self._pool
