@@ -156,6 +156,20 @@ class Owner:
                    corporation["list_etag"], corporation["list_expires_at"], corporation.get("last_sync_at"))
 
 
+@dataclass(slots=True)
+class Job:
+    """What every step of one run shares: its connection and ESI client, the job's `now`, how it runs, what it
+    did so far, the locks it holds (emptied once the run's end let them go), and whose list it reads."""
+
+    conn: db.Connection
+    esi: EsiClient
+    now: datetime
+    options: SyncOptions
+    result: SyncResult
+    locks: list[tuple[int, int]] = field(default_factory=list)  # none in a sweep
+    owner: Owner | None = None          # set once the owner's row is read under the locks; none in a sweep
+
+
 def needs_refresh(expires_at: datetime | None, now: datetime) -> bool:
     """Whether an access token must be refreshed before use (absent, expired, or expiring within a minute)."""
     return expires_at is None or expires_at <= now + REFRESH_MARGIN
@@ -178,8 +192,9 @@ def sync_character(conn: db.Connection, esi: EsiClient, character_id: int, now: 
         db.release_user(conn, character_id)
         record_failed_run(conn, esi, result, "being synced by another process", status="locked")
         return result
-    with _locked_run(conn, locks, result, options):
-        _sync_character_locked(conn, esi, character_id, now, options, result, locks)
+    job = Job(conn, esi, now, options, result, locks)
+    with _locked_run(job):
+        _sync_character_locked(job, character_id)
     return result
 
 
@@ -197,25 +212,26 @@ def sync_corporation(conn: db.Connection, esi: EsiClient, corporation_id: int, c
         record_failed_run(conn, esi, result, "corporation or director being synced by another process",
                           status="locked")
         return result
-    with _locked_run(conn, locks, result, options):
-        _sync_corporation_locked(conn, esi, corporation_id, character_id, now, options, result, locks)
+    job = Job(conn, esi, now, options, result, locks)
+    with _locked_run(job):
+        _sync_corporation_locked(job, corporation_id, character_id)
     return result
 
 
 @contextmanager
-def _locked_run(conn: db.Connection, locks: list[tuple[int, int]], result: SyncResult,
-                options: SyncOptions) -> Iterator[None]:
+def _locked_run(job: Job) -> Iterator[None]:
     """A run under the locks just taken: it starts and, should it fail, ends while they are held, so runs of one
     owner never overlap in sync_runs; the locks are let go however it ends."""
-    result.started_at = max(result.started_at, options.clock())  # type: ignore[type-var]  # set as a job starts
+    result = job.result
+    result.started_at = max(result.started_at, job.options.clock())  # type: ignore[type-var]  # set as a job starts
     try:
         yield
     except JobFailed as exc:
         exc.result = result
-        result.finished_at = options.clock()  # a run that succeeds is stamped by _finish, also under the locks
+        result.finished_at = job.options.clock()  # a run that succeeds is stamped by _finish, also under the locks
         raise
     finally:
-        _release(conn, locks)
+        _release(job.conn, job.locks)
 
 
 def _lock(conn: db.Connection, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
@@ -244,19 +260,19 @@ def _release(conn: db.Connection, locks: list[tuple[int, int]]) -> None:
         log.warning("could not release the locks %s; they end with the connection", locks)
 
 
-def _sync_character_locked(conn: db.Connection, esi: EsiClient, character_id: int, now: datetime, options: SyncOptions,
-                           result: SyncResult, locks: list[tuple[int, int]]) -> None:
+def _sync_character_locked(job: Job, character_id: int) -> None:
+    conn, result = job.conn, job.result
     with db.autocommitted(conn):  # read after the lock: a run that held it has committed all it wrote
-        user = db.get_user_to_sync(conn, character_id, now, max_attempts=options.max_attempts)
+        user = db.get_user_to_sync(conn, character_id, job.now, max_attempts=job.options.max_attempts)
     if user is None:
         raise PermanentJobError(f"unknown character {character_id}: no such user")
     result.character_name = user["character_name"]
-    token = _live_token(conn, esi, user, now, result, options.tokens)
+    token = _live_token(job, user)
     if token is not None:
-        _learn_profile(conn, esi, user, token, now)
-        owner = Owner.pilot(user)
+        _learn_profile(job, user, token)
+        job.owner = Owner.pilot(user)
         try:
-            _list_references(conn, esi, owner, token, now, options, result)
+            _list_references(job, token)
         except Forbidden as exc:
             # The token lacks the killmail scope: asking again only spends the error limit. A new login fixes it.
             if db.mark_revoked(conn, character_id, user["refresh_token"], f"killmail list forbidden: {exc}"):
@@ -269,12 +285,12 @@ def _sync_character_locked(conn: db.Connection, esi: EsiClient, character_id: in
             # Nothing listed anew and nothing left pending (a warm poll, most of them): nothing to fetch, and the
             # run's outcome is its one write.
             if result.list_cache is None or user["refs_pending"]:
-                fetch_killmails(conn, esi, owner, now, options, result)
-    _finish(conn, esi, result, options, locks)
+                fetch_killmails(job)
+    _finish(job)
 
 
-def _sync_corporation_locked(conn: db.Connection, esi: EsiClient, corporation_id: int, character_id: int, now: datetime,
-                             options: SyncOptions, result: SyncResult, locks: list[tuple[int, int]]) -> None:
+def _sync_corporation_locked(job: Job, corporation_id: int, character_id: int) -> None:
+    conn, result = job.conn, job.result
     corporation = db.get_corporation(conn, corporation_id)
     user = db.get_user(conn, character_id)
     conn.commit()
@@ -282,72 +298,71 @@ def _sync_corporation_locked(conn: db.Connection, esi: EsiClient, corporation_id
         raise PermanentJobError(f"unknown corporation {corporation_id} or director {character_id}")
     result.character_name = user["character_name"]
     log.info("  🏢 Corporation %s through %s", corporation_id, user["character_name"] or character_id)
-    token = _live_token(conn, esi, user, now, result, options.tokens)
+    token = _live_token(job, user)
     if token is not None:
-        owner = Owner.corporation(corporation, director=user)
+        job.owner = Owner.corporation(corporation, director=user)
         try:
-            _list_references(conn, esi, owner, token, now, options, result)
+            _list_references(job, token)
         except Forbidden as exc:
             # The Director role is gone (or never was): another eligible member is tried on the next run.
-            db.set_director(conn, character_id, False, checked_at=now)
+            db.set_director(conn, character_id, False, checked_at=job.now)
             conn.commit()
             result.status, result.error = "forbidden", str(exc)
             log.warning("  🏢 %s may not read corporation %s's killmails: %s", user["character_name"],
                         corporation_id, exc)
         else:
             if not user["is_director"]:  # learned once: only a 403 says otherwise, and it is written then
-                db.set_director(conn, character_id, True, checked_at=now)
-            fetch_killmails(conn, esi, owner, now, options, result)
-    _finish(conn, esi, result, options, locks)
+                db.set_director(conn, character_id, True, checked_at=job.now)
+            fetch_killmails(job)
+    _finish(job)
 
 
-def _live_token(conn: db.Connection, esi: EsiClient, user: dict, now: datetime, result: SyncResult,
-                vault: TokenVault) -> str | None:
+def _live_token(job: Job, user: dict) -> str | None:
     """A usable access token, or None (and the result says why) when the user needs a new login."""
     if user["revoked"]:
-        result.status = "needs_relogin"
+        job.result.status = "needs_relogin"
         log.info("  🔑 %s needs a new login; skipping", user["character_name"] or user["character_id"])
         return None
-    return _usable_token(conn, esi, user, now, result, vault)
+    return _usable_token(job, user)
 
 
-def _learn_profile(conn: db.Connection, esi: EsiClient, user: dict, token: str, now: datetime) -> None:
+def _learn_profile(job: Job, user: dict, token: str) -> None:
     """Keep the pilot's token scopes and (daily, for directors) its corporation, which corporation syncs need."""
     scopes = " ".join(token_scopes(token)) or None
     checked = user["corporation_checked_at"]
     corporation_id = None
     # Only a pilot who may read its corporation's killmails needs its corporation (one public call a day).
     may_read_corporation = db.CORPORATION_SCOPE in (scopes or user["scopes"] or "").split()
-    if may_read_corporation and (checked is None or checked < now - PROFILE_MAX_AGE):
+    if may_read_corporation and (checked is None or checked < job.now - PROFILE_MAX_AGE):
         try:
-            corporation_id = esi.get_character(user["character_id"]).get("corporation_id")
+            corporation_id = job.esi.get_character(user["character_id"]).get("corporation_id")
         except EsiError as exc:
             log.warning("  could not read the public record of %s: %s", user["character_id"], exc)
     if scopes != user["scopes"] or corporation_id is not None:
-        db.save_profile(conn, user["character_id"], scopes=scopes,
+        db.save_profile(job.conn, user["character_id"], scopes=scopes,
                         corporation_id=corporation_id if isinstance(corporation_id, int) else None,
-                        checked_at=now if corporation_id is not None else None)
-        conn.commit()
+                        checked_at=job.now if corporation_id is not None else None)
+        job.conn.commit()
 
 
-def _usable_token(conn: db.Connection, esi: EsiClient, user: dict, now: datetime, result: SyncResult,
-                  vault: TokenVault) -> str | None:
+def _usable_token(job: Job, user: dict) -> str | None:
     """The user's access token, refreshed under the lock when it is about to expire; None if the grant is gone
     or TOKEN_KEY cannot open it. `user["refresh_token"]` stays the value as stored (sealed or not)."""
-    if not needs_refresh(user["expires_at"], now):
+    if not needs_refresh(user["expires_at"], job.now):
         return user["access_token"]
+    vault = job.options.tokens
     try:
         refresh_token = vault.open(user["refresh_token"])
     except TokenKeyError as exc:
         # An operator's mistake (a key dropped too soon, a wrong one): the row is left as it is, so the right
         # TOKEN_KEY brings the pilot back; the run ends at once, recorded, and the next one tries again.
-        result.status, result.error = "error", str(exc)
+        job.result.status, job.result.error = "error", str(exc)
         log.error("  🔑 %s: %s; skipping", user["character_name"] or user["character_id"], exc)
         return None
     try:
-        grant = esi.refresh(refresh_token)
+        grant = job.esi.refresh(refresh_token)
     except InvalidGrant as exc:
-        return _revoke(conn, user, result, exc)  # type: ignore[func-returns-value]  # None: no token
+        return _revoke(job, user, exc)  # type: ignore[func-returns-value]  # None: no token
     except InvalidClient as exc:
         raise _job_error("SSO configuration error", exc) from exc
     except EsiError as exc:
@@ -355,9 +370,10 @@ def _usable_token(conn: db.Connection, esi: EsiClient, user: dict, now: datetime
     # The old refresh token is dead from this moment: store the new one before anything else can fail. Sealed
     # with TOKEN_KEY's first key, which also moves a plaintext row (or one under an older key) to it.
     sealed = vault.seal(grant.refresh_token)
+    conn = job.conn
     with db.autocommitted(conn):  # one statement, committed as it ends: one round trip where a transaction takes three
         stored = db.store_tokens(conn, user["character_id"], grant.access_token, sealed,
-                                 now + timedelta(seconds=grant.expires_in), replaces=user["refresh_token"])
+                                 job.now + timedelta(seconds=grant.expires_in), replaces=user["refresh_token"])
     if not stored:  # the web app wrote a new login while SSO answered: the login's grant stays the pilot's
         log.info("  🔑 %s logged in again during the refresh; the new login's tokens stay",
                  user["character_name"] or user["character_id"])
@@ -365,10 +381,11 @@ def _usable_token(conn: db.Connection, esi: EsiClient, user: dict, now: datetime
     return grant.access_token
 
 
-def _revoke(conn: db.Connection, user: dict, result: SyncResult, exc: InvalidGrant) -> None:
+def _revoke(job: Job, user: dict, exc: InvalidGrant) -> None:
     """Mark the refresh token SSO refused as dead (unless the web app already replaced it); always None."""
-    revoked = db.mark_revoked(conn, user["character_id"], user["refresh_token"], str(exc))
-    conn.commit()
+    result = job.result
+    revoked = db.mark_revoked(job.conn, user["character_id"], user["refresh_token"], str(exc))
+    job.conn.commit()
     result.error = str(exc)
     if not revoked:  # a new login came meanwhile: the next run uses it
         result.status = "error"
@@ -381,49 +398,49 @@ def _revoke(conn: db.Connection, user: dict, result: SyncResult, exc: InvalidGra
     return None
 
 
-def _list_references(conn: db.Connection, esi: EsiClient, owner: Owner, token: str, now: datetime, options: SyncOptions,
-                     result: SyncResult) -> None:
-    """Store a pilot's (or its corporation's) listed references, unless the stored list is still fresh; the
-    caller commits them with what it does next (fetch_killmails' claims).
+def _list_references(job: Job, token: str) -> None:
+    """Store the job's owner's listed references, unless the stored list is still fresh; the caller commits them
+    with what it does next (fetch_killmails' claims).
 
     `token` is the reader's. A 403 is raised as esi.Forbidden for the caller: what it means depends on whose
     list it was.
     """
-    if list_is_fresh(owner.list_expires_at, now, full=options.full):
+    conn, owner, result = job.conn, job.owner, job.result
+    assert owner is not None  # the caller sets it before the list is read
+    if list_is_fresh(owner.list_expires_at, job.now, full=job.options.full):
         return
-    etag = None if options.full else owner.list_etag
+    etag = None if job.options.full else owner.list_etag
     try:
-        listing = esi.list_recent(character_id=owner.reader_id, token=token, etag=etag,
-                                  corporation_id=owner.id if owner.kind == "corporation" else None)
+        listing = job.esi.list_recent(character_id=owner.reader_id, token=token, etag=etag,
+                                      corporation_id=owner.id if owner.kind == "corporation" else None)
     except NotModified as exc:
         # Written with the run's end (_finish), or before any fetch (fetch_killmails): one write a warm poll.
-        result.list_cache = (etag, _list_expiry(now, result, options, exc.expires_in))
+        result.list_cache = (etag, _list_expiry(job, exc.expires_in))
         return
     except Forbidden:
         raise
     except Unauthorized as exc:
-        db.expire_access_token(conn, owner.reader_id, now)  # refresh it on the next try
+        db.expire_access_token(conn, owner.reader_id, job.now)  # refresh it on the next try
         conn.commit()
         raise JobError(f"access token refused: {exc}") from exc
     except EsiError as exc:
         raise _job_error("recent killmails", exc) from exc
     result.linked_new = db.store_refs(conn, owner.kind, owner.id, listing.refs)
-    db.save_list_cache(conn, owner.kind, owner.id, listing.etag,
-                       _list_expiry(now, result, options, listing.expires_in))
+    db.save_list_cache(conn, owner.kind, owner.id, listing.etag, _list_expiry(job, listing.expires_in))
     result.listed = len(listing.refs)
     log.info("  📥 Found %d killmails", result.listed)
 
 
-def fetch_killmails(conn: db.Connection, esi: EsiClient, owner: Owner, now: datetime, options: SyncOptions,
-                    result: SyncResult) -> None:
-    """Fetch and save the details of a pilot's (or corporation's) references that no process has stored or
-    is fetching."""
+def fetch_killmails(job: Job) -> None:
+    """Fetch and save the details of the job's owner's references that no process has stored or is fetching."""
+    conn, owner, now, result = job.conn, job.owner, job.now, job.result
+    assert owner is not None  # the caller listed its references
     if result.list_cache is not None:  # a 304's Expires holds before anything is waited for, however the job ends
         db.save_list_cache(conn, owner.kind, owner.id, *result.list_cache)
         result.list_cache = None
     conn.commit()  # the references just listed, before anything else is committed or waited for
-    value_backlog(conn, esi, now, options)
-    pending = db.pending_refs(conn, owner.kind, owner.id, now, max_attempts=options.max_attempts)
+    value_backlog(conn, job.esi, now, job.options)
+    pending = db.pending_refs(conn, owner.kind, owner.id, now, max_attempts=job.options.max_attempts)
     claimed = db.claim_refs(conn, [r["killmail_id"] for r in pending], now, seconds=CLAIM_SECONDS)
     conn.commit()
     result.new = len(pending)
@@ -435,8 +452,7 @@ def fetch_killmails(conn: db.Connection, esi: EsiClient, owner: Owner, now: date
     # An owner's first sync is all backlog (its 90 days); later, what was first listed since its last sync is fresh.
     fresh = {r["killmail_id"] for r in pending
              if owner.synced_at is not None and r["first_seen_at"] > owner.synced_at}
-    _fetch_claimed(conn, esi, [{**r, "backlog": r["killmail_id"] not in fresh} for r in claimed], now, options,
-                   result)
+    _fetch_claimed(job, [{**r, "backlog": r["killmail_id"] not in fresh} for r in claimed])
 
 
 def sweep_stranded(conn: db.Connection, esi: EsiClient, now: datetime, options: SyncOptions) -> SyncResult:
@@ -451,7 +467,7 @@ def sweep_stranded(conn: db.Connection, esi: EsiClient, now: datetime, options: 
         log.info("🧹 Sweeping %d killmails listed only by pilots who need a new login", len(claimed))
         value_backlog(conn, esi, now, options)
         try:
-            _fetch_claimed(conn, esi, claimed, now, options, result)
+            _fetch_claimed(Job(conn, esi, now, options, result), claimed)
         except JobError as exc:
             log.warning("  sweep stopped: %s", exc)
     db.add_esi_calls(conn, esi.take_calls())
@@ -469,9 +485,9 @@ def value_backlog(conn: db.Connection, esi: EsiClient, now: datetime, options: S
             log.info("  💰 Valued %d killmails stored without a value", len(valued))
 
 
-def _fetch_claimed(conn: db.Connection, esi: EsiClient, claimed: list[dict], now: datetime, options: SyncOptions,
-                   result: SyncResult) -> None:
+def _fetch_claimed(job: Job, claimed: list[dict]) -> None:
     """Fetch (on the client's detail threads) and save claimed references; release what was not fetched."""
+    conn, esi, options, result = job.conn, job.esi, job.options, job.result
     unfetched = {r["killmail_id"] for r in claimed}
     pool = esi.detail_pool()
     # Fresh ones first: the pool starts them first, and they may spend what a backlog may not.
@@ -479,7 +495,7 @@ def _fetch_claimed(conn: db.Connection, esi: EsiClient, claimed: list[dict], now
     futures = [pool.submit(_fetch_one, esi, r["killmail_id"], r["killmail_hash"], r.get("backlog", False))
                for r in claimed]
     try:
-        stop = _collect(conn, claimed, futures, unfetched, now, options, result)
+        stop = _collect(job, claimed, futures, unfetched)
     except BaseException:
         # The job dies (its database connection, most likely) and is run again: fetch nothing more now, and
         # let the fetches under way end before the rerun claims the same references (for a bounded time: a
@@ -502,16 +518,16 @@ def _fetch_claimed(conn: db.Connection, esi: EsiClient, claimed: list[dict], now
     if options.namer is not None:
         options.namer.add(result.name_ids)
     else:
-        names.resolve_names(conn, esi, result.name_ids, now)
+        names.resolve_names(conn, esi, result.name_ids, job.now)
 
 
-def _collect(conn: db.Connection, claimed: list[dict], futures: list, unfetched: set[int], now: datetime,
-             options: SyncOptions, result: SyncResult) -> EsiError | JobFailed | None:
+def _collect(job: Job, claimed: list[dict], futures: list, unfetched: set[int]) -> EsiError | JobFailed | None:
     """Save fetched killmails in small batches as they arrive (in the order they arrive: paced fetches end in no
     set order, and one slow fetch must not hold the others unsaved), record failures, and return what stopped the
     fetching: ESI's limit error, the job's deadline or the worker's stop (None when all were tried). Ids left in
     `unfetched` were never fetched. No wait here is unbounded: the job looks at its deadline and at a stop every
     TICK, and once interrupted waits FINISH_WAIT at most for the fetches under way."""
+    options = job.options
     stop: EsiError | JobFailed | None = None
     interrupted: JobFailed | None = None
     deferred = 0
@@ -528,7 +544,7 @@ def _collect(conn: db.Connection, claimed: list[dict], futures: list, unfetched:
     while left:
         clock = time.monotonic()
         if fetched and clock - batch_started >= SAVE_EVERY:  # the batch waited long enough
-            _save(conn, fetched, now, options, result)
+            _save(job, fetched)
             fetched = []
         if interrupted is None:
             interrupted = _interruption(options, clock, left)
@@ -572,16 +588,16 @@ def _collect(conn: db.Connection, claimed: list[dict], futures: list, unfetched:
             continue
         except (EsiError, InvalidKillmail) as exc:
             unfetched.discard(killmail_id)
-            _record_failure(conn, killmail_id, exc, now, options, result)
+            _record_failure(job, killmail_id, exc)
             continue
         unfetched.discard(killmail_id)
         if not fetched:
             batch_started = time.monotonic()
         fetched.append(killmail)
         if len(fetched) >= SAVE_BATCH:
-            _save(conn, fetched, now, options, result)
+            _save(job, fetched)
             fetched = []
-    _save(conn, fetched, now, options, result)
+    _save(job, fetched)
     return interrupted or stop
 
 
@@ -601,11 +617,11 @@ def _fetch_one(esi: EsiClient, killmail_id: int, killmail_hash: str, backlog: bo
     return parse_killmail(body, killmail_id=killmail_id, killmail_hash=killmail_hash, raw=raw)
 
 
-def _save(conn: db.Connection, killmails: list[Killmail], now: datetime, options: SyncOptions,
-          result: SyncResult) -> None:
+def _save(job: Job, killmails: list[Killmail]) -> None:
     """Save a batch in one transaction; if the batch fails, save one by one so one bad killmail loses no other."""
     if not killmails:
         return
+    conn, options, result = job.conn, job.options, job.result
     prices = options.prices.prices
     worth = [values.killmail_values(k.row.victim_ship_type_id, k.items, prices) if prices else None for k in killmails]
     try:
@@ -629,7 +645,7 @@ def _save(conn: db.Connection, killmails: list[Killmail], now: datetime, options
             raise
         except psycopg.Error as exc:
             conn.rollback()
-            _record_failure(conn, killmail.killmail_id, exc, now, options, result)
+            _record_failure(job, killmail.killmail_id, exc)
 
 
 def _note_names(killmails: list[Killmail], saved: list[int], result: SyncResult) -> None:
@@ -639,34 +655,33 @@ def _note_names(killmails: list[Killmail], saved: list[int], result: SyncResult)
             result.name_ids |= named_ids(killmail)
 
 
-def _record_failure(conn: db.Connection, killmail_id: int, exc: Exception, now: datetime, options: SyncOptions,
-                    result: SyncResult) -> None:
+def _record_failure(job: Job, killmail_id: int, exc: Exception) -> None:
     # A wrong hash never becomes right; anything else (a 5xx, a malformed body, a row the database refused)
     # is retried by later syncs a bounded number of times.
     permanent = isinstance(exc, InvalidHash)
-    db.record_ref_failure(conn, killmail_id, f"{type(exc).__name__}: {exc}", now,
-                          permanent=permanent, max_attempts=options.max_attempts)
-    conn.commit()
-    result.failed += 1
+    db.record_ref_failure(job.conn, killmail_id, f"{type(exc).__name__}: {exc}", job.now,
+                          permanent=permanent, max_attempts=job.options.max_attempts)
+    job.conn.commit()
+    job.result.failed += 1
     log.warning("  ⚠️  killmail %s not saved: %s", killmail_id, exc)
 
 
-def _finish(conn: db.Connection, esi: EsiClient, result: SyncResult, options: SyncOptions,
-            locks: list[tuple[int, int]]) -> None:
+def _finish(job: Job) -> None:
     """Record the run, the ESI calls and the user's (or corporation's) sync state, with a 304's ETag and Expires,
     in one statement, its own transaction, then release the locks: a round trip each, the locks let go only after
     the commit."""
-    result.finished_at = options.clock()
+    conn, result = job.conn, job.result
+    result.finished_at = job.options.clock()
     if result.status == "ok" and result.failed:
         result.status = "partial"
-    calls = esi.take_calls()
+    calls = job.esi.take_calls()
     result.esi_calls = sum(calls.values())
     with db.autocommitted(conn):
         db.record_outcome(conn, run_row(result), calls, found_new=result.linked_new > 0 or result.saved > 0,
                           list_cache=result.list_cache)
-        for namespace, key in reversed(locks):
+        for namespace, key in reversed(job.locks):
             db.unlock(conn, namespace, key)
-    locks.clear()
+    job.locks.clear()
 
 
 def record_failed_run(conn: db.Connection, esi: EsiClient, result: SyncResult, error: str, *,
@@ -689,13 +704,13 @@ def run_row(result: SyncResult) -> dict:
             if f.name not in ("character_name", "linked_new", "name_ids", "list_cache")}
 
 
-def _list_expiry(now: datetime, result: SyncResult, options: SyncOptions,
-                 expires_in: float | None) -> datetime | None:
+def _list_expiry(job: Job, expires_in: float | None) -> datetime | None:
     """When a list just answered expires, on the job's clock: its Expires counts from the answer, which may come
     long after the job's start (a token refresh, a pause, retried timeouts), so `now` moves on by that much."""
     if expires_in is None:
         return None
-    answered_at = now + max(timedelta(0), options.clock() - result.started_at)  # type: ignore[operator]  # set by now
+    elapsed = job.options.clock() - job.result.started_at  # type: ignore[operator]  # set by now
+    answered_at = job.now + max(timedelta(0), elapsed)
     return answered_at + timedelta(seconds=expires_in)
 
 

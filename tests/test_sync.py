@@ -705,14 +705,15 @@ def test_a_batch_waits_no_longer_than_save_every_while_fetches_keep_arriving(mon
     clock = iter(range(0, 1000, 2))  # every reading of the clock is two seconds after the last one
     monkeypatch.setattr(sync, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
     saved: list[list[int]] = []
-    monkeypatch.setattr(sync, "_save", lambda conn, batch, *args: saved.append([k.killmail_id for k in batch]))
+    monkeypatch.setattr(sync, "_save", lambda job, batch: saved.append([k.killmail_id for k in batch]))
     claimed = [{"killmail_id": i, "killmail_hash": f"h{i}"} for i in (1, 2, 3)]
     futures = []
     for ref in claimed:  # all three fetched before the job looks: they wait in its queue together
         future = Future()
         future.set_result(SimpleNamespace(killmail_id=ref["killmail_id"]))
         futures.append(future)
-    stop = sync._collect(None, claimed, futures, {1, 2, 3}, None, sync.SyncOptions(), sync.SyncResult(0))
+    job = sync.Job(None, None, None, sync.SyncOptions(), sync.SyncResult(0))  # no connection: _save is replaced
+    stop = sync._collect(job, claimed, futures, {1, 2, 3})
     assert stop is None
     assert [batch for batch in saved if batch] == [[1], [2], [3]]
 
@@ -733,8 +734,8 @@ def test_fetched_killmails_are_saved_as_they_arrive_not_behind_a_slower_fetch(co
     claimed = [{"killmail_id": i, "killmail_hash": sim.killmail_hash(i)} for i in ids]
     futures = [Future() for _ in ids]
     result = sync.SyncResult(0)
-    collecting = threading.Thread(target=sync._collect, args=(conn, claimed, futures, set(ids), now_for(sim),
-                                                              sync.SyncOptions(), result), daemon=True)
+    job = sync.Job(conn, None, now_for(sim), sync.SyncOptions(), result)  # no ESI client: the futures are the fetches
+    collecting = threading.Thread(target=sync._collect, args=(job, claimed, futures, set(ids)), daemon=True)
     collecting.start()
     for ref, future in zip(claimed[1:], futures[1:], strict=True):  # every fetch but the first one's ends
         future.set_result(parse_killmail(bodies[ref["killmail_id"]], **ref))
