@@ -293,9 +293,9 @@ class SharedLimits:
         longer than MAX_INLINE_WAIT for it.
 
         A pause (a 420 or 429) or a spent list bucket of one pilot's longer than MAX_INLINE_WAIT raises Paused,
-        so the job goes to the retry queue; so does a wait for the shared detail bucket longer than MAX_SHARED_WAIT
-        (its tokens come back a window after they were spent). The bound is on the waits' sum. The stop of the
-        process ends any wait with Paused."""
+        so the job goes to the retry queue; so does a wait for the shared detail bucket (its tokens come back a window
+        after they were spent) or for the error budget longer than MAX_SHARED_WAIT. The bound is on the waits' sum.
+        The stop of the process ends any wait with Paused."""
         if bucket == SSO_BUCKET:  # SSO is not under ESI's limits: only its own pause
             self._wait_out_pause(bucket, self._read([bucket]))
             return Ticket(bucket)
@@ -345,8 +345,10 @@ class SharedLimits:
                 # process's leases whose life is over as in flight until they end: kept, they would hold every
                 # process's calls (this one's too) polling for as long as no answer of theirs ends them.
                 self._end(*self._tokens_over())
-            # Short waits add up (answers in flight that never give enough back): the bound is on their sum.
-            if waited + wait > MAX_INLINE_WAIT and backlog:
+            # Short waits add up (answers in flight that never give enough back): the bound is on their sum. A
+            # backlog yields its share of the bucket to fresh calls, and gives way to them when the error budget
+            # is spent for long; its short waits for the budget (calls in flight freeing slots) are any call's.
+            if backlog and (waited + wait if short == bucket else wait) > MAX_INLINE_WAIT:
                 what = f"{bucket}: the backlog's share" if short == bucket else short
                 raise Deferred(f"{what} spent for {waited + wait:.0f} s", bucket=bucket,
                                until=self._clock() + timedelta(seconds=wait))

@@ -517,6 +517,30 @@ def test_a_call_held_too_long_by_the_error_budget_names_the_error_limit_not_its_
         one.take("char-killmail:90000001")
 
 
+def test_a_backlog_calls_short_waits_for_the_error_budget_add_up_as_any_calls_do(conn, process, clock):
+    """45 errors spent and ten slots held by another process's calls in flight (never answered here): the ledger
+    answers short polls, since those calls may free slots. A backlog call polls like any call, beyond
+    MAX_INLINE_WAIT in all, until the errors age out; it is deferred only for the backlog's share of its bucket,
+    or a single long wait for the budget."""
+    one, other = process(), process()
+    for n in range(1, 46):
+        one.settle(one.take("character"), 502, {"X-ESI-Error-Limit-Remain": str(100 - n)})   # 45 errors
+    other._wanting = 10
+    assert other._lease(10) == 0.0
+    clock.waits.clear()
+    assert one.take(DETAIL, backlog=True).lease is not None
+    assert limits.MAX_INLINE_WAIT < sum(clock.waits) <= limits.ERROR_WINDOW + 1
+    assert set(clock.waits) == {limits.POLL}
+
+
+def test_a_backlog_call_gives_way_when_the_error_budget_is_spent_for_long(conn, process, clock):
+    one = process()
+    for n in range(1, 51):
+        one.settle(one.take("character"), 502, {"X-ESI-Error-Limit-Remain": str(100 - n)})   # 50 errors
+    with pytest.raises(limits.Deferred, match=r"^error-limit spent for \d+ s"):
+        one.take(DETAIL, backlog=True)
+
+
 def test_the_error_budget_is_per_egress(conn, process, clock):
     one, other = process(egress="nat-1"), process(egress="nat-2")
     for shared in (one, other):
