@@ -26,6 +26,10 @@ LOCK_PRICES = 3  # one process at a time refreshes the market prices
 # ESI's rate-limit groups whose buckets are per character: esi_limits names them '<group>:<character id>'.
 OWNER_BUCKET_GROUPS = ("char-killmail", "corp-killmail")
 _OWNER_GROUP_SQL = "split_part(bucket, ':', 1)"  # a per-character bucket's group (limits._per_owner in SQL)
+# Not a per-character bucket: one every caller shares, or a group's own row ('char-killmail', its limit). schema.sql's
+# index esi_limits_shared has this very predicate, which a query names word for word (constants, not parameters)
+# for the planner to use the index.
+_SHARED_BUCKET_SQL = "(" + " AND ".join(f"bucket NOT LIKE '{group}:%%'" for group in OWNER_BUCKET_GROUPS) + ")"
 
 
 # TCP keepalives of this session, asked of the server. A worker host that vanishes (power, network) never closes
@@ -1523,20 +1527,29 @@ def failed_refs(conn: Connection, *, limit: int) -> list[dict]:
     ).fetchall()
 
 
+# The shared buckets by esi_limits_shared and the per-character ones paused now by esi_limits_paused, folded.
+_ESI_LIMIT_BUCKETS_SQL = f"""
+    SELECT CASE WHEN {_OWNER_GROUP_SQL} = ANY(%(owner_groups)s) THEN {_OWNER_GROUP_SQL}
+                ELSE bucket END AS bucket, count(*) AS buckets, min(remaining) AS remaining,
+           max(limit_tokens) AS limit_tokens, max(window_seconds) AS window_seconds,
+           max(paused_until) FILTER (WHERE paused_until > %(now)s) AS paused_until,
+           count(*) FILTER (WHERE paused_until > %(now)s) AS paused, max(updated_at) AS updated_at
+    FROM (SELECT * FROM esi_limits WHERE {_SHARED_BUCKET_SQL}
+          UNION ALL
+          SELECT * FROM esi_limits WHERE paused_until > %(now)s AND NOT {_SHARED_BUCKET_SQL}) l
+    GROUP BY 1 ORDER BY 1
+"""
+
+
 def esi_limit_buckets(conn: Connection, now: datetime) -> list[dict]:
-    """ESI limit state by bucket. Per-character buckets ('<group>:<character id>') fold into their group: the
-    lowest remaining count, the latest pause still running, and how many of them are paused."""
-    return conn.execute(
-        f"""
-        SELECT CASE WHEN {_OWNER_GROUP_SQL} = ANY(%(owner_groups)s) THEN {_OWNER_GROUP_SQL}
-                    ELSE bucket END AS bucket, count(*) AS buckets, min(remaining) AS remaining,
-               max(limit_tokens) AS limit_tokens, max(window_seconds) AS window_seconds,
-               max(paused_until) FILTER (WHERE paused_until > %(now)s) AS paused_until,
-               count(*) FILTER (WHERE paused_until > %(now)s) AS paused, max(updated_at) AS updated_at
-        FROM esi_limits GROUP BY 1 ORDER BY 1
-        """,
-        {"now": now, "owner_groups": list(OWNER_BUCKET_GROUPS)},
-    ).fetchall()
+    """ESI limit state by bucket: the buckets every caller shares, and the per-character buckets
+    ('<group>:<character id>') paused now, folded into their group's row (the one that keeps the group's limit):
+    the lowest remaining count, the latest pause, how many of them are paused, and `buckets`, the rows folded.
+
+    The limiter writes a per-character bucket only to pause it, and keeps the row: the rows of pilots not paused
+    now (up to one per pilot) are not read. They would only add to `buckets` and `updated_at`, at the cost of a
+    pass over them."""
+    return conn.execute(_ESI_LIMIT_BUCKETS_SQL, {"now": now, "owner_groups": list(OWNER_BUCKET_GROUPS)}).fetchall()
 
 
 def esi_call_counts(conn: Connection) -> list[dict]:
