@@ -33,7 +33,8 @@ FAILED_REFS_SHOWN = 20
 def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any], now: datetime) -> dict[str, Any]:
     """Everything /status shows, as plain data (times as aware datetimes)."""
     latest = db.latest_run(conn)
-    stats = db.run_stats(conn, now - METRICS_WINDOW)
+    runs = db.run_figures(conn, now - METRICS_WINDOW, *charted_hours(now))
+    stats = runs.stats
     growth = db.killmail_growth(conn, now)
     isk = db.isk_last_day(conn, now)
     users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
@@ -58,7 +59,7 @@ def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any],
             "isk_destroyed_last_day": float(isk["destroyed"]),
             "isk_lost_last_day": float(isk["lost"]),
         },
-        "hourly": hourly(conn, now),
+        "hourly": hourly(conn, now, runs),
         "queue": queue,
         "users": users,
         "runs": db.recent_runs(conn, limit=RECENT_RUNS),
@@ -73,22 +74,29 @@ def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any],
     }
 
 
-def hourly(conn: db.Connection, now: datetime) -> list[dict[str, Any]]:
+def charted_hours(now: datetime) -> tuple[datetime, datetime]:
+    """The start of the first of the HOURS_CHARTED clock hours (UTC) the charts show, the current one last, and
+    the end of the last."""
+    first = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS_CHARTED - 1)
+    return first, first + timedelta(hours=HOURS_CHARTED)
+
+
+def hourly(conn: db.Connection, now: datetime, runs: db.RunFigures | None = None) -> list[dict[str, Any]]:
     """The last HOURS_CHARTED clock hours (UTC), oldest first, the current one last: killmails stored, runs
     finished by status, and the median and 95th percentile run duration in seconds. An hour with nothing in it
-    counts zeros, and its durations are None."""
-    first = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS_CHARTED - 1)
-    until = first + timedelta(hours=HOURS_CHARTED)
+    counts zeros, and its durations are None. `runs` is db.run_figures' reading for `now`, when the caller has
+    it already."""
+    first, until = charted_hours(now)
+    if runs is None:
+        runs = db.run_figures(conn, now - METRICS_WINDOW, first, until)
     hours: dict[datetime, dict[str, Any]]
     hours = {first + timedelta(hours=n): {"hour": first + timedelta(hours=n), "killmails": 0, "runs": {},
                                           "duration_p50_seconds": None, "duration_p95_seconds": None}
              for n in range(HOURS_CHARTED)}
     for row in db.killmails_per_hour(conn, first, until):
         hours[row["hour"]]["killmails"] = row["killmails"]
-    for row in db.runs_per_hour(conn, first, until):
-        hours[row["hour"]]["runs"][row["status"]] = row["runs"]
-    for row in db.run_durations_per_hour(conn, first, until):
-        hours[row["hour"]].update(duration_p50_seconds=row["p50"], duration_p95_seconds=row["p95"])
+    for row in runs.hours:
+        hours[row["hour"]].update(runs=row["runs"], duration_p50_seconds=row["p50"], duration_p95_seconds=row["p95"])
     return list(hours.values())
 
 
