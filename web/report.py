@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,6 +23,7 @@ from settings import Settings, describe
 from .sources import Sources
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RUNNING_WINDOW = timedelta(minutes=5)   # a run finished this recently means the worker is running
 METRICS_WINDOW = timedelta(hours=24)    # success rate, error rate, durations and growth are over this window
@@ -30,15 +33,25 @@ RECENT_RUNS = 20
 FAILED_REFS_SHOWN = 20
 
 
-def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """Everything /status shows, as plain data (times as aware datetimes)."""
-    latest = db.latest_run(conn)
-    runs = db.run_figures(conn, now - METRICS_WINDOW, *charted_hours(now))
+def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any], now: datetime, *,
+                 beside: db.Connection | None = None) -> dict[str, Any]:
+    """Everything /status shows, as plain data (times as aware datetimes). With a second connection `beside`, the
+    day's runs (the longest read: their percentiles sort every run of the day) are read on it, in a thread, while
+    the rest is read on conn."""
+    first, until = charted_hours(now)
+    with meanwhile(lambda c: db.run_figures(c, now - METRICS_WINDOW, first, until), conn, beside) as day_of_runs:
+        latest = db.latest_run(conn)
+        growth = db.killmail_growth(conn, now)
+        isk = db.isk_last_day(conn, now)
+        users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
+        refs = db.failed_refs(conn, limit=FAILED_REFS_SHOWN)
+        recent = db.recent_runs(conn, limit=RECENT_RUNS)
+        limits = db.esi_limit_buckets(conn, now)
+        calls = db.esi_call_counts(conn)
+        outbox = db.outbox_summary(conn, now)
+        jobs = db.job_health(conn, now, stall_after=settings.job_stall_seconds, stale_claim_after=CLAIM_STALE_SECONDS)
+        runs = day_of_runs()
     stats = runs.stats
-    growth = db.killmail_growth(conn, now)
-    isk = db.isk_last_day(conn, now)
-    users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
-    refs = db.failed_refs(conn, limit=FAILED_REFS_SHOWN)
     last_sync = latest["finished_at"] if latest else None
     return {
         "generated_at": now,
@@ -62,16 +75,29 @@ def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any],
         "hourly": hourly(conn, now, runs),
         "queue": queue,
         "users": users,
-        "runs": db.recent_runs(conn, limit=RECENT_RUNS),
+        "runs": recent,
         "failed_killmails": {"total": refs[0]["total"] if refs else 0, "latest": [
             {**{k: v for k, v in ref.items() if k != "total"}, "gave_up": ref["attempts"] >= settings.max_attempts}
             for ref in refs]},
-        "esi_limits": db.esi_limit_buckets(conn, now),
-        "esi_calls": db.esi_call_counts(conn),
-        "outbox": db.outbox_summary(conn, now),
-        "jobs": db.job_health(conn, now, stall_after=settings.job_stall_seconds,
-                              stale_claim_after=CLAIM_STALE_SECONDS),
+        "esi_limits": limits,
+        "esi_calls": calls,
+        "outbox": outbox,
+        "jobs": jobs,
     }
+
+
+@contextmanager
+def meanwhile(read: Callable[[db.Connection], T], conn: db.Connection, beside: db.Connection | None
+              ) -> Iterator[Callable[[], T]]:
+    """`read` on the connection beside, in a thread of its own while the block runs; the block calls what this
+    yields for the result (an error of the read is raised there). Without a connection beside, that call reads
+    on conn."""
+    if beside is None:
+        yield lambda: read(conn)
+        return
+    # On leaving, even by an error, the executor waits for the read: the connection beside is done with after it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-read") as executor:
+        yield executor.submit(read, beside).result
 
 
 def charted_hours(now: datetime) -> tuple[datetime, datetime]:
