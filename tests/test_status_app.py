@@ -392,6 +392,7 @@ def test_one_request_at_a_time_has_a_second_connection(database_url):
     sources = web.sources.Sources(make_settings(database_url))
     try:
         with sources.connection() as first:
+            assert first.execute("SHOW work_mem").fetchone() == {"work_mem": web.sources.WORK_MEM}
             deadline = time.monotonic() + 5
             while True:  # the pool opens its second connection after the first ask
                 with sources.spare_connection() as spare:
