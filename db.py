@@ -26,6 +26,10 @@ LOCK_PRICES = 3  # one process at a time refreshes the market prices
 # ESI's rate-limit groups whose buckets are per character: esi_limits names them '<group>:<character id>'.
 OWNER_BUCKET_GROUPS = ("char-killmail", "corp-killmail")
 _OWNER_GROUP_SQL = "split_part(bucket, ':', 1)"  # a per-character bucket's group (limits._per_owner in SQL)
+# Not a per-character bucket: one every caller shares, or a group's own row ('char-killmail', its limit). schema.sql's
+# index esi_limits_shared has this very predicate, which a query names word for word (constants, not parameters)
+# for the planner to use the index.
+_SHARED_BUCKET_SQL = "(" + " AND ".join(f"bucket NOT LIKE '{group}:%%'" for group in OWNER_BUCKET_GROUPS) + ")"
 
 
 # TCP keepalives of this session, asked of the server. A worker host that vanishes (power, network) never closes
@@ -1353,21 +1357,63 @@ def latest_run(conn: Connection) -> dict | None:
     ).fetchone()
 
 
-def run_stats(conn: Connection, since: datetime) -> dict:
-    """Runs finished since a time: how many, how many succeeded (ok, partial) or failed (error), durations.
-    Skips of a locked character ('locked') synced nothing and are left out."""
-    return one_row(conn.execute(
-        """
-        SELECT count(*) AS runs,
-               count(*) FILTER (WHERE status IN ('ok', 'partial')) AS succeeded,
-               count(*) FILTER (WHERE status = 'error') AS failed,
-               avg(extract(epoch FROM finished_at - started_at))::float8 AS avg_duration,
-               percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
-                   AS p95_duration
-        FROM sync_runs WHERE finished_at >= %s AND status <> 'locked'
-        """,
-        (since,),
-    ))
+class RunFigures(NamedTuple):
+    """The runs of a day, read in one pass (run_figures)."""
+    stats: dict         # runs, succeeded, failed, avg_duration, p95_duration: over every run of the window
+    hours: list[dict]   # hour, runs ({status: count}), p50, p95: a row for each charted hour with runs in it
+
+
+def run_figures(conn: Connection, since: datetime, first_hour: datetime, until: datetime) -> RunFigures:
+    """Runs finished since `since`, read once for the status page and its charts. Skips of a locked character
+    ('locked') synced nothing and are left out.
+
+    - stats: how many, how many succeeded (ok, partial) or failed (error), their average duration and its 95th
+      percentile in seconds.
+    - hours: the runs finished from `first_hour` until `until` by hour (each row's `hour` is the start of its
+      hour, counted in whole hours from `first_hour`): their count by status, and the median and 95th percentile
+      of their durations in seconds (interpolated between the two nearest runs). An hour with no run has no row.
+
+    `first_hour` is at or after `since`, so each hour charted is whole within the window.
+    """
+    if first_hour < since:
+        raise ValueError("the first hour charted starts before the window read")
+    # Each status is counted by a column of its own (every status ever recorded, from the counters), so the runs
+    # are grouped only by hour: a grouping by hour and status too would sort them once more and work out
+    # percentiles nobody reads. A status recorded for the first time since the counters were read shows as
+    # uncounted runs, and the figures are read again with it.
+    for _ in range(3):
+        statuses = [row["status"] for row in runs_by_status(conn) if row["status"] != "locked"]
+        rows = conn.execute(_run_figures_sql(statuses), {"since": since, "first": first_hour}).fetchall()
+        if all(row["runs"] == sum(row["by_status"]) for row in rows):
+            break
+    whole = next(row for row in rows if row["whole"])
+    counted = dict(zip(statuses, whole["by_status"], strict=True))
+    stats = {"runs": whole["runs"], "succeeded": counted.get("ok", 0) + counted.get("partial", 0),
+             "failed": counted.get("error", 0), "avg_duration": whole["avg_duration"],
+             "p95_duration": whole["durations"][1] if whole["durations"] else None}
+    hours = [{"hour": row["hour"], "runs": {s: n for s, n in zip(statuses, row["by_status"], strict=True) if n},
+              "p50": row["durations"][0], "p95": row["durations"][1]}
+             for row in rows if not row["whole"] and first_hour <= row["hour"] < until]
+    return RunFigures(stats, sorted(hours, key=lambda hour: hour["hour"]))
+
+
+def _run_figures_sql(statuses: Sequence[str]) -> sql.Composed:
+    """run_figures' statement for these statuses: one pass over the runs of the window, by hour and over all.
+
+    The percentiles sort date_part's float8 seconds: the same values as extract's numeric cast to float8 (both the
+    exact microseconds, correctly rounded), without a numeric conversion a row. The average divides the exact sum
+    of the durations in seconds by their number, as avg over extract's numeric does (the same sum, scale and
+    division)."""
+    by_status = sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE status = {})").format(sql.Literal(status))
+                                   for status in statuses)
+    return sql.SQL("""
+        SELECT hour, GROUPING(hour) = 1 AS whole, count(*) AS runs, ARRAY[{by_status}]::bigint[] AS by_status,
+               (extract(epoch FROM sum(duration)) / nullif(count(*), 0))::float8 AS avg_duration,
+               percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY date_part('epoch', duration)) AS durations
+        FROM (SELECT date_bin('1 hour', finished_at, %(first)s) AS hour, status, finished_at - started_at AS duration
+              FROM sync_runs WHERE finished_at >= %(since)s AND status <> 'locked') r
+        GROUP BY ROLLUP (hour)
+        """).format(by_status=by_status)
 
 
 def runs_by_status(conn: Connection) -> list[dict]:
@@ -1419,33 +1465,6 @@ def killmails_per_hour(conn: Connection, since: datetime, until: datetime) -> li
         """
         SELECT date_bin('1 hour', stored_at, %(since)s) AS hour, count(*) AS killmails
         FROM killmails WHERE stored_at >= %(since)s AND stored_at < %(until)s
-        GROUP BY 1 ORDER BY 1
-        """,
-        {"since": since, "until": until},
-    ).fetchall()
-
-
-def runs_per_hour(conn: Connection, since: datetime, until: datetime) -> list[dict]:
-    """Runs finished from `since` until `until`, counted by hour and status (locked skips left out)."""
-    return conn.execute(
-        """
-        SELECT date_bin('1 hour', finished_at, %(since)s) AS hour, status, count(*) AS runs
-        FROM sync_runs WHERE finished_at >= %(since)s AND finished_at < %(until)s AND status <> 'locked'
-        GROUP BY 1, 2 ORDER BY 1, 2
-        """,
-        {"since": since, "until": until},
-    ).fetchall()
-
-
-def run_durations_per_hour(conn: Connection, since: datetime, until: datetime) -> list[dict]:
-    """The median and 95th percentile of the durations in seconds of the runs finished from `since` until
-    `until`, by hour (interpolated between the two nearest runs; locked skips left out)."""
-    return conn.execute(
-        """
-        SELECT date_bin('1 hour', finished_at, %(since)s) AS hour,
-               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p50,
-               percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p95
-        FROM sync_runs WHERE finished_at >= %(since)s AND finished_at < %(until)s AND status <> 'locked'
         GROUP BY 1 ORDER BY 1
         """,
         {"since": since, "until": until},
@@ -1523,20 +1542,29 @@ def failed_refs(conn: Connection, *, limit: int) -> list[dict]:
     ).fetchall()
 
 
+# The shared buckets by esi_limits_shared and the per-character ones paused now by esi_limits_paused, folded.
+_ESI_LIMIT_BUCKETS_SQL = f"""
+    SELECT CASE WHEN {_OWNER_GROUP_SQL} = ANY(%(owner_groups)s) THEN {_OWNER_GROUP_SQL}
+                ELSE bucket END AS bucket, count(*) AS buckets, min(remaining) AS remaining,
+           max(limit_tokens) AS limit_tokens, max(window_seconds) AS window_seconds,
+           max(paused_until) FILTER (WHERE paused_until > %(now)s) AS paused_until,
+           count(*) FILTER (WHERE paused_until > %(now)s) AS paused, max(updated_at) AS updated_at
+    FROM (SELECT * FROM esi_limits WHERE {_SHARED_BUCKET_SQL}
+          UNION ALL
+          SELECT * FROM esi_limits WHERE paused_until > %(now)s AND NOT {_SHARED_BUCKET_SQL}) l
+    GROUP BY 1 ORDER BY 1
+"""
+
+
 def esi_limit_buckets(conn: Connection, now: datetime) -> list[dict]:
-    """ESI limit state by bucket. Per-character buckets ('<group>:<character id>') fold into their group: the
-    lowest remaining count, the latest pause still running, and how many of them are paused."""
-    return conn.execute(
-        f"""
-        SELECT CASE WHEN {_OWNER_GROUP_SQL} = ANY(%(owner_groups)s) THEN {_OWNER_GROUP_SQL}
-                    ELSE bucket END AS bucket, count(*) AS buckets, min(remaining) AS remaining,
-               max(limit_tokens) AS limit_tokens, max(window_seconds) AS window_seconds,
-               max(paused_until) FILTER (WHERE paused_until > %(now)s) AS paused_until,
-               count(*) FILTER (WHERE paused_until > %(now)s) AS paused, max(updated_at) AS updated_at
-        FROM esi_limits GROUP BY 1 ORDER BY 1
-        """,
-        {"now": now, "owner_groups": list(OWNER_BUCKET_GROUPS)},
-    ).fetchall()
+    """ESI limit state by bucket: the buckets every caller shares, and the per-character buckets
+    ('<group>:<character id>') paused now, folded into their group's row (the one that keeps the group's limit):
+    the lowest remaining count, the latest pause, how many of them are paused, and `buckets`, the rows folded.
+
+    The limiter writes a per-character bucket only to pause it, and keeps the row: the rows of pilots not paused
+    now (up to one per pilot) are not read. They would only add to `buckets` and `updated_at`, at the cost of a
+    pass over them."""
+    return conn.execute(_ESI_LIMIT_BUCKETS_SQL, {"now": now, "owner_groups": list(OWNER_BUCKET_GROUPS)}).fetchall()
 
 
 def esi_call_counts(conn: Connection) -> list[dict]:

@@ -14,7 +14,7 @@ bind = os.environ.get("STATUS_BIND") or (f"0.0.0.0:{os.environ['PORT']}" if os.e
 # Two processes of four threads: a slow /status or /metrics never keeps a load balancer's /health waiting.
 workers = 2
 worker_class = "gthread"
-threads = 4
+threads = 4  # web/sources.py's POOL_SIZE has a database connection for each
 # Each worker opens its own pool at its first request; loading the app in the master would gain nothing.
 preload_app = False
 # gunicorn's runtime control socket lives at one path per user: several status apps on one host (or a test run

@@ -301,6 +301,11 @@ CREATE TABLE IF NOT EXISTS esi_limits (
 -- Each process reads every per-character bucket paused beyond now once a second (db.limit_state), beside the
 -- buckets it names: without this index that OR is a pass over a row per pilot, with it a look at the few paused.
 CALL pg_temp.create_index('esi_limits_paused', 'esi_limits (paused_until) WHERE paused_until IS NOT NULL');
+-- The status page reads the buckets every caller shares and the groups' own rows (a handful) apart from the
+-- per-character ones (up to a row per pilot): db.esi_limit_buckets names this predicate word for word
+-- (db._SHARED_BUCKET_SQL).
+CALL pg_temp.create_index('esi_limits_shared', 'esi_limits (bucket) '
+                          'WHERE (bucket NOT LIKE ''char-killmail:%'' AND bucket NOT LIKE ''corp-killmail:%'')');
 
 -- The ledger of ESI's floating windows: what was spent of each bucket ('killmail@<egress>',
 -- 'char-killmail:<character id>', 'error-limit@<egress>' where a token is an error answer) in each whole second,

@@ -5,7 +5,8 @@ timed alone on the same database.
 The world is written by a few INSERT ... SELECT FROM generate_series statements (about a minute), then vacuumed
 and analyzed as autovacuum would leave a steady database:
 - users: 100 000 pilots, last synced over the last 10 minutes; 1 in 50 never synced, 1 in 20 queued, 1 in 100
-  with a revoked grant; one per-character list bucket each in esi_limits, as the limiter leaves them.
+  with a revoked grant; one per-character list bucket each in esi_limits, the most a database keeps (the limiter
+  writes a pilot's when it pauses it, and keeps it), 1 in 5 000 paused for the next hour.
 - killmails: 1 000 000, one every 30 s back from now (the last 24 hours hold 2 880), a raw body of about 600
   bytes (real ones are larger, toasted out of line: the heap a count walks is the same), a third of them losses
   of one of the pilots; each with its reference. 30 000 more references are not stored: 70 % never tried, 20 %
@@ -35,7 +36,7 @@ from enqueue import CLAIM_STALE_SECONDS
 from results import Figure
 from screenshot import serve, status_env
 from settings import Settings
-from web import report
+from web import report, sources
 
 USERS, KILLMAILS, RUNS, UNSTORED_REFS = 100_000, 1_000_000, 200_000, 30_000
 REQUESTS = 30          # sequential requests to each endpoint, after WARM_UP
@@ -112,7 +113,7 @@ WORLD_SQL = [
     f"""
     INSERT INTO esi_limits (bucket, limit_tokens, window_seconds, remaining, paused_until, last_status, updated_at)
     SELECT 'char-killmail:' || (90000000 + g), 300, 900, 290 - g % 50,
-           CASE WHEN g % 5000 = 0 THEN now() + interval '1 minute' END, 304, now() - (g % 600) * interval '1 second'
+           CASE WHEN g % 5000 = 0 THEN now() + interval '1 hour' END, 304, now() - (g % 600) * interval '1 second'
     FROM generate_series(1, {USERS}) g
     """,
     "INSERT INTO esi_limits (bucket, limit_tokens, window_seconds, remaining, last_status) "
@@ -184,7 +185,8 @@ def time_endpoints(url: str, queue: str, requests: int) -> dict[str, dict]:
 
 
 def time_queries(url: str, requests: int) -> dict[str, dict]:
-    """Each status query of db.py timed alone, as web/report.py calls it (p50 and p95 of `requests` calls)."""
+    """Each status query of db.py timed alone, as web/report.py calls it, on a connection with the app's work_mem
+    (p50 and p95 of `requests` calls)."""
     now = datetime.now(UTC)
     settings = Settings(database_url=url, max_attempts=harness.MAX_ATTEMPTS)
     interval, stale = settings.sync_interval_seconds, CLAIM_STALE_SECONDS
@@ -192,13 +194,15 @@ def time_queries(url: str, requests: int) -> dict[str, dict]:
     until = first + timedelta(hours=report.HOURS_CHARTED)
     calls = {
         "latest_run": lambda c: db.latest_run(c),
+        "run_figures": lambda c: db.run_figures(c, now - report.METRICS_WINDOW, first, until),
+        # What run_figures replaced, timed when this file measures code from before it (a worktree of it).
         "run_stats": lambda c: db.run_stats(c, now - report.METRICS_WINDOW),
+        "runs_per_hour": lambda c: db.runs_per_hour(c, first, until),
+        "run_durations_per_hour": lambda c: db.run_durations_per_hour(c, first, until),
         "runs_by_status": lambda c: db.runs_by_status(c),
         "killmail_growth": lambda c: db.killmail_growth(c, now),
         "isk_last_day": lambda c: db.isk_last_day(c, now),
         "killmails_per_hour": lambda c: db.killmails_per_hour(c, first, until),
-        "runs_per_hour": lambda c: db.runs_per_hour(c, first, until),
-        "run_durations_per_hour": lambda c: db.run_durations_per_hour(c, first, until),
         "detail_backlog": lambda c: db.detail_backlog(c, max_attempts=settings.max_attempts),
         "user_states": lambda c: db.user_states(c, now, interval=interval, stale_after=stale),
         "recent_runs": lambda c: db.recent_runs(c, limit=report.RECENT_RUNS),
@@ -210,7 +214,11 @@ def time_queries(url: str, requests: int) -> dict[str, dict]:
     }
     figures = {}
     with db.connect(url, autocommit=True) as conn:
+        if hasattr(sources, "WORK_MEM"):  # the app's sessions' setting (code from before it has none)
+            conn.execute(f"SET work_mem = '{sources.WORK_MEM}'")
         for name, call in calls.items():
+            if not hasattr(db, name):
+                continue
             call(conn)
             times = []
             for _ in range(requests):

@@ -12,6 +12,7 @@ import urllib.request
 from datetime import UTC, datetime, timedelta, timezone
 
 import pika
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,7 +20,7 @@ import db
 import web
 import web.report
 import web.sources
-from helpers import RABBITMQ_URL, ROOT
+from helpers import RABBITMQ_URL, ROOT, make_settings
 from screenshot import (
     ACCESS_TOKEN,
     EXPECTED_USERS,
@@ -208,7 +209,8 @@ def test_status_json_reports_the_known_rows(client, seeded):
     assert (limits["killmail"]["remaining"], limits["killmail"]["limit_tokens"], limits["killmail"]["paused_until"]) \
         == (3412, 3600, None)
     pilots = limits["char-killmail"]
-    assert (pilots["buckets"], pilots["remaining"], pilots["paused"]) == (2, 2, 1)
+    # Pilot 1006's bucket, paused; 1001's is not paused now, and is not read.
+    assert (pilots["buckets"], pilots["remaining"], pilots["paused"]) == (1, 2, 1)
     assert pilots["paused_until"].endswith("Z")
     assert {(c["route_group"], c["status"]): c["calls"] for c in report["esi_calls"]}[("killmail", 502)] == 3
 
@@ -363,6 +365,48 @@ def test_status_is_503_when_the_database_is_unreachable(make_client):
     assert response.get_json()["error"].startswith("database unavailable")
     page = client.get("/status", headers=BROWSER)
     assert page.status_code == 503 and "database unavailable" in page.get_data(as_text=True)
+
+
+def test_the_days_runs_read_beside_make_the_same_report(seeded, database_url):
+    settings = make_settings(database_url)
+    queue = {"name": "q", "depth": 0, "consumers": 0, "retrying": 0, "dead": 0, "error": None}
+    now = datetime.now(UTC)
+    with db.connect(database_url, autocommit=True) as beside:
+        assert web.report.build_report(seeded, settings, queue, now, beside=beside) == \
+            web.report.build_report(seeded, settings, queue, now)
+
+
+def test_an_error_of_the_read_beside_is_raised_by_the_request(seeded, database_url):
+    settings = make_settings(database_url)
+    queue = {"name": "q", "depth": 0, "consumers": 0, "retrying": 0, "dead": 0, "error": None}
+    with db.connect(database_url, autocommit=True) as beside:
+        beside.execute("SET statement_timeout = 1")
+        seeded.execute("LOCK TABLE sync_runs IN ACCESS EXCLUSIVE MODE")  # the read beside waits, then times out
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            web.report.build_report(seeded, settings, queue, datetime.now(UTC), beside=beside)
+        seeded.rollback()
+        assert beside.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # done with when it returned
+
+
+def test_one_request_at_a_time_has_a_second_connection(database_url):
+    sources = web.sources.Sources(make_settings(database_url))
+    try:
+        with sources.connection() as first:
+            assert first.execute("SHOW work_mem").fetchone() == {"work_mem": web.sources.WORK_MEM}
+            deadline = time.monotonic() + 5
+            while True:  # the pool opens its second connection after the first ask
+                with sources.spare_connection() as spare:
+                    if spare is not None:
+                        assert spare is not first and spare.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+                        with sources.connection() as other, sources.spare_connection() as second_spare:
+                            assert other not in (first, spare) and second_spare is None
+                        break
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with sources.connection(), sources.spare_connection() as spare:
+            assert spare is not None  # given back, and the lock with it
+    finally:
+        sources.close()
 
 
 # ---------------------------------------------------------------------------------------------- /metrics

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+import db
 import web.charts
 import web.report
 from screenshot import add_killmail, add_run, charts_in
@@ -73,6 +74,81 @@ def test_hourly_hours_are_utc_clock_hours_whatever_the_zone_of_now(known_hours):
     tokyo = NOW.astimezone(timezone(timedelta(hours=9)))
     assert web.report.hourly(known_hours, tokyo) == web.report.hourly(known_hours, NOW)
     assert web.report.hourly(known_hours, NOW)[0]["hour"].utcoffset() == timedelta(0)
+
+
+def test_run_figures_read_the_window_once_for_the_stats_and_the_hours(known_hours):
+    """The stats cover the whole window (24 hours back from NOW, 12:40); the hours start at FIRST_HOUR (13:00):
+    a run between the two counts in the stats and in no hour."""
+    add_run(known_hours, run(FIRST_HOUR - timedelta(minutes=10), 20.0, "partial"))
+    known_hours.commit()
+    first, until = web.report.charted_hours(NOW)
+    assert (first, until) == (FIRST_HOUR, FIRST_HOUR + timedelta(hours=24))
+    figures = db.run_figures(known_hours, NOW - timedelta(hours=24), first, until)
+    # By hand: the window holds 1, 2, 3, 4, 10 (12:30), 1, 3 (11 h) and 20 (yesterday 12:50); the locked skip and
+    # the run at 12:30 yesterday are out. Sorted 1, 1, 2, 3, 3, 4, 10, 20: the 95th percentile lies 0.95 * 7 = 6.65
+    # places in, 10 + 0.65 * (20 - 10) = 16.5. Succeeded: 4 ok and 2 partial; failed: 1 error.
+    assert figures.stats == {"runs": 8, "succeeded": 6, "failed": 1, "avg_duration": pytest.approx(44 / 8),
+                             "p95_duration": pytest.approx(16.5)}
+    assert [(h["hour"], h["runs"], h["p50"], h["p95"]) for h in figures.hours] == [
+        (datetime(2026, 11, 1, 11, tzinfo=UTC), {"ok": 2}, 2.0, pytest.approx(2.9)),
+        (NOW.replace(minute=0), {"error": 1, "needs_relogin": 1, "ok": 2, "partial": 1}, 3.0, pytest.approx(8.8))]
+
+
+def test_run_figures_of_a_window_with_no_run(conn):
+    add_run(conn, run(NOW - timedelta(minutes=5), 3.0, "locked"))
+    conn.commit()
+    first, until = web.report.charted_hours(NOW)
+    figures = db.run_figures(conn, NOW - timedelta(hours=24), first, until)
+    assert figures == db.RunFigures(
+        {"runs": 0, "succeeded": 0, "failed": 0, "avg_duration": None, "p95_duration": None}, [])
+    with pytest.raises(ValueError):
+        db.run_figures(conn, first + timedelta(seconds=1), first, until)
+
+
+def test_run_figures_count_a_status_recorded_first_after_the_counters_were_read(known_hours, monkeypatch):
+    add_run(known_hours, run(NOW - timedelta(minutes=1), 5.0, "it's new"))
+    known_hours.commit()
+    counters, reads = db.runs_by_status, []
+
+    def read_before_it(conn):  # the first read of the counters comes before the new status's run
+        reads.append(counters(conn))
+        return [r for r in reads[-1] if r["status"] != "it's new"] if len(reads) == 1 else reads[-1]
+    monkeypatch.setattr(db, "runs_by_status", read_before_it)
+    figures = db.run_figures(known_hours, NOW - timedelta(hours=24), *web.report.charted_hours(NOW))
+    assert figures.hours[-1]["runs"] == {"error": 1, "it's new": 1, "needs_relogin": 1, "ok": 2, "partial": 1}
+    assert figures.stats["runs"] == 8 and (figures.stats["succeeded"], figures.stats["failed"]) == (5, 1)
+    assert len(reads) == 2
+
+
+def test_run_figures_average_is_the_former_avg_of_extract(conn):
+    """The average divides the exact sum by the count as avg over numeric seconds did: the same float, to the
+    last bit, for durations whose mean has no short decimal (a third of a microsecond, sevenths)."""
+    for n, micros in enumerate([100_000, 200_000, 400_000, 1, 2, 1_000_000 // 7, 3_000_001, 9_999_999]):
+        add_run(conn, run(NOW - timedelta(minutes=n + 1), micros / 1e6, "ok"))
+    conn.commit()
+    figures = db.run_figures(conn, NOW - timedelta(hours=24), *web.report.charted_hours(NOW))
+    former = conn.execute("SELECT avg(extract(epoch FROM finished_at - started_at))::float8 AS avg, "
+                          "percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) "
+                          "AS p95 FROM sync_runs").fetchone()
+    assert (figures.stats["avg_duration"], figures.stats["p95_duration"]) == (former["avg"], former["p95"])
+
+
+def test_run_figures_read_the_runs_of_the_window_by_an_index(conn):
+    """Two weeks of runs: the day's are read by an index on finished_at, the older ones not at all."""
+    conn.execute("INSERT INTO sync_runs (character_id, started_at, finished_at, status) "
+                 "SELECT g, f - interval '2 seconds', f, 'ok' "
+                 "FROM generate_series(1, 20000) g, LATERAL (SELECT %s - g * interval '1 minute' AS f) x", (NOW,))
+    conn.commit()
+    with db.autocommitted(conn):
+        conn.execute("VACUUM ANALYZE sync_runs")
+    first, until = web.report.charted_hours(NOW)
+    figures = db.run_figures(conn, NOW - timedelta(hours=24), first, until)
+    assert figures.stats["runs"] == 24 * 60  # a minute apart, back to the one finished as the window starts
+    plan = "\n".join(row["QUERY PLAN"] for row in conn.execute(
+        "EXPLAIN (ANALYZE, COSTS OFF) " + db._run_figures_sql(["ok"]).as_string(conn),
+        {"since": NOW - timedelta(hours=24), "first": first}))
+    assert re.search(r"Index (Only )?Scan using sync_runs_finished\w* on sync_runs \(actual .* rows=1440 ", plan), plan
+    assert "Seq Scan" not in plan, plan
 
 
 def test_the_charts_draw_each_hour_with_its_numbers(known_hours):

@@ -1,7 +1,8 @@
 """The status queries that read the counters schema.sql's triggers keep (row_counts) instead of counting the big
 tables: each gives the answer the former count gave, worked out by hand here, and the counters stay exact through
 saves, duplicate saves, failures, deletes and a TRUNCATE, on the real save path (db.save_killmails, db.store_refs,
-db.record_ref_failure, db.record_run)."""
+db.record_ref_failure, db.record_run). And the ESI limit buckets, read by their indexes rather than a row per
+pilot."""
 from __future__ import annotations
 
 import json
@@ -153,3 +154,50 @@ def test_a_failure_counted_while_its_killmail_is_saved_leaves_the_counters_exact
         other.commit()
         saver.join(timeout=10)
     assert counted(conn) == recounted(conn) == {"killmails": 1}
+
+
+def limit_row(conn, bucket, *, limit=None, window=None, remaining=None, paused=None, updated):
+    conn.execute("INSERT INTO esi_limits (bucket, limit_tokens, window_seconds, remaining, paused_until, updated_at) "
+                 "VALUES (%s, %s, %s, %s, %s, %s)", (bucket, limit, window, remaining, paused, updated))
+
+
+def test_esi_limit_buckets_fold_the_pilots_paused_now_into_their_group(conn):
+    at = lambda minutes: NOW + timedelta(minutes=minutes)  # noqa: E731
+    limit_row(conn, "error-limit", limit=100, window=60, remaining=97, updated=at(-1))
+    limit_row(conn, "killmail", limit=3600, window=900, remaining=3412, paused=at(2), updated=at(-2))
+    limit_row(conn, "killmail@2001:db8::1", limit=3600, window=900, remaining=3000, updated=at(-3))  # an IPv6 egress
+    limit_row(conn, "char-killmail", limit=20, window=900, updated=at(-60))  # the group's limit, kept by the limiter
+    limit_row(conn, "char-killmail:1", paused=at(4), updated=at(-4))
+    limit_row(conn, "char-killmail:2", paused=at(9), updated=at(-5))
+    limit_row(conn, "char-killmail:3", paused=at(-1), updated=at(-1))  # its pause is over: not read
+    limit_row(conn, "char-killmail:4", limit=20, window=900, remaining=1, updated=at(-1))  # never paused: not read
+    limit_row(conn, "corp-killmail:98000001", paused=at(1), updated=at(-7))  # a group with no row of its own
+    conn.commit()
+    rows = db.esi_limit_buckets(conn, NOW)
+    # By hand: char-killmail folds its own row and the two pilots paused at NOW (the latest pause ends at +9 min,
+    # the latest write is pilot 1's at -4 min); the remaining counts of pilots 3 and 4 never show.
+    assert [tuple(r.values()) for r in rows] == [
+        ("char-killmail", 3, None, 20, 900, at(9), 2, at(-4)),
+        ("corp-killmail", 1, None, None, None, at(1), 1, at(-7)),
+        ("error-limit", 1, 97, 100, 60, None, 0, at(-1)),
+        ("killmail", 1, 3412, 3600, 900, at(2), 1, at(-2)),
+        ("killmail@2001:db8::1", 1, 3000, 3600, 900, None, 0, at(-3))]
+    assert list(rows[0]) == ["bucket", "buckets", "remaining", "limit_tokens", "window_seconds", "paused_until",
+                             "paused", "updated_at"]
+
+
+def test_esi_limit_buckets_read_no_row_of_a_pilot_not_paused_now(conn):
+    conn.execute("INSERT INTO esi_limits (bucket, paused_until) SELECT 'char-killmail:' || g, "
+                 "CASE WHEN g %% 1000 = 0 THEN %s::timestamptz + interval '1 minute' END "
+                 "FROM generate_series(1, 20000) g", (NOW,))
+    for bucket in ("killmail", "error-limit", "char-killmail"):
+        limit_row(conn, bucket, limit=100, window=60, updated=NOW)
+    conn.execute("ANALYZE esi_limits")
+    conn.commit()
+    assert [(r["bucket"], r["buckets"], r["paused"]) for r in db.esi_limit_buckets(conn, NOW)] == [
+        ("char-killmail", 21, 20), ("error-limit", 1, 0), ("killmail", 1, 0)]
+    plan = "\n".join(r["QUERY PLAN"] for r in conn.execute(
+        "EXPLAIN (ANALYZE, COSTS OFF) " + db._ESI_LIMIT_BUCKETS_SQL,
+        {"now": NOW, "owner_groups": list(db.OWNER_BUCKET_GROUPS)}))
+    assert "Index Scan using esi_limits_shared" in plan and "Index Scan using esi_limits_paused" in plan, plan
+    assert "Seq Scan" not in plan and "Gather" not in plan, plan  # the few rows in one process, not a parallel plan

@@ -211,8 +211,8 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
         queue = sources.queue_state()  # before taking a database connection, which is not held meanwhile
         report, error, code = None, None, 200
         try:
-            with sources.connection() as conn:
-                report = build_report(conn, sources.settings, queue, now)
+            with sources.connection() as conn, sources.spare_connection() as beside:
+                report = build_report(conn, sources.settings, queue, now, beside=beside)
         except psycopg.Error as exc:
             log.warning("status: database unavailable: %s", describe(exc))
             error, code = f"database unavailable: {describe(exc)}", 503

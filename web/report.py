@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,6 +23,7 @@ from settings import Settings, describe
 from .sources import Sources
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RUNNING_WINDOW = timedelta(minutes=5)   # a run finished this recently means the worker is running
 METRICS_WINDOW = timedelta(hours=24)    # success rate, error rate, durations and growth are over this window
@@ -30,14 +33,25 @@ RECENT_RUNS = 20
 FAILED_REFS_SHOWN = 20
 
 
-def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """Everything /status shows, as plain data (times as aware datetimes)."""
-    latest = db.latest_run(conn)
-    stats = db.run_stats(conn, now - METRICS_WINDOW)
-    growth = db.killmail_growth(conn, now)
-    isk = db.isk_last_day(conn, now)
-    users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
-    refs = db.failed_refs(conn, limit=FAILED_REFS_SHOWN)
+def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any], now: datetime, *,
+                 beside: db.Connection | None = None) -> dict[str, Any]:
+    """Everything /status shows, as plain data (times as aware datetimes). With a second connection `beside`, the
+    day's runs (the longest read: their percentiles sort every run of the day) are read on it, in a thread, while
+    the rest is read on conn."""
+    first, until = charted_hours(now)
+    with meanwhile(lambda c: db.run_figures(c, now - METRICS_WINDOW, first, until), conn, beside) as day_of_runs:
+        latest = db.latest_run(conn)
+        growth = db.killmail_growth(conn, now)
+        isk = db.isk_last_day(conn, now)
+        users = db.user_states(conn, now, interval=settings.sync_interval_seconds, stale_after=CLAIM_STALE_SECONDS)
+        refs = db.failed_refs(conn, limit=FAILED_REFS_SHOWN)
+        recent = db.recent_runs(conn, limit=RECENT_RUNS)
+        limits = db.esi_limit_buckets(conn, now)
+        calls = db.esi_call_counts(conn)
+        outbox = db.outbox_summary(conn, now)
+        jobs = db.job_health(conn, now, stall_after=settings.job_stall_seconds, stale_claim_after=CLAIM_STALE_SECONDS)
+        runs = day_of_runs()
+    stats = runs.stats
     last_sync = latest["finished_at"] if latest else None
     return {
         "generated_at": now,
@@ -58,37 +72,57 @@ def build_report(conn: db.Connection, settings: Settings, queue: dict[str, Any],
             "isk_destroyed_last_day": float(isk["destroyed"]),
             "isk_lost_last_day": float(isk["lost"]),
         },
-        "hourly": hourly(conn, now),
+        "hourly": hourly(conn, now, runs),
         "queue": queue,
         "users": users,
-        "runs": db.recent_runs(conn, limit=RECENT_RUNS),
+        "runs": recent,
         "failed_killmails": {"total": refs[0]["total"] if refs else 0, "latest": [
             {**{k: v for k, v in ref.items() if k != "total"}, "gave_up": ref["attempts"] >= settings.max_attempts}
             for ref in refs]},
-        "esi_limits": db.esi_limit_buckets(conn, now),
-        "esi_calls": db.esi_call_counts(conn),
-        "outbox": db.outbox_summary(conn, now),
-        "jobs": db.job_health(conn, now, stall_after=settings.job_stall_seconds,
-                              stale_claim_after=CLAIM_STALE_SECONDS),
+        "esi_limits": limits,
+        "esi_calls": calls,
+        "outbox": outbox,
+        "jobs": jobs,
     }
 
 
-def hourly(conn: db.Connection, now: datetime) -> list[dict[str, Any]]:
+@contextmanager
+def meanwhile(read: Callable[[db.Connection], T], conn: db.Connection, beside: db.Connection | None
+              ) -> Iterator[Callable[[], T]]:
+    """`read` on the connection beside, in a thread of its own while the block runs; the block calls what this
+    yields for the result (an error of the read is raised there). Without a connection beside, that call reads
+    on conn."""
+    if beside is None:
+        yield lambda: read(conn)
+        return
+    # On leaving, even by an error, the executor waits for the read: the connection beside is done with after it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-read") as executor:
+        yield executor.submit(read, beside).result
+
+
+def charted_hours(now: datetime) -> tuple[datetime, datetime]:
+    """The start of the first of the HOURS_CHARTED clock hours (UTC) the charts show, the current one last, and
+    the end of the last."""
+    first = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS_CHARTED - 1)
+    return first, first + timedelta(hours=HOURS_CHARTED)
+
+
+def hourly(conn: db.Connection, now: datetime, runs: db.RunFigures | None = None) -> list[dict[str, Any]]:
     """The last HOURS_CHARTED clock hours (UTC), oldest first, the current one last: killmails stored, runs
     finished by status, and the median and 95th percentile run duration in seconds. An hour with nothing in it
-    counts zeros, and its durations are None."""
-    first = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS_CHARTED - 1)
-    until = first + timedelta(hours=HOURS_CHARTED)
+    counts zeros, and its durations are None. `runs` is db.run_figures' reading for `now`, when the caller has
+    it already."""
+    first, until = charted_hours(now)
+    if runs is None:
+        runs = db.run_figures(conn, now - METRICS_WINDOW, first, until)
     hours: dict[datetime, dict[str, Any]]
     hours = {first + timedelta(hours=n): {"hour": first + timedelta(hours=n), "killmails": 0, "runs": {},
                                           "duration_p50_seconds": None, "duration_p95_seconds": None}
              for n in range(HOURS_CHARTED)}
     for row in db.killmails_per_hour(conn, first, until):
         hours[row["hour"]]["killmails"] = row["killmails"]
-    for row in db.runs_per_hour(conn, first, until):
-        hours[row["hour"]]["runs"][row["status"]] = row["runs"]
-    for row in db.run_durations_per_hour(conn, first, until):
-        hours[row["hour"]].update(duration_p50_seconds=row["p50"], duration_p95_seconds=row["p95"])
+    for row in runs.hours:
+        hours[row["hour"]].update(runs=row["runs"], duration_p50_seconds=row["p50"], duration_p95_seconds=row["p95"])
     return list(hours.values())
 
 

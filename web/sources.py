@@ -1,6 +1,7 @@
-"""Where the web app reads: the database through a small pool per process, the broker through one kept connection
-per process (the queue figures, read at most every few seconds) and short-lived probes with short timeouts
-(/health). Each is made at first use in the process that uses it, so gunicorn's master holds none.
+"""Where the web app reads: the database through a small pool per process (a /status request may take a second
+connection, to read beside its first), the broker through one kept connection per process (the queue figures,
+read at most every few seconds) and short-lived probes with short timeouts (/health). Each is made at first use
+in the process that uses it, so gunicorn's master holds none.
 """
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, cast
 
 import pika
 import pika.exceptions
 import psycopg
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 import broker
 from settings import Settings, describe, load_settings
@@ -25,11 +26,20 @@ from settings import Settings, describe, load_settings
 log = logging.getLogger(__name__)
 
 POOL_WAIT_SECONDS = 1.0       # a request waits this long for a pooled connection, then reports the database down
+# A request's second connection, for a read beside its first, is taken only when one is free (or nearly) at once:
+# waiting for one would cost more than the read it saves.
+SPARE_WAIT_SECONDS = 0.005
+# A connection for each of gunicorn's threads (gunicorn.conf.py), and one more for one request at a time to read
+# beside its own (spare_connection): a request never waits for a connection another request's second one holds.
+POOL_SIZE = 4 + 1
 CONNECT_TIMEOUT_SECONDS = 2   # libpq connect_timeout, for a host that drops packets rather than refusing
 # A pool retries a lost database in the background with growing delays; giving up after a few seconds lets the
 # next request start a fresh attempt at once, so a restarted database is seen again within seconds, not minutes.
 POOL_RECONNECT_SECONDS = 5.0
 STATEMENT_TIMEOUT_MS = 5000   # no status query may hold a connection longer
+# The day's runs are sorted by hour and their durations for the percentiles (db.run_figures), about 100 bytes a
+# run: this keeps 200 000 runs a day in memory, where PostgreSQL's default (4 MB) writes them to temporary files.
+WORK_MEM = "32MB"
 BROKER_TIMEOUT_SECONDS = 1.0  # TCP connect and AMQP handshake, each
 BROKER_CACHE_SECONDS = 1.0    # a probe every few ms must not open a broker connection each time
 QUEUE_CACHE_SECONDS = 5.0     # /status and /metrics read the queue figures at most this often per process
@@ -49,6 +59,7 @@ class Sources:
         self._pool: ConnectionPool[psycopg.Connection[DictRow]] | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
+        self._spare_lock = threading.Lock()  # held by the one request that has the pool's spare connection
         self._broker_lock = threading.Lock()
         self._broker_checked = -math.inf
         self._broker_error: str | None = None
@@ -72,6 +83,23 @@ class Sources:
         with self._get_pool().connection(timeout=POOL_WAIT_SECONDS) as conn:
             yield conn
 
+    @contextmanager
+    def spare_connection(self) -> Iterator[psycopg.Connection[DictRow] | None]:
+        """A second pooled connection as connection() gives, for one request at a time, when one is free within
+        SPARE_WAIT_SECONDS; else None (and the pool, below its size, opens one for a later request)."""
+        if not self._spare_lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            with ExitStack() as stack:
+                try:
+                    conn = stack.enter_context(self._get_pool().connection(timeout=SPARE_WAIT_SECONDS))
+                except PoolTimeout:
+                    conn = None
+                yield conn
+        finally:
+            self._spare_lock.release()
+
     def _get_pool(self) -> ConnectionPool[psycopg.Connection[DictRow]]:
         with self._pool_lock:
             # A pool belongs to the process that opened it: after a fork, the child opens its own.
@@ -79,11 +107,11 @@ class Sources:
                 # Its connections' rows are dicts (kwargs' row_factory), which the pool's type cannot tell: only
                 # a connection_class would, and one given replaces the pool's own (psycopg_pool's PoolConnection).
                 self._pool = cast("ConnectionPool[psycopg.Connection[DictRow]]", ConnectionPool(
-                    self.settings.database_url, min_size=1, max_size=4, open=False, name="status",
+                    self.settings.database_url, min_size=1, max_size=POOL_SIZE, open=False, name="status",
                     timeout=POOL_WAIT_SECONDS, reconnect_timeout=POOL_RECONNECT_SECONDS,
                     check=ConnectionPool.check_connection,
                     kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-                            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"},
+                            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c work_mem={WORK_MEM}"},
                 ))
                 self._pool.open(wait=False)
                 self._pool_pid = os.getpid()
