@@ -107,8 +107,9 @@ def profiled(pid: int, path: Path | None, *, gil: bool = False) -> Iterator[None
     if path is None:
         yield
         return
-    command = ["py-spy", "record", "--subprocesses", "--nonblocking", "--format", "speedscope",
-               "--output", str(path), "--pid", str(pid), *(["--gil"] if gil else [])]
+    beside = Path(sys.executable).parent / "py-spy"  # the venv's, which a bench run need not have on PATH
+    command = [str(beside) if beside.exists() else "py-spy", "record", "--subprocesses", "--nonblocking",
+               "--format", "speedscope", "--output", str(path), "--pid", str(pid), *(["--gil"] if gil else [])]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         yield

@@ -75,8 +75,10 @@ def run_world(name: str, sim: dict, title: str, profile: Path | None) -> tuple[l
     for n in range(RUNS):  # the seed's runs spread among the worker's, so both meet the machine's changes
         spy = None if profile is None else profile.with_stem(f"{profile.stem}-{name}-{n + 1}")
         worker_runs.append(run_worker(world, sim, profile=spy))
+        progress(name, "worker", worker_runs[-1])
         if n % 2 == 0 and len(seed_runs) < SEED_RUNS:
             seed_runs.append(run_seed(world, sim))
+            progress(name, "seed", seed_runs[-1])
     worker = median([r["seconds"] for r in worker_runs])
     seed = median([r["seconds"] for r in seed_runs])
     cpu = median([r["cpu_ms_per_killmail"] for r in worker_runs])
@@ -90,11 +92,18 @@ def run_world(name: str, sim: dict, title: str, profile: Path | None) -> tuple[l
         f"{cpu:.2f} ms CPU a killmail; {kms} kms)", f">= {TARGET:.0f}x", ratio >= TARGET, data)]
     if name == "dense":  # the former default's figure, on the world it was first measured on
         few = run_worker(world, sim, detail_concurrency=FEW)
+        progress(name, f"worker with DETAIL_CONCURRENCY={FEW}", few)
         data[f"worker_detail_concurrency_{FEW}"] = few
         figures.append(Figure(title, f"dense world with DETAIL_CONCURRENCY={FEW} (1 run)",
                               f"{seed / few['seconds']:.1f}x ({few['seconds']:.2f} s)",
                               "(the former default, for comparison)"))
     return figures, data
+
+
+def progress(world: str, who: str, measured: dict) -> None:
+    """Each run's time as it ends: the runs before one that could not be measured are not lost."""
+    cpu = f", {measured['cpu_ms_per_killmail']:.2f} ms CPU a killmail" if "cpu_ms_per_killmail" in measured else ""
+    print(f"  {world} world, {who}: {measured['seconds']:.2f} s{cpu}", flush=True)
 
 
 def run_worker(world: dict, sim: dict, *, profile: Path | None = None, **env_options) -> dict:
