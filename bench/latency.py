@@ -23,7 +23,7 @@ Worker CPU: user + system of the worker parent and its children (/proc/<pid>/sta
 last commit, over the killmails stored.
 
     .venv/bin/python bench/run.py --only latency
-    .venv/bin/python bench/latency.py [--no-headers] [--world dense|sparse] [--profile FILE]
+    .venv/bin/python bench/latency.py [--no-headers] [--world dense|sparse] [--profile FILE [--gil]]
 """
 from __future__ import annotations
 
@@ -56,25 +56,25 @@ def scenario(headers: bool) -> str:
     return "cold sync, 50 ms latency, " + ("ESI's headers, no bucket binds" if headers else "no headers, no bucket")
 
 
-def run(*, headers: bool = True, worlds: tuple[str, ...] = tuple(WORLDS), profile: Path | None = None
-        ) -> tuple[list[Figure], dict]:
+def run(*, headers: bool = True, worlds: tuple[str, ...] = tuple(WORLDS), profile: Path | None = None,
+        gil: bool = False) -> tuple[list[Figure], dict]:
     """Per world, the median start-to-finish time of the worker and of the seed algorithm, and their ratio. With
     `profile`, py-spy samples each of the worker's runs into a file of its own: that name with the world's and the
-    run's number added."""
+    run's number added (with `gil`, only where a thread holds the GIL: the Python code's CPU, not its waits)."""
     sim = HEADERS if headers else NO_HEADERS
     figures, data = [], {"headers": headers, "sim": sim}
     for name in worlds:
-        found, data[name] = run_world(name, sim, scenario(headers), profile)
+        found, data[name] = run_world(name, sim, scenario(headers), profile, gil)
         figures += found
     return figures, {"latency": data}
 
 
-def run_world(name: str, sim: dict, title: str, profile: Path | None) -> tuple[list[Figure], dict]:
+def run_world(name: str, sim: dict, title: str, profile: Path | None, gil: bool) -> tuple[list[Figure], dict]:
     world = WORLDS[name]
     worker_runs, seed_runs = [], []
     for n in range(RUNS):  # the seed's runs spread among the worker's, so both meet the machine's changes
         spy = None if profile is None else profile.with_stem(f"{profile.stem}-{name}-{n + 1}")
-        worker_runs.append(run_worker(world, sim, profile=spy))
+        worker_runs.append(run_worker(world, sim, profile=spy, gil=gil))
         progress(name, "worker", worker_runs[-1])
         if n % 2 == 0 and len(seed_runs) < SEED_RUNS:
             seed_runs.append(run_seed(world, sim))
@@ -106,14 +106,14 @@ def progress(world: str, who: str, measured: dict) -> None:
     print(f"  {world} world, {who}: {measured['seconds']:.2f} s{cpu}", flush=True)
 
 
-def run_worker(world: dict, sim: dict, *, profile: Path | None = None, **env_options) -> dict:
+def run_worker(world: dict, sim: dict, *, profile: Path | None = None, gil: bool = False, **env_options) -> dict:
     """Producer run to last commit (the latest sync_runs.finished_at), with the worker already running, as it
     runs in production (cron starts the producer; the workers are services). One producer run queues the pilots,
     the seed's whole job (their corporations, found by these syncs, would be the next cron run's)."""
     with harness.lab("latency", seed=5, sim_options=sim, world=world) as lab:
         worker = lab.start_ready_worker(prefetch=PREFETCH, **env_options)
         pids = harness.worker_pids([worker.pid])
-        with harness.profiled(worker.pid, profile):
+        with harness.profiled(worker.pid, profile, gil=gil):
             before = sum(harness.cpu_ticks(pid) or 0 for pid in pids)
             started = time.time()
             jobs = lab.queue_and_drain(prefetch=PREFETCH, **env_options)
@@ -164,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="py-spy each of the worker's runs into a file of this name "
                         "with the world and the run added (speedscope format; the worker's times then include "
                         "py-spy's cost)")
+    parser.add_argument("--gil", action="store_true", help="with --profile: only samples where a thread holds the GIL")
     args = parser.parse_args(argv)
-    figures, data = run(headers=not args.no_headers, worlds=tuple(args.world or WORLDS), profile=args.profile)
+    figures, data = run(headers=not args.no_headers, worlds=tuple(args.world or WORLDS), profile=args.profile,
+                        gil=args.gil)
     return report(figures, data)
 
 
