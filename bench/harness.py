@@ -35,6 +35,7 @@ CLIENT_ID, CLIENT_SECRET = "bench-client", "bench-secret"
 USER_AGENT = "killmail-worker-bench/1.0 (bench@example.org)"
 MAX_ATTEMPTS = 8
 LOG_DIR = Path(tempfile.gettempdir()) / "killmail-bench"
+TICKS = os.sysconf("SC_CLK_TCK")  # /proc/<pid>/stat's CPU times are in these
 
 
 class BenchError(Exception):
@@ -79,6 +80,42 @@ def children_of(pid: int) -> list[int]:
         except FileNotFoundError:  # the thread ended meanwhile
             continue
     return children
+
+
+def cpu_ticks(pid: int | None) -> int | None:
+    """User + system clock ticks a process has spent (all its threads), None when it is gone."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+
+
+def worker_pids(parents: list[int]) -> list[int]:
+    """Worker parents and their forked children."""
+    return [*parents, *(child for parent in parents for child in children_of(parent))]
+
+
+@contextmanager
+def profiled(pid: int, path: Path | None, *, gil: bool = False) -> Iterator[None]:
+    """`py-spy record --subprocesses` on a worker parent and its children while the block runs, into `path`
+    (speedscope format); nothing when path is None. With `gil`, only samples where a thread holds the GIL: the
+    Python code's CPU, not its waits. The profiled processes spend more CPU meanwhile."""
+    if path is None:
+        yield
+        return
+    beside = Path(sys.executable).parent / "py-spy"  # the venv's, which a bench run need not have on PATH
+    command = [str(beside) if beside.exists() else "py-spy", "record", "--subprocesses", "--nonblocking",
+               "--format", "speedscope", "--output", str(path), "--pid", str(pid), *(["--gil"] if gil else [])]
+    spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        spy.wait(timeout=120)
 
 
 class Worker:

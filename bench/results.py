@@ -44,3 +44,12 @@ def write_json(path: Path, figures: list[Figure], details: dict[str, Any], meta:
     """Write every figure and each scenario's raw measurements to a JSON file."""
     path.write_text(json.dumps({**meta, "figures": [asdict(f) for f in figures], "scenarios": details},
                                indent=2, default=str) + "\n")
+
+
+def report(figures: list[Figure], data: dict[str, Any]) -> int:
+    """A scenario run alone: its figures, one a line, and its data as JSON on stdout; the exit code (1 when a
+    target is missed)."""
+    for figure in figures:
+        print(f"{figure.measure}: {figure.value} (target {figure.target})")
+    print(json.dumps(data, indent=1, default=str))
+    return 0 if all(f.met is not False for f in figures) else 1

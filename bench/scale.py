@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from pathlib import Path
 import harness  # first: puts the project root on sys.path
 
 # isort: split
-from results import Figure
+from results import Figure, report
 from status_page import USERS, WORLD_SQL
 
 PILOTS = 10_000
@@ -56,7 +55,6 @@ TARGET_CPU_MS = 1.5     # the worker's CPU a warm poll (issue 23): 333 polls a s
 TARGET_RSS_MB = 80.0
 SCENARIO = f"scale: warm polls, {USERS // 1000}k users, 1M killmails"
 TRACE_PATH = Path(__file__).resolve().parent / "trace"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 LINKS_SQL = f"""
     INSERT INTO character_killmails (character_id, killmail_id)
@@ -73,14 +71,8 @@ def run(*, pilots: int = PILOTS, round_trip_pilots: int = ROUND_TRIP_PILOTS, pro
         built = build_world(lab, pilots)
         print(f"  world built in {built['seconds']:.0f} s", flush=True)
         workers = lab.start_ready_workers(WORKERS, prefetch=CHILDREN)
-        spy = None if profile is None else subprocess.Popen(
-            ["py-spy", "record", "--subprocesses", "--nonblocking", "--gil", "--format", "speedscope",
-             "--output", str(profile), "--pid", str(workers[0].pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        timed = timed_pass(lab, workers, pilots)
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-            spy.wait(timeout=120)
+        with harness.profiled(workers[0].pid, profile, gil=True):
+            timed = timed_pass(lab, workers, pilots)
         print(f"  timed pass: {json.dumps(timed)}", flush=True)
         for worker in workers:
             worker.stop()
@@ -147,8 +139,8 @@ def timed_pass(lab: harness.Lab, workers: list[harness.Worker], pilots: int) -> 
     backends: dict[int, int] = {}  # backend pid -> CPU ticks when first seen
     last_seen: dict[int, int] = {}
     sample_backends(lab, backends, last_seen)
-    before = {pid: cpu_ticks(pid) for pid in worker_pids(parents)}
-    broker_before, bench_before = cpu_ticks(broker), os.times()
+    before = {pid: harness.cpu_ticks(pid) for pid in harness.worker_pids(parents)}
+    broker_before, bench_before = harness.cpu_ticks(broker), os.times()
     started = time.time()
     producer, producer_log = launch_producer(lab)
     jobs, producer_usage = None, None
@@ -167,15 +159,15 @@ def timed_pass(lab: harness.Lab, workers: list[harness.Worker], pilots: int) -> 
     else:
         raise harness.BenchError("the warm pass did not end in 30 minutes")
     last = lab.last_commit()
-    after = {pid: cpu_ticks(pid) for pid in worker_pids(parents)}
+    after = {pid: harness.cpu_ticks(pid) for pid in harness.worker_pids(parents)}
     sample_backends(lab, backends, last_seen)
-    broker_after, bench_after = cpu_ticks(broker), os.times()
-    peak_rss = max((harness.rss_mb(pid, field="VmHWM") or 0.0 for pid in worker_pids(parents) if pid not in parents),
-                   default=0.0)
+    broker_after, bench_after = harness.cpu_ticks(broker), os.times()
+    children = [pid for pid in harness.worker_pids(parents) if pid not in parents]
+    peak_rss = max((harness.rss_mb(pid, field="VmHWM") or 0.0 for pid in children), default=0.0)
     worker_ticks = sum(after[pid] - before.get(pid, 0) for pid in after)
     postgres_ticks = sum(last_seen[pid] - backends[pid] for pid in backends)
     polls = jobs
-    ms = 1000 / TICKS / polls
+    ms = 1000 / harness.TICKS / polls
     seconds = last - started
     return {
         "polls": polls, "seconds": round(seconds, 1), "polls_per_s": round(polls / seconds, 1),
@@ -256,31 +248,15 @@ def launch_producer(lab: harness.Lab) -> tuple[subprocess.Popen, Path]:
     return process, log
 
 
-def worker_pids(parents: list[int]) -> list[int]:
-    return [*parents, *(child for parent in parents for child in harness.children_of(parent))]
-
-
 def sample_backends(lab: harness.Lab, first: dict[int, int], last: dict[int, int]) -> None:
     """Read the CPU of every backend of the scenario's database (but the bench's own polling one)."""
     for pid in lab.column("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
                           "AND pid <> pg_backend_pid()"):
-        ticks = cpu_ticks(pid)
+        ticks = harness.cpu_ticks(pid)
         if ticks is None:
             continue
         first.setdefault(pid, ticks)
         last[pid] = ticks
-
-
-def cpu_ticks(pid: int | None) -> int | None:
-    """User + system clock ticks a process has spent (all its threads), None when it is gone."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
 
 
 def beam_pid() -> int | None:
@@ -305,10 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     figures, data = run(pilots=args.pilots, round_trip_pilots=args.round_trip_pilots,
                         profile=args.profile)
-    for figure in figures:
-        print(f"{figure.measure}: {figure.value} (target {figure.target})")
-    print(json.dumps(data, indent=1, default=str))
-    return 0 if all(f.met is not False for f in figures) else 1
+    return report(figures, data)
 
 
 if __name__ == "__main__":
