@@ -595,18 +595,43 @@ def pending_refs(conn: Connection, kind: str, owner_id: int, now: datetime, *, m
     ).fetchall()
 
 
-def get_user_to_sync(conn: Connection, character_id: int, now: datetime, *, max_attempts: int) -> dict | None:
-    """get_user's row, and `refs_pending`: whether pending_refs would find any of the pilot's references now. A list
-    answered 304 adds none, so a sync that finds none pending has nothing to fetch."""
-    return conn.execute(
-        f"""
-        SELECT *, NOT {_LIVE_GRANT_SQL} AS revoked,
-               EXISTS (SELECT 1 FROM character_killmails c JOIN killmail_refs r USING (killmail_id)
-                       WHERE c.character_id = users.character_id AND {_PENDING_REF_SQL}) AS refs_pending
-        FROM users WHERE character_id = %(id)s
-        """,
-        {"id": character_id, "now": now, "max": max_attempts},
-    ).fetchone()
+_USER_TO_SYNC_SQL = f"""
+    SELECT *, NOT {_LIVE_GRANT_SQL} AS revoked,
+           EXISTS (SELECT 1 FROM character_killmails c JOIN killmail_refs r USING (killmail_id)
+                   WHERE c.character_id = users.character_id AND {_PENDING_REF_SQL}) AS refs_pending
+    FROM users
+"""
+# The same row, and its list bucket's tokens for one call taken in the ledger (esi_take_tokens, as limits.take
+# would), only where the list is to be read: a live grant, and Expires passed (or a full sync).
+# (A CASE runs its subquery only when its condition holds; both CTEs are evaluated once.)
+_USER_TO_SYNC_TAKING_SQL = f"""
+    WITH u AS MATERIALIZED ({_USER_TO_SYNC_SQL} WHERE character_id = %(id)s),
+    t AS MATERIALIZED (
+        SELECT CASE WHEN NOT u.revoked AND (%(full)s OR u.list_expires_at IS NULL OR u.list_expires_at <= %(now)s)
+               THEN (SELECT ARRAY[id, calls] FROM esi_take_tokens(
+                         %(ledger_now)s, %(bucket)s, p_calls => %(calls)s, p_cost => %(cost)s,
+                         p_headroom => %(headroom)s, p_limit => %(limit)s, p_window => %(window)s, p_life => %(life)s,
+                         p_floor => %(floor)s, p_reserve => %(reserve)s, p_poll => 0))
+               END AS taken
+        FROM u)
+    SELECT u.*, t.taken[1] AS ledger_id, t.taken[2]::int AS ledger_calls FROM u, t
+"""
+
+
+def get_user_to_sync(conn: Connection, character_id: int, now: datetime, *, max_attempts: int,
+                     take: tuple[datetime | None, TokenTake] | None = None, full: bool = False) -> dict | None:
+    """get_user's row, `revoked`, and `refs_pending`: whether pending_refs would find any of the pilot's references
+    now. A list answered 304 adds none, so a sync that finds none pending has nothing to fetch.
+
+    With `take` (the ledger's clock and a take of the pilot's list bucket, limits.SharedLimits.owner_take), the
+    same statement takes that bucket's tokens for the list call when the list is due: `ledger_id` and
+    `ledger_calls` are the in-flight row, both None when nothing was taken (not due, or no room)."""
+    params = {"id": character_id, "now": now, "max": max_attempts}
+    if take is None:
+        return conn.execute(_USER_TO_SYNC_SQL + " WHERE character_id = %(id)s", params).fetchone()
+    ledger_now, tokens = take
+    return conn.execute(_USER_TO_SYNC_TAKING_SQL,
+                        {**params, **tokens._asdict(), "ledger_now": ledger_now, "full": full}).fetchone()
 
 
 def stranded_refs(conn: Connection, now: datetime, *, max_attempts: int, limit: int) -> list[dict]:
@@ -1114,62 +1139,6 @@ def outbox_summary(conn: Connection, now: datetime) -> dict:
     return {**counts, "refused": refused}
 
 
-# ---------------------------------------------------------------------------------------------- runs
-
-
-_INSERT_RUN_SQL = """
-    INSERT INTO sync_runs (character_id, corporation_id, kind, started_at, finished_at, status, listed, new,
-                           saved, skipped, failed, esi_calls, attempt, worker, error)
-    VALUES (%(character_id)s, %(corporation_id)s, %(kind)s, %(started_at)s, %(finished_at)s, %(status)s,
-            %(listed)s, %(new)s, %(saved)s, %(skipped)s, %(failed)s, %(esi_calls)s, %(attempt)s, %(worker)s,
-            %(error)s)
-"""
-_ADD_ESI_CALLS_SQL = """
-    INSERT INTO esi_calls (route_group, status, calls)
-    SELECT * FROM unnest(%(groups)s::text[], %(statuses)s::int[], %(calls)s::bigint[])
-    ON CONFLICT (route_group, status) DO UPDATE SET calls = esi_calls.calls + EXCLUDED.calls
-"""
-
-
-def record_run(conn: Connection, run: dict) -> None:
-    """Insert one sync_runs row."""
-    conn.execute(_INSERT_RUN_SQL, run)
-
-
-def add_esi_calls(conn: Connection, counts: dict[tuple[str, int], int]) -> None:
-    """Add a job's ESI calls, by route group and status, to the running totals."""
-    if counts:
-        conn.execute(_ADD_ESI_CALLS_SQL, _calls_columns(counts))
-
-
-def _calls_columns(counts: dict[tuple[str, int], int]) -> dict[str, list]:
-    ordered = sorted(counts.items())  # one order for every process: upserts of several rows never deadlock
-    return {"groups": [g for (g, _), _ in ordered], "statuses": [s for (_, s), _ in ordered],
-            "calls": [n for _, n in ordered]}
-
-
-# record_outcome's statement for each kind of owner, composed once at import rather than again for every run.
-_OUTCOME_SQL = {
-    kind: sql.SQL("WITH state AS ({}), calls AS ({}) {}").format(
-        sql.SQL(_FINISH_SQL).format(sql.Identifier(table), sql.Identifier(column)), sql.SQL(_ADD_ESI_CALLS_SQL),
-        sql.SQL(_INSERT_RUN_SQL)).as_string()
-    for kind, (table, column) in _STATE_TABLES.items()}
-
-
-def record_outcome(conn: Connection, run: dict, calls: dict[tuple[str, int], int], *, found_new: bool,
-                   list_cache: tuple[str | None, datetime | None] | None = None) -> None:
-    """A run's end in one statement: its sync_runs row, its ESI calls added to the totals, and its pilot's (or
-    corporation's) sync state as finish_sync leaves it, with the list's ETag and Expires when the run read them
-    and nothing else wrote them (list_cache)."""
-    etag, expires_at = list_cache or (None, None)
-    conn.execute(
-        _OUTCOME_SQL[run["kind"]],
-        {**run, **_calls_columns(calls), "found_new": found_new, "cached": list_cache is not None, "etag": etag,
-         "expires_at": expires_at,
-         "owner_id": run["corporation_id"] if run["kind"] == "corporation" else run["character_id"]},
-    )
-
-
 # ---------------------------------------------------------------------------------------------- ESI limits
 
 
@@ -1276,12 +1245,28 @@ class Booking(NamedTuple):
     ago: float = 0.0
 
 
+class Settlement(NamedTuple):
+    """In-flight rows to end and answers to book (esi_settle), on the ledger's clock (None: the database's)."""
+
+    now: datetime | None
+    ids: Sequence[int]
+    bookings: Sequence[Booking]
+
+
+_SETTLE_CALL = ("esi_settle(%(settle_now)s, %(ids)s::bigint[], %(buckets)s::text[], %(costs)s::int[], "
+                "%(windows)s::int[], %(used)s::int[], %(ago)s::float8[])")
+
+
+def _settle_params(settlement: Settlement) -> dict:
+    columns = [list(column) for column in zip(*settlement.bookings, strict=True)] or [[]] * len(Booking._fields)
+    return {"settle_now": settlement.now, "ids": list(settlement.ids),
+            **dict(zip(("buckets", "costs", "windows", "used", "ago"), columns, strict=True))}
+
+
 def settle_tokens(conn: Connection, now: datetime | None, *, ids: Sequence[int], bookings: Sequence[Booking]) -> None:
     """End these in-flight rows and book what the answers cost, each in the second after it came (schema.sql's
     esi_settle); ESI's own counts book what other apps spent."""
-    columns = [list(column) for column in zip(*bookings, strict=True)] or [[]] * len(Booking._fields)
-    conn.execute("SELECT esi_settle(%s, %s::bigint[], %s::text[], %s::int[], %s::int[], %s::int[], %s::float8[])",
-                 (now, list(ids), *columns))
+    conn.execute(f"SELECT {_SETTLE_CALL}", _settle_params(Settlement(now, ids, bookings)))
 
 
 def prune_ledger(conn: Connection, *, older_than: int) -> int:
@@ -1291,6 +1276,70 @@ def prune_ledger(conn: Connection, *, older_than: int) -> int:
     spent = conn.execute(f"DELETE FROM esi_spent WHERE second < {cut}", (older_than,)).rowcount
     flying = conn.execute(f"DELETE FROM esi_in_flight WHERE sent_at < {cut}", (older_than,)).rowcount
     return spent + flying
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+_RUN_COLUMNS = """
+    INSERT INTO sync_runs (character_id, corporation_id, kind, started_at, finished_at, status, listed, new,
+                           saved, skipped, failed, esi_calls, attempt, worker, error)
+"""
+_RUN_VALUES = """
+    %(character_id)s, %(corporation_id)s, %(kind)s, %(started_at)s, %(finished_at)s, %(status)s,
+    %(listed)s, %(new)s, %(saved)s, %(skipped)s, %(failed)s, %(esi_calls)s, %(attempt)s, %(worker)s, %(error)s
+"""
+_INSERT_RUN_SQL = f"{_RUN_COLUMNS} VALUES ({_RUN_VALUES})"
+_ADD_ESI_CALLS_SQL = """
+    INSERT INTO esi_calls (route_group, status, calls)
+    SELECT * FROM unnest(%(groups)s::text[], %(statuses)s::int[], %(calls)s::bigint[])
+    ON CONFLICT (route_group, status) DO UPDATE SET calls = esi_calls.calls + EXCLUDED.calls
+"""
+
+
+def record_run(conn: Connection, run: dict) -> None:
+    """Insert one sync_runs row."""
+    conn.execute(_INSERT_RUN_SQL, run)
+
+
+def add_esi_calls(conn: Connection, counts: dict[tuple[str, int], int]) -> None:
+    """Add a job's ESI calls, by route group and status, to the running totals."""
+    if counts:
+        conn.execute(_ADD_ESI_CALLS_SQL, _calls_columns(counts))
+
+
+def _calls_columns(counts: dict[tuple[str, int], int]) -> dict[str, list]:
+    ordered = sorted(counts.items())  # one order for every process: upserts of several rows never deadlock
+    return {"groups": [g for (g, _), _ in ordered], "statuses": [s for (_, s), _ in ordered],
+            "calls": [n for _, n in ordered]}
+
+
+# record_outcome's statement for each kind of owner, without and with a settlement of the ledger, composed once at
+# import rather than again for every run. The run row is inserted from the settlement's row: a CTE that is only
+# a SELECT runs when the statement reads it.
+_OUTCOME_SQL = {
+    (kind, settles): sql.SQL("WITH {} state AS ({}), calls AS ({}) {}").format(
+        sql.SQL(f"settled AS (SELECT {_SETTLE_CALL})," if settles else ""),
+        sql.SQL(_FINISH_SQL).format(sql.Identifier(table), sql.Identifier(column)), sql.SQL(_ADD_ESI_CALLS_SQL),
+        sql.SQL(f"{_RUN_COLUMNS} SELECT {_RUN_VALUES} FROM settled" if settles else _INSERT_RUN_SQL)).as_string()
+    for kind, (table, column) in _STATE_TABLES.items() for settles in (False, True)}
+
+
+def record_outcome(conn: Connection, run: dict, calls: dict[tuple[str, int], int], *, found_new: bool,
+                   list_cache: tuple[str | None, datetime | None] | None = None,
+                   settlement: Settlement | None = None) -> None:
+    """A run's end in one statement: its sync_runs row, its ESI calls added to the totals, and its pilot's (or
+    corporation's) sync state as finish_sync leaves it, with the list's ETag and Expires when the run read them
+    and nothing else wrote them (list_cache); with `settlement`, the ledger rows its opening statement took
+    ended and its answers booked (esi_settle)."""
+    etag, expires_at = list_cache or (None, None)
+    conn.execute(
+        _OUTCOME_SQL[run["kind"], settlement is not None],
+        {**run, **_calls_columns(calls), "found_new": found_new, "cached": list_cache is not None, "etag": etag,
+         "expires_at": expires_at,
+         "owner_id": run["corporation_id"] if run["kind"] == "corporation" else run["character_id"],
+         **(_settle_params(settlement) if settlement is not None else {})},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- status page

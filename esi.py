@@ -169,9 +169,24 @@ class Limits(Protocol):
 
     def pause(self, bucket: str, seconds: float, *, status: int) -> None: ...
 
+    def owner_take(self, bucket: str) -> Any: ...
+
+    def prepaid(self, owner: Any, lease_id: int, calls: int) -> None: ...
+
+    def job_bookings(self) -> Any: ...
+
 
 class NoLimits:
     """Limits that never wait: for unit tests and one-off scripts."""
+
+    def owner_take(self, bucket: str) -> None:
+        """Nothing for a job's statements to take."""
+
+    def prepaid(self, owner: Any, lease_id: int, calls: int) -> None:
+        """Never called: owner_take takes nothing."""
+
+    def job_bookings(self) -> None:
+        """Nothing for a job's outcome to book."""
 
     def take(self, bucket: str, *, backlog: bool = False) -> None:
         """Never wait."""
@@ -359,7 +374,7 @@ class EsiClient:
             path, group = f"/characters/{character_id}/killmails/recent/", "char-killmail"
         else:
             path, group = f"/corporations/{corporation_id}/killmails/recent/", "corp-killmail"
-        bucket = f"{group}:{character_id}"  # both list buckets are per app + the character whose token is used
+        bucket = list_bucket(group, character_id)
         for _ in range(MAX_WALK_RESTARTS):
             first = self._get(path, group=group, bucket=bucket, token=token, etag=etag, params={"page": 1})
             pages = parse_pages(first.headers.get("X-Pages"))
@@ -626,6 +641,12 @@ def _read_chunk(response: requests.Response) -> bytes:
         raise requests.exceptions.ContentDecodingError(exc) from exc
     except urllib3.exceptions.SSLError as exc:
         raise requests.exceptions.SSLError(exc) from exc
+
+
+def list_bucket(group: str, character_id: int) -> str:
+    """The rate-limit bucket of a list route ('char-killmail', 'corp-killmail'): per app + the character whose
+    token is used."""
+    return f"{group}:{character_id}"
 
 
 def backoff_seconds(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:

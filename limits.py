@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -203,6 +203,7 @@ class _TokenLease:
     started: int = 0   # calls handed out
     answers: list[tuple[float, int, int | None]] = field(default_factory=list)  # (when, cost, ESI's count)
     closed: bool = False  # taken on a connection since lost: its row may soon look like a dead process's
+    by_job: bool = False  # taken by the job's opening statement, booked by its outcome statement (job_bookings)
 
     def open(self, now: datetime) -> bool:
         """Whether the lease still takes new calls: a call left, and young enough that ESI charges its last
@@ -213,6 +214,14 @@ class _TokenLease:
     def in_flight(self) -> int:
         """Calls handed out and not answered yet."""
         return self.started - len(self.answers)
+
+
+class OwnerTake(NamedTuple):
+    """A call's tokens of a job's own list bucket, for the job's opening statement to take (db.get_user_to_sync):
+    the ledger's clock (None: the database's) and the take."""
+
+    now: datetime | None
+    take: db.TokenTake
 
 
 @dataclass(frozen=True)
@@ -368,9 +377,7 @@ class SharedLimits:
 
     def _take_once(self, bucket: str, limit_row: dict, *, backlog: bool = False) -> tuple[Ticket | None, float]:
         """Take the call's tokens from the ledger: the ticket, or None and the seconds to wait."""
-        limit, window = limit_row.get("limit_tokens"), limit_row.get("window_seconds")
-        if not (limit and window) and _group(bucket) not in self._unlimited:
-            limit, window = DEFAULT_LIMITS.get(_group(bucket), (None, None))
+        limit, window = self._limit(bucket, limit_row)
         if not (limit and window):  # a bucket with no limit (ESI answered without one) is only under the error limit
             return Ticket(bucket), 0.0
         with self._token_lock:
@@ -391,6 +398,43 @@ class SharedLimits:
             self._token_leases.append(tokens)
         return Ticket(bucket, tokens), 0.0
 
+    def _limit(self, bucket: str, limit_row: dict) -> tuple[int | None, int | None]:
+        """The bucket's limit and window: as an answer gave them, else ESI's documented ones (None: no limit)."""
+        limit, window = limit_row.get("limit_tokens"), limit_row.get("window_seconds")
+        if not (limit and window) and _group(bucket) not in self._unlimited:
+            limit, window = DEFAULT_LIMITS.get(_group(bucket), (None, None))
+        return limit, window
+
+    # ------------------------------------------------------------------------------------ a job's own list bucket
+
+    def owner_take(self, bucket: str) -> OwnerTake | None:
+        """What a job may take of its owner's list bucket ('char-killmail:<id>') in the statement that opens it: a
+        call's tokens, as take would ask the ledger for them. Only the holder of the owner's lock calls that bucket,
+        so the take and the booking (job_bookings) can ride on the job's own statements instead of two round trips
+        of their own. None when take must ask as usual: the bucket or the error limit paused, or no limit known."""
+        if not _per_owner(bucket):
+            return None
+        group = _group(bucket)
+        state = self._read([self.error_bucket, bucket, group])
+        until = _paused_until(state)
+        limit, window = self._limit(bucket, _row(state, group))
+        if (until and until > self._clock()) or not (limit and window):
+            return None
+        return OwnerTake(self._ledger_clock(), token_take(bucket, limit, window, calls=1))
+
+    def prepaid(self, owner: OwnerTake, lease_id: int, calls: int) -> None:
+        """The job's opening statement took the owner's list tokens (owner_take): its calls take them from here."""
+        with self._token_lock:
+            self._token_leases.append(_TokenLease(lease_id, owner.take.bucket, owner.take.window, calls, self._clock(),
+                                                  backlog=False, by_job=True))
+
+    def job_bookings(self) -> db.Settlement | None:
+        """The leases the job's opening statement took, out of the process's hands, for its outcome statement to
+        end and book (db.record_outcome). Should that statement fail, their rows count as in flight until their
+        hold ends, a window after their last call: never less than ESI counts."""
+        ids, bookings = self._take_out(lambda lease: lease.by_job and not lease.in_flight())
+        return db.Settlement(self._ledger_clock(), ids, bookings) if ids else None
+
     def _unstart(self, tokens: _TokenLease | None) -> tuple[list[int], list[db.Booking]]:
         """A call that took its tokens does not go after all: they go back to its lease, which may be over."""
         if tokens is None:
@@ -399,15 +443,22 @@ class SharedLimits:
             tokens.started -= 1
         return self._tokens_over()
 
-    def _tokens_over(self, *, waiting: bool = False) -> tuple[list[int], list[db.Booking]]:
+    def _tokens_over(self, *, waiting: bool = False, idle: bool = False) -> tuple[list[int], list[db.Booking]]:
         """Take the token leases that are over out of the process's hands: their ids, and their answers to book.
         A lease with no call in flight is over once it takes no new call, or at once when no thread of the
         process wants its bucket (or all wait for a spent bucket): unused tokens held by one process are calls
-        other processes cannot make."""
-        now, ticks = self._clock(), self._ticks()
+        other processes cannot make. A job's own (prepaid) lease is its outcome's to book, unless the process is
+        `idle`: the job ended without booking it (it failed)."""
+        now = self._clock()
+        return self._take_out(lambda lease: not lease.in_flight() and (
+            idle if lease.by_job else waiting or not lease.open(now) or not self._wanting_tokens.get(lease.bucket)))
+
+    def _take_out(self, over_when: Callable[[_TokenLease], bool]) -> tuple[list[int], list[db.Booking]]:
+        """Take the token leases that are over (`over_when`, asked under the lock) out of the process's hands: their
+        ids, and their answers to book."""
+        ticks = self._ticks()
         with self._token_lock:
-            over = [lease for lease in self._token_leases if not lease.in_flight()
-                    and (waiting or not lease.open(now) or not self._wanting_tokens.get(lease.bucket))]
+            over = [lease for lease in self._token_leases if over_when(lease)]
             self._token_leases = [lease for lease in self._token_leases if lease not in over]
             # ESI does not count the calls this process still holds unused in its other leases; the ledger does.
             unused = {lease.bucket: 0 for lease in over}
@@ -502,7 +553,7 @@ class SharedLimits:
         """End the leases that are over: an idle process (no job) calls this, so that its last lease does not hold
         slots other processes could use until its row's hold ends."""
         try:
-            ids, bookings = self._tokens_over()
+            ids, bookings = self._tokens_over(idle=True)
             self._end(self._over() + ids, bookings)
         except psycopg.Error as exc:
             log.warning("ESI limits: could not end the error leases (%s)", exc)
@@ -700,7 +751,7 @@ class SharedLimits:
         with self._token_lock:
             for tokens in self._token_leases:
                 tokens.closed = True
-        token_ids, bookings = self._tokens_over()
+        token_ids, bookings = self._tokens_over(idle=True)
         try:
             self._end(ids + token_ids, bookings)
         except psycopg.Error as exc:  # a dead session's rows stop counting once the budget is short

@@ -30,6 +30,7 @@ from esi import (
     Paused,
     RateLimited,
     Unauthorized,
+    list_bucket,
     token_scopes,
 )
 from killmail_model import InvalidKillmail, Killmail, named_ids, parse_killmail
@@ -261,11 +262,17 @@ def _release(conn: db.Connection, locks: list[tuple[int, int]]) -> None:
 
 
 def _sync_character_locked(job: Job, character_id: int) -> None:
-    conn, result = job.conn, job.result
+    conn, result, limits = job.conn, job.result, job.esi.limits
+    # The list call's tokens are taken by the same statement when the list is due: only this lock's holder calls
+    # the pilot's list bucket, and a warm poll's ledger then costs no round trip of its own (see _finish).
+    take = limits.owner_take(list_bucket("char-killmail", character_id))
     with db.autocommitted(conn):  # read after the lock: a run that held it has committed all it wrote
-        user = db.get_user_to_sync(conn, character_id, job.now, max_attempts=job.options.max_attempts)
+        user = db.get_user_to_sync(conn, character_id, job.now, max_attempts=job.options.max_attempts, take=take,
+                                   full=job.options.full)
     if user is None:
         raise PermanentJobError(f"unknown character {character_id}: no such user")
+    if take is not None and user["ledger_id"] is not None:
+        limits.prepaid(take, user["ledger_id"], user["ledger_calls"])
     result.character_name = user["character_name"]
     token = _live_token(job, user)
     if token is not None:
@@ -678,7 +685,7 @@ def _finish(job: Job) -> None:
     result.esi_calls = sum(calls.values())
     with db.autocommitted(conn):
         db.record_outcome(conn, run_row(result), calls, found_new=result.linked_new > 0 or result.saved > 0,
-                          list_cache=result.list_cache)
+                          list_cache=result.list_cache, settlement=job.esi.limits.job_bookings())
         for namespace, key in reversed(job.locks):
             db.unlock(conn, namespace, key)
     job.locks.clear()

@@ -45,6 +45,7 @@ from results import Figure, report
 from status_page import USERS, WORLD_SQL
 
 PILOTS = 10_000
+PASSES = 3              # timed passes; the figures are the median one's (a shared machine's load moves each)
 ROUND_TRIP_PILOTS = 1_000
 WORKERS, CHILDREN = 1, 5      # one worker as PREFETCH_COUNT has it: PostgreSQL is shared, 4 connections a child
 SIM = dict(rate_limits=True, detail_bucket=(3600, 900), list_bucket=(30, 900), cache_seconds=300,
@@ -62,28 +63,35 @@ LINKS_SQL = f"""
 """
 
 
-def run(*, pilots: int = PILOTS, round_trip_pilots: int = ROUND_TRIP_PILOTS, profile: Path | None = None
-        ) -> tuple[list[Figure], dict]:
-    """Build the world, time one warm pass, count round trips in a traced one; the figures. With `profile`, py-spy
-    samples the worker and its children through the timed pass (which then costs more CPU) into that file, only
-    where a thread holds the GIL: the Python code's CPU, not its waits."""
+def run(*, pilots: int = PILOTS, round_trip_pilots: int = ROUND_TRIP_PILOTS, profile: Path | None = None,
+        passes: int = PASSES) -> tuple[list[Figure], dict]:
+    """Build the world, time `passes` warm passes (the pilots made due again between them), count round trips in
+    a traced one; the figures, of the pass with the median worker CPU. With `profile`, py-spy samples the worker
+    and its children through the timed passes (which then cost more CPU) into that file, only where a thread
+    holds the GIL: the Python code's CPU, not its waits."""
     with harness.lab("scale", seed=23, sim_options=SIM) as lab:
         built = build_world(lab, pilots)
         print(f"  world built in {built['seconds']:.0f} s", flush=True)
         workers = lab.start_ready_workers(WORKERS, prefetch=CHILDREN)
+        runs = []
         with harness.profiled(workers[0].pid, profile, gil=True):
-            timed = timed_pass(lab, workers, pilots)
-        print(f"  timed pass: {json.dumps(timed)}", flush=True)
+            for number in range(passes):
+                if number:
+                    make_due(lab, pilots)
+                runs.append(timed_pass(lab, workers, pilots))
+                print(f"  timed pass {number + 1}: {json.dumps(runs[-1])}", flush=True)
+        timed = median_pass(runs)
         for worker in workers:
             worker.stop()
         lab.workers.clear()
         trips = round_trip_pass(lab, min(round_trip_pilots, pilots))
     data = {"pilots": pilots, "users": USERS, "workers": WORKERS, "children": CHILDREN, "world": built,
-            **timed, "round_trips": trips}
+            **timed, "passes": runs, "round_trips": trips}
     cpu = timed["cpu_ms_per_poll"]
+    each = ", ".join(f"{r['cpu_ms_per_poll']['worker']:.2f}" for r in runs)
     return [
-        Figure(SCENARIO, "worker CPU a warm poll (parents + children)",
-               f"{cpu['worker']:.2f} ms ({timed['polls']} polls, {timed['refreshes']} refreshes)",
+        Figure(SCENARIO, f"worker CPU a warm poll (parents + children), median of {passes} passes",
+               f"{cpu['worker']:.2f} ms ({timed['polls']} polls, {timed['refreshes']} refreshes; passes: {each})",
                f"<= {TARGET_CPU_MS} ms", cpu["worker"] <= TARGET_CPU_MS, data),
         Figure(SCENARIO, "CPU a poll, other processes",
                f"PostgreSQL {cpu['postgres']:.2f} ms, broker {cpu['broker']:.2f} ms, producer "
@@ -165,6 +173,7 @@ def timed_pass(lab: harness.Lab, workers: list[harness.Worker], pilots: int) -> 
     children = [pid for pid in harness.worker_pids(parents) if pid not in parents]
     peak_rss = max((harness.rss_mb(pid, field="VmHWM") or 0.0 for pid in children), default=0.0)
     worker_ticks = sum(after[pid] - before.get(pid, 0) for pid in after)
+    parent_ticks = sum(after[pid] - before.get(pid, 0) for pid in after if pid in parents)
     postgres_ticks = sum(last_seen[pid] - backends[pid] for pid in backends)
     polls = jobs
     ms = 1000 / harness.TICKS / polls
@@ -174,7 +183,8 @@ def timed_pass(lab: harness.Lab, workers: list[harness.Worker], pilots: int) -> 
         "refreshes": lab.sim.stats()["refreshes"] - refreshes_before,
         "list_statuses": lab.sim.stats()["by_status"],
         "cpu_ms_per_poll": {
-            "worker": round(worker_ticks * ms, 3), "postgres": round(postgres_ticks * ms, 3),
+            "worker": round(worker_ticks * ms, 3), "worker_parents": round(parent_ticks * ms, 3),
+            "postgres": round(postgres_ticks * ms, 3),
             "broker": round((broker_after - broker_before) * ms, 3) if broker else None,
             "producer": round((producer_usage.ru_utime + producer_usage.ru_stime) * 1000 / polls, 3),
             "bench": round((bench_after.user + bench_after.system - bench_before.user - bench_before.system)
@@ -184,16 +194,29 @@ def timed_pass(lab: harness.Lab, workers: list[harness.Worker], pilots: int) -> 
     }
 
 
-def round_trip_pass(lab: harness.Lab, pilots: int) -> dict:
-    """Make `pilots` pilots due again (a quarter of their tokens expired) and count the round trips of traced
-    workers' processes over their polls: the traces' state once every child consumes, and at the end."""
-    trace_dir = Path(tempfile.mkdtemp(prefix="scale-trace-", dir=harness.LOG_DIR.parent))
-    with lab.connect() as conn:
+def median_pass(runs: list[dict]) -> dict:
+    """The pass whose worker CPU a poll is the median (the lower middle one of an even number)."""
+    ranked = sorted(runs, key=lambda r: r["cpu_ms_per_poll"]["worker"])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def make_due(lab: harness.Lab, pilots: int) -> None:
+    """Make the first `pilots` pilots due again, a quarter of their tokens expired, and every other user not due
+    (each statement its own transaction; the dead rows vacuumed, as autovacuum would between passes)."""
+    with lab.connect(autocommit=True) as conn:
         conn.execute("UPDATE users SET last_sync_at = now(), queued_at = NULL")
         conn.execute("""
             UPDATE users SET last_sync_at = now() - interval '1 hour', list_expires_at = now() - interval '1 minute',
                    expires_at = CASE WHEN character_id %% 4 = 0 THEN now() ELSE expires_at END
             WHERE character_id BETWEEN 90000001 AND 90000000 + %s""", (pilots,))
+        conn.execute("VACUUM ANALYZE users")
+
+
+def round_trip_pass(lab: harness.Lab, pilots: int) -> dict:
+    """Make `pilots` pilots due again (a quarter of their tokens expired) and count the round trips of traced
+    workers' processes over their polls: the traces' state once every child consumes, and at the end."""
+    trace_dir = Path(tempfile.mkdtemp(prefix="scale-trace-", dir=harness.LOG_DIR.parent))
+    make_due(lab, pilots)
     env_path = {"PYTHONPATH": os.pathsep.join([str(TRACE_PATH), os.environ.get("PYTHONPATH", "")]).rstrip(
         os.pathsep), "BENCH_TRACE_DIR": str(trace_dir)}
     workers = [traced_worker(lab, env_path) for _ in range(WORKERS)]
@@ -276,11 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pilots", type=int, default=PILOTS)
     parser.add_argument("--round-trip-pilots", type=int, default=ROUND_TRIP_PILOTS)
+    parser.add_argument("--passes", type=int, default=PASSES)
     parser.add_argument("--profile", type=Path, help="py-spy the worker through the timed pass into this file "
                         "(speedscope format; the CPU figures then include py-spy's cost to the worker)")
     args = parser.parse_args(argv)
     figures, data = run(pilots=args.pilots, round_trip_pilots=args.round_trip_pilots,
-                        profile=args.profile)
+                        profile=args.profile, passes=args.passes)
     return report(figures, data)
 
 

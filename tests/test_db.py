@@ -585,3 +585,41 @@ def test_unknown_names_are_not_asked_again_for_a_day(conn):
     assert db.names_of(conn, [1, 2, None]) == {1: "A"}
     db.save_names(conn, [{"id": 2, "category": "corporation", "name": "B"}], [], NOW, unknown_for=timedelta(days=1))
     assert db.names_of(conn, [1, 2]) == {1: "A", 2: "B"}
+
+
+def list_take(character_id: int) -> tuple[None, db.TokenTake]:
+    """A take of one call's tokens of a pilot's list bucket (30 a window), on the database's clock."""
+    return None, db.TokenTake(f"char-killmail:{character_id}", cost=2, headroom=3, limit=30, window=900, floor=0,
+                              reserve=4)
+
+
+def test_the_pilots_row_takes_its_list_tokens_only_when_the_list_is_to_be_read(conn):
+    """Due (Expires passed, or none yet): taken. Fresh: nothing, unless a full sync. A dead grant, or no such
+    user: nothing."""
+    add_user(conn, 1, list_expires_at=NOW - timedelta(minutes=1))
+    add_user(conn, 2, list_expires_at=datetime.now(UTC) + timedelta(hours=1))
+    add_user(conn, 3, refresh_token=None)
+    add_user(conn, 4)
+    with db.autocommitted(conn):
+        def taken(character_id, **options):
+            row = db.get_user_to_sync(conn, character_id, datetime.now(UTC), max_attempts=8,
+                                      take=list_take(character_id), **options)
+            return row and (row["ledger_id"] is not None, row["ledger_calls"])
+        assert taken(1) == (True, 1) and taken(4) == (True, 1)
+        assert taken(2) == (False, None) and taken(2, full=True) == (True, 1)
+        assert taken(3) == (False, None) and taken(5) is None
+        flying = conn.execute("SELECT bucket, count(*) AS n FROM esi_in_flight GROUP BY 1 ORDER BY 1").fetchall()
+    assert [(r["bucket"], r["n"]) for r in flying] == [("char-killmail:1", 1), ("char-killmail:2", 1),
+                                                       ("char-killmail:4", 1)]
+
+
+def test_an_outcome_with_a_settlement_ends_the_rows_taken_and_books_the_answers(conn):
+    add_user(conn, 7, queued_at=NOW)
+    with db.autocommitted(conn):
+        row = db.get_user_to_sync(conn, 7, datetime.now(UTC), max_attempts=8, take=list_take(7))
+        settlement = db.Settlement(None, [row["ledger_id"]], [db.Booking("char-killmail:7", 1, 900, used=3)])
+        db.record_outcome(conn, run_of(7), {("char-killmail", 304): 1}, found_new=False, settlement=settlement)
+    # ESI counted 3: the 2 beyond the ledger's own 1 are another app's.
+    assert ledger_spent(conn, "char-killmail:7", datetime.now(UTC), window=900) == {"own": 1, "other": 2,
+                                                                                   "in_flight": 0}
+    assert conn.execute("SELECT count(*) AS n FROM sync_runs WHERE character_id = 7").fetchone()["n"] == 1

@@ -843,3 +843,17 @@ def test_a_settle_the_database_refuses_loses_no_answer(conn, process, clock, mon
     monkeypatch.setattr(db, "settle_tokens", refuse)
     one.settle(ticket, 200, answer())         # the caller keeps its answer
     assert "could not settle" in caplog.text
+
+
+def test_a_jobs_opening_statement_takes_its_list_bucket_only_while_neither_it_nor_the_error_limit_is_paused(
+        process, clock):
+    shared = process()
+    owner = shared.owner_take("char-killmail:7")
+    assert owner is not None and owner.take == limits.token_take("char-killmail:7", 30, 900)  # ESI's default
+    assert shared.owner_take(DETAIL) is None          # a bucket every process shares is taken as it always was
+    shared.pause("char-killmail:7", 60, status=429)
+    assert shared.owner_take("char-killmail:7") is None and shared.owner_take("char-killmail:8") is not None
+    shared.pause(ERROR_LIMIT_BUCKET, 60, status=420)
+    assert shared.owner_take("char-killmail:8") is None
+    clock.sleep(61)
+    assert shared.owner_take("char-killmail:8") is not None

@@ -16,7 +16,7 @@ import names
 import sync
 import values
 from esi import EsiClient, InvalidGrant
-from helpers import TOKEN_KEYS, insert_users, make_settings, round_trips, wait_until
+from helpers import TOKEN_KEYS, insert_users, ledger_spent, make_settings, round_trips, wait_until
 from limits import SharedLimits
 from tokens import TokenVault, is_sealed
 
@@ -160,6 +160,61 @@ def test_a_warm_poll_locks_reads_writes_its_outcome_and_unlocks_in_four_round_tr
         result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
     assert result.status == "ok" and sim.stats()["by_status"]["304"] >= 1
     assert counted == [4]  # the lock, the pilot's row, the outcome, the unlock
+
+
+def list_ledger(conn, character_id: int) -> dict:
+    """What the ledger counts of a pilot's list bucket in its window (own, other, in flight)."""
+    return ledger_spent(conn, f"char-killmail:{character_id}", datetime.now(UTC), window=900)
+
+
+def test_a_warm_poll_takes_and_books_its_list_tokens_in_its_own_statements(conn, world, sim, monkeypatch):
+    """The pilot's row is read with its list call's tokens taken, the outcome written with the answer booked: the
+    ledger counts exactly the 304's token, and the limiter makes no round trip of its own for the call."""
+    sync_all(conn, world, sim)
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    before = list_ledger(conn, pilot["character_id"])
+    sim.advance(301)
+    conn.commit()
+    ledger_calls = []
+
+    def counted(name):
+        real = getattr(db, name)
+        return lambda *args, **kwargs: ledger_calls.append(name) or real(*args, **kwargs)
+
+    for name in ("take_tokens", "settle_tokens"):
+        monkeypatch.setattr(db, name, counted(name))
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "ok" and sim.stats()["by_status"]["304"] == 1
+    assert ledger_calls == []
+    after = list_ledger(conn, pilot["character_id"])
+    assert before["in_flight"] == after["in_flight"] == 0
+    assert after["own"] - before["own"] == 1  # a 304 costs one token
+
+
+def test_a_job_that_fails_after_its_list_call_leaves_the_booking_to_its_process(conn, world, sim):
+    """The list answers 401: the job fails before its outcome statement, and the tokens its opening statement
+    took are booked when the process ends its leases (as a worker does between jobs)."""
+    sync_all(conn, world, sim)
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    before = list_ledger(conn, pilot["character_id"])
+    sim.advance(301)
+    sim.fail_next(rf"/characters/{pilot['character_id']}/killmails/recent", 401)
+    with pytest.raises(sync.JobError, match="access token refused"):
+        sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert list_ledger(conn, pilot["character_id"])["in_flight"] == 2  # the call's cost, held until booked
+    world.limits.end_idle_leases()
+    after = list_ledger(conn, pilot["character_id"])
+    assert after["in_flight"] == 0 and after["own"] - before["own"] == 5  # a 4xx costs five
+
+
+def test_a_pilots_list_is_not_taken_for_when_its_expires_has_not_passed(conn, world, sim):
+    """A job for a pilot whose list is still fresh (a duplicate delivery) takes nothing from its bucket."""
+    sync_all(conn, world, sim)
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    before = list_ledger(conn, pilot["character_id"])
+    result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
+    assert result.status == "ok" and result.esi_calls == 0
+    assert list_ledger(conn, pilot["character_id"]) == before
 
 
 def test_a_warm_poll_that_refreshes_its_token_stores_it_in_one_more_round_trip(conn, world, sim):
