@@ -33,6 +33,7 @@ import producer
 import rested_burst
 import scale
 import status_page
+import warm_job
 import warm_polls
 import window_backlog
 from results import Figure, format_table, write_json
@@ -55,12 +56,13 @@ SCENARIOS = {
     "producer": producer.run,
     "status": status_page.run,
     "scale": scale.run,
+    "warm_job": warm_job.run,
 }
 # The memory soak lasts 10 minutes and measures RSS, not speed: once its cold part is over (that part runs alone),
 # it goes on in the background while the other scenarios run one at a time, which keeps the whole run
 # shorter by those 10 minutes. Its rounds wait while a scenario that measures speed on the CPU runs.
 BACKGROUND = "memory"
-TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness", "producer", "status", "scale"}
+TIMED = {"latency", "ingest", "warm_polls", "burst", "freshness", "producer", "status", "scale", "warm_job"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
