@@ -1107,3 +1107,20 @@ def test_a_system_esi_does_not_place_raises_an_esi_error(http, status, body, err
     http.add(responses.GET, "https://esi.example/universe/systems/30002053/", status=status, json=body)
     with pytest.raises(error):
         EsiClient(SETTINGS).get_constellation_of(30002053)
+
+
+def test_the_adapter_looks_each_origins_pool_up_once_and_again_once_it_is_closed():
+    adapter = esi.OriginPools()
+
+    def pool(url):
+        request = requests.Request("GET", url).prepare()
+        return adapter.get_connection_with_tls_context(request, True)
+
+    first = pool("http://127.0.0.1:9/characters/1/killmails/recent/?page=1")
+    assert pool("http://127.0.0.1:9/killmails/2/abc/") is first
+    assert pool("http://127.0.0.1:10/killmails/2/abc/") is not first       # another origin, another pool
+    assert pool("https://127.0.0.1:9/killmails/2/abc/") is not first       # another scheme too
+    adapter.poolmanager.clear()  # as when the pool manager evicts a pool: it forgets it, and closes it
+    first.close()
+    again = pool("http://127.0.0.1:9/killmails/2/abc/")
+    assert again is not first and again.pool is not None
