@@ -550,15 +550,14 @@ CREATE TABLE IF NOT EXISTS row_counts (
     PRIMARY KEY (counter, shard)
 );
 
--- Add deltas to counters (in counter order: two sessions on one shard take its rows in the same order). In
--- PL/pgSQL, which keeps the statement's plan for the session: a SQL function's is made again at every call.
+-- Add deltas to counters (in counter order: two sessions on one shard take its rows in the same order).
 CREATE OR REPLACE FUNCTION count_rows(p_counters TEXT[], p_deltas BIGINT[]) RETURNS VOID
-LANGUAGE plpgsql AS $$ BEGIN
+LANGUAGE sql AS $$
     INSERT INTO row_counts (counter, shard, n)
     SELECT c, pg_backend_pid() % 8, sum(d) FROM unnest(p_counters, p_deltas) AS t (c, d)
     WHERE d <> 0 GROUP BY c ORDER BY c
-    ON CONFLICT (counter, shard) DO UPDATE SET n = row_counts.n + EXCLUDED.n;
-END $$;
+    ON CONFLICT (counter, shard) DO UPDATE SET n = row_counts.n + EXCLUDED.n
+$$;
 
 -- Count every counter of one table again from the table itself: when the triggers are first made, and after a
 -- TRUNCATE (which fires no row trigger).
@@ -630,17 +629,13 @@ LANGUAGE plpgsql AS $$ BEGIN
     RETURN NULL;
 END $$;
 
--- Runs recorded, deleted or given another status. A run is inserted alone, at the end of every job: its row's
--- trigger counts it (a statement trigger's table of changed rows cost PostgreSQL more than the insert itself);
--- deletes go by the thousand, counted a statement at a time.
+-- Runs recorded, deleted or given another status.
 CREATE OR REPLACE FUNCTION sync_runs_counted() RETURNS TRIGGER
 LANGUAGE plpgsql AS $$ BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         PERFORM recount_rows('sync_runs');
     ELSIF TG_OP = 'UPDATE' THEN
         PERFORM count_rows(ARRAY['sync_runs:' || OLD.status, 'sync_runs:' || NEW.status], ARRAY[-1, 1]);
-    ELSIF TG_LEVEL = 'ROW' THEN  -- an insert
-        PERFORM count_rows(ARRAY['sync_runs:' || NEW.status], ARRAY[1]);
     ELSE
         PERFORM count_rows(array_agg('sync_runs:' || status), array_agg(runs)) FROM (
             SELECT status, CASE WHEN TG_OP = 'INSERT' THEN 1 ELSE -1 END * count(*) AS runs
@@ -671,11 +666,10 @@ DO $$ BEGIN
             EXECUTE FUNCTION killmail_refs_attempts_counted();
         PERFORM recount_rows('killmails');
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'sync_runs'::regclass AND tgname = 'sync_runs_removed')
-    THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'sync_runs'::regclass AND tgname = 'sync_runs_added') THEN
         LOCK TABLE sync_runs IN SHARE ROW EXCLUSIVE MODE;
-        CREATE TRIGGER sync_runs_inserted AFTER INSERT ON sync_runs
-            FOR EACH ROW EXECUTE FUNCTION sync_runs_counted();
+        CREATE TRIGGER sync_runs_added AFTER INSERT ON sync_runs REFERENCING NEW TABLE AS changed
+            FOR EACH STATEMENT EXECUTE FUNCTION sync_runs_counted();
         CREATE TRIGGER sync_runs_removed AFTER DELETE ON sync_runs REFERENCING OLD TABLE AS changed
             FOR EACH STATEMENT EXECUTE FUNCTION sync_runs_counted();
         CREATE TRIGGER sync_runs_truncated AFTER TRUNCATE ON sync_runs
@@ -693,19 +687,9 @@ CALL pg_temp.create_index('killmail_refs_failed',
 CALL pg_temp.create_index('sync_runs_finished_covering', 'sync_runs (finished_at) INCLUDE (started_at, status)');
 
 -- What an older version made and this one does not have goes, so that applying this file upgrades a database in
--- place: a column and two foreign keys (attackers and items are written with their killmail, see above), the
--- statement trigger that counted inserted runs (a row trigger replaces it, in the same transaction: no run is
--- counted twice or missed), and every other signature of the ledger's functions (workers still calling one need
--- this version's code).
+-- place: a column and two foreign keys (attackers and items are written with their killmail, see above), and
+-- every other signature of the ledger's functions (workers still calling one need this version's code).
 CALL pg_temp.drop_column('esi_limits', 'next_slot');
-DO $$ BEGIN
-    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'sync_runs'::regclass AND tgname = 'sync_runs_added') THEN
-        LOCK TABLE sync_runs IN SHARE ROW EXCLUSIVE MODE;
-        DROP TRIGGER sync_runs_added ON sync_runs;
-        CREATE TRIGGER sync_runs_inserted AFTER INSERT ON sync_runs
-            FOR EACH ROW EXECUTE FUNCTION sync_runs_counted();
-    END IF;
-END $$;
 CALL pg_temp.drop_constraint('attackers', 'attackers_killmail_id_fkey');
 CALL pg_temp.drop_constraint('killmail_items', 'killmail_items_killmail_id_fkey');
 DO $$

@@ -140,24 +140,6 @@ def test_the_schema_applied_again_counts_rows_written_before_its_triggers(conn):
     assert counted(conn) == recounted(conn) == {"killmails": 2, "sync_runs:ok": 1}
 
 
-def test_a_database_whose_runs_a_statement_trigger_counted_is_moved_to_the_row_trigger_without_a_miscount(conn):
-    """An older version counted inserted runs in a statement trigger (sync_runs_added); applying this schema puts
-    the row trigger in its place, and each run is still counted once."""
-    record_run(conn, "ok", NOW)
-    conn.execute("DROP TRIGGER sync_runs_inserted ON sync_runs")
-    conn.execute("CREATE TRIGGER sync_runs_added AFTER INSERT ON sync_runs REFERENCING NEW TABLE AS changed "
-                 "FOR EACH STATEMENT EXECUTE FUNCTION sync_runs_counted()")
-    conn.commit()
-    record_run(conn, "error", NOW)                 # counted by the older trigger
-    db.apply_schema(conn)
-    conn.commit()
-    triggers = {r["tgname"] for r in conn.execute("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal "
-                                                  "AND tgrelid = 'sync_runs'::regclass")}
-    assert "sync_runs_inserted" in triggers and "sync_runs_added" not in triggers
-    record_run(conn, "ok", NOW)
-    assert counted(conn) == recounted(conn) == {"sync_runs:ok": 2, "sync_runs:error": 1}
-
-
 def test_a_failure_counted_while_its_killmail_is_saved_leaves_the_counters_exact(conn, database_url):
     list_refs(conn, 1)
     fail(conn, 1)
