@@ -451,7 +451,8 @@ class SharedLimits:
         `idle`: the job ended without booking it (it failed)."""
         now = self._clock()
         return self._take_out(lambda lease: not lease.in_flight() and (
-            idle if lease.by_job else waiting or not lease.open(now) or not self._wanting_tokens.get(lease.bucket)))
+            idle if lease.by_job
+            else (waiting or not lease.open(now) or not self._wanting_tokens.get(lease.bucket))))
 
     def _take_out(self, over_when: Callable[[_TokenLease], bool]) -> tuple[list[int], list[db.Booking]]:
         """Take the token leases that are over (`over_when`, asked under the lock) out of the process's hands: their

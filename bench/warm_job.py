@@ -33,7 +33,7 @@ import killmail_worker
 import names
 import settings as settings_module
 from results import Figure, median, report
-from scale import EXPIRED_SHARE, SIM
+from scale import EXPIRED_SHARE, SIM, make_due
 
 PILOTS = 2_000
 ROUNDS = 5
@@ -87,11 +87,7 @@ def child_rounds(lab: harness.Lab, bodies: list[bytes], rounds: int) -> list[flo
         child.process(body, 1)
     per_round = []
     for _ in range(rounds):
-        with lab.connect(autocommit=True) as conn:
-            conn.execute("""
-                UPDATE users SET list_expires_at = now() - interval '1 minute',
-                       last_sync_at = now() - interval '1 hour',
-                       expires_at = CASE WHEN character_id % 4 = 0 THEN now() ELSE expires_at END""")
+        make_due(lab, len(bodies))
         started = time.process_time()
         for body in bodies:
             child.process(body, 1)
