@@ -350,13 +350,15 @@ END $$;
 -- A row in flight counts for `p_hold` seconds at most (a killed process's); a lease hands its calls out for
 -- `p_life` seconds after it was taken. The check and the take are one step under the bucket's advisory lock, for
 -- every process on every host, and one round trip. Times are the database's clock, one for every host, unless
--- the caller gives one.
+-- the caller gives one. Both takes and esi_settle read a bucket's rows by key and never the whole table: a
+-- session keeps its plans until the table is analyzed again, and one made while the ledger held a few rows would
+-- otherwise read all of them on every call once it holds a row per pilot (enable_seqscan off, for the function).
 CREATE OR REPLACE FUNCTION esi_take_calls(p_now TIMESTAMPTZ, p_bucket TEXT, p_calls INTEGER, p_cost INTEGER,
                                           p_headroom INTEGER, p_frees INTEGER, p_limit INTEGER, p_window INTEGER,
                                           p_hold INTEGER, p_life INTEGER, p_floor INTEGER, p_calm_floor INTEGER,
                                           p_reserve INTEGER, p_charged BOOLEAN, p_poll DOUBLE PRECISION,
                                           OUT id BIGINT, OUT calls INTEGER, OUT wait DOUBLE PRECISION)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     now_ TIMESTAMPTZ;
     since TIMESTAMPTZ;
@@ -456,7 +458,7 @@ $$;
 -- spent: only what is sure to be another app's is booked.
 CREATE OR REPLACE FUNCTION esi_settle(p_now TIMESTAMPTZ, p_ids BIGINT[], p_buckets TEXT[], p_costs INTEGER[],
                                       p_windows INTEGER[], p_used INTEGER[], p_ago DOUBLE PRECISION[])
-RETURNS VOID LANGUAGE plpgsql AS $$
+RETURNS VOID LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     now_ TIMESTAMPTZ;
     since TIMESTAMPTZ;

@@ -373,6 +373,45 @@ def test_take_tokens_on_the_database_clock_and_prune(conn):
     assert db.prune_ledger(conn, older_than=3600) == 1
 
 
+def table_scans(conn) -> dict[str, int]:
+    """Sequential scans of the ledger's tables so far, this session's included (flushed at its next idle moment)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return {r["relname"]: r["seq_scan"] for r in conn.execute(
+        "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname IN ('esi_spent', 'esi_in_flight')")}
+
+
+def test_the_ledger_looks_a_bucket_up_by_its_key_however_stale_the_statistics(conn):
+    """The ledger's tables grow to a row per pilot's list call (300 000 spent at 100 000 pilots polled every 300 s)
+    from a few rows when a worker's session made its plans, with statistics taken then. A plan that reads the
+    whole table would cost each call those rows, and a session keeps its plans until the table is analyzed
+    again. Every take and settle looks its bucket's rows up by key."""
+    conn.autocommit = True
+    grow = ("INSERT INTO esi_spent (bucket, second, own) SELECT 'char-killmail:' || i, %(at)s, 1 "
+            "FROM generate_series(%(first)s::int, %(last)s::int) AS i")
+    conn.execute(grow, {"at": NOW, "first": 1, "last": 100})
+    conn.execute("ANALYZE esi_spent")
+    conn.execute("ANALYZE esi_in_flight")
+    slots = db.SlotTake("error-limit", limit=100, window=60, hold=400, floor=50, calm_floor=10, slots=1)
+
+    def calls(seconds):
+        for n in seconds:  # more than the custom plans a session makes before it may keep a generic one
+            later = NOW + timedelta(seconds=n)
+            settle(conn, later, take(conn, later, limit=10_000)[0], used=2 * n + 2)
+            error = db.take_error_slots(conn, later, slots, poll=0.05)
+            db.settle_tokens(conn, later, ids=[error.id], bookings=[db.Booking("error-limit", 0, 60)])
+
+    calls(range(8))
+    conn.execute(grow, {"at": NOW, "first": 101, "last": 20_000})
+    conn.execute("INSERT INTO esi_in_flight (bucket, sent_at, tokens) SELECT 'char-killmail:' || i, %s, 1 "
+                 "FROM generate_series(1, 20000) AS i", (NOW,))
+    conn.execute("DELETE FROM esi_in_flight WHERE bucket LIKE 'char-killmail:%%'")  # dead rows until a vacuum
+    before = table_scans(conn)
+    calls(range(8, 16))
+    assert table_scans(conn) == before
+    assert ledger_spent(conn, "killmail", NOW + timedelta(seconds=16), window=60)["own"] == 32
+
+
 def test_record_limit_only_extends_a_pause(conn):
     db.record_limit(conn, "error-limit", limit_tokens=None, window_seconds=None, remaining=5,
                     paused_until=NOW + timedelta(seconds=30), status=420)
