@@ -88,6 +88,7 @@ MAX_SHARED_WAIT = 120.0    # the same for a bucket every process shares (the det
                            # are the pace of its tokens coming back, and long ones a bucket spent for minutes
 STOP_WAIT = 10.0           # a stopping process still waits this long for tokens to finish its jobs
 STATE_TTL = 1.0            # seconds a process trusts its last read of the shared pauses and limits
+ERRORS_RECOUNT = 1.0       # seconds a process books ESI's unchanged error count at most once in (see _errors_news)
 RECHECK = 1.0              # a call waiting for tokens looks at the pauses at least this often
 WRITE_EVERY = 5.0          # seconds between routine writes of a bucket's remaining count (for the status page)
 LEASE_SLOTS = 16           # at most this many error slots leased at once: one process never holds the whole budget
@@ -280,6 +281,7 @@ class SharedLimits:
         self._cancelled = threading.Event()
         self.on_wait: Callable[[], None] = lambda: None  # told of each wait the ledger decreed (a job's progress)
         self._errors_seen_at: datetime | None = None  # this process's last answer that showed ESI counting errors
+        self._errors_booked: tuple[int, float] | None = None  # ESI's error count this process booked last, and when
 
     def cancel_waits(self) -> None:
         """End every wait of this process's calls for ESI's limits now (Paused), and refuse new ones."""
@@ -620,13 +622,29 @@ class SharedLimits:
         if limit and ticket.tokens is None:
             # The call that found its bucket's limit (a bucket not metered until now) spends from it.
             bookings = [*bookings, db.Booking(ticket.bucket, answer_cost(status), limit[1])]
-        counted = errors_remain is not None and errors_remain < ERROR_LIMIT  # ESI counts errors in its window
-        if ticket.lease is not None and (error_cost(status) or counted):  # an ESI call (SSO's are not counted)
+        # An ESI call (SSO's are not counted): its own error, and ESI's count when it has news for the ledger.
+        if ticket.lease is not None and (self._errors_news(errors_remain) or error_cost(status)):
             # The ledger counts this process's unused slots as in flight (idle ones, and those whose error is
             # booked besides); ESI does not see them.
             used = ERROR_LIMIT - errors_remain + self._unused_slots() if errors_remain is not None else None
             bookings = [*bookings, db.Booking(self.error_bucket, error_cost(status), ERROR_WINDOW, used)]
         self._end(ids, bookings)
+
+    def _errors_news(self, errors_remain: int | None) -> bool:
+        """Whether an answer's count of errors (ESI counts some in its window) is to be booked: it moved since
+        this process booked it last, or a second has passed since. A window's errors show in every answer until
+        it ends, and its count only grows until then: the same count again is nothing new, but for what the calls
+        in flight of other processes hid at the last booking (see esi_settle), which a booking a second catches
+        up on. Without this, every answer in the minute after one error anywhere behind the IP cost a query."""
+        if errors_remain is None or errors_remain >= ERROR_LIMIT:
+            return False
+        now = self._ticks()
+        with self._slots:
+            last = self._errors_booked
+            if last is not None and last[0] == errors_remain and now - last[1] < ERRORS_RECOUNT:
+                return False
+            self._errors_booked = (errors_remain, now)
+            return True
 
     def _record(self, bucket: str, status: int, headers: Any, limit: tuple[int, int] | None,
                 remaining: int | None) -> None:

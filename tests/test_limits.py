@@ -602,6 +602,32 @@ def test_threads_of_a_process_lease_error_slots_together_and_an_answer_without_e
     assert spent(conn, ERROR_LIMIT_BUCKET, clock)["in_flight"] == 0
 
 
+def test_esis_count_of_errors_is_booked_when_it_moves_and_at_most_once_a_second_when_it_does_not(
+        conn, process, clock, monkeypatch):
+    """Every answer in a window that saw errors shows ESI's count until the window ends. The same count again has
+    nothing new for the ledger: within a second it costs no query; a count that moved is booked at once."""
+    one = process()
+    learn(one, "character", "")                 # the route has no bucket: only its error slots are booked
+    booked = []
+    real = db.settle_tokens
+    monkeypatch.setattr(db, "settle_tokens", lambda conn, now, *, ids, bookings: booked.extend(
+        b.used for b in bookings if b.bucket == ERROR_LIMIT_BUCKET) or real(conn, now, ids=ids, bookings=bookings))
+
+    def answers(count, remain):
+        for _ in range(count):
+            one.settle(one.take("character"), 200, {"X-ESI-Error-Limit-Remain": str(remain)})
+
+    answers(10, 70)                              # 30 errors, not ours: booked once
+    assert len(booked) == 1 and spent(conn, ERROR_LIMIT_BUCKET, clock)["other"] == 30
+    answers(1, 65)                               # 5 more: booked at once
+    assert len(booked) == 2 and spent(conn, ERROR_LIMIT_BUCKET, clock)["other"] == 35
+    clock.sleep(limits.ERRORS_RECOUNT)
+    answers(10, 65)                              # a second on: once more, with nothing new to book
+    assert len(booked) == 3 and spent(conn, ERROR_LIMIT_BUCKET, clock)["other"] == 35
+    one.settle(one.take("character"), 502, {"X-ESI-Error-Limit-Remain": "64"})  # our own error: booked
+    assert len(booked) == 4 and spent(conn, ERROR_LIMIT_BUCKET, clock)["own"] == 1
+
+
 def test_an_error_is_booked_when_it_comes_and_its_slot_is_not_handed_out_again(conn, process, clock):
     shared = process()
     shared.settle(shared.take("character"), 200, {"X-ESI-Error-Limit-Remain": "100"})
