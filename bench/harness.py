@@ -2,6 +2,7 @@
 run as operators run them (subprocesses with an environment), and a look at the worker children's memory."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -51,6 +52,29 @@ def wait_until(predicate: Callable[[], object], *, timeout: float, what: str, ev
             return value
         time.sleep(every)
     raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# Linux folds the peak RSS of the process a command was forked from into the command's own ru_maxrss (at its exec):
+# run straight from the bench, whose worlds make it hundreds of MB, a command's peak would read as the bench's. A
+# small launcher process forks the command instead and reports its rusage, with only the launcher's few MB folded in.
+_LAUNCHER = """
+import json, os, sys, time
+report, argv = sys.argv[1], sys.argv[2:]
+started = time.monotonic()
+_, status, usage = os.wait4(os.posix_spawn(argv[0], argv, os.environ), 0)
+with open(report, "w") as out:
+    json.dump({"exit": os.waitstatus_to_exitcode(status), "seconds": time.monotonic() - started,
+               "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}, out)
+"""
+
+
+def run_measured(argv: list[str], *, env: dict[str, str], output) -> dict:
+    """Run a command to its end, its output to `output`: its exit status, wall seconds from its launch to its exit,
+    CPU seconds (user + system) and peak RSS (ru_maxrss), through the launcher above."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as report:
+        subprocess.run([sys.executable, "-c", _LAUNCHER, report.name, *argv], env=env, cwd=ROOT, stdout=output,
+                       stderr=subprocess.STDOUT, check=True)
+        return json.load(report)
 
 
 def rss_mb(pid: int, *, field: str = "VmRSS") -> float | None:

@@ -2,16 +2,14 @@
 
 The users are written straight into PostgreSQL (the web app's five columns, never synced, so every one is due and
 none has a corporation); no simulator is needed, since the producer calls no ESI. The run is a subprocess timed
-from its launch to its exit, and `os.wait4` gives its CPU seconds (user + system) and its peak RSS (`ru_maxrss`).
+from its launch to its exit, and `os.wait4` gives its CPU seconds (user + system) and its peak RSS (`ru_maxrss`),
+read by a small launcher process (`harness.run_measured`): straight from the bench, the bench's own peak would count.
 Afterwards the bench checks that it did the whole job: the queue holds one message a pilot and every pilot is
 claimed with its claim confirmed.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 
 import harness
 from results import Figure
@@ -51,12 +49,8 @@ def run_once(lab: harness.Lab) -> dict:
     log = harness.LOG_DIR / f"{lab.queue}-producer.log"
     harness.LOG_DIR.mkdir(exist_ok=True)
     with open(log, "w") as output:
-        started = time.monotonic()
-        process = subprocess.Popen([sys.executable, str(harness.ROOT / "queue_killmails.py")], cwd=harness.ROOT,
-                                   env=lab.env(), stdout=output, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.monotonic() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return {"exit": process.returncode, "seconds": round(seconds, 2),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        measured = harness.run_measured([sys.executable, str(harness.ROOT / "queue_killmails.py")], env=lab.env(),
+                                        output=output)
+    return {"exit": measured["exit"], "seconds": round(measured["seconds"], 2),
+            "cpu_seconds": round(measured["cpu_seconds"], 2), "peak_rss_mb": round(measured["peak_rss_mb"], 1),
             "output": log.read_text()}
