@@ -133,6 +133,11 @@ def error_cost(status: int) -> int:
     return 1 if status == 0 or status >= 400 else 0
 
 
+def counts_errors(errors_remain: int | None) -> bool:
+    """Whether an answer says ESI counts errors in its window (X-ESI-Error-Limit-Remain below the limit)."""
+    return errors_remain is not None and errors_remain < ERROR_LIMIT
+
+
 def reserve(limit_tokens: int) -> int:
     """Tokens kept back while another app spends the same bucket."""
     return max(RESERVE_CALLS * CALL_COST, int(limit_tokens * RESERVE_SHARE))
@@ -281,7 +286,8 @@ class SharedLimits:
         self._cancelled = threading.Event()
         self.on_wait: Callable[[], None] = lambda: None  # told of each wait the ledger decreed (a job's progress)
         self._errors_seen_at: datetime | None = None  # this process's last answer that showed ESI counting errors
-        self._errors_booked: tuple[int, float] | None = None  # ESI's error count this process booked last, and when
+        # ESI's count of errors this process booked last (its X-ESI-Error-Limit-Remain), and when (_errors_news).
+        self._errors_booked: tuple[int | None, float] | None = None
 
     def cancel_waits(self) -> None:
         """End every wait of this process's calls for ESI's limits now (Paused), and refuse new ones."""
@@ -598,8 +604,7 @@ class SharedLimits:
         remaining = _int(headers.get("X-Ratelimit-Remaining"))
         try:
             errors_remain = _int(headers.get("X-ESI-Error-Limit-Remain"))
-            counted = errors_remain is not None and errors_remain < ERROR_LIMIT  # ESI counts errors in its window
-            if ticket.lease is not None and (error_cost(status) or counted):
+            if ticket.lease is not None and (error_cost(status) or counts_errors(errors_remain)):
                 self._end_the_calm()  # before the slot goes back, so that a lease left idle ends with this answer
             ended = self._give_back(ticket.lease, error=error_cost(status) > 0)
             if ticket.tokens is not None:
@@ -636,7 +641,7 @@ class SharedLimits:
         it ends, and its count only grows until then: the same count again is nothing new, but for what the calls
         in flight of other processes hid at the last booking (see esi_settle), which a booking a second catches
         up on. Without this, every answer in the minute after one error anywhere behind the IP cost a query."""
-        if errors_remain is None or errors_remain >= ERROR_LIMIT:
+        if not counts_errors(errors_remain):
             return False
         now = self._ticks()
         with self._slots:
