@@ -214,15 +214,15 @@ def try_lock(conn: Connection, namespace: int, key: int) -> bool:
 
 def wait_lock(conn: Connection, namespace: int, key: int, *, timeout: float) -> bool:
     """Take the session-level lock, waiting up to `timeout` seconds for its holder; False when it was not freed.
-    Ends the caller's transaction."""
-    conn.commit()
+    Ends the caller's transaction; works in autocommit mode too (the wait's own transaction bounds it)."""
+    if not conn.autocommit:
+        conn.commit()
     try:
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(timeout * 1000)}ms",))
-        conn.execute("SELECT pg_advisory_lock(%s, %s)", (namespace, _lock_key(key)))
+        with conn.transaction():
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(timeout * 1000)}ms",))
+            conn.execute("SELECT pg_advisory_lock(%s, %s)", (namespace, _lock_key(key)))
     except psycopg.errors.LockNotAvailable:
-        conn.rollback()
         return False
-    conn.commit()
     return True
 
 

@@ -296,7 +296,7 @@ class Child:
             self.job_thread.start()  # here, not at the fork: a child that never gets a job runs no thread for it
         self.job_in_hand = True
         self.job_idle.clear()
-        self.deliveries.put((connection, channel, method.delivery_tag, properties, body))
+        self.deliveries.put((connection, channel, method.delivery_tag, method.redelivered, properties, body))
 
     def run_jobs(self) -> None:
         """The job thread: run each delivery the I/O thread hands over, one at a time, for the process's life."""
@@ -312,12 +312,12 @@ class Child:
                 logging.shutdown()
                 os._exit(70)
 
-    def run_job(self, connection, channel, delivery_tag: int, properties, body: bytes) -> None:
+    def run_job(self, connection, channel, delivery_tag: int, redelivered: bool, properties, body: bytes) -> None:
         """The job thread: do the work, then hand the outcome to the I/O thread."""
         headers = properties.headers if isinstance(properties.headers, dict) else {}
         attempt = broker.attempt_number(headers.get(broker.ATTEMPT_HEADER))
         try:
-            outcome = self.process(body, attempt)
+            outcome = self.process(body, attempt, redelivered=redelivered)
         except Exception as exc:  # a bug must not kill the child with the message unaccounted for
             log.exception("job crashed")
             self.drop_db()  # the crash may have left claims and locks in its session: they end with it
@@ -332,8 +332,10 @@ class Child:
         except BROKER_ERRORS:
             log.warning("connection lost before the ack; the job will be redelivered")
 
-    def process(self, body: bytes, attempt: int) -> Outcome:
-        """Decode and run one job, with the database connection retried in place if it dies."""
+    def process(self, body: bytes, attempt: int, *, redelivered: bool = False) -> Outcome:
+        """Decode and run one job, with the database connection retried in place if it dies. A redelivered job
+        waits a moment for its owner's lock: the process that had it may have just died, its session not yet
+        ended, and skipping the job would leave the pilot unsynced until the next producer run."""
         try:
             job = broker.decode_job(body)
         except broker.BadMessage as exc:
@@ -344,17 +346,17 @@ class Child:
         self.heartbeat.start(job.character_id)
         self.limits.allow_waits()
         try:
-            return self.run_sync(job, attempt)
+            return self.run_sync(job, attempt, lock_wait=sync.REDELIVERED_LOCK_WAIT if redelivered else 0.0)
         finally:
             self.heartbeat.end()
             self.esi.forget_grants()
 
-    def run_sync(self, job: broker.Job, attempt: int) -> Outcome:
+    def run_sync(self, job: broker.Job, attempt: int, *, lock_wait: float = 0.0) -> Outcome:
         """Run a decoded job; a lost database connection runs it again, up to DB_RETRIES_PER_JOB times."""
         for tries in range(1, DB_RETRIES_PER_JOB + 1):
             result = sync.SyncResult(job.character_id, corporation_id=job.corporation_id, kind=job.kind,
                                      attempt=attempt, worker=self.worker_name)
-            options = self.sync_options(full=job.full, attempt=attempt)
+            options = self.sync_options(full=job.full, attempt=attempt, lock_wait=lock_wait)
             try:
                 self.ensure_db()
                 # The clock is read once PostgreSQL answers: minutes spent waiting for it must not age the job's

@@ -49,6 +49,8 @@ SAVE_EVERY = 1.0                        # seconds a fetched killmail waits for i
 TICK = 1.0                              # seconds between a waiting job's looks at its deadline and at a stop
 FINISH_WAIT = 10.0                      # seconds an interrupted job waits for the fetches already under way: a
                                         # stop's grace is 30 s, and a fetch past this is fetched again later
+REDELIVERED_LOCK_WAIT = 5.0             # seconds a redelivered job waits for its owner's lock: the holder is most
+                                        # likely the session of the process that had the job, ending as it died
 VALUE_BATCH = 200                       # killmails saved without a value (no prices then) one job values at most
 
 
@@ -126,6 +128,7 @@ class SyncOptions:
     progress: Callable[[], None] = lambda: None  # told of each fetched killmail and each saved batch
     cancel_waits: Callable[[], None] = lambda: None  # ends the waits of the job's calls for ESI's limits
     finish_wait: float = FINISH_WAIT    # seconds an interrupted job waits for the fetches under way
+    lock_wait: float = 0.0              # seconds the job waits for its owner's lock; 0: skipped if it is held
     tokens: TokenVault = TokenVault()   # seals and opens refresh tokens at rest (TOKEN_KEY)
     # The market prices: one book per process (the worker's child holds it), loaded once and refreshed when ESI's
     # Expires passes; a caller that passes none gets one book for every call of this process without options.
@@ -185,7 +188,7 @@ def sync_character(conn: db.Connection, esi: EsiClient, character_id: int, now: 
                    options: SyncOptions = SyncOptions()) -> SyncResult:
     """Sync one pilot's kills and losses, holding its lock; returns the result already recorded in sync_runs."""
     result = SyncResult(character_id, started_at=now, attempt=options.attempt, worker=options.worker)
-    locks = _lock(conn, [(db.LOCK_CHARACTER, character_id)])
+    locks = _lock(conn, [(db.LOCK_CHARACTER, character_id)], wait=options.lock_wait)
     if locks is None:
         # Its own run (a duplicate job) or its corporation's run with its token holds the lock: free the user
         # for the next producer run, or the claim would keep it unsynced until the claim goes stale.
@@ -205,7 +208,8 @@ def sync_corporation(conn: db.Connection, esi: EsiClient, corporation_id: int, c
     director's locks (the token may be refreshed); returns the recorded result."""
     result = SyncResult(character_id, corporation_id=corporation_id, kind="corporation", started_at=now,
                         attempt=options.attempt, worker=options.worker)
-    locks = _lock(conn, [(db.LOCK_CORPORATION, corporation_id), (db.LOCK_CHARACTER, character_id)])
+    locks = _lock(conn, [(db.LOCK_CORPORATION, corporation_id), (db.LOCK_CHARACTER, character_id)],
+                  wait=options.lock_wait)
     if locks is None:
         # The director's own sync (or this corporation's) is running: free the corporation for the next run.
         log.info("  🔒 corporation %s or its director is being synced; skipping", corporation_id)
@@ -235,12 +239,14 @@ def _locked_run(job: Job) -> Iterator[None]:
         _release(job.conn, job.locks)
 
 
-def _lock(conn: db.Connection, keys: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
-    """Take every lock, each a (namespace, key) pair, or none; None when another process holds one of them."""
+def _lock(conn: db.Connection, keys: list[tuple[int, int]], *, wait: float = 0.0) -> list[tuple[int, int]] | None:
+    """Take every lock, each a (namespace, key) pair, or none; None when another process holds one of them (for
+    up to `wait` seconds each)."""
     taken = []
     with db.autocommitted(conn):  # session locks, one statement each: no transaction to hold them in
         for namespace, key in keys:
-            if not db.try_lock(conn, namespace, key):
+            if not (db.wait_lock(conn, namespace, key, timeout=wait) if wait
+                    else db.try_lock(conn, namespace, key)):
                 break
             taken.append((namespace, key))
         else:

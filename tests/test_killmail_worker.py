@@ -270,6 +270,24 @@ def test_a_failed_jobs_wait_is_the_errors_own_field_and_outcomes_are_four(conn, 
                                                                                   "release")
 
 
+def test_only_a_redelivered_job_waits_for_its_pilots_lock(conn, database_url, queue_name, monkeypatch):
+    """RabbitMQ marks a job redelivered when the process that had it died or lost its connection: that process's
+    session may still hold the pilot's lock for a moment, so the job waits for it. A first delivery does not:
+    its pilot's lock is held by a live run (a duplicate job), which the wait would only idle behind."""
+    waits = []
+
+    def synced(conn, esi, character_id, now, *, options):
+        waits.append(options.lock_wait)
+        return sync.SyncResult(character_id)
+    monkeypatch.setattr(sync, "sync_character", synced)
+    child = killmail_worker.Child(make_settings(database_url, queue_name=queue_name), burst=True)
+    body = broker.encode_job(broker.new_job(42, "Pilot"))
+    outcomes = [child.process(body, 1), child.process(body, 1, redelivered=True)]
+    child.drop_db()
+    assert [o.action for o in outcomes] == ["ack", "ack"]
+    assert waits == [0.0, sync.REDELIVERED_LOCK_WAIT]
+
+
 # ---------------------------------------------------------------------------------------------- a job's end
 # A child's own consume loop on the real broker, its `process` replaced: RabbitMQ delivers the job, the job thread
 # runs it, the I/O loop publishes the retry or dead letter and acks. The job queue is empty at the end only if the
@@ -311,7 +329,7 @@ def where_jobs_are(settings) -> dict[str, int]:
 
 
 def crashing(exc: Exception):
-    def process(body, attempt):
+    def process(body, attempt, *, redelivered=False):
         raise exc
     return process
 
@@ -381,7 +399,7 @@ def test_a_childs_jobs_run_on_one_thread_for_its_life_each_acked(database_url, q
     child = killmail_worker.Child(settings, burst=True)
     ran_on: list[int] = []
 
-    def process(body, attempt):
+    def process(body, attempt, *, redelivered=False):
         ran_on.append(threading.get_ident())
         return killmail_worker.Outcome("ack")
     child.process = process
@@ -398,7 +416,7 @@ def test_a_childs_jobs_run_on_one_thread_for_its_life_each_acked(database_url, q
 def test_a_retry_that_cannot_be_published_as_asked_is_dead_lettered_and_acked(database_url, queue_name):
     settings = make_settings(database_url, queue_name=queue_name)
     outcome = killmail_worker.Outcome("retry", "paused", float("inf"))   # a delay no expiration can carry
-    run_one_job(settings, lambda body, attempt: outcome, headers={})
+    run_one_job(settings, lambda body, attempt, **_: outcome, headers={})
     dead = broker.dead_queue(queue_name)
     assert where_jobs_are(settings) == {dead: 1}
     (properties, _), = messages(dead)

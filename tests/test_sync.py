@@ -592,6 +592,51 @@ def test_a_locked_character_is_skipped_without_calls_and_freed_for_the_next_prod
     assert run == {"status": "locked", "error": "being synced by another process", "esi_calls": 0}
 
 
+def advisory_waiters(conn) -> int:
+    """Sessions waiting for an advisory lock."""
+    n = conn.execute("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()["n"]
+    conn.commit()
+    return n
+
+
+def test_a_redelivered_job_waits_for_the_lock_of_a_session_that_is_ending_and_syncs(conn, world, sim, database_url):
+    """A job redelivered after its process was killed can reach PostgreSQL before the dead process's session has
+    ended, its lock still held: it waits (lock_wait) rather than skip the pilot until the next producer run."""
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    db.claim_user(conn, pilot["character_id"], now_for(sim), stale_after=7200)
+    conn.commit()
+    dying = db.connect(database_url)
+    assert db.try_lock(dying, db.LOCK_CHARACTER, pilot["character_id"])
+    results: list[sync.SyncResult] = []
+    options = sync.SyncOptions(lock_wait=sync.REDELIVERED_LOCK_WAIT)
+    with db.connect(database_url) as job_conn, db.connect(database_url) as looker:
+        job = threading.Thread(target=lambda: results.append(
+            sync.sync_character(job_conn, world, pilot["character_id"], now_for(sim), options=options)))
+        job.start()
+        wait_until(lambda: advisory_waiters(looker) == 1, timeout=10, what="the job waiting for the lock")
+        dying.close()  # the killed process's session ends
+        job.join(timeout=30)
+        assert not job.is_alive()
+        assert job_conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert results[0].status == "ok" and results[0].new > 0
+    assert db.get_user(conn, pilot["character_id"])["queued_at"] is None
+
+
+def test_a_lock_held_past_the_wait_skips_the_job_as_a_held_lock_does(conn, world, sim, database_url):
+    pilot = next(p for p in sim.pilots() if not p["revoked"])
+    with db.connect(database_url) as other:
+        assert db.try_lock(other, db.LOCK_CHARACTER, pilot["character_id"])  # a live run of the same pilot
+        sim.reset_stats()
+        started = time.monotonic()
+        result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim),
+                                     options=sync.SyncOptions(lock_wait=0.2))
+        waited = time.monotonic() - started
+    assert result.status == "locked" and sim.stats()["requests"] == 0
+    assert 0.2 <= waited < 5
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert conn.execute("SELECT current_setting('lock_timeout') AS t").fetchone()["t"] == "0"  # nothing lingers
+
+
 def test_a_finished_job_leaves_no_lock_and_no_open_transaction(conn, world, sim, database_url):
     pilot = next(p for p in sim.pilots() if not p["revoked"])
     result = sync.sync_character(conn, world, pilot["character_id"], now_for(sim))
