@@ -657,17 +657,25 @@ def stranded_refs(conn: Connection, now: datetime, *, max_attempts: int, limit: 
 
 
 def claim_refs(conn: Connection, killmail_ids: Sequence[int], now: datetime, *, seconds: int) -> list[dict]:
-    """Claim references for fetching; those another live process holds, or already stored, are not returned."""
+    """Claim references for fetching; those another live process holds, or already stored, are not returned.
+
+    A reference another transaction has locked right now (another job claiming or releasing it) is skipped, not
+    waited for: that job is the one fetching it. Two claims that waited for each other's rows, each locking in
+    the order of its own plan, deadlocked when pilots who share killmails were synced at once."""
     if not killmail_ids:
         return []
     return conn.execute(
         """
+        WITH free AS (
+            SELECT r.killmail_id FROM killmail_refs r
+            WHERE r.killmail_id = ANY(%(ids)s)
+              AND (r.claimed_until IS NULL OR r.claimed_until < %(now)s OR r.claimed_by = pg_backend_pid()
+                   -- a claim dies with the process that made it: a killed worker's connection is gone at once
+                   OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.claimed_by))
+              AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+            FOR NO KEY UPDATE SKIP LOCKED)
         UPDATE killmail_refs r SET claimed_until = %(until)s, claimed_by = pg_backend_pid()
-        WHERE r.killmail_id = ANY(%(ids)s)
-          AND (r.claimed_until IS NULL OR r.claimed_until < %(now)s OR r.claimed_by = pg_backend_pid()
-               -- a claim dies with the process that made it: a killed worker's connection is gone at once
-               OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.claimed_by))
-          AND NOT EXISTS (SELECT 1 FROM killmails k WHERE k.killmail_id = r.killmail_id)
+        FROM free WHERE r.killmail_id = free.killmail_id
         RETURNING r.killmail_id, r.killmail_hash
         """,
         {"ids": list(killmail_ids), "now": now, "until": now + timedelta(seconds=seconds)},

@@ -368,7 +368,11 @@ class Child:
                 else:
                     result = sync.sync_character(self.conn, self.esi, job.character_id, now, options=options)
             except psycopg.OperationalError as exc:
-                log.warning("⚠️  database connection lost during the job (%s); running it again", exc)
+                # A deadlock or serialization failure (SQLSTATE class 40, transaction rollback) is one too, on a
+                # live connection.
+                rolled_back = (exc.sqlstate or "").startswith("40")
+                what = "the database rolled the job's transaction back" if rolled_back else "database connection lost"
+                log.warning("⚠️  %s during the job (%s); running it again", what, exc)
                 self.drop_db()
                 if tries == DB_RETRIES_PER_JOB:
                     return self.failure(job, attempt, f"database: {exc}", result=result)

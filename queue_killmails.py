@@ -83,10 +83,13 @@ def queue_due(conn: db.Connection, settings: Settings, now: datetime, *, users: 
         problems: list[str] = []
 
         def settle(confirmed: list[Claim], failed: list[tuple[Claim, str]]) -> None:
+            # A transaction a kind: a corporation's job holds its corporation's row and then writes its
+            # director's users row, so a settle holding pilots' rows while it waited for a corporation's
+            # would deadlock with it.
             for kind in kinds:
                 db.confirm_claims(conn, kind, [c.owner_id for c in confirmed if c.kind == kind])
                 db.release_claims(conn, kind, [c.owner_id for c, _ in failed if c.kind == kind])
-            conn.commit()
+                conn.commit()
             for claim in confirmed:
                 queued["users" if claim.kind == "character" else "corporations"] += 1
             problems.extend(f"{claim.label}: {why}" for claim, why in failed)

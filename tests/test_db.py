@@ -224,6 +224,23 @@ def test_refs_pending_claimed_once_and_failures_bounded(conn, database_url):
     assert [r["killmail_id"] for r in pending] == [11]
 
 
+def test_a_claim_skips_references_another_claim_is_locking_and_never_waits_for_it(conn, database_url):
+    """Two jobs of pilots who share killmails claim at once. A claim that waited for the other's locked rows
+    could deadlock with it (each locking in its own plan's order); it takes the rows free now instead."""
+    add_user(conn, 1)
+    db.store_refs(conn, "character", 1, [(10, "a"), (11, "b"), (12, "c")])
+    conn.commit()
+    with db.connect(database_url) as other:
+        assert sorted(r["killmail_id"] for r in db.claim_refs(other, [10, 11], NOW, seconds=600)) == [10, 11]
+        # `other` has not committed: its rows are locked. A claim that waited for them would fail here.
+        conn.execute("SET lock_timeout = '2s'")
+        assert [r["killmail_id"] for r in db.claim_refs(conn, [12, 11, 10], NOW, seconds=600)] == [12]
+        conn.commit()
+        other.commit()
+        assert db.claim_refs(conn, [10, 11], NOW, seconds=600) == []  # claimed by `other`, whose session is live
+    conn.execute("RESET lock_timeout")
+
+
 def test_save_killmails_stores_everything_once(conn):
     killmail = sample()
     assert db.save_killmails(conn, [killmail]) == [killmail.killmail_id]

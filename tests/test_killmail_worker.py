@@ -11,6 +11,7 @@ import typing
 from datetime import UTC, datetime
 
 import pika
+import psycopg
 import pytest
 from cryptography.fernet import Fernet
 
@@ -286,6 +287,26 @@ def test_only_a_redelivered_job_waits_for_its_pilots_lock(conn, database_url, qu
     child.drop_db()
     assert [o.action for o in outcomes] == ["ack", "ack"]
     assert waits == [0.0, sync.REDELIVERED_LOCK_WAIT]
+
+
+def test_a_deadlock_runs_the_job_again_and_is_logged_as_what_it_is(conn, database_url, queue_name, monkeypatch,
+                                                                    caplog):
+    """PostgreSQL ends one of two deadlocked transactions (DeadlockDetected, an OperationalError as a lost
+    connection is): the job runs again in place, and the log does not send the operator after the network."""
+    tries = []
+
+    def synced(conn, esi, character_id, now, *, options):
+        tries.append(character_id)
+        if len(tries) == 1:
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return sync.SyncResult(character_id)
+    monkeypatch.setattr(sync, "sync_character", synced)
+    child = killmail_worker.Child(make_settings(database_url, queue_name=queue_name), burst=True)
+    outcome = child.process(broker.encode_job(broker.new_job(42, "Pilot")), 1)
+    child.drop_db()
+    assert outcome.action == "ack" and tries == [42, 42]
+    assert "the database rolled the job's transaction back during the job (deadlock detected)" in caplog.text
+    assert "connection lost" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- a job's end

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pika
@@ -253,6 +254,49 @@ def test_a_live_producers_unconfirmed_claims_are_left_alone(conn, settings, data
         assert run.returncode == 0 and "✓ Found 1 users to sync" in run.stdout
         assert [m[2]["character_id"] for m in drain(settings.queue_name)] == [1001]
         assert claims(conn) == {"claimed": 2, "unconfirmed": 1}
+
+
+def lock_waiters(conn) -> int:
+    n = conn.execute("SELECT count(*) AS n FROM pg_locks WHERE NOT granted").fetchone()["n"]
+    conn.commit()
+    return n
+
+
+@pytest.mark.timeout(60)
+def test_confirming_holds_no_pilot_while_it_waits_for_a_corporations_row(conn, settings, database_url,
+                                                                         monkeypatch):
+    """A corporation's job holds its corporation's row, then writes its director's users row (db.set_director).
+    The producer's confirms, waiting for that corporation's row, must not hold the director's row meanwhile: the
+    two would deadlock."""
+    scopes = "esi-killmails.read_killmails.v1 esi-killmails.read_corporation_killmails.v1"
+    insert_users(conn, pilots(2))
+    conn.execute("UPDATE users SET corporation_id = 98000001, scopes = %s WHERE character_id = 1001", (scopes,))
+    conn.commit()
+    real = broker.publish_confirmed
+    outcome: list = []
+    with db.connect(database_url) as job, db.connect(database_url) as looker:
+
+        def settled_at_once(url, queue, batches, settle, *, window):
+            """The confirms of both kinds settled in one call (as when they arrive together), after a worker took
+            the corporation's job and wrote its row."""
+            confirmed, failed = [], []
+            real(url, queue, batches, lambda c, f: (confirmed.extend(c), failed.extend(f)), window=window)
+            job.execute("UPDATE corporations SET list_etag = 'x' WHERE corporation_id = 98000001")
+            settle(confirmed, failed)
+        monkeypatch.setattr(broker, "publish_confirmed", settled_at_once)
+        with db.connect(database_url) as producer:
+            run = threading.Thread(target=lambda: outcome.append(
+                queue_killmails.queue_due(producer, settings, NOW, users=True)))
+            run.start()
+            wait_until(lambda: lock_waiters(looker) == 1, timeout=30, what="the confirm waiting for the job's row")
+            job.execute("SET lock_timeout = '5s'")  # a confirm holding the director's row would time this out
+            db.set_director(job, 1001, True, checked_at=NOW)
+            job.commit()
+            run.join(timeout=30)
+            assert not run.is_alive()
+    assert outcome == [({"users": 2, "corporations": 1}, [])]
+    assert claims(conn) == {"claimed": 2, "unconfirmed": 0}
+    drain(settings.queue_name)
 
 
 @pytest.mark.timeout(600)
