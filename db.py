@@ -554,6 +554,7 @@ def store_refs(conn: Connection, kind: str, owner_id: int, refs: Sequence[tuple[
     many links are new."""
     if not refs:
         return 0
+    refs = sorted(refs)  # id order: jobs inserting shared references at once wait in one order, never in a cycle
     ids = [r[0] for r in refs]
     hashes = [r[1] for r in refs]
     conn.execute(
@@ -857,25 +858,31 @@ def names_to_resolve(conn: Connection, ids: Iterable[int], now: datetime) -> lis
 
 def save_names(conn: Connection, names: Sequence[dict], unknown: Sequence[int], now: datetime, *, unknown_for: timedelta
                ) -> None:
-    """Store resolved names (ESI's entries: id, category, name) and remember ids ESI could not resolve."""
-    if names:
-        conn.execute(
-            """
-            INSERT INTO names (id, category, name, resolved_at)
-            SELECT i, c, n, %s::timestamptz FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS u (i, c, n)
-            ON CONFLICT (id) DO UPDATE SET category = EXCLUDED.category, name = EXCLUDED.name,
-                resolved_at = EXCLUDED.resolved_at, unknown_until = NULL
-            """,
-            (now, [n["id"] for n in names], [n.get("category") for n in names], [n["name"] for n in names]),
-        )
-    if unknown:
-        conn.execute(
-            """
-            INSERT INTO names (id, unknown_until) SELECT unnest(%s::bigint[]), %s
-            ON CONFLICT (id) DO UPDATE SET unknown_until = EXCLUDED.unknown_until
-            """,
-            (list(unknown), now + unknown_for),
-        )
+    """Store resolved names (ESI's entries: id, category, name) and remember ids ESI could not resolve.
+
+    One statement, its rows in id order: processes naming overlapping ids at once (pilots who share killmails)
+    lock the rows in one order, and never each hold a row the other waits for. Rows in ESI's order deadlocked."""
+    rows = {i: (None, None) for i in unknown}
+    rows.update((n["id"], (n.get("category"), n["name"])) for n in names)
+    if not rows:
+        return
+    ids = sorted(rows)
+    conn.execute(
+        """
+        INSERT INTO names AS o (id, category, name, resolved_at, unknown_until)
+        SELECT i, c, n, CASE WHEN n IS NOT NULL THEN %(now)s::timestamptz END,
+               CASE WHEN n IS NULL THEN %(until)s::timestamptz END
+        FROM unnest(%(ids)s::bigint[], %(categories)s::text[], %(names)s::text[]) AS u (i, c, n)
+        ORDER BY i
+        ON CONFLICT (id) DO UPDATE SET
+            category = CASE WHEN EXCLUDED.name IS NULL THEN o.category ELSE EXCLUDED.category END,
+            name = COALESCE(EXCLUDED.name, o.name),
+            resolved_at = CASE WHEN EXCLUDED.name IS NULL THEN o.resolved_at ELSE EXCLUDED.resolved_at END,
+            unknown_until = EXCLUDED.unknown_until
+        """,
+        {"now": now, "until": now + unknown_for, "ids": ids, "categories": [rows[i][0] for i in ids],
+         "names": [rows[i][1] for i in ids]},
+    )
 
 
 # ESI's id ranges: solar systems (New Eden's, wormholes', Abyssal deadspace's) are 30 000 000 to 32 999 999.

@@ -214,3 +214,11 @@ def round_trips(conn) -> Iterator[list[int]]:
             elif line.startswith("B\t") and sending:
                 counted[0] += 1
                 sending = False
+
+
+def waits_for_a_lock(conn, pid: int) -> bool:
+    """Whether the backend `pid` is waiting for a lock (a row, a transaction, an advisory lock)."""
+    row = conn.execute("SELECT wait_event_type = 'Lock' AS waiting FROM pg_stat_activity WHERE pid = %s",
+                       (pid,)).fetchone()
+    conn.commit()
+    return bool(row and row["waiting"])

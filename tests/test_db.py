@@ -5,6 +5,7 @@ import json
 import re
 import socket
 import subprocess
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 import db
 from bench.row_by_row import save_killmail_row_by_row
-from helpers import TOKEN_KEYS, ledger_spent, wait_until
+from helpers import TOKEN_KEYS, ledger_spent, wait_until, waits_for_a_lock
 from killmail_model import parse_killmail
 from tokens import TokenVault
 
@@ -239,6 +240,70 @@ def test_a_claim_skips_references_another_claim_is_locking_and_never_waits_for_i
         other.commit()
         assert db.claim_refs(conn, [10, 11], NOW, seconds=600) == []  # claimed by `other`, whose session is live
     conn.execute("RESET lock_timeout")
+
+
+def test_names_resolved_and_unknown_are_kept_as_esi_said_them(conn):
+    day = timedelta(days=1)
+    db.save_names(conn, [{"id": 3, "category": "character", "name": "Pilot Three"}], [1, 2], NOW, unknown_for=day)
+    db.save_names(conn, [{"id": 2, "category": "corporation", "name": "Corp Two"}], [3], NOW + day, unknown_for=day)
+    rows = conn.execute("SELECT id, category, name, resolved_at, unknown_until FROM names ORDER BY id").fetchall()
+    conn.commit()
+    assert [tuple(r.values()) for r in rows] == [
+        (1, None, None, None, NOW + day),
+        (2, "corporation", "Corp Two", NOW + day, None),          # named at last: no longer unknown
+        (3, "character", "Pilot Three", NOW, NOW + 2 * day),      # a name once known is kept
+    ]
+
+
+def race(conn, database_url, hold, both, then) -> list[psycopg.Error]:
+    """Two sessions write rows they share: the first writes with `hold` and keeps its transaction open; the second
+    writes with `both` (in a thread) until it waits for the first; the first then writes with `then` and commits.
+    What either failed with: a deadlock, where the second holds a row the first then waits for."""
+    failures: list[psycopg.Error] = []
+    with db.connect(database_url) as first, db.connect(database_url) as second:
+        hold(first)
+
+        def second_writes() -> None:
+            try:
+                both(second)
+                second.commit()
+            except psycopg.Error as exc:
+                failures.append(exc)
+        other = threading.Thread(target=second_writes)
+        other.start()
+        wait_until(lambda: waits_for_a_lock(conn, second.info.backend_pid), timeout=10,
+                   what="the second session waiting for the first")
+        try:
+            then(first)
+            first.commit()
+        except psycopg.Error as exc:
+            failures.append(exc)
+            first.rollback()
+        other.join(timeout=30)
+    return failures
+
+
+def test_naming_overlapping_ids_at_once_never_deadlocks(conn, database_url):
+    """Two processes name ids they share. Names stored in ESI's order (2 then 1 here, against 1 then 2)
+    deadlocked; in id order the second waits, holding nothing."""
+    def named(*ids):
+        return lambda session: db.save_names(session, [{"id": i, "category": "character", "name": f"N{i}"}
+                                                      for i in ids], [], NOW, unknown_for=timedelta(1))
+    assert race(conn, database_url, named(1), named(2, 1), named(2)) == []
+    assert conn.execute("SELECT count(*) AS n FROM names").fetchone()["n"] == 2
+
+
+def test_pilots_listing_shared_killmails_at_once_never_deadlock(conn, database_url):
+    """Two jobs store the references their lists share. Rows stored in list order (12 then 11 here, against 11
+    then 12) deadlocked; in id order the second waits, holding none."""
+    add_user(conn, 1)
+    add_user(conn, 2)
+
+    def listed(owner, *ids):
+        return lambda session: db.store_refs(session, "character", owner, [(i, f"h{i}") for i in ids])
+    assert race(conn, database_url, listed(1, 11), listed(2, 12, 11), listed(1, 12)) == []
+    links = conn.execute("SELECT character_id, killmail_id FROM character_killmails ORDER BY 1, 2").fetchall()
+    assert [tuple(r.values()) for r in links] == [(1, 11), (1, 12), (2, 11), (2, 12)]
 
 
 def test_save_killmails_stores_everything_once(conn):

@@ -12,7 +12,7 @@ import pytest
 import broker
 import db
 import queue_killmails
-from helpers import RABBITMQ_URL, insert_users, make_settings, run_script, wait_until
+from helpers import RABBITMQ_URL, insert_users, make_settings, run_script, wait_until, waits_for_a_lock
 
 NOW = datetime.now(UTC)
 
@@ -256,12 +256,6 @@ def test_a_live_producers_unconfirmed_claims_are_left_alone(conn, settings, data
         assert claims(conn) == {"claimed": 2, "unconfirmed": 1}
 
 
-def lock_waiters(conn) -> int:
-    n = conn.execute("SELECT count(*) AS n FROM pg_locks WHERE NOT granted").fetchone()["n"]
-    conn.commit()
-    return n
-
-
 @pytest.mark.timeout(60)
 def test_confirming_holds_no_pilot_while_it_waits_for_a_corporations_row(conn, settings, database_url,
                                                                          monkeypatch):
@@ -288,7 +282,8 @@ def test_confirming_holds_no_pilot_while_it_waits_for_a_corporations_row(conn, s
             run = threading.Thread(target=lambda: outcome.append(
                 queue_killmails.queue_due(producer, settings, NOW, users=True)))
             run.start()
-            wait_until(lambda: lock_waiters(looker) == 1, timeout=30, what="the confirm waiting for the job's row")
+            wait_until(lambda: waits_for_a_lock(looker, producer.info.backend_pid), timeout=30,
+                       what="the confirm waiting for the job's row")
             job.execute("SET lock_timeout = '5s'")  # a confirm holding the director's row would time this out
             db.set_director(job, 1001, True, checked_at=NOW)
             job.commit()

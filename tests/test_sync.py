@@ -16,7 +16,15 @@ import names
 import sync
 import values
 from esi import EsiClient, InvalidGrant
-from helpers import TOKEN_KEYS, insert_users, ledger_spent, make_settings, round_trips, wait_until
+from helpers import (
+    TOKEN_KEYS,
+    insert_users,
+    ledger_spent,
+    make_settings,
+    round_trips,
+    wait_until,
+    waits_for_a_lock,
+)
 from limits import SharedLimits
 from tokens import TokenVault, is_sealed
 
@@ -592,13 +600,6 @@ def test_a_locked_character_is_skipped_without_calls_and_freed_for_the_next_prod
     assert run == {"status": "locked", "error": "being synced by another process", "esi_calls": 0}
 
 
-def advisory_waiters(conn) -> int:
-    """Sessions waiting for an advisory lock."""
-    n = conn.execute("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()["n"]
-    conn.commit()
-    return n
-
-
 def test_a_redelivered_job_waits_for_the_lock_of_a_session_that_is_ending_and_syncs(conn, world, sim, database_url):
     """A job redelivered after its process was killed can reach PostgreSQL before the dead process's session has
     ended, its lock still held: it waits (lock_wait) rather than skip the pilot until the next producer run."""
@@ -613,7 +614,8 @@ def test_a_redelivered_job_waits_for_the_lock_of_a_session_that_is_ending_and_sy
         job = threading.Thread(target=lambda: results.append(
             sync.sync_character(job_conn, world, pilot["character_id"], now_for(sim), options=options)))
         job.start()
-        wait_until(lambda: advisory_waiters(looker) == 1, timeout=10, what="the job waiting for the lock")
+        wait_until(lambda: waits_for_a_lock(looker, job_conn.info.backend_pid), timeout=10,
+                   what="the job waiting for the lock")
         dying.close()  # the killed process's session ends
         job.join(timeout=30)
         assert not job.is_alive()
