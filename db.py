@@ -476,6 +476,8 @@ def release_corporation(conn: Connection, corporation_id: int) -> None:
 def confirm_claims(conn: Connection, kind: str, owner_ids: Sequence[int]) -> None:
     """The broker confirmed these jobs ('character' or 'corporation'): this session's claims of them stand on
     their own now, and outlive it."""
+    if not owner_ids:
+        return
     table, column = _STATE_TABLES[kind]
     conn.execute(sql.SQL("UPDATE {} SET claimed_by = NULL WHERE {} = ANY(%s) AND claimed_by = pg_backend_pid()")
                  .format(sql.Identifier(table), sql.Identifier(column)), (list(owner_ids),))
@@ -483,6 +485,8 @@ def confirm_claims(conn: Connection, kind: str, owner_ids: Sequence[int]) -> Non
 
 def release_claims(conn: Connection, kind: str, owner_ids: Sequence[int]) -> None:
     """The broker did not take these jobs: free this session's claims of them, so the next run queues them."""
+    if not owner_ids:
+        return
     table, column = _STATE_TABLES[kind]
     conn.execute(sql.SQL("UPDATE {} SET queued_at = NULL, claimed_by = NULL "
                          "WHERE {} = ANY(%s) AND claimed_by = pg_backend_pid()")

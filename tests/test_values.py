@@ -13,7 +13,7 @@ import pytest
 import db
 import values
 from esi import MarketPrices, ServerError
-from helpers import wait_until
+from helpers import wait_until, waits_for_a_lock
 from killmail_model import parse_killmail
 
 SAMPLE = json.loads((Path(__file__).resolve().parent / "data/killmail_134265477.json").read_text())
@@ -132,13 +132,6 @@ def test_unchanged_prices_keep_the_stored_ones_and_extend_their_expiry(conn):
     assert book.expires_at == later + values.MIN_REFRESH and unchanged.calls == 1
 
 
-def blocked_on_a_lock(conn) -> bool:
-    waiting = conn.execute("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
-    n = waiting.fetchone()["n"]
-    conn.rollback()
-    return n == 1
-
-
 def test_a_process_without_prices_waits_for_the_one_loading_them_instead_of_saving_unvalued(conn, database_url):
     loader = db.connect(database_url)
     assert db.try_lock(loader, db.LOCK_PRICES, 0)
@@ -146,7 +139,8 @@ def test_a_process_without_prices_waits_for_the_one_loading_them_instead_of_savi
     esi, got = FakePrices([{"type_id": 1, "average_price": 9}]), {}
     waiting = threading.Thread(target=lambda: got.update(prices=values.PriceBook().refresh(conn, esi, NOW)))
     waiting.start()
-    wait_until(lambda: blocked_on_a_lock(loader), timeout=10, what="the second process waiting for the loader")
+    wait_until(lambda: waits_for_a_lock(loader, conn.info.backend_pid), timeout=10,
+               what="the second process waiting for the loader")
     db.save_market_prices(loader, [{"type_id": 1, "average_price": 4}], NOW)
     db.save_esi_cache(loader, values.PRICES_KEY, '"v0"', NOW + timedelta(hours=1))
     loader.commit()
